@@ -1,0 +1,26 @@
+# Two entry points: `make demo` and `make test`. Both create and reuse .venv.
+# TORCH pins the torch build installed first; on this CPU-only machine kind
+# torch==2.13.0 resolves to a local CPU wheel, elsewhere pip picks the usual build.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.visionlora-installed
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/visionlora demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,22 @@
+"""visionlora: fine-tune pretrained vision transformers with LoRA or fully."""
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+__version__ = "0.1.0"
+
+from visionlora.errors import VisionLoraError  # noqa: E402
+
+
+def load(run_dir, device=None):
+    """Load a finished run (base model + adapter, or full model) for prediction.
+
+    Returns a :class:`visionlora.inference.LoadedRun` with ``predict`` and ``evaluate``.
+    """
+    from visionlora.inference import load_run
+
+    return load_run(run_dir, device=device)
+
+
+__all__ = ["VisionLoraError", "load", "__version__"]

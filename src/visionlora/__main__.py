@@ -1,0 +1,3 @@
+from visionlora.cli import main
+
+raise SystemExit(main())

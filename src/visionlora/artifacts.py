@@ -1,0 +1,214 @@
+"""The run folder: names, atomic writes, history CSV, plots and the summary JSON.
+
+Layout (``<suffix>`` is ``_lora`` in LoRA mode, empty in full mode)::
+
+    <run>/trained_model<suffix>/      adapter or full weights, processor, visionlora.json
+    <run>/training_results<suffix>/   history.csv, loss.png, metrics.png, training_summary.json
+    <run>/base_model/                 the random base of a ``--model tiny`` LoRA run
+
+Everything is written under a temporary name and renamed into place, and the summary
+(with ``"completed": true``) is written last.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from visionlora.errors import VisionLoraError
+
+INFO_FILE = "visionlora.json"
+SUMMARY_FILE = "training_summary.json"
+PLOT_DPI = 200
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run's artifacts live."""
+
+    root: Path
+    mode: str
+
+    @property
+    def suffix(self) -> str:
+        return "_lora" if self.mode == "lora" else ""
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / f"trained_model{self.suffix}"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.root / f"training_results{self.suffix}"
+
+    @property
+    def base_dir(self) -> Path:
+        return self.root / "base_model"
+
+    @property
+    def summary(self) -> Path:
+        return self.results_dir / SUMMARY_FILE
+
+
+def find_run(run_dir: str | Path) -> RunPaths:
+    """The paths of an existing run, whichever mode it was trained in."""
+    root = Path(run_dir)
+    for mode in ("lora", "full"):
+        paths = RunPaths(root, mode)
+        if (paths.model_dir / INFO_FILE).is_file():
+            return paths
+    if not root.is_dir():
+        raise VisionLoraError(f"{root}: no such run folder")
+    raise VisionLoraError(f"{root}: not a finished run (no trained_model_lora/ or trained_model/ with {INFO_FILE})")
+
+
+def new_run_dir(task: str, mode: str, output: str | None, overwrite: bool) -> Path:
+    """``output`` if given (refusing to replace a non-empty folder unless asked), else the next free name."""
+    if output:
+        root = Path(output)
+        if root.exists() and any(root.iterdir()):
+            if not overwrite:
+                raise VisionLoraError(f"{root}: output folder exists and is not empty; pass --overwrite to replace it")
+            shutil.rmtree(root)
+    else:
+        parent = Path("runs") / task
+        root = parent / mode
+        number = 2
+        while root.exists():
+            root = parent / f"{mode}-{number}"
+            number += 1
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-")
+        probe.close()
+    except OSError as err:
+        raise VisionLoraError(f"{root}: cannot write the run folder: {err.strerror or err}") from None
+    return root
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, default=_json_default) + "\n").encode())
+
+
+class atomic_dir:
+    """Context manager yielding a temporary folder that replaces ``path`` on success."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
+        if self.path.exists():
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise VisionLoraError(f"{path}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise VisionLoraError(f"{path}: not valid JSON (line {err.lineno})") from None
+
+
+def history_csv(history: list[dict[str, Any]]) -> str:
+    """One row per epoch; nested metrics (per-class tables) are left out of the CSV."""
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k, v in row.items() if k not in columns and not isinstance(v, (dict, list))]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+    return buffer.getvalue()
+
+
+def save_plots(history: list[dict[str, Any]], results_dir: Path, main_metric: str) -> None:
+    """loss.png (train and val loss) and metrics.png (every scalar val metric), per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        axis.plot(epochs, [row.get(key) for row in history], marker="o", label=label)
+    axis.set(xlabel="epoch", ylabel="loss", title="Loss")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    _save_figure(figure, results_dir / "loss.png")
+
+    metric_keys = [
+        k for k, v in history[-1].items()
+        if k.startswith("val_") and k != "val_loss" and isinstance(v, (int, float))
+    ]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for key in metric_keys:
+        style = "-" if key == f"val_{main_metric}" else "--"
+        axis.plot(epochs, [row.get(key) for row in history], style, marker="o", label=key[4:])
+    axis.set(xlabel="epoch", ylabel="value", title=f"Validation metrics (main: {main_metric})")
+    if metric_keys:
+        axis.legend()
+    axis.grid(alpha=0.3)
+    _save_figure(figure, results_dir / "metrics.png")
+
+
+def _save_figure(figure, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=PLOT_DPI)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _csv_value(value: Any) -> Any:
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,171 @@
+"""The ``visionlora`` command: subcommands -> config -> engine, inference or demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from visionlora import __version__
+from visionlora.errors import VisionLoraError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args) or 0
+    except VisionLoraError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    """Keep library deprecation chatter and per-file progress bars out of the user's terminal."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="visionlora",
+        description="Fine-tune vision transformers with LoRA (or fully) on your own labelled images.",
+    )
+    parser.add_argument("--version", action="version", version=f"visionlora {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train", parents=[common], help="train a LoRA adapter or a full model", description=_train_description()
+    )
+    train.add_argument("--config", metavar="FILE", help="YAML file of settings (flags given here win)")
+    _add_config_flags(train)
+    train.set_defaults(handler=_cmd_train)
+
+    evaluate = commands.add_parser("evaluate", parents=[common], help="evaluate a finished run")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (holding trained_model_lora/ or trained_model/)")
+    evaluate.add_argument("--data", help="labelled data to evaluate on (default: the run's validation split)")
+    evaluate.add_argument("--output", metavar="FILE.json", help="also write the metrics here")
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    predict = commands.add_parser("predict", parents=[common], help="predict images with a finished run")
+    predict.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
+    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders of images")
+    predict.add_argument("--output", metavar="FILE.json", help="write predictions here (default: print them)")
+    predict.set_defaults(handler=_cmd_predict)
+
+    demo = commands.add_parser(
+        "demo", parents=[common], help="train LoRA and full on a generated image set (offline, minutes on a CPU)"
+    )
+    demo.add_argument("--output", default="runs/demo", metavar="DIR", help="where the demo data and runs go")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def _train_description() -> str:
+    from visionlora.tasks import task_names
+
+    return (
+        "Train on --data and write runs/<task>/<name>/ (or --output). "
+        f"Tasks: {', '.join(task_names())}. Every flag can also be set in the --config YAML file."
+    )
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; unset flags stay absent so YAML and presets apply."""
+    from visionlora.config import config_fields
+
+    for fld in config_fields():
+        flag = "--" + fld.name.replace("_", "-")
+        kind = str(fld.type)
+        extra: dict[str, Any] = {"default": argparse.SUPPRESS, "help": fld.metadata["help"], "dest": fld.name}
+        if "bool" in kind:
+            extra["action"] = argparse.BooleanOptionalAction
+        else:
+            extra["metavar"] = fld.name.upper()
+            if "choices" in fld.metadata:
+                extra["choices"] = fld.metadata["choices"]
+        parser.add_argument(flag, **extra)
+
+
+def config_from_args(args: argparse.Namespace):
+    """Merge preset < YAML < flags into a TrainConfig."""
+    from visionlora.config import build_config, config_fields, load_yaml
+    from visionlora.tasks import get_task
+
+    names = {f.name for f in config_fields()}
+    flags = {k: v for k, v in vars(args).items() if k in names}
+    yaml_values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    task_name = flags.get("task", yaml_values.get("task", "classification"))
+    mode = flags.get("mode", yaml_values.get("mode", "lora"))
+    preset = get_task(task_name).preset.settings(mode)
+    return build_config(yaml_values, flags, preset)
+
+
+def _cmd_train(args) -> int:
+    from visionlora.engine import train
+
+    result = train(config_from_args(args))
+    if result.summary:
+        metrics = result.summary["metrics"]
+        main = result.summary["main_metric"]
+        print(f"best epoch {result.summary['best_epoch']}: {main} {metrics[main]:.4f} -> {result.paths.root}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from visionlora.inference import load_run
+
+    result = load_run(args.run_dir).evaluate(args.data)
+    _emit(result, args.output)
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from visionlora.inference import image_files, load_run
+
+    run = load_run(args.run_dir)
+    files = list(image_files(args.images))
+    if not files:
+        raise VisionLoraError(f"no image files found in: {' '.join(args.images)}")
+    predictions, skipped = run.predict_files(files)
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable file(s): " + "; ".join(f"{s['file']} ({s['reason']})" for s in skipped), file=sys.stderr)
+    _emit(predictions, args.output)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from visionlora.demo import run_demo
+
+    run_demo(Path(args.output))
+    return 0
+
+
+def _emit(data: Any, output: str | None) -> None:
+    text = json.dumps(data, indent=2)
+    if output:
+        from visionlora.artifacts import atomic_write_bytes
+
+        try:
+            atomic_write_bytes(Path(output), (text + "\n").encode())
+        except OSError as err:
+            raise VisionLoraError(f"{output}: cannot write: {err.strerror or err}") from None
+        print(f"wrote {output}", file=sys.stderr)
+    else:
+        print(text)

@@ -1,0 +1,151 @@
+"""Training settings: one dataclass, its defaults, YAML loading and validation.
+
+Every field is also a command-line flag (``lora_r`` -> ``--lora-r``) and a key of
+the YAML file given with ``--config``. Values come, lowest priority first, from the
+field defaults, the task's preset, the YAML file, then the flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from visionlora.errors import VisionLoraError
+
+MODES = ("lora", "full")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+def _opt(default, help, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; ``None`` means 'use the task preset'."""
+
+    task: str = _opt("classification", "task to train (see the task list in --help)")
+    data: str | None = _opt(None, "dataset folder, saved Hugging Face dataset folder, or hub dataset id")
+    val_data: str | None = _opt(None, "separate validation data (default: the data's val split, or a seeded split)")
+    model: str | None = _opt(None, "hub id, local checkpoint folder, or 'tiny' (small random model, offline)")
+    mode: str = _opt("lora", "lora: train a LoRA adapter; full: train every weight", choices=MODES)
+    epochs: int = _opt(10, "training epochs")
+    batch_size: int = _opt(8, "images per batch (per process)")
+    lr: float | None = _opt(None, "peak learning rate (preset: 2e-4 for LoRA)")
+    weight_decay: float = _opt(0.01, "AdamW weight decay")
+    warmup_ratio: float = _opt(0.1, "fraction of the steps spent warming the learning rate up")
+    grad_clip: float = _opt(1.0, "clip gradients to this global norm (0 = off)")
+    grad_accum: int = _opt(1, "batches accumulated per optimizer step")
+    mixed_precision: str = _opt("no", "mixed precision: no, fp16 (GPU) or bf16", choices=PRECISIONS)
+    lora_r: int | None = _opt(None, "LoRA rank (preset per task)")
+    lora_alpha: float | None = _opt(None, "LoRA alpha (preset per task)")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA input")
+    target_modules: list[str] | None = _opt(
+        None, "comma-separated module names to adapt, e.g. query,value (preset per task)"
+    )
+    image_size: int | None = _opt(None, "model input size in pixels (default: the model's own)")
+    val_fraction: float = _opt(0.2, "share of images held out for validation when the data has no val split")
+    patience: int = _opt(0, "stop after this many epochs without a better validation metric (0 = off)")
+    seed: int = _opt(42, "random seed for splits, initialisation, augmentation and order")
+    num_workers: int = _opt(0, "data-loading worker processes")
+    output: str | None = _opt(None, "run folder (default: runs/<task>/<mode>[-N])")
+    overwrite: bool = _opt(False, "replace an existing run folder")
+    progress: bool = _opt(True, "show a progress bar")
+
+    def validate(self) -> TrainConfig:
+        """Raise a one-line error for an impossible setting; return self."""
+        if not self.data:
+            raise VisionLoraError("no training data: pass --data PATH (or 'data:' in the --config file)")
+        checks = [
+            (self.mode in MODES, f"--mode must be one of {', '.join(MODES)}, not {self.mode!r}"),
+            (self.mixed_precision in PRECISIONS, f"--mixed-precision must be one of {', '.join(PRECISIONS)}"),
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.grad_accum >= 1, "--grad-accum must be at least 1"),
+            (self.lr is None or self.lr > 0, "--lr must be positive"),
+            (self.lora_r is None or self.lora_r >= 1, "--lora-r must be at least 1"),
+            (self.lora_alpha is None or self.lora_alpha > 0, "--lora-alpha must be positive"),
+            (0.0 <= self.lora_dropout < 1.0, "--lora-dropout must be in [0, 1)"),
+            (0.0 <= self.warmup_ratio < 1.0, "--warmup-ratio must be in [0, 1)"),
+            (0.0 < self.val_fraction < 1.0, "--val-fraction must be between 0 and 1"),
+            (self.image_size is None or self.image_size >= 8, "--image-size must be at least 8"),
+            (self.patience >= 0, "--patience must be 0 (off) or more"),
+            (self.num_workers >= 0, "--num-workers must be 0 or more"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise VisionLoraError(message)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """The fields of :class:`TrainConfig`, in declaration order."""
+    return list(dataclasses.fields(TrainConfig))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML settings file; keys may use dashes or underscores."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise VisionLoraError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise VisionLoraError(f"{path}{where}: not valid YAML") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise VisionLoraError(f"{path}: expected a mapping of setting: value")
+    known = {f.name for f in config_fields()}
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise VisionLoraError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
+        values[name] = value
+    return values
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Bring a YAML value to the field's type (lists may be comma strings)."""
+    if value is None:
+        return None
+    fld = next(f for f in config_fields() if f.name == name)
+    kind = str(fld.type)
+    try:
+        if "list" in kind:
+            if isinstance(value, str):
+                return [part.strip() for part in value.split(",") if part.strip()]
+            return [str(v) for v in value]
+        if "bool" in kind:
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if "int" in kind and "float" not in kind:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if "float" in kind:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise VisionLoraError(f"setting {name!r}: {value!r} is not a valid {kind}") from None
+
+
+def build_config(yaml_values: dict[str, Any], flag_values: dict[str, Any], preset: dict[str, Any]) -> TrainConfig:
+    """Merge defaults < task preset < YAML < flags into a validated config."""
+    merged: dict[str, Any] = {}
+    for source in (preset, yaml_values, flag_values):
+        for name, value in source.items():
+            if value is not None:
+                merged[name] = coerce(name, value)
+    return TrainConfig(**merged).validate()

@@ -1,0 +1,81 @@
+"""Classification records from a saved Hugging Face dataset folder or a hub dataset id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from visionlora.data.imagefolder import VAL_DIRS, ClassificationData, LabelledImage
+from visionlora.data.splits import seeded_split
+from visionlora.errors import VisionLoraError
+
+
+@dataclass(frozen=True)
+class DatasetRow:
+    """A lazy reference to one image of a Hugging Face dataset split."""
+
+    dataset: Any
+    split: str
+    index: int
+    column: str
+
+    def open(self) -> Image.Image:
+        return self.dataset[self.index][self.column]
+
+    def __str__(self) -> str:
+        return f"{self.split}[{self.index}]"
+
+
+def _load(data: str):
+    import datasets
+
+    path = Path(data)
+    try:
+        loaded = datasets.load_from_disk(str(path)) if path.exists() else datasets.load_dataset(data)
+    except Exception as err:  # the datasets library raises many types; name the source instead
+        where = "saved dataset folder" if path.exists() else "no such folder, and as a hub dataset id"
+        raise VisionLoraError(f"{data}: cannot load ({where}): {str(err).splitlines()[0]}") from None
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    return loaded
+
+
+def _columns(split, data: str) -> tuple[str, str]:
+    import datasets
+
+    features = split.features
+    image_cols = [name for name, f in features.items() if isinstance(f, datasets.Image)]
+    label_cols = [name for name, f in features.items() if isinstance(f, datasets.ClassLabel)]
+    if not image_cols:
+        raise VisionLoraError(f"{data}: no image column (columns: {', '.join(features)})")
+    if not label_cols:
+        raise VisionLoraError(f"{data}: no class-label column (columns: {', '.join(features)})")
+    preferred = [c for c in ("label", "labels") if c in label_cols]
+    return image_cols[0], (preferred or label_cols)[0]
+
+
+def _records(split, split_name: str, image_col: str, label_col: str) -> list[LabelledImage]:
+    names = split.features[label_col].names
+    labels = split[label_col]
+    return [LabelledImage(DatasetRow(split, split_name, i, image_col), names[y]) for i, y in enumerate(labels)]
+
+
+def read_hf_classification(data: str, seed: int, val_fraction: float) -> ClassificationData:
+    """Read the train split and the first of validation/val/valid/test, or split train by seed."""
+    loaded = _load(data)
+    if "train" not in loaded:
+        raise VisionLoraError(f"{data}: no 'train' split (splits: {', '.join(loaded)})")
+    image_col, label_col = _columns(loaded["train"], data)
+    train = _records(loaded["train"], "train", image_col, label_col)
+    val_name = next((n for n in ("validation",) + VAL_DIRS if n in loaded), None)
+    if val_name:
+        val = _records(loaded[val_name], val_name, image_col, label_col)
+    else:
+        train, val = seeded_split(train, val_fraction, seed, group=lambda r: r.label)
+    names = list(loaded["train"].features[label_col].names)
+    used = sorted({r.label for r in train}, key=names.index)
+    description = {"format": "huggingface", "train": f"{data} (train)", "val": f"{data} ({val_name or 'split of train'})"}
+    return ClassificationData(train, val, used, [], description)

@@ -1,0 +1,111 @@
+"""Load a finished run (base + adapter, or full model) and predict or evaluate with it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from PIL import Image
+
+from visionlora.artifacts import INFO_FILE, RunPaths, find_run, read_json
+from visionlora.data.images import UnreadableImage, is_image_file, load_rgb
+from visionlora.errors import VisionLoraError
+from visionlora.tasks import get_task
+from visionlora.tasks.base import ModelInfo, Task
+
+
+@dataclass
+class LoadedRun:
+    """A trained model ready for use: ``predict(images)`` and ``evaluate(data)``."""
+
+    paths: RunPaths
+    task: Task
+    model: torch.nn.Module
+    processor: Any
+    info: ModelInfo
+
+    def predict(self, images: Sequence[str | Path | Image.Image]) -> list[dict[str, Any]]:
+        """Predictions for image paths or PIL images, in order; unreadable files are an error."""
+        opened = [_open(image) for image in images]
+        return self.task.predict(self.model, self.processor, opened, self.info)
+
+    def predict_files(self, files: Sequence[Path]) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+        """Predict image files, skipping (and listing) the unreadable ones."""
+        opened, names, skipped = [], [], []
+        for path in files:
+            try:
+                opened.append(load_rgb(path))
+                names.append(str(path))
+            except UnreadableImage as err:
+                skipped.append({"file": str(path), "reason": str(err)})
+        predictions = self.task.predict(self.model, self.processor, opened, self.info)
+        return [{"image": name, **p} for name, p in zip(names, predictions)], skipped
+
+    def evaluate(self, data: str | None = None, batch_size: int = 16) -> dict[str, Any]:
+        """Metrics on ``data`` (default: the run's own validation split)."""
+        from accelerate import Accelerator
+
+        if data is None:
+            dataset, skipped = self._validation_set()
+        else:
+            dataset, skipped = self.task.make_eval_dataset(data, self.processor, self.info)
+        if len(dataset) == 0:
+            raise VisionLoraError(f"{data or self.paths.root}: no readable labelled images to evaluate on")
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=self.task.collate)
+        accelerator = Accelerator(cpu=self.model.device.type == "cpu")
+        metrics = self.task.evaluate(self.model, accelerator.prepare(loader), accelerator, self.info)
+        return {"metrics": metrics, "images": len(dataset), "skipped": skipped}
+
+    def _validation_set(self):
+        from visionlora.config import TrainConfig
+
+        summary = read_json(self.paths.summary)
+        training = summary["training"]
+        names = {f for f in TrainConfig.__dataclass_fields__}
+        cfg = TrainConfig(**{k: v for k, v in training.items() if k in names})
+        source = self.task.read_data(cfg)
+        datasets = self.task.make_datasets(source, self.processor, self.info, cfg)
+        return datasets.val, datasets.skipped
+
+
+def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
+    """Rebuild the trained model of ``run_dir`` for inference."""
+    paths = find_run(run_dir)
+    if not paths.summary.is_file() or not read_json(paths.summary).get("completed"):
+        raise VisionLoraError(f"{paths.root}: the run did not complete (no finished training summary)")
+    info = ModelInfo.from_dict(read_json(paths.model_dir / INFO_FILE))
+    task = get_task(info.task)
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(paths.model_dir, backend="pil")
+    if info.mode == "full":
+        model = task.load_model(str(paths.model_dir), info)
+    else:
+        from peft import PeftModel
+
+        base_ref = str(paths.base_dir) if info.base_model == "tiny" else info.base_model
+        base = task.load_model(base_ref, info)
+        model = PeftModel.from_pretrained(base, paths.model_dir)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    return LoadedRun(paths, task, model, processor, info)
+
+
+def image_files(items: Iterable[str]) -> Iterator[Path]:
+    """Expand the files and folders given on the command line (folders recursively, sorted)."""
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+        elif path.exists():
+            yield path
+        else:
+            raise VisionLoraError(f"{path}: no such file or folder")
+
+
+def _open(image: str | Path | Image.Image) -> Image.Image:
+    try:
+        return load_rgb(image)
+    except UnreadableImage as err:
+        raise VisionLoraError(f"{image}: {err}") from None

@@ -1,0 +1,26 @@
+"""Task registry: name -> task object. The engine and CLI only use this and the protocol."""
+
+from __future__ import annotations
+
+import importlib
+
+from visionlora.errors import VisionLoraError
+from visionlora.tasks.base import Task
+
+_REGISTRY = {
+    "classification": "visionlora.tasks.classification:ClassificationTask",
+}
+
+
+def task_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_task(name: str) -> Task:
+    """Return the task called ``name``, or a clear error listing the known ones."""
+    try:
+        target = _REGISTRY[name]
+    except KeyError:
+        raise VisionLoraError(f"unknown task {name!r}; choose one of: {', '.join(_REGISTRY)}") from None
+    module_name, class_name = target.split(":")
+    return getattr(importlib.import_module(module_name), class_name)()
