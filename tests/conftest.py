@@ -1,0 +1,36 @@
+"""Shared fixtures: generated image sets and a quick tiny-model config."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+from visionlora.config import TrainConfig  # noqa: E402
+from visionlora.synthetic import make_classification_folder  # noqa: E402
+from visionlora.tasks import get_task  # noqa: E402
+
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def class_folder(tmp_path_factory) -> Path:
+    """4 colour classes, 16 train and 6 val images each (train/ and val/ layout)."""
+    return make_classification_folder(tmp_path_factory.mktemp("classes"), per_class_train=16, per_class_val=6)
+
+
+def tiny_config(task: str, data: Path, output: Path, mode: str = "lora", **overrides) -> TrainConfig:
+    """The task preset with a tiny model, a short schedule and a learning rate for random weights."""
+    settings = get_task(task).preset.settings(mode)
+    settings.update(model="tiny", lr=1e-3)
+    values = dict(task=task, data=str(data), mode=mode, epochs=2, batch_size=8, output=str(output), progress=False)
+    values.update(settings)
+    values.update(overrides)
+    return TrainConfig(**values).validate()

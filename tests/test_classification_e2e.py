@@ -1,0 +1,133 @@
+"""Classification end to end: train -> evaluate -> predict -> reload, both modes."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import visionlora
+from visionlora.cli import main
+from visionlora.engine import train
+from visionlora.inference import LoadedRun
+from visionlora.tasks import get_task
+from tests.conftest import tiny_config
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(scope="module")
+def trained_runs(class_folder, tmp_path_factory):
+    """One LoRA and one full run on the generated classes, trained once for this module."""
+    root = tmp_path_factory.mktemp("runs")
+    return {
+        mode: train(tiny_config("classification", class_folder, root / mode, mode=mode, epochs=3))
+        for mode in ("lora", "full")
+    }
+
+
+def _val_images(class_folder: Path) -> list[Path]:
+    return sorted((class_folder / "val").rglob("*.png"))
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_reloaded_run_predicts_exactly_as_the_trained_model(trained_runs, class_folder, mode, tmp_path):
+    result = trained_runs[mode]
+    images = _val_images(class_folder)[:10]
+    trained = LoadedRun(result.paths, get_task("classification"), result.model.eval(), result.processor, result.info)
+    in_memory = trained.predict(images)
+    reloaded = visionlora.load(result.paths.root).predict(images)
+    assert [p["label"] for p in reloaded] == [p["label"] for p in in_memory]
+    assert [p["score"] for p in reloaded] == pytest.approx([p["score"] for p in in_memory], abs=1e-6)
+
+    out = tmp_path / "predictions.json"
+    assert main(["predict", str(result.paths.root), *map(str, images), "--output", str(out)]) == 0
+    from_cli = json.loads(out.read_text())
+    assert [p["image"] for p in from_cli] == [str(p) for p in images]
+    assert [p["score"] for p in from_cli] == pytest.approx([p["score"] for p in reloaded], abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_evaluate_reproduces_the_summary_metrics(trained_runs, mode, tmp_path):
+    result = trained_runs[mode]
+    evaluated = visionlora.load(result.paths.root).evaluate()
+    assert evaluated["metrics"]["accuracy"] == pytest.approx(result.summary["metrics"]["accuracy"])
+    assert evaluated["metrics"]["loss"] == pytest.approx(result.summary["metrics"]["loss"], rel=1e-5)
+    out = tmp_path / "metrics.json"
+    assert main(["evaluate", str(result.paths.root), "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["images"] == result.summary["data"]["counts"]["val"]
+
+
+def test_lora_leaves_base_weights_unchanged_and_full_changes_them(trained_runs):
+    from transformers import AutoModelForImageClassification
+
+    initial = AutoModelForImageClassification.from_pretrained(trained_runs["lora"].paths.base_dir).state_dict()
+    lora_base = {
+        name.replace(".base_layer", ""): tensor
+        for name, tensor in trained_runs["lora"].model.get_base_model().state_dict().items()
+        if "lora_" not in name and not name.startswith("classifier")
+    }
+    assert len(lora_base) > 10
+    for name, tensor in lora_base.items():
+        assert torch.equal(tensor, initial[name]), name
+
+    # Both runs start from the same seeded random weights; full training moves most of them.
+    trained = trained_runs["full"].model.state_dict()
+    changed = [name for name, tensor in initial.items() if not torch.equal(tensor, trained[name])]
+    assert len(changed) > len(initial) // 2
+
+
+def test_summary_records_resolved_targets_sizes_and_metrics(trained_runs):
+    summary = json.loads(trained_runs["lora"].paths.summary.read_text())
+    assert summary["completed"] is True
+    assert summary["lora"]["requested"]["target_modules"] == ["query", "value"]
+    assert summary["lora"]["resolved"]["target_modules"] == ["q_proj", "v_proj"]
+    assert summary["lora"]["resolved"]["modules_to_save"] == ["classifier"]
+    assert 0 < summary["parameters"]["trainable_percent"] < 100
+    assert summary["sizes"]["weights_file_bytes"] < summary["sizes"]["base_model_bytes"]
+    assert set(summary["metrics"]) >= {"accuracy", "macro_f1", "per_class_accuracy", "loss"}
+    assert summary["data"]["counts"]["train"] == 64 and summary["data"]["counts"]["val"] == 24
+    assert summary["memory"]["peak_rss_bytes"] > 0 and summary["time"]["wall_seconds"] > 0
+    assert {"torch", "transformers", "peft"} <= set(summary["versions"])
+    full_summary = json.loads(trained_runs["full"].paths.summary.read_text())
+    assert full_summary["lora"] is None and full_summary["parameters"]["trainable_percent"] == 100
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_run_folder_layout_and_plots(trained_runs, mode):
+    paths = trained_runs[mode].paths
+    suffix = "_lora" if mode == "lora" else ""
+    model_files = {p.name for p in (paths.root / f"trained_model{suffix}").iterdir()}
+    expected = {"adapter_model.safetensors", "adapter_config.json"} if mode == "lora" else {"model.safetensors", "config.json"}
+    assert expected | {"preprocessor_config.json", "visionlora.json"} <= model_files
+    results = paths.root / f"training_results{suffix}"
+    for plot in ("loss.png", "metrics.png"):
+        with Image.open(results / plot) as image:
+            assert image.info["dpi"][0] >= 199
+    rows = (results / "history.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,train_loss") and len(rows) == 4
+    info = json.loads((paths.model_dir / "visionlora.json").read_text())
+    assert info["task"] == "classification" and info["mode"] == mode
+    assert info["id2label"]["0"] == "blue_disc" and info["label2id"]["yellow_disc"] == 3
+
+
+def test_learnable_task_reaches_high_accuracy(class_folder, tmp_path):
+    result = train(tiny_config("classification", class_folder, tmp_path / "run", mode="full", epochs=6))
+    assert result.summary["metrics"]["accuracy"] >= 0.9
+
+
+def test_readme_snippet_loads_the_adapter_with_plain_peft(trained_runs, class_folder):
+    """The README's loading code, run as written, gives visionlora's predictions."""
+    snippet = re.search(r"<!-- load-snippet -->\s*```python\n(.*?)```", README.read_text(), re.S).group(1)
+    run_dir = trained_runs["lora"].paths.root
+    image = _val_images(class_folder)[0]
+    code = snippet.replace("runs/classification/lora", str(run_dir)).replace("photo.jpg", str(image))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    expected = visionlora.load(run_dir).predict([image])[0]
+    assert namespace["label"] == expected["label"]
+    assert namespace["probs"].max().item() == pytest.approx(expected["score"], abs=1e-5)
