@@ -9,7 +9,6 @@ from typing import Any
 from PIL import Image
 
 from visionlora.data.imagefolder import VAL_DIRS, ClassificationData, LabelledImage
-from visionlora.data.splits import seeded_split
 from visionlora.errors import VisionLoraError
 
 
@@ -63,19 +62,16 @@ def _records(split, split_name: str, image_col: str, label_col: str) -> list[Lab
     return [LabelledImage(DatasetRow(split, split_name, i, image_col), names[y]) for i, y in enumerate(labels)]
 
 
-def read_hf_classification(data: str, seed: int, val_fraction: float) -> ClassificationData:
-    """Read the train split and the first of validation/val/valid/test, or split train by seed."""
+def read_hf_classification(data: str) -> ClassificationData:
+    """Read the train split and the first of validation/val/valid/test when there is one."""
     loaded = _load(data)
     if "train" not in loaded:
         raise VisionLoraError(f"{data}: no 'train' split (splits: {', '.join(loaded)})")
     image_col, label_col = _columns(loaded["train"], data)
     train = _records(loaded["train"], "train", image_col, label_col)
     val_name = next((n for n in ("validation",) + VAL_DIRS if n in loaded), None)
-    if val_name:
-        val = _records(loaded[val_name], val_name, image_col, label_col)
-    else:
-        train, val = seeded_split(train, val_fraction, seed, group=lambda r: r.label)
+    val = _records(loaded[val_name], val_name, image_col, label_col) if val_name else []
     names = list(loaded["train"].features[label_col].names)
     used = sorted({r.label for r in train}, key=names.index)
-    description = {"format": "huggingface", "train": f"{data} (train)", "val": f"{data} ({val_name or 'split of train'})"}
+    description = {"format": "huggingface", "train": f"{data} (train)", "val": f"{data} ({val_name})" if val_name else None}
     return ClassificationData(train, val, used, [], description)

@@ -64,14 +64,18 @@ def is_hf_dataset_folder(path: Path) -> bool:
 
 
 def read_classification_data(data: str, val_data: str | None, seed: int, val_fraction: float) -> ClassificationData:
-    """Read ``data`` (and ``val_data``) from whichever supported layout they use."""
+    """Read ``data`` (and ``val_data``) from whichever supported layout they use.
+
+    Validation comes from ``val_data``, else the data's own val split, else a seeded,
+    per-class split of the training images.
+    """
     path = Path(data)
     if (path.is_dir() and is_hf_dataset_folder(path)) or (not path.exists() and _looks_like_hub_id(data)):
         from visionlora.data.hf_datasets import read_hf_classification
 
-        result = read_hf_classification(data, seed, val_fraction)
+        result = read_hf_classification(data)
     elif path.is_dir():
-        result = _read_image_folder(path, seed, val_fraction)
+        result = _read_image_folder(path)
     else:
         raise VisionLoraError(f"{data}: no such folder (expected an ImageFolder or a saved Hugging Face dataset)")
     if val_data:
@@ -80,6 +84,9 @@ def read_classification_data(data: str, val_data: str | None, seed: int, val_fra
         result.val, extra = read_class_folders(inner or val_path)
         result.skipped += extra
         result.description["val"] = str(inner or val_path)
+    elif not result.val:
+        result.train, result.val = seeded_split(result.train, val_fraction, seed, group=lambda r: r.label)
+        result.description["val"] = f"{val_fraction:.0%} of the training images per class, seed {seed}"
     check_classes(result, data)
     return result
 
@@ -89,22 +96,17 @@ def _looks_like_hub_id(text: str) -> bool:
     return 1 <= len(parts) <= 2 and all(parts) and not text.startswith((".", "~"))
 
 
-def _read_image_folder(root: Path, seed: int, val_fraction: float) -> ClassificationData:
-    train_dir = first_child(root, TRAIN_DIRS)
-    if train_dir is None:
-        records, skipped = read_class_folders(root)
-        train, val = seeded_split(records, val_fraction, seed, group=lambda r: r.label)
-        description = {"format": "imagefolder", "train": str(root), "val": f"{val_fraction:.0%} of train, seed {seed}"}
-    else:
-        train, skipped = read_class_folders(train_dir)
-        val_dir = first_child(root, VAL_DIRS)
-        if val_dir is None:
-            train, val = seeded_split(train, val_fraction, seed, group=lambda r: r.label)
-        else:
-            val, extra = read_class_folders(val_dir)
-            skipped += extra
-        description = {"format": "imagefolder", "train": str(train_dir), "val": str(val_dir or f"{val_fraction:.0%} of train")}
+def _read_image_folder(root: Path) -> ClassificationData:
+    """``root/train`` (+ ``root/val``) when present, else ``root/<class>`` as training images."""
+    train_dir = first_child(root, TRAIN_DIRS) or root
+    train, skipped = read_class_folders(train_dir)
+    val_dir = first_child(root, VAL_DIRS) if train_dir != root else None
+    val: list[LabelledImage] = []
+    if val_dir is not None:
+        val, extra = read_class_folders(val_dir)
+        skipped += extra
     names = sorted({r.label for r in train})
+    description = {"format": "imagefolder", "train": str(train_dir), "val": str(val_dir) if val_dir else None}
     return ClassificationData(train, val, names, skipped, description)
 
 

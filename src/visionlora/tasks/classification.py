@@ -237,8 +237,8 @@ def _per_class(labels: list[int], names: list[str]) -> dict[str, int]:
 def _hf_eval_records(data: str) -> tuple[list[LabelledImage], list[dict]]:
     from visionlora.data.hf_datasets import read_hf_classification
 
-    source = read_hf_classification(data, seed=0, val_fraction=0.2)
-    return source.val, source.skipped
+    source = read_hf_classification(data)
+    return (source.val or source.train), source.skipped
 
 
 def _tiny_vit(num_labels: int, id2label, label2id, image_size: int):

@@ -1,0 +1,121 @@
+"""The command line and settings: help, YAML merging, presets and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from visionlora.cli import build_parser, config_from_args, main
+from visionlora.config import TrainConfig
+from visionlora.errors import VisionLoraError
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["predict"], ["demo"]])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: visionlora" in capsys.readouterr().out
+
+
+def test_train_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--task", "--data", "--val-data", "--model", "--mode", "--epochs", "--batch-size", "--lr",
+                 "--lora-r", "--lora-alpha", "--lora-dropout", "--target-modules", "--image-size", "--seed",
+                 "--output", "--config"):
+        assert flag in text
+
+
+def _config(argv):
+    return config_from_args(build_parser().parse_args(["train", *argv]))
+
+
+def test_preset_fills_lora_defaults():
+    cfg = _config(["--data", "x"])
+    assert (cfg.model, cfg.lora_r, cfg.lora_alpha, cfg.lr, cfg.lora_dropout) == (
+        "google/vit-base-patch16-224", 16, 32, 2e-4, 0.0)
+    assert cfg.target_modules == ["query", "value"] and cfg.mode == "lora"
+    assert _config(["--data", "x", "--mode", "full"]).lr == 5e-5
+
+
+def test_yaml_settings_apply_and_flags_win(tmp_path):
+    (tmp_path / "s.yaml").write_text("data: from-yaml\nlora-r: 4\nepochs: 3\ntarget_modules: key,value\nlr: 0.001\n")
+    cfg = _config(["--config", str(tmp_path / "s.yaml"), "--epochs", "7"])
+    assert (cfg.data, cfg.lora_r, cfg.epochs, cfg.lr) == ("from-yaml", 4, 7, 0.001)
+    assert cfg.target_modules == ["key", "value"]
+
+
+def test_flags_parse_types():
+    cfg = _config(["--data", "x", "--lr", "3e-4", "--target-modules", "q_proj, v_proj", "--no-progress", "--image-size", "64"])
+    assert cfg.lr == 3e-4 and cfg.target_modules == ["q_proj", "v_proj"] and cfg.progress is False
+    assert cfg.image_size == 64
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("data: x\nlearning_rate: 0.1\n", "unknown setting 'learning_rate'"),
+        ("data: x\nepochs: many\n", "setting 'epochs': 'many' is not a valid"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("data: [unclosed\n", "not valid YAML"),
+        ("data: x\nepochs: 0\n", "--epochs must be at least 1"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(tmp_path, yaml_text, message):
+    (tmp_path / "s.yaml").write_text(yaml_text)
+    with pytest.raises(VisionLoraError, match=message):
+        _config(["--config", str(tmp_path / "s.yaml")])
+
+
+def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path, capsys):
+    code = main(["train", "--data", str(tmp_path / "nothing-here"), "--model", "tiny", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and "no such folder" in err and len(err.splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_unknown_task_is_a_clear_error(capsys):
+    assert main(["train", "--task", "segmentation", "--data", "x"]) == 2
+    assert "unknown task 'segmentation'; choose one of: classification" in capsys.readouterr().err
+
+
+def test_evaluate_on_a_folder_that_is_no_run(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert "not a finished run" in capsys.readouterr().err
+
+
+def test_train_evaluate_predict_from_the_command_line(class_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(class_folder), "--model", "tiny", "--epochs", "1", "--lr", "1e-3",
+                 "--output", str(run), "--no-progress"]) == 0
+    assert "best epoch 1: accuracy" in capsys.readouterr().out
+    assert main(["evaluate", str(run), "--data", str(class_folder)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["images"] == 24 and 0 <= evaluated["metrics"]["accuracy"] <= 1
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    assert main(["predict", str(run), str(class_folder / "val" / "red_disc"), str(tmp_path / "broken.png")]) == 0
+    captured = capsys.readouterr()
+    predictions = json.loads(captured.out)
+    assert len(predictions) == 6 and all(p["label"] in {"blue_disc", "green_disc", "red_disc", "yellow_disc"} for p in predictions)
+    assert "skipped 1 unreadable file(s)" in captured.err
+    # the output folder is not replaced without --overwrite
+    assert main(["train", "--data", str(class_folder), "--model", "tiny", "--epochs", "1", "--output", str(run)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+
+
+def test_default_run_names_count_up(class_folder, tmp_path, monkeypatch):
+    from visionlora.artifacts import new_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    first = new_run_dir("classification", "lora", None, False)
+    second = new_run_dir("classification", "lora", None, False)
+    assert (str(first), str(second)) == ("runs/classification/lora", "runs/classification/lora-2")
+
+
+def test_config_validation_needs_data():
+    with pytest.raises(VisionLoraError, match="no training data"):
+        TrainConfig().validate()
