@@ -131,3 +131,23 @@ def test_readme_snippet_loads_the_adapter_with_plain_peft(trained_runs, class_fo
     expected = visionlora.load(run_dir).predict([image])[0]
     assert namespace["label"] == expected["label"]
     assert namespace["probs"].max().item() == pytest.approx(expected["score"], abs=1e-5)
+
+
+def test_same_seed_gives_identical_runs(class_folder, tmp_path):
+    first = train(tiny_config("classification", class_folder, tmp_path / "a", epochs=2))
+    second = train(tiny_config("classification", class_folder, tmp_path / "b", epochs=2))
+    assert first.summary["metrics"] == second.summary["metrics"]
+    a, b = first.model.state_dict(), second.model.state_dict()
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_early_stopping_ends_a_run_that_stops_improving(class_folder, tmp_path):
+    result = train(tiny_config("classification", class_folder, tmp_path / "run", epochs=5, lr=1e-12, patience=1))
+    assert result.summary["training"]["early_stopped"] is True
+    assert result.summary["training"]["epochs_run"] == 2 and result.summary["best_epoch"] == 1
+
+
+def test_bf16_mixed_precision_trains(class_folder, tmp_path):
+    result = train(tiny_config("classification", class_folder, tmp_path / "run", epochs=1, mixed_precision="bf16"))
+    assert result.summary["training"]["mixed_precision"] == "bf16"
+    assert visionlora.load(result.paths.root).predict(_val_images(class_folder)[:2])[0]["label"]

@@ -50,13 +50,12 @@ class RunResult:
 
 def train(cfg: TrainConfig) -> RunResult:
     """Train one model as ``cfg`` says and write its run folder."""
-    from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 
     started = time.perf_counter()
     cfg.validate()
     task = get_task(cfg.task)
-    accelerator = Accelerator(
+    accelerator = new_accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
@@ -95,6 +94,21 @@ def train(cfg: TrainConfig) -> RunResult:
         accelerator.print(f"saved {paths.model_dir} and {paths.results_dir}")
     accelerator.wait_for_everyone()
     return RunResult(paths, summary, model, processor, info)
+
+
+def new_accelerator(**kwargs):
+    """An Accelerator with these settings, even if another run in this process used others.
+
+    Accelerate keeps its settings in process-wide singletons; the per-run part is reset
+    (the process group, if any, is kept) so that runs with different precision can follow
+    one another, as in ``demo`` or ``compare``.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(**kwargs)
 
 
 class _TrainingLoop:

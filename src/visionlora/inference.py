@@ -45,7 +45,7 @@ class LoadedRun:
 
     def evaluate(self, data: str | None = None, batch_size: int = 16) -> dict[str, Any]:
         """Metrics on ``data`` (default: the run's own validation split)."""
-        from accelerate import Accelerator
+        from visionlora.engine import new_accelerator
 
         if data is None:
             dataset, skipped = self._validation_set()
@@ -54,7 +54,7 @@ class LoadedRun:
         if len(dataset) == 0:
             raise VisionLoraError(f"{data or self.paths.root}: no readable labelled images to evaluate on")
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=self.task.collate)
-        accelerator = Accelerator(cpu=self.model.device.type == "cpu")
+        accelerator = new_accelerator(cpu=self.model.device.type == "cpu")
         metrics = self.task.evaluate(self.model, accelerator.prepare(loader), accelerator, self.info)
         return {"metrics": metrics, "images": len(dataset), "skipped": skipped}
 
