@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,7 @@ from visionlora.engine import train
 from visionlora.inference import LoadedRun
 from visionlora.tasks import get_task
 from tests.conftest import tiny_config
-
-README = Path(__file__).resolve().parents[1] / "README.md"
+from tests.readme import run_snippet
 
 
 @pytest.fixture(scope="module")
@@ -122,12 +120,9 @@ def test_learnable_task_reaches_high_accuracy(class_folder, tmp_path):
 
 def test_readme_snippet_loads_the_adapter_with_plain_peft(trained_runs, class_folder):
     """The README's loading code, run as written, gives visionlora's predictions."""
-    snippet = re.search(r"<!-- load-snippet -->\s*```python\n(.*?)```", README.read_text(), re.S).group(1)
     run_dir = trained_runs["lora"].paths.root
     image = _val_images(class_folder)[0]
-    code = snippet.replace("runs/classification/lora", str(run_dir)).replace("photo.jpg", str(image))
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    namespace = run_snippet("load-snippet", {"runs/classification/lora": str(run_dir), "photo.jpg": str(image)})
     expected = visionlora.load(run_dir).predict([image])[0]
     assert namespace["label"] == expected["label"]
     assert namespace["probs"].max().item() == pytest.approx(expected["score"], abs=1e-5)

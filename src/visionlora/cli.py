@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
     predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders of images")
     predict.add_argument("--output", metavar="FILE.json", help="write predictions here (default: print them)")
+    predict.add_argument("--threshold", type=float, default=0.5, help="detection: lowest score kept (default 0.5)")
+    predict.add_argument("--save-images", metavar="DIR", help="also save each image with its prediction drawn")
     predict.set_defaults(handler=_cmd_predict)
 
     demo = commands.add_parser(
@@ -143,7 +145,8 @@ def _cmd_predict(args) -> int:
     files = list(image_files(args.images))
     if not files:
         raise VisionLoraError(f"no image files found in: {' '.join(args.images)}")
-    predictions, skipped = run.predict_files(files)
+    save = Path(args.save_images) if args.save_images else None
+    predictions, skipped = run.predict_files(files, save_images=save, threshold=args.threshold)
     if skipped:
         print(f"skipped {len(skipped)} unreadable file(s): " + "; ".join(f"{s['file']} ({s['reason']})" for s in skipped), file=sys.stderr)
     _emit(predictions, args.output)

@@ -48,6 +48,7 @@ class TrainConfig:
         None, "comma-separated module names to adapt, e.g. query,value (preset per task)"
     )
     image_size: int | None = _opt(None, "model input size in pixels (default: the model's own)")
+    augment: bool = _opt(True, "random training augmentation (crop/flip/colour, task-aware); --no-augment turns it off")
     val_fraction: float = _opt(0.2, "share of images held out for validation when the data has no val split")
     patience: int = _opt(0, "stop after this many epochs without a better validation metric (0 = off)")
     seed: int = _opt(42, "random seed for splits, initialisation, augmentation and order")

@@ -161,6 +161,8 @@ class _TrainingLoop:
 
         self._epoch_started = time.perf_counter()
         self.model.train()
+        if self.cfg.mode == "lora":
+            _freeze_batchnorm_statistics(self.model)
         if hasattr(self.data.train, "set_epoch"):
             self.data.train.set_epoch(epoch)
         self.train_loader.set_epoch(epoch)
@@ -206,6 +208,13 @@ class _TrainingLoop:
     def _restore_best(self) -> None:
         if self.best_state is not None:
             self.accelerator.unwrap_model(self.model).load_state_dict(self.best_state, strict=False)
+
+
+def _freeze_batchnorm_statistics(model: torch.nn.Module) -> None:
+    """Keep BatchNorm running statistics fixed: they belong to the frozen base, not the adapter."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 def _save_full_model(model, processor, info: ModelInfo, target: Path) -> None:

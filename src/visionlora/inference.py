@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -26,13 +27,18 @@ class LoadedRun:
     processor: Any
     info: ModelInfo
 
-    def predict(self, images: Sequence[str | Path | Image.Image]) -> list[dict[str, Any]]:
-        """Predictions for image paths or PIL images, in order; unreadable files are an error."""
-        opened = [_open(image) for image in images]
-        return self.task.predict(self.model, self.processor, opened, self.info)
+    def predict(self, images: Sequence[str | Path | Image.Image], **options: Any) -> list[dict[str, Any]]:
+        """Predictions for image paths or PIL images, in order; unreadable files are an error.
 
-    def predict_files(self, files: Sequence[Path]) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-        """Predict image files, skipping (and listing) the unreadable ones."""
+        ``options`` go to the task, e.g. ``threshold=0.5`` for detection.
+        """
+        opened = [_open(image) for image in images]
+        return self.task.predict(self.model, self.processor, opened, self.info, **options)
+
+    def predict_files(
+        self, files: Sequence[Path], save_images: Path | None = None, **options: Any
+    ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+        """Predict image files, skipping (and listing) the unreadable ones; optionally draw them."""
         opened, names, skipped = [], [], []
         for path in files:
             try:
@@ -40,8 +46,25 @@ class LoadedRun:
                 names.append(str(path))
             except UnreadableImage as err:
                 skipped.append({"file": str(path), "reason": str(err)})
-        predictions = self.task.predict(self.model, self.processor, opened, self.info)
+        predictions = self.task.predict(self.model, self.processor, opened, self.info, **options)
+        if save_images is not None:
+            self._save_drawings(save_images, names, opened, predictions)
         return [{"image": name, **p} for name, p in zip(names, predictions)], skipped
+
+    def _save_drawings(self, folder: Path, names, images, predictions) -> None:
+        from visionlora.artifacts import atomic_write_bytes
+
+        folder.mkdir(parents=True, exist_ok=True)
+        used: set[str] = set()
+        for name, image, prediction in zip(names, images, predictions):
+            stem = Path(name).stem
+            target, number = f"{stem}.png", 2
+            while target in used:
+                target, number = f"{stem}-{number}.png", number + 1
+            used.add(target)
+            buffer = io.BytesIO()
+            self.task.draw(image, prediction, self.info).save(buffer, format="PNG")
+            atomic_write_bytes(folder / target, buffer.getvalue())
 
     def evaluate(self, data: str | None = None, batch_size: int = 16) -> dict[str, Any]:
         """Metrics on ``data`` (default: the run's own validation split)."""

@@ -40,3 +40,81 @@ def make_classification_folder(
             for index in range(count):
                 classification_image(label, rng).save(folder / f"{label}_{index:03d}.png")
     return Path(root)
+
+
+# -- detection ---------------------------------------------------------------------------
+DETECTION_COLOURS = {"red_box": (220, 40, 40), "blue_box": (50, 80, 230)}
+DETECTION_FORMATS = ("coco", "voc", "yolo")
+
+
+def detection_scene(rng: np.random.Generator, size: int = 64, max_objects: int = 2):
+    """An image with 1..max_objects coloured rectangles: (image, [[x0, y0, x1, y1]], [label])."""
+    background = rng.integers(90, 160, size=(size, size, 1)).repeat(3, axis=2)
+    image = Image.fromarray(np.clip(background + rng.integers(-15, 15, size=(size, size, 3)), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    boxes, labels = [], []
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        label = list(DETECTION_COLOURS)[int(rng.integers(len(DETECTION_COLOURS)))]
+        w, h = (int(v) for v in rng.integers(size // 5, size // 2, size=2))
+        x0, y0 = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
+        draw.rectangle((x0, y0, x0 + w - 1, y0 + h - 1), fill=DETECTION_COLOURS[label])
+        boxes.append([x0, y0, x0 + w, y0 + h])
+        labels.append(label)
+    return image, boxes, labels
+
+
+def make_detection_dataset(
+    root: Path, fmt: str = "coco", n_train: int = 12, n_val: int = 4, seed: int = 0, max_objects: int = 2
+) -> Path:
+    """Write ``root/train`` and ``root/val`` in COCO, VOC or YOLO layout; return ``root``."""
+    rng = np.random.default_rng(seed)
+    names = list(DETECTION_COLOURS)
+    for split, count in (("train", n_train), ("val", n_val)):
+        folder = Path(root) / split
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        scenes = []
+        for index in range(count):
+            image, boxes, labels = detection_scene(rng, max_objects=max_objects)
+            file_name = f"scene_{index:03d}.png"
+            image.save(folder / "images" / file_name)
+            scenes.append((file_name, image.size, boxes, labels))
+        {"coco": _write_coco, "voc": _write_voc, "yolo": _write_yolo}[fmt](folder, scenes, names)
+    return Path(root)
+
+
+def _write_coco(folder: Path, scenes, names) -> None:
+    import json
+
+    images, annotations = [], []
+    for image_id, (file_name, (w, h), boxes, labels) in enumerate(scenes, start=1):
+        images.append({"id": image_id, "file_name": file_name, "width": w, "height": h})
+        for (x0, y0, x1, y1), label in zip(boxes, labels):
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": names.index(label) + 1,
+                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
+            })
+    categories = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
+    (folder / "annotations.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+
+
+def _write_voc(folder: Path, scenes, names) -> None:
+    (folder / "annotations").mkdir(exist_ok=True)
+    for file_name, (w, h), boxes, labels in scenes:
+        objects = "".join(
+            f"<object><name>{label}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin>"
+            f"<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+            for (x0, y0, x1, y1), label in zip(boxes, labels)
+        )
+        xml = f"<annotation><filename>{file_name}</filename><size><width>{w}</width><height>{h}</height><depth>3</depth></size>{objects}</annotation>"
+        (folder / "annotations" / f"{Path(file_name).stem}.xml").write_text(xml)
+
+
+def _write_yolo(folder: Path, scenes, names) -> None:
+    (folder / "labels").mkdir(exist_ok=True)
+    (folder / "classes.txt").write_text("\n".join(names) + "\n")
+    for file_name, (w, h), boxes, labels in scenes:
+        lines = [
+            f"{names.index(label)} {(x0 + x1) / 2 / w:.8f} {(y0 + y1) / 2 / h:.8f} {(x1 - x0) / w:.8f} {(y1 - y0) / h:.8f}"
+            for (x0, y0, x1, y1), label in zip(boxes, labels)
+        ]
+        (folder / "labels" / f"{Path(file_name).stem}.txt").write_text("\n".join(lines) + "\n")

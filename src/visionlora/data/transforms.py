@@ -31,11 +31,25 @@ def processor_output_size(processor) -> tuple[int, int]:
     return int(edge), int(edge)
 
 
+def processor_size(processor) -> dict[str, int]:
+    """The processor's resize rule as a plain dict (fixed size, or shortest/longest edge)."""
+    if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
+        height, width = processor_output_size(processor)
+        return {"height": height, "width": width}
+    size = processor.size
+    keys = ("height", "width", "shortest_edge", "longest_edge")
+    return {key: int(size.get(key)) for key in keys if size.get(key)}
+
+
 def set_processor_size(processor, image_size: int) -> None:
-    """Make the processor produce ``image_size`` x ``image_size`` pixels."""
+    """Make the processor's output ``image_size`` pixels: the square side, or the shortest edge."""
+    size = processor.size
     if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
         processor.crop_size = {"height": image_size, "width": image_size}
         processor.size = {"shortest_edge": image_size}
+    elif size.get("shortest_edge"):
+        ratio = size["longest_edge"] / size["shortest_edge"] if size.get("longest_edge") else None
+        processor.size = {"shortest_edge": image_size, **({"longest_edge": round(image_size * ratio)} if ratio else {})}
     else:
         processor.size = {"height": image_size, "width": image_size}
 

@@ -44,8 +44,9 @@ class ModelInfo:
     mode: str
     base_model: str
     labels: list[str]
-    image_size: list[int]
+    image_size: dict[str, int]
     forward_kwargs: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = 1
 
     @property
@@ -114,5 +115,10 @@ class Task(Protocol):
     def evaluate(self, model: torch.nn.Module, loader, accelerator, info: ModelInfo) -> dict[str, Any]:
         """Metrics over ``loader`` (gathered across processes), including ``loss``."""
 
-    def predict(self, model: torch.nn.Module, processor, images: Sequence[Image.Image], info: ModelInfo) -> list[dict]:
-        """JSON-ready predictions for RGB images."""
+    def predict(
+        self, model: torch.nn.Module, processor, images: Sequence[Image.Image], info: ModelInfo, **options: Any
+    ) -> list[dict]:
+        """JSON-ready predictions for RGB images (``options``: e.g. a score threshold)."""
+
+    def draw(self, image: Image.Image, prediction: dict, info: ModelInfo) -> Image.Image:
+        """A copy of ``image`` with ``prediction`` drawn on it."""

@@ -6,6 +6,7 @@ import inspect
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -25,6 +26,7 @@ from visionlora.data.transforms import (
     classification_augmentation,
     processor_output_size,
     processor_pixels,
+    processor_size,
     resize_for_training,
     set_processor_size,
 )
@@ -32,6 +34,7 @@ from visionlora.errors import VisionLoraError
 from visionlora.metrics.classification import classification_metrics
 from visionlora.models import load_pretrained
 from visionlora.tasks.base import Datasets, ModelInfo, Preset
+from visionlora.visualize import draw_label
 
 TINY_IMAGE_SIZE = 32
 PREDICT_BATCH = 32
@@ -75,7 +78,9 @@ class ClassificationTask:
             "val_per_class": _per_class(val_labels, info.labels),
         }
         return Datasets(
-            train=AugmentedImages(train.items, train_labels, normalizer, output_size, cfg.seed),
+            train=AugmentedImages(train.items, train_labels, normalizer, output_size, cfg.seed)
+            if cfg.augment
+            else CachedImages([_square(im, processor) for im in train.items], train_labels, normalizer),
             val=CachedImages(val.items, val_labels, normalizer),
             counts=counts,
             skipped=source.skipped + train.skipped + val.skipped,
@@ -119,7 +124,7 @@ class ClassificationTask:
             mode="",
             base_model=model_ref,
             labels=list(labels),
-            image_size=list(processor_output_size(processor)),
+            image_size=processor_size(processor),
             forward_kwargs=_forward_kwargs(model, processor),
         )
         return model, processor, info
@@ -174,7 +179,7 @@ class ClassificationTask:
         return metrics
 
     @torch.no_grad()
-    def predict(self, model, processor, images: Sequence[Image.Image], info: ModelInfo) -> list[dict]:
+    def predict(self, model, processor, images: Sequence[Image.Image], info: ModelInfo, **_: Any) -> list[dict]:
         model.eval()
         normalizer = Normalizer(processor)
         device = next(model.parameters()).device
@@ -189,6 +194,10 @@ class ClassificationTask:
                 ranked = [{"label": info.labels[i], "score": s} for s, i in zip(row_scores, row_indices)]
                 results.append({"label": ranked[0]["label"], "score": ranked[0]["score"], "top_k": ranked})
         return results
+
+
+    def draw(self, image: Image.Image, prediction: dict, info: ModelInfo) -> Image.Image:
+        return draw_label(image, f"{prediction['label']} {prediction['score']:.2f}")
 
 
 class CachedImages(torch.utils.data.Dataset):
@@ -227,6 +236,11 @@ class AugmentedImages(torch.utils.data.Dataset):
         crop = self.augment(image=self.images[index])["image"]
         pixels = torch.from_numpy(crop).permute(2, 0, 1).contiguous()
         return {"pixel_values": self.normalizer(pixels), "labels": self.labels[index]}
+
+
+def _square(image: np.ndarray, processor) -> torch.Tensor:
+    """A cached training image brought to the model input (for runs without augmentation)."""
+    return processor_pixels(processor, Image.fromarray(image))
 
 
 def _per_class(labels: list[int], names: list[str]) -> dict[str, int]:

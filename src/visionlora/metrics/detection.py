@@ -1,0 +1,87 @@
+"""COCO box metrics through pycocotools' own COCOeval."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass
+class ImageBoxes:
+    """Boxes of one image in pixels (x0, y0, x1, y1), label indices and, for predictions, scores."""
+
+    boxes: Sequence[Sequence[float]]
+    labels: Sequence[int]
+    scores: Sequence[float] | None = None
+
+
+def coco_ground_truth(targets: Sequence[ImageBoxes], label_names: Sequence[str], sizes: Sequence[tuple[int, int]]) -> dict:
+    """A COCO dataset dict (image ids 1..N, category ids 1..K) for the ground truth."""
+    images = [{"id": i + 1, "height": int(h), "width": int(w)} for i, (h, w) in enumerate(sizes)]
+    annotations = []
+    for image_id, target in enumerate(targets, start=1):
+        for box, label in zip(target.boxes, target.labels):
+            x0, y0, x1, y1 = (float(v) for v in box)
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": int(label) + 1,
+                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
+            })
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(label_names)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def coco_detections(predictions: Sequence[ImageBoxes]) -> list[dict]:
+    """COCO result entries for the predictions (same image and category ids as the ground truth)."""
+    results = []
+    for image_id, prediction in enumerate(predictions, start=1):
+        for box, label, score in zip(prediction.boxes, prediction.labels, prediction.scores):
+            x0, y0, x1, y1 = (float(v) for v in box)
+            results.append({"image_id": image_id, "category_id": int(label) + 1,
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)})
+    return results
+
+
+def detection_metrics(
+    targets: Sequence[ImageBoxes],
+    predictions: Sequence[ImageBoxes],
+    label_names: Sequence[str],
+    sizes: Sequence[tuple[int, int]],
+) -> dict:
+    """mAP@[.5:.95], mAP50, mAP75, AR@1/10/100 and per-class AP, as COCOeval computes them.
+
+    Undefined values (COCO's -1, e.g. a class without ground truth) are reported as None.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    keys = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "ar1", "ar10", "ar100")
+    detections = coco_detections(predictions)
+    if not detections:
+        return {**{k: 0.0 for k in keys}, "per_class_ap": {name: 0.0 for name in label_names}}
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground_truth = COCO()
+        ground_truth.dataset = coco_ground_truth(targets, label_names, sizes)
+        ground_truth.createIndex()
+        evaluation = COCOeval(ground_truth, ground_truth.loadRes(detections), iouType="bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    stats = [float(v) for v in evaluation.stats]
+    metrics = {key: _defined(stats[i]) for i, key in enumerate(keys[:6])}
+    metrics.update({"ar1": _defined(stats[6]), "ar10": _defined(stats[7]), "ar100": _defined(stats[8])})
+    precision = evaluation.eval["precision"]  # (iou, recall, class, area, max dets)
+    per_class = {}
+    for index, name in enumerate(label_names):
+        values = precision[:, :, index, 0, -1]
+        values = values[values > -1]
+        per_class[name] = float(np.mean(values)) if values.size else None
+    metrics["per_class_ap"] = per_class
+    return metrics
+
+
+def _defined(value: float) -> float | None:
+    return None if value < 0 else value

@@ -1,0 +1,62 @@
+"""Draw predictions on images: a label, boxes, keypoints and skeletons."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from PIL import Image, ImageDraw
+
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
+
+
+def colour(index: int) -> tuple[int, int, int]:
+    return PALETTE[index % len(PALETTE)]
+
+
+def _line_width(image: Image.Image) -> int:
+    return max(1, round(max(image.size) / 300))
+
+
+def draw_label(image: Image.Image, text: str) -> Image.Image:
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    left, top, right, bottom = draw.textbbox((4, 4), text)
+    draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=(0, 0, 0))
+    draw.text((4, 4), text, fill=(255, 255, 255))
+    return out
+
+
+def draw_boxes(image: Image.Image, boxes: Sequence[dict], label_names: Sequence[str]) -> Image.Image:
+    """Boxes given as {"label", "score", "box": [x0, y0, x1, y1]}."""
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    width = _line_width(out)
+    for item in boxes:
+        index = label_names.index(item["label"]) if item["label"] in label_names else 0
+        x0, y0, x1, y1 = item["box"]
+        draw.rectangle((x0, y0, x1, y1), outline=colour(index), width=width)
+        caption = f"{item['label']} {item['score']:.2f}"
+        left, top, right, bottom = draw.textbbox((x0, y0), caption)
+        draw.rectangle((left, top - (bottom - top), right, top), fill=colour(index))
+        draw.text((x0, y0 - (bottom - top)), caption, fill=(255, 255, 255))
+    return out
+
+
+def draw_keypoints(
+    image: Image.Image, points: Sequence[Sequence[float]], scores: Sequence[float],
+    skeleton: Sequence[Sequence[int]], threshold: float = 0.0,
+) -> Image.Image:
+    """Keypoints (x, y) as dots, and skeleton edges (index pairs) as lines."""
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    width = _line_width(out)
+    radius = width + 2
+    visible = [score >= threshold for score in scores]
+    for a, b in skeleton:
+        if visible[a] and visible[b]:
+            draw.line((*points[a], *points[b]), fill=(255, 255, 255), width=width)
+    for index, ((x, y), shown) in enumerate(zip(points, visible)):
+        if shown:
+            draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=colour(index), outline=(0, 0, 0))
+    return out
