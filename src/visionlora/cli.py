@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", metavar="FILE.json", help="write predictions here (default: print them)")
     predict.add_argument("--threshold", type=float, default=0.5, help="detection: lowest score kept (default 0.5)")
     predict.add_argument("--save-images", metavar="DIR", help="also save each image with its prediction drawn")
+    predict.add_argument(
+        "--boxes", metavar="FILE.json",
+        help="pose: boxes per image, {\"image.jpg\": [[x0, y0, x1, y1], ...]} (default: the whole image)",
+    )
     predict.set_defaults(handler=_cmd_predict)
 
     demo = commands.add_parser(
@@ -146,11 +150,32 @@ def _cmd_predict(args) -> int:
     if not files:
         raise VisionLoraError(f"no image files found in: {' '.join(args.images)}")
     save = Path(args.save_images) if args.save_images else None
-    predictions, skipped = run.predict_files(files, save_images=save, threshold=args.threshold)
+    options: dict[str, Any] = {"threshold": args.threshold}
+    if args.boxes:
+        options["boxes"] = _read_boxes(Path(args.boxes), files)
+    predictions, skipped = run.predict_files(files, save_images=save, **options)
     if skipped:
         print(f"skipped {len(skipped)} unreadable file(s): " + "; ".join(f"{s['file']} ({s['reason']})" for s in skipped), file=sys.stderr)
     _emit(predictions, args.output)
     return 0
+
+
+def _read_boxes(path: Path, files: list[Path]) -> list[list[list[float]] | None]:
+    """Boxes for each file from a JSON mapping of image path (or file name) to box lists."""
+    from visionlora.artifacts import read_json
+
+    mapping = read_json(path)
+    if not isinstance(mapping, dict):
+        raise VisionLoraError(f"{path}: expected a mapping of image file to a list of [x0, y0, x1, y1] boxes")
+    boxes = []
+    for file in files:
+        entry = mapping.get(str(file), mapping.get(file.name))
+        if entry is not None and not (
+            isinstance(entry, list) and all(isinstance(b, list) and len(b) == 4 for b in entry)
+        ):
+            raise VisionLoraError(f"{path}: boxes for {file.name} must be a list of [x0, y0, x1, y1]")
+        boxes.append(entry)
+    return boxes
 
 
 def _cmd_demo(args) -> int:

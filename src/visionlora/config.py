@@ -18,6 +18,7 @@ from visionlora.errors import VisionLoraError
 
 MODES = ("lora", "full")
 PRECISIONS = ("no", "fp16", "bf16")
+DEFAULT_VAL_FRACTION = 0.2
 
 
 def _opt(default, help, **extra):
@@ -49,7 +50,9 @@ class TrainConfig:
     )
     image_size: int | None = _opt(None, "model input size in pixels (default: the model's own)")
     augment: bool = _opt(True, "random training augmentation (crop/flip/colour, task-aware); --no-augment turns it off")
-    val_fraction: float = _opt(0.2, "share of images held out for validation when the data has no val split")
+    val_fraction: float | None = _opt(
+        None, "share held out for validation when the data has no val split (0.2; DeepLabCut: its TrainingFraction)"
+    )
     patience: int = _opt(0, "stop after this many epochs without a better validation metric (0 = off)")
     seed: int = _opt(42, "random seed for splits, initialisation, augmentation and order")
     num_workers: int = _opt(0, "data-loading worker processes")
@@ -72,7 +75,7 @@ class TrainConfig:
             (self.lora_alpha is None or self.lora_alpha > 0, "--lora-alpha must be positive"),
             (0.0 <= self.lora_dropout < 1.0, "--lora-dropout must be in [0, 1)"),
             (0.0 <= self.warmup_ratio < 1.0, "--warmup-ratio must be in [0, 1)"),
-            (0.0 < self.val_fraction < 1.0, "--val-fraction must be between 0 and 1"),
+            (self.val_fraction is None or 0.0 < self.val_fraction < 1.0, "--val-fraction must be between 0 and 1"),
             (self.image_size is None or self.image_size >= 8, "--image-size must be at least 8"),
             (self.patience >= 0, "--patience must be 0 (off) or more"),
             (self.num_workers >= 0, "--num-workers must be 0 or more"),
@@ -81,6 +84,10 @@ class TrainConfig:
             if not ok:
                 raise VisionLoraError(message)
         return self
+
+    def holdout(self) -> float:
+        """The validation share to split off when the data has no validation part."""
+        return self.val_fraction if self.val_fraction is not None else DEFAULT_VAL_FRACTION
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

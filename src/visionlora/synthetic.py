@@ -118,3 +118,94 @@ def _write_yolo(folder: Path, scenes, names) -> None:
             for (x0, y0, x1, y1), label in zip(boxes, labels)
         ]
         (folder / "labels" / f"{Path(file_name).stem}.txt").write_text("\n".join(lines) + "\n")
+
+
+# -- pose ----------------------------------------------------------------------------------
+POSE_KEYPOINTS = ["snout", "leftear", "rightear", "tailbase"]
+POSE_SKELETON = [["snout", "leftear"], ["snout", "rightear"], ["leftear", "tailbase"], ["rightear", "tailbase"]]
+POSE_COLOURS = {"snout": (230, 40, 40), "leftear": (240, 220, 40), "rightear": (240, 220, 40), "tailbase": (40, 90, 230)}
+
+
+def pose_scene(rng: np.random.Generator, size: int = 96):
+    """A grey 'animal' seen from above with coloured marks at its keypoints: (image, (4, 2) points)."""
+    background = rng.integers(70, 150, size=(size, size, 1)).repeat(3, axis=2)
+    image = Image.fromarray(np.clip(background + rng.integers(-12, 12, size=(size, size, 3)), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    length = rng.uniform(0.25, 0.4) * size
+    angle = rng.uniform(0, 2 * np.pi)
+    centre = rng.uniform(0.35, 0.65, size=2) * size
+    axis = np.array([np.cos(angle), np.sin(angle)])
+    side = np.array([-axis[1], axis[0]])
+    snout, tail = centre + axis * length / 2, centre - axis * length / 2
+    left, right = centre + axis * length * 0.25 + side * length * 0.2, centre + axis * length * 0.25 - side * length * 0.2
+    points = np.stack([snout, left, right, tail])
+    draw.line((*tail, *snout), fill=(200, 200, 200), width=max(2, int(length * 0.25)))
+    for name, (x, y) in zip(POSE_KEYPOINTS, points):
+        draw.ellipse((x - 2.5, y - 2.5, x + 2.5, y + 2.5), fill=POSE_COLOURS[name])
+    return image, points
+
+
+def make_pose_dataset(root: Path, fmt: str = "coco", n_train: int = 12, n_val: int = 4, seed: int = 0,
+                      unlabelled: tuple[int, int] | None = None) -> Path:
+    """Write a COCO-keypoints (``train/`` + ``val/``) or DeepLabCut project of pose scenes.
+
+    ``unlabelled=(image, keypoint)`` leaves that keypoint of that image (counted over
+    train then val) unlabelled, to exercise missing labels.
+    """
+    rng = np.random.default_rng(seed)
+    scenes = [pose_scene(rng) for _ in range(n_train + n_val)]
+    root = Path(root)
+    if fmt == "coco":
+        for split, part in (("train", scenes[:n_train]), ("val", scenes[n_train:])):
+            offset = 0 if split == "train" else n_train
+            _write_coco_keypoints(root / split, part, offset, unlabelled)
+    else:
+        _write_deeplabcut(root, scenes, n_train / (n_train + n_val), unlabelled)
+    return root
+
+
+def _write_coco_keypoints(folder: Path, scenes, offset: int, unlabelled) -> None:
+    import json
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for index, (image, points) in enumerate(scenes):
+        name = f"frame_{offset + index:03d}.png"
+        image.save(folder / "images" / name)
+        flat = []
+        for k, (x, y) in enumerate(points):
+            hidden = unlabelled == (offset + index, k)
+            flat += [0, 0, 0] if hidden else [float(x), float(y), 2]
+        x0, y0 = points.min(axis=0) - 4
+        x1, y1 = points.max(axis=0) + 4
+        images.append({"id": index + 1, "file_name": name, "width": image.width, "height": image.height})
+        annotations.append({"id": index + 1, "image_id": index + 1, "category_id": 1, "keypoints": flat,
+                            "num_keypoints": sum(1 for v in flat[2::3] if v), "iscrowd": 0,
+                            "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                            "area": float((x1 - x0) * (y1 - y0))})
+    skeleton = [[POSE_KEYPOINTS.index(a) + 1, POSE_KEYPOINTS.index(b) + 1] for a, b in POSE_SKELETON]
+    categories = [{"id": 1, "name": "animal", "keypoints": POSE_KEYPOINTS, "skeleton": skeleton}]
+    (folder / "annotations.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+
+
+def _write_deeplabcut(root: Path, scenes, training_fraction: float, unlabelled) -> None:
+    import yaml
+
+    frames = root / "labeled-data" / "video1"
+    frames.mkdir(parents=True, exist_ok=True)
+    config = {"Task": "synthetic", "scorer": "test", "bodyparts": POSE_KEYPOINTS, "skeleton": POSE_SKELETON,
+              "TrainingFraction": [round(training_fraction, 4)], "multianimalproject": False}
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    lines = [
+        "scorer," + ",".join(["test"] * 2 * len(POSE_KEYPOINTS)),
+        "bodyparts," + ",".join(n for n in POSE_KEYPOINTS for _ in range(2)),
+        "coords," + ",".join(["x", "y"] * len(POSE_KEYPOINTS)),
+    ]
+    for index, (image, points) in enumerate(scenes):
+        name = f"frame_{index:03d}.png"
+        image.save(frames / name)
+        cells = []
+        for k, (x, y) in enumerate(points):
+            cells += ["", ""] if unlabelled == (index, k) else [repr(float(x)), repr(float(y))]
+        lines.append(f"labeled-data/video1/{name}," + ",".join(cells))
+    (frames / "CollectedData_test.csv").write_text("\n".join(lines) + "\n")

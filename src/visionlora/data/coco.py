@@ -115,3 +115,54 @@ def _xywh_to_xyxy(bbox: Any, where: str) -> list[float]:
 def _key(value: Any) -> Any:
     """Ids compare as given, except that 3 and "3" are the same id."""
     return str(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else repr(value)
+
+
+def read_coco_keypoints(path: Path):
+    """Read a COCO keypoints file: (records, keypoint names, skeleton as 0-based pairs, skipped).
+
+    The first category that names ``keypoints`` is used; instances without one labelled
+    keypoint are skipped and counted. Images without instances are left out.
+    """
+    from visionlora.data.pose import PoseInstance, PoseRecord, keypoint_array
+
+    data = load_coco(path)
+    images = index_images(path, data)
+    categories = index_categories(path, data)
+    keypoint_categories = [(k, c) for k, c in categories.items() if c.get("keypoints")]
+    if not keypoint_categories:
+        raise VisionLoraError(f"{path}: no category names its 'keypoints' (not a COCO keypoints file?)")
+    category_key, category = keypoint_categories[0]
+    names = [str(n) for n in category["keypoints"]]
+    skeleton = _skeleton(path, category, len(names))
+    root = path.parent.parent if path.parent.name == "annotations" else path.parent
+    records: dict[Any, PoseRecord] = {}
+    skipped = []
+    for position, ann in enumerate(data.get("annotations", [])):
+        check_annotation(path, position, ann, images, categories)
+        if _key(ann.get("category_id")) != category_key:
+            continue
+        where = f"{path}: annotation {ann.get('id', position)}"
+        entry = images[_key(ann["image_id"])]
+        keypoints = keypoint_array(ann.get("keypoints", []), names, where, entry.get("width"), entry.get("height"))
+        if not keypoints[:, 2].any():
+            skipped.append({"annotation": where, "reason": "no labelled keypoint"})
+            continue
+        box = None
+        if ann.get("bbox") is not None:
+            box = clean_box(_xywh_to_xyxy(ann["bbox"], where), entry.get("width"), entry.get("height"))
+        key = _key(ann["image_id"])
+        if key not in records:
+            image_where = f"{path}: image id {entry['id']}"
+            records[key] = PoseRecord(str(resolve_image(root, entry["file_name"], image_where)), source=image_where)
+        records[key].instances.append(PoseInstance(keypoints, box, ann.get("area")))
+    return list(records.values()), names, skeleton, skipped
+
+
+def _skeleton(path: Path, category: dict, count: int) -> list[list[int]]:
+    """COCO skeletons are 1-based index pairs; return them 0-based, checked."""
+    pairs = []
+    for pair in category.get("skeleton") or []:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(i, int) and 1 <= i <= count for i in pair)):
+            raise VisionLoraError(f"{path}: skeleton entry {pair!r} must be two keypoint numbers from 1 to {count}")
+        pairs.append([pair[0] - 1, pair[1] - 1])
+    return pairs

@@ -78,12 +78,12 @@ class DecodeResult:
 
 def decode_all(
     sources: Sequence[Any],
-    prepare: Callable[[Image.Image], Any],
+    prepare: Callable[[Image.Image, Any], Any],
     name_of: Callable[[Any], str] = str,
     opener: Callable[[Any], Image.Image] = load_rgb,
     threads: int = 4,
 ) -> DecodeResult:
-    """Open every source once, run ``prepare`` on it, and count the unreadable ones.
+    """Open every source once, run ``prepare(image, source)`` on it, and count the unreadable ones.
 
     ``prepare`` turns the RGB image into what is kept in memory (e.g. resized pixels),
     so that training epochs never decode files again.
@@ -91,7 +91,7 @@ def decode_all(
 
     def work(source):
         try:
-            return prepare(opener(source)), None
+            return prepare(opener(source), source), None
         except UnreadableImage as err:
             return None, str(err)
 

@@ -10,6 +10,7 @@ from visionlora.tasks.base import Task
 _REGISTRY = {
     "classification": "visionlora.tasks.classification:ClassificationTask",
     "detection": "visionlora.tasks.detection:DetectionTask",
+    "pose": "visionlora.tasks.pose:PoseTask",
 }
 
 

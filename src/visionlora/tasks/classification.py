@@ -57,12 +57,12 @@ class ClassificationTask:
 
     # -- data -------------------------------------------------------------------------
     def read_data(self, cfg) -> ClassificationData:
-        return read_classification_data(cfg.data, cfg.val_data, cfg.seed, cfg.val_fraction)
+        return read_classification_data(cfg.data, cfg.val_data, cfg.seed, cfg.holdout())
 
     def make_datasets(self, source: ClassificationData, processor, info: ModelInfo, cfg) -> Datasets:
         output_size = processor_output_size(processor)
-        train = decode_all([r.source for r in source.train], lambda im: resize_for_training(im, output_size))
-        val = decode_all([r.source for r in source.val], lambda im: processor_pixels(processor, im))
+        train = decode_all([r.source for r in source.train], lambda im, _: resize_for_training(im, output_size))
+        val = decode_all([r.source for r in source.val], lambda im, _: processor_pixels(processor, im))
         label2id = info.label2id
         train_labels = [label2id[source.train[i].label] for i in train.kept]
         val_labels = [label2id[source.val[i].label] for i in val.kept]
@@ -97,7 +97,7 @@ class ClassificationTask:
         unknown = sorted({r.label for r in records} - set(info.labels))
         if unknown:
             raise VisionLoraError(f"{data}: classes the model was not trained on: {', '.join(unknown)}")
-        decoded = decode_all([r.source for r in records], lambda im: processor_pixels(processor, im))
+        decoded = decode_all([r.source for r in records], lambda im, _: processor_pixels(processor, im))
         labels = [info.label2id[records[i].label] for i in decoded.kept]
         return CachedImages(decoded.items, labels, Normalizer(processor)), skipped + decoded.skipped
 

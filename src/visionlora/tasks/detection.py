@@ -50,12 +50,12 @@ class DetectionTask:
 
     # -- data -------------------------------------------------------------------------
     def read_data(self, cfg) -> DetectionData:
-        return read_detection_data(cfg.data, cfg.val_data, cfg.seed, cfg.val_fraction)
+        return read_detection_data(cfg.data, cfg.val_data, cfg.seed, cfg.holdout())
 
     def make_datasets(self, source: DetectionData, processor, info: ModelInfo, cfg) -> Datasets:
         label2id = info.label2id
-        train_images = decode_all(source.train, lambda im: _model_scale(processor, im), name_of=_record_name, opener=_open_record)
-        val_images = decode_all(source.val, lambda im: _model_scale(processor, im), name_of=_record_name, opener=_open_record)
+        train_images = decode_all(source.train, lambda im, _: _model_scale(processor, im), name_of=_record_name, opener=_open_record)
+        val_images = decode_all(source.val, lambda im, _: _model_scale(processor, im), name_of=_record_name, opener=_open_record)
         dropped = list(source.dropped_boxes)
         train_records = _fit_boxes([source.train[i] for i in train_images.kept], train_images.items, dropped)
         val_records = _fit_boxes([source.val[i] for i in val_images.kept], val_images.items, dropped)
@@ -91,7 +91,7 @@ class DetectionTask:
         unknown = sorted({label for r in split.records for label in r.labels} - set(info.labels))
         if unknown:
             raise VisionLoraError(f"{data}: categories the model was not trained on: {', '.join(unknown)}")
-        decoded = decode_all(split.records, lambda im: _model_scale(processor, im), name_of=_record_name, opener=_open_record)
+        decoded = decode_all(split.records, lambda im, _: _model_scale(processor, im), name_of=_record_name, opener=_open_record)
         records = _fit_boxes([split.records[i] for i in decoded.kept], decoded.items, [])
         return DetectionImages(decoded.items, records, info.label2id, Normalizer(processor)), decoded.skipped
 
