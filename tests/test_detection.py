@@ -31,17 +31,19 @@ def boxes_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def detection_runs(boxes_folder, tmp_path_factory):
     root = tmp_path_factory.mktemp("det-runs")
-    return {
+    runs = {
         mode: train(tiny_config("detection", boxes_folder, root / mode, mode=mode, epochs=2))
         for mode in ("lora", "full")
     }
+    runs["rtdetr-lora"] = train(tiny_config("detection", boxes_folder, root / "rt", model="tiny-rtdetr", epochs=2))
+    return runs
 
 
 def _val_images(folder: Path) -> list[Path]:
     return sorted((folder / "val" / "images").glob("*.png"))
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("mode", ["lora", "full", "rtdetr-lora"])
 def test_train_evaluate_predict_reload_identical_boxes(detection_runs, boxes_folder, mode, tmp_path):
     result = detection_runs[mode]
     images = _val_images(boxes_folder)
@@ -76,6 +78,15 @@ def test_detection_summary(detection_runs):
     assert set(summary["metrics"]) >= {"map", "map50", "map75", "ar100", "per_class_ap", "loss"}
     assert set(summary["metrics"]["per_class_ap"]) == {"red_box", "blue_box"}
     assert summary["data"]["counts"]["train"] == 12 and summary["data"]["counts"]["val"] == 4
+
+
+def test_rtdetr_heads_are_the_decoders_own(detection_runs):
+    resolved = detection_runs["rtdetr-lora"].summary["lora"]["resolved"]
+    assert resolved["modules_to_save"] == [
+        "model.denoising_class_embed", "model.enc_score_head", "model.enc_bbox_head",
+        "model.decoder.class_embed.0", "model.decoder.class_embed.1",
+        "model.decoder.bbox_embed.0", "model.decoder.bbox_embed.1",
+    ]
 
 
 def test_readme_snippet_loads_a_detection_adapter(detection_runs, boxes_folder, capsys):

@@ -33,6 +33,7 @@ from visionlora.artifacts import (
 )
 from visionlora.config import TrainConfig
 from visionlora.errors import VisionLoraError
+from visionlora.models import is_builtin
 from visionlora.tasks import get_task
 from visionlora.tasks.base import Datasets, ModelInfo, Task
 
@@ -73,7 +74,7 @@ def train(cfg: TrainConfig) -> RunResult:
     data = task.make_datasets(source, processor, info, cfg)
     lora: LoraSetup | None = None
     if cfg.mode == "lora":
-        if cfg.model == "tiny" and accelerator.is_main_process:
+        if is_builtin(cfg.model) and accelerator.is_main_process:
             _save_full_model(model, processor, info, paths.base_dir)
         model, lora = apply_lora(
             model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, task.head_modules(model)
@@ -229,7 +230,7 @@ def _save_trained_model(model, processor, info: ModelInfo, paths: RunPaths, cfg:
     if cfg.mode == "full":
         _save_full_model(model, processor, info, paths.model_dir)
         return
-    if cfg.model == "tiny":
+    if is_builtin(cfg.model):
         model.peft_config["default"].base_model_name_or_path = str(paths.base_dir.resolve())
     with atomic_dir(paths.model_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

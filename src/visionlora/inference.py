@@ -13,6 +13,7 @@ from PIL import Image
 from visionlora.artifacts import INFO_FILE, RunPaths, find_run, read_json
 from visionlora.data.images import UnreadableImage, is_image_file, load_rgb
 from visionlora.errors import VisionLoraError
+from visionlora.models import is_builtin
 from visionlora.tasks import get_task
 from visionlora.tasks.base import ModelInfo, Task
 
@@ -108,7 +109,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     else:
         from peft import PeftModel
 
-        base_ref = str(paths.base_dir) if info.base_model == "tiny" else info.base_model
+        base_ref = str(paths.base_dir) if is_builtin(info.base_model) else info.base_model
         base = task.load_model(base_ref, info)
         model = PeftModel.from_pretrained(base, paths.model_dir)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()

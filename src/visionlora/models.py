@@ -8,6 +8,11 @@ from typing import Any
 from visionlora.errors import VisionLoraError
 
 
+def is_builtin(ref: str) -> bool:
+    """Built-in small models with random weights are called ``tiny`` or ``tiny-<variant>``."""
+    return (ref == "tiny" or ref.startswith("tiny-")) and not Path(ref).exists()
+
+
 def load_pretrained(auto_class, ref: str, with_processor: bool = True, **kwargs: Any):
     """``auto_class.from_pretrained(ref)`` (safetensors only, no remote code) and its processor.
 

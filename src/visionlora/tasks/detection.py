@@ -30,7 +30,9 @@ from visionlora.visualize import draw_boxes
 TINY_SHORTEST_EDGE = 64
 PREDICT_BATCH = 8
 # Module names of detection heads across DETR-family models (class and box predictors).
-HEAD_PATTERN = re.compile(r"(^|\.)(class_labels_classifier|bbox_predictor|class_embed|bbox_embed|enc_score_head|enc_bbox_head)$")
+HEAD_PATTERN = re.compile(
+    r"(^|\.)(class_labels_classifier|bbox_predictor|class_embed|bbox_embed|enc_score_head|enc_bbox_head|denoising_class_embed)$"
+)
 
 
 class DetectionTask:
@@ -101,11 +103,14 @@ class DetectionTask:
         label2id = {name: i for i, name in id2label.items()}
         if model_ref == "tiny":
             model, processor = _tiny_detr(id2label, label2id, image_size or TINY_SHORTEST_EDGE)
+        elif model_ref == "tiny-rtdetr":
+            model, processor = _tiny_rtdetr(id2label, label2id, image_size or TINY_SHORTEST_EDGE)
         else:
             from transformers import AutoModelForObjectDetection
 
             model, processor = load_pretrained(
-                AutoModelForObjectDetection, model_ref, num_labels=len(labels), id2label=id2label, label2id=label2id
+                AutoModelForObjectDetection, model_ref, num_labels=len(labels), id2label=id2label, label2id=label2id,
+                **_untied(model_ref),
             )
             if image_size:
                 set_processor_size(processor, image_size)
@@ -117,21 +122,26 @@ class DetectionTask:
 
         model, _ = load_pretrained(
             AutoModelForObjectDetection, path, with_processor=False,
-            num_labels=len(info.labels), id2label=info.id2label, label2id=info.label2id,
+            num_labels=len(info.labels), id2label=info.id2label, label2id=info.label2id, **_untied(path),
         )
         return model
 
     def head_modules(self, model: torch.nn.Module) -> list[str]:
-        """Class and box predictors (each entry of a ModuleList of them), outermost matches only."""
+        """Class and box predictors, each entry of a ModuleList of them, outermost matches only.
+
+        An untied RT-DETR keeps unused top-level copies of its decoder's heads; the copies
+        the decoder uses are the ones trained.
+        """
+        matches = [(name, module) for name, module in model.named_modules() if HEAD_PATTERN.search(name)]
+        nested = {name.rsplit(".", 1)[-1] for name, _ in matches if "." in name}
         heads: list[str] = []
-        for name, module in model.named_modules():
-            if any(name.startswith(h + ".") for h in heads):
+        for name, module in matches:
+            if any(name.startswith(h + ".") for h in heads) or ("." not in name and name in nested):
                 continue
-            if HEAD_PATTERN.search(name):
-                if isinstance(module, torch.nn.ModuleList):
-                    heads += [f"{name}.{i}" for i in range(len(module))]
-                else:
-                    heads.append(name)
+            if isinstance(module, torch.nn.ModuleList):
+                heads += [f"{name}.{i}" for i in range(len(module))]
+            else:
+                heads.append(name)
         if not heads:
             raise VisionLoraError(f"{type(model).__name__}: no class/box prediction heads found")
         return heads
@@ -353,3 +363,32 @@ def _tiny_detr(id2label, label2id, shortest_edge: int):
     for param in model.parameters():
         param.requires_grad_(True)
     return model, processor
+
+
+def _untied(ref: str) -> dict[str, Any]:
+    """RT-DETR ties its decoder heads to top-level copies, which peft cannot wrap: untie them."""
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(ref).model_type
+    except (OSError, ValueError):
+        return {}  # load_pretrained reports the problem
+    return {"tie_word_embeddings": False} if model_type.startswith(("rt_detr", "d_fine", "deimv2")) else {}
+
+
+def _tiny_rtdetr(id2label, label2id, size: int):
+    """An RT-DETRv2 with a 16-128 channel ResNet, a 64-wide encoder and 2 decoder layers, 20 queries."""
+    from transformers import RTDetrImageProcessorPil, RTDetrResNetConfig, RTDetrV2Config, RTDetrV2ForObjectDetection
+
+    backbone = RTDetrResNetConfig(
+        layer_type="basic", embedding_size=16, depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128],
+        downsample_in_bottleneck=False, out_indices=[2, 3, 4],
+    )
+    config = RTDetrV2Config(
+        backbone_config=backbone, num_labels=len(id2label), id2label=id2label, label2id=label2id,
+        tie_word_embeddings=False, encoder_in_channels=[32, 64, 128], encoder_hidden_dim=64, encoder_ffn_dim=128,
+        encoder_attention_heads=4, d_model=64, decoder_in_channels=[64, 64, 64], decoder_ffn_dim=128,
+        decoder_attention_heads=4, decoder_layers=2, num_queries=20, num_denoising=10, anchor_image_size=[size, size],
+    )
+    processor = RTDetrImageProcessorPil(size={"height": size, "width": size})
+    return RTDetrV2ForObjectDetection(config), processor
