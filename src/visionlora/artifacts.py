@@ -66,6 +66,13 @@ def find_run(run_dir: str | Path) -> RunPaths:
             return paths
     if not root.is_dir():
         raise VisionLoraError(f"{root}: no such run folder")
+    progress = root / "checkpoint" / "progress.json"
+    if progress.is_file():
+        state = read_json(progress)
+        raise VisionLoraError(
+            f"{root}: the run did not complete (stopped after epoch {state.get('completed_epochs')}, "
+            f"batch {state.get('batches_done')}); continue it with: visionlora train --resume {root}"
+        )
     raise VisionLoraError(f"{root}: not a finished run (no trained_model_lora/ or trained_model/ with {INFO_FILE})")
 
 

@@ -30,6 +30,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug or an unforeseen input: still one line, traceback with --debug
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+              " (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 def _quiet_libraries() -> None:
@@ -54,16 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
         "train", parents=[common], help="train a LoRA adapter or a full model", description=_train_description()
     )
     train.add_argument("--config", metavar="FILE", help="YAML file of settings (flags given here win)")
+    train.add_argument(
+        "--resume", nargs="?", const=True, metavar="RUN_DIR",
+        help="continue an interrupted run from its last checkpoint (RUN_DIR, or the --output folder)",
+    )
     _add_config_flags(train)
     train.set_defaults(handler=_cmd_train)
 
-    evaluate = commands.add_parser("evaluate", parents=[common], help="evaluate a finished run")
+    loading = argparse.ArgumentParser(add_help=False)
+    loading.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (they can run code)")
+    loading.add_argument("--trust-remote-code", action="store_true", help="allow the base model to run its own code")
+
+    evaluate = commands.add_parser("evaluate", parents=[common, loading], help="evaluate a finished run")
     evaluate.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (holding trained_model_lora/ or trained_model/)")
     evaluate.add_argument("--data", help="labelled data to evaluate on (default: the run's validation split)")
     evaluate.add_argument("--output", metavar="FILE.json", help="also write the metrics here")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
-    predict = commands.add_parser("predict", parents=[common], help="predict images with a finished run")
+    predict = commands.add_parser("predict", parents=[common, loading], help="predict images with a finished run")
     predict.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
     predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders of images")
     predict.add_argument("--output", metavar="FILE.json", help="write predictions here (default: print them)")
@@ -109,14 +123,22 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, **extra)
 
 
-def config_from_args(args: argparse.Namespace):
-    """Merge preset < YAML < flags into a TrainConfig."""
-    from visionlora.config import build_config, config_fields, load_yaml
-    from visionlora.tasks import get_task
+def _given_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(YAML values, flag values): only the settings the user actually gave."""
+    from visionlora.config import config_fields, load_yaml
 
     names = {f.name for f in config_fields()}
     flags = {k: v for k, v in vars(args).items() if k in names}
     yaml_values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    return yaml_values, flags
+
+
+def config_from_args(args: argparse.Namespace):
+    """Merge preset < YAML < flags into a TrainConfig."""
+    from visionlora.config import build_config
+    from visionlora.tasks import get_task
+
+    yaml_values, flags = _given_settings(args)
     task_name = flags.get("task", yaml_values.get("task", "classification"))
     mode = flags.get("mode", yaml_values.get("mode", "lora"))
     preset = get_task(task_name).preset.settings(mode)
@@ -124,9 +146,18 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _cmd_train(args) -> int:
-    from visionlora.engine import train
+    from visionlora.config import coerce
+    from visionlora.engine import resume, train
 
-    result = train(config_from_args(args))
+    if args.resume:
+        yaml_values, flags = _given_settings(args)
+        given = {k: coerce(k, v) for k, v in {**yaml_values, **flags}.items()}
+        run_dir = args.resume if isinstance(args.resume, str) else given.get("output")
+        if not run_dir:
+            raise VisionLoraError("--resume needs the run folder: --resume RUN_DIR, or --output RUN_DIR --resume")
+        result = resume(run_dir, given)
+    else:
+        result = train(config_from_args(args))
     if result.summary:
         metrics = result.summary["metrics"]
         main = result.summary["main_metric"]
@@ -137,7 +168,7 @@ def _cmd_train(args) -> int:
 def _cmd_evaluate(args) -> int:
     from visionlora.inference import load_run
 
-    result = load_run(args.run_dir).evaluate(args.data)
+    result = load_run(args.run_dir, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code).evaluate(args.data)
     _emit(result, args.output)
     return 0
 
@@ -145,7 +176,7 @@ def _cmd_evaluate(args) -> int:
 def _cmd_predict(args) -> int:
     from visionlora.inference import image_files, load_run
 
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     files = list(image_files(args.images))
     if not files:
         raise VisionLoraError(f"no image files found in: {' '.join(args.images)}")

@@ -53,9 +53,12 @@ class TrainConfig:
     val_fraction: float | None = _opt(
         None, "share held out for validation when the data has no val split (0.2; DeepLabCut: its TrainingFraction)"
     )
+    save_every: int = _opt(200, "also checkpoint every N optimizer steps (0 = only at epoch ends), for --resume")
     patience: int = _opt(0, "stop after this many epochs without a better validation metric (0 = off)")
     seed: int = _opt(42, "random seed for splits, initialisation, augmentation and order")
     num_workers: int = _opt(0, "data-loading worker processes")
+    allow_pickle: bool = _opt(False, "allow pickled .bin checkpoints (they can run code); safetensors only otherwise")
+    trust_remote_code: bool = _opt(False, "allow a hub model to run its own code")
     output: str | None = _opt(None, "run folder (default: runs/<task>/<mode>[-N])")
     overwrite: bool = _opt(False, "replace an existing run folder")
     progress: bool = _opt(True, "show a progress bar")
@@ -78,6 +81,7 @@ class TrainConfig:
             (self.val_fraction is None or 0.0 < self.val_fraction < 1.0, "--val-fraction must be between 0 and 1"),
             (self.image_size is None or self.image_size >= 8, "--image-size must be at least 8"),
             (self.patience >= 0, "--patience must be 0 (off) or more"),
+            (self.save_every >= 0, "--save-every must be 0 (epoch ends only) or more"),
             (self.num_workers >= 0, "--num-workers must be 0 or more"),
         ]
         for ok, message in checks:

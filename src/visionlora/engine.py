@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import platform
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,10 @@ from visionlora.artifacts import (
     new_run_dir,
     save_plots,
 )
+from visionlora.checkpoint import Progress, checkpoint_dir, load_checkpoint, read_progress, save_checkpoint
 from visionlora.config import TrainConfig
 from visionlora.errors import VisionLoraError
-from visionlora.models import is_builtin
+from visionlora.models import is_builtin, loading_policy
 from visionlora.tasks import get_task
 from visionlora.tasks.base import Datasets, ModelInfo, Task
 
@@ -51,19 +53,46 @@ class RunResult:
 
 def train(cfg: TrainConfig) -> RunResult:
     """Train one model as ``cfg`` says and write its run folder."""
-    from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+    return _run(cfg.validate(), None)
+
+
+def resume(run_dir: str | Path, settings: dict[str, Any] | None = None) -> RunResult:
+    """Continue the run in ``run_dir`` from its last checkpoint, with the settings it started with.
+
+    ``settings`` (e.g. the flags given with ``--resume``) must agree with the run's own,
+    except where they only change how it is shown or loaded (progress bar, data workers).
+    """
+    cfg, progress = _resume_settings(Path(run_dir), settings or {})
+    return _run(cfg.validate(), progress)
+
+
+def _run(cfg: TrainConfig, progress: Progress | None) -> RunResult:
+    from accelerate.utils import DataLoaderConfiguration, broadcast_object_list
 
     started = time.perf_counter()
-    cfg.validate()
     task = get_task(cfg.task)
     accelerator = new_accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
-    root = [new_run_dir(cfg.task, cfg.mode, cfg.output, cfg.overwrite) if accelerator.is_main_process else None]
-    broadcast_object_list(root)
+    if progress is None:
+        root = [new_run_dir(cfg.task, cfg.mode, cfg.output, cfg.overwrite) if accelerator.is_main_process else None]
+        broadcast_object_list(root)
+    else:
+        root = [cfg.output]
     paths = RunPaths(Path(root[0]), cfg.mode)
+    try:
+        with loading_policy(cfg.allow_pickle, cfg.trust_remote_code):
+            return _train_in(paths, cfg, task, accelerator, progress, started)
+    except BaseException:
+        if progress is None and accelerator.is_main_process and not checkpoint_dir(paths.root).exists():
+            shutil.rmtree(paths.root, ignore_errors=True)  # nothing worth keeping: leave no half-run behind
+        raise
+
+
+def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progress: Progress | None, started: float):
+    from accelerate.utils import set_seed
 
     # -- data and model -----------------------------------------------------------------
     set_seed(cfg.seed)
@@ -74,7 +103,7 @@ def train(cfg: TrainConfig) -> RunResult:
     data = task.make_datasets(source, processor, info, cfg)
     lora: LoraSetup | None = None
     if cfg.mode == "lora":
-        if is_builtin(cfg.model) and accelerator.is_main_process:
+        if is_builtin(cfg.model) and accelerator.is_main_process and not paths.base_dir.exists():
             _save_full_model(model, processor, info, paths.base_dir)
         model, lora = apply_lora(
             model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, task.head_modules(model)
@@ -83,7 +112,10 @@ def train(cfg: TrainConfig) -> RunResult:
     accelerator.print(_describe_start(cfg, data, params, lora, paths))
 
     # -- loop ---------------------------------------------------------------------------
-    loop = _TrainingLoop(cfg, task, info, accelerator, model, data)
+    loop = _TrainingLoop(cfg, task, info, accelerator, model, data, paths.root)
+    if progress is not None:
+        loop.restore(progress)
+        accelerator.print(f"resumed after epoch {progress.completed_epochs}, batch {progress.batches_done}")
     history = loop.run()
     model = accelerator.unwrap_model(loop.model)
 
@@ -92,9 +124,34 @@ def train(cfg: TrainConfig) -> RunResult:
     if accelerator.is_main_process:
         _save_trained_model(model, processor, info, paths, cfg)
         summary = _write_results(cfg, task, paths, history, loop, data, params, lora, base_bytes, started)
+        shutil.rmtree(checkpoint_dir(paths.root), ignore_errors=True)
         accelerator.print(f"saved {paths.model_dir} and {paths.results_dir}")
     accelerator.wait_for_everyone()
     return RunResult(paths, summary, model, processor, info)
+
+
+RESUME_FREE = {"output", "overwrite", "progress", "num_workers"}
+
+
+def _resume_settings(root: Path, settings: dict[str, Any]) -> tuple[TrainConfig, Progress]:
+    """The run's saved settings and progress; ``settings`` given now must agree with them."""
+    for results in ("training_results_lora", "training_results"):
+        if (root / results / "training_summary.json").is_file():
+            raise VisionLoraError(f"{root}: this run already completed; nothing to resume")
+    progress = read_progress(root)
+    saved = TrainConfig(**progress.config)
+    differing = [
+        f"--{k.replace('_', '-')} {v!r} (the run used {getattr(saved, k)!r})"
+        for k, v in settings.items()
+        if k not in RESUME_FREE and v is not None and v != getattr(saved, k)
+    ]
+    if differing:
+        raise VisionLoraError(f"{root}: --resume continues with the run's own settings, but these differ: {'; '.join(differing)}")
+    saved.output = str(root)
+    for key in ("progress", "num_workers"):
+        if settings.get(key) is not None:
+            setattr(saved, key, settings[key])
+    return saved, progress
 
 
 def new_accelerator(**kwargs):
@@ -113,13 +170,19 @@ def new_accelerator(**kwargs):
 
 
 class _TrainingLoop:
-    """Epochs of training and evaluation, keeping the best epoch's weights."""
+    """Epochs of training and evaluation, keeping the best epoch's weights and checkpointing."""
 
-    def __init__(self, cfg: TrainConfig, task: Task, info: ModelInfo, accelerator, model, data: Datasets):
-        self.cfg, self.task, self.info, self.accelerator, self.data = cfg, task, info, accelerator, data
+    def __init__(self, cfg: TrainConfig, task: Task, info: ModelInfo, accelerator, model, data: Datasets, root: Path):
+        self.cfg, self.task, self.info, self.accelerator, self.data, self.root = cfg, task, info, accelerator, data, root
+        # Loaders draw their worker seeds from their own generators, not the global RNG that
+        # dropout uses, so a resumed run sees the same random numbers as an uninterrupted one.
         loader_args = dict(batch_size=cfg.batch_size, collate_fn=task.collate, num_workers=cfg.num_workers)
-        train_loader = torch.utils.data.DataLoader(data.train, shuffle=True, drop_last=False, **loader_args)
-        val_loader = torch.utils.data.DataLoader(data.val, shuffle=False, **loader_args)
+        train_loader = torch.utils.data.DataLoader(
+            data.train, shuffle=True, drop_last=False, generator=torch.Generator().manual_seed(cfg.seed), **loader_args
+        )
+        val_loader = torch.utils.data.DataLoader(
+            data.val, shuffle=False, generator=torch.Generator().manual_seed(cfg.seed), **loader_args
+        )
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.kept_names = {n for n, p in model.named_parameters() if p.requires_grad}
         self.kept_names |= {n for n, _ in model.named_buffers()}
@@ -128,8 +191,26 @@ class _TrainingLoop:
             model, optimizer, train_loader, val_loader
         )
         self.scheduler = accelerator.prepare(self._schedule())
-        self.best_epoch, self.best_value, self.best_state, self.best_metrics = 0, None, None, {}
-        self.train_seconds, self.images_seen, self.early_stopped = 0.0, 0, False
+        self.state = Progress(config=cfg.to_dict())
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.early_stopped = False
+
+    # progress figures the summary reads
+    @property
+    def best_epoch(self) -> int:
+        return self.state.best_epoch
+
+    @property
+    def best_metrics(self) -> dict[str, Any]:
+        return self.state.best_metrics
+
+    @property
+    def train_seconds(self) -> float:
+        return self.state.train_seconds
+
+    @property
+    def images_seen(self) -> int:
+        return self.state.images_seen
 
     def _schedule(self):
         from transformers import get_cosine_schedule_with_warmup
@@ -139,27 +220,32 @@ class _TrainingLoop:
         return get_cosine_schedule_with_warmup(self.optimizer, round(total * self.cfg.warmup_ratio), total)
 
     def run(self) -> list[dict[str, Any]]:
-        history = []
-        stale = 0
-        for epoch in range(1, self.cfg.epochs + 1):
+        state = self.state
+        for epoch in range(state.completed_epochs + 1, self.cfg.epochs + 1):
             row = {"epoch": epoch, "train_loss": self._train_epoch(epoch), "lr": self.scheduler.get_last_lr()[0]}
             metrics = self.task.evaluate(self.model, self.val_loader, self.accelerator, self.info)
             row.update({f"val_{k}": v for k, v in metrics.items()})
             row["seconds"] = round(time.perf_counter() - self._epoch_started, 3)
-            history.append(row)
+            state.history.append(row)
             improved = self._track_best(epoch, metrics)
-            stale = 0 if improved else stale + 1
+            state.stale_epochs = 0 if improved else state.stale_epochs + 1
+            state.completed_epochs, state.batches_done, state.loss_total = epoch, 0, 0.0
             self.accelerator.print(_describe_epoch(row, self.cfg.epochs, self.task.main_metric, improved))
-            if self.cfg.patience and stale >= self.cfg.patience:
+            stop = bool(self.cfg.patience and state.stale_epochs >= self.cfg.patience)
+            if epoch < self.cfg.epochs and not stop:
+                self._save_checkpoint()
+            if stop:
                 self.early_stopped = True
-                self.accelerator.print(f"early stop: no better {self.task.main_metric} for {stale} epochs")
+                self.accelerator.print(f"early stop: no better {self.task.main_metric} for {state.stale_epochs} epochs")
                 break
         self._restore_best()
-        return history
+        return state.history
 
     def _train_epoch(self, epoch: int) -> float:
+        from accelerate import skip_first_batches
         from tqdm.auto import tqdm
 
+        state = self.state
         self._epoch_started = time.perf_counter()
         self.model.train()
         if self.cfg.mode == "lora":
@@ -167,48 +253,82 @@ class _TrainingLoop:
         if hasattr(self.data.train, "set_epoch"):
             self.data.train.set_epoch(epoch)
         self.train_loader.set_epoch(epoch)
+        skipped = state.batches_done
+        loader = skip_first_batches(self.train_loader, skipped) if skipped else self.train_loader
         show = self.cfg.progress and self.accelerator.is_local_main_process
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False, disable=not show)
-        total, batches = 0.0, 0
-        for step, batch in enumerate(bar, start=1):
+        bar = tqdm(loader, desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False, disable=not show,
+                   initial=skipped, total=len(self.train_loader))
+        for batch in bar:
             with self.accelerator.accumulate(self.model):
                 loss = self.task.loss(self.model, batch, self.info)
                 if not torch.isfinite(loss):
-                    raise VisionLoraError(
-                        f"training diverged: loss is {loss.item()} at epoch {epoch} step {step}; try a lower --lr"
-                    )
+                    raise VisionLoraError(self._diverged_message(loss, epoch))
                 self.accelerator.backward(loss)
                 if self.accelerator.sync_gradients and self.cfg.grad_clip > 0:
                     self.accelerator.clip_grad_norm_(self.trainable, self.cfg.grad_clip)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            total += loss.item()
-            batches += 1
-            self.images_seen += _batch_size(batch) * self.accelerator.num_processes
-            bar.set_postfix(loss=f"{total / batches:.4f}")
-        self.train_seconds += time.perf_counter() - self._epoch_started
-        mean = torch.tensor([total / max(batches, 1)], device=self.accelerator.device)
+            state.loss_total += loss.item()
+            state.batches_done += 1
+            state.images_seen += _batch_size(batch) * self.accelerator.num_processes
+            bar.set_postfix(loss=f"{state.loss_total / state.batches_done:.4f}")
+            if self.accelerator.sync_gradients:
+                state.global_step += 1
+                last = state.batches_done == len(self.train_loader)
+                if self.cfg.save_every and state.global_step % self.cfg.save_every == 0 and not last:
+                    state.train_seconds += time.perf_counter() - self._epoch_started
+                    self._epoch_started = time.perf_counter()
+                    self._save_checkpoint()
+        state.train_seconds += time.perf_counter() - self._epoch_started
+        mean = torch.tensor([state.loss_total / max(state.batches_done, 1)], device=self.accelerator.device)
         return float(self.accelerator.reduce(mean, reduction="mean"))
+
+    def _diverged_message(self, loss: torch.Tensor, epoch: int) -> str:
+        where = f"epoch {epoch}, batch {self.state.batches_done + 1}"
+        if checkpoint_dir(self.root).exists():
+            kept = f"the last good checkpoint is kept in {checkpoint_dir(self.root)}"
+        else:
+            kept = "no checkpoint was saved yet"
+        return f"training diverged: loss is {loss.item()} at {where}; {kept}; try a lower --lr"
+
+    def _trained_weights(self) -> dict[str, torch.Tensor]:
+        model = self.accelerator.unwrap_model(self.model)
+        return {name: t.detach().clone() for name, t in model.state_dict().items() if name in self.kept_names}
 
     def _track_best(self, epoch: int, metrics: dict[str, Any]) -> bool:
         value = metrics[self.task.main_metric]
-        better = self.best_value is None or (
-            value > self.best_value if self.task.greater_is_better else value < self.best_value
-        )
+        best = self.state.best_value
+        better = best is None or (value > best if self.task.greater_is_better else value < best)
         if better:
-            self.best_epoch, self.best_value, self.best_metrics = epoch, value, metrics
-            model = self.accelerator.unwrap_model(self.model)
-            self.best_state = {
-                name: tensor.detach().clone()
-                for name, tensor in model.state_dict().items()
-                if name in self.kept_names
-            }
+            self.state.best_epoch, self.state.best_value, self.state.best_metrics = epoch, value, metrics
+            self.best_state = self._trained_weights()
         return better
 
     def _restore_best(self) -> None:
         if self.best_state is not None:
             self.accelerator.unwrap_model(self.model).load_state_dict(self.best_state, strict=False)
+
+    # -- checkpoints --------------------------------------------------------------------
+    def _save_checkpoint(self) -> None:
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.root, self._trained_weights(), self.best_state, self.optimizer, self.scheduler, self.state)
+        self.accelerator.wait_for_everyone()
+
+    def restore(self, progress: Progress) -> None:
+        """Continue from the checkpoint whose progress is ``progress``."""
+        trained, best, state = load_checkpoint(self.root)
+        model = self.accelerator.unwrap_model(self.model)
+        missing = self.kept_names - set(trained)
+        if missing:
+            raise VisionLoraError(f"{checkpoint_dir(self.root)}: checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[0]}")
+        model.load_state_dict(trained, strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.state, self.best_state = progress, best
 
 
 def _freeze_batchnorm_statistics(model: torch.nn.Module) -> None:

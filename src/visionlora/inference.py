@@ -13,7 +13,7 @@ from PIL import Image
 from visionlora.artifacts import INFO_FILE, RunPaths, find_run, read_json
 from visionlora.data.images import UnreadableImage, is_image_file, load_rgb
 from visionlora.errors import VisionLoraError
-from visionlora.models import is_builtin
+from visionlora.models import check_weight_files, is_builtin, loading_policy
 from visionlora.tasks import get_task
 from visionlora.tasks.base import ModelInfo, Task
 
@@ -94,26 +94,50 @@ class LoadedRun:
         return datasets.val, datasets.skipped
 
 
-def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
-    """Rebuild the trained model of ``run_dir`` for inference."""
+def load_run(
+    run_dir: str | Path, device: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> LoadedRun:
+    """Rebuild the trained model of ``run_dir`` for inference (safetensors only unless allowed)."""
     paths = find_run(run_dir)
     if not paths.summary.is_file() or not read_json(paths.summary).get("completed"):
         raise VisionLoraError(f"{paths.root}: the run did not complete (no finished training summary)")
     info = ModelInfo.from_dict(read_json(paths.model_dir / INFO_FILE))
     task = get_task(info.task)
-    from transformers import AutoImageProcessor
+    with loading_policy(allow_pickle, trust_remote_code):
+        model = _load_model(paths, task, info)
+        from transformers import AutoImageProcessor
 
-    processor = AutoImageProcessor.from_pretrained(paths.model_dir, backend="pil")
-    if info.mode == "full":
-        model = task.load_model(str(paths.model_dir), info)
-    else:
-        from peft import PeftModel
-
-        base_ref = str(paths.base_dir) if is_builtin(info.base_model) else info.base_model
-        base = task.load_model(base_ref, info)
-        model = PeftModel.from_pretrained(base, paths.model_dir)
+        processor = AutoImageProcessor.from_pretrained(paths.model_dir, backend="pil", trust_remote_code=trust_remote_code)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     return LoadedRun(paths, task, model, processor, info)
+
+
+def _load_model(paths: RunPaths, task: Task, info: ModelInfo) -> torch.nn.Module:
+    """The full model, or the base with the adapter; a mismatch or damaged file is one clear line."""
+    check_weight_files(paths.model_dir)
+    if info.mode == "full":
+        return _guarded(lambda: task.load_model(str(paths.model_dir), info), paths.model_dir, "the saved model")
+    from peft import PeftModel
+
+    base_ref = str(paths.base_dir) if is_builtin(info.base_model) else info.base_model
+    base = task.load_model(base_ref, info)
+    return _guarded(lambda: PeftModel.from_pretrained(base, paths.model_dir), paths.model_dir, f"base model {base_ref}")
+
+
+def _guarded(load, folder: Path, what: str):
+    try:
+        return load()
+    except VisionLoraError:
+        raise
+    except Exception as err:  # safetensors, torch and peft raise many types for damaged or mismatched weights
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "size mismatch" in str(err) or "Error(s) in loading state_dict" in str(err):
+            reason = "its weights do not fit " + what + " (other labels or architecture?)"
+        elif "deserializ" in first.lower() or "header" in first.lower() or "incomplete" in first.lower():
+            reason = "its weights file is truncated or damaged"
+        else:
+            reason = f"cannot load it onto {what}"
+        raise VisionLoraError(f"{folder}: {reason}: {first[:200]}") from None
 
 
 def image_files(items: Iterable[str]) -> Iterator[Path]:

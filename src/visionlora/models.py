@@ -1,11 +1,43 @@
-"""Load pretrained models and their image processors from the hub or a local folder."""
+"""Load pretrained models and their image processors from the hub or a local folder, safely.
+
+By default only safetensors weights are read and no code from a checkpoint is run; a
+caller can allow pickled ``.bin`` weights or remote code for a block of work with
+:func:`loading_policy`.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from visionlora.errors import VisionLoraError
+
+
+@dataclass(frozen=True)
+class LoadingPolicy:
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+_POLICY: contextvars.ContextVar[LoadingPolicy] = contextvars.ContextVar("visionlora_loading", default=LoadingPolicy())
+PICKLE_HINT = "pickled .bin weights can run code when loaded; pass --allow-pickle only if you trust the source"
+
+
+@contextlib.contextmanager
+def loading_policy(allow_pickle: bool = False, trust_remote_code: bool = False) -> Iterator[LoadingPolicy]:
+    """Within the block, allow pickled weights and/or checkpoint code as given."""
+    token = _POLICY.set(LoadingPolicy(allow_pickle, trust_remote_code))
+    try:
+        yield _POLICY.get()
+    finally:
+        _POLICY.reset(token)
+
+
+def current_policy() -> LoadingPolicy:
+    return _POLICY.get()
 
 
 def is_builtin(ref: str) -> bool:
@@ -14,28 +46,41 @@ def is_builtin(ref: str) -> bool:
 
 
 def load_pretrained(auto_class, ref: str, with_processor: bool = True, **kwargs: Any):
-    """``auto_class.from_pretrained(ref)`` (safetensors only, no remote code) and its processor.
+    """``auto_class.from_pretrained(ref)`` and its image processor, under the loading policy.
 
     A new head size is allowed (``ignore_mismatched_sizes``): the head is re-initialised
     for the dataset's labels and trained. Loading problems become one-line errors.
     """
     from transformers import AutoImageProcessor
 
+    policy = current_policy()
+    check_weight_files(Path(ref))
     try:
         model = auto_class.from_pretrained(
-            ref, ignore_mismatched_sizes=True, use_safetensors=_prefers_safetensors(ref), trust_remote_code=False, **kwargs
+            ref,
+            ignore_mismatched_sizes=True,
+            use_safetensors=None if policy.allow_pickle else True,
+            trust_remote_code=policy.trust_remote_code,
+            **kwargs,
         )
-        processor = AutoImageProcessor.from_pretrained(ref, backend="pil") if with_processor else None
+        processor = (
+            AutoImageProcessor.from_pretrained(ref, backend="pil", trust_remote_code=policy.trust_remote_code)
+            if with_processor
+            else None
+        )
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         kind = "folder" if Path(ref).exists() else "hub id (offline, or no such model?)"
-        raise VisionLoraError(f"{ref}: cannot load model from this {kind}: {first}") from None
+        hint = f"; {PICKLE_HINT}" if "safetensors" in first.lower() and not policy.allow_pickle else ""
+        raise VisionLoraError(f"{ref}: cannot load model from this {kind}: {first}{hint}") from None
     return model, processor
 
 
-def _prefers_safetensors(ref: str) -> bool | None:
-    """Insist on safetensors for local folders that have them; let the hub choose otherwise."""
-    path = Path(ref)
-    if path.is_dir():
-        return True if any(path.glob("*.safetensors")) else None
-    return None
+def check_weight_files(folder: Path, stem: str = "model") -> None:
+    """Refuse a local folder whose weights exist only as pickles, unless the policy allows them."""
+    if not folder.is_dir() or current_policy().allow_pickle:
+        return
+    has_safe = any(folder.glob("*.safetensors"))
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+    if pickles and not has_safe:
+        raise VisionLoraError(f"{folder}: only pickled weights ({', '.join(pickles)}); {PICKLE_HINT}")

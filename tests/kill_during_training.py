@@ -1,0 +1,27 @@
+"""Run ``visionlora ARGS...`` and kill the process with SIGKILL at training batch N.
+
+Usage: python kill_during_training.py N train --data ...   (used by the resume test)
+"""
+
+import os
+import signal
+import sys
+
+from visionlora.cli import main
+from visionlora.tasks.classification import ClassificationTask
+
+kill_at = int(sys.argv[1])
+calls = 0
+original_loss = ClassificationTask.loss
+
+
+def loss_then_maybe_die(self, *args, **kwargs):
+    global calls
+    calls += 1
+    if calls == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original_loss(self, *args, **kwargs)
+
+
+ClassificationTask.loss = loss_then_maybe_die
+sys.exit(main(sys.argv[2:]))
