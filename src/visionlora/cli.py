@@ -90,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.set_defaults(handler=_cmd_predict)
 
+    compare = commands.add_parser(
+        "compare", parents=[common], help="LoRA vs full: train both on --data, or compare two finished runs",
+        description="visionlora compare --task T --data PATH [training flags]   trains both modes alike; "
+        "visionlora compare RUN_A RUN_B   compares two finished runs. Writes comparison.md/.json/.png.",
+    )
+    compare.add_argument("runs", nargs="*", metavar="RUN", help="two finished run folders (or none, with --data)")
+    compare.add_argument("--config", metavar="FILE", help="YAML file of training settings (flags given here win)")
+    _add_config_flags(compare)
+    compare.set_defaults(handler=_cmd_compare)
+
     demo = commands.add_parser(
         "demo", parents=[common], help="train LoRA and full on a generated image set (offline, minutes on a CPU)"
     )
@@ -208,6 +218,31 @@ def _read_boxes(path: Path, files: list[Path]) -> list[list[list[float]] | None]
             raise VisionLoraError(f"{path}: boxes for {file.name} must be a list of [x0, y0, x1, y1]")
         boxes.append(entry)
     return boxes
+
+
+def _cmd_compare(args) -> int:
+    from visionlora.artifacts import new_run_dir
+    from visionlora.compare import compare_runs, train_both
+
+    yaml_values, flags = _given_settings(args)
+    settings = {**yaml_values, **flags}
+    if len(args.runs) == 2:
+        output = Path(settings.get("output") or Path(args.runs[0]).parent / "comparison")
+        comparison = compare_runs(args.runs[0], args.runs[1], output)
+    elif not args.runs:
+        if not settings.get("data"):
+            raise VisionLoraError("compare needs two run folders, or --data to train LoRA and full on")
+        task = settings.get("task", "classification")
+        output = new_run_dir("compare", task, settings.get("output"), bool(settings.get("overwrite")))
+        config_from_args(args)  # check the settings before training anything
+        comparison = train_both({k: v for k, v in settings.items() if k != "overwrite"}, output)
+    else:
+        raise VisionLoraError(f"compare takes two run folders (or none, with --data), not {len(args.runs)}")
+    from visionlora.compare import comparison_markdown
+
+    print(comparison_markdown(comparison))
+    print(f"wrote {output}/comparison.md, comparison.json, comparison.png")
+    return 0
 
 
 def _cmd_demo(args) -> int:

@@ -24,8 +24,7 @@ def read_deeplabcut(root: Path):
     config = _config(root / "config.yaml")
     names = [str(n) for n in config["bodyparts"]]
     skeleton = _skeleton(root / "config.yaml", config.get("skeleton") or [], names)
-    fractions = config.get("TrainingFraction")
-    fraction = float(fractions[0]) if isinstance(fractions, list) and fractions else None
+    fraction = _training_fraction(root / "config.yaml", config.get("TrainingFraction"))
     tables = sorted((root / "labeled-data").glob("*/CollectedData_*.csv"))
     if not tables:
         raise VisionLoraError(f"{root}/labeled-data: no CollectedData_*.csv files (export the labels as CSV)")
@@ -44,9 +43,21 @@ def _config(path: Path) -> dict[str, Any]:
         raise VisionLoraError(f"{path}: not valid YAML") from None
     if not isinstance(config, dict) or not isinstance(config.get("bodyparts"), list) or not config["bodyparts"]:
         raise VisionLoraError(f"{path}: no 'bodyparts' list")
+    if len(set(map(str, config["bodyparts"]))) != len(config["bodyparts"]):
+        raise VisionLoraError(f"{path}: 'bodyparts' lists a name twice")
     if config.get("multianimalproject"):
         raise VisionLoraError(f"{path}: multi-animal DeepLabCut projects are not supported; use a single-animal project")
     return config
+
+
+def _training_fraction(path: Path, value: Any) -> float | None:
+    """The first TrainingFraction, which must be a number between 0 and 1 (None when absent)."""
+    if value in (None, []):
+        return None
+    first = value[0] if isinstance(value, list) else value
+    if isinstance(first, bool) or not isinstance(first, (int, float)) or not 0 < first <= 1:
+        raise VisionLoraError(f"{path}: TrainingFraction must be a list of numbers between 0 and 1, got {value!r}")
+    return float(first)
 
 
 def _skeleton(path: Path, edges: list, names: list[str]) -> list[list[int]]:
