@@ -9,6 +9,7 @@ early stopping, seeded data order and augmentation, a progress bar.
 from __future__ import annotations
 
 import math
+import os
 import platform
 import resource
 import shutil
@@ -166,6 +167,8 @@ def new_accelerator(**kwargs):
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        kwargs.setdefault("cpu", True)  # several CPU processes (torchrun): Accelerate's gloo backend
     return Accelerator(**kwargs)
 
 
