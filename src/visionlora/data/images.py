@@ -105,3 +105,8 @@ def decode_all(
         else:
             skipped.append({"file": name_of(source), "reason": reason})
     return DecodeResult(items, kept, skipped)
+
+
+def decode_records(records: Sequence[Any], prepare: Callable[[Image.Image, Any], Any]) -> DecodeResult:
+    """:func:`decode_all` for annotation records that name their file in ``record.image``."""
+    return decode_all(records, prepare, name_of=lambda record: record.image, opener=lambda record: load_rgb(record.image))

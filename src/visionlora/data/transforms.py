@@ -8,8 +8,11 @@ go through the same two steps: :func:`processor_pixels`, then :class:`Normalizer
 from __future__ import annotations
 
 import math
+import random
 
-import albumentations as A
+import cv2
+
+cv2.setNumThreads(0)  # OpenCV runs on the calling thread; its own pool would compete with torch's
 import numpy as np
 import torch
 from PIL import Image
@@ -68,12 +71,18 @@ class Normalizer:
         normalize = getattr(processor, "do_normalize", True)
         mean = processor.image_mean if normalize else [0.0, 0.0, 0.0]
         std = processor.image_std if normalize else [1.0, 1.0, 1.0]
-        self.scale = float(scale)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        std_ = torch.tensor(std, dtype=torch.float32)
+        # (x * scale - mean) / std as x * (scale / std) + (-mean / std), in place on the float copy
+        self.multiplier = (float(scale) / std_).view(-1, 1, 1)
+        self.offset = (-torch.tensor(mean, dtype=torch.float32) / std_).view(-1, 1, 1)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        return (pixels.float() * self.scale - self.mean) / self.std
+        """uint8 (3, H, W) -> normalised float (3, H, W)."""
+        return pixels.float().mul_(self.multiplier).add_(self.offset)
+
+    def from_hwc(self, image: np.ndarray) -> torch.Tensor:
+        """uint8 (H, W, 3) array -> normalised float (3, H, W), contiguous."""
+        return self(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))))
 
 
 def resize_for_training(image: Image.Image, output_size: tuple[int, int]) -> np.ndarray:
@@ -87,9 +96,38 @@ def resize_for_training(image: Image.Image, output_size: tuple[int, int]) -> np.
     return np.asarray(image, dtype=np.uint8)
 
 
-def classification_augmentation(output_size: tuple[int, int]) -> A.Compose:
-    """Random resized crop and horizontal flip, as in the Hugging Face examples."""
-    return A.Compose(
-        [A.RandomResizedCrop(size=output_size, scale=(0.08, 1.0)), A.HorizontalFlip(p=0.5)],
-        seed=0,
-    )
+class RandomResizedCropFlip:
+    """torchvision's RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip.
+
+    Written out (with OpenCV's resize) rather than composed from albumentations because it
+    runs for every training image every epoch: this costs about a quarter of a composed
+    pipeline, and the randomness is a plain function of the seed it is given.
+    """
+
+    def __init__(self, output_size: tuple[int, int], scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.height, self.width = output_size
+        self.scale, self.log_ratio = scale, (math.log(ratio[0]), math.log(ratio[1]))
+
+    def __call__(self, image: np.ndarray, seed: int) -> np.ndarray:
+        rng = random.Random(seed)
+        top, left, height, width = self._box(image.shape[0], image.shape[1], rng)
+        crop = cv2.resize(image[top : top + height, left : left + width], (self.width, self.height),
+                          interpolation=cv2.INTER_LINEAR)
+        return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+    def _box(self, height: int, width: int, rng: random.Random) -> tuple[int, int, int, int]:
+        area = height * width
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*self.log_ratio))
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+        ratio = width / height  # fall back to a central crop at the allowed aspect
+        if ratio < math.exp(self.log_ratio[0]):
+            w, h = width, round(width / math.exp(self.log_ratio[0]))
+        elif ratio > math.exp(self.log_ratio[1]):
+            h, w = height, round(height * math.exp(self.log_ratio[1]))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w

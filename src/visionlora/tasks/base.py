@@ -122,3 +122,11 @@ class Task(Protocol):
 
     def draw(self, image: Image.Image, prediction: dict, info: ModelInfo) -> Image.Image:
         """A copy of ``image`` with ``prediction`` drawn on it."""
+
+
+def dataset_behind(loader, kind: type) -> Any:
+    """The ``kind`` dataset a (possibly wrapped or sharded) data loader reads from."""
+    dataset = loader.dataset
+    while not isinstance(dataset, kind):
+        dataset = dataset.dataset
+    return dataset

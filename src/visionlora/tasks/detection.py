@@ -19,12 +19,12 @@ from visionlora.data.detection import (
     read_detection_data,
     read_detection_split,
 )
-from visionlora.data.images import decode_all
+from visionlora.data.images import decode_records
 from visionlora.data.transforms import Normalizer, processor_pixels, processor_size, set_processor_size
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.detection import ImageBoxes, detection_metrics
 from visionlora.models import load_pretrained
-from visionlora.tasks.base import Datasets, ModelInfo, Preset
+from visionlora.tasks.base import Datasets, ModelInfo, Preset, dataset_behind
 from visionlora.visualize import draw_boxes
 
 TINY_SHORTEST_EDGE = 64
@@ -56,8 +56,8 @@ class DetectionTask:
 
     def make_datasets(self, source: DetectionData, processor, info: ModelInfo, cfg) -> Datasets:
         label2id = info.label2id
-        train_images = decode_all(source.train, lambda im, _: _model_scale(processor, im), name_of=_record_name, opener=_open_record)
-        val_images = decode_all(source.val, lambda im, _: _model_scale(processor, im), name_of=_record_name, opener=_open_record)
+        train_images = decode_records(source.train, lambda im, _: _model_scale(processor, im))
+        val_images = decode_records(source.val, lambda im, _: _model_scale(processor, im))
         dropped = list(source.dropped_boxes)
         train_records = _fit_boxes([source.train[i] for i in train_images.kept], train_images.items, dropped)
         val_records = _fit_boxes([source.val[i] for i in val_images.kept], val_images.items, dropped)
@@ -93,7 +93,7 @@ class DetectionTask:
         unknown = sorted({label for r in split.records for label in r.labels} - set(info.labels))
         if unknown:
             raise VisionLoraError(f"{data}: categories the model was not trained on: {', '.join(unknown)}")
-        decoded = decode_all(split.records, lambda im, _: _model_scale(processor, im), name_of=_record_name, opener=_open_record)
+        decoded = decode_records(split.records, lambda im, _: _model_scale(processor, im))
         records = _fit_boxes([split.records[i] for i in decoded.kept], decoded.items, [])
         return DetectionImages(decoded.items, records, info.label2id, Normalizer(processor)), decoded.skipped
 
@@ -170,7 +170,7 @@ class DetectionTask:
     @torch.no_grad()
     def evaluate(self, model, loader, accelerator, info: ModelInfo) -> dict[str, Any]:
         model.eval()
-        dataset = _dataset_of(loader)
+        dataset = dataset_behind(loader, DetectionImages)
         processor_post = _post_processor(model)
         losses, predictions = [], {}
         for batch in loader:
@@ -304,23 +304,6 @@ def _fit_boxes(records: list[DetectionRecord], cached: list[dict], dropped: list
                 kept.labels.append(label)
         fitted.append(kept)
     return fitted
-
-
-def _open_record(record: DetectionRecord) -> Image.Image:
-    from visionlora.data.images import load_rgb
-
-    return load_rgb(record.image)
-
-
-def _record_name(record: DetectionRecord) -> str:
-    return record.image
-
-
-def _dataset_of(loader) -> DetectionImages:
-    dataset = loader.dataset
-    while not isinstance(dataset, DetectionImages):
-        dataset = dataset.dataset
-    return dataset
 
 
 def _post_processor(model):

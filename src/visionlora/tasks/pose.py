@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from visionlora.data.images import decode_all, load_rgb
+from visionlora.data.images import decode_records
 from visionlora.data.pose import (
     PoseData,
     PoseRecord,
@@ -34,7 +34,7 @@ from visionlora.data.transforms import Normalizer
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.pose import PoseTarget, pose_metrics
 from visionlora.models import load_pretrained
-from visionlora.tasks.base import Datasets, ModelInfo, Preset
+from visionlora.tasks.base import Datasets, ModelInfo, Preset, dataset_behind
 from visionlora.visualize import draw_keypoints
 
 TINY_INPUT_HEIGHT = 64
@@ -67,8 +67,8 @@ class PoseTask:
     def make_datasets(self, source: PoseData, processor, info: ModelInfo, cfg) -> Datasets:
         """Crop every instance once; also records the skeleton and mean keypoints in ``info``."""
         input_size = tuple(info.extra["input_size"])
-        train = decode_all(source.train, lambda im, rec: _training_crops(im, rec, input_size), name_of=_name, opener=_open)
-        val = decode_all(source.val, lambda im, rec: _eval_crops(im, rec, input_size), name_of=_name, opener=_open)
+        train = decode_records(source.train, lambda im, rec: _training_crops(im, rec, input_size))
+        val = decode_records(source.val, lambda im, rec: _eval_crops(im, rec, input_size))
         train_instances = [crop for crops in train.items for crop in crops]
         val_instances = [crop for crops in val.items for crop in crops]
         if not train_instances:
@@ -103,7 +103,7 @@ class PoseTask:
             raise VisionLoraError(f"{data}: keypoints {source.keypoint_names} differ from the model's {info.labels}")
         records = source.val if source.description["format"] == "deeplabcut" else source.train + source.val
         input_size = tuple(info.extra["input_size"])
-        decoded = decode_all(records, lambda im, rec: _eval_crops(im, rec, input_size), name_of=_name, opener=_open)
+        decoded = decode_records(records, lambda im, rec: _eval_crops(im, rec, input_size))
         instances = [crop for crops in decoded.items for crop in crops]
         mean = np.asarray(info.extra["mean_points"]) if info.extra.get("mean_points") else None
         dataset = EvalCrops(instances, Normalizer(processor), input_size, tuple(info.extra["heatmap_size"]), mean)
@@ -154,7 +154,7 @@ class PoseTask:
     @torch.no_grad()
     def evaluate(self, model, loader, accelerator, info: ModelInfo) -> dict[str, Any]:
         model.eval()
-        dataset = _dataset_of(loader)
+        dataset = dataset_behind(loader, EvalCrops)
         losses, found = [], {}
         for batch in loader:
             heatmaps = model(pixel_values=batch["pixel_values"]).heatmaps.float()
@@ -354,21 +354,6 @@ def _compose(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
     """The 2x3 matrix applying ``inner`` then ``outer``."""
     full = np.vstack([outer, [0.0, 0.0, 1.0]]) @ np.vstack([inner, [0.0, 0.0, 1.0]])
     return full[:2].astype(np.float32)
-
-
-def _open(record: PoseRecord) -> Image.Image:
-    return load_rgb(record.image)
-
-
-def _name(record: PoseRecord) -> str:
-    return record.image
-
-
-def _dataset_of(loader) -> EvalCrops:
-    dataset = loader.dataset
-    while not isinstance(dataset, EvalCrops):
-        dataset = dataset.dataset
-    return dataset
 
 
 def _heatmap_size(model, input_size) -> tuple[int, int]:

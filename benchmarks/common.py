@@ -1,0 +1,60 @@
+"""Shared benchmark plumbing: run each configuration in its own process, print tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+from typing import Any, Callable, Sequence
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+RESULT_PREFIX = "BENCHMARK_RESULT "
+
+
+def run_isolated(script: str, args: Sequence[str], timeout: int = 3600) -> dict[str, Any]:
+    """Run ``python script --worker args...`` and return the JSON result it prints.
+
+    A fresh process per configuration keeps each peak-memory figure its own.
+    """
+    completed = subprocess.run([sys.executable, script, "--worker", *args], capture_output=True, text=True, timeout=timeout)
+    for line in completed.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    raise RuntimeError(f"{script} {' '.join(args)} failed:\n{completed.stderr[-3000:]}")
+
+
+def report(result: dict[str, Any]) -> None:
+    """Print a worker's result for the parent process."""
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def median_seconds(step: Callable[[], None], steps: int, warmup: int = 1) -> float:
+    import time
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
