@@ -98,3 +98,11 @@ def test_diverging_training_stops_with_a_message_and_keeps_the_checkpoint(class_
         train(tiny_config("classification", class_folder, tmp_path / "run", epochs=3, save_every=0))
     assert read_progress(tmp_path / "run").completed_epochs == 1
     assert not (tmp_path / "run" / "trained_model_lora").exists()
+
+
+def test_low_memory_setting_gives_identical_results(class_folder, tmp_path):
+    plain = train(tiny_config("classification", class_folder, tmp_path / "plain", epochs=1))
+    lean = train(tiny_config("classification", class_folder, tmp_path / "lean", epochs=1, low_memory=True))
+    assert lean.summary["metrics"] == plain.summary["metrics"]
+    a, b = plain.model.state_dict(), lean.model.state_dict()
+    assert all(torch.equal(a[name], b[name]) for name in a)
