@@ -76,7 +76,7 @@ def load_pretrained(auto_class, ref: str, with_processor: bool = True, **kwargs:
     return model, processor
 
 
-def check_weight_files(folder: Path, stem: str = "model") -> None:
+def check_weight_files(folder: Path) -> None:
     """Refuse a local folder whose weights exist only as pickles, unless the policy allows them."""
     if not folder.is_dir() or current_policy().allow_pickle:
         return
