@@ -3,7 +3,8 @@
 One loop for every task, on Accelerate (CPU, GPU, mixed precision, several processes).
 Features: AdamW with warmup + cosine decay, gradient clipping and accumulation,
 evaluation every epoch, the best epoch's weights kept by the task's main metric,
-early stopping, seeded data order and augmentation, a progress bar.
+early stopping, seeded data order and augmentation, a progress bar, checkpoints every
+epoch and every N steps with exact resume, and a stop with a message on a NaN loss.
 """
 
 from __future__ import annotations
