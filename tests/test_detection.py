@@ -246,3 +246,17 @@ def test_raccoon_voc_photos_train_end_to_end(tmp_path):
     assert counts["train"] == 160 and counts["val"] == 40
     assert counts["train_boxes"] + counts["val_boxes"] == 217
     assert 0.0 <= result.summary["metrics"]["map"] <= 1.0
+
+
+def test_a_timm_backbone_without_timm_is_a_clear_error(tmp_path):
+    import importlib.util
+
+    from transformers import DetrConfig
+
+    from visionlora.tasks.detection import _untied
+
+    if importlib.util.find_spec("timm") is not None:
+        pytest.skip("timm is installed here")
+    DetrConfig(use_timm_backbone=True, backbone="resnet50", use_pretrained_backbone=False).save_pretrained(tmp_path)
+    with pytest.raises(VisionLoraError, match="backbone needs timm"):
+        _untied(str(tmp_path))

@@ -349,14 +349,27 @@ def _tiny_detr(id2label, label2id, shortest_edge: int):
 
 
 def _untied(ref: str) -> dict[str, Any]:
-    """RT-DETR ties its decoder heads to top-level copies, which peft cannot wrap: untie them."""
+    """Loading options for ``ref``: RT-DETR's tied heads untied (peft cannot wrap them).
+
+    A checkpoint with a timm backbone (the original ``facebook/detr-resnet-50``) is a clear
+    error when timm is not installed.
+    """
+    import importlib.util
+
     from transformers import AutoConfig
 
     try:
-        model_type = AutoConfig.from_pretrained(ref).model_type
+        config = AutoConfig.from_pretrained(ref)
     except (OSError, ValueError):
         return {}  # load_pretrained reports the problem
-    return {"tie_word_embeddings": False} if model_type.startswith(("rt_detr", "d_fine", "deimv2")) else {}
+    backbone = getattr(config, "backbone_config", None)
+    uses_timm = getattr(config, "use_timm_backbone", False) or getattr(backbone, "model_type", "") == "timm_backbone"
+    if uses_timm and importlib.util.find_spec("timm") is None:
+        raise VisionLoraError(
+            f"{ref}: this checkpoint's backbone needs timm (pip install timm), or use a model without it, "
+            "e.g. --model PekingU/rtdetr_v2_r18vd"
+        )
+    return {"tie_word_embeddings": False} if config.model_type.startswith(("rt_detr", "d_fine", "deimv2")) else {}
 
 
 def _tiny_rtdetr(id2label, label2id, size: int):
