@@ -55,8 +55,8 @@ def worker(source: str, data: str, epochs: int, image_size: int) -> None:
 
     loop = _TrainingLoop(cfg, task, info, accelerator, model, datasets, Path(tempfile.mkdtemp()))
     loop.run()
-    report({"source": source, "images": len(datasets.train), "train_seconds": loop.train_seconds,
-            "images_per_second": loop.images_seen / loop.train_seconds, "decode_seconds": decode_seconds})
+    report({"source": source, "images": len(datasets.train), "train_seconds": loop.state.train_seconds,
+            "images_per_second": loop.state.images_seen / loop.state.train_seconds, "decode_seconds": decode_seconds})
 
 
 def main() -> None:

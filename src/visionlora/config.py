@@ -92,6 +92,12 @@ class TrainConfig:
                 raise VisionLoraError(message)
         return self
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Settings saved by a run (keys this version does not know are ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
     def holdout(self) -> float:
         """The validation share to split off when the data has no validation part."""
         return self.val_fraction if self.val_fraction is not None else DEFAULT_VAL_FRACTION

@@ -108,7 +108,7 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
     lora: LoraSetup | None = None
     if cfg.mode == "lora":
         if is_builtin(cfg.model) and accelerator.is_main_process and not paths.base_dir.exists():
-            _save_full_model(model, processor, info, paths.base_dir)
+            _save_model(model, processor, info, paths.base_dir)
         model, lora = apply_lora(
             model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, task.head_modules(model)
         )
@@ -143,7 +143,7 @@ def _resume_settings(root: Path, settings: dict[str, Any]) -> tuple[TrainConfig,
         if (root / results / "training_summary.json").is_file():
             raise VisionLoraError(f"{root}: this run already completed; nothing to resume")
     progress = read_progress(root)
-    saved = TrainConfig(**progress.config)
+    saved = TrainConfig.from_dict(progress.config)
     differing = [
         f"--{k.replace('_', '-')} {v!r} (the run used {getattr(saved, k)!r})"
         for k, v in settings.items()
@@ -218,23 +218,6 @@ class _TrainingLoop:
         self.state = Progress(config=cfg.to_dict())
         self.best_state: dict[str, torch.Tensor] | None = None
         self.early_stopped = False
-
-    # progress figures the summary reads
-    @property
-    def best_epoch(self) -> int:
-        return self.state.best_epoch
-
-    @property
-    def best_metrics(self) -> dict[str, Any]:
-        return self.state.best_metrics
-
-    @property
-    def train_seconds(self) -> float:
-        return self.state.train_seconds
-
-    @property
-    def images_seen(self) -> int:
-        return self.state.images_seen
 
     def _schedule(self):
         from transformers import get_cosine_schedule_with_warmup
@@ -362,7 +345,9 @@ def _freeze_batchnorm_statistics(model: torch.nn.Module) -> None:
             module.eval()
 
 
-def _save_full_model(model, processor, info: ModelInfo, target: Path) -> None:
+def _save_model(model, processor, info: ModelInfo, target: Path) -> None:
+    """``model.save_pretrained`` (full weights, or the adapter of a peft model), the processor
+    and visionlora.json, written together into ``target``."""
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
@@ -371,15 +356,9 @@ def _save_full_model(model, processor, info: ModelInfo, target: Path) -> None:
 
 def _save_trained_model(model, processor, info: ModelInfo, paths: RunPaths, cfg: TrainConfig) -> None:
     """The adapter (LoRA) or the whole model (full), with the processor and visionlora.json."""
-    if cfg.mode == "full":
-        _save_full_model(model, processor, info, paths.model_dir)
-        return
-    if is_builtin(cfg.model):
+    if cfg.mode == "lora" and is_builtin(cfg.model):
         model.peft_config["default"].base_model_name_or_path = str(paths.base_dir.resolve())
-    with atomic_dir(paths.model_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        atomic_write_json(tmp / INFO_FILE, info.to_dict())
+    _save_model(model, processor, info, paths.model_dir)
 
 
 def _write_results(cfg, task, paths, history, loop, data, params, lora, base_bytes, started) -> dict[str, Any]:
@@ -410,12 +389,12 @@ def _write_results(cfg, task, paths, history, loop, data, params, lora, base_byt
             "base_model_bytes": base_bytes,
         },
         "main_metric": task.main_metric,
-        "best_epoch": loop.best_epoch,
-        "metrics": loop.best_metrics,
+        "best_epoch": loop.state.best_epoch,
+        "metrics": loop.state.best_metrics,
         "time": {
             "wall_seconds": round(time.perf_counter() - started, 3),
-            "train_seconds": round(loop.train_seconds, 3),
-            "train_images_per_second": round(loop.images_seen / max(loop.train_seconds, 1e-9), 2),
+            "train_seconds": round(loop.state.train_seconds, 3),
+            "train_images_per_second": round(loop.state.images_seen / max(loop.state.train_seconds, 1e-9), 2),
         },
         "memory": _peak_memory(),
         "versions": _versions(),

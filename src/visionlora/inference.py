@@ -85,10 +85,7 @@ class LoadedRun:
     def _validation_set(self):
         from visionlora.config import TrainConfig
 
-        summary = read_json(self.paths.summary)
-        training = summary["training"]
-        names = {f for f in TrainConfig.__dataclass_fields__}
-        cfg = TrainConfig(**{k: v for k, v in training.items() if k in names})
+        cfg = TrainConfig.from_dict(read_json(self.paths.summary)["training"])
         source = self.task.read_data(cfg)
         datasets = self.task.make_datasets(source, self.processor, self.info, cfg)
         return datasets.val, datasets.skipped

@@ -56,11 +56,9 @@ class DetectionTask:
 
     def make_datasets(self, source: DetectionData, processor, info: ModelInfo, cfg) -> Datasets:
         label2id = info.label2id
-        train_images = decode_records(source.train, lambda im, _: _model_scale(processor, im))
-        val_images = decode_records(source.val, lambda im, _: _model_scale(processor, im))
         dropped = list(source.dropped_boxes)
-        train_records = _fit_boxes([source.train[i] for i in train_images.kept], train_images.items, dropped)
-        val_records = _fit_boxes([source.val[i] for i in val_images.kept], val_images.items, dropped)
+        train_images, train_records = _decode(source.train, processor, dropped)
+        val_images, val_records = _decode(source.val, processor, dropped)
         if not train_records:
             raise VisionLoraError(f"{source.description['train']}: no readable training images")
         if not any(r.boxes for r in val_records):
@@ -93,8 +91,7 @@ class DetectionTask:
         unknown = sorted({label for r in split.records for label in r.labels} - set(info.labels))
         if unknown:
             raise VisionLoraError(f"{data}: categories the model was not trained on: {', '.join(unknown)}")
-        decoded = decode_records(split.records, lambda im, _: _model_scale(processor, im))
-        records = _fit_boxes([split.records[i] for i in decoded.kept], decoded.items, [])
+        decoded, records = _decode(split.records, processor, [])
         return DetectionImages(decoded.items, records, info.label2id, Normalizer(processor)), decoded.skipped
 
     # -- model ------------------------------------------------------------------------
@@ -280,6 +277,12 @@ def _item(pixel_values: torch.Tensor, boxes_xyxy, labels: list[int], index: int)
     )
     target = {"class_labels": torch.tensor(labels, dtype=torch.long), "boxes": centred}
     return {"pixel_values": pixel_values, "labels": target, "index": index}
+
+
+def _decode(records: list[DetectionRecord], processor, dropped: list) -> tuple[Any, list[DetectionRecord]]:
+    """Decode the images once at model scale; return them and the readable records, boxes fitted."""
+    decoded = decode_records(records, lambda image, _: _model_scale(processor, image))
+    return decoded, _fit_boxes([records[i] for i in decoded.kept], decoded.items, dropped)
 
 
 def _model_scale(processor, image: Image.Image) -> dict[str, Any]:
