@@ -34,3 +34,9 @@ def tiny_config(task: str, data: Path, output: Path, mode: str = "lora", **overr
     values.update(settings)
     values.update(overrides)
     return TrainConfig(**values).validate()
+
+
+def read_data(task: str, data: str, val_data: str | None = None, seed: int = 0, val_fraction: float | None = None):
+    """A task's training and validation records of ``data`` (annotations only), as training reads them."""
+    cfg = TrainConfig(task=task, data=data, val_data=val_data, seed=seed, val_fraction=val_fraction)
+    return get_task(task).read_data(cfg)

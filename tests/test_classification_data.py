@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from visionlora.data.images import UnreadableImage, decode_all, load_rgb
-from visionlora.data.imagefolder import read_classification_data
 from visionlora.engine import train
 from visionlora.errors import VisionLoraError
 from visionlora.synthetic import classification_image, make_classification_folder
+from tests.conftest import read_data
 from tests.conftest import tiny_config
 
 
@@ -95,11 +95,11 @@ def test_decode_all_keeps_order_and_reports_skips(tmp_path):
 
 def test_flat_layout_is_split_by_seed_per_class(tmp_path):
     root = make_classification_folder(tmp_path / "d", per_class_train=10, per_class_val=0) / "train"
-    first = read_classification_data(str(root), None, seed=3, val_fraction=0.2)
-    again = read_classification_data(str(root), None, seed=3, val_fraction=0.2)
-    other = read_classification_data(str(root), None, seed=4, val_fraction=0.2)
+    first = read_data("classification", str(root), None, seed=3, val_fraction=0.2)
+    again = read_data("classification", str(root), None, seed=3, val_fraction=0.2)
+    other = read_data("classification", str(root), None, seed=4, val_fraction=0.2)
     assert len(first.train) == 32 and len(first.val) == 8
-    assert {r.label for r in first.val} == set(first.class_names)
+    assert {r.label for r in first.val} == set(first.labels)
     assert [r.source for r in first.val] == [r.source for r in again.val]
     assert [r.source for r in first.val] != [r.source for r in other.val]
     assert not {r.source for r in first.val} & {r.source for r in first.train}
@@ -107,7 +107,7 @@ def test_flat_layout_is_split_by_seed_per_class(tmp_path):
 
 def test_separate_validation_folder(tmp_path):
     root = make_classification_folder(tmp_path / "d", per_class_train=4, per_class_val=2)
-    data = read_classification_data(str(root / "train"), str(root / "val"), seed=0, val_fraction=0.2)
+    data = read_data("classification", str(root / "train"), str(root / "val"), seed=0, val_fraction=0.2)
     assert len(data.train) == 16 and len(data.val) == 8
 
 
@@ -120,8 +120,8 @@ def test_saved_hugging_face_dataset_folder(tmp_path):
     rows = {"image": [classification_image(names[i % 2], rng) for i in range(10)], "label": [i % 2 for i in range(10)]}
     split = datasets.Dataset.from_dict(rows, features=features)
     datasets.DatasetDict({"train": split, "validation": split.select(range(4))}).save_to_disk(tmp_path / "hf")
-    data = read_classification_data(str(tmp_path / "hf"), None, seed=0, val_fraction=0.2)
-    assert data.class_names == ["red_disc", "blue_disc"]
+    data = read_data("classification", str(tmp_path / "hf"), None, seed=0, val_fraction=0.2)
+    assert data.labels == ["red_disc", "blue_disc"]
     assert len(data.train) == 10 and len(data.val) == 4
     assert load_rgb(data.train[0].source).size == (48, 48)
 
@@ -130,22 +130,22 @@ def test_empty_class_folder_is_a_clear_error(tmp_path):
     root = make_classification_folder(tmp_path / "d", per_class_train=3, per_class_val=1, classes=["red_disc", "blue_disc"])
     (root / "train" / "green_disc").mkdir()
     with pytest.raises(VisionLoraError, match=r"green_disc.*holds no images"):
-        read_classification_data(str(root), None, seed=0, val_fraction=0.2)
+        read_data("classification", str(root), None, seed=0, val_fraction=0.2)
 
 
 def test_a_single_class_is_a_clear_error(tmp_path):
     root = make_classification_folder(tmp_path / "d", per_class_train=3, per_class_val=1, classes=["red_disc"])
     with pytest.raises(VisionLoraError, match="found one class .'red_disc'.; classification needs at least two"):
-        read_classification_data(str(root), None, seed=0, val_fraction=0.2)
+        read_data("classification", str(root), None, seed=0, val_fraction=0.2)
 
 
 def test_validation_class_unknown_to_training_is_a_clear_error(tmp_path):
     root = make_classification_folder(tmp_path / "d", per_class_train=3, per_class_val=1, classes=["red_disc", "blue_disc"])
     make_classification_folder(tmp_path / "v", per_class_train=0, per_class_val=1, classes=["green_disc", "red_disc"])
     with pytest.raises(VisionLoraError, match="validation classes not in training: green_disc"):
-        read_classification_data(str(root / "train"), str(tmp_path / "v"), seed=0, val_fraction=0.2)
+        read_data("classification", str(root / "train"), str(tmp_path / "v"), seed=0, val_fraction=0.2)
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path):
     with pytest.raises(VisionLoraError, match="no such folder"):
-        read_classification_data(str(tmp_path / "missing" / "a" / "b"), None, seed=0, val_fraction=0.2)
+        read_data("classification", str(tmp_path / "missing" / "a" / "b"), None, seed=0, val_fraction=0.2)

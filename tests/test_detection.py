@@ -12,13 +12,14 @@ import torch
 
 import visionlora
 from visionlora.cli import main
-from visionlora.data.detection import read_detection_data, read_detection_split
+from visionlora.data.formats import read_part
 from visionlora.engine import train
 from visionlora.errors import VisionLoraError
 from visionlora.inference import LoadedRun
 from visionlora.metrics.detection import ImageBoxes, coco_detections, coco_ground_truth, detection_metrics
 from visionlora.synthetic import DETECTION_FORMATS, make_detection_dataset
 from visionlora.tasks import get_task
+from tests.conftest import read_data
 from tests.conftest import SHARED_DATASETS, tiny_config
 from tests.readme import run_snippet
 
@@ -104,7 +105,7 @@ def test_the_three_formats_read_to_the_same_records(tmp_path):
     read = {}
     for fmt in DETECTION_FORMATS:
         root = make_detection_dataset(tmp_path / fmt, fmt, n_train=5, n_val=2, seed=7)
-        data = read_detection_data(str(root), None, seed=0, val_fraction=0.2)
+        data = read_data("detection", str(root), None, seed=0, val_fraction=0.2)
         read[fmt] = [(Path(r.image).name, r.labels, r.boxes) for r in data.train + data.val]
         assert data.description["format"] == fmt
     for fmt in ("voc", "yolo"):
@@ -115,7 +116,7 @@ def test_the_three_formats_read_to_the_same_records(tmp_path):
 
 def test_a_coco_file_path_and_a_seeded_split(tmp_path):
     root = make_detection_dataset(tmp_path / "c", "coco", n_train=10, n_val=0)
-    data = read_detection_data(str(root / "train" / "annotations.json"), None, seed=1, val_fraction=0.2)
+    data = read_data("detection", str(root / "train" / "annotations.json"), None, seed=1, val_fraction=0.2)
     assert len(data.train) == 8 and len(data.val) == 2
 
 
@@ -186,11 +187,11 @@ def test_boxes_are_clipped_dropped_and_negatives_kept(tmp_path):
         {"id": 3, "image_id": 1, "category_id": 1, "bbox": [10, 10, -4, 5]},    # negative: dropped
         {"id": 4, "image_id": 1, "category_id": 1, "bbox": [70, 50, 10, 10]},   # wholly outside: dropped
     ])
-    split = read_detection_split(folder)
+    split = read_part("detection", folder)
     by_name = {Path(r.image).name: r for r in split.records}
     assert by_name["a.png"].boxes == [[0.0, 5.0, 20.0, 25.0]]
     assert by_name["empty.png"].boxes == []
-    assert len(split.dropped_boxes) == 3 and "annotation 2" in split.dropped_boxes[0]["annotation"]
+    assert len(split.dropped) == 3 and "annotation 2" in split.dropped[0]["annotation"]
 
 
 @pytest.mark.parametrize(
@@ -210,7 +211,7 @@ def test_boxes_are_clipped_dropped_and_negatives_kept(tmp_path):
 def test_coco_mistakes_are_clear_errors(tmp_path, images, annotations, message):
     folder = _coco(tmp_path, images, annotations)
     with pytest.raises(VisionLoraError, match=message) as info:
-        read_detection_split(folder)
+        read_part("detection", folder)
     assert "annotations.json" in str(info.value)
 
 
@@ -219,21 +220,21 @@ def test_voc_and_yolo_mistakes_are_clear_errors(tmp_path):
     xml = next((voc / "train" / "annotations").glob("*.xml"))
     xml.write_text(xml.read_text().replace("<xmin>", "<xmin>abc"))
     with pytest.raises(VisionLoraError, match=r"object 1: <bndbox><xmin> is 'abc"):
-        read_detection_split(voc / "train")
+        read_part("detection", voc / "train")
     yolo = make_detection_dataset(tmp_path / "yolo", "yolo", n_train=2, n_val=1)
     label = next((yolo / "train" / "labels").glob("*.txt"))
     label.write_text("7 0.5 0.5 0.2 0.2\n")
     with pytest.raises(VisionLoraError, match=r":1: class 7 is not in the 2 class names"):
-        read_detection_split(yolo / "train")
+        read_part("detection", yolo / "train")
     (yolo / "train" / "labels" / "stray.txt").write_text("0 0.5 0.5 0.1 0.1\n")
     with pytest.raises(VisionLoraError, match=r"stray.txt: no image named stray"):
-        read_detection_split(yolo / "train")
+        read_part("detection", yolo / "train")
 
 
 def test_a_folder_without_annotations_is_a_clear_error(tmp_path):
     (tmp_path / "photos").mkdir()
     with pytest.raises(VisionLoraError, match="no annotations found"):
-        read_detection_split(tmp_path / "photos")
+        read_part("detection", tmp_path / "photos")
 
 
 RACCOON = SHARED_DATASETS / "raccoon"
@@ -253,10 +254,8 @@ def test_a_timm_backbone_without_timm_is_a_clear_error(tmp_path):
 
     from transformers import DetrConfig
 
-    from visionlora.tasks.detection import _untied
-
     if importlib.util.find_spec("timm") is not None:
         pytest.skip("timm is installed here")
     DetrConfig(use_timm_backbone=True, backbone="resnet50", use_pretrained_backbone=False).save_pretrained(tmp_path)
     with pytest.raises(VisionLoraError, match="backbone needs timm"):
-        _untied(str(tmp_path))
+        get_task("detection").load_kwargs(str(tmp_path), ["a"])

@@ -14,11 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from visionlora.data.detection import read_detection_split
-from visionlora.data.imagefolder import read_classification_data
+from visionlora.data.formats import read_part
 from visionlora.data.images import UnreadableImage, load_rgb
-from visionlora.data.pose import read_pose_data
 from visionlora.errors import VisionLoraError
+from tests.conftest import read_data
 
 EXAMPLES = int(os.environ.get("VISIONLORA_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -66,8 +65,8 @@ def test_coco_reader(document, raw, text):
     with _folder_with_images() as tmp:
         path = Path(tmp) / "annotations.json"
         path.write_text(text if raw else json.dumps(document, allow_nan=True))
-        _only_clear_errors(lambda: read_detection_split(path))
-        _only_clear_errors(lambda: read_pose_data(str(path), None, 0, None))
+        _only_clear_errors(lambda: read_part("detection", path))
+        _only_clear_errors(lambda: read_data("pose", str(path), None, 0, None))
 
 
 voc_object = st.builds(
@@ -86,7 +85,7 @@ def test_voc_reader(filename, objects, size, garbage):
         xml = (f"<annotation><filename>{filename}</filename><size><width>{size[0]}</width>"
                f"<height>{size[1]}</height></size>{''.join(objects)}</annotation>")
         (Path(tmp) / "annotations" / "a.xml").write_text(xml[: len(xml) // 2] if garbage else xml)
-        _only_clear_errors(lambda: read_detection_split(Path(tmp)))
+        _only_clear_errors(lambda: read_part("detection", Path(tmp)))
 
 
 @FUZZ
@@ -99,7 +98,7 @@ def test_yolo_reader(lines, names, names_file, stem):
         (root / "labels").mkdir()
         (root / names_file).write_text(names)
         (root / "labels" / f"{stem}.txt").write_text("\n".join(" ".join(map(str, line)) for line in lines))
-        _only_clear_errors(lambda: read_detection_split(root))
+        _only_clear_errors(lambda: read_part("detection", root))
 
 
 @FUZZ
@@ -119,7 +118,7 @@ def test_deeplabcut_reader(bodyparts, header, rows, fraction):
         (root / "config.yaml").write_text(yaml.safe_dump({"bodyparts": bodyparts, "TrainingFraction": fraction}))
         table = [["scorer", "me", "me"], ["bodyparts", "a", "a"], ["coords", "x", "y"]] if not header else header
         (frames / "CollectedData_me.csv").write_text("\n".join(",".join(map(str, r)) for r in table + rows))
-        _only_clear_errors(lambda: read_pose_data(str(root), None, 0, None))
+        _only_clear_errors(lambda: read_data("pose", str(root), None, 0, None))
 
 
 @FUZZ
@@ -137,7 +136,7 @@ def test_imagefolder_reader_and_image_decoding(names, contents):
                 (folder / f"{name[:5]}_{index}.jpg").write_bytes(contents[index % len(contents)])
             except OSError:
                 continue  # a name the file system refuses is not a reader input
-        _only_clear_errors(lambda: read_classification_data(str(root), None, 0, 0.2))
+        _only_clear_errors(lambda: read_data("classification", str(root), None, 0, 0.2))
         for path in root.rglob("*.jpg"):
             try:
                 load_rgb(path)

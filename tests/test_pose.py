@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from transformers import VitPoseImageProcessorPil
 
 import visionlora
 from visionlora.cli import main
-from visionlora.data.pose import flip_pairs, keypoint_sigmas, read_pose_data
+from visionlora.data.keypoints import flip_pairs, keypoint_sigmas
 from visionlora.data.topdown import crop_for_box, decode_heatmaps, encode_heatmaps, warp_matrix, warp_points
 from visionlora.engine import train
 from visionlora.errors import VisionLoraError
@@ -18,6 +19,7 @@ from visionlora.inference import LoadedRun
 from visionlora.metrics.pose import PoseTarget, pose_metrics
 from visionlora.synthetic import POSE_KEYPOINTS, make_pose_dataset
 from visionlora.tasks import get_task
+from tests.conftest import read_data
 from tests.conftest import SHARED_DATASETS, tiny_config
 
 
@@ -83,7 +85,7 @@ def test_decoder_recovers_a_known_point_to_sub_pixel_accuracy():
     crop = crop_for_box([0, 0, 48, 64], (48, 64))
     matrix = warp_matrix(crop, (48, 64))
     # Undo the crop so the decoded point is compared in heatmap pixels.
-    decoded, scores = decode_heatmaps(heatmaps[None], [crop])
+    decoded, scores = decode_heatmaps(VitPoseImageProcessorPil(), heatmaps[None], [crop])
     in_heatmap = warp_points(decoded[0], matrix)
     assert np.abs(in_heatmap - point).max() < 0.1 and scores[0, 0] > 0.9
 
@@ -96,15 +98,15 @@ def test_crop_encode_decode_maps_back_to_the_same_pixels():
         crop = crop_for_box(box, (192, 256))
         in_input = warp_points(points, warp_matrix(crop, (192, 256)))
         heatmaps, weights = encode_heatmaps(in_input, np.ones(6), (192, 256), (48, 64))
-        decoded, _ = decode_heatmaps(heatmaps[None], [crop])
+        decoded, _ = decode_heatmaps(VitPoseImageProcessorPil(), heatmaps[None], [crop])
         assert weights.all() and np.abs(decoded[0] - points).max() < 1.0
 
 
 def test_both_formats_load_to_the_same_records(tmp_path):
-    coco = read_pose_data(str(make_pose_dataset(tmp_path / "c", "coco", 6, 2, unlabelled=(3, 2))), None, 0, None)
-    dlc = read_pose_data(str(make_pose_dataset(tmp_path / "d", "dlc", 6, 2, unlabelled=(3, 2))), None, 0, 0.25)
-    assert coco.keypoint_names == dlc.keypoint_names == POSE_KEYPOINTS
-    assert coco.skeleton == dlc.skeleton == [[0, 1], [0, 2], [1, 3], [2, 3]]
+    coco = read_data("pose", str(make_pose_dataset(tmp_path / "c", "coco", 6, 2, unlabelled=(3, 2))), None, 0, None)
+    dlc = read_data("pose", str(make_pose_dataset(tmp_path / "d", "dlc", 6, 2, unlabelled=(3, 2))), None, 0, 0.25)
+    assert coco.labels == dlc.labels == POSE_KEYPOINTS
+    assert coco.extra["skeleton"] == dlc.extra["skeleton"] == [[0, 1], [0, 2], [1, 3], [2, 3]]
     by_name = lambda data: {Path(r.image).name: r.instances[0].keypoints for r in data.train + data.val}  # noqa: E731
     from_coco, from_dlc = by_name(coco), by_name(dlc)
     assert set(from_coco) == set(from_dlc) and len(from_coco) == 8
@@ -115,7 +117,7 @@ def test_both_formats_load_to_the_same_records(tmp_path):
 
 def test_deeplabcut_split_follows_training_fraction(tmp_path):
     project = make_pose_dataset(tmp_path / "d", "dlc", n_train=15, n_val=5)  # TrainingFraction 0.75
-    data = read_pose_data(str(project), None, seed=0, val_fraction=None)
+    data = read_data("pose", str(project), None, seed=0, val_fraction=None)
     assert (len(data.train), len(data.val)) == (15, 5)
     assert data.description["format"] == "deeplabcut"
 
@@ -154,7 +156,7 @@ def test_coco_keypoint_mistakes_are_clear_errors(tmp_path, edit, message):
     edit(data)
     path.write_text(json.dumps(data))
     with pytest.raises(VisionLoraError, match=message):
-        read_pose_data(str(root), None, 0, None)
+        read_data("pose", str(root), None, 0, None)
 
 
 def test_nan_and_outside_keypoints_are_unlabelled(tmp_path):
@@ -164,7 +166,7 @@ def test_nan_and_outside_keypoints_are_unlabelled(tmp_path):
     data["annotations"][0]["keypoints"][0:3] = [500.0, 10.0, 2]  # outside the 96-pixel image
     data["annotations"][1]["keypoints"][3:6] = [12345.0, 10.0, 2]  # becomes NaN below
     path.write_text(json.dumps(data).replace("12345.0", "NaN"))
-    data = read_pose_data(str(root), None, 0, None)
+    data = read_data("pose", str(root), None, 0, None)
     records = {Path(r.image).name: r.instances[0].keypoints for r in data.train + data.val}
     assert records["frame_000.png"][:, 2].tolist() == [0, 1, 1, 1]
     assert records["frame_001.png"][:, 2].tolist() == [1, 0, 1, 1]
@@ -176,7 +178,7 @@ def test_deeplabcut_mistakes_are_clear_errors(tmp_path):
     lines = table.read_text().splitlines()
     table.write_text("\n".join(lines[:3] + [lines[3].replace("frame_000", "frame_999")] + lines[4:]) + "\n")
     with pytest.raises(VisionLoraError, match=r"CollectedData_test.csv:4: image 'labeled-data/video1/frame_999.png' not found"):
-        read_pose_data(str(project), None, 0, None)
+        read_data("pose", str(project), None, 0, None)
     import yaml
 
     config = project / "config.yaml"
@@ -184,7 +186,7 @@ def test_deeplabcut_mistakes_are_clear_errors(tmp_path):
     settings["bodyparts"].append("paw")
     config.write_text(yaml.safe_dump(settings))
     with pytest.raises(VisionLoraError, match=r"body parts .* differ from config.yaml's .* \(4 vs 5 keypoints\)"):
-        read_pose_data(str(project), None, 0, None)
+        read_data("pose", str(project), None, 0, None)
 
 
 DLC = SHARED_DATASETS / "dlc-openfield"

@@ -1,13 +1,14 @@
-"""The run folder: names, atomic writes, history CSV, plots and the summary JSON.
+"""The run folder's names, atomic writes and the history CSV.
 
 Layout (``<suffix>`` is ``_lora`` in LoRA mode, empty in full mode)::
 
     <run>/trained_model<suffix>/      adapter or full weights, processor, visionlora.json
-    <run>/training_results<suffix>/   history.csv, loss.png, metrics.png, training_summary.json
-    <run>/base_model/                 the random base of a ``--model tiny`` LoRA run
+    <run>/training_results<suffix>/   history.csv, loss.png, metrics.png, train.log, training_summary.json
+    <run>/base_model/                 the random base of a built-in model's LoRA run
+    <run>/checkpoint/                 the training state while a run is unfinished
 
-Everything is written under a temporary name and renamed into place, and the summary
-(with ``"completed": true``) is written last.
+Everything is written under a temporary name and renamed into place (readable as the
+user's umask allows), and the summary (with ``"completed": true``) is written last.
 """
 
 from __future__ import annotations
@@ -18,20 +19,21 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from visionlora.errors import VisionLoraError
 
+_UMASK_LOCK = threading.Lock()
+
 INFO_FILE = "visionlora.json"
-SUMMARY_FILE = "training_summary.json"
-PLOT_DPI = 200
 
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Where a run's artifacts live."""
+    """Every name in a run folder."""
 
     root: Path
     mode: str
@@ -53,8 +55,36 @@ class RunPaths:
         return self.root / "base_model"
 
     @property
+    def checkpoint_dir(self) -> Path:
+        return self.root / "checkpoint"
+
+    @property
+    def progress_file(self) -> Path:
+        return self.checkpoint_dir / "progress.json"
+
+    @property
     def summary(self) -> Path:
-        return self.results_dir / SUMMARY_FILE
+        return self.results_dir / "training_summary.json"
+
+    @property
+    def history(self) -> Path:
+        return self.results_dir / "history.csv"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.results_dir / "loss.png"
+
+    @property
+    def metrics_plot(self) -> Path:
+        return self.results_dir / "metrics.png"
+
+    @property
+    def log_file(self) -> Path:
+        return self.results_dir / "train.log"
+
+    def completed(self) -> bool:
+        """Whether the run finished (its summary, written last, exists)."""
+        return self.summary.is_file()
 
 
 def find_run(run_dir: str | Path) -> RunPaths:
@@ -66,7 +96,7 @@ def find_run(run_dir: str | Path) -> RunPaths:
             return paths
     if not root.is_dir():
         raise VisionLoraError(f"{root}: no such run folder")
-    progress = root / "checkpoint" / "progress.json"
+    progress = RunPaths(root, "lora").progress_file
     if progress.is_file():
         state = read_json(progress)
         raise VisionLoraError(
@@ -108,11 +138,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
+            os.fchmod(handle.fileno(), 0o666 & ~current_umask())  # mkstemp makes it private (0600)
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -142,6 +181,15 @@ class atomic_dir:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def save_model(model, processor, info_dict: dict[str, Any], target: Path) -> None:
+    """``model.save_pretrained`` (full weights, or the adapter of a peft model), the processor
+    and visionlora.json, written together into ``target``."""
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        atomic_write_json(tmp / INFO_FILE, info_dict)
+
+
 def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
@@ -166,47 +214,6 @@ def history_csv(history: list[dict[str, Any]]) -> str:
     for row in history:
         writer.writerow({k: _csv_value(row.get(k)) for k in columns})
     return buffer.getvalue()
-
-
-def save_plots(history: list[dict[str, Any]], results_dir: Path, main_metric: str) -> None:
-    """loss.png (train and val loss) and metrics.png (every scalar val metric), per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [row["epoch"] for row in history]
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-        axis.plot(epochs, [row.get(key) for row in history], marker="o", label=label)
-    axis.set(xlabel="epoch", ylabel="loss", title="Loss")
-    axis.legend()
-    axis.grid(alpha=0.3)
-    _save_figure(figure, results_dir / "loss.png")
-
-    metric_keys = [
-        k for k, v in history[-1].items()
-        if k.startswith("val_") and k != "val_loss" and isinstance(v, (int, float))
-    ]
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for key in metric_keys:
-        style = "-" if key == f"val_{main_metric}" else "--"
-        axis.plot(epochs, [row.get(key) for row in history], style, marker="o", label=key[4:])
-    axis.set(xlabel="epoch", ylabel="value", title=f"Validation metrics (main: {main_metric})")
-    if metric_keys:
-        axis.legend()
-    axis.grid(alpha=0.3)
-    _save_figure(figure, results_dir / "metrics.png")
-
-
-def _save_figure(figure, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=PLOT_DPI)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _csv_value(value: Any) -> Any:

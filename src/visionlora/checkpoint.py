@@ -16,10 +16,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from visionlora.artifacts import atomic_dir, atomic_write_json, read_json
+from visionlora.artifacts import RunPaths, atomic_dir, atomic_write_json, read_json
+from visionlora.config import TrainConfig
 from visionlora.errors import VisionLoraError
 
-CHECKPOINT_DIR = "checkpoint"
+# Settings that may differ when a run is resumed: they change how it is shown or loaded only.
+RESUME_FREE = {"output", "overwrite", "progress", "num_workers"}
 
 
 @dataclass
@@ -40,14 +42,10 @@ class Progress:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def checkpoint_dir(run_root: Path) -> Path:
-    return Path(run_root) / CHECKPOINT_DIR
-
-
-def save_checkpoint(run_root: Path, trained: dict[str, torch.Tensor], best: dict[str, torch.Tensor] | None,
+def save_checkpoint(paths: RunPaths, trained: dict[str, torch.Tensor], best: dict[str, torch.Tensor] | None,
                     optimizer, scheduler, progress: Progress) -> None:
     """Write the whole training state; the previous checkpoint stays until this one is complete."""
-    with atomic_dir(checkpoint_dir(run_root)) as tmp:
+    with atomic_dir(paths.checkpoint_dir) as tmp:
         save_file(_contiguous(trained), str(tmp / "trainable.safetensors"))
         if best is not None:
             save_file(_contiguous(best), str(tmp / "best.safetensors"))
@@ -55,20 +53,20 @@ def save_checkpoint(run_root: Path, trained: dict[str, torch.Tensor], best: dict
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         torch.save(state, tmp / "state.pt")
-        atomic_write_json(tmp / "progress.json", asdict(progress))
+        atomic_write_json(tmp / paths.progress_file.name, asdict(progress))
 
 
 def read_progress(run_root: Path) -> Progress:
-    path = checkpoint_dir(run_root) / "progress.json"
+    path = RunPaths(Path(run_root), "lora").progress_file
     if not path.is_file():
-        raise VisionLoraError(f"{run_root}: nothing to resume (no {CHECKPOINT_DIR}/progress.json)")
+        raise VisionLoraError(f"{run_root}: nothing to resume (no {path.parent.name}/{path.name})")
     data = read_json(path)
     return Progress(**{k: v for k, v in data.items() if k in Progress.__dataclass_fields__})
 
 
-def load_checkpoint(run_root: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, Any]]:
+def load_checkpoint(paths: RunPaths) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, Any]]:
     """(trained weights, best weights or None, optimizer/scheduler/RNG state); tensors only, no pickled code."""
-    folder = checkpoint_dir(run_root)
+    folder = paths.checkpoint_dir
     try:
         trained = load_file(str(folder / "trainable.safetensors"))
         best = load_file(str(folder / "best.safetensors")) if (folder / "best.safetensors").is_file() else None
@@ -76,6 +74,27 @@ def load_checkpoint(run_root: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     except (OSError, RuntimeError, json.JSONDecodeError) as err:
         raise VisionLoraError(f"{folder}: checkpoint is unreadable ({str(err).splitlines()[0]})") from None
     return trained, best, state
+
+
+def resume_settings(root: Path, settings: dict[str, Any]) -> tuple[TrainConfig, Progress]:
+    """The run's saved settings and progress; ``settings`` given now must agree with them."""
+    for mode in ("lora", "full"):
+        if RunPaths(root, mode).completed():
+            raise VisionLoraError(f"{root}: this run already completed; nothing to resume")
+    progress = read_progress(root)
+    saved = TrainConfig.from_dict(progress.config)
+    differing = [
+        f"--{k.replace('_', '-')} {v!r} (the run used {getattr(saved, k)!r})"
+        for k, v in settings.items()
+        if k not in RESUME_FREE and v is not None and v != getattr(saved, k)
+    ]
+    if differing:
+        raise VisionLoraError(f"{root}: --resume continues with the run's own settings, but these differ: {'; '.join(differing)}")
+    saved.output = str(root)
+    for key in ("progress", "num_workers"):
+        if settings.get(key) is not None:
+            setattr(saved, key, settings[key])
+    return saved, progress
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,14 +12,27 @@ from visionlora import __version__
 from visionlora.errors import VisionLoraError
 
 
+COMMANDS = {
+    "train": "train a LoRA adapter or a full model",
+    "evaluate": "evaluate a finished run",
+    "predict": "predict images with a finished run",
+    "compare": "LoRA vs full: train both on --data, or compare two finished runs",
+    "demo": "train LoRA and full on a generated image set (offline, minutes on a CPU)",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    _quiet_libraries()
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    named = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(named if named in COMMANDS else "")
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
     try:
+        from visionlora.console import quiet_libraries
+
+        quiet_libraries()
         return args.handler(args) or 0
     except VisionLoraError as err:
         if args.debug:
@@ -38,16 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _quiet_libraries() -> None:
-    """Keep library deprecation chatter and per-file progress bars out of the user's terminal."""
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command-line parser; with ``only``, just that command's arguments are built
+    (``""``: none), so that ``visionlora --help`` imports nothing heavy."""
     parser = argparse.ArgumentParser(
         prog="visionlora",
         description="Fine-tune vision transformers with LoRA (or fully) on your own labelled images.",
@@ -56,10 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show full tracebacks")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    builders = {"train": _train_parser, "evaluate": _evaluate_parser, "predict": _predict_parser,
+                "compare": _compare_parser, "demo": _demo_parser}
+    for name, help_text in COMMANDS.items():
+        if only is None or only == name:
+            builders[name](commands, common, help_text)
+        else:
+            commands.add_parser(name, help=help_text)
+    return parser
 
-    train = commands.add_parser(
-        "train", parents=[common], help="train a LoRA adapter or a full model", description=_train_description()
-    )
+
+def _train_parser(commands, common, help_text: str) -> None:
+    train = commands.add_parser("train", parents=[common], help=help_text, description=_train_description())
     train.add_argument("--config", metavar="FILE", help="YAML file of settings (flags given here win)")
     train.add_argument(
         "--resume", nargs="?", const=True, metavar="RUN_DIR",
@@ -68,30 +81,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(train)
     train.set_defaults(handler=_cmd_train)
 
+
+def _loading_flags() -> argparse.ArgumentParser:
     loading = argparse.ArgumentParser(add_help=False)
     loading.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (they can run code)")
     loading.add_argument("--trust-remote-code", action="store_true", help="allow the base model to run its own code")
+    return loading
 
-    evaluate = commands.add_parser("evaluate", parents=[common, loading], help="evaluate a finished run")
+
+def _evaluate_parser(commands, common, help_text: str) -> None:
+    evaluate = commands.add_parser("evaluate", parents=[common, _loading_flags()], help=help_text)
     evaluate.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (holding trained_model_lora/ or trained_model/)")
     evaluate.add_argument("--data", help="labelled data to evaluate on (default: the run's validation split)")
     evaluate.add_argument("--output", metavar="FILE.json", help="also write the metrics here")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
-    predict = commands.add_parser("predict", parents=[common, loading], help="predict images with a finished run")
+
+def _predict_parser(commands, common, help_text: str) -> None:
+    """Generic arguments, then each task's options and writers (a flag shared by tasks is added once)."""
+    from visionlora.tasks import get_task, task_names
+
+    predict = commands.add_parser("predict", parents=[common, _loading_flags()], help=help_text)
     predict.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
     predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders of images")
-    predict.add_argument("--output", metavar="FILE.json", help="write predictions here (default: print them)")
-    predict.add_argument("--threshold", type=float, default=0.5, help="detection: lowest score kept (default 0.5)")
-    predict.add_argument("--save-images", metavar="DIR", help="also save each image with its prediction drawn")
-    predict.add_argument(
-        "--boxes", metavar="FILE.json",
-        help="pose: boxes per image, {\"image.jpg\": [[x0, y0, x1, y1], ...]} (default: the whole image)",
-    )
+    seen: set[str] = set()
+    for name in task_names():
+        task = get_task(name)
+        for item in (*task.writers, *task.predict_options):
+            if item.flag not in seen:
+                seen.add(item.flag)
+                predict.add_argument(item.flag, dest=item.name, metavar=item.metavar, default=None,
+                                     help=item.help if item in task.writers else f"{name}: {item.help}")
     predict.set_defaults(handler=_cmd_predict)
 
+
+def _compare_parser(commands, common, help_text: str) -> None:
     compare = commands.add_parser(
-        "compare", parents=[common], help="LoRA vs full: train both on --data, or compare two finished runs",
+        "compare", parents=[common], help=help_text,
         description="visionlora compare --task T --data PATH [training flags]   trains both modes alike; "
         "visionlora compare RUN_A RUN_B   compares two finished runs. Writes comparison.md/.json/.png.",
     )
@@ -100,12 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(compare)
     compare.set_defaults(handler=_cmd_compare)
 
-    demo = commands.add_parser(
-        "demo", parents=[common], help="train LoRA and full on a generated image set (offline, minutes on a CPU)"
-    )
+
+def _demo_parser(commands, common, help_text: str) -> None:
+    demo = commands.add_parser("demo", parents=[common], help=help_text)
     demo.add_argument("--output", default="runs/demo", metavar="DIR", help="where the demo data and runs go")
     demo.set_defaults(handler=_cmd_demo)
-    return parser
 
 
 def _train_description() -> str:
@@ -188,36 +213,35 @@ def _cmd_predict(args) -> int:
     from visionlora.inference import image_files, load_run
 
     run = load_run(args.run_dir, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    options, outputs = _task_arguments(args, run.task, run.paths.root)
     files = list(image_files(args.images))
     if not files:
         raise VisionLoraError(f"no image files found in: {' '.join(args.images)}")
-    save = Path(args.save_images) if args.save_images else None
-    options: dict[str, Any] = {"threshold": args.threshold}
-    if args.boxes:
-        options["boxes"] = _read_boxes(Path(args.boxes), files)
-    predictions, skipped = run.predict_files(files, save_images=save, **options)
+    predictions, skipped = run.predict_files(files, outputs=outputs, **options)
     if skipped:
         print(f"skipped {len(skipped)} unreadable file(s): " + "; ".join(f"{s['file']} ({s['reason']})" for s in skipped), file=sys.stderr)
-    _emit(predictions, args.output)
+    if "output" in outputs:
+        print(f"wrote {outputs['output']}", file=sys.stderr)
+    else:
+        print(json.dumps(predictions, indent=2))
     return 0
 
 
-def _read_boxes(path: Path, files: list[Path]) -> list[list[list[float]] | None]:
-    """Boxes for each file from a JSON mapping of image path (or file name) to box lists."""
-    from visionlora.artifacts import read_json
+def _task_arguments(args, task, run_root: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The run's task options (parsed by the task) and writer targets given on the command line.
 
-    mapping = read_json(path)
-    if not isinstance(mapping, dict):
-        raise VisionLoraError(f"{path}: expected a mapping of image file to a list of [x0, y0, x1, y1] boxes")
-    boxes = []
-    for file in files:
-        entry = mapping.get(str(file), mapping.get(file.name))
-        if entry is not None and not (
-            isinstance(entry, list) and all(isinstance(b, list) and len(b) == 4 for b in entry)
-        ):
-            raise VisionLoraError(f"{path}: boxes for {file.name} must be a list of [x0, y0, x1, y1]")
-        boxes.append(entry)
-    return boxes
+    An option or writer that another task declares is a clear error for this run.
+    """
+    from visionlora.tasks import get_task, task_names
+
+    own = {item.name for item in (*task.writers, *task.predict_options)}
+    for name in task_names():
+        for item in (*get_task(name).writers, *get_task(name).predict_options):
+            if item.name not in own and getattr(args, item.name, None) is not None:
+                raise VisionLoraError(f"{item.flag} is a {name} option; {run_root} is a {task.name} run")
+    options = {o.name: o.parse(getattr(args, o.name)) for o in task.predict_options if getattr(args, o.name) is not None}
+    outputs = {w.name: Path(getattr(args, w.name)) for w in task.writers if getattr(args, w.name) is not None}
+    return options, outputs
 
 
 def _cmd_compare(args) -> int:

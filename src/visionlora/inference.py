@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from PIL import Image
 
 from visionlora.artifacts import INFO_FILE, RunPaths, find_run, read_json
+from visionlora.builtin_models import is_builtin
 from visionlora.data.images import UnreadableImage, is_image_file, load_rgb
 from visionlora.errors import VisionLoraError
-from visionlora.models import check_weight_files, is_builtin, loading_policy
+from visionlora.models import check_weight_files, loading_policy
+from visionlora.outputs import per_image_values
 from visionlora.tasks import get_task
 from visionlora.tasks.base import ModelInfo, Task
 
@@ -31,15 +32,19 @@ class LoadedRun:
     def predict(self, images: Sequence[str | Path | Image.Image], **options: Any) -> list[dict[str, Any]]:
         """Predictions for image paths or PIL images, in order; unreadable files are an error.
 
-        ``options`` go to the task, e.g. ``threshold=0.5`` for detection.
+        ``options`` are the task's predict options, e.g. ``threshold=0.5`` for detection.
         """
         opened = [_open(image) for image in images]
         return self.task.predict(self.model, self.processor, opened, self.info, **options)
 
     def predict_files(
-        self, files: Sequence[Path], save_images: Path | None = None, **options: Any
+        self, files: Sequence[Path], outputs: Mapping[str, Path] | None = None, **options: Any
     ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-        """Predict image files, skipping (and listing) the unreadable ones; optionally draw them."""
+        """Predict image files, skipping (and listing) the unreadable ones.
+
+        ``outputs`` maps the names of the task's writers (``output``, ``save_images``, ...)
+        to where each writes; per-image options may map file names to values.
+        """
         opened, names, skipped = [], [], []
         for path in files:
             try:
@@ -47,48 +52,37 @@ class LoadedRun:
                 names.append(str(path))
             except UnreadableImage as err:
                 skipped.append({"file": str(path), "reason": str(err)})
+        for option in self.task.predict_options:
+            if option.per_image and isinstance(options.get(option.name), Mapping):
+                options[option.name] = per_image_values(options[option.name], names)
         predictions = self.task.predict(self.model, self.processor, opened, self.info, **options)
-        if save_images is not None:
-            self._save_drawings(save_images, names, opened, predictions)
-        return [{"image": name, **p} for name, p in zip(names, predictions)], skipped
+        named = [{"image": name, **p} for name, p in zip(names, predictions)]
+        for writer in self.task.writers:
+            target = (outputs or {}).get(writer.name)
+            if target is not None:
+                writer.write(Path(target), named, opened, self.draw)
+        return named, skipped
 
-    def _save_drawings(self, folder: Path, names, images, predictions) -> None:
-        from visionlora.artifacts import atomic_write_bytes
-
-        folder.mkdir(parents=True, exist_ok=True)
-        used: set[str] = set()
-        for name, image, prediction in zip(names, images, predictions):
-            stem = Path(name).stem
-            target, number = f"{stem}.png", 2
-            while target in used:
-                target, number = f"{stem}-{number}.png", number + 1
-            used.add(target)
-            buffer = io.BytesIO()
-            self.task.draw(image, prediction, self.info).save(buffer, format="PNG")
-            atomic_write_bytes(folder / target, buffer.getvalue())
+    def draw(self, image: Image.Image, prediction: dict) -> Image.Image:
+        """A copy of ``image`` with ``prediction`` drawn on it."""
+        return self.task.draw(image, prediction, self.info)
 
     def evaluate(self, data: str | None = None, batch_size: int = 16) -> dict[str, Any]:
-        """Metrics on ``data`` (default: the run's own validation split)."""
-        from visionlora.engine import new_accelerator
+        """Metrics on ``data`` (default: the run's own validation split, read alone)."""
+        from visionlora.config import TrainConfig
+        from visionlora.runtime import new_accelerator
 
         if data is None:
-            dataset, skipped = self._validation_set()
+            part = self.task.read_validation(TrainConfig.from_dict(read_json(self.paths.summary)["training"]))
         else:
-            dataset, skipped = self.task.make_eval_dataset(data, self.processor, self.info)
+            part = self.task.read_evaluation(data, self.info)
+        dataset, skipped = self.task.eval_dataset(part.records, self.processor, self.info)
         if len(dataset) == 0:
             raise VisionLoraError(f"{data or self.paths.root}: no readable labelled images to evaluate on")
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=self.task.collate)
         accelerator = new_accelerator(cpu=self.model.device.type == "cpu")
-        metrics = self.task.evaluate(self.model, accelerator.prepare(loader), accelerator, self.info)
-        return {"metrics": metrics, "images": len(dataset), "skipped": skipped}
-
-    def _validation_set(self):
-        from visionlora.config import TrainConfig
-
-        cfg = TrainConfig.from_dict(read_json(self.paths.summary)["training"])
-        source = self.task.read_data(cfg)
-        datasets = self.task.make_datasets(source, self.processor, self.info, cfg)
-        return datasets.val, datasets.skipped
+        metrics = self.task.evaluate(self.model, self.processor, accelerator.prepare(loader), accelerator, self.info)
+        return {"metrics": metrics, "images": len(dataset), "skipped": part.skipped + skipped}
 
 
 def load_run(
@@ -96,7 +90,7 @@ def load_run(
 ) -> LoadedRun:
     """Rebuild the trained model of ``run_dir`` for inference (safetensors only unless allowed)."""
     paths = find_run(run_dir)
-    if not paths.summary.is_file() or not read_json(paths.summary).get("completed"):
+    if not paths.completed() or not read_json(paths.summary).get("completed"):
         raise VisionLoraError(f"{paths.root}: the run did not complete (no finished training summary)")
     info = ModelInfo.from_dict(read_json(paths.model_dir / INFO_FILE))
     task = get_task(info.task)

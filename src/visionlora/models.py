@@ -40,11 +40,6 @@ def current_policy() -> LoadingPolicy:
     return _POLICY.get()
 
 
-def is_builtin(ref: str) -> bool:
-    """Built-in small models with random weights are called ``tiny`` or ``tiny-<variant>``."""
-    return (ref == "tiny" or ref.startswith("tiny-")) and not Path(ref).exists()
-
-
 def load_pretrained(auto_class, ref: str, with_processor: bool = True, **kwargs: Any):
     """``auto_class.from_pretrained(ref)`` and its image processor, under the loading policy.
 

@@ -1,4 +1,4 @@
-"""COCO JSON: object detection (and the shared checks used for keypoints)."""
+"""COCO JSON: object detection and keypoints."""
 
 from __future__ import annotations
 
@@ -6,8 +6,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from visionlora.data.detection import DetectionRecord, DetectionSplit, clean_box
 from visionlora.data.paths import resolve_image
+from visionlora.data.records import (
+    DataFormat,
+    DetectionRecord,
+    Part,
+    PoseInstance,
+    PoseRecord,
+    clean_box,
+    keypoint_array,
+)
 from visionlora.errors import VisionLoraError
 
 
@@ -75,8 +83,16 @@ def check_annotation(path: Path, position: int, ann: Any, images: dict, categori
         raise VisionLoraError(f"{path}: {label} has unknown category_id {ann.get('category_id')} (known: {known})")
 
 
-def read_coco_detection(path: Path) -> DetectionSplit:
+def coco_file(path: Path) -> Path | None:
+    """``path`` itself when it is a ``.json`` file, else the one COCO file in the folder."""
+    if path.is_file():
+        return path if path.suffix == ".json" else None
+    return find_coco_json(path) if path.is_dir() else None
+
+
+def read_coco_detection(path: Path) -> Part:
     """Read a COCO detection file; images sit beside it, in ``images/``, or one folder up."""
+    path = coco_file(path)
     data = load_coco(path)
     images = index_images(path, data)
     categories = index_categories(path, data)
@@ -102,7 +118,7 @@ def read_coco_detection(path: Path) -> DetectionSplit:
         record = records[_key(ann["image_id"])]
         record.boxes.append(cleaned)
         record.labels.append(str(categories[_key(ann["category_id"])]["name"]))
-    return DetectionSplit(list(records.values()), names, dropped, "coco")
+    return Part(list(records.values()), names, "coco", str(path), dropped=dropped)
 
 
 def _xywh_to_xyxy(bbox: Any, where: str) -> list[float]:
@@ -117,14 +133,13 @@ def _key(value: Any) -> Any:
     return str(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else repr(value)
 
 
-def read_coco_keypoints(path: Path):
-    """Read a COCO keypoints file: (records, keypoint names, skeleton as 0-based pairs, skipped).
+def read_coco_keypoints(path: Path) -> Part:
+    """Read a COCO keypoints file; its labels are the keypoint names, ``extra`` holds the skeleton.
 
     The first category that names ``keypoints`` is used; instances without one labelled
     keypoint are skipped and counted. Images without instances are left out.
     """
-    from visionlora.data.pose import PoseInstance, PoseRecord, keypoint_array
-
+    path = coco_file(path)
     data = load_coco(path)
     images = index_images(path, data)
     categories = index_categories(path, data)
@@ -155,7 +170,7 @@ def read_coco_keypoints(path: Path):
             image_where = f"{path}: image id {entry['id']}"
             records[key] = PoseRecord(str(resolve_image(root, entry["file_name"], image_where)), source=image_where)
         records[key].instances.append(PoseInstance(keypoints, box, ann.get("area")))
-    return list(records.values()), names, skeleton, skipped
+    return Part(list(records.values()), names, "coco-keypoints", str(path), skipped=skipped, extra={"skeleton": skeleton})
 
 
 def _skeleton(path: Path, category: dict, count: int) -> list[list[int]]:
@@ -166,3 +181,19 @@ def _skeleton(path: Path, category: dict, count: int) -> list[list[int]]:
             raise VisionLoraError(f"{path}: skeleton entry {pair!r} must be two keypoint numbers from 1 to {count}")
         pairs.append([pair[0] - 1, pair[1] - 1])
     return pairs
+
+
+DETECTION = DataFormat(
+    name="coco",
+    task="detection",
+    expected="a COCO .json file",
+    finds=lambda path: coco_file(path) is not None,
+    read=read_coco_detection,
+)
+KEYPOINTS = DataFormat(
+    name="coco-keypoints",
+    task="pose",
+    expected="a COCO keypoints .json file",
+    finds=lambda path: coco_file(path) is not None,
+    read=read_coco_keypoints,
+)

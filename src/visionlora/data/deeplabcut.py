@@ -11,7 +11,7 @@ import numpy as np
 import yaml
 
 from visionlora.data.paths import resolve_image
-from visionlora.data.pose import PoseInstance, PoseRecord, mark_unlabelled
+from visionlora.data.records import DataFormat, Part, PoseInstance, PoseRecord, mark_unlabelled
 from visionlora.errors import VisionLoraError
 
 
@@ -19,8 +19,8 @@ def is_deeplabcut_project(path: Path) -> bool:
     return path.is_dir() and (path / "config.yaml").is_file() and (path / "labeled-data").is_dir()
 
 
-def read_deeplabcut(root: Path):
-    """(records, bodyparts, skeleton pairs, training fraction or None, skipped) of a project."""
+def read_deeplabcut(root: Path) -> Part:
+    """A single-animal project's labelled frames; it asks to hold out 1 - TrainingFraction."""
     config = _config(root / "config.yaml")
     names = [str(n) for n in config["bodyparts"]]
     skeleton = _skeleton(root / "config.yaml", config.get("skeleton") or [], names)
@@ -33,7 +33,8 @@ def read_deeplabcut(root: Path):
         found, dropped = _read_table(root, table, names)
         records += found
         skipped += dropped
-    return records, names, skeleton, fraction, skipped
+    holdout = round(1.0 - fraction, 6) if fraction and 0 < fraction < 1 else None
+    return Part(records, names, "deeplabcut", str(root), skipped=skipped, extra={"skeleton": skeleton}, holdout=holdout)
 
 
 def _config(path: Path) -> dict[str, Any]:
@@ -120,3 +121,12 @@ def _number(row: list[str], column: int, where: str) -> float:
         return float(text)
     except ValueError:
         raise VisionLoraError(f"{where}: {text!r} is not a number") from None
+
+
+FORMAT = DataFormat(
+    name="deeplabcut",
+    task="pose",
+    expected="a DeepLabCut project with config.yaml and labeled-data/",
+    finds=is_deeplabcut_project,
+    read=read_deeplabcut,
+)

@@ -1,4 +1,4 @@
-"""Classification records from a saved Hugging Face dataset folder or a hub dataset id."""
+"""Hugging Face datasets (a saved dataset folder, or a hub dataset id) -> labelled images."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 
 from PIL import Image
 
-from visionlora.data.imagefolder import VAL_DIRS, ClassificationData, LabelledImage
+from visionlora.data.records import DataFormat, LabelledImage, Part
+from visionlora.data.splits import VAL_DIRS
 from visionlora.errors import VisionLoraError
 
 
@@ -26,6 +27,15 @@ class DatasetRow:
 
     def __str__(self) -> str:
         return f"{self.split}[{self.index}]"
+
+
+def is_dataset_reference(path: Path) -> bool:
+    """A saved dataset folder, or (when no such path exists) something shaped like a hub id."""
+    if path.is_dir():
+        return any((path / name).is_file() for name in ("dataset_dict.json", "state.json", "dataset_info.json"))
+    text = str(path)
+    parts = text.split("/")
+    return not path.exists() and 1 <= len(parts) <= 2 and all(parts) and not text.startswith((".", "~"))
 
 
 def _load(data: str):
@@ -58,20 +68,31 @@ def _columns(split, data: str) -> tuple[str, str]:
 
 def _records(split, split_name: str, image_col: str, label_col: str) -> list[LabelledImage]:
     names = split.features[label_col].names
-    labels = split[label_col]
-    return [LabelledImage(DatasetRow(split, split_name, i, image_col), names[y]) for i, y in enumerate(labels)]
+    return [LabelledImage(DatasetRow(split, split_name, i, image_col), names[y]) for i, y in enumerate(split[label_col])]
 
 
-def read_hf_classification(data: str) -> ClassificationData:
-    """Read the train split and the first of validation/val/valid/test when there is one."""
+def read_hf_classification(path: Path) -> Part:
+    """The train split, carrying the first of validation/val/valid/test as its own validation part."""
+    data = str(path)
     loaded = _load(data)
     if "train" not in loaded:
         raise VisionLoraError(f"{data}: no 'train' split (splits: {', '.join(loaded)})")
     image_col, label_col = _columns(loaded["train"], data)
     train = _records(loaded["train"], "train", image_col, label_col)
-    val_name = next((n for n in ("validation",) + VAL_DIRS if n in loaded), None)
-    val = _records(loaded[val_name], val_name, image_col, label_col) if val_name else []
     names = list(loaded["train"].features[label_col].names)
     used = sorted({r.label for r in train}, key=names.index)
-    description = {"format": "huggingface", "train": f"{data} (train)", "val": f"{data} ({val_name})" if val_name else None}
-    return ClassificationData(train, val, used, [], description)
+    part = Part(train, used, "huggingface", f"{data} (train)")
+    val_name = next((n for n in ("validation",) + VAL_DIRS if n in loaded), None)
+    if val_name:
+        val = _records(loaded[val_name], val_name, image_col, label_col)
+        part.own_val = Part(val, sorted({r.label for r in val}, key=names.index), "huggingface", f"{data} ({val_name})")
+    return part
+
+
+FORMAT = DataFormat(
+    name="huggingface",
+    task="classification",
+    expected="a saved Hugging Face dataset folder or a hub dataset id",
+    finds=is_dataset_reference,
+    read=read_hf_classification,
+)

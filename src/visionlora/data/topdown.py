@@ -1,29 +1,26 @@
 """Top-down keypoint geometry: crop a box to the model input, encode heatmaps, decode them back.
 
 The crop follows transformers' ViTPose image processor exactly (box -> centre and scale
-with 1.25 padding, unbiased warp matrix), so a model trained here also works with
-``VitPoseImageProcessor``; decoding uses its DARK sub-pixel refinement and maps the
-points back to original image pixels.
+with 1.25 padding, the unbiased warp matrix of Huang et al., CVPR 2020), so a model trained
+here also works with ``VitPoseImageProcessor``; decoding is the processor's own
+``keypoints_from_heatmaps`` (DARK sub-pixel refinement, mapped back to original pixels).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import cv2
 import numpy as np
-from transformers.models.vitpose.image_processing_pil_vitpose import (
-    box_to_center_and_scale,
-    get_keypoint_predictions,
-    get_warp_matrix,
-    post_dark_unbiased_data_processing,
-    transform_preds,
-)
 
 # Heatmap Gaussian width and DARK kernel for 64x48 heatmaps; scaled with the heatmap width.
 BASE_HEATMAP_WIDTH = 48
 BASE_SIGMA = 2.0
 BASE_KERNEL = 11
+PIXEL_STD = 200.0  # ViTPose expresses crop scales in units of 200 pixels
+PADDING = 1.25
 
 
 @dataclass(frozen=True)
@@ -37,19 +34,38 @@ class CropBox:
 def crop_for_box(box_xyxy, input_size: tuple[int, int]) -> CropBox:
     """The crop of an (x0, y0, x1, y1) box at the model's (width, height) aspect, padded 1.25x."""
     x0, y0, x1, y1 = (float(v) for v in box_xyxy)
-    width, height = input_size
-    center, scale = box_to_center_and_scale([x0, y0, x1 - x0, y1 - y0], image_width=width, image_height=height)
+    box_width, box_height = x1 - x0, y1 - y0
+    aspect = input_size[0] / input_size[1]
+    if box_width > aspect * box_height:
+        box_height = box_width / aspect
+    elif box_width < aspect * box_height:
+        box_width = box_height * aspect
+    center = np.array([x0 + (x1 - x0) * 0.5, y0 + (y1 - y0) * 0.5], dtype=np.float32)
+    scale = np.array([box_width / PIXEL_STD, box_height / PIXEL_STD], dtype=np.float32) * PADDING
     return CropBox(center, scale)
 
 
 def warp_matrix(crop: CropBox, input_size: tuple[int, int], rotation: float = 0.0, flip: bool = False) -> np.ndarray:
     """2x3 matrix taking original pixels into the (width, height) model input."""
     width, height = input_size
-    matrix = get_warp_matrix(rotation, crop.center * 2.0, np.array([width, height]) - 1.0, crop.scale * 200.0)
+    matrix = _unbiased_warp(rotation, crop.center * 2.0, np.array([width, height]) - 1.0, crop.scale * PIXEL_STD)
     if flip:
         mirror = np.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
         matrix = (mirror @ np.vstack([matrix, [0.0, 0.0, 1.0]]))[:2]
     return matrix.astype(np.float32)
+
+
+def _unbiased_warp(degrees: float, size_input: np.ndarray, size_dst: np.ndarray, size_target: np.ndarray) -> np.ndarray:
+    """The unbiased (UDP) 2x3 warp from a region of ``size_target`` around ``size_input / 2``."""
+    theta = math.radians(degrees)
+    cos, sin = math.cos(theta), math.sin(theta)
+    scale_x, scale_y = size_dst[0] / size_target[0], size_dst[1] / size_target[1]
+    return np.array([
+        [cos * scale_x, -sin * scale_x,
+         scale_x * (-0.5 * size_input[0] * cos + 0.5 * size_input[1] * sin + 0.5 * size_target[0])],
+        [sin * scale_y, cos * scale_y,
+         scale_y * (-0.5 * size_input[0] * sin - 0.5 * size_input[1] * cos + 0.5 * size_target[1])],
+    ], dtype=np.float32)
 
 
 def warp_image(image: np.ndarray, matrix: np.ndarray, input_size: tuple[int, int]) -> np.ndarray:
@@ -60,11 +76,6 @@ def warp_image(image: np.ndarray, matrix: np.ndarray, input_size: tuple[int, int
 def warp_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """Apply a 2x3 matrix to (K, 2) points."""
     return points @ matrix[:, :2].T + matrix[:, 2]
-
-
-def heatmap_size(input_size: tuple[int, int], model_scale: int) -> tuple[int, int]:
-    """(width, height) of the heatmaps for a model whose output is input / model_scale."""
-    return input_size[0] // model_scale, input_size[1] // model_scale
 
 
 def sigma_for(heatmap_width: int) -> float:
@@ -95,14 +106,10 @@ def encode_heatmaps(
     return heatmaps, weights.astype(np.float32)
 
 
-def decode_heatmaps(heatmaps: np.ndarray, crops: list[CropBox]) -> tuple[np.ndarray, np.ndarray]:
-    """(N, K, 2) points in original pixels and (N, K) scores, with DARK sub-pixel refinement."""
-    heatmaps = np.asarray(heatmaps, dtype=np.float32)
-    _, _, height, width = heatmaps.shape
-    coords, scores = get_keypoint_predictions(heatmaps)
-    coords = post_dark_unbiased_data_processing(coords.copy(), heatmaps.copy(), kernel=kernel_for(width))
-    points = np.stack([
-        transform_preds(coords[i], center=crop.center, scale=crop.scale, output_size=[height, width])
-        for i, crop in enumerate(crops)
-    ])
+def decode_heatmaps(processor, heatmaps: np.ndarray, crops: list[CropBox]) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K, 2) points in original pixels and (N, K) scores, by the ViTPose processor's decoding."""
+    heatmaps = np.array(heatmaps, dtype=np.float32)  # a copy: the refinement works in place
+    centers = np.stack([crop.center for crop in crops])
+    scales = np.stack([crop.scale for crop in crops])
+    points, scores = processor.keypoints_from_heatmaps(heatmaps, centers, scales, kernel=kernel_for(heatmaps.shape[-1]))
     return points[..., :2], scores[..., 0]

@@ -101,15 +101,14 @@ class RandomResizedCropFlip:
 
     Written out (with OpenCV's resize) rather than composed from albumentations because it
     runs for every training image every epoch: this costs about a quarter of a composed
-    pipeline, and the randomness is a plain function of the seed it is given.
+    pipeline, and the randomness comes only from the generator it is given.
     """
 
     def __init__(self, output_size: tuple[int, int], scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
         self.height, self.width = output_size
         self.scale, self.log_ratio = scale, (math.log(ratio[0]), math.log(ratio[1]))
 
-    def __call__(self, image: np.ndarray, seed: int) -> np.ndarray:
-        rng = random.Random(seed)
+    def __call__(self, image: np.ndarray, rng: random.Random) -> np.ndarray:
         top, left, height, width = self._box(image.shape[0], image.shape[1], rng)
         crop = cv2.resize(image[top : top + height, left : left + width], (self.width, self.height),
                           interpolation=cv2.INTER_LINEAR)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from visionlora.data.detection import DetectionRecord, DetectionSplit, clean_box
 from visionlora.data.paths import resolve_image
+from visionlora.data.records import DataFormat, DetectionRecord, Part, clean_box
 from visionlora.errors import VisionLoraError
 
 
@@ -15,7 +15,7 @@ def find_voc_xml(folder: Path) -> list[Path]:
     return found or sorted(folder.glob("*.xml"))
 
 
-def read_voc(folder: Path) -> DetectionSplit:
+def read_voc(folder: Path) -> Part:
     """Read every XML file; images are looked up by ``<filename>`` in the folder or ``images/``."""
     records, names, dropped = [], [], []
     for xml_path in find_voc_xml(folder):
@@ -23,7 +23,7 @@ def read_voc(folder: Path) -> DetectionSplit:
         records.append(record)
         names += labels
         dropped += bad
-    return DetectionSplit(records, sorted(set(names)), dropped, "voc")
+    return Part(records, sorted(set(names)), "voc", str(folder), dropped=dropped)
 
 
 def _read_one(root: Path, xml_path: Path) -> tuple[DetectionRecord, list[str], list[dict[str, str]]]:
@@ -71,3 +71,12 @@ def _box(obj, where: str) -> list[float]:
         except (TypeError, ValueError):
             raise VisionLoraError(f"{where}: <bndbox><{tag}> is {text!r}, not a number") from None
     return values
+
+
+FORMAT = DataFormat(
+    name="voc",
+    task="detection",
+    expected="an annotations/ folder of Pascal VOC .xml files",
+    finds=lambda path: path.is_dir() and bool(find_voc_xml(path)),
+    read=read_voc,
+)

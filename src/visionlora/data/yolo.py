@@ -7,8 +7,8 @@ from pathlib import Path
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from visionlora.data.detection import DetectionRecord, DetectionSplit, clean_box
 from visionlora.data.images import is_image_file
+from visionlora.data.records import DataFormat, DetectionRecord, Part, clean_box
 from visionlora.errors import VisionLoraError
 
 NAME_FILES = ("classes.txt", "obj.names", "names.txt", "data.yaml", "dataset.yaml")
@@ -18,7 +18,7 @@ def find_yolo_labels(folder: Path) -> list[Path]:
     return sorted((folder / "labels").glob("*.txt"))
 
 
-def read_yolo(folder: Path) -> DetectionSplit:
+def read_yolo(folder: Path) -> Part:
     """Read ``folder/labels/*.txt`` against the images in ``folder/images`` (or ``folder``)."""
     names = _class_names(folder)
     image_dir = folder / "images" if (folder / "images").is_dir() else folder
@@ -33,7 +33,7 @@ def read_yolo(folder: Path) -> DetectionSplit:
         if stem in labels:
             dropped += _read_label_file(labels[stem], image, names, record)
         records.append(record)
-    return DetectionSplit(records, names, dropped, "yolo")
+    return Part(records, names, "yolo", str(folder), dropped=dropped)
 
 
 def _read_label_file(path: Path, image: Path, names: list[str], record: DetectionRecord) -> list[dict[str, str]]:
@@ -98,3 +98,12 @@ def _read_names(path: Path) -> list[str]:
     if not names:
         raise VisionLoraError(f"{path}: class-names file is empty")
     return names
+
+
+FORMAT = DataFormat(
+    name="yolo",
+    task="detection",
+    expected="a labels/ folder of YOLO .txt files",
+    finds=lambda path: path.is_dir() and bool(find_yolo_labels(path)),
+    read=read_yolo,
+)

@@ -1,11 +1,17 @@
-"""Task registry: name -> task object. The engine and CLI only use this and the protocol."""
+"""Task registry: name -> task object. The engine, CLI, inference and server only use this and the base.
+
+Importing this package is cheap: a task's module (and torch) loads when the task is asked for.
+"""
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from visionlora.errors import VisionLoraError
-from visionlora.tasks.base import Task
+
+if TYPE_CHECKING:
+    from visionlora.tasks.base import Task
 
 _REGISTRY = {
     "classification": "visionlora.tasks.classification:ClassificationTask",

@@ -1,17 +1,37 @@
-"""What a task provides to the engine: the protocol, its LoRA preset, and model info.
+"""The task base: what every task shares, with hooks for what differs.
 
-A task turns user data into datasets, builds or loads the model, computes the loss,
-evaluates, and predicts. The engine, the CLI and inference only talk to this protocol.
+A task turns user data into datasets, builds or loads its model, computes the loss,
+evaluates, predicts and draws. The engine, the command line, inference and the server
+only use this class's methods and declarations, never a concrete task.
+
+A task subclass fills in:
+
+- declarations: ``name``, ``preset``, ``main_metric``, ``auto_class``, and when they
+  differ from the defaults ``predict_options``, ``writers``, ``unbounded_metrics``,
+  ``freeze_batchnorm_in_lora``, ``split_group``;
+- data: ``train_dataset``, ``eval_dataset`` (and ``check_data`` for the labels);
+- model: ``head_modules`` (and ``load_kwargs`` / ``describe_model`` where needed);
+- steps: ``loss``, ``eval_step``, ``metrics``;
+- prediction: ``predict_inputs``, ``decode``, ``draw`` (and ``combine`` for several
+  inputs per image).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
+
+from visionlora.builtin_models import build_builtin, is_builtin
+from visionlora.data.formats import read_evaluation_part, read_source, read_validation
+from visionlora.data.records import Part, SourceData
+from visionlora.data.transforms import processor_size, set_processor_size
+from visionlora.errors import VisionLoraError
+from visionlora.models import load_pretrained
+from visionlora.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option, OutputWriter
 
 
 @dataclass(frozen=True)
@@ -80,53 +100,219 @@ class Datasets:
     description: dict[str, Any]
 
 
-class Task(Protocol):
-    """The hooks a task fills; the engine owns the loop, saving and reporting."""
+class SeededDataset(torch.utils.data.Dataset):
+    """A dataset whose random augmentation of item ``i`` in epoch ``e`` depends only on
+    (seed, e, i): runs repeat whatever the number of workers, and a resumed run matches."""
+
+    seed: int = 0
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def item_seed(self, index: int) -> int:
+        return hash((self.seed, self.epoch, index)) & 0x7FFFFFFF
+
+
+@dataclass
+class PredictInput:
+    """One model input made from an image (an image may give several, e.g. one per box)."""
+
+    image_index: int
+    pixel_values: torch.Tensor
+    meta: Any = None
+
+
+class Task:
+    """Shared behaviour of every task; subclasses override the hooks listed in the module."""
 
     name: str
     preset: Preset
     main_metric: str
-    greater_is_better: bool
+    greater_is_better: bool = True
+    auto_class: str  # the transformers Auto class that loads the task's models
+    predict_batch: int = 16
+    predict_options: tuple[Option, ...] = ()
+    writers: tuple[OutputWriter, ...] = (JSON_OUTPUT, DRAWN_IMAGES)
+    unbounded_metrics: tuple[str, ...] = ()  # metrics not in [0, 1] (e.g. pixel errors)
+    freeze_batchnorm_in_lora: bool = True  # BatchNorm statistics belong to the frozen base
+    split_group = None  # key of a stratified validation split (e.g. the class)
 
-    def read_data(self, cfg) -> Any:
-        """Read the annotations of ``cfg.data`` (no pixels yet); the result has ``.labels``."""
+    # -- data -------------------------------------------------------------------------
+    def read_data(self, cfg) -> SourceData:
+        """The annotations of ``cfg.data`` (no pixels yet), split into train and validation."""
+        source, val_part = read_source(self.name, cfg.data, cfg.val_data, cfg.seed, cfg.val_fraction, self.split_group)
+        self.check_data(source, val_part, cfg.data)
+        return source
 
-    def build_model(self, model_ref: str, labels: list[str], image_size: int | None) -> tuple[torch.nn.Module, Any, ModelInfo]:
-        """Build (``tiny``) or load the base model and its image processor."""
+    def read_validation(self, cfg) -> Part:
+        """Only the validation records of the run ``cfg`` describes (for ``evaluate RUN``)."""
+        return read_validation(self.name, cfg.data, cfg.val_data, cfg.seed, cfg.val_fraction, self.split_group)
+
+    def read_evaluation(self, data: str, info: ModelInfo) -> Part:
+        """Labelled records of ``data`` for ``evaluate --data``, checked against the model's labels."""
+        part = read_evaluation_part(self.name, data)
+        unknown = sorted({name for name in part.labels if name not in info.labels})
+        if unknown:
+            raise VisionLoraError(f"{data}: labels the model was not trained on: {', '.join(unknown)}")
+        return part
+
+    def check_data(self, source: SourceData, val_part: Part, where: str) -> None:
+        """Raise a clear error when the data cannot train this task (hook)."""
+        if not source.train:
+            raise VisionLoraError(f"{where}: no training images")
+        if not source.val:
+            raise VisionLoraError(f"{where}: the validation split is empty; add images or use --val-data")
+
+    def make_datasets(self, source: SourceData, processor, info: ModelInfo, cfg) -> Datasets:
+        """Decode the images once: the (augmented) training and the plain validation dataset."""
+        train, train_skipped = self.train_dataset(source, processor, info, cfg)
+        val, val_skipped = self.eval_dataset(source.val, processor, info)
+        if len(train) == 0:
+            raise VisionLoraError(f"{source.description.get('train', cfg.data)}: no usable training images")
+        if len(val) == 0:
+            raise VisionLoraError(f"{source.description.get('val', cfg.data)}: no usable validation images")
+        counts = {**self.count(train, "train", info), **self.count(val, "val", info)}
+        skipped = source.skipped + train_skipped + val_skipped
+        return Datasets(train, val, counts, skipped, dict(source.description))
+
+    def train_dataset(self, source: SourceData, processor, info: ModelInfo, cfg):
+        """(dataset, skipped files) for training (hook)."""
+        raise NotImplementedError
+
+    def eval_dataset(self, records: list[Any], processor, info: ModelInfo):
+        """(dataset, skipped files) of plain, model-ready items for evaluation (hook)."""
+        raise NotImplementedError
+
+    def count(self, dataset, split: str, info: ModelInfo) -> dict[str, Any]:
+        """Figures for the summary's data counts (hook; default: the number of items)."""
+        return {split: len(dataset)}
+
+    # -- model ------------------------------------------------------------------------
+    def build_model(self, model_ref: str, labels: list[str], image_size: int | None, mode: str):
+        """(model, processor, info): a built-in model, or a checkpoint loaded for ``labels``."""
+        if is_builtin(model_ref):
+            model, processor = build_builtin(self.name, model_ref, labels, image_size)
+        else:
+            model, processor = load_pretrained(self._auto_class(), model_ref, **self.load_kwargs(model_ref, labels))
+            if image_size:
+                self.resize_processor(processor, image_size)
+        info = ModelInfo(self.name, mode, model_ref, list(labels), processor_size(processor))
+        self.describe_model(model, processor, info)
+        return model, processor, info
 
     def load_model(self, path: str, info: ModelInfo) -> torch.nn.Module:
-        """Load a saved base or fully trained model for ``info``'s labels."""
+        """A saved base or fully trained model, for ``info``'s labels."""
+        model, _ = load_pretrained(self._auto_class(), path, with_processor=False, **self.load_kwargs(path, info.labels))
+        return model
+
+    def load_kwargs(self, ref: str, labels: list[str]) -> dict[str, Any]:
+        """``from_pretrained`` arguments that size the head for ``labels`` (hook)."""
+        return {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)},
+        }
+
+    def resize_processor(self, processor, image_size: int) -> None:
+        """Make the processor produce ``image_size`` inputs (hook)."""
+        set_processor_size(processor, image_size)
+
+    def describe_model(self, model, processor, info: ModelInfo) -> None:
+        """Record model facts in ``info`` (forward arguments, sizes) (hook)."""
 
     def head_modules(self, model: torch.nn.Module) -> list[str]:
         """Names of the freshly initialised head modules, trained and saved with an adapter."""
+        raise NotImplementedError
 
-    def make_datasets(self, source: Any, processor, info: ModelInfo, cfg) -> Datasets:
-        """Decode the images once; return the augmented train and the plain val dataset."""
+    def prepare_for_training(self, model: torch.nn.Module, mode: str) -> None:
+        """Called after ``model.train()`` each epoch: keeps BatchNorm statistics fixed in LoRA mode."""
+        if mode == "lora" and self.freeze_batchnorm_in_lora:
+            for module in model.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
-    def make_eval_dataset(self, data: str, processor, info: ModelInfo) -> tuple[torch.utils.data.Dataset, list[dict]]:
-        """A dataset of labelled images from ``data`` for ``evaluate``, and its skip list."""
+    def _auto_class(self):
+        import transformers
 
-    def collate(self, items: Sequence[Any]) -> dict[str, Any]:
-        """Stack dataset items into a batch."""
+        return getattr(transformers, self.auto_class)
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, Any], info: ModelInfo) -> torch.Tensor:
-        """The training loss of one batch."""
+    # -- steps ------------------------------------------------------------------------
+    def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Stack dataset items into a batch (hook; default: stack every field)."""
+        return {key: torch.stack([torch.as_tensor(item[key]) for item in items]) for key in items[0]}
 
-    def evaluate(self, model: torch.nn.Module, loader, accelerator, info: ModelInfo) -> dict[str, Any]:
-        """Metrics over ``loader`` (gathered across processes), including ``loss``."""
+    def loss(self, model, batch: dict[str, Any], info: ModelInfo) -> torch.Tensor:
+        """The training loss of one batch (hook)."""
+        raise NotImplementedError
 
-    def predict(
-        self, model: torch.nn.Module, processor, images: Sequence[Image.Image], info: ModelInfo, **options: Any
-    ) -> list[dict]:
-        """JSON-ready predictions for RGB images (``options``: e.g. a score threshold)."""
+    def eval_step(self, model, batch: dict[str, Any], processor, info: ModelInfo) -> tuple[torch.Tensor, list[Any]]:
+        """(mean loss of the batch, one output per item) (hook)."""
+        raise NotImplementedError
+
+    def metrics(self, dataset, indices: list[int], outputs: list[Any], info: ModelInfo) -> dict[str, Any]:
+        """Metrics of the outputs for the dataset items ``indices``, in that order (hook)."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def evaluate(self, model, processor, loader, accelerator, info: ModelInfo) -> dict[str, Any]:
+        """Metrics over ``loader``, gathered across processes by dataset index, with ``loss``."""
+        model.eval()
+        found: dict[int, tuple[Any, float]] = {}
+        for batch in loader:
+            loss, outputs = self.eval_step(model, batch, processor, info)
+            rows = [(int(i), out, float(loss)) for i, out in zip(batch["index"].tolist(), outputs)]
+            for index, output, batch_loss in accelerator.gather_for_metrics(rows, use_gather_object=True):
+                found[index] = (output, batch_loss)
+        indices = sorted(found)
+        metrics = {"loss": sum(found[i][1] for i in indices) / max(len(indices), 1)}
+        metrics.update(self.metrics(dataset_behind(loader), indices, [found[i][0] for i in indices], info))
+        return metrics
+
+    # -- prediction -------------------------------------------------------------------
+    def predict_inputs(self, image: Image.Image, image_index: int, processor, info: ModelInfo,
+                       options: dict[str, Any]) -> list[PredictInput]:
+        """The model inputs one image gives (hook)."""
+        raise NotImplementedError
+
+    def model_inputs(self, pixels: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Batch the inputs' pixels for the model (hook; default: stack them)."""
+        return {"pixel_values": torch.stack(pixels)}
+
+    def decode(self, outputs, inputs: list[PredictInput], images: Sequence[Image.Image], processor,
+               info: ModelInfo, options: dict[str, Any]) -> list[Any]:
+        """JSON-ready results, one per input (hook)."""
+        raise NotImplementedError
+
+    def combine(self, results: list[Any]) -> dict[str, Any]:
+        """One image's prediction from the results of its inputs (default: the one result)."""
+        return results[0]
+
+    @torch.inference_mode()
+    def predict(self, model, processor, images: Sequence[Image.Image], info: ModelInfo, **options: Any) -> list[dict]:
+        """JSON-ready predictions for RGB images, batched ``predict_batch`` inputs at a time."""
+        model.eval()
+        options = {**{o.name: o.default for o in self.predict_options}, **options}
+        device = next(model.parameters()).device
+        inputs = [item for index, image in enumerate(images)
+                  for item in self.predict_inputs(image, index, processor, info, options)]
+        per_image: list[list[Any]] = [[] for _ in images]
+        for start in range(0, len(inputs), self.predict_batch):
+            chunk = inputs[start : start + self.predict_batch]
+            batch = {k: v.to(device) for k, v in self.model_inputs([item.pixel_values for item in chunk]).items()}
+            outputs = model(**batch, **info.forward_kwargs)
+            for item, result in zip(chunk, self.decode(outputs, chunk, images, processor, info, options)):
+                per_image[item.image_index].append(result)
+        return [self.combine(results) for results in per_image]
 
     def draw(self, image: Image.Image, prediction: dict, info: ModelInfo) -> Image.Image:
-        """A copy of ``image`` with ``prediction`` drawn on it."""
+        """A copy of ``image`` with ``prediction`` drawn on it (hook)."""
+        raise NotImplementedError
 
 
-def dataset_behind(loader, kind: type) -> Any:
-    """The ``kind`` dataset a (possibly wrapped or sharded) data loader reads from."""
+def dataset_behind(loader) -> torch.utils.data.Dataset:
+    """The dataset a (possibly wrapped or sharded) data loader reads from."""
     dataset = loader.dataset
-    while not isinstance(dataset, kind):
+    while isinstance(dataset, torch.utils.data.Subset):
         dataset = dataset.dataset
     return dataset

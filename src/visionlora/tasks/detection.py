@@ -2,40 +2,34 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
-from pathlib import Path
 from typing import Any, Sequence
 
 import albumentations as A
 import numpy as np
 import torch
 from PIL import Image
+from transformers.image_transforms import corners_to_center_format
 
-from visionlora.data.detection import (
-    VAL_DIRS,
-    DetectionData,
-    DetectionRecord,
-    clean_box,
-    read_detection_data,
-    read_detection_split,
-)
 from visionlora.data.images import decode_records
-from visionlora.data.transforms import Normalizer, processor_pixels, processor_size, set_processor_size
+from visionlora.data.records import DetectionRecord, Part, SourceData, clean_box
+from visionlora.data.transforms import Normalizer, processor_pixels
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.detection import ImageBoxes, detection_metrics
-from visionlora.models import load_pretrained
-from visionlora.tasks.base import Datasets, ModelInfo, Preset, dataset_behind
+from visionlora.outputs import Option, parse_float_between
+from visionlora.tasks.base import ModelInfo, PredictInput, Preset, SeededDataset, Task
 from visionlora.visualize import draw_boxes
 
-TINY_SHORTEST_EDGE = 64
-PREDICT_BATCH = 8
 # Module names of detection heads across DETR-family models (class and box predictors).
 HEAD_PATTERN = re.compile(
     r"(^|\.)(class_labels_classifier|bbox_predictor|class_embed|bbox_embed|enc_score_head|enc_bbox_head|denoising_class_embed)$"
 )
+# Model types whose heads are tied by default (peft cannot wrap tied heads).
+TIED_HEAD_TYPES = ("rt_detr", "d_fine", "deimv2")
 
 
-class DetectionTask:
+class DetectionTask(Task):
     """Fine-tune an object detector; the main metric is COCO mAP@[.5:.95] on validation."""
 
     name = "detection"
@@ -48,80 +42,65 @@ class DetectionTask:
         lr_full=1e-4,
     )
     main_metric = "map"
-    greater_is_better = True
+    auto_class = "AutoModelForObjectDetection"
+    predict_batch = 8
+    predict_options = (
+        Option("threshold", "lowest score of a box kept (default 0.5)", parse_float_between(0, 1, "threshold"), 0.5, "SCORE"),
+    )
 
     # -- data -------------------------------------------------------------------------
-    def read_data(self, cfg) -> DetectionData:
-        return read_detection_data(cfg.data, cfg.val_data, cfg.seed, cfg.holdout())
+    def check_data(self, source: SourceData, val_part: Part, where: str) -> None:
+        """Categories of both parts, and boxes in both (mAP needs validation boxes)."""
+        source.labels = list(dict.fromkeys(source.labels + list(val_part.labels)))
+        if not source.labels:
+            raise VisionLoraError(f"{where}: the annotations define no categories")
+        super().check_data(source, val_part, where)
+        if not any(r.boxes for r in source.train):
+            raise VisionLoraError(f"{source.description['train']}: no boxes in the training images")
+        if not any(r.boxes for r in source.val):
+            raise VisionLoraError(f"{source.description['val']}: no boxes in the validation images, so mAP is undefined")
 
-    def make_datasets(self, source: DetectionData, processor, info: ModelInfo, cfg) -> Datasets:
-        label2id = info.label2id
-        dropped = list(source.dropped_boxes)
-        train_images, train_records = _decode(source.train, processor, dropped)
-        val_images, val_records = _decode(source.val, processor, dropped)
-        if not train_records:
-            raise VisionLoraError(f"{source.description['train']}: no readable training images")
-        if not any(r.boxes for r in val_records):
-            raise VisionLoraError(f"{source.description['val']}: no readable validation images with boxes")
-        normalizer = Normalizer(processor)
-        counts = {
-            "train": len(train_records),
-            "val": len(val_records),
-            "train_boxes": sum(len(r.boxes) for r in train_records),
-            "val_boxes": sum(len(r.boxes) for r in val_records),
-            "train_negatives": sum(not r.boxes for r in train_records),
-            "dropped_boxes": len(dropped),
-        }
-        description = {**source.description, "dropped_boxes": dropped}
-        return Datasets(
-            train=AugmentedDetection(train_images.items, train_records, label2id, normalizer, cfg.seed)
-            if cfg.augment
-            else DetectionImages(train_images.items, train_records, label2id, normalizer),
-            val=DetectionImages(val_images.items, val_records, label2id, normalizer),
-            counts=counts,
-            skipped=source.skipped + train_images.skipped + val_images.skipped,
-            description=description,
-        )
+    def make_datasets(self, source: SourceData, processor, info: ModelInfo, cfg):
+        """Also counts and lists the boxes dropped while reading and fitting them to the images."""
+        data = super().make_datasets(source, processor, info, cfg)
+        dropped = source.dropped + data.train.dropped + data.val.dropped
+        data.counts["dropped_boxes"] = len(dropped)
+        data.description["dropped_boxes"] = dropped
+        return data
 
-    def make_eval_dataset(self, data: str, processor, info: ModelInfo):
-        """Boxes for ``evaluate``: the val part of ``data`` when it has one, else all of it."""
-        path = Path(data)
-        val_dir = next((path / n for n in VAL_DIRS if (path / n).is_dir()), None) if path.is_dir() else None
-        split = read_detection_split(val_dir or path)
-        unknown = sorted({label for r in split.records for label in r.labels} - set(info.labels))
-        if unknown:
-            raise VisionLoraError(f"{data}: categories the model was not trained on: {', '.join(unknown)}")
-        decoded, records = _decode(split.records, processor, [])
-        return DetectionImages(decoded.items, records, info.label2id, Normalizer(processor)), decoded.skipped
+    def train_dataset(self, source: SourceData, processor, info: ModelInfo, cfg):
+        kind = AugmentedDetection if cfg.augment else DetectionImages
+        return _decoded_dataset(kind, source.train, processor, info, cfg.seed)
+
+    def eval_dataset(self, records: list[DetectionRecord], processor, info: ModelInfo):
+        return _decoded_dataset(DetectionImages, records, processor, info)
+
+    def count(self, dataset, split: str, info: ModelInfo) -> dict[str, Any]:
+        counts = {split: len(dataset), f"{split}_boxes": sum(len(r.boxes) for r in dataset.records)}
+        if split == "train":
+            counts["train_negatives"] = sum(not r.boxes for r in dataset.records)
+        return counts
 
     # -- model ------------------------------------------------------------------------
-    def build_model(self, model_ref: str, labels: list[str], image_size: int | None):
-        id2label = dict(enumerate(labels))
-        label2id = {name: i for i, name in id2label.items()}
-        if model_ref == "tiny":
-            model, processor = _tiny_detr(id2label, label2id, image_size or TINY_SHORTEST_EDGE)
-        elif model_ref == "tiny-rtdetr":
-            model, processor = _tiny_rtdetr(id2label, label2id, image_size or TINY_SHORTEST_EDGE)
-        else:
-            from transformers import AutoModelForObjectDetection
+    def load_kwargs(self, ref: str, labels: list[str]) -> dict[str, Any]:
+        """Label maps, and RT-DETR's tied heads untied; a timm backbone without timm is a clear error."""
+        from transformers import AutoConfig
 
-            model, processor = load_pretrained(
-                AutoModelForObjectDetection, model_ref, num_labels=len(labels), id2label=id2label, label2id=label2id,
-                **_untied(model_ref),
+        kwargs = super().load_kwargs(ref, labels)
+        try:
+            config = AutoConfig.from_pretrained(ref)
+        except (OSError, ValueError):
+            return kwargs  # load_pretrained reports the problem
+        backbone = getattr(config, "backbone_config", None)
+        uses_timm = getattr(config, "use_timm_backbone", False) or getattr(backbone, "model_type", "") == "timm_backbone"
+        if uses_timm and importlib.util.find_spec("timm") is None:
+            raise VisionLoraError(
+                f"{ref}: this checkpoint's backbone needs timm (pip install timm), or use a model without it, "
+                "e.g. --model PekingU/rtdetr_v2_r18vd"
             )
-            if image_size:
-                set_processor_size(processor, image_size)
-        info = ModelInfo(task=self.name, mode="", base_model=model_ref, labels=list(labels), image_size=processor_size(processor))
-        return model, processor, info
-
-    def load_model(self, path: str, info: ModelInfo) -> torch.nn.Module:
-        from transformers import AutoModelForObjectDetection
-
-        model, _ = load_pretrained(
-            AutoModelForObjectDetection, path, with_processor=False,
-            num_labels=len(info.labels), id2label=info.id2label, label2id=info.label2id, **_untied(path),
-        )
-        return model
+        if config.model_type.startswith(TIED_HEAD_TYPES):
+            kwargs["tie_word_embeddings"] = False
+        return kwargs
 
     def head_modules(self, model: torch.nn.Module) -> list[str]:
         """Class and box predictors, each entry of a ModuleList of them, outermost matches only.
@@ -146,66 +125,53 @@ class DetectionTask:
     # -- steps ------------------------------------------------------------------------
     def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Pad images to the largest in the batch (bottom/right) with a pixel mask, as DETR expects."""
-        height = max(item["pixel_values"].shape[1] for item in items)
-        width = max(item["pixel_values"].shape[2] for item in items)
-        pixels = torch.zeros(len(items), 3, height, width)
-        mask = torch.zeros(len(items), height, width, dtype=torch.long)
-        for index, item in enumerate(items):
-            _, h, w = item["pixel_values"].shape
-            pixels[index, :, :h, :w] = item["pixel_values"]
+        batch = self.model_inputs([item["pixel_values"] for item in items])
+        batch["labels"] = [item["labels"] for item in items]
+        batch["index"] = torch.tensor([item["index"] for item in items])
+        return batch
+
+    def model_inputs(self, pixels: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        height = max(p.shape[1] for p in pixels)
+        width = max(p.shape[2] for p in pixels)
+        padded = torch.zeros(len(pixels), 3, height, width)
+        mask = torch.zeros(len(pixels), height, width, dtype=torch.long)
+        for index, image in enumerate(pixels):
+            _, h, w = image.shape
+            padded[index, :, :h, :w] = image
             mask[index, :h, :w] = 1
-        return {
-            "pixel_values": pixels,
-            "pixel_mask": mask,
-            "labels": [item["labels"] for item in items],
-            "index": torch.tensor([item["index"] for item in items]),
-        }
+        return {"pixel_values": padded, "pixel_mask": mask}
 
     def loss(self, model, batch, info: ModelInfo) -> torch.Tensor:
         return model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"]).loss
 
-    @torch.no_grad()
-    def evaluate(self, model, loader, accelerator, info: ModelInfo) -> dict[str, Any]:
-        model.eval()
-        dataset = dataset_behind(loader, DetectionImages)
-        processor_post = _post_processor(model)
-        losses, predictions = [], {}
-        for batch in loader:
-            outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
-            losses.append(accelerator.gather_for_metrics(outputs.loss.detach().float().reshape(1)).mean())
-            sizes = [dataset.original_sizes[i] for i in batch["index"].tolist()]
-            found = processor_post(outputs, threshold=0.0, target_sizes=sizes)
-            rows = [(i, _to_lists(f)) for i, f in zip(batch["index"].tolist(), found)]
-            for index, boxes in accelerator.gather_for_metrics(rows, use_gather_object=True):
-                predictions[index] = boxes
-        order = sorted(predictions)
-        targets = [ImageBoxes(dataset.records[i].boxes, [info.label2id[l] for l in dataset.records[i].labels]) for i in order]
-        found = [ImageBoxes(predictions[i]["boxes"], predictions[i]["labels"], predictions[i]["scores"]) for i in order]
-        sizes = [dataset.original_sizes[i] for i in order]
-        metrics = {"loss": float(torch.stack(losses).mean())}
-        metrics.update(detection_metrics(targets, found, info.labels, sizes))
-        return metrics
+    def eval_step(self, model, batch, processor, info: ModelInfo):
+        outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
+        sizes = [label["orig_size"].tolist() for label in batch["labels"]]
+        found = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes)
+        return outputs.loss, [_to_lists(f) for f in found]
 
-    @torch.no_grad()
-    def predict(self, model, processor, images: Sequence[Image.Image], info: ModelInfo, threshold: float = 0.5, **_) -> list[dict]:
-        model.eval()
-        normalizer = Normalizer(processor)
-        device = next(model.parameters()).device
-        post = _post_processor(model)
+    def metrics(self, dataset, indices, outputs, info: ModelInfo) -> dict[str, Any]:
+        records = [dataset.records[i] for i in indices]
+        targets = [ImageBoxes(r.boxes, [info.label2id[name] for name in r.labels]) for r in records]
+        found = [ImageBoxes(o["boxes"], o["labels"], o["scores"]) for o in outputs]
+        return detection_metrics(targets, found, info.labels, [dataset.original_sizes[i] for i in indices])
+
+    # -- prediction -------------------------------------------------------------------
+    def predict_inputs(self, image, image_index, processor, info, options):
+        pixels = Normalizer(processor)(processor_pixels(processor, image))
+        return [PredictInput(image_index, pixels, (image.height, image.width))]
+
+    def decode(self, outputs, inputs, images, processor, info: ModelInfo, options) -> list[dict]:
+        sizes = [item.meta for item in inputs]
+        found = processor.post_process_object_detection(outputs, threshold=options["threshold"], target_sizes=sizes)
         results = []
-        for start in range(0, len(images), PREDICT_BATCH):
-            chunk = images[start : start + PREDICT_BATCH]
-            items = [{"pixel_values": normalizer(processor_pixels(processor, im)), "labels": None, "index": 0} for im in chunk]
-            batch = self.collate(items)
-            outputs = model(pixel_values=batch["pixel_values"].to(device), pixel_mask=batch["pixel_mask"].to(device))
-            found = post(outputs, threshold=threshold, target_sizes=[(im.height, im.width) for im in chunk])
-            for boxes in found:
-                lists = _to_lists(boxes)
-                ranked = sorted(zip(lists["scores"], lists["labels"], lists["boxes"]), key=lambda t: -t[0])
-                results.append({"boxes": [
-                    {"label": info.labels[label], "score": score, "box": [round(v, 2) for v in box]}
-                    for score, label, box in ranked
-                ]})
+        for boxes in found:
+            lists = _to_lists(boxes)
+            ranked = sorted(zip(lists["scores"], lists["labels"], lists["boxes"]), key=lambda t: -t[0])
+            results.append({"boxes": [
+                {"label": info.labels[label], "score": score, "box": [round(v, 2) for v in box]}
+                for score, label, box in ranked
+            ]})
         return results
 
     def draw(self, image: Image.Image, prediction: dict, info: ModelInfo) -> Image.Image:
@@ -213,34 +179,49 @@ class DetectionTask:
 
 
 # -- datasets ---------------------------------------------------------------------------
-class DetectionImages(torch.utils.data.Dataset):
+class DetectionImages(SeededDataset):
     """Cached images at model scale with their boxes; targets normalised (cx, cy, w, h)."""
 
-    def __init__(self, cached: list[dict], records: list[DetectionRecord], label2id: dict[str, int], normalizer):
+    def __init__(self, cached: list[dict], records: list[DetectionRecord], label2id: dict[str, int], normalizer,
+                 seed: int = 0):
         self.pixels = [c["pixels"] for c in cached]
         self.scales = [c["scale"] for c in cached]
         self.original_sizes = [c["original_size"] for c in cached]
-        self.records, self.label2id, self.normalizer = records, label2id, normalizer
+        self.records, self.label2id, self.normalizer, self.seed = records, label2id, normalizer, seed
+        self.dropped: list[dict[str, str]] = []
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        pixels = self.pixels[index]
+    def scaled_boxes(self, index: int) -> list[list[float]]:
+        """The record's boxes in the cached image's pixels."""
         sx, sy = self.scales[index]
-        boxes = [[x0 * sx, y0 * sy, x1 * sx, y1 * sy] for x0, y0, x1, y1 in self.records[index].boxes]
-        labels = [self.label2id[name] for name in self.records[index].labels]
-        return _item(self.normalizer(pixels), boxes, labels, index)
+        return [[x0 * sx, y0 * sy, x1 * sx, y1 * sy] for x0, y0, x1, y1 in self.records[index].boxes]
+
+    def labels_of(self, index: int) -> list[int]:
+        return [self.label2id[name] for name in self.records[index].labels]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._item(self.normalizer(self.pixels[index]), self.scaled_boxes(index), self.labels_of(index), index)
+
+    def _item(self, pixel_values: torch.Tensor, boxes_xyxy, labels: list[int], index: int) -> dict[str, Any]:
+        """DETR targets: (cx, cy, w, h) relative to the unpadded image, and the original size."""
+        _, height, width = pixel_values.shape
+        corners = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
+        centred = corners_to_center_format(corners) / np.array([width, height, width, height], dtype=np.float32)
+        target = {
+            "class_labels": torch.tensor(labels, dtype=torch.long),
+            "boxes": torch.from_numpy(centred.astype(np.float32)),
+            "orig_size": torch.tensor(self.original_sizes[index]),
+        }
+        return {"pixel_values": pixel_values, "labels": target, "index": index}
 
 
 class AugmentedDetection(DetectionImages):
-    """Flip, scale/shift and colour changes that move the boxes with the image.
-
-    The augmentation of item ``i`` in epoch ``e`` depends only on (seed, e, i).
-    """
+    """Flip, scale/shift and colour changes that move the boxes with the image."""
 
     def __init__(self, cached, records, label2id, normalizer, seed: int):
-        super().__init__(cached, records, label2id, normalizer)
+        super().__init__(cached, records, label2id, normalizer, seed)
         self.augment = A.Compose(
             [
                 A.HorizontalFlip(p=0.5),
@@ -250,39 +231,27 @@ class AugmentedDetection(DetectionImages):
             bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], min_area=1.0, min_visibility=0.2, clip=True),
             seed=0,
         )
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        plain = super().__getitem__(index)
         image = self.pixels[index].permute(1, 2, 0).numpy()
-        sx, sy = self.scales[index]
-        boxes = [[x0 * sx, y0 * sy, x1 * sx, y1 * sy] for x0, y0, x1, y1 in self.records[index].boxes]
-        self.augment.set_random_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
-        out = self.augment(image=image, bboxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4), labels=plain["labels"]["class_labels"].tolist())
+        self.augment.set_random_seed(self.item_seed(index))
+        boxes = np.asarray(self.scaled_boxes(index), dtype=np.float32).reshape(-1, 4)
+        out = self.augment(image=image, bboxes=boxes, labels=self.labels_of(index))
         pixels = torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1)
         labels = [int(v) for v in out["labels"]]
-        return _item(self.normalizer(pixels), np.asarray(out["bboxes"]).reshape(-1, 4).tolist(), labels, index)
+        return self._item(self.normalizer(pixels), np.asarray(out["bboxes"]).reshape(-1, 4), labels, index)
 
 
-def _item(pixel_values: torch.Tensor, boxes_xyxy, labels: list[int], index: int) -> dict[str, Any]:
-    """A dataset item: DETR targets are (cx, cy, w, h) relative to the unpadded image."""
-    _, height, width = pixel_values.shape
-    boxes = torch.tensor(boxes_xyxy, dtype=torch.float32).reshape(-1, 4)
-    centred = torch.stack(
-        [(boxes[:, 0] + boxes[:, 2]) / 2 / width, (boxes[:, 1] + boxes[:, 3]) / 2 / height,
-         (boxes[:, 2] - boxes[:, 0]) / width, (boxes[:, 3] - boxes[:, 1]) / height], dim=1,
-    )
-    target = {"class_labels": torch.tensor(labels, dtype=torch.long), "boxes": centred}
-    return {"pixel_values": pixel_values, "labels": target, "index": index}
+def _decoded_dataset(kind: type, records: list[DetectionRecord], processor, info: ModelInfo, seed: int = 0):
+    """(dataset, skipped files): the images decoded once at model scale, boxes fitted to them.
 
-
-def _decode(records: list[DetectionRecord], processor, dropped: list) -> tuple[Any, list[DetectionRecord]]:
-    """Decode the images once at model scale; return them and the readable records, boxes fitted."""
+    The boxes dropped while fitting are listed in the dataset's ``dropped``.
+    """
     decoded = decode_records(records, lambda image, _: _model_scale(processor, image))
-    return decoded, _fit_boxes([records[i] for i in decoded.kept], decoded.items, dropped)
+    fitted, dropped = _fit_boxes([records[i] for i in decoded.kept], decoded.items)
+    dataset = kind(decoded.items, fitted, info.label2id, Normalizer(processor), seed)
+    dataset.dropped = dropped
+    return dataset, decoded.skipped
 
 
 def _model_scale(processor, image: Image.Image) -> dict[str, Any]:
@@ -292,9 +261,9 @@ def _model_scale(processor, image: Image.Image) -> dict[str, Any]:
     return {"pixels": pixels, "scale": (width / image.width, height / image.height), "original_size": (image.height, image.width)}
 
 
-def _fit_boxes(records: list[DetectionRecord], cached: list[dict], dropped: list) -> list[DetectionRecord]:
+def _fit_boxes(records: list[DetectionRecord], cached: list[dict]) -> tuple[list[DetectionRecord], list[dict]]:
     """Clip boxes to the decoded image (whose EXIF-applied size may differ from the annotation's)."""
-    fitted = []
+    fitted, dropped = [], []
     for record, item in zip(records, cached):
         height, width = item["original_size"]
         kept = DetectionRecord(record.image, source=record.source)
@@ -306,20 +275,7 @@ def _fit_boxes(records: list[DetectionRecord], cached: list[dict], dropped: list
                 kept.boxes.append(cleaned)
                 kept.labels.append(label)
         fitted.append(kept)
-    return fitted
-
-
-def _post_processor(model):
-    """The model's own post-processing, from its image processor class (DETR-style by default)."""
-    from transformers import DetrImageProcessorPil
-
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", "detr")
-    if model_type.startswith("rt_detr") or model_type.startswith("d_fine"):
-        from transformers import RTDetrImageProcessorPil
-
-        return RTDetrImageProcessorPil().post_process_object_detection
-    return DetrImageProcessorPil().post_process_object_detection
+    return fitted, dropped
 
 
 def _to_lists(found: dict[str, torch.Tensor]) -> dict[str, list]:
@@ -328,66 +284,3 @@ def _to_lists(found: dict[str, torch.Tensor]) -> dict[str, list]:
         "labels": found["labels"].cpu().tolist(),
         "scores": found["scores"].float().cpu().tolist(),
     }
-
-
-def _tiny_detr(id2label, label2id, shortest_edge: int):
-    """A DETR with a 4-stage, 16-128 channel ResNet, one 64-wide encoder/decoder layer, 5 queries."""
-    from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessorPil, ResNetConfig
-
-    backbone = ResNetConfig(
-        embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic", out_features=["stage4"]
-    )
-    config = DetrConfig(
-        backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False,
-        num_labels=len(id2label), id2label=id2label, label2id=label2id,
-        d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=128, decoder_ffn_dim=128, num_queries=5, dropout=0.0,
-    )
-    processor = DetrImageProcessorPil(size={"shortest_edge": shortest_edge, "longest_edge": round(shortest_edge * 1333 / 800)})
-    model = DetrForObjectDetection(config)
-    # DETR freezes its backbone, expecting pretrained features; a random one must learn.
-    for param in model.parameters():
-        param.requires_grad_(True)
-    return model, processor
-
-
-def _untied(ref: str) -> dict[str, Any]:
-    """Loading options for ``ref``: RT-DETR's tied heads untied (peft cannot wrap them).
-
-    A checkpoint with a timm backbone (the original ``facebook/detr-resnet-50``) is a clear
-    error when timm is not installed.
-    """
-    import importlib.util
-
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(ref)
-    except (OSError, ValueError):
-        return {}  # load_pretrained reports the problem
-    backbone = getattr(config, "backbone_config", None)
-    uses_timm = getattr(config, "use_timm_backbone", False) or getattr(backbone, "model_type", "") == "timm_backbone"
-    if uses_timm and importlib.util.find_spec("timm") is None:
-        raise VisionLoraError(
-            f"{ref}: this checkpoint's backbone needs timm (pip install timm), or use a model without it, "
-            "e.g. --model PekingU/rtdetr_v2_r18vd"
-        )
-    return {"tie_word_embeddings": False} if config.model_type.startswith(("rt_detr", "d_fine", "deimv2")) else {}
-
-
-def _tiny_rtdetr(id2label, label2id, size: int):
-    """An RT-DETRv2 with a 16-128 channel ResNet, a 64-wide encoder and 2 decoder layers, 20 queries."""
-    from transformers import RTDetrImageProcessorPil, RTDetrResNetConfig, RTDetrV2Config, RTDetrV2ForObjectDetection
-
-    backbone = RTDetrResNetConfig(
-        layer_type="basic", embedding_size=16, depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128],
-        downsample_in_bottleneck=False, out_indices=[2, 3, 4],
-    )
-    config = RTDetrV2Config(
-        backbone_config=backbone, num_labels=len(id2label), id2label=id2label, label2id=label2id,
-        tie_word_embeddings=False, encoder_in_channels=[32, 64, 128], encoder_hidden_dim=64, encoder_ffn_dim=128,
-        encoder_attention_heads=4, d_model=64, decoder_in_channels=[64, 64, 64], decoder_ffn_dim=128,
-        decoder_attention_heads=4, decoder_layers=2, num_queries=20, num_denoising=10, anchor_image_size=[size, size],
-    )
-    processor = RTDetrImageProcessorPil(size={"height": size, "width": size})
-    return RTDetrV2ForObjectDetection(config), processor

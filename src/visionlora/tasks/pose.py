@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -11,16 +13,8 @@ import torch
 from PIL import Image
 
 from visionlora.data.images import decode_records
-from visionlora.data.pose import (
-    PoseData,
-    PoseRecord,
-    flip_pairs,
-    instance_box,
-    keypoint_sigmas,
-    mark_unlabelled,
-    read_pose_data,
-    reference_size,
-)
+from visionlora.data.keypoints import flip_pairs, instance_box, keypoint_sigmas, reference_size
+from visionlora.data.records import Part, PoseRecord, SourceData, mark_unlabelled
 from visionlora.data.topdown import (
     CropBox,
     crop_for_box,
@@ -33,19 +27,42 @@ from visionlora.data.topdown import (
 from visionlora.data.transforms import Normalizer
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.pose import PoseTarget, pose_metrics
-from visionlora.models import load_pretrained
-from visionlora.tasks.base import Datasets, ModelInfo, Preset, dataset_behind
+from visionlora.outputs import Option
+from visionlora.tasks.base import ModelInfo, PredictInput, Preset, SeededDataset, Task
 from visionlora.visualize import draw_keypoints
 
-TINY_INPUT_HEIGHT = 64
-PREDICT_BATCH = 16
 CONTEXT = 1.5  # training crops are cached with this much context, for scale and rotation changes
 SCALE_RANGE = (0.75, 1.25)
 ROTATION_DEGREES = 30.0
 ROTATION_PROBABILITY = 0.6
 
 
-class PoseTask:
+def read_boxes_file(text: str) -> dict[str, list[list[float]]]:
+    """A JSON file mapping image paths (or file names) to lists of [x0, y0, x1, y1] boxes."""
+    path = Path(text)
+    try:
+        mapping = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise VisionLoraError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise VisionLoraError(f"{path}: not valid JSON") from None
+    if not isinstance(mapping, dict):
+        raise VisionLoraError(f"{path}: expected a mapping of image file to a list of [x0, y0, x1, y1] boxes")
+    for name, boxes in mapping.items():
+        check_boxes(boxes, f"{path}: boxes for {name}")
+    return mapping
+
+
+def check_boxes(boxes: Any, where: str) -> list[list[float]]:
+    """``boxes`` if it is a list of [x0, y0, x1, y1] number lists, else a clear error."""
+    if not (isinstance(boxes, list) and all(
+        isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b) for b in boxes
+    )):
+        raise VisionLoraError(f"{where} must be a list of [x0, y0, x1, y1]")
+    return boxes
+
+
+class PoseTask(Task):
     """Fine-tune ViTPose on keypoint-labelled images (people or animals)."""
 
     name = "pose"
@@ -59,116 +76,93 @@ class PoseTask:
     )
     main_metric = "pixel_error"
     greater_is_better = False
+    auto_class = "AutoModelForPoseEstimation"
+    unbounded_metrics = ("pixel_error", "mean_baseline_pixel_error")
+    predict_options = (
+        Option("boxes", 'boxes per image: a JSON file {"image.jpg": [[x0, y0, x1, y1], ...]} '
+               "(default: the whole image)", read_boxes_file, None, "FILE.json", per_image=True),
+    )
 
     # -- data -------------------------------------------------------------------------
-    def read_data(self, cfg) -> PoseData:
-        return read_pose_data(cfg.data, cfg.val_data, cfg.seed, cfg.val_fraction)
+    def check_data(self, source: SourceData, val_part: Part, where: str) -> None:
+        if list(val_part.labels) != list(source.labels):
+            raise VisionLoraError(f"{val_part.where}: keypoints {val_part.labels} differ from training's {source.labels}")
+        super().check_data(source, val_part, where)
 
-    def make_datasets(self, source: PoseData, processor, info: ModelInfo, cfg) -> Datasets:
-        """Crop every instance once; also records the skeleton and mean keypoints in ``info``."""
+    def read_evaluation(self, data: str, info: ModelInfo) -> Part:
+        part = super().read_evaluation(data, info)
+        if list(part.labels) != info.labels:
+            raise VisionLoraError(f"{data}: keypoints {part.labels} differ from the model's {info.labels}")
+        return part
+
+    def train_dataset(self, source: SourceData, processor, info: ModelInfo, cfg):
+        """Every instance cut out once with context; also records the skeleton and mean keypoints in ``info``."""
         input_size = tuple(info.extra["input_size"])
-        train = decode_records(source.train, lambda im, rec: _training_crops(im, rec, input_size))
-        val = decode_records(source.val, lambda im, rec: _eval_crops(im, rec, input_size))
-        train_instances = [crop for crops in train.items for crop in crops]
-        val_instances = [crop for crops in val.items for crop in crops]
-        if not train_instances:
-            raise VisionLoraError(f"{source.description['train']}: no readable training images with labelled keypoints")
-        if not val_instances:
-            raise VisionLoraError(f"{source.description['val']}: no readable validation images with labelled keypoints")
-        normalizer = Normalizer(processor)
-        heatmap_wh = tuple(info.extra["heatmap_size"])
+        decoded = decode_records(source.train, lambda im, rec: _training_crops(im, rec, input_size))
+        instances = [crop for crops in decoded.items for crop in crops]
+        info.extra["skeleton"] = source.extra.get("skeleton", [])
+        if instances:
+            info.extra["mean_points"] = _mean_points(instances, input_size).round(3).tolist()
         pairs = [tuple(p) for p in info.extra["flip_pairs"]]
-        counts = {
-            "train": len(train.items), "val": len(val.items),
-            "train_instances": len(train_instances), "val_instances": len(val_instances),
-            "labelled_keypoints_train": int(sum(c.keypoints[:, 2].sum() for c in train_instances)),
-            "labelled_keypoints_val": int(sum(c.keypoints[:, 2].sum() for c in val_instances)),
-        }
-        mean_points = _mean_points(train_instances, input_size)
-        info.extra.update(skeleton=source.skeleton, mean_points=mean_points.round(3).tolist())
-        return Datasets(
-            train=TrainingCrops(train_instances, normalizer, input_size, heatmap_wh, pairs, cfg.seed, cfg.augment),
-            val=EvalCrops(val_instances, normalizer, input_size, heatmap_wh, mean_points),
-            counts=counts,
-            skipped=source.skipped + train.skipped + val.skipped,
-            description=source.description,
-        )
+        dataset = TrainingCrops(instances, Normalizer(processor), input_size, tuple(info.extra["heatmap_size"]),
+                                pairs, cfg.seed, cfg.augment)
+        dataset.images = len(decoded.items)
+        return dataset, decoded.skipped
 
-    def make_eval_dataset(self, data: str, processor, info: ModelInfo):
-        """Labelled instances of ``data`` (all of it; a DeepLabCut project's validation frames)."""
-        from visionlora.config import TrainConfig
-
-        source = read_pose_data(data, None, TrainConfig().seed, None)
-        if source.keypoint_names != info.labels:
-            raise VisionLoraError(f"{data}: keypoints {source.keypoint_names} differ from the model's {info.labels}")
-        records = source.val if source.description["format"] == "deeplabcut" else source.train + source.val
+    def eval_dataset(self, records: list[PoseRecord], processor, info: ModelInfo):
         input_size = tuple(info.extra["input_size"])
         decoded = decode_records(records, lambda im, rec: _eval_crops(im, rec, input_size))
         instances = [crop for crops in decoded.items for crop in crops]
         mean = np.asarray(info.extra["mean_points"]) if info.extra.get("mean_points") else None
         dataset = EvalCrops(instances, Normalizer(processor), input_size, tuple(info.extra["heatmap_size"]), mean)
-        return dataset, source.skipped + decoded.skipped
+        dataset.images = len(decoded.items)
+        return dataset, decoded.skipped
+
+    def count(self, dataset, split: str, info: ModelInfo) -> dict[str, Any]:
+        return {
+            split: dataset.images,
+            f"{split}_instances": len(dataset),
+            f"labelled_keypoints_{split}": int(sum(c.keypoints[:, 2].sum() for c in dataset.instances)),
+        }
 
     # -- model ------------------------------------------------------------------------
-    def build_model(self, model_ref: str, labels: list[str], image_size: int | None):
-        if model_ref == "tiny":
-            model, processor = _tiny_vitpose(len(labels), image_size or TINY_INPUT_HEIGHT)
-        else:
-            from transformers import AutoModelForPoseEstimation
+    def load_kwargs(self, ref: str, labels: list[str]) -> dict[str, Any]:
+        return {"num_labels": len(labels)}
 
-            model, processor = load_pretrained(AutoModelForPoseEstimation, model_ref, num_labels=len(labels))
-            if image_size:
-                width = round(image_size * 3 / 4 / 16) * 16
-                processor.size = {"height": image_size, "width": width}
+    def resize_processor(self, processor, image_size: int) -> None:
+        """ViTPose inputs keep their 4:3 shape: ``image_size`` high, 3/4 of it wide (16-pixel steps)."""
+        processor.size = {"height": image_size, "width": round(image_size * 3 / 4 / 16) * 16}
+
+    def describe_model(self, model, processor, info: ModelInfo) -> None:
         input_size = (int(processor.size["width"]), int(processor.size["height"]))
-        info = ModelInfo(
-            task=self.name, mode="", base_model=model_ref, labels=list(labels),
-            image_size={"height": input_size[1], "width": input_size[0]},
-            extra={
-                "input_size": list(input_size),
-                "heatmap_size": list(_heatmap_size(model, input_size)),
-                "flip_pairs": [list(p) for p in flip_pairs(labels)],
-                "sigmas": keypoint_sigmas(labels),
-                "skeleton": [],
-            },
-        )
-        return model, processor, info
-
-    def load_model(self, path: str, info: ModelInfo) -> torch.nn.Module:
-        from transformers import AutoModelForPoseEstimation
-
-        model, _ = load_pretrained(AutoModelForPoseEstimation, path, with_processor=False, num_labels=len(info.labels))
-        return model
+        info.extra = {
+            "input_size": list(input_size),
+            "heatmap_size": list(_heatmap_size(model, input_size)),
+            "flip_pairs": [list(p) for p in flip_pairs(info.labels)],
+            "sigmas": keypoint_sigmas(info.labels),
+            "skeleton": [],
+        }
 
     def head_modules(self, model: torch.nn.Module) -> list[str]:
         return ["head"]
 
     # -- steps ------------------------------------------------------------------------
-    def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return {key: torch.stack([torch.as_tensor(item[key]) for item in items]) for key in items[0]}
-
     def loss(self, model, batch, info: ModelInfo) -> torch.Tensor:
         heatmaps = model(pixel_values=batch["pixel_values"]).heatmaps
         return heatmap_loss(heatmaps, batch["target"], batch["weight"])
 
-    @torch.no_grad()
-    def evaluate(self, model, loader, accelerator, info: ModelInfo) -> dict[str, Any]:
-        model.eval()
-        dataset = dataset_behind(loader, EvalCrops)
-        losses, found = [], {}
-        for batch in loader:
-            heatmaps = model(pixel_values=batch["pixel_values"]).heatmaps.float()
-            loss = heatmap_loss(heatmaps, batch["target"], batch["weight"])
-            losses.append(accelerator.gather_for_metrics(loss.reshape(1)).mean())
-            indices, heatmaps = accelerator.gather_for_metrics((batch["index"], heatmaps))
-            for index, heatmap in zip(indices.tolist(), heatmaps.cpu().numpy()):
-                found[index] = heatmap
-        order = sorted(found)
-        crops = [dataset.instances[i] for i in order]
-        points, scores = decode_heatmaps(np.stack([found[i] for i in order]), [c.crop for c in crops])
-        targets = [c.target() for c in crops]
-        metrics = {"loss": float(torch.stack(losses).mean())}
-        metrics.update(pose_metrics(targets, points, scores, info.labels, info.extra["sigmas"]))
+    def eval_step(self, model, batch, processor, info: ModelInfo):
+        heatmaps = model(pixel_values=batch["pixel_values"]).heatmaps.float()
+        loss = heatmap_loss(heatmaps, batch["target"], batch["weight"])
+        crops = [CropBox(c.numpy(), s.numpy()) for c, s in zip(batch["center"].cpu(), batch["scale"].cpu())]
+        points, scores = decode_heatmaps(processor, heatmaps.cpu().numpy(), crops)
+        return loss, list(zip(points, scores))
+
+    def metrics(self, dataset, indices, outputs, info: ModelInfo) -> dict[str, Any]:
+        crops = [dataset.instances[i] for i in indices]
+        points = np.stack([o[0] for o in outputs])
+        scores = np.stack([o[1] for o in outputs])
+        metrics = pose_metrics([c.target() for c in crops], points, scores, info.labels, info.extra["sigmas"])
         if dataset.mean_points is not None:
             baseline = np.stack([c.from_input(dataset.mean_points) for c in crops])
             truth = np.stack([c.keypoints for c in crops])
@@ -176,36 +170,37 @@ class PoseTask:
             metrics["mean_baseline_pixel_error"] = float(np.linalg.norm(baseline - truth[..., :2], axis=-1)[labelled].mean())
         return metrics
 
-    @torch.no_grad()
-    def predict(self, model, processor, images: Sequence[Image.Image], info: ModelInfo, boxes=None, **_) -> list[dict]:
-        """Keypoints per box (``boxes[i]``: x0, y0, x1, y1 lists for image i), or for the whole image."""
-        model.eval()
-        normalizer = Normalizer(processor)
+    # -- prediction -------------------------------------------------------------------
+    def predict_inputs(self, image, image_index, processor, info, options):
+        """One input per box (``boxes[i]``: x0, y0, x1, y1 lists for image i), or the whole image."""
         input_size = tuple(info.extra["input_size"])
-        device = next(model.parameters()).device
-        jobs = []
-        for image_index, image in enumerate(images):
-            image_boxes = (boxes[image_index] if boxes is not None else None) or [[0, 0, image.width, image.height]]
-            array = np.asarray(image)
-            for box in image_boxes:
-                crop = crop_for_box(box, input_size)
-                pixels = torch.from_numpy(warp_image(array, warp_matrix(crop, input_size), input_size)).permute(2, 0, 1)
-                jobs.append((image_index, [float(v) for v in box], crop, normalizer(pixels)))
-        results = [{"instances": []} for _ in images]
-        for start in range(0, len(jobs), PREDICT_BATCH):
-            chunk = jobs[start : start + PREDICT_BATCH]
-            pixels = torch.stack([job[3] for job in chunk]).to(device)
-            heatmaps = model(pixel_values=pixels).heatmaps.float().cpu().numpy()
-            points, scores = decode_heatmaps(heatmaps, [job[2] for job in chunk])
-            for (image_index, box, _, _), instance_points, instance_scores in zip(chunk, points, scores):
-                results[image_index]["instances"].append({
-                    "box": [round(v, 2) for v in box],
-                    "keypoints": [
-                        {"name": name, "x": round(float(x), 2), "y": round(float(y), 2), "score": float(s)}
-                        for name, (x, y), s in zip(info.labels, instance_points, instance_scores)
-                    ],
-                })
-        return results
+        boxes = options.get("boxes")
+        image_boxes = (boxes[image_index] if boxes is not None else None) or [[0, 0, image.width, image.height]]
+        normalizer = Normalizer(processor)
+        array = np.asarray(image)
+        inputs = []
+        for box in image_boxes:
+            crop = crop_for_box(box, input_size)
+            pixels = torch.from_numpy(warp_image(array, warp_matrix(crop, input_size), input_size)).permute(2, 0, 1)
+            inputs.append(PredictInput(image_index, normalizer(pixels), ([float(v) for v in box], crop)))
+        return inputs
+
+    def decode(self, outputs, inputs, images, processor, info: ModelInfo, options) -> list[dict]:
+        heatmaps = outputs.heatmaps.float().cpu().numpy()
+        points, scores = decode_heatmaps(processor, heatmaps, [item.meta[1] for item in inputs])
+        return [
+            {
+                "box": [round(v, 2) for v in item.meta[0]],
+                "keypoints": [
+                    {"name": name, "x": round(float(x), 2), "y": round(float(y), 2), "score": float(s)}
+                    for name, (x, y), s in zip(info.labels, instance_points, instance_scores)
+                ],
+            }
+            for item, instance_points, instance_scores in zip(inputs, points, scores)
+        ]
+
+    def combine(self, results: list[dict]) -> dict[str, Any]:
+        return {"instances": results}
 
     def draw(self, image: Image.Image, prediction: dict, info: ModelInfo) -> Image.Image:
         skeleton = info.extra.get("skeleton", [])
@@ -288,12 +283,13 @@ def _mean_points(instances: list[InstanceCrop], input_size) -> np.ndarray:
     return totals / np.maximum(counts, 1)
 
 
-class EvalCrops(torch.utils.data.Dataset):
-    """Model-ready crops with target heatmaps (for the validation loss)."""
+class EvalCrops(SeededDataset):
+    """Model-ready crops with target heatmaps (for the validation loss) and their crop boxes."""
 
     def __init__(self, instances, normalizer, input_size, heatmap_wh, mean_points=None):
         self.instances, self.normalizer = instances, normalizer
         self.input_size, self.heatmap_wh, self.mean_points = input_size, heatmap_wh, mean_points
+        self.images = 0  # how many images the instances come from
 
     def __len__(self) -> int:
         return len(self.instances)
@@ -305,21 +301,15 @@ class EvalCrops(torch.utils.data.Dataset):
 
 
 class TrainingCrops(EvalCrops):
-    """Random scale, rotation and flip (swapping left/right keypoints) from the cached context.
-
-    The augmentation of item ``i`` in epoch ``e`` depends only on (seed, e, i).
-    """
+    """Random scale, rotation and flip (swapping left/right keypoints) from the cached context."""
 
     def __init__(self, instances, normalizer, input_size, heatmap_wh, pairs, seed: int, augment: bool = True):
         super().__init__(instances, normalizer, input_size, heatmap_wh)
-        self.pairs, self.seed, self.augment, self.epoch = pairs, seed, augment, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.pairs, self.seed, self.augment = pairs, seed, augment
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         instance = self.instances[index]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng(self.item_seed(index))
         scale, rotation, flip = 1.0, 0.0, False
         if self.augment:
             scale = rng.uniform(*SCALE_RANGE)
@@ -342,10 +332,13 @@ class TrainingCrops(EvalCrops):
 def _item(pixels: np.ndarray, points: np.ndarray, labelled: np.ndarray, dataset: EvalCrops, index: int) -> dict[str, Any]:
     target, weight = encode_heatmaps(points, labelled, dataset.input_size, dataset.heatmap_wh)
     tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+    crop = dataset.instances[index].crop
     return {
         "pixel_values": dataset.normalizer(tensor),
         "target": torch.from_numpy(target),
         "weight": torch.from_numpy(weight),
+        "center": torch.from_numpy(np.asarray(crop.center, dtype=np.float32)),
+        "scale": torch.from_numpy(np.asarray(crop.scale, dtype=np.float32)),
         "index": torch.tensor(index),
     }
 
@@ -362,18 +355,3 @@ def _heatmap_size(model, input_size) -> tuple[int, int]:
     patch = backbone.patch_size if isinstance(backbone.patch_size, (list, tuple)) else [backbone.patch_size] * 2
     factor = getattr(model.config, "scale_factor", 4)
     return input_size[0] // patch[1] * factor, input_size[1] // patch[0] * factor
-
-
-def _tiny_vitpose(num_keypoints: int, height: int):
-    """A 2-layer, 64-wide ViTPose with 8-pixel patches and random weights, input height x 3/4 height."""
-    from transformers import VitPoseBackboneConfig, VitPoseConfig, VitPoseForPoseEstimation, VitPoseImageProcessorPil
-
-    width = round(height * 3 / 4 / 8) * 8
-    if height % 8 or width < 8:
-        raise VisionLoraError(f"--image-size {height}: the tiny ViTPose needs a multiple of 8 (16 or more)")
-    backbone = VitPoseBackboneConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        image_size=[height, width], patch_size=[8, 8], out_indices=[2],
-    )
-    processor = VitPoseImageProcessorPil(size={"height": height, "width": width})
-    return VitPoseForPoseEstimation(VitPoseConfig(backbone_config=backbone, num_labels=num_keypoints)), processor

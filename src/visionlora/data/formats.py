@@ -1,0 +1,99 @@
+"""Find each task's data in whatever format it is, and apply the train/validation rule.
+
+Formats are tried in order; the first that finds its files in a part reads it. A new
+format is a reader module declaring a :class:`~visionlora.data.records.DataFormat`,
+added to ``FORMATS``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Hashable
+
+from visionlora.data import coco, deeplabcut, hf_datasets, imagefolder, voc, yolo
+from visionlora.data.records import DataFormat, Part, SourceData
+from visionlora.data.splits import evaluation_part, holdout_fraction, locate_parts, seeded_split
+from visionlora.errors import VisionLoraError
+
+FORMATS: list[DataFormat] = [
+    hf_datasets.FORMAT,
+    imagefolder.FORMAT,
+    coco.DETECTION,
+    voc.FORMAT,
+    yolo.FORMAT,
+    deeplabcut.FORMAT,
+    coco.KEYPOINTS,
+]
+
+
+def read_part(task: str, path: Path) -> Part:
+    """Read one part with the first of the task's formats that finds its files there."""
+    candidates = [f for f in FORMATS if f.task == task]
+    for data_format in candidates:
+        if data_format.finds(path):
+            return data_format.read(path)
+    if not path.exists():
+        raise VisionLoraError(f"{path}: no such folder or file")
+    expected = "; or ".join(f.expected for f in candidates)
+    raise VisionLoraError(f"{path}: no annotations found for {task} (expected {expected})")
+
+
+def read_source(
+    task: str,
+    data: str,
+    val_data: str | None,
+    seed: int,
+    val_fraction: float | None,
+    group: Callable[[Any], Hashable] | None = None,
+) -> tuple[SourceData, Part]:
+    """Training and validation records of ``data`` under the split rule (see ``splits``).
+
+    Also returns the validation part, so that a task can check it against training's labels.
+    """
+    layout = locate_parts(data, val_data)
+    train = read_part(task, layout.train)
+    val = read_part(task, layout.val) if layout.val else None
+    train_records, val = _validation(train, val, seed, val_fraction, group)
+    source = SourceData(
+        train=train_records,
+        val=val.records,
+        labels=list(train.labels),
+        skipped=train.skipped + val.skipped,
+        dropped=train.dropped + val.dropped,
+        description={"format": train.format, "train": train.where, "val": val.where},
+        extra=dict(train.extra),
+    )
+    return source, val
+
+
+def read_validation(
+    task: str,
+    data: str,
+    val_data: str | None,
+    seed: int,
+    val_fraction: float | None,
+    group: Callable[[Any], Hashable] | None = None,
+) -> Part:
+    """Only the validation part of the split :func:`read_source` makes: a separate
+    validation folder is read alone, without the training part's annotations."""
+    layout = locate_parts(data, val_data)
+    if layout.val:
+        return read_part(task, layout.val)
+    return _validation(read_part(task, layout.train), None, seed, val_fraction, group)[1]
+
+
+def read_evaluation_part(task: str, data: str) -> Part:
+    """The records to evaluate on in ``data``: its validation part, else all of it."""
+    part = read_part(task, evaluation_part(data))
+    return part.own_val or part
+
+
+def _validation(train: Part, val: Part | None, seed: int, val_fraction: float | None, group) -> tuple[list[Any], Part]:
+    """(training records, validation part): the given part, the format's own, or a seeded share."""
+    val = val or train.own_val
+    if val is not None:
+        return train.records, val
+    fraction = holdout_fraction(val_fraction, train.holdout)
+    kept, held_out = seeded_split(train.records, fraction, seed, group)
+    where = f"{fraction:.0%} of the training records{' per class' if group else ''}, seed {seed}"
+    return kept, Part(held_out, list(train.labels), train.format, where, extra=dict(train.extra))

@@ -1,0 +1,66 @@
+"""Training curves from the per-epoch history: loss.png and metrics.png (200 dpi)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Sequence
+
+from visionlora.artifacts import atomic_write_bytes
+
+PLOT_DPI = 200
+
+
+def save_training_plots(history: list[dict[str, Any]], loss_path: Path, metrics_path: Path, main_metric: str,
+                        unbounded: Sequence[str] = ()) -> None:
+    """Train and validation loss per epoch, and every scalar validation metric per epoch.
+
+    Metrics in [0, 1] share one axis fixed to [0, 1]; ``unbounded`` ones (pixel errors)
+    get a panel of their own. Epochs are whole numbers and legends sit beside the curves.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        axis.plot(epochs, [row.get(key) for row in history], marker="o", label=label)
+    _style(axis, "loss", "Loss")
+    _save(figure, loss_path)
+
+    scalars = [k[4:] for k, v in history[-1].items()
+               if k.startswith("val_") and k != "val_loss" and isinstance(v, (int, float))]
+    groups = [[k for k in scalars if k not in unbounded], [k for k in scalars if k in unbounded]]
+    groups = [group for group in groups if group] or [[]]
+    figure, axes = plt.subplots(len(groups), 1, figsize=(7, 3.6 * len(groups)), squeeze=False)
+    for axis, group in zip(axes[:, 0], groups):
+        for key in group:
+            style = "-" if key == main_metric else "--"
+            axis.plot(epochs, [row.get(f"val_{key}") for row in history], style, marker="o", label=key)
+        bounded = not any(key in unbounded for key in group)
+        if bounded:
+            axis.set_ylim(0.0, 1.0)
+        _style(axis, "value" if bounded else "pixels", f"Validation metrics (main: {main_metric})")
+    _save(figure, metrics_path)
+
+
+def _style(axis, ylabel: str, title: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set(xlabel="epoch", ylabel=ylabel, title=title)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.grid(alpha=0.3)
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
+
+
+def _save(figure, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=PLOT_DPI, bbox_inches="tight")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())

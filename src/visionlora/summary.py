@@ -1,0 +1,94 @@
+"""The run's results: history.csv, the plots, then training_summary.json (written last)."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from visionlora import __version__
+from visionlora.adapters import LoraSetup
+from visionlora.artifacts import RunPaths, atomic_write_bytes, atomic_write_json, folder_bytes, history_csv
+from visionlora.checkpoint import Progress
+from visionlora.config import TrainConfig
+from visionlora.plots import save_training_plots
+from visionlora.runtime import peak_memory
+from visionlora.tasks.base import Datasets, Task
+
+
+@dataclass
+class RunFacts:
+    """What a run knows before its loop: settings, data, parameters, adapter, base size."""
+
+    cfg: TrainConfig
+    data: Datasets
+    parameters: dict[str, Any]
+    lora: LoraSetup | None
+    base_bytes: int
+    started: float
+
+
+def write_results(paths: RunPaths, task: Task, facts: RunFacts, progress: Progress, early_stopped: bool) -> dict[str, Any]:
+    """history.csv, loss.png and metrics.png, then the summary, which marks the run complete."""
+    history = progress.history
+    paths.results_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(paths.history, history_csv(history).encode())
+    save_training_plots(history, paths.loss_plot, paths.metrics_plot, task.main_metric, task.unbounded_metrics)
+    summary = build_summary(paths, task, facts, progress, early_stopped)
+    atomic_write_json(paths.summary, summary)
+    return summary
+
+
+def build_summary(paths: RunPaths, task: Task, facts: RunFacts, progress: Progress, early_stopped: bool) -> dict[str, Any]:
+    """The summary of a finished run (see the README's 'What a run writes')."""
+    cfg, data = facts.cfg, facts.data
+    weights = next(iter(sorted(paths.model_dir.glob("*.safetensors"))), None)
+    return {
+        "completed": True,
+        "task": cfg.task,
+        "mode": cfg.mode,
+        "base_model": cfg.model,
+        "run_dir": str(paths.root),
+        "data": {
+            **data.description,
+            "counts": data.counts,
+            "skipped_count": len(data.skipped),
+            "skipped": data.skipped,
+        },
+        "training": {**cfg.to_dict(), "epochs_run": len(progress.history), "early_stopped": early_stopped},
+        "lora": None if facts.lora is None else {"requested": facts.lora.requested, "resolved": facts.lora.resolved},
+        "parameters": facts.parameters,
+        "sizes": {
+            "saved_model_bytes": folder_bytes(paths.model_dir),
+            "weights_file_bytes": weights.stat().st_size if weights else None,
+            "base_model_bytes": facts.base_bytes,
+        },
+        "main_metric": task.main_metric,
+        "best_epoch": progress.best_epoch,
+        "metrics": progress.best_metrics,
+        "time": {
+            "wall_seconds": round(time.perf_counter() - facts.started, 3),
+            "train_seconds": round(progress.train_seconds, 3),
+            "train_images_per_second": round(progress.images_seen / max(progress.train_seconds, 1e-9), 2),
+        },
+        "memory": peak_memory(),
+        "versions": versions(),
+    }
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import peft
+    import transformers
+
+    return {
+        "visionlora": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+    }
