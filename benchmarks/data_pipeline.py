@@ -26,7 +26,9 @@ def worker(source: str, data: str, epochs: int, image_size: int) -> None:
     import torch
 
     from visionlora.config import TrainConfig
-    from visionlora.engine import _TrainingLoop, new_accelerator
+    from visionlora.artifacts import RunPaths
+    from visionlora.engine import TrainingLoop
+    from visionlora.runtime import new_accelerator
     from visionlora.tasks import get_task
     from visionlora.tasks.base import Datasets
     from visionlora.tasks.classification import AugmentedImages, CachedImages
@@ -36,7 +38,7 @@ def worker(source: str, data: str, epochs: int, image_size: int) -> None:
     task = get_task("classification")
     torch.manual_seed(0)
     records = task.read_data(cfg)
-    model, processor, info = task.build_model("tiny", records.labels, image_size)
+    model, processor, info = task.build_model("tiny", records.labels, image_size, "full")
     started = time.perf_counter()
     datasets = task.make_datasets(records, processor, info, cfg)
     decode_seconds = time.perf_counter() - started
@@ -53,7 +55,7 @@ def worker(source: str, data: str, epochs: int, image_size: int) -> None:
     accelerator = new_accelerator(mixed_precision="no")
     import tempfile
 
-    loop = _TrainingLoop(cfg, task, info, accelerator, model, datasets, Path(tempfile.mkdtemp()))
+    loop = TrainingLoop(cfg, task, info, processor, accelerator, model, datasets, RunPaths(Path(tempfile.mkdtemp()), "full"))
     loop.run()
     report({"source": source, "images": len(datasets.train), "train_seconds": loop.state.train_seconds,
             "images_per_second": loop.state.images_seen / loop.state.train_seconds, "decode_seconds": decode_seconds})

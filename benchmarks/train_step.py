@@ -59,7 +59,7 @@ def worker(task_name: str, mode: str, steps: int, low_memory: bool) -> None:
     import torch
 
     if low_memory:
-        from visionlora.engine import return_freed_memory
+        from visionlora.runtime import return_freed_memory
 
         return_freed_memory()
     from visionlora.adapters import apply_lora, parameter_counts

@@ -40,3 +40,26 @@ def read_data(task: str, data: str, val_data: str | None = None, seed: int = 0, 
     """A task's training and validation records of ``data`` (annotations only), as training reads them."""
     cfg = TrainConfig(task=task, data=data, val_data=val_data, seed=seed, val_fraction=val_fraction)
     return get_task(task).read_data(cfg)
+
+
+def fill_hub_cache(hf_home: Path, repo_id: str, model, processor, revision: str = "0" * 40) -> Path:
+    """Save ``model`` and ``processor`` where the Hugging Face hub cache keeps ``repo_id``,
+    so that ``from_pretrained(repo_id)`` with ``HF_HUB_OFFLINE=1`` loads them as a download would."""
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    model.save_pretrained(snapshot)
+    processor.save_pretrained(snapshot)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+@pytest.fixture(scope="session")
+def vit_hub_home(tmp_path_factory) -> Path:
+    """An HF_HOME whose cache holds a small ViT under the classification preset's hub id."""
+    from visionlora.builtin_models import tiny_vit
+
+    home = tmp_path_factory.mktemp("hf_home")
+    model, processor = tiny_vit(["a", "b"], 32)
+    fill_hub_cache(home, get_task("classification").preset.model, model, processor)
+    return home

@@ -174,11 +174,19 @@ class atomic_dir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        _readable_as_umask(self.tmp)  # some writers (safetensors shards) make private files
         old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
         if self.path.exists():
             os.replace(self.path, old)
         os.replace(self.tmp, self.path)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _readable_as_umask(folder: Path) -> None:
+    """Give every file and folder under ``folder`` the permissions the umask allows."""
+    mask = current_umask()
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def save_model(model, processor, info_dict: dict[str, Any], target: Path) -> None:

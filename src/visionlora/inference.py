@@ -69,11 +69,10 @@ class LoadedRun:
 
     def evaluate(self, data: str | None = None, batch_size: int = 16) -> dict[str, Any]:
         """Metrics on ``data`` (default: the run's own validation split, read alone)."""
-        from visionlora.config import TrainConfig
         from visionlora.runtime import new_accelerator
 
         if data is None:
-            part = self.task.read_validation(TrainConfig.from_dict(read_json(self.paths.summary)["training"]))
+            part = self.task.read_validation(read_json(self.paths.summary))
         else:
             part = self.task.read_evaluation(data, self.info)
         dataset, skipped = self.task.eval_dataset(part.records, self.processor, self.info)

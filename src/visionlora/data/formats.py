@@ -60,7 +60,8 @@ def read_source(
         labels=list(train.labels),
         skipped=train.skipped + val.skipped,
         dropped=train.dropped + val.dropped,
-        description={"format": train.format, "train": train.where, "val": val.where},
+        description={"format": train.format, "train": train.where, "val": val.where,
+                     "val_part": str(layout.val) if layout.val else None},
         extra=dict(train.extra),
     )
     return source, val
@@ -68,18 +69,18 @@ def read_source(
 
 def read_validation(
     task: str,
+    description: dict[str, Any],
     data: str,
-    val_data: str | None,
     seed: int,
     val_fraction: float | None,
     group: Callable[[Any], Hashable] | None = None,
 ) -> Part:
-    """Only the validation part of the split :func:`read_source` makes: a separate
-    validation folder is read alone, without the training part's annotations."""
-    layout = locate_parts(data, val_data)
-    if layout.val:
-        return read_part(task, layout.val)
-    return _validation(read_part(task, layout.train), None, seed, val_fraction, group)[1]
+    """Only the validation part of a run's split, as its summary's data ``description`` records it:
+    a separate validation folder is read alone, without the training part."""
+    if description.get("val_part"):
+        return read_part(task, Path(description["val_part"]))
+    train = read_part(task, locate_parts(data).train)
+    return _validation(train, None, seed, val_fraction, group)[1]
 
 
 def read_evaluation_part(task: str, data: str) -> Part:

@@ -145,9 +145,11 @@ class Task:
         self.check_data(source, val_part, cfg.data)
         return source
 
-    def read_validation(self, cfg) -> Part:
-        """Only the validation records of the run ``cfg`` describes (for ``evaluate RUN``)."""
-        return read_validation(self.name, cfg.data, cfg.val_data, cfg.seed, cfg.val_fraction, self.split_group)
+    def read_validation(self, summary: dict[str, Any]) -> Part:
+        """Only the validation records of a finished run, from its summary (for ``evaluate RUN``)."""
+        settings = summary["training"]
+        return read_validation(self.name, summary["data"], settings["data"], settings["seed"],
+                               settings["val_fraction"], self.split_group)
 
     def read_evaluation(self, data: str, info: ModelInfo) -> Part:
         """Labelled records of ``data`` for ``evaluate --data``, checked against the model's labels."""
