@@ -42,7 +42,8 @@ def save_training_plots(history: list[dict[str, Any]], loss_path: Path, metrics_
         bounded = not any(key in unbounded for key in group)
         if bounded:
             axis.set_ylim(0.0, 1.0)
-        _style(axis, "value" if bounded else "pixels", f"Validation metrics (main: {main_metric})")
+        title = f"Validation metrics (main: {main_metric})" if bounded else "Validation errors"
+        _style(axis, "value" if bounded else "pixels", title)
     _save(figure, metrics_path)
 
 
