@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+from visionlora.metrics.coco import defined, run_cocoeval
 
 
 @dataclass
@@ -55,24 +55,13 @@ def detection_metrics(
 
     Undefined values (COCO's -1, e.g. a class without ground truth) are reported as None.
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     keys = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "ar1", "ar10", "ar100")
     detections = coco_detections(predictions)
     if not detections:
         return {**{k: 0.0 for k in keys}, "per_class_ap": {name: 0.0 for name in label_names}}
-    with contextlib.redirect_stdout(io.StringIO()):
-        ground_truth = COCO()
-        ground_truth.dataset = coco_ground_truth(targets, label_names, sizes)
-        ground_truth.createIndex()
-        evaluation = COCOeval(ground_truth, ground_truth.loadRes(detections), iouType="bbox")
-        evaluation.evaluate()
-        evaluation.accumulate()
-        evaluation.summarize()
+    evaluation = run_cocoeval(coco_ground_truth(targets, label_names, sizes), detections, "bbox")
     stats = [float(v) for v in evaluation.stats]
-    metrics = {key: _defined(stats[i]) for i, key in enumerate(keys[:6])}
-    metrics.update({"ar1": _defined(stats[6]), "ar10": _defined(stats[7]), "ar100": _defined(stats[8])})
+    metrics = {key: defined(stats[i]) for i, key in enumerate(keys)}
     precision = evaluation.eval["precision"]  # (iou, recall, class, area, max dets)
     per_class = {}
     for index, name in enumerate(label_names):
@@ -82,6 +71,3 @@ def detection_metrics(
     metrics["per_class_ap"] = per_class
     return metrics
 
-
-def _defined(value: float) -> float | None:
-    return None if value < 0 else value

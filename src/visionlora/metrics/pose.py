@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+from visionlora.metrics.coco import defined, run_cocoeval
 
 PCK_THRESHOLDS = (0.05, 0.1, 0.2)
 
@@ -48,9 +48,6 @@ def pose_metrics(
 
 def oks_average_precision(targets, points, scores, names, sigmas) -> dict:
     """COCO keypoint AP with one detection per ground-truth instance (top-down, given boxes)."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     images, annotations, detections = [], [], []
     for index, (target, found, found_scores) in enumerate(zip(targets, points, scores), start=1):
         x0, y0, x1, y1 = (float(v) for v in target.box)
@@ -64,20 +61,10 @@ def oks_average_precision(targets, points, scores, names, sigmas) -> dict:
         flat_found = np.column_stack([found, found_scores]).ravel()
         detections.append({"image_id": index, "category_id": 1, "keypoints": flat_found.tolist(),
                            "score": float(np.mean(found_scores))})
-    with contextlib.redirect_stdout(io.StringIO()):
-        truth = COCO()
-        truth.dataset = {"images": images, "annotations": annotations,
-                         "categories": [{"id": 1, "name": "instance", "keypoints": list(names)}]}
-        truth.createIndex()
-        evaluation = COCOeval(truth, truth.loadRes(detections), iouType="keypoints")
-        evaluation.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)
-        evaluation.evaluate()
-        evaluation.accumulate()
-        evaluation.summarize()
+    ground_truth = {"images": images, "annotations": annotations,
+                    "categories": [{"id": 1, "name": "instance", "keypoints": list(names)}]}
+    evaluation = run_cocoeval(ground_truth, detections, "keypoints", sigmas)
     stats = [float(v) for v in evaluation.stats]
-    return {"oks_ap": _defined(stats[0]), "oks_ap50": _defined(stats[1]), "oks_ap75": _defined(stats[2]),
-            "oks_ar": _defined(stats[5])}
+    return {"oks_ap": defined(stats[0]), "oks_ap50": defined(stats[1]), "oks_ap75": defined(stats[2]),
+            "oks_ar": defined(stats[5])}
 
-
-def _defined(value: float) -> float | None:
-    return None if value < 0 else value
