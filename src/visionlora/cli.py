@@ -17,6 +17,7 @@ COMMANDS = {
     "evaluate": "evaluate a finished run",
     "predict": "predict images with a finished run",
     "compare": "LoRA vs full: train both on --data, or compare two finished runs",
+    "serve": "serve finished runs over HTTP, LoRA adapters sharing one base",
     "demo": "train LoRA and full on a generated image set (offline, minutes on a CPU)",
 }
 
@@ -62,7 +63,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show full tracebacks")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     builders = {"train": _train_parser, "evaluate": _evaluate_parser, "predict": _predict_parser,
-                "compare": _compare_parser, "demo": _demo_parser}
+                "compare": _compare_parser, "serve": _serve_parser, "demo": _demo_parser}
     for name, help_text in COMMANDS.items():
         if only is None or only == name:
             builders[name](commands, common, help_text)
@@ -125,6 +126,21 @@ def _compare_parser(commands, common, help_text: str) -> None:
     compare.add_argument("--config", metavar="FILE", help="YAML file of training settings (flags given here win)")
     _add_config_flags(compare)
     compare.set_defaults(handler=_cmd_compare)
+
+
+def _serve_parser(commands, common, help_text: str) -> None:
+    serve = commands.add_parser("serve", parents=[common], help=help_text,
+                                description="Serve runs over HTTP: GET / for a page to try them, /v1/models for the API.")
+    serve.add_argument("runs", nargs="+", metavar="[NAME=]RUN", help="run folders; a model's name is its folder's name or NAME")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--max-batch-size", type=int, default=16, help="images per batched forward (default 16)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20 MB)")
+    serve.add_argument("--admin-token", help="enable POST/DELETE /v1/models, with 'Authorization: Bearer TOKEN'")
+    serve.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                       help="inference precision (fp32 answers equal visionlora predict)")
+    serve.set_defaults(handler=_cmd_serve)
 
 
 def _demo_parser(commands, common, help_text: str) -> None:
@@ -266,6 +282,25 @@ def _cmd_compare(args) -> int:
 
     print(comparison_markdown(comparison))
     print(f"wrote {output}/comparison.md, comparison.json, comparison.png")
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    import uvicorn
+
+    from visionlora.serving.app import ServeSettings, create_app
+    from visionlora.serving.models import ModelStore
+
+    store = ModelStore()
+    for item in args.runs:
+        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        store.add(name or Path(path).resolve().name, path)
+    settings = ServeSettings(args.max_batch_size, args.max_wait_ms, args.max_upload_mb, args.admin_token, args.precision)
+    for served in store.models.values():
+        shared = f", sharing its base with {', '.join(served.describe()['shares_base_with'])}" if served.describe()["shares_base_with"] else ""
+        print(f"serving {served.name}: {served.task.name} {served.info.mode} run {served.paths.root}{shared}", flush=True)
+    print(f"listening on http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(create_app(store, settings), host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -106,15 +106,15 @@ def _load_model(paths: RunPaths, task: Task, info: ModelInfo) -> torch.nn.Module
     """The full model, or the base with the adapter; a mismatch or damaged file is one clear line."""
     check_weight_files(paths.model_dir)
     if info.mode == "full":
-        return _guarded(lambda: task.load_model(str(paths.model_dir), info), paths.model_dir, "the saved model")
+        return guarded_load(lambda: task.load_model(str(paths.model_dir), info), paths.model_dir, "the saved model")
     from peft import PeftModel
 
     base_ref = str(paths.base_dir) if is_builtin(info.base_model) else info.base_model
     base = task.load_model(base_ref, info)
-    return _guarded(lambda: PeftModel.from_pretrained(base, paths.model_dir), paths.model_dir, f"base model {base_ref}")
+    return guarded_load(lambda: PeftModel.from_pretrained(base, paths.model_dir), paths.model_dir, f"base model {base_ref}")
 
 
-def _guarded(load, folder: Path, what: str):
+def guarded_load(load, folder: Path, what: str):
     try:
         return load()
     except VisionLoraError:

@@ -79,3 +79,23 @@ def check_weight_files(folder: Path) -> None:
     pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
     if pickles and not has_safe:
         raise VisionLoraError(f"{folder}: only pickled weights ({', '.join(pickles)}); {PICKLE_HINT}")
+
+
+def base_revision(ref: str) -> str | None:
+    """What identifies the exact weights behind ``ref``: a local folder's content hash, or the
+    hub commit of its cached snapshot; None when neither can be known (not cached yet)."""
+    import hashlib
+
+    path = Path(ref)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin")):
+            digest.update(str(file.relative_to(path)).encode())
+            with file.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        return "sha256:" + digest.hexdigest()
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(ref, "config.json")
+    return Path(cached).parent.name if isinstance(cached, str) else None

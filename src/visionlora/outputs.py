@@ -36,6 +36,11 @@ class Option:
     default: Any = None
     metavar: str = "VALUE"
     per_image: bool = False
+    parse_form: Callable[[str], Any] | None = None  # a form field's text, when it differs from the flag's
+
+    def parse_field(self, text: str) -> Any:
+        """The value of a server form field (by ``parse_form``, else ``parse``)."""
+        return (self.parse_form or self.parse)(text)
 
     @property
     def flag(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,12 +42,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_rgb(source: str | Path | Image.Image | Any) -> Image.Image:
-    """Open a path (or take a PIL image, or call ``source.open()``), apply EXIF orientation, return RGB.
+    """Open a path or bytes (or take a PIL image, or call ``source.open()``), apply EXIF orientation, return RGB.
 
     Raises :class:`UnreadableImage` with a short reason when it cannot be decoded.
     """
     try:
-        if not isinstance(source, (str, Path, Image.Image)):
+        if isinstance(source, (bytes, bytearray)):
+            source = io.BytesIO(source)
+        elif not isinstance(source, (str, Path, Image.Image, io.IOBase)):
             source = source.open()
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -30,7 +30,7 @@ from visionlora.data.formats import read_evaluation_part, read_source, read_vali
 from visionlora.data.records import Part, SourceData
 from visionlora.data.transforms import processor_size, set_processor_size
 from visionlora.errors import VisionLoraError
-from visionlora.models import load_pretrained
+from visionlora.models import base_revision, load_pretrained
 from visionlora.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option, OutputWriter
 
 
@@ -67,6 +67,7 @@ class ModelInfo:
     image_size: dict[str, int]
     forward_kwargs: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    base_revision: str | None = None  # the hub commit or content hash of the base's weights
     format_version: int = 1
 
     @property
@@ -200,6 +201,8 @@ class Task:
             if image_size:
                 self.resize_processor(processor, image_size)
         info = ModelInfo(self.name, mode, model_ref, list(labels), processor_size(processor))
+        if not is_builtin(model_ref):
+            info.base_revision = base_revision(model_ref)
         self.describe_model(model, processor, info)
         return model, processor, info
 

@@ -53,6 +53,17 @@ def read_boxes_file(text: str) -> dict[str, list[list[float]]]:
     return mapping
 
 
+def parse_boxes_field(text: str) -> Any:
+    """A form field: a JSON list of [x0, y0, x1, y1] boxes, or a mapping of file name to such lists."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise VisionLoraError("boxes must be JSON: a list of [x0, y0, x1, y1] boxes") from None
+    if isinstance(value, dict):
+        return {name: check_boxes(boxes, f"boxes for {name}") for name, boxes in value.items()}
+    return check_boxes(value, "boxes")
+
+
 def check_boxes(boxes: Any, where: str) -> list[list[float]]:
     """``boxes`` if it is a list of [x0, y0, x1, y1] number lists, else a clear error."""
     if not (isinstance(boxes, list) and all(
@@ -80,7 +91,8 @@ class PoseTask(Task):
     unbounded_metrics = ("pixel_error", "mean_baseline_pixel_error")
     predict_options = (
         Option("boxes", 'boxes per image: a JSON file {"image.jpg": [[x0, y0, x1, y1], ...]} '
-               "(default: the whole image)", read_boxes_file, None, "FILE.json", per_image=True),
+               "(default: the whole image)", read_boxes_file, None, "FILE.json", per_image=True,
+               parse_form=parse_boxes_field),
     )
 
     # -- data -------------------------------------------------------------------------

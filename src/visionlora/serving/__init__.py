@@ -1,0 +1,1 @@
+"""``visionlora serve``: many runs behind one HTTP server, LoRA adapters sharing their base."""

@@ -1,0 +1,102 @@
+"""Micro-batching: requests for one model arriving within a short wait share one forward."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from PIL import Image
+
+
+@dataclass
+class Job:
+    """One request's images and options, and where its predictions go."""
+
+    images: list[Image.Image]
+    options: dict[str, Any]  # shared options; per-image ones are lists aligned with ``images``
+    per_image: tuple[str, ...]
+    future: asyncio.Future = field(default=None)
+
+    def batch_key(self) -> str:
+        """Requests batch together only when their shared options are equal."""
+        shared = {k: v for k, v in self.options.items() if k not in self.per_image}
+        return json.dumps(shared, sort_keys=True, default=str)
+
+
+class Batcher:
+    """Collects jobs for one model for up to ``max_wait_ms``, ``max_batch_size`` images at a
+    time, and runs ``predict(images, **options)`` for the batch in a worker thread."""
+
+    def __init__(self, predict: Callable[..., list[dict]], executor: ThreadPoolExecutor,
+                 max_batch_size: int, max_wait_ms: float, on_batch: Callable[[int], None] = lambda n: None):
+        self.predict, self.executor, self.on_batch = predict, executor, on_batch
+        self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
+        self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self.worker: asyncio.Task | None = None
+
+    async def submit(self, job: Job) -> list[dict]:
+        job.future = asyncio.get_running_loop().create_future()
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.create_task(self._run())
+        await self.queue.put(job)
+        return await job.future
+
+    async def close(self) -> None:
+        if self.worker is not None:
+            self.worker.cancel()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self.queue.get()
+            jobs, size = [first], len(first.images)
+            deadline = loop.time() + self.max_wait
+            while size < self.max_batch_size:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self.queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
+                jobs.append(job)
+                size += len(job.images)
+            for group in _groups(jobs, self.max_batch_size):
+                await self._forward(loop, group)
+
+    async def _forward(self, loop, jobs: list[Job]) -> None:
+        images = [image for job in jobs for image in job.images]
+        options = dict(jobs[0].options)
+        for name in jobs[0].per_image:
+            options[name] = [value for job in jobs for value in job.options[name]]
+        self.on_batch(len(images))
+        try:
+            predictions = await loop.run_in_executor(self.executor, lambda: self.predict(images, **options))
+        except Exception as err:  # handed to each waiting request
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(err)
+            return
+        start = 0
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_result(predictions[start : start + len(job.images)])
+            start += len(job.images)
+
+
+def _groups(jobs: list[Job], max_images: int) -> list[list[Job]]:
+    """Jobs with equal shared options, in arrival order, at most ``max_images`` images a group."""
+    groups: list[list[Job]] = []
+    open_groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        key = job.batch_key()
+        group = open_groups.get(key)
+        if group is None or sum(len(j.images) for j in group) + len(job.images) > max_images:
+            group = []
+            groups.append(group)
+            open_groups[key] = group
+        group.append(job)
+    return groups

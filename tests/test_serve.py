@@ -1,0 +1,316 @@
+"""The server, started for real on a free loopback port and stopped by its process id."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import visionlora
+from visionlora.engine import train
+from visionlora.synthetic import make_detection_dataset, make_pose_dataset
+from tests.conftest import tiny_config
+
+TOKEN = "test-token"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def multipart(files: list[tuple[str, bytes]], fields: dict[str, str] | None = None) -> tuple[bytes, str]:
+    """A multipart/form-data body with ``file`` parts and plain fields."""
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, value in (fields or {}).items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for filename, data in files:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+class Server:
+    """A ``visionlora serve`` process on loopback."""
+
+    def __init__(self, runs: list[str], log: Path, *extra: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log.open("w")
+        command = [sys.executable, "-m", "visionlora", "serve", *runs, "--port", str(self.port), *extra]
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+            try:
+                if self.request("GET", "/health")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError("server did not start within 120 s")
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as answer:
+                return answer.status, answer.read(), answer.headers.get("content-type", "")
+        except urllib.error.HTTPError as err:
+            return err.code, err.read(), err.headers.get("content-type", "")
+
+    def post_files(self, path: str, files, fields=None, headers=None):
+        body, content_type = multipart(files, fields)
+        return self.request("POST", path, body, {"Content-Type": content_type, **(headers or {})})
+
+    def stop(self) -> int:
+        os.kill(self.process.pid, signal.SIGTERM)
+        code = self.process.wait(timeout=30)
+        self.log.close()
+        return code
+
+
+@pytest.fixture(scope="module")
+def served_runs(class_folder, tmp_path_factory):
+    """Two classification adapters on one saved base, a detection run and a pose run."""
+    root = tmp_path_factory.mktemp("served")
+    first = train(tiny_config("classification", class_folder, root / "ants", epochs=1)).paths.root
+    second = train(tiny_config("classification", class_folder, root / "bees", epochs=2, seed=3,
+                               model=str(first / "base_model"))).paths.root
+    boxes = make_detection_dataset(root / "boxes-data", "coco", n_train=6, n_val=2)
+    detection = train(tiny_config("detection", boxes, root / "boxes", epochs=1, model="tiny-rtdetr")).paths.root
+    frames = make_pose_dataset(root / "pose-data", "dlc", n_train=6, n_val=2)
+    pose = train(tiny_config("pose", frames, root / "pose", epochs=1, mode="full")).paths.root
+    return {"ants": first, "bees": second, "boxes": detection, "pose": pose, "root": root}
+
+
+@pytest.fixture(scope="module")
+def server(served_runs):
+    runs = [f"{name}={served_runs[name]}" for name in ("ants", "bees", "boxes", "pose")]
+    running = Server(runs, served_runs["root"] / "server.log", "--admin-token", TOKEN, "--max-upload-mb", "1")
+    yield running
+    # uvicorn finishes in-flight requests on SIGTERM, then ends by that signal
+    assert running.stop() in (0, -signal.SIGTERM)
+    assert "Traceback" not in (served_runs["root"] / "server.log").read_text()
+
+
+def _png(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def test_models_are_listed_and_adapters_share_their_base(server):
+    status, body, _ = server.request("GET", "/v1/models")
+    models = {m["name"]: m for m in json.loads(body)["models"]}
+    assert status == 200 and set(models) == {"ants", "bees", "boxes", "pose"}
+    assert models["ants"]["shares_base_with"] == ["bees"] and models["bees"]["shares_base_with"] == ["ants"]
+    assert models["boxes"]["task"] == "detection" and models["pose"]["options"] == ["boxes"]
+
+
+def test_concurrent_requests_equal_visionlora_predict(server, served_runs, class_folder):
+    images = sorted((class_folder / "val").rglob("*.png"))[:6]
+    scenes = sorted((served_runs["root"] / "boxes-data" / "val" / "images").glob("*.png"))
+    frames = sorted((served_runs["root"] / "pose-data" / "labeled-data").rglob("*.png"))[:2]
+    jobs = [("ants", p, {}) for p in images] + [("bees", p, {}) for p in images]
+    jobs += [("boxes", p, {"threshold": "0.0"}) for p in scenes] + [("pose", p, {"boxes": "[[2, 3, 60, 70]]"}) for p in frames]
+    jobs = jobs[::2] + jobs[1::2]  # interleave the models
+
+    def ask(job):
+        name, path, fields = job
+        status, body, _ = server.post_files(f"/v1/models/{name}/predict", [(path.name, _png(path))], fields)
+        assert status == 200, body
+        return json.loads(body)["predictions"][0]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(ask, jobs))
+    loaded = {name: visionlora.load(served_runs[name]) for name in ("ants", "bees", "boxes", "pose")}
+    for (name, path, fields), answer in zip(jobs, answers):
+        options = {"threshold": 0.0} if name == "boxes" else {"boxes": [[[2, 3, 60, 70]]]} if name == "pose" else {}
+        expected = loaded[name].predict([path], **options)[0]
+        assert answer["image"] == path.name
+        _assert_close(answer, expected)
+    assert loaded["ants"].predict(images)[0]["score"] != loaded["bees"].predict(images)[0]["score"]
+
+
+def _assert_close(answer, expected, tolerance=1e-4):
+    if isinstance(expected, dict):
+        for key, value in expected.items():
+            _assert_close(answer[key], value, tolerance)
+    elif isinstance(expected, list):
+        assert len(answer) == len(expected)
+        for a, e in zip(answer, expected):
+            _assert_close(a, e, tolerance)
+    elif isinstance(expected, float):
+        assert answer == pytest.approx(expected, abs=tolerance)
+    else:
+        assert answer == expected
+
+
+def test_draw_returns_a_png(server, class_folder):
+    path = next((class_folder / "val").rglob("*.png"))
+    status, body, content_type = server.post_files("/v1/models/ants/draw", [(path.name, _png(path))])
+    assert status == 200 and content_type == "image/png"
+    assert Image.open(io.BytesIO(body)).size == Image.open(path).size
+
+
+def _bomb() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("case, expected_status, message", [
+    ("not an image", 400, "not a readable image"),
+    ("truncated", 400, "cannot decode"),
+    ("bomb", 400, "pixel limit"),
+    ("too large", 413, "larger than the server's limit"),
+    ("unknown model", 404, "no model named 'nope'"),
+    ("no file", 400, "no 'file' field"),
+    ("malformed", 400, "malformed multipart body"),
+    ("bad threshold", 400, "threshold must be"),
+    ("bad boxes", 400, "boxes"),
+    ("option of another task", 400, "take no option 'threshold'"),
+    ("not multipart", 400, "expected a multipart/form-data upload"),
+])
+def test_bad_requests_get_a_clear_4xx(server, class_folder, case, expected_status, message):
+    good = _png(next((class_folder / "val").rglob("*.png")))
+    if case == "not an image":
+        answer = server.post_files("/v1/models/ants/predict", [("notes.png", b"plain text")])
+    elif case == "truncated":
+        answer = server.post_files("/v1/models/ants/predict", [("cut.png", good[: len(good) // 2])])
+    elif case == "bomb":
+        answer = server.post_files("/v1/models/ants/predict", [("bomb.png", _bomb())])
+    elif case == "too large":
+        answer = server.post_files("/v1/models/ants/predict", [("big.png", good + b"\0" * (2 << 20))])
+    elif case == "unknown model":
+        answer = server.post_files("/v1/models/nope/predict", [("a.png", good)])
+    elif case == "no file":
+        answer = server.post_files("/v1/models/ants/predict", [], {"other": "1"})
+    elif case == "malformed":
+        answer = server.request("POST", "/v1/models/ants/predict", b"--x\r\nbroken",
+                                {"Content-Type": "multipart/form-data; boundary=zzz"})
+    elif case == "bad threshold":
+        answer = server.post_files("/v1/models/boxes/predict", [("a.png", good)], {"threshold": "high"})
+    elif case == "bad boxes":
+        answer = server.post_files("/v1/models/pose/predict", [("a.png", good)], {"boxes": "[[1, 2]]"})
+    elif case == "option of another task":
+        answer = server.post_files("/v1/models/ants/predict", [("a.png", good)], {"threshold": "0.5"})
+    else:
+        answer = server.request("POST", "/v1/models/ants/predict", b"{}", {"Content-Type": "application/json"})
+    status, body, content_type = answer
+    assert status == expected_status, body
+    assert content_type.startswith("application/json")
+    assert message in json.loads(body)["error"]
+    assert server.request("GET", "/health")[0] == 200  # still serving
+
+
+def test_admin_loads_and_unloads_runs_only_with_the_token(server, served_runs):
+    payload = json.dumps({"name": "ants-again", "path": str(served_runs["ants"])}).encode()
+    json_type = {"Content-Type": "application/json"}
+    assert server.request("POST", "/v1/models", payload, json_type)[0] == 401
+    assert server.request("POST", "/v1/models", payload, {**json_type, "Authorization": "Bearer wrong"})[0] == 401
+    status, body, _ = server.request("POST", "/v1/models", payload, {**json_type, "Authorization": f"Bearer {TOKEN}"})
+    assert status == 201 and "ants" in json.loads(body)["shares_base_with"]
+    names = [m["name"] for m in json.loads(server.request("GET", "/v1/models")[1])["models"]]
+    assert "ants-again" in names
+    assert server.request("DELETE", "/v1/models/ants-again")[0] == 401
+    assert server.request("DELETE", "/v1/models/ants-again", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
+    names = [m["name"] for m in json.loads(server.request("GET", "/v1/models")[1])["models"]]
+    assert "ants-again" not in names
+
+
+def test_metrics_count_requests_and_batches(server, class_folder):
+    path = next((class_folder / "val").rglob("*.png"))
+    server.post_files("/v1/models/bees/predict", [(path.name, _png(path))])
+    status, body, _ = server.request("GET", "/metrics")
+    text = body.decode()
+    assert status == 200
+    assert 'visionlora_requests_total{endpoint="predict",model="bees",status="200"}' in text
+    assert "visionlora_request_seconds_bucket" in text and 'visionlora_batch_images_count{model="bees"}' in text
+
+
+class Chromium:
+    """Headless Chromium driven over its DevTools protocol (loopback only)."""
+
+    def __init__(self, profile: Path):
+        import websocket
+
+        port = free_port()
+        self.process = subprocess.Popen(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}",
+             f"--user-data-dir={profile}", "--remote-allow-origins=*", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5) as answer:
+                    target = next(t for t in json.loads(answer.read()) if t["type"] == "page")
+                break
+            except (OSError, StopIteration):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        self.socket = websocket.create_connection(target["webSocketDebuggerUrl"], timeout=30)
+        self.next_id = 0
+
+    def call(self, method: str, **params):
+        self.next_id += 1
+        self.socket.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.socket.recv())
+            if message.get("id") == self.next_id:
+                return message.get("result", {})
+
+    def evaluate(self, expression: str):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def wait_for(self, expression: str, seconds: float = 60):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for: {expression}")
+
+    def close(self) -> None:
+        self.socket.close()
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_the_page_shows_a_drawn_prediction_in_chromium(server, class_folder, tmp_path):
+    """A person's path: open the page, pick a model, choose an image, press Predict, see the drawing."""
+    image = next((class_folder / "val").rglob("*.png"))
+    browser = Chromium(tmp_path / "profile")
+    try:
+        browser.call("Page.enable")
+        browser.call("Page.navigate", url=server.url + "/")
+        browser.wait_for("document.querySelectorAll('#model option').length === 4")
+        browser.evaluate("document.getElementById('model').value = 'bees'")
+        root = browser.call("DOM.getDocument")["root"]["nodeId"]
+        node = browser.call("DOM.querySelector", nodeId=root, selector="#file")["nodeId"]
+        browser.call("DOM.setFileInputFiles", nodeId=node, files=[str(image)])
+        browser.evaluate("document.querySelector('#try button').click()")
+        size = browser.wait_for("(() => { const i = document.getElementById('drawn');"
+                                " return !i.hidden && i.complete && i.naturalWidth ? [i.naturalWidth, i.naturalHeight] : null })()")
+        shown = json.loads(browser.evaluate("document.getElementById('json').textContent"))
+    finally:
+        browser.close()
+    assert size == list(Image.open(image).size)
+    assert shown["predictions"][0]["image"] == image.name and "label" in shown["predictions"][0]
