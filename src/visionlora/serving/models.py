@@ -1,8 +1,9 @@
 """The runs a server holds: each distinct base model once, every LoRA run an adapter on it.
 
 A LoRA run's base is keyed by its resolved location (hub id, or the folder of a built-in
-model's saved base) plus the revision of its weights and its head size, so a changed base is
-never silently shared. Full-mode runs are models of their own. Forwards on one base are
+model's saved base) plus the revision of its weights, its head size and the adapter's peft
+type, so a changed base is never silently shared and adapters of other peft types get a
+base copy of their own (peft cannot hold two types in one model). Full-mode runs are models of their own. Forwards on one base are
 serialised by that base's lock, with its adapter switched in first, so requests for
 different adapters never see each other's weights.
 """
@@ -124,7 +125,8 @@ class ModelStore:
         base_ref = str(paths.base_dir) if is_builtin(info.base_model) else info.base_model
         if Path(base_ref).exists():
             base_ref = str(Path(base_ref).resolve())  # one key for every spelling of a local folder
-        key = (info.task, base_ref, base_revision(base_ref), len(info.labels))
+        peft_type = read_json(paths.model_dir / "adapter_config.json").get("peft_type", "LORA")
+        key = (info.task, base_ref, base_revision(base_ref), len(info.labels), peft_type)
         shared = self.bases.get(key)
         if shared is None:
             model = task.load_model(base_ref, info)
