@@ -314,3 +314,18 @@ def test_the_page_shows_a_drawn_prediction_in_chromium(server, class_folder, tmp
         browser.close()
     assert size == list(Image.open(image).size)
     assert shown["predictions"][0]["image"] == image.name and "label" in shown["predictions"][0]
+
+
+def test_sigterm_lets_an_in_flight_request_finish(served_runs, class_folder):
+    """A request waiting in a long batching window still gets its answer when the server is told to stop."""
+    path = next((class_folder / "val").rglob("*.png"))
+    running = Server([f"ants={served_runs['ants']}"], served_runs["root"] / "server-sigterm.log",
+                     "--max-wait-ms", "3000", "--max-batch-size", "4", "--precision", "bf16")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(running.post_files, "/v1/models/ants/predict", [(path.name, _png(path))])
+        time.sleep(1.0)
+        assert not pending.done()
+        code = running.stop()
+        status, body, _ = pending.result(timeout=60)
+    assert status == 200 and json.loads(body)["predictions"][0]["image"] == path.name
+    assert code in (0, -signal.SIGTERM)
