@@ -113,8 +113,10 @@ def test_run_folder_layout_and_plots(trained_runs, mode):
     assert info["id2label"]["0"] == "blue_disc" and info["label2id"]["yellow_disc"] == 3
 
 
-def test_learnable_task_reaches_high_accuracy(class_folder, tmp_path):
-    result = train(tiny_config("classification", class_folder, tmp_path / "run", mode="full", epochs=6))
+@pytest.mark.parametrize("precision", ["bf16", "no"])
+def test_learnable_task_reaches_high_accuracy(class_folder, tmp_path, precision):
+    result = train(tiny_config("classification", class_folder, tmp_path / "run", mode="full", epochs=6,
+                               mixed_precision=precision))
     assert result.summary["metrics"]["accuracy"] >= 0.9
 
 

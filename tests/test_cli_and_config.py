@@ -119,3 +119,38 @@ def test_default_run_names_count_up(class_folder, tmp_path, monkeypatch):
 def test_config_validation_needs_data():
     with pytest.raises(VisionLoraError, match="no training data"):
         TrainConfig().validate()
+
+
+def test_auto_precision_picks_native_bf16_and_says_why(monkeypatch):
+    import torch
+
+    from visionlora import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_bf16_feature", lambda: "AVX512-BF16")
+    assert runtime.resolve_precision("auto", "classification") == ("bf16", "auto: this CPU has AVX512-BF16")
+    monkeypatch.setattr(runtime, "cpu_bf16_feature", lambda: None)
+    assert runtime.resolve_precision("auto", "pose")[0] == "no"
+    assert runtime.resolve_precision("bf16", "pose") == ("bf16", "asked for with --mixed-precision")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    assert runtime.resolve_precision("auto", "classification")[0] == "fp16"
+    precision, reason = runtime.resolve_precision("auto", "detection")
+    assert precision == "no" and "overflow in fp16" in reason
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert runtime.resolve_precision("auto", "detection")[0] == "bf16"
+
+
+def test_the_summary_records_the_precision_and_fp32_metrics(class_folder, tmp_path):
+    from visionlora.engine import train
+    from visionlora.runtime import resolve_precision
+    from tests.conftest import tiny_config
+
+    summary = train(tiny_config("classification", class_folder, tmp_path / "run", epochs=1)).summary
+    expected = resolve_precision("auto", "classification")
+    assert summary["training"]["mixed_precision"] == "auto"
+    assert summary["mixed_precision"] == expected[0].replace("no", "fp32")
+    assert summary["mixed_precision_reason"] == expected[1]
+    assert summary["metrics"]["accuracy"] == pytest.approx(summary["metrics_in_training_precision"]["accuracy"], abs=0.2)

@@ -120,11 +120,13 @@ def test_a_coco_file_path_and_a_seeded_split(tmp_path):
     assert len(data.train) == 8 and len(data.val) == 2
 
 
-def test_tiny_detector_fits_a_handful_of_images(tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "no"])
+def test_tiny_detector_fits_a_handful_of_images(tmp_path, precision):
     # RT-DETRv2, the detector recommended for small data; DETR needs many times more epochs.
     root = make_detection_dataset(tmp_path / "fit", "coco", n_train=8, n_val=1, max_objects=1)
     cfg = tiny_config("detection", root / "train", tmp_path / "run", mode="full", model="tiny-rtdetr", epochs=60,
-                      batch_size=4, val_data=str(root / "train"), augment=False, warmup_ratio=0.05)
+                      batch_size=4, val_data=str(root / "train"), augment=False, warmup_ratio=0.05,
+                      mixed_precision=precision)
     metrics = train(cfg).summary["metrics"]
     assert metrics["map50"] > 0.3  # random boxes score about 0
 

@@ -71,10 +71,11 @@ def test_pose_summary(pose_runs):
     assert summary["data"]["counts"]["labelled_keypoints_train"] == 12 * 4 - 1
 
 
-def test_tiny_vitpose_fits_a_handful_of_images(tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "no"])
+def test_tiny_vitpose_fits_a_handful_of_images(tmp_path, precision):
     root = make_pose_dataset(tmp_path / "fit", "coco", n_train=8, n_val=1)
     cfg = tiny_config("pose", root / "train", tmp_path / "run", mode="full", epochs=30, batch_size=4,
-                      val_data=str(root / "train"), augment=False)
+                      val_data=str(root / "train"), augment=False, mixed_precision=precision)
     metrics = train(cfg).summary["metrics"]
     assert metrics["pixel_error"] < 0.25 * metrics["mean_baseline_pixel_error"]
 

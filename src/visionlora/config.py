@@ -17,7 +17,7 @@ import yaml
 from visionlora.errors import VisionLoraError
 
 MODES = ("lora", "full")
-PRECISIONS = ("no", "fp16", "bf16")
+PRECISIONS = ("auto", "no", "fp16", "bf16")
 DEFAULT_VAL_FRACTION = 0.2
 
 
@@ -41,7 +41,9 @@ class TrainConfig:
     warmup_ratio: float = _opt(0.1, "fraction of the steps spent warming the learning rate up")
     grad_clip: float = _opt(1.0, "clip gradients to this global norm (0 = off)")
     grad_accum: int = _opt(1, "batches accumulated per optimizer step")
-    mixed_precision: str = _opt("no", "mixed precision: no, fp16 (GPU) or bf16", choices=PRECISIONS)
+    mixed_precision: str = _opt(
+        "auto", "auto (bf16 where the hardware runs it natively, else fp16 on older GPUs, else fp32), "
+        "no (fp32), fp16 (GPU) or bf16", choices=PRECISIONS)
     lora_r: int | None = _opt(None, "LoRA rank (preset per task)")
     lora_alpha: float | None = _opt(None, "LoRA alpha (preset per task)")
     lora_dropout: float = _opt(0.0, "dropout on the LoRA input")

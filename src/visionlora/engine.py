@@ -28,7 +28,7 @@ from visionlora.config import TrainConfig
 from visionlora.console import describe_epoch, describe_start, library_messages_to
 from visionlora.errors import VisionLoraError
 from visionlora.models import loading_policy
-from visionlora.runtime import new_accelerator, return_freed_memory
+from visionlora.runtime import new_accelerator, resolve_precision, return_freed_memory
 from visionlora.summary import RunFacts, write_results
 from visionlora.tasks import get_task
 from visionlora.tasks.base import Datasets, ModelInfo, Task
@@ -69,8 +69,9 @@ def _run(cfg: TrainConfig, progress: Progress | None) -> RunResult:
     if cfg.low_memory:
         return_freed_memory()
     task = get_task(cfg.task)
+    precision = resolve_precision(cfg.mixed_precision, cfg.task)
     accelerator = new_accelerator(
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=precision[0],
         gradient_accumulation_steps=cfg.grad_accum,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
@@ -82,22 +83,22 @@ def _run(cfg: TrainConfig, progress: Progress | None) -> RunResult:
     paths = RunPaths(Path(root[0]), cfg.mode)
     try:
         with loading_policy(cfg.allow_pickle, cfg.trust_remote_code), library_messages_to(paths.log_file):
-            return _train_in(paths, cfg, task, accelerator, progress, started)
+            return _train_in(paths, cfg, task, accelerator, progress, RunFacts(cfg, precision, started))
     except BaseException:
         if progress is None and accelerator.is_main_process and not paths.checkpoint_dir.exists():
             shutil.rmtree(paths.root, ignore_errors=True)  # nothing worth keeping: leave no half-run behind
         raise
 
 
-def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progress: Progress | None, started: float):
+def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progress: Progress | None, facts: RunFacts):
     from accelerate.utils import set_seed
 
     # -- data and model -----------------------------------------------------------------
     set_seed(cfg.seed)
     source = task.read_data(cfg)
     model, processor, info = task.build_model(cfg.model, source.labels, cfg.image_size, cfg.mode)
-    base_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    data = task.make_datasets(source, processor, info, cfg)
+    facts.base_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    data = facts.data = task.make_datasets(source, processor, info, cfg)
     lora = None
     if cfg.mode == "lora":
         if is_builtin(cfg.model) and accelerator.is_main_process and not paths.base_dir.exists():
@@ -105,9 +106,10 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
         model, lora = apply_lora(
             model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, task.head_modules(model)
         )
-    params = parameter_counts(model)
+    facts.parameters, facts.lora = parameter_counts(model), lora
     targets = lora.resolved["target_modules"] if lora else None
-    accelerator.print(describe_start(cfg, data.counts, len(data.skipped), params, targets, paths.root))
+    accelerator.print(describe_start(cfg, data.counts, len(data.skipped), facts.parameters, targets, paths.root))
+    accelerator.print(f"precision {facts.precision[0].replace('no', 'fp32')} ({facts.precision[1]})")
 
     # -- loop ---------------------------------------------------------------------------
     loop = TrainingLoop(cfg, task, info, processor, accelerator, model, data, paths)
@@ -115,7 +117,8 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
         loop.restore(progress)
         accelerator.print(f"resumed after epoch {progress.completed_epochs}, batch {progress.batches_done}")
     loop.run()
-    model = accelerator.unwrap_model(loop.model)
+    model = accelerator.unwrap_model(loop.model, keep_fp32_wrapper=False)  # predictions and files in fp32
+    facts.final_metrics = loop.final_metrics(model)
 
     # -- artifacts ----------------------------------------------------------------------
     summary = None
@@ -123,7 +126,6 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
         if cfg.mode == "lora" and is_builtin(cfg.model):
             model.peft_config["default"].base_model_name_or_path = str(paths.base_dir.resolve())
         save_model(model, processor, info.to_dict(), paths.model_dir)
-        facts = RunFacts(cfg, data, params, lora, base_bytes, started)
         summary = write_results(paths, task, facts, loop.state, loop.early_stopped)
         shutil.rmtree(paths.checkpoint_dir, ignore_errors=True)
         accelerator.print(f"saved {paths.model_dir} and {paths.results_dir}")
@@ -279,6 +281,12 @@ class TrainingLoop:
             self.state.best_epoch, self.state.best_value, self.state.best_metrics = epoch, value, metrics
             self.best_state = self._trained_weights()
         return better
+
+    def final_metrics(self, model) -> dict[str, Any]:
+        """The best weights' validation metrics in fp32 (what ``evaluate`` and ``predict`` reproduce)."""
+        if self.accelerator.mixed_precision == "no":
+            return self.state.best_metrics
+        return self.task.evaluate(model, self.processor, self.val_loader, self.accelerator, self.info)
 
     def _restore_best(self) -> None:
         if self.best_state is not None:

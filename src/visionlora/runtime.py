@@ -26,6 +26,49 @@ def new_accelerator(**kwargs):
     return Accelerator(**kwargs)
 
 
+def resolve_precision(requested: str, task: str) -> tuple[str, str]:
+    """(precision for Accelerate: no, fp16 or bf16; why) for ``--mixed-precision requested``.
+
+    ``auto`` picks bf16 where the hardware runs it natively (CUDA compute capability 8.0+,
+    CPUs with AVX512-BF16 or AMX-BF16, ARM CPUs with the bf16 extension), fp16 with loss
+    scaling on older CUDA GPUs except for detection (DETR-family losses overflow in fp16),
+    and fp32 otherwise, Apple MPS included.
+    """
+    if requested != "auto":
+        return requested, "asked for with --mixed-precision"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        if torch.cuda.get_device_capability() >= (8, 0):
+            return "bf16", f"auto: {name} (compute capability 8.0+) runs bf16 natively"
+        if task == "detection":
+            return "no", f"auto: {name} has no native bf16, and DETR-family losses overflow in fp16"
+        return "fp16", f"auto: {name} has no native bf16; fp16 with loss scaling"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "no", "auto: Apple MPS (auto keeps fp32 there; --mixed-precision bf16 to try it)"
+    feature = cpu_bf16_feature()
+    if feature:
+        return "bf16", f"auto: this CPU has {feature}"
+    return "no", "auto: this CPU has no native bf16"
+
+
+def cpu_bf16_feature() -> str | None:
+    """The CPU feature that runs bf16 natively (AVX512-BF16, AMX-BF16, ARM bf16), or None."""
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    for key, label in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")):
+        if capabilities.get(key):
+            return label
+    try:
+        cpuinfo = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    features = {word for line in cpuinfo.splitlines() if line.lower().startswith(("flags", "features"))
+                for word in line.split(":", 1)[-1].split()}
+    for flag, label in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"), ("bf16", "the ARM bf16 extension")):
+        if flag in features:
+            return label
+    return None
+
+
 def return_freed_memory(threshold: int = 1 << 20) -> bool:
     """Have glibc's malloc serve allocations over ``threshold`` bytes with their own mappings.
 

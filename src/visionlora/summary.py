@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,14 +21,16 @@ from visionlora.tasks.base import Datasets, Task
 
 @dataclass
 class RunFacts:
-    """What a run knows before its loop: settings, data, parameters, adapter, base size."""
+    """What a run learns besides its loop's progress: settings, precision, data, model, final metrics."""
 
     cfg: TrainConfig
-    data: Datasets
-    parameters: dict[str, Any]
-    lora: LoraSetup | None
-    base_bytes: int
+    precision: tuple[str, str]  # (Accelerate's mixed precision, why it was chosen)
     started: float
+    data: Datasets | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    lora: LoraSetup | None = None
+    base_bytes: int = 0
+    final_metrics: dict[str, Any] = field(default_factory=dict)  # the best weights', in fp32
 
 
 def write_results(paths: RunPaths, task: Task, facts: RunFacts, progress: Progress, early_stopped: bool) -> dict[str, Any]:
@@ -66,9 +68,12 @@ def build_summary(paths: RunPaths, task: Task, facts: RunFacts, progress: Progre
             "weights_file_bytes": weights.stat().st_size if weights else None,
             "base_model_bytes": facts.base_bytes,
         },
+        "mixed_precision": facts.precision[0].replace("no", "fp32"),
+        "mixed_precision_reason": facts.precision[1],
         "main_metric": task.main_metric,
         "best_epoch": progress.best_epoch,
-        "metrics": progress.best_metrics,
+        "metrics": facts.final_metrics or progress.best_metrics,
+        "metrics_in_training_precision": progress.best_metrics,
         "time": {
             "wall_seconds": round(time.perf_counter() - facts.started, 3),
             "train_seconds": round(progress.train_seconds, 3),
