@@ -1,11 +1,13 @@
 """LoRA vs full training step at the tasks' real sizes, models built from config (random weights).
 
-    python benchmarks/train_step.py [--tasks classification,detection,pose] [--steps 3] [--low-memory]
+    python benchmarks/train_step.py [--tasks classification,detection,pose] [--steps 3]
+                                    [--precisions fp32,bf16] [--low-memory]
 
 Each configuration runs in its own process; prints median seconds per optimizer step,
-peak process memory (RSS), and the LoRA/full ratios; with --low-memory also the same
-pair with visionlora's --low-memory allocator setting. The step is visionlora's: the task's
-loss, backward, gradient clipping, AdamW over the trainable parameters.
+peak process memory (RSS), and the LoRA/full ratios in each precision (bf16: autocast, as
+``--mixed-precision bf16`` trains); with --low-memory also the same pairs with visionlora's
+--low-memory allocator setting. The step is visionlora's: the task's loss, backward,
+gradient clipping, AdamW over the trainable parameters.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def build(task_name: str):
     return model, batch, task
 
 
-def worker(task_name: str, mode: str, steps: int, low_memory: bool) -> None:
+def worker(task_name: str, mode: str, steps: int, low_memory: bool, precision: str) -> None:
     import torch
 
     if low_memory:
@@ -76,7 +78,8 @@ def worker(task_name: str, mode: str, steps: int, low_memory: bool) -> None:
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
 
     def step():
-        loss = task.loss(model, batch, info)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = task.loss(model, batch, info)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -90,27 +93,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", default="classification,detection,pose")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--precisions", default="fp32,bf16", help="fp32 and/or bf16 (autocast)")
     parser.add_argument("--low-memory", action="store_true", help="also measure with --low-memory")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.rest[0], args.rest[1], int(args.rest[2]), args.rest[3] == "low")
+        worker(args.rest[0], args.rest[1], int(args.rest[2]), args.rest[3] == "low", args.rest[4])
         return
     rows = []
     variants = ["default", "low"] if args.low_memory else ["default"]
     for task_name in args.tasks.split(","):
-        for variant in variants:
-            results = {mode: run_isolated(__file__, [task_name, mode, str(args.steps), variant]) for mode in ("lora", "full")}
-            label = "" if variant == "default" else " low-mem"
-            for mode, result in results.items():
-                rows.append({"task": task_name, "size": SIZES[task_name], "mode": mode + label,
-                             "trainable %": result["trainable_percent"], "s/step": result["s_per_step"],
-                             "peak RSS MB": result["peak_rss_mb"]})
-            rows.append({"task": task_name, "size": "", "mode": "LoRA/full" + label,
-                         "s/step": results["lora"]["s_per_step"] / results["full"]["s_per_step"],
-                         "peak RSS MB": results["lora"]["peak_rss_mb"] / results["full"]["peak_rss_mb"]})
-    print(table(rows, ["task", "size", "mode", "trainable %", "s/step", "peak RSS MB"]))
+        for precision in args.precisions.split(","):
+            for variant in variants:
+                results = {mode: run_isolated(__file__, [task_name, mode, str(args.steps), variant, precision])
+                           for mode in ("lora", "full")}
+                label = "" if variant == "default" else " low-mem"
+                for mode, result in results.items():
+                    rows.append({"task": task_name, "size": SIZES[task_name], "precision": precision,
+                                 "mode": mode + label, "trainable %": result["trainable_percent"],
+                                 "s/step": result["s_per_step"], "peak RSS MB": result["peak_rss_mb"]})
+                rows.append({"task": task_name, "size": "", "precision": precision, "mode": "LoRA/full" + label,
+                             "s/step": results["lora"]["s_per_step"] / results["full"]["s_per_step"],
+                             "peak RSS MB": results["lora"]["peak_rss_mb"] / results["full"]["peak_rss_mb"]})
+    print(table(rows, ["task", "size", "precision", "mode", "trainable %", "s/step", "peak RSS MB"]))
 
 
 if __name__ == "__main__":

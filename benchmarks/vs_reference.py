@@ -2,6 +2,10 @@
 
     python benchmarks/vs_reference.py [--sizes tiny,base] [--epochs 3]
 
+visionlora runs with its defaults (``--mixed-precision auto``: bf16 on CPUs and GPUs that
+run it natively). The reference runs twice: as its docs run it (fp32), and with
+``bf16=True`` in its TrainingArguments, at the same precision as visionlora here.
+
 The reference follows peft's image-classification example: an ``imagefolder`` dataset
 with a transform applied on the fly (the JPEGs are decoded every epoch), a LoraConfig with
 r 16, alpha 16, query/value targets (resolved to q_proj/v_proj), dropout 0.1 and the
@@ -67,6 +71,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Tr
 import albumentations as A
 
 data, model_dir, out, epochs, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+bf16 = sys.argv[6] == "bf16"
 dataset = load_dataset("imagefolder", data_dir=data)
 labels = dataset["train"].features["label"].names
 processor = AutoImageProcessor.from_pretrained(model_dir)
@@ -99,7 +104,7 @@ def compute_metrics(prediction):
 
 args = TrainingArguments(out, remove_unused_columns=False, eval_strategy="epoch", save_strategy="epoch",
     learning_rate=2e-4, per_device_train_batch_size=batch, per_device_eval_batch_size=batch, num_train_epochs=epochs,
-    logging_steps=10, load_best_model_at_end=True, metric_for_best_model="accuracy", report_to=[], use_cpu=True, seed=42)
+    logging_steps=10, load_best_model_at_end=True, metric_for_best_model="accuracy", report_to=[], use_cpu=not torch.cuda.is_available(), seed=42, bf16=bf16)
 trainer = Trainer(model, args, train_dataset=dataset["train"], eval_dataset=dataset["validation"], data_collator=collate,
     compute_metrics=compute_metrics)
 trainer.train()
@@ -131,13 +136,18 @@ def main() -> None:
             images = TRAIN_IMAGES[size] * args.epochs
             script = root / "reference.py"
             script.write_text(REFERENCE)
-            reference = timed([sys.executable, str(script), str(data), str(model_dir), str(root / "ref"), str(args.epochs), str(BATCH)])
+            reference = {precision: timed([sys.executable, str(script), str(data), str(model_dir), str(root / f"ref-{precision}"),
+                                           str(args.epochs), str(BATCH), precision]) for precision in ("fp32", "bf16")}
             ours = timed([sys.executable, "-m", "visionlora", "train", "--data", str(data), "--model", str(model_dir),
                           "--epochs", str(args.epochs), "--batch-size", str(BATCH), "--lr", "2e-4", "--lora-alpha", "16",
                           "--lora-dropout", "0.1", "--no-progress", "--output", str(root / "ours")])
-        rows.append({"size": SIZES[size][1], "train images x epochs": images, "reference images/s": images / reference,
-                     "visionlora images/s": images / ours, "visionlora/reference": reference / ours})
-    print(table(rows, ["size", "train images x epochs", "reference images/s", "visionlora images/s", "visionlora/reference"]))
+        rows.append({"size": SIZES[size][1], "train images x epochs": images,
+                     "reference fp32 images/s": images / reference["fp32"],
+                     "reference bf16 images/s": images / reference["bf16"], "visionlora images/s": images / ours,
+                     "visionlora/reference fp32": reference["fp32"] / ours,
+                     "visionlora/reference bf16": reference["bf16"] / ours})
+    print(table(rows, ["size", "train images x epochs", "reference fp32 images/s", "reference bf16 images/s",
+                       "visionlora images/s", "visionlora/reference fp32", "visionlora/reference bf16"]))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ INFO_FILE = "visionlora.json"
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Every name in a run folder."""
+    """Every name in a run folder (mode ``lora`` or ``full``), or in an export (mode ``export``)."""
 
     root: Path
     mode: str
@@ -44,7 +44,11 @@ class RunPaths:
 
     @property
     def model_dir(self) -> Path:
-        return self.root / f"trained_model{self.suffix}"
+        return self.root if self.mode == "export" else self.root / f"trained_model{self.suffix}"
+
+    @property
+    def export_file(self) -> Path:
+        return self.root / "export.json"
 
     @property
     def results_dir(self) -> Path:
@@ -83,14 +87,14 @@ class RunPaths:
         return self.results_dir / "train.log"
 
     def completed(self) -> bool:
-        """Whether the run finished (its summary, written last, exists)."""
-        return self.summary.is_file()
+        """Whether the run finished (its summary, written last, exists), or the export is whole."""
+        return (self.export_file if self.mode == "export" else self.summary).is_file()
 
 
 def find_run(run_dir: str | Path) -> RunPaths:
     """The paths of an existing run, whichever mode it was trained in."""
     root = Path(run_dir)
-    for mode in ("lora", "full"):
+    for mode in ("export", "lora", "full"):
         paths = RunPaths(root, mode)
         if (paths.model_dir / INFO_FILE).is_file():
             return paths
@@ -103,7 +107,7 @@ def find_run(run_dir: str | Path) -> RunPaths:
             f"{root}: the run did not complete (stopped after epoch {state.get('completed_epochs')}, "
             f"batch {state.get('batches_done')}); continue it with: visionlora train --resume {root}"
         )
-    raise VisionLoraError(f"{root}: not a finished run (no trained_model_lora/ or trained_model/ with {INFO_FILE})")
+    raise VisionLoraError(f"{root}: not a finished run or export (no trained_model_lora/ or trained_model/ with {INFO_FILE})")
 
 
 def new_run_dir(task: str, mode: str, output: str | None, overwrite: bool) -> Path:

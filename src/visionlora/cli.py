@@ -18,6 +18,7 @@ COMMANDS = {
     "predict": "predict images with a finished run",
     "compare": "LoRA vs full: train both on --data, or compare two finished runs",
     "serve": "serve finished runs over HTTP, LoRA adapters sharing one base",
+    "export": "export a run: a merged transformers checkpoint, or an ONNX model",
     "demo": "train LoRA and full on a generated image set (offline, minutes on a CPU)",
 }
 
@@ -43,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (e.g. `| head`)
+        sys.stderr.close()
+        return 0
     except Exception as err:  # a bug or an unforeseen input: still one line, traceback with --debug
         if args.debug:
             raise
@@ -63,7 +67,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show full tracebacks")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     builders = {"train": _train_parser, "evaluate": _evaluate_parser, "predict": _predict_parser,
-                "compare": _compare_parser, "serve": _serve_parser, "demo": _demo_parser}
+                "compare": _compare_parser, "serve": _serve_parser, "export": _export_parser,
+                "demo": _demo_parser}
     for name, help_text in COMMANDS.items():
         if only is None or only == name:
             builders[name](commands, common, help_text)
@@ -141,6 +146,18 @@ def _serve_parser(commands, common, help_text: str) -> None:
     serve.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                        help="inference precision (fp32 answers equal visionlora predict)")
     serve.set_defaults(handler=_cmd_serve)
+
+
+def _export_parser(commands, common, help_text: str) -> None:
+    export = commands.add_parser(
+        "export", parents=[common], help=help_text,
+        description="merged: the adapter merged into its base, a folder plain transformers loads; "
+        "onnx: that model as model.onnx, checked in onnxruntime against torch on the run's validation images.")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
+    export.add_argument("--output", required=True, metavar="DIR", help="the export folder")
+    export.add_argument("--format", default="merged", metavar="merged|onnx", help="merged (default) or onnx")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    export.set_defaults(handler=_cmd_export)
 
 
 def _demo_parser(commands, common, help_text: str) -> None:
@@ -301,6 +318,17 @@ def _cmd_serve(args) -> int:
         print(f"serving {served.name}: {served.task.name} {served.info.mode} run {served.paths.root}{shared}", flush=True)
     print(f"listening on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(create_app(store, settings), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from visionlora.export import export_run
+
+    record = export_run(args.run_dir, args.output, args.format, args.overwrite)
+    checks = f"merged vs adapter max |diff| {record['merged_max_abs_diff']:.2e}"
+    if record["format"] == "onnx":
+        checks += f"; onnxruntime vs torch max |diff| {record['onnx_max_abs_diff']:.2e}, opset {record['opset']}"
+    print(f"exported {args.run_dir} as {record['format']} to {args.output} ({checks}, {record['checked_images']} images)")
     return 0
 
 

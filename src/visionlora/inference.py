@@ -72,6 +72,8 @@ class LoadedRun:
         from visionlora.runtime import new_accelerator
 
         if data is None:
+            if self.paths.mode == "export":
+                raise VisionLoraError(f"{self.paths.root}: an export has no validation split of its own; pass --data")
             part = self.task.read_validation(read_json(self.paths.summary))
         else:
             part = self.task.read_evaluation(data, self.info)
@@ -89,7 +91,7 @@ def load_run(
 ) -> LoadedRun:
     """Rebuild the trained model of ``run_dir`` for inference (safetensors only unless allowed)."""
     paths = find_run(run_dir)
-    if not paths.completed() or not read_json(paths.summary).get("completed"):
+    if not paths.completed() or (paths.mode != "export" and not read_json(paths.summary).get("completed")):
         raise VisionLoraError(f"{paths.root}: the run did not complete (no finished training summary)")
     info = ModelInfo.from_dict(read_json(paths.model_dir / INFO_FILE))
     task = get_task(info.task)
@@ -98,14 +100,19 @@ def load_run(
         from transformers import AutoImageProcessor
 
         processor = AutoImageProcessor.from_pretrained(paths.model_dir, backend="pil", trust_remote_code=trust_remote_code)
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    if isinstance(model, torch.nn.Module):
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     return LoadedRun(paths, task, model, processor, info)
 
 
 def _load_model(paths: RunPaths, task: Task, info: ModelInfo) -> torch.nn.Module:
     """The full model, or the base with the adapter; a mismatch or damaged file is one clear line."""
+    if paths.mode == "export" and read_json(paths.export_file).get("format") == "onnx":
+        from visionlora.onnx_model import OnnxModel
+
+        return OnnxModel.load(paths.model_dir, read_json(paths.export_file))
     check_weight_files(paths.model_dir)
-    if info.mode == "full":
+    if info.mode != "lora":
         return guarded_load(lambda: task.load_model(str(paths.model_dir), info), paths.model_dir, "the saved model")
     from peft import PeftModel
 

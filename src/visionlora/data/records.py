@@ -99,6 +99,11 @@ class DataFormat:
     read: Callable[[Path], Part]
 
 
+def image_source(record: Any) -> Any:
+    """What to open for a record's image: a detection or pose record's file, a labelled image's source."""
+    return record.image if hasattr(record, "image") else record.source
+
+
 def clean_box(box: list[float], width: float | None, height: float | None) -> list[float] | None:
     """Clip (x0, y0, x1, y1) to the image; None when nothing of positive area is left."""
     x0, y0, x1, y1 = (float(v) for v in box)

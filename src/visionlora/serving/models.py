@@ -115,7 +115,7 @@ class ModelStore:
                 self.bases.pop(base.key, None)
 
     def _attach(self, name: str, paths: RunPaths, task: Task, info: ModelInfo) -> SharedBase:
-        if info.mode == "full":
+        if info.mode != "lora":
             model = guarded_load(lambda: task.load_model(str(paths.model_dir), info), paths.model_dir, "the saved model")
             base = SharedBase(("full", str(paths.model_dir.resolve())), model.to(self.device).eval(), adapters={name})
             self.bases[base.key] = base

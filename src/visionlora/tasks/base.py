@@ -136,6 +136,9 @@ class Task:
     predict_options: tuple[Option, ...] = ()
     writers: tuple[OutputWriter, ...] = (JSON_OUTPUT, DRAWN_IMAGES)
     unbounded_metrics: tuple[str, ...] = ()  # metrics not in [0, 1] (e.g. pixel errors)
+    input_names: tuple[str, ...] = ("pixel_values",)  # the model inputs predict feeds (and an export takes)
+    output_names: tuple[str, ...] = ()  # the model outputs decode reads (and an export gives)
+    dynamic_image_size: bool = False  # inputs keep their aspect ratio (padded), so exports take any height/width
     freeze_batchnorm_in_lora: bool = True  # BatchNorm statistics belong to the frozen base
     split_group = None  # key of a stratified validation split (e.g. the class)
 
@@ -298,7 +301,7 @@ class Task:
         """JSON-ready predictions for RGB images, batched ``predict_batch`` inputs at a time."""
         model.eval()
         options = {**{o.name: o.default for o in self.predict_options}, **options}
-        device = next(model.parameters()).device
+        device = model.device
         inputs = [item for index, image in enumerate(images)
                   for item in self.predict_inputs(image, index, processor, info, options)]
         per_image: list[list[Any]] = [[] for _ in images]
@@ -313,6 +316,11 @@ class Task:
     def draw(self, image: Image.Image, prediction: dict, info: ModelInfo) -> Image.Image:
         """A copy of ``image`` with ``prediction`` drawn on it (hook)."""
         raise NotImplementedError
+
+    def exact_outputs(self, model) -> bool:
+        """Whether an exported model's raw outputs must equal torch's (hook; False where
+        near-tied scores may pick other queries, so only the decoded predictions can agree)."""
+        return True
 
 
 def dataset_behind(loader) -> torch.utils.data.Dataset:

@@ -42,6 +42,7 @@ class ClassificationTask(Task):
     )
     main_metric = "accuracy"
     auto_class = "AutoModelForImageClassification"
+    output_names = ("logits",)
     predict_batch = 32
 
     @staticmethod

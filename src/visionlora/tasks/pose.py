@@ -88,6 +88,7 @@ class PoseTask(Task):
     main_metric = "pixel_error"
     greater_is_better = False
     auto_class = "AutoModelForPoseEstimation"
+    output_names = ("heatmaps",)
     unbounded_metrics = ("pixel_error", "mean_baseline_pixel_error")
     predict_options = (
         Option("boxes", 'boxes per image: a JSON file {"image.jpg": [[x0, y0, x1, y1], ...]} '

@@ -1,0 +1,166 @@
+"""``visionlora export``: a merged transformers checkpoint, or an ONNX model checked in onnxruntime.
+
+    merged   the adapter merged into its base (peft's merge_and_unload): a plain transformers
+             folder that ``AutoModelFor<Task>.from_pretrained`` loads without peft
+    onnx     the merged model through ``torch.onnx.export``, with a dynamic batch axis (and
+             height and width for models that take padded images); verified against torch
+
+Both keep the processor and visionlora.json beside the weights and record what was done in
+export.json; the folder is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from visionlora.artifacts import INFO_FILE, RunPaths, atomic_dir, atomic_write_json, read_json
+from visionlora.data.images import UnreadableImage, load_rgb
+from visionlora.data.records import image_source
+from visionlora.errors import VisionLoraError
+from visionlora.inference import LoadedRun, load_run
+
+FORMATS = ("merged", "onnx")
+OPSET = 17
+TOLERANCE = 1e-3  # largest difference allowed between onnxruntime and torch outputs (fp32)
+MERGE_TOLERANCE = 1e-4  # between the merged model and the adapter
+CHECK_IMAGES = 8
+
+
+def export_run(run_dir: str | Path, output: str | Path, fmt: str = "merged", overwrite: bool = False) -> dict[str, Any]:
+    """Export the finished run in ``run_dir`` to ``output``; returns what export.json records."""
+    if fmt not in FORMATS:
+        raise VisionLoraError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    output = Path(output)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise VisionLoraError(f"{output}: output folder exists and is not empty; pass --overwrite to replace it")
+    run = load_run(run_dir, device="cpu")
+    if run.paths.mode == "export":
+        raise VisionLoraError(f"{run.paths.root}: already an export; export the run it came from")
+    images = _check_images(run)
+    reference = _raw_outputs(run, run.model, images)
+    merged = run.model.merge_and_unload() if run.info.mode == "lora" else run.model
+    merged.eval()
+    merge_diff = _max_difference(reference, _raw_outputs(run, merged, images))
+    if merge_diff > MERGE_TOLERANCE:
+        raise VisionLoraError(f"{run.paths.root}: the merged model differs from the adapter by {merge_diff:.2e}")
+    record = {"format": fmt, "source_run": str(run.paths.root.resolve()), "task": run.info.task,
+              "source_mode": run.info.mode, "checked_images": len(images), "merged_max_abs_diff": merge_diff}
+    info = run.info.to_dict()
+    info["mode"] = "merged" if run.info.mode == "lora" else "full"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(output) as tmp:
+        run.processor.save_pretrained(tmp)
+        atomic_write_json(tmp / INFO_FILE, info)
+        if fmt == "merged":
+            merged.save_pretrained(tmp, safe_serialization=True)
+        else:
+            record.update(_export_onnx(run, merged, images, tmp))
+        atomic_write_json(tmp / "export.json", record)
+    return record
+
+
+def _check_images(run: LoadedRun) -> list:
+    """Up to CHECK_IMAGES readable images of the run's validation data."""
+    part = run.task.read_validation(read_json(run.paths.summary))
+    images = []
+    for record in part.records:
+        try:
+            images.append(load_rgb(image_source(record)))
+        except UnreadableImage:
+            continue
+        if len(images) == CHECK_IMAGES:
+            break
+    if not images:
+        raise VisionLoraError(f"{run.paths.root}: no readable validation image to check the export on")
+    return images
+
+
+def _model_inputs(run: LoadedRun, images: list) -> dict[str, torch.Tensor]:
+    """The task's model inputs for ``images``, as predict makes them (one per image)."""
+    inputs = [item for index, image in enumerate(images)
+              for item in run.task.predict_inputs(image, index, run.processor, run.info, _default_options(run))]
+    return run.task.model_inputs([item.pixel_values for item in inputs])
+
+
+def _default_options(run: LoadedRun) -> dict[str, Any]:
+    return {option.name: option.default for option in run.task.predict_options}
+
+
+@torch.inference_mode()
+def _raw_outputs(run: LoadedRun, model, images: list) -> list[torch.Tensor]:
+    outputs = model(**_model_inputs(run, images), **run.info.forward_kwargs)
+    return [getattr(outputs, name).float() for name in run.task.output_names]
+
+
+def _max_difference(a: list, b: list) -> float:
+    return max(float((x - torch.as_tensor(y).float()).abs().max()) for x, y in zip(a, b))
+
+
+class _PlainOutputs(torch.nn.Module):
+    """The model with positional tensor inputs and a tuple of the task's outputs, for the exporter."""
+
+    def __init__(self, model, input_names, output_names, forward_kwargs):
+        super().__init__()
+        self.model, self.input_names, self.output_names = model, input_names, output_names
+        self.forward_kwargs = forward_kwargs
+
+    def forward(self, *inputs):
+        outputs = self.model(**dict(zip(self.input_names, inputs)), **self.forward_kwargs)
+        return tuple(getattr(outputs, name) for name in self.output_names)
+
+
+def _export_onnx(run: LoadedRun, merged, images: list, folder: Path) -> dict[str, Any]:
+    """Write model.onnx, then check onnxruntime against torch on ``images``."""
+    from visionlora.onnx_model import OnnxModel
+
+    task = run.task
+    inputs = _model_inputs(run, images[:2])
+    axes = {name: {0: "batch"} for name in task.input_names + task.output_names}
+    if task.dynamic_image_size:
+        axes["pixel_values"] = {0: "batch", 2: "height", 3: "width"}
+        if "pixel_mask" in axes:
+            axes["pixel_mask"] = {0: "batch", 1: "height", 2: "width"}
+    wrapper = _PlainOutputs(merged, task.input_names, task.output_names, run.info.forward_kwargs).eval()
+    path = folder / "model.onnx"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, tuple(inputs[name] for name in task.input_names), str(path),
+                              input_names=list(task.input_names), output_names=list(task.output_names),
+                              dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+    except Exception as err:  # the exporter raises many types; name the model and the operator it stopped at
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise VisionLoraError(f"{type(merged).__name__}: the ONNX exporter cannot handle this model: {first}") from None
+    export = {"file": path.name, "inputs": list(task.input_names), "outputs": list(task.output_names),
+              "exporter": f"torch.onnx.export (TorchScript), torch {torch.__version__}", "opset": OPSET,
+              "dynamic_axes": axes}
+    onnx_model = OnnxModel.load(folder, export)
+    export["inputs"] = onnx_model.input_names
+    difference = _max_difference(_raw_outputs(run, merged, images), _raw_outputs(run, onnx_model, images))
+    export["onnx_max_abs_diff"] = difference
+    agree = _same_predictions(task.predict(merged, run.processor, images, run.info),
+                              task.predict(onnx_model, run.processor, images, run.info))
+    export["predictions_agree"] = agree
+    exact = task.exact_outputs(merged)
+    if (exact and difference > TOLERANCE) or not agree:
+        raise VisionLoraError(
+            f"{run.paths.root}: onnxruntime differs from torch by {difference:.2e} on the validation images "
+            f"(limit {TOLERANCE:g}){'' if agree else ', and the decoded predictions differ'}"
+        )
+    return export
+
+
+def _same_predictions(a: Any, b: Any, tolerance: float = 1e-3) -> bool:
+    """Whether two JSON-ready predictions agree: same labels and structure, numbers within ``tolerance``
+    (box and keypoint coordinates within 0.05 pixels)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_predictions(a[k], b[k], tolerance) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_same_predictions(x, y, tolerance) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return isinstance(b, (int, float)) and abs(a - b) <= max(tolerance, 0.05 if abs(a) > 1 else 0.0)
+    return a == b

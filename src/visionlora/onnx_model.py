@@ -1,0 +1,50 @@
+"""An exported ONNX model run by onnxruntime, called like a transformers model by the tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from visionlora.errors import VisionLoraError
+
+
+class OnnxModel:
+    """``model(pixel_values=..., ...)`` -> an object with the exported outputs as torch tensors,
+    so that the task's own decoding (box post-processing, heatmap decoding) runs unchanged."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, session, input_names: list[str], output_names: list[str]):
+        taken = {item.name for item in session.get_inputs()}  # the exporter drops inputs a model ignores
+        self.session, self.output_names = session, output_names
+        self.input_names = [name for name in input_names if name in taken]
+
+    @classmethod
+    def load(cls, folder: Path, export: dict[str, Any]) -> OnnxModel:
+        try:
+            import onnxruntime
+        except ImportError:
+            raise VisionLoraError("onnxruntime is not installed: pip install onnxruntime") from None
+        path = Path(folder) / export["file"]
+        try:
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own types for missing or damaged files
+            raise VisionLoraError(f"{path}: cannot load the ONNX model: {str(err).splitlines()[0][:200]}") from None
+        return cls(session, export["inputs"], export["outputs"])
+
+    def eval(self) -> OnnxModel:
+        return self
+
+    def __call__(self, **inputs: Any) -> SimpleNamespace:
+        feeds = {name: _array(inputs[name]) for name in self.input_names}
+        outputs = self.session.run(self.output_names, feeds)
+        return SimpleNamespace(**{name: torch.from_numpy(np.asarray(value)) for name, value in zip(self.output_names, outputs)})
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    array = tensor.detach().cpu().numpy()
+    return array.astype(np.float32) if array.dtype.kind == "f" else array.astype(np.int64)
