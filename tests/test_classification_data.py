@@ -89,7 +89,7 @@ def test_decode_all_keeps_order_and_reports_skips(tmp_path):
     classification_image("red_disc", np.random.default_rng(0)).save(good)
     (tmp_path / "bad.jpg").write_bytes(b"nope")
     result = decode_all([good, tmp_path / "bad.jpg", good], lambda im, _: im.size)
-    assert result.items == [(48, 48), (48, 48)] and result.kept == [0, 2]
+    assert list(result.items) == [(48, 48), (48, 48)] and result.kept == [0, 2]
     assert result.skipped == [{"file": str(tmp_path / "bad.jpg"), "reason": "not a readable image (unknown format or empty file)"}]
 
 

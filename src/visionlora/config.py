@@ -19,6 +19,7 @@ from visionlora.errors import VisionLoraError
 MODES = ("lora", "full")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 DEFAULT_VAL_FRACTION = 0.2
+CACHE_MODES = ("auto", "ram", "disk", "none")
 
 
 def _opt(default, help, **extra):
@@ -59,6 +60,11 @@ class TrainConfig:
     patience: int = _opt(0, "stop after this many epochs without a better validation metric (0 = off)")
     seed: int = _opt(42, "random seed for splits, initialisation, augmentation and order")
     num_workers: int = _opt(0, "data-loading worker processes")
+    cache: str = _opt("auto", "where decoded images are kept: auto (RAM if they fit a quarter of the available "
+                      "memory, else disk), ram, disk (reused by later runs) or none (decoded for every batch)",
+                      choices=CACHE_MODES)
+    cache_dir: str | None = _opt(None, "folder of the disk cache (default ~/.cache/visionlora)")
+    max_steps: int | None = _opt(None, "stop after this many optimizer steps (for smoke runs on big data)")
     low_memory: bool = _opt(
         False, "CPU: hand freed memory back to the system at once (lower peak RAM, LoRA most; steps ~20%% slower)"
     )
@@ -88,6 +94,8 @@ class TrainConfig:
             (self.patience >= 0, "--patience must be 0 (off) or more"),
             (self.save_every >= 0, "--save-every must be 0 (epoch ends only) or more"),
             (self.num_workers >= 0, "--num-workers must be 0 or more"),
+            (self.cache in CACHE_MODES, f"--cache must be one of {', '.join(CACHE_MODES)}"),
+            (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:

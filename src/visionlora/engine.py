@@ -99,6 +99,8 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
     model, processor, info = task.build_model(cfg.model, source.labels, cfg.image_size, cfg.mode)
     facts.base_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     data = facts.data = task.make_datasets(source, processor, info, cfg)
+    if data.cache.mode != cfg.cache and cfg.cache == "auto" and data.cache.mode == "disk":
+        accelerator.print(data.cache.reason)
     lora = None
     if cfg.mode == "lora":
         if is_builtin(cfg.model) and accelerator.is_main_process and not paths.base_dir.exists():
@@ -174,7 +176,10 @@ class TrainingLoop:
         from transformers import get_cosine_schedule_with_warmup
 
         steps_per_epoch = math.ceil(len(self.train_loader) / self.cfg.grad_accum)
-        total = steps_per_epoch * self.cfg.epochs * self.accelerator.num_processes
+        total = steps_per_epoch * self.cfg.epochs
+        if self.cfg.max_steps:
+            total = min(total, self.cfg.max_steps)
+        total *= self.accelerator.num_processes
         return get_cosine_schedule_with_warmup(self.optimizer, round(total * self.cfg.warmup_ratio), total)
 
     def run(self) -> list[dict[str, Any]]:
@@ -190,6 +195,9 @@ class TrainingLoop:
             state.completed_epochs, state.batches_done, state.loss_total = epoch, 0, 0.0
             self.accelerator.print(describe_epoch(row, self.cfg.epochs, self.task.main_metric, improved))
             stop = bool(self.cfg.patience and state.stale_epochs >= self.cfg.patience)
+            if self._steps_done():
+                self.accelerator.print(f"stopped after --max-steps {self.cfg.max_steps} optimizer steps")
+                break
             if epoch < self.cfg.epochs and not stop:
                 self._save_checkpoint()
             if stop:
@@ -236,6 +244,8 @@ class TrainingLoop:
                 bar.set_postfix(loss=f"{float(self._loss_sum) / state.batches_done:.4f}")
             if self.accelerator.sync_gradients:
                 state.global_step += 1
+                if self._steps_done():
+                    break
                 last = state.batches_done == len(self.train_loader)
                 if self.cfg.save_every and state.global_step % self.cfg.save_every == 0 and not last:
                     self._check_finite(epoch)
@@ -246,6 +256,10 @@ class TrainingLoop:
         state.train_seconds += time.perf_counter() - self._epoch_started
         mean = torch.tensor([state.loss_total / max(state.batches_done, 1)], device=device)
         return float(self.accelerator.reduce(mean, reduction="mean"))
+
+    def _steps_done(self) -> bool:
+        """Whether --max-steps optimizer steps have been taken."""
+        return bool(self.cfg.max_steps) and self.state.global_step >= self.cfg.max_steps
 
     def _note_loss(self, loss: torch.Tensor) -> None:
         """Add the batch's loss to the epoch's sum and remember the first non-finite one, without a host sync."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from dataclasses import dataclass, field
@@ -59,8 +60,10 @@ def build_summary(paths: RunPaths, task: Task, facts: RunFacts, progress: Progre
             "counts": data.counts,
             "skipped_count": len(data.skipped),
             "skipped": data.skipped,
+            "cache": dataclasses.asdict(data.cache) if data.cache else None,
         },
-        "training": {**cfg.to_dict(), "epochs_run": len(progress.history), "early_stopped": early_stopped},
+        "training": {**cfg.to_dict(), "epochs_run": len(progress.history), "early_stopped": early_stopped,
+                     "optimizer_steps": progress.global_step},
         "lora": None if facts.lora is None else {"requested": facts.lora.requested, "resolved": facts.lora.resolved},
         "parameters": facts.parameters,
         "sizes": {

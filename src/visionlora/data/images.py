@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -10,7 +11,25 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from visionlora.data.cache import (
+    MISSING,
+    CachePlan,
+    CacheReport,
+    DiskImages,
+    LazyImages,
+    RamImages,
+    StoredImages,
+    entry_meta,
+    entry_path,
+    read_meta,
+    read_skip,
+    source_key,
+    write_entry,
+    write_skip,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
@@ -72,11 +91,13 @@ def load_rgb(source: str | Path | Image.Image | Any) -> Image.Image:
 
 @dataclass
 class DecodeResult:
-    """Decoded items (in input order, unreadable ones left out) and the skip list."""
+    """Prepared items (in input order, unreadable ones left out), their indices, the skips,
+    and what the cache did."""
 
-    items: list[Any]
+    items: StoredImages
     kept: list[int]
     skipped: list[dict[str, str]]
+    report: CacheReport
 
 
 def decode_all(
@@ -85,31 +106,88 @@ def decode_all(
     name_of: Callable[[Any], str] = str,
     opener: Callable[[Any], Image.Image] = load_rgb,
     threads: int = 4,
+    cache: CachePlan | None = None,
+    settings: str = "",
 ) -> DecodeResult:
     """Open every source once, run ``prepare(image, source)`` on it, and count the unreadable ones.
 
-    ``prepare`` turns the RGB image into what is kept in memory (e.g. resized pixels),
-    so that training epochs never decode files again.
+    ``prepare`` turns the RGB image into what training reads (e.g. resized pixels). Where it
+    is kept follows ``cache`` (RAM by default; see :mod:`visionlora.data.cache`); ``settings``
+    names everything besides the source that the prepared image depends on, for the disk cache.
     """
+    plan = cache or CachePlan()
+    started = time.perf_counter()
+
+    def make(source):
+        return prepare(opener(source), source)
 
     def work(source):
+        path = None
+        if plan.mode == "disk":
+            key = source_key(source, settings)
+            path = entry_path(plan.folder, key) if key else None
+            reused = _reuse(path) if path else None
+            if reused is not None:
+                return reused
         try:
-            return prepare(opener(source), source), None
+            item = make(source)
         except UnreadableImage as err:
-            return None, str(err)
+            if path is not None:
+                write_skip(path, str(err))
+            return "skipped", str(err), path, False
+        if path is not None:
+            write_entry(path, item)
+        return "ok", item if plan.mode == "ram" else entry_meta(item), path, False
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         results = list(pool.map(work, sources))
-    items, kept, skipped = [], [], []
-    for index, (source, (item, reason)) in enumerate(zip(sources, results)):
-        if reason is None:
-            items.append(item)
-            kept.append(index)
-        else:
-            skipped.append({"file": name_of(source), "reason": reason})
-    return DecodeResult(items, kept, skipped)
+    items, kept, skipped, paths = [], [], [], []
+    report = CacheReport(plan.mode, str(plan.folder) if plan.mode == "disk" else None)
+    for index, (source, (status, value, path, reused)) in enumerate(zip(sources, results)):
+        report.reused += reused
+        report.decoded += not reused
+        if status == "skipped":
+            skipped.append({"file": name_of(source), "reason": value})
+            continue
+        items.append(value)
+        kept.append(index)
+        paths.append(path)
+    kept_sources = [sources[i] for i in kept]
+    if plan.mode == "disk" and all(p is not None for p in paths):
+        store = DiskImages(items, paths, kept_sources, make)
+        report.bytes = sum(p.stat().st_size for p in paths if p.is_file())
+    elif plan.mode == "none":
+        store = LazyImages(items, kept_sources, make)
+    else:
+        store = RamImages(items if plan.mode == "ram" else [make(s) for s in kept_sources])
+        report.bytes = sum(_nbytes(item) for item in store)
+    report.decode_seconds = round(time.perf_counter() - started, 3)
+    return DecodeResult(store, kept, skipped, report)
 
 
-def decode_records(records: Sequence[Any], prepare: Callable[[Image.Image, Any], Any]) -> DecodeResult:
+def _reuse(path):
+    """("ok", meta, path, True) for a usable cache entry, ("skipped", reason, ...) for a known-bad image."""
+    skip = read_skip(path)
+    if skip is not None:
+        return "skipped", skip, path, True
+    meta = read_meta(path)
+    return ("ok", meta, path, True) if meta is not MISSING else None
+
+
+def _nbytes(item: Any) -> int:
+    if isinstance(item, (np.ndarray, torch.Tensor)):
+        return item.nbytes
+    if isinstance(item, dict):
+        return sum(_nbytes(v) for v in item.values())
+    if isinstance(item, (list, tuple)):
+        return sum(_nbytes(v) for v in item)
+    if hasattr(item, "__dataclass_fields__"):
+        return sum(_nbytes(getattr(item, name)) for name in item.__dataclass_fields__)
+    return 0
+
+
+def decode_records(records: Sequence[Any], prepare: Callable[[Image.Image, Any], Any],
+                   cache: CachePlan | None = None, settings: str = "") -> DecodeResult:
     """:func:`decode_all` for annotation records that name their file in ``record.image``."""
-    return decode_all(records, prepare, name_of=lambda record: record.image, opener=lambda record: load_rgb(record.image))
+    return decode_all(records, prepare, name_of=lambda record: record.image,
+                      opener=lambda record: load_rgb(record.image), cache=cache, settings=settings)

@@ -28,7 +28,8 @@ from PIL import Image
 from visionlora.builtin_models import build_builtin, is_builtin
 from visionlora.data.formats import read_evaluation_part, read_source, read_validation
 from visionlora.data.records import Part, SourceData
-from visionlora.data.transforms import processor_size, set_processor_size
+from visionlora.data.cache import CachePlan, CacheReport, plan_cache
+from visionlora.data.transforms import processor_output_size, processor_size, set_processor_size
 from visionlora.errors import VisionLoraError
 from visionlora.models import base_revision, load_pretrained
 from visionlora.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option, OutputWriter
@@ -99,6 +100,7 @@ class Datasets:
     counts: dict[str, Any]
     skipped: list[dict[str, str]]
     description: dict[str, Any]
+    cache: CacheReport | None = None
 
 
 class SeededDataset(torch.utils.data.Dataset):
@@ -107,6 +109,7 @@ class SeededDataset(torch.utils.data.Dataset):
 
     seed: int = 0
     epoch: int = 0
+    cache_report: CacheReport | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -171,24 +174,35 @@ class Task:
             raise VisionLoraError(f"{where}: the validation split is empty; add images or use --val-data")
 
     def make_datasets(self, source: SourceData, processor, info: ModelInfo, cfg) -> Datasets:
-        """Decode the images once: the (augmented) training and the plain validation dataset."""
-        train, train_skipped = self.train_dataset(source, processor, info, cfg)
-        val, val_skipped = self.eval_dataset(source.val, processor, info)
+        """Decode the images once: the (augmented) training and the plain validation dataset,
+        kept where ``--cache`` says."""
+        images = len(source.train) + len(source.val)
+        plan = plan_cache(cfg.cache, cfg.cache_dir, images, self.image_bytes(processor, info))
+        train, train_skipped = self.train_dataset(source, processor, info, cfg, plan)
+        val, val_skipped = self.eval_dataset(source.val, processor, info, plan)
         if len(train) == 0:
             raise VisionLoraError(f"{source.description.get('train', cfg.data)}: no usable training images")
         if len(val) == 0:
             raise VisionLoraError(f"{source.description.get('val', cfg.data)}: no usable validation images")
         counts = {**self.count(train, "train", info), **self.count(val, "val", info)}
         skipped = source.skipped + train_skipped + val_skipped
-        return Datasets(train, val, counts, skipped, dict(source.description))
+        report = train.cache_report
+        report.merge(val.cache_report)
+        report.reason = plan.report.reason
+        return Datasets(train, val, counts, skipped, dict(source.description), report)
 
-    def train_dataset(self, source: SourceData, processor, info: ModelInfo, cfg):
-        """(dataset, skipped files) for training (hook)."""
+    def train_dataset(self, source: SourceData, processor, info: ModelInfo, cfg, cache: CachePlan):
+        """(dataset, skipped files) for training; the dataset's ``cache_report`` says what decoding did (hook)."""
         raise NotImplementedError
 
-    def eval_dataset(self, records: list[Any], processor, info: ModelInfo):
+    def eval_dataset(self, records: list[Any], processor, info: ModelInfo, cache: CachePlan | None = None):
         """(dataset, skipped files) of plain, model-ready items for evaluation (hook)."""
         raise NotImplementedError
+
+    def image_bytes(self, processor, info: ModelInfo) -> int:
+        """About how many bytes one prepared image takes, for ``--cache auto`` (hook)."""
+        height, width = processor_output_size(processor)
+        return height * width * 3
 
     def count(self, dataset, split: str, info: ModelInfo) -> dict[str, Any]:
         """Figures for the summary's data counts (hook; default: the number of items)."""

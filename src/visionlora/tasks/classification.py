@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from visionlora.data.cache import CachePlan
 from visionlora.data.images import decode_all
 from visionlora.data.records import LabelledImage, Part, SourceData
 from visionlora.data.transforms import (
     Normalizer,
+    TRAIN_CACHE_SCALE,
     RandomResizedCropFlip,
     processor_output_size,
     processor_pixels,
@@ -60,22 +62,29 @@ class ClassificationTask(Task):
             raise VisionLoraError(f"{source.description['val']}: validation classes not in training: {', '.join(unknown)}")
         super().check_data(source, val_part, where)
 
-    def train_dataset(self, source: SourceData, processor, info: ModelInfo, cfg):
+    def train_dataset(self, source: SourceData, processor, info: ModelInfo, cfg, cache: CachePlan):
+        """Images a little larger than the model input, for random crops (or model-sized, without augmentation)."""
+        if not cfg.augment:
+            return self.eval_dataset(source.train, processor, info, cache)
         output_size = processor_output_size(processor)
-        decoded = decode_all([r.source for r in source.train], lambda im, _: resize_for_training(im, output_size))
+        decoded = decode_all([r.source for r in source.train], lambda im, _: resize_for_training(im, output_size),
+                             cache=cache, settings=f"classification-train|{output_size}")
         labels = [info.label2id[source.train[i].label] for i in decoded.kept]
-        normalizer = Normalizer(processor)
-        if cfg.augment:
-            dataset = AugmentedImages(decoded.items, labels, normalizer, output_size, cfg.seed)
-        else:
-            squares = [processor_pixels(processor, Image.fromarray(im)) for im in decoded.items]
-            dataset = CachedImages(squares, labels, normalizer)
+        dataset = AugmentedImages(decoded.items, labels, Normalizer(processor), output_size, cfg.seed)
+        dataset.cache_report = decoded.report
         return dataset, decoded.skipped
 
-    def eval_dataset(self, records: list[LabelledImage], processor, info: ModelInfo):
-        decoded = decode_all([r.source for r in records], lambda im, _: processor_pixels(processor, im))
+    def eval_dataset(self, records: list[LabelledImage], processor, info: ModelInfo, cache: CachePlan | None = None):
+        decoded = decode_all([r.source for r in records], lambda im, _: processor_pixels(processor, im),
+                             cache=cache, settings=f"classification-eval|{processor.to_json_string()}")
         labels = [info.label2id[records[i].label] for i in decoded.kept]
-        return CachedImages(decoded.items, labels, Normalizer(processor)), decoded.skipped
+        dataset = CachedImages(decoded.items, labels, Normalizer(processor))
+        dataset.cache_report = decoded.report
+        return dataset, decoded.skipped
+
+    def image_bytes(self, processor, info: ModelInfo) -> int:
+        height, width = processor_output_size(processor)
+        return int(height * width * 3 * TRAIN_CACHE_SCALE**2)
 
     def count(self, dataset, split: str, info: ModelInfo) -> dict[str, Any]:
         per_class = torch.bincount(torch.tensor(dataset.labels, dtype=torch.long), minlength=len(info.labels))

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from transformers.image_transforms import corners_to_center_format
 
+from visionlora.data.cache import CachePlan, StoredImages
 from visionlora.data.images import decode_records
 from visionlora.data.records import DetectionRecord, Part, SourceData, clean_box
 from visionlora.data.transforms import Normalizer, processor_pixels
@@ -71,12 +72,18 @@ class DetectionTask(Task):
         data.description["dropped_boxes"] = dropped
         return data
 
-    def train_dataset(self, source: SourceData, processor, info: ModelInfo, cfg):
+    def train_dataset(self, source: SourceData, processor, info: ModelInfo, cfg, cache: CachePlan):
         kind = AugmentedDetection if cfg.augment else DetectionImages
-        return _decoded_dataset(kind, source.train, processor, info, cfg.seed)
+        return _decoded_dataset(kind, source.train, processor, info, cache, cfg.seed)
 
-    def eval_dataset(self, records: list[DetectionRecord], processor, info: ModelInfo):
-        return _decoded_dataset(DetectionImages, records, processor, info)
+    def eval_dataset(self, records: list[DetectionRecord], processor, info: ModelInfo, cache: CachePlan | None = None):
+        return _decoded_dataset(DetectionImages, records, processor, info, cache)
+
+    def image_bytes(self, processor, info: ModelInfo) -> int:
+        """Shortest/longest-edge resizes are costed at their largest (a longest x longest square)."""
+        size = processor.size
+        longest = size.get("longest_edge") or max(size.get("height", 0), size.get("width", 0), size.get("shortest_edge", 0))
+        return int(longest) ** 2 * 3
 
     def count(self, dataset, split: str, info: ModelInfo) -> dict[str, Any]:
         counts = {split: len(dataset), f"{split}_boxes": sum(len(r.boxes) for r in dataset.records)}
@@ -149,7 +156,7 @@ class DetectionTask(Task):
 
     def eval_step(self, model, batch, processor, info: ModelInfo):
         outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
-        sizes = [label["orig_size"].tolist() for label in batch["labels"]]
+        sizes = [label["orig_size"].tolist() for label in batch["labels"]]  # (height, width) before resizing
         found = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes)
         return outputs.loss, [_to_lists(f) for f in found]
 
@@ -157,7 +164,7 @@ class DetectionTask(Task):
         records = [dataset.records[i] for i in indices]
         targets = [ImageBoxes(r.boxes, [info.label2id[name] for name in r.labels]) for r in records]
         found = [ImageBoxes(o["boxes"], o["labels"], o["scores"]) for o in outputs]
-        return detection_metrics(targets, found, info.labels, [dataset.original_sizes[i] for i in indices])
+        return detection_metrics(targets, found, info.labels, [dataset.original_size(i) for i in indices])
 
     # -- prediction -------------------------------------------------------------------
     def predict_inputs(self, image, image_index, processor, info, options):
@@ -187,29 +194,31 @@ class DetectionTask(Task):
 
 # -- datasets ---------------------------------------------------------------------------
 class DetectionImages(SeededDataset):
-    """Cached images at model scale with their boxes; targets normalised (cx, cy, w, h)."""
+    """Images at model scale (from the cache) with their boxes; targets normalised (cx, cy, w, h)."""
 
-    def __init__(self, cached: list[dict], records: list[DetectionRecord], label2id: dict[str, int], normalizer,
+    def __init__(self, images: StoredImages, records: list[DetectionRecord], label2id: dict[str, int], normalizer,
                  seed: int = 0):
-        self.pixels = [c["pixels"] for c in cached]
-        self.scales = [c["scale"] for c in cached]
-        self.original_sizes = [c["original_size"] for c in cached]
-        self.records, self.label2id, self.normalizer, self.seed = records, label2id, normalizer, seed
+        self.images, self.records, self.label2id, self.normalizer, self.seed = images, records, label2id, normalizer, seed
         self.dropped: list[dict[str, str]] = []
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def original_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of the image as decoded (EXIF applied)."""
+        return tuple(self.images.meta(index)["original_size"])
+
     def scaled_boxes(self, index: int) -> list[list[float]]:
         """The record's boxes in the cached image's pixels."""
-        sx, sy = self.scales[index]
+        sx, sy = self.images.meta(index)["scale"]
         return [[x0 * sx, y0 * sy, x1 * sx, y1 * sy] for x0, y0, x1, y1 in self.records[index].boxes]
 
     def labels_of(self, index: int) -> list[int]:
         return [self.label2id[name] for name in self.records[index].labels]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self._item(self.normalizer(self.pixels[index]), self.scaled_boxes(index), self.labels_of(index), index)
+        pixels = self.images[index]["pixels"]
+        return self._item(self.normalizer(pixels), self.scaled_boxes(index), self.labels_of(index), index)
 
     def _item(self, pixel_values: torch.Tensor, boxes_xyxy, labels: list[int], index: int) -> dict[str, Any]:
         """DETR targets: (cx, cy, w, h) relative to the unpadded image, and the original size."""
@@ -219,7 +228,7 @@ class DetectionImages(SeededDataset):
         target = {
             "class_labels": torch.tensor(labels, dtype=torch.long),
             "boxes": torch.from_numpy(centred.astype(np.float32)),
-            "orig_size": torch.tensor(self.original_sizes[index]),
+            "orig_size": torch.tensor(self.original_size(index)),
         }
         return {"pixel_values": pixel_values, "labels": target, "index": index}
 
@@ -240,7 +249,7 @@ class AugmentedDetection(DetectionImages):
         )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = self.pixels[index].permute(1, 2, 0).numpy()
+        image = self.images[index]["pixels"].permute(1, 2, 0).numpy()
         self.augment.set_random_seed(self.item_seed(index))
         boxes = np.asarray(self.scaled_boxes(index), dtype=np.float32).reshape(-1, 4)
         out = self.augment(image=image, bboxes=boxes, labels=self.labels_of(index))
@@ -249,15 +258,17 @@ class AugmentedDetection(DetectionImages):
         return self._item(self.normalizer(pixels), np.asarray(out["bboxes"]).reshape(-1, 4), labels, index)
 
 
-def _decoded_dataset(kind: type, records: list[DetectionRecord], processor, info: ModelInfo, seed: int = 0):
+def _decoded_dataset(kind: type, records: list[DetectionRecord], processor, info: ModelInfo,
+                     cache: CachePlan | None, seed: int = 0):
     """(dataset, skipped files): the images decoded once at model scale, boxes fitted to them.
 
     The boxes dropped while fitting are listed in the dataset's ``dropped``.
     """
-    decoded = decode_records(records, lambda image, _: _model_scale(processor, image))
+    decoded = decode_records(records, lambda image, _: _model_scale(processor, image), cache=cache,
+                             settings=f"detection|{processor.to_json_string()}")
     fitted, dropped = _fit_boxes([records[i] for i in decoded.kept], decoded.items)
     dataset = kind(decoded.items, fitted, info.label2id, Normalizer(processor), seed)
-    dataset.dropped = dropped
+    dataset.dropped, dataset.cache_report = dropped, decoded.report
     return dataset, decoded.skipped
 
 
@@ -268,11 +279,11 @@ def _model_scale(processor, image: Image.Image) -> dict[str, Any]:
     return {"pixels": pixels, "scale": (width / image.width, height / image.height), "original_size": (image.height, image.width)}
 
 
-def _fit_boxes(records: list[DetectionRecord], cached: list[dict]) -> tuple[list[DetectionRecord], list[dict]]:
+def _fit_boxes(records: list[DetectionRecord], images: StoredImages) -> tuple[list[DetectionRecord], list[dict]]:
     """Clip boxes to the decoded image (whose EXIF-applied size may differ from the annotation's)."""
     fitted, dropped = [], []
-    for record, item in zip(records, cached):
-        height, width = item["original_size"]
+    for index, record in enumerate(records):
+        height, width = images.meta(index)["original_size"]
         kept = DetectionRecord(record.image, source=record.source)
         for box, label in zip(record.boxes, record.labels):
             cleaned = clean_box(box, width, height)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from visionlora.data.cache import CachePlan, StoredImages
 from visionlora.data.images import decode_records
 from visionlora.data.keypoints import flip_pairs, instance_box, keypoint_sigmas, reference_size
 from visionlora.data.records import Part, PoseRecord, SourceData, mark_unlabelled
@@ -108,32 +109,37 @@ class PoseTask(Task):
             raise VisionLoraError(f"{data}: keypoints {part.labels} differ from the model's {info.labels}")
         return part
 
-    def train_dataset(self, source: SourceData, processor, info: ModelInfo, cfg):
+    def train_dataset(self, source: SourceData, processor, info: ModelInfo, cfg, cache: CachePlan):
         """Every instance cut out once with context; also records the skeleton and mean keypoints in ``info``."""
         input_size = tuple(info.extra["input_size"])
-        decoded = decode_records(source.train, lambda im, rec: _training_crops(im, rec, input_size))
-        instances = [crop for crops in decoded.items for crop in crops]
+        decoded = decode_records(source.train, lambda im, rec: _training_crops(im, rec, input_size), cache=cache,
+                                 settings=f"pose-train|{input_size}|{CONTEXT}")
+        crops = Crops(decoded.items)
         info.extra["skeleton"] = source.extra.get("skeleton", [])
-        if instances:
-            info.extra["mean_points"] = _mean_points(instances, input_size).round(3).tolist()
+        if len(crops):
+            info.extra["mean_points"] = _mean_points(crops.instances, input_size).round(3).tolist()
         pairs = [tuple(p) for p in info.extra["flip_pairs"]]
-        dataset = TrainingCrops(instances, Normalizer(processor), input_size, tuple(info.extra["heatmap_size"]),
+        dataset = TrainingCrops(crops, Normalizer(processor), input_size, tuple(info.extra["heatmap_size"]),
                                 pairs, cfg.seed, cfg.augment)
-        dataset.images = len(decoded.items)
+        dataset.cache_report = decoded.report
         return dataset, decoded.skipped
 
-    def eval_dataset(self, records: list[PoseRecord], processor, info: ModelInfo):
+    def eval_dataset(self, records: list[PoseRecord], processor, info: ModelInfo, cache: CachePlan | None = None):
         input_size = tuple(info.extra["input_size"])
-        decoded = decode_records(records, lambda im, rec: _eval_crops(im, rec, input_size))
-        instances = [crop for crops in decoded.items for crop in crops]
+        decoded = decode_records(records, lambda im, rec: _eval_crops(im, rec, input_size), cache=cache,
+                                 settings=f"pose-eval|{input_size}")
         mean = np.asarray(info.extra["mean_points"]) if info.extra.get("mean_points") else None
-        dataset = EvalCrops(instances, Normalizer(processor), input_size, tuple(info.extra["heatmap_size"]), mean)
-        dataset.images = len(decoded.items)
+        dataset = EvalCrops(Crops(decoded.items), Normalizer(processor), input_size, tuple(info.extra["heatmap_size"]), mean)
+        dataset.cache_report = decoded.report
         return dataset, decoded.skipped
+
+    def image_bytes(self, processor, info: ModelInfo) -> int:
+        width, height = info.extra["input_size"]
+        return int(width * height * 3 * CONTEXT**2)
 
     def count(self, dataset, split: str, info: ModelInfo) -> dict[str, Any]:
         return {
-            split: dataset.images,
+            split: len(dataset.crops.images),
             f"{split}_instances": len(dataset),
             f"labelled_keypoints_{split}": int(sum(c.keypoints[:, 2].sum() for c in dataset.instances)),
         }
@@ -296,13 +302,29 @@ def _mean_points(instances: list[InstanceCrop], input_size) -> np.ndarray:
     return totals / np.maximum(counts, 1)
 
 
+class Crops:
+    """The instances of the decoded images, one after another: ``instances[i]`` without pixels
+    (known without reading them), ``pixels(i)`` read from the image store."""
+
+    def __init__(self, images: StoredImages):
+        self.images = images
+        self.positions = [(i, k) for i in range(len(images)) for k in range(len(images.meta(i)))]
+        self.instances = [images.meta(i)[k] for i, k in self.positions]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def pixels(self, index: int) -> np.ndarray:
+        image, crop = self.positions[index]
+        return self.images[image][crop].pixels
+
+
 class EvalCrops(SeededDataset):
     """Model-ready crops with target heatmaps (for the validation loss) and their crop boxes."""
 
-    def __init__(self, instances, normalizer, input_size, heatmap_wh, mean_points=None):
-        self.instances, self.normalizer = instances, normalizer
+    def __init__(self, crops: Crops, normalizer, input_size, heatmap_wh, mean_points=None):
+        self.crops, self.instances, self.normalizer = crops, crops.instances, normalizer
         self.input_size, self.heatmap_wh, self.mean_points = input_size, heatmap_wh, mean_points
-        self.images = 0  # how many images the instances come from
 
     def __len__(self) -> int:
         return len(self.instances)
@@ -310,14 +332,14 @@ class EvalCrops(SeededDataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         instance = self.instances[index]
         points = warp_points(instance.keypoints[:, :2], instance.to_pixels)
-        return _item(instance.pixels, points, instance.keypoints[:, 2], self, index)
+        return _item(self.crops.pixels(index), points, instance.keypoints[:, 2], self, index)
 
 
 class TrainingCrops(EvalCrops):
     """Random scale, rotation and flip (swapping left/right keypoints) from the cached context."""
 
-    def __init__(self, instances, normalizer, input_size, heatmap_wh, pairs, seed: int, augment: bool = True):
-        super().__init__(instances, normalizer, input_size, heatmap_wh)
+    def __init__(self, crops: Crops, normalizer, input_size, heatmap_wh, pairs, seed: int, augment: bool = True):
+        super().__init__(crops, normalizer, input_size, heatmap_wh)
         self.pairs, self.seed, self.augment = pairs, seed, augment
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -332,7 +354,7 @@ class TrainingCrops(EvalCrops):
         to_input = warp_matrix(crop, self.input_size, rotation, flip)
         from_context = cv2.invertAffineTransform(instance.to_pixels)
         context_to_input = _compose(to_input, from_context)
-        pixels = warp_image(instance.pixels, context_to_input, self.input_size)
+        pixels = warp_image(self.crops.pixels(index), context_to_input, self.input_size)
         points = warp_points(instance.keypoints[:, :2], to_input)
         labelled = instance.keypoints[:, 2].copy()
         if flip:
