@@ -106,3 +106,24 @@ def test_low_memory_setting_gives_identical_results(class_folder, tmp_path):
     assert lean.summary["metrics"] == plain.summary["metrics"]
     a, b = plain.model.state_dict(), lean.model.state_dict()
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_an_adapter_whose_local_base_changed_is_refused(class_folder, tmp_path, capsys):
+    base = train(tiny_config("classification", class_folder, tmp_path / "pretrain", mode="full", epochs=1))
+    base_dir = base.paths.model_dir
+    run = train(tiny_config("classification", class_folder, tmp_path / "run", epochs=1, model=str(base_dir))).paths.root
+    image = str(next((class_folder / "val").rglob("*.png")))
+    assert main(["predict", str(run), image]) == 0
+    capsys.readouterr()
+    from safetensors.torch import load_file, save_file
+
+    weights = base_dir / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1.0  # someone retrained or replaced the base
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert main(["predict", str(run), image]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "the base model changed since the adapter was trained" in lines[0]
+    assert "--allow-base-change" in lines[0]
+    assert main(["predict", str(run), image, "--allow-base-change"]) == 0

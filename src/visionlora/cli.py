@@ -92,6 +92,8 @@ def _loading_flags() -> argparse.ArgumentParser:
     loading = argparse.ArgumentParser(add_help=False)
     loading.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (they can run code)")
     loading.add_argument("--trust-remote-code", action="store_true", help="allow the base model to run its own code")
+    loading.add_argument("--allow-base-change", action="store_true",
+                         help="load an adapter even if its base model changed since it was trained")
     return loading
 
 
@@ -99,6 +101,8 @@ def _evaluate_parser(commands, common, help_text: str) -> None:
     evaluate = commands.add_parser("evaluate", parents=[common, _loading_flags()], help=help_text)
     evaluate.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (holding trained_model_lora/ or trained_model/)")
     evaluate.add_argument("--data", help="labelled data to evaluate on (default: the run's validation split)")
+    evaluate.add_argument("--split", choices=("val", "test"), default="val",
+                          help="without --data: the run's validation (default) or held-out test part")
     evaluate.add_argument("--output", metavar="FILE.json", help="also write the metrics here")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
@@ -230,14 +234,18 @@ def _cmd_train(args) -> int:
     if result.summary:
         metrics = result.summary["metrics"]
         main = result.summary["main_metric"]
-        print(f"best epoch {result.summary['best_epoch']}: {main} {metrics[main]:.4f} -> {result.paths.root}")
+        test = result.summary.get("test_metrics")
+        held_out = f", test {test[main]:.4f}" if test else ""
+        print(f"best epoch {result.summary['best_epoch']}: {main} {metrics[main]:.4f}{held_out} -> {result.paths.root}")
     return 0
 
 
 def _cmd_evaluate(args) -> int:
     from visionlora.inference import load_run
 
-    result = load_run(args.run_dir, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code).evaluate(args.data)
+    run = load_run(args.run_dir, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                   allow_base_change=args.allow_base_change)
+    result = run.evaluate(args.data, split=args.split)
     _emit(result, args.output)
     return 0
 
@@ -245,7 +253,8 @@ def _cmd_evaluate(args) -> int:
 def _cmd_predict(args) -> int:
     from visionlora.inference import image_files, load_run
 
-    run = load_run(args.run_dir, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    run = load_run(args.run_dir, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                   allow_base_change=args.allow_base_change)
     options, outputs = _task_arguments(args, run.task, run.paths.root)
     files = list(image_files(args.images))
     if not files:

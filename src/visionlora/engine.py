@@ -27,7 +27,7 @@ from visionlora.checkpoint import Progress, load_checkpoint, resume_settings, sa
 from visionlora.config import TrainConfig
 from visionlora.console import describe_epoch, describe_start, library_messages_to
 from visionlora.errors import VisionLoraError
-from visionlora.models import loading_policy
+from visionlora.models import base_revision, loading_policy
 from visionlora.runtime import new_accelerator, resolve_precision, return_freed_memory
 from visionlora.summary import RunFacts, write_results
 from visionlora.tasks import get_task
@@ -82,7 +82,7 @@ def _run(cfg: TrainConfig, progress: Progress | None) -> RunResult:
         root = [cfg.output]
     paths = RunPaths(Path(root[0]), cfg.mode)
     try:
-        with loading_policy(cfg.allow_pickle, cfg.trust_remote_code), library_messages_to(paths.log_file):
+        with loading_policy(cfg.allow_pickle, cfg.trust_remote_code, cfg.revision), library_messages_to(paths.log_file):
             return _train_in(paths, cfg, task, accelerator, progress, RunFacts(cfg, precision, started))
     except BaseException:
         if progress is None and accelerator.is_main_process and not paths.checkpoint_dir.exists():
@@ -103,8 +103,11 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
         accelerator.print(data.cache.reason)
     lora = None
     if cfg.mode == "lora":
-        if is_builtin(cfg.model) and accelerator.is_main_process and not paths.base_dir.exists():
-            save_model(model, processor, info.to_dict(), paths.base_dir)
+        if is_builtin(cfg.model):
+            if accelerator.is_main_process and not paths.base_dir.exists():
+                save_model(model, processor, info.to_dict(), paths.base_dir)
+            accelerator.wait_for_everyone()
+            info.base_revision = base_revision(str(paths.base_dir))
         model, lora = apply_lora(
             model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, task.head_modules(model)
         )
@@ -121,6 +124,8 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
     loop.run()
     model = accelerator.unwrap_model(loop.model, keep_fp32_wrapper=False)  # predictions and files in fp32
     facts.final_metrics = loop.final_metrics(model)
+    facts.test_metrics = loop.test_metrics(model)
+    facts.base_revision = info.base_revision
 
     # -- artifacts ----------------------------------------------------------------------
     summary = None
@@ -301,6 +306,16 @@ class TrainingLoop:
         if self.accelerator.mixed_precision == "no":
             return self.state.best_metrics
         return self.task.evaluate(model, self.processor, self.val_loader, self.accelerator, self.info)
+
+    def test_metrics(self, model) -> dict[str, Any] | None:
+        """The best weights' metrics on the held-out test part, in fp32: one pass, at the end."""
+        if self.data.test is None:
+            return None
+        loader = torch.utils.data.DataLoader(self.data.test, batch_size=self.cfg.batch_size, collate_fn=self.task.collate)
+        metrics = self.task.evaluate(model, self.processor, self.accelerator.prepare(loader), self.accelerator, self.info)
+        self.accelerator.print(f"test {self.task.main_metric} {metrics[self.task.main_metric]:.4f} "
+                               f"(best epoch {self.state.best_epoch}, chosen on validation)")
+        return metrics
 
     def _restore_best(self) -> None:
         if self.best_state is not None:

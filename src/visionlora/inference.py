@@ -13,7 +13,7 @@ from visionlora.artifacts import INFO_FILE, RunPaths, find_run, read_json
 from visionlora.builtin_models import is_builtin
 from visionlora.data.images import UnreadableImage, is_image_file, load_rgb
 from visionlora.errors import VisionLoraError
-from visionlora.models import check_weight_files, loading_policy
+from visionlora.models import check_base_unchanged, check_weight_files, current_policy, loading_policy
 from visionlora.outputs import per_image_values
 from visionlora.tasks import get_task
 from visionlora.tasks.base import ModelInfo, Task
@@ -67,14 +67,14 @@ class LoadedRun:
         """A copy of ``image`` with ``prediction`` drawn on it."""
         return self.task.draw(image, prediction, self.info)
 
-    def evaluate(self, data: str | None = None, batch_size: int = 16) -> dict[str, Any]:
-        """Metrics on ``data`` (default: the run's own validation split, read alone)."""
+    def evaluate(self, data: str | None = None, batch_size: int = 16, split: str = "val") -> dict[str, Any]:
+        """Metrics on ``data`` (default: the run's own validation split, or ``split="test"``, read alone)."""
         from visionlora.runtime import new_accelerator
 
         if data is None:
             if self.paths.mode == "export":
                 raise VisionLoraError(f"{self.paths.root}: an export has no validation split of its own; pass --data")
-            part = self.task.read_validation(read_json(self.paths.summary))
+            part = self.task.read_validation(read_json(self.paths.summary), split)
         else:
             part = self.task.read_evaluation(data, self.info)
         dataset, skipped = self.task.eval_dataset(part.records, self.processor, self.info)
@@ -87,16 +87,21 @@ class LoadedRun:
 
 
 def load_run(
-    run_dir: str | Path, device: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False
+    run_dir: str | Path, device: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
+    allow_base_change: bool = False,
 ) -> LoadedRun:
-    """Rebuild the trained model of ``run_dir`` for inference (safetensors only unless allowed)."""
+    """Rebuild the trained model of ``run_dir`` for inference (safetensors only unless allowed).
+
+    A LoRA run's base is loaded at the revision recorded at training; a local base whose
+    content changed since is refused unless ``allow_base_change``.
+    """
     paths = find_run(run_dir)
     if not paths.completed() or (paths.mode != "export" and not read_json(paths.summary).get("completed")):
         raise VisionLoraError(f"{paths.root}: the run did not complete (no finished training summary)")
     info = ModelInfo.from_dict(read_json(paths.model_dir / INFO_FILE))
     task = get_task(info.task)
     with loading_policy(allow_pickle, trust_remote_code):
-        model = _load_model(paths, task, info)
+        model = _load_model(paths, task, info, allow_base_change)
         from transformers import AutoImageProcessor
 
         processor = AutoImageProcessor.from_pretrained(paths.model_dir, backend="pil", trust_remote_code=trust_remote_code)
@@ -105,7 +110,7 @@ def load_run(
     return LoadedRun(paths, task, model, processor, info)
 
 
-def _load_model(paths: RunPaths, task: Task, info: ModelInfo) -> torch.nn.Module:
+def _load_model(paths: RunPaths, task: Task, info: ModelInfo, allow_base_change: bool = False) -> torch.nn.Module:
     """The full model, or the base with the adapter; a mismatch or damaged file is one clear line."""
     if paths.mode == "export" and read_json(paths.export_file).get("format") == "onnx":
         from visionlora.onnx_model import OnnxModel
@@ -117,7 +122,9 @@ def _load_model(paths: RunPaths, task: Task, info: ModelInfo) -> torch.nn.Module
     from peft import PeftModel
 
     base_ref = str(paths.base_dir) if is_builtin(info.base_model) else info.base_model
-    base = task.load_model(base_ref, info)
+    pinned = check_base_unchanged(base_ref, info.base_revision, allow_base_change)
+    with loading_policy(current_policy().allow_pickle, current_policy().trust_remote_code, pinned):
+        base = task.load_model(base_ref, info)
     return guarded_load(lambda: PeftModel.from_pretrained(base, paths.model_dir), paths.model_dir, f"base model {base_ref}")
 
 

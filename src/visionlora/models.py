@@ -20,6 +20,7 @@ from visionlora.errors import VisionLoraError
 class LoadingPolicy:
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    revision: str | None = None  # the hub revision (branch, tag or commit) of hub models loaded in the block
 
 
 _POLICY: contextvars.ContextVar[LoadingPolicy] = contextvars.ContextVar("visionlora_loading", default=LoadingPolicy())
@@ -27,9 +28,11 @@ PICKLE_HINT = "pickled .bin weights can run code when loaded; pass --allow-pickl
 
 
 @contextlib.contextmanager
-def loading_policy(allow_pickle: bool = False, trust_remote_code: bool = False) -> Iterator[LoadingPolicy]:
-    """Within the block, allow pickled weights and/or checkpoint code as given."""
-    token = _POLICY.set(LoadingPolicy(allow_pickle, trust_remote_code))
+def loading_policy(allow_pickle: bool = False, trust_remote_code: bool = False,
+                   revision: str | None = None) -> Iterator[LoadingPolicy]:
+    """Within the block, allow pickled weights and/or checkpoint code as given, and load hub
+    models at ``revision``."""
+    token = _POLICY.set(LoadingPolicy(allow_pickle, trust_remote_code, revision))
     try:
         yield _POLICY.get()
     finally:
@@ -50,16 +53,18 @@ def load_pretrained(auto_class, ref: str, with_processor: bool = True, **kwargs:
 
     policy = current_policy()
     check_weight_files(Path(ref))
+    pinned = {"revision": policy.revision} if policy.revision and not Path(ref).exists() else {}
     try:
         model = auto_class.from_pretrained(
             ref,
             ignore_mismatched_sizes=True,
             use_safetensors=None if policy.allow_pickle else True,
             trust_remote_code=policy.trust_remote_code,
+            **pinned,
             **kwargs,
         )
         processor = (
-            AutoImageProcessor.from_pretrained(ref, backend="pil", trust_remote_code=policy.trust_remote_code)
+            AutoImageProcessor.from_pretrained(ref, backend="pil", trust_remote_code=policy.trust_remote_code, **pinned)
             if with_processor
             else None
         )
@@ -81,9 +86,9 @@ def check_weight_files(folder: Path) -> None:
         raise VisionLoraError(f"{folder}: only pickled weights ({', '.join(pickles)}); {PICKLE_HINT}")
 
 
-def base_revision(ref: str) -> str | None:
+def base_revision(ref: str, revision: str | None = None) -> str | None:
     """What identifies the exact weights behind ``ref``: a local folder's content hash, or the
-    hub commit of its cached snapshot; None when neither can be known (not cached yet)."""
+    hub commit of its cached snapshot (at ``revision``); None when neither can be known."""
     import hashlib
 
     path = Path(ref)
@@ -97,5 +102,21 @@ def base_revision(ref: str) -> str | None:
         return "sha256:" + digest.hexdigest()
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(ref, "config.json")
+    cached = try_to_load_from_cache(ref, "config.json", revision=revision)
     return Path(cached).parent.name if isinstance(cached, str) else None
+
+
+def check_base_unchanged(base_ref: str, recorded: str | None, allow_change: bool) -> str | None:
+    """The revision to load ``base_ref`` at. A local base whose content changed since training
+    is refused (unless ``allow_change``); a hub base is pinned to its recorded commit."""
+    if recorded is None:
+        return None
+    if Path(base_ref).exists():
+        current = base_revision(base_ref)
+        if current != recorded and not allow_change:
+            raise VisionLoraError(
+                f"{base_ref}: the base model changed since the adapter was trained "
+                f"(content {recorded[:19]}..., now {str(current)[:19]}...); pass --allow-base-change to load it anyway"
+            )
+        return None
+    return None if allow_change or recorded.startswith("sha256:") else recorded

@@ -32,6 +32,8 @@ class RunFacts:
     lora: LoraSetup | None = None
     base_bytes: int = 0
     final_metrics: dict[str, Any] = field(default_factory=dict)  # the best weights', in fp32
+    test_metrics: dict[str, Any] | None = None  # the best weights' on the held-out test part
+    base_revision: str | None = None
 
 
 def write_results(paths: RunPaths, task: Task, facts: RunFacts, progress: Progress, early_stopped: bool) -> dict[str, Any]:
@@ -54,6 +56,7 @@ def build_summary(paths: RunPaths, task: Task, facts: RunFacts, progress: Progre
         "task": cfg.task,
         "mode": cfg.mode,
         "base_model": cfg.model,
+        "base_revision": facts.base_revision,
         "run_dir": str(paths.root),
         "data": {
             **data.description,
@@ -76,6 +79,8 @@ def build_summary(paths: RunPaths, task: Task, facts: RunFacts, progress: Progre
         "main_metric": task.main_metric,
         "best_epoch": progress.best_epoch,
         "metrics": facts.final_metrics or progress.best_metrics,
+        "test_metrics": facts.test_metrics,
+        "headline": _headline(task.main_metric, facts),
         "metrics_in_training_precision": progress.best_metrics,
         "time": {
             "wall_seconds": round(time.perf_counter() - facts.started, 3),
@@ -85,6 +90,14 @@ def build_summary(paths: RunPaths, task: Task, facts: RunFacts, progress: Progre
         "memory": peak_memory(),
         "versions": versions(),
     }
+
+
+def _headline(main_metric: str, facts: RunFacts) -> dict[str, Any]:
+    """The number to quote: the test part's main metric when there is one, else validation's."""
+    if facts.test_metrics is not None:
+        return {"split": "test", "metric": main_metric, "value": facts.test_metrics[main_metric],
+                "validation_value": facts.final_metrics.get(main_metric)}
+    return {"split": "validation", "metric": main_metric, "value": facts.final_metrics.get(main_metric)}
 
 
 def versions() -> dict[str, str]:

@@ -45,26 +45,33 @@ def read_source(
     seed: int,
     val_fraction: float | None,
     group: Callable[[Any], Hashable] | None = None,
-) -> tuple[SourceData, Part]:
-    """Training and validation records of ``data`` under the split rule (see ``splits``).
+    test_data: str | None = None,
+) -> tuple[SourceData, list[Part]]:
+    """Training, validation and (held-out) test records of ``data`` under the split rule (see ``splits``).
 
-    Also returns the validation part, so that a task can check it against training's labels.
+    Also returns the validation and test parts as read, so that a task can check them
+    against training's labels.
     """
-    layout = locate_parts(data, val_data)
+    layout = locate_parts(data, val_data, test_data)
     train = read_part(task, layout.train)
     val = read_part(task, layout.val) if layout.val else None
+    test = read_part(task, layout.test) if layout.test else None
     train_records, val = _validation(train, val, seed, val_fraction, group)
+    held_out = [val] + ([test] if test else [])
     source = SourceData(
         train=train_records,
         val=val.records,
+        test=test.records if test else None,
         labels=list(train.labels),
-        skipped=train.skipped + val.skipped,
-        dropped=train.dropped + val.dropped,
+        skipped=train.skipped + [s for part in held_out for s in part.skipped],
+        dropped=train.dropped + [d for part in held_out for d in part.dropped],
         description={"format": train.format, "train": train.where, "val": val.where,
-                     "val_part": str(layout.val) if layout.val else None},
+                     "test": test.where if test else None,
+                     "val_part": str(layout.val) if layout.val else None,
+                     "test_part": str(layout.test) if layout.test else None},
         extra=dict(train.extra),
     )
-    return source, val
+    return source, held_out
 
 
 def read_validation(
@@ -74,9 +81,14 @@ def read_validation(
     seed: int,
     val_fraction: float | None,
     group: Callable[[Any], Hashable] | None = None,
+    split: str = "val",
 ) -> Part:
-    """Only the validation part of a run's split, as its summary's data ``description`` records it:
-    a separate validation folder is read alone, without the training part."""
+    """Only the validation (or test) part of a run's split, as its summary's data ``description``
+    records it: a separate folder is read alone, without the training part."""
+    if split == "test":
+        if not description.get("test_part"):
+            raise VisionLoraError(f"{data}: the run had no test part (a test/ folder or --test-data)")
+        return read_part(task, Path(description["test_part"]))
     if description.get("val_part"):
         return read_part(task, Path(description["val_part"]))
     train = read_part(task, locate_parts(data).train)

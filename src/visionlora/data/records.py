@@ -79,6 +79,7 @@ class SourceData:
     train: list[Any]
     val: list[Any]
     labels: list[str]
+    test: list[Any] | None = None  # held out: evaluated once, with the best weights
     skipped: list[dict[str, str]] = field(default_factory=list)
     dropped: list[dict[str, str]] = field(default_factory=list)
     description: dict[str, Any] = field(default_factory=dict)

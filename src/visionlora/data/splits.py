@@ -1,13 +1,15 @@
 """The one rule for train and validation parts, for every format and for ``evaluate``.
 
 - A folder with a ``train/`` (or ``training/``) child is laid out in parts: that child
-  trains, and a ``val/``, ``validation/``, ``valid/`` or ``test/`` child validates.
+  trains, a ``val/``, ``validation/`` or ``valid/`` child validates (picks the best epoch
+  and drives early stopping), and a ``test/`` child is held out, evaluated once at the end.
 - Otherwise the folder (or file) is one training part.
-- ``--val-data`` names the validation part instead (its own ``val/`` child if it has one).
+- ``--val-data`` and ``--test-data`` name those parts instead (their own ``val/`` or
+  ``test/`` child if they have one).
 - Without a validation part, a format's own validation split is used (a Hugging Face
   dataset's), else a seeded share of the training records is held out: ``--val-fraction``,
   else the format's own share (DeepLabCut's TrainingFraction), else 0.2.
-- ``evaluate --data`` reads a folder's validation child if it has one, else all of it.
+- ``evaluate --data`` reads a folder's validation child, else its test child, else all of it.
 """
 
 from __future__ import annotations
@@ -21,16 +23,18 @@ from typing import Callable, Hashable, Sequence, TypeVar
 T = TypeVar("T")
 
 TRAIN_DIRS = ("train", "training")
-VAL_DIRS = ("val", "validation", "valid", "test")
+VAL_DIRS = ("val", "validation", "valid")
+TEST_DIRS = ("test",)
 DEFAULT_VAL_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where the training part is, and the validation part when there is one."""
+    """Where the training part is, and the validation and test parts when there are ones."""
 
     train: Path
     val: Path | None
+    test: Path | None = None
 
 
 def first_child(root: Path, names: Sequence[str]) -> Path | None:
@@ -40,21 +44,21 @@ def first_child(root: Path, names: Sequence[str]) -> Path | None:
     return next((root / n for n in names if (root / n).is_dir()), None)
 
 
-def locate_parts(data: str | Path, val_data: str | Path | None = None) -> Layout:
-    """The training and validation parts of ``data`` (see the module rule)."""
+def locate_parts(data: str | Path, val_data: str | Path | None = None, test_data: str | Path | None = None) -> Layout:
+    """The training, validation and test parts of ``data`` (see the module rule)."""
     root = Path(data)
     train_dir = first_child(root, TRAIN_DIRS)
-    if val_data:
-        val = evaluation_part(val_data)
-    else:
-        val = first_child(root, VAL_DIRS) if train_dir else None
-    return Layout(train_dir or root, val)
+    val = (first_child(Path(val_data), VAL_DIRS) or Path(val_data)) if val_data else (
+        first_child(root, VAL_DIRS) if train_dir else None)
+    test = (first_child(Path(test_data), TEST_DIRS) or Path(test_data)) if test_data else (
+        first_child(root, TEST_DIRS) if train_dir else None)
+    return Layout(train_dir or root, val, test)
 
 
 def evaluation_part(data: str | Path) -> Path:
-    """The part of ``data`` to evaluate on: its validation child if it has one, else itself."""
+    """The part of ``data`` to evaluate on: its validation child, else its test child, else itself."""
     path = Path(data)
-    return first_child(path, VAL_DIRS) or path
+    return first_child(path, VAL_DIRS) or first_child(path, TEST_DIRS) or path
 
 
 def holdout_fraction(requested: float | None, format_share: float | None) -> float:

@@ -48,6 +48,9 @@ class ServeSettings:
         return int(self.max_upload_mb * 1024 * 1024)
 
 
+DRAIN_FACTOR = 4  # a refused upload is read (and dropped) up to this many times the limit
+
+
 class ApiError(Exception):
     """A bad request: its status code and a message naming the problem."""
 
@@ -200,12 +203,14 @@ async def read_form(request: Request, max_bytes: int) -> FormData:
         raise ApiError(400, "expected a multipart/form-data upload with a 'file' field")
     length = request.headers.get("content-length", "")
     too_large = ApiError(413, f"the upload is larger than the server's limit of {max_bytes / 1024 / 1024:g} MB")
+    stream = request.stream()
     if length.isdigit() and int(length) > max_bytes:
+        await _drain(stream, DRAIN_FACTOR * max_bytes)
         raise too_large
 
     async def limited():
         total = 0
-        async for chunk in request.stream():
+        async for chunk in stream:
             total += len(chunk)
             if total > max_bytes:
                 raise too_large
@@ -215,6 +220,22 @@ async def read_form(request: Request, max_bytes: int) -> FormData:
         return await MultiPartParser(request.headers, limited(), max_part_size=max_bytes).parse()
     except MultiPartException as err:
         raise ApiError(400, f"malformed multipart body: {err.message}") from None
+    except ApiError:
+        await _drain(stream, DRAIN_FACTOR * max_bytes)
+        raise
+
+
+async def _drain(stream, limit: int) -> None:
+    """Read and drop up to ``limit`` more bytes of a refused body, so the client (still sending)
+    receives the answer instead of a reset connection; past that the connection is closed."""
+    dropped = 0
+    try:
+        async for chunk in stream:
+            dropped += len(chunk)
+            if dropped > limit:
+                break
+    except Exception:  # the client went away: nothing to answer
+        pass
 
 
 async def read_images(form: FormData) -> tuple[list[str], list[Any]]:

@@ -21,7 +21,7 @@ from visionlora.artifacts import INFO_FILE, RunPaths, find_run, folder_bytes, re
 from visionlora.builtin_models import is_builtin
 from visionlora.errors import VisionLoraError
 from visionlora.inference import guarded_load
-from visionlora.models import base_revision, check_weight_files, loading_policy
+from visionlora.models import base_revision, check_base_unchanged, check_weight_files, loading_policy
 from visionlora.tasks import get_task
 from visionlora.tasks.base import ModelInfo, Task
 
@@ -129,7 +129,8 @@ class ModelStore:
         key = (info.task, base_ref, base_revision(base_ref), len(info.labels), peft_type)
         shared = self.bases.get(key)
         if shared is None:
-            model = task.load_model(base_ref, info)
+            with loading_policy(False, False, check_base_unchanged(base_ref, info.base_revision, False)):
+                model = task.load_model(base_ref, info)
             peft_model = guarded_load(lambda: PeftModel.from_pretrained(model, paths.model_dir, adapter_name=name),
                                   paths.model_dir, f"base model {base_ref}")
             shared = SharedBase(key, peft_model.to(self.device).eval())

@@ -31,7 +31,7 @@ from visionlora.data.records import Part, SourceData
 from visionlora.data.cache import CachePlan, CacheReport, plan_cache
 from visionlora.data.transforms import processor_output_size, processor_size, set_processor_size
 from visionlora.errors import VisionLoraError
-from visionlora.models import base_revision, load_pretrained
+from visionlora.models import base_revision, current_policy, load_pretrained
 from visionlora.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option, OutputWriter
 
 
@@ -101,6 +101,7 @@ class Datasets:
     skipped: list[dict[str, str]]
     description: dict[str, Any]
     cache: CacheReport | None = None
+    test: torch.utils.data.Dataset | None = None  # held out, evaluated once at the end
 
 
 class SeededDataset(torch.utils.data.Dataset):
@@ -148,15 +149,16 @@ class Task:
     # -- data -------------------------------------------------------------------------
     def read_data(self, cfg) -> SourceData:
         """The annotations of ``cfg.data`` (no pixels yet), split into train and validation."""
-        source, val_part = read_source(self.name, cfg.data, cfg.val_data, cfg.seed, cfg.val_fraction, self.split_group)
-        self.check_data(source, val_part, cfg.data)
+        source, held_out = read_source(self.name, cfg.data, cfg.val_data, cfg.seed, cfg.val_fraction,
+                                       self.split_group, cfg.test_data)
+        self.check_data(source, held_out, cfg.data)
         return source
 
-    def read_validation(self, summary: dict[str, Any]) -> Part:
-        """Only the validation records of a finished run, from its summary (for ``evaluate RUN``)."""
+    def read_validation(self, summary: dict[str, Any], split: str = "val") -> Part:
+        """Only the validation (or test) records of a finished run, from its summary (for ``evaluate RUN``)."""
         settings = summary["training"]
         return read_validation(self.name, summary["data"], settings["data"], settings["seed"],
-                               settings["val_fraction"], self.split_group)
+                               settings["val_fraction"], self.split_group, split)
 
     def read_evaluation(self, data: str, info: ModelInfo) -> Part:
         """Labelled records of ``data`` for ``evaluate --data``, checked against the model's labels."""
@@ -166,8 +168,9 @@ class Task:
             raise VisionLoraError(f"{data}: labels the model was not trained on: {', '.join(unknown)}")
         return part
 
-    def check_data(self, source: SourceData, val_part: Part, where: str) -> None:
-        """Raise a clear error when the data cannot train this task (hook)."""
+    def check_data(self, source: SourceData, held_out: list[Part], where: str) -> None:
+        """Raise a clear error when the data cannot train this task; ``held_out`` are the
+        validation and test parts as read (hook)."""
         if not source.train:
             raise VisionLoraError(f"{where}: no training images")
         if not source.val:
@@ -180,16 +183,21 @@ class Task:
         plan = plan_cache(cfg.cache, cfg.cache_dir, images, self.image_bytes(processor, info))
         train, train_skipped = self.train_dataset(source, processor, info, cfg, plan)
         val, val_skipped = self.eval_dataset(source.val, processor, info, plan)
+        test, test_skipped = self.eval_dataset(source.test, processor, info, plan) if source.test else (None, [])
         if len(train) == 0:
             raise VisionLoraError(f"{source.description.get('train', cfg.data)}: no usable training images")
         if len(val) == 0:
             raise VisionLoraError(f"{source.description.get('val', cfg.data)}: no usable validation images")
         counts = {**self.count(train, "train", info), **self.count(val, "val", info)}
-        skipped = source.skipped + train_skipped + val_skipped
+        if test is not None:
+            counts.update(self.count(test, "test", info))
+        skipped = source.skipped + train_skipped + val_skipped + test_skipped
         report = train.cache_report
         report.merge(val.cache_report)
+        if test is not None:
+            report.merge(test.cache_report)
         report.reason = plan.report.reason
-        return Datasets(train, val, counts, skipped, dict(source.description), report)
+        return Datasets(train, val, counts, skipped, dict(source.description), report, test)
 
     def train_dataset(self, source: SourceData, processor, info: ModelInfo, cfg, cache: CachePlan):
         """(dataset, skipped files) for training; the dataset's ``cache_report`` says what decoding did (hook)."""
@@ -219,7 +227,7 @@ class Task:
                 self.resize_processor(processor, image_size)
         info = ModelInfo(self.name, mode, model_ref, list(labels), processor_size(processor))
         if not is_builtin(model_ref):
-            info.base_revision = base_revision(model_ref)
+            info.base_revision = base_revision(model_ref, current_policy().revision)
         self.describe_model(model, processor, info)
         return model, processor, info
 

@@ -52,15 +52,16 @@ class ClassificationTask(Task):
         return record.label
 
     # -- data -------------------------------------------------------------------------
-    def check_data(self, source: SourceData, val_part: Part, where: str) -> None:
-        """At least two classes, every validation class known from training, no empty split."""
+    def check_data(self, source: SourceData, held_out: list[Part], where: str) -> None:
+        """At least two classes, every validation and test class known from training, no empty split."""
         if len(source.labels) < 2:
             found = ", ".join(repr(n) for n in source.labels) or "none"
             raise VisionLoraError(f"{where}: found one class ({found}); classification needs at least two")
-        unknown = sorted({r.label for r in source.val} - set(source.labels))
-        if unknown:
-            raise VisionLoraError(f"{source.description['val']}: validation classes not in training: {', '.join(unknown)}")
-        super().check_data(source, val_part, where)
+        for part, name in zip(held_out, ("validation", "test")):
+            unknown = sorted({r.label for r in part.records} - set(source.labels))
+            if unknown:
+                raise VisionLoraError(f"{part.where}: {name} classes not in training: {', '.join(unknown)}")
+        super().check_data(source, held_out, where)
 
     def train_dataset(self, source: SourceData, processor, info: ModelInfo, cfg, cache: CachePlan):
         """Images a little larger than the model input, for random crops (or model-sized, without augmentation)."""

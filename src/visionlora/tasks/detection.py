@@ -53,12 +53,12 @@ class DetectionTask(Task):
     )
 
     # -- data -------------------------------------------------------------------------
-    def check_data(self, source: SourceData, val_part: Part, where: str) -> None:
-        """Categories of both parts, and boxes in both (mAP needs validation boxes)."""
-        source.labels = list(dict.fromkeys(source.labels + list(val_part.labels)))
+    def check_data(self, source: SourceData, held_out: list[Part], where: str) -> None:
+        """Categories of every part, and boxes in training and validation (mAP needs validation boxes)."""
+        source.labels = list(dict.fromkeys(source.labels + [n for part in held_out for n in part.labels]))
         if not source.labels:
             raise VisionLoraError(f"{where}: the annotations define no categories")
-        super().check_data(source, val_part, where)
+        super().check_data(source, held_out, where)
         if not any(r.boxes for r in source.train):
             raise VisionLoraError(f"{source.description['train']}: no boxes in the training images")
         if not any(r.boxes for r in source.val):

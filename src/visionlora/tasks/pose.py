@@ -98,10 +98,11 @@ class PoseTask(Task):
     )
 
     # -- data -------------------------------------------------------------------------
-    def check_data(self, source: SourceData, val_part: Part, where: str) -> None:
-        if list(val_part.labels) != list(source.labels):
-            raise VisionLoraError(f"{val_part.where}: keypoints {val_part.labels} differ from training's {source.labels}")
-        super().check_data(source, val_part, where)
+    def check_data(self, source: SourceData, held_out: list[Part], where: str) -> None:
+        for part in held_out:
+            if list(part.labels) != list(source.labels):
+                raise VisionLoraError(f"{part.where}: keypoints {part.labels} differ from training's {source.labels}")
+        super().check_data(source, held_out, where)
 
     def read_evaluation(self, data: str, info: ModelInfo) -> Part:
         part = super().read_evaluation(data, info)
