@@ -81,6 +81,17 @@ def apply_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float, tar
     return peft_model, setup
 
 
+def described_lora(model) -> LoraSetup:
+    """The LoraSetup of a model that already carries its (default) adapter."""
+    config = model.peft_config["default"]
+    targets = sorted(config.target_modules) if isinstance(config.target_modules, (set, list)) else [config.target_modules]
+    adapted = sum(1 for name, _ in model.named_modules() if name.endswith("lora_A"))
+    return LoraSetup(
+        requested={"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout, "target_modules": targets},
+        resolved={"target_modules": targets, "modules_to_save": sorted(config.modules_to_save or []), "adapted_layers": adapted},
+    )
+
+
 def parameter_counts(model: torch.nn.Module) -> dict[str, Any]:
     """Total and trainable parameters (an adapter's head copies counted once)."""
     total = trainable = 0

@@ -36,6 +36,7 @@ class TrainConfig:
     test_data: str | None = _opt(None, "held-out test data, evaluated once at the end (default: the data's test/ part)")
     model: str | None = _opt(None, "hub id, local checkpoint folder, or 'tiny' (small random model, offline)")
     revision: str | None = _opt(None, "hub revision of --model (branch, tag or commit); the commit used is recorded")
+    init_from: str | None = _opt(None, "start from a finished run's trained weights (its adapter, or its full model)")
     mode: str = _opt("lora", "lora: train a LoRA adapter; full: train every weight", choices=MODES)
     epochs: int = _opt(10, "training epochs")
     batch_size: int = _opt(8, "images per batch (per process)")
@@ -54,6 +55,10 @@ class TrainConfig:
         None, "comma-separated module names to adapt, e.g. query,value (preset per task)"
     )
     image_size: int | None = _opt(None, "model input size in pixels (default: the model's own)")
+    class_weights: str = _opt("none", "classification: auto weighs the loss by inverse class frequency; none",
+                              choices=("auto", "none"))
+    balanced_sampler: bool = _opt(False, "draw training images in inverse proportion to their class's frequency "
+                                  "(classification), or by repeat-factor sampling (detection)")
     augment: bool = _opt(True, "random training augmentation (crop/flip/colour, task-aware); --no-augment turns it off")
     val_fraction: float | None = _opt(
         None, "share held out for validation when the data has no val split (0.2; DeepLabCut: its TrainingFraction)"
@@ -98,6 +103,8 @@ class TrainConfig:
             (self.num_workers >= 0, "--num-workers must be 0 or more"),
             (self.cache in CACHE_MODES, f"--cache must be one of {', '.join(CACHE_MODES)}"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
+            (self.class_weights in ("auto", "none"), "--class-weights must be auto or none"),
+            (self.class_weights == "none" or self.task == "classification", "--class-weights is for classification"),
         ]
         for ok, message in checks:
             if not ok:

@@ -20,15 +20,17 @@ from typing import Any
 
 import torch
 
-from visionlora.adapters import apply_lora, parameter_counts
+from visionlora.adapters import apply_lora, described_lora, parameter_counts
 from visionlora.artifacts import RunPaths, new_run_dir, save_model
 from visionlora.builtin_models import is_builtin
 from visionlora.checkpoint import Progress, load_checkpoint, resume_settings, save_checkpoint
 from visionlora.config import TrainConfig
+from visionlora.continuation import start_from_run
 from visionlora.console import describe_epoch, describe_start, library_messages_to
 from visionlora.errors import VisionLoraError
 from visionlora.models import base_revision, loading_policy
 from visionlora.runtime import new_accelerator, resolve_precision, return_freed_memory
+from visionlora.sampling import EpochWeightedSampler
 from visionlora.summary import RunFacts, write_results
 from visionlora.tasks import get_task
 from visionlora.tasks.base import Datasets, ModelInfo, Task
@@ -96,13 +98,19 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
     # -- data and model -----------------------------------------------------------------
     set_seed(cfg.seed)
     source = task.read_data(cfg)
-    model, processor, info = task.build_model(cfg.model, source.labels, cfg.image_size, cfg.mode)
+    if cfg.init_from:
+        model, processor, info, facts.init_from = start_from_run(cfg.init_from, task, source.labels, cfg.mode)
+        cfg.model = info.base_model if cfg.mode == "lora" else str(Path(cfg.init_from) / "trained_model")
+    else:
+        model, processor, info = task.build_model(cfg.model, source.labels, cfg.image_size, cfg.mode)
     facts.base_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     data = facts.data = task.make_datasets(source, processor, info, cfg)
     if data.cache.mode != cfg.cache and cfg.cache == "auto" and data.cache.mode == "disk":
         accelerator.print(data.cache.reason)
     lora = None
-    if cfg.mode == "lora":
+    if cfg.mode == "lora" and hasattr(model, "peft_config"):  # an adapter continued from --init-from
+        lora = described_lora(model)
+    elif cfg.mode == "lora":
         if is_builtin(cfg.model):
             if accelerator.is_main_process and not paths.base_dir.exists():
                 save_model(model, processor, info.to_dict(), paths.base_dir)
@@ -115,6 +123,13 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
     targets = lora.resolved["target_modules"] if lora else None
     accelerator.print(describe_start(cfg, data.counts, len(data.skipped), facts.parameters, targets, paths.root))
     accelerator.print(f"precision {facts.precision[0].replace('no', 'fp32')} ({facts.precision[1]})")
+    for note in data.description.get("notes", []):
+        accelerator.print(f"note: {note}")
+
+    if cfg.init_from and progress is None:
+        facts.initial_metrics = _evaluate_once(task, model, processor, data.val, accelerator, info, cfg.batch_size)
+        accelerator.print(f"starting from {cfg.init_from}: {task.main_metric} "
+                          f"{facts.initial_metrics[task.main_metric]:.4f} before training")
 
     # -- loop ---------------------------------------------------------------------------
     loop = TrainingLoop(cfg, task, info, processor, accelerator, model, data, paths)
@@ -140,6 +155,12 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
     return RunResult(paths, summary, model, processor, info)
 
 
+def _evaluate_once(task: Task, model, processor, dataset, accelerator, info: ModelInfo, batch_size: int):
+    """Metrics of ``model`` as it is (fp32, before any training step)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=task.collate)
+    return task.evaluate(model, processor, loader, accelerator, info)
+
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable weights with weight decay; biases and norm weights (1-D tensors) without."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -159,8 +180,10 @@ class TrainingLoop:
         # Loaders draw their worker seeds from their own generators, not the global RNG that
         # dropout uses, so a resumed run sees the same random numbers as an uninterrupted one.
         loader_args = dict(batch_size=cfg.batch_size, collate_fn=task.collate, num_workers=cfg.num_workers)
+        sampler = EpochWeightedSampler(task.sample_weights(data.train), cfg.seed) if cfg.balanced_sampler else None
         train_loader = torch.utils.data.DataLoader(
-            data.train, shuffle=True, drop_last=False, generator=torch.Generator().manual_seed(cfg.seed), **loader_args
+            data.train, shuffle=sampler is None, sampler=sampler, drop_last=False,
+            generator=torch.Generator().manual_seed(cfg.seed), **loader_args
         )
         val_loader = torch.utils.data.DataLoader(
             data.val, shuffle=False, generator=torch.Generator().manual_seed(cfg.seed), **loader_args

@@ -33,6 +33,8 @@ class RunFacts:
     base_bytes: int = 0
     final_metrics: dict[str, Any] = field(default_factory=dict)  # the best weights', in fp32
     test_metrics: dict[str, Any] | None = None  # the best weights' on the held-out test part
+    init_from: dict[str, Any] | None = None  # the run this one started from (--init-from)
+    initial_metrics: dict[str, Any] | None = None  # the starting weights', before training
     base_revision: str | None = None
 
 
@@ -57,6 +59,8 @@ def build_summary(paths: RunPaths, task: Task, facts: RunFacts, progress: Progre
         "mode": cfg.mode,
         "base_model": cfg.model,
         "base_revision": facts.base_revision,
+        "init_from": facts.init_from,
+        "initial_metrics": facts.initial_metrics,
         "run_dir": str(paths.root),
         "data": {
             **data.description,

@@ -118,7 +118,29 @@ def read_coco_detection(path: Path) -> Part:
         record = records[_key(ann["image_id"])]
         record.boxes.append(cleaned)
         record.labels.append(str(categories[_key(ann["category_id"])]["name"]))
-    return Part(list(records.values()), names, "coco", str(path), dropped=dropped)
+    used = {_key(ann.get("category_id")) for ann in data.get("annotations", [])}
+    names, notes = _drop_export_supercategory(path, categories, used)
+    return Part(list(records.values()), names, "coco", str(path), dropped=dropped, extra={"notes": notes})
+
+
+def _drop_export_supercategory(path: Path, categories: dict, used: set) -> tuple[list[str], list[str]]:
+    """Category names, without the one labelling tools add for the dataset itself (Roboflow's
+    category 0): no annotations, and the supercategory of every other category. Other
+    categories without annotations are kept and reported."""
+    names, notes = [], []
+    for key, entry in categories.items():
+        name = str(entry["name"])
+        if key in used:
+            names.append(name)
+            continue
+        others = [c for k, c in categories.items() if k != key]
+        if others and all(str(c.get("supercategory")) == name for c in others):
+            notes.append(f"{path}: category {name!r} has no annotations and is the supercategory of all the "
+                         "others (a labelling tool's dataset name): left out")
+            continue
+        notes.append(f"{path}: category {name!r} has no annotations")
+        names.append(name)
+    return names, notes
 
 
 def _xywh_to_xyxy(bbox: Any, where: str) -> list[float]:

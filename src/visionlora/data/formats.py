@@ -66,6 +66,7 @@ def read_source(
         skipped=train.skipped + [s for part in held_out for s in part.skipped],
         dropped=train.dropped + [d for part in held_out for d in part.dropped],
         description={"format": train.format, "train": train.where, "val": val.where,
+                     "notes": [note for part in [train, *held_out] for note in part.extra.get("notes", [])],
                      "test": test.where if test else None,
                      "val_part": str(layout.val) if layout.val else None,
                      "test_part": str(layout.test) if layout.test else None},

@@ -212,6 +212,10 @@ class Task:
         height, width = processor_output_size(processor)
         return height * width * 3
 
+    def sample_weights(self, dataset) -> list[float]:
+        """Per-item sampling weights for ``--balanced-sampler`` (hook; tasks without one refuse)."""
+        raise VisionLoraError(f"--balanced-sampler is not available for {self.name}")
+
     def count(self, dataset, split: str, info: ModelInfo) -> dict[str, Any]:
         """Figures for the summary's data counts (hook; default: the number of items)."""
         return {split: len(dataset)}

@@ -28,6 +28,7 @@ from visionlora.tasks.base import ModelInfo, PredictInput, Preset, SeededDataset
 from visionlora.visualize import draw_label
 
 TOP_K = 5
+IMBALANCE = 5  # a largest class more than this many times the smallest is reported
 
 
 class ClassificationTask(Task):
@@ -87,6 +88,27 @@ class ClassificationTask(Task):
         height, width = processor_output_size(processor)
         return int(height * width * 3 * TRAIN_CACHE_SCALE**2)
 
+    def make_datasets(self, source: SourceData, processor, info: ModelInfo, cfg):
+        """Also notes a class imbalance (largest class over IMBALANCE times the smallest), and sets
+        ``--class-weights auto``: inverse class frequencies, n / (classes x n_class)."""
+        data = super().make_datasets(source, processor, info, cfg)
+        per_class = data.counts["train_per_class"]
+        present = {name: n for name, n in per_class.items() if n}
+        largest, smallest = max(present, key=present.get), min(present, key=present.get)
+        if present[largest] > IMBALANCE * present[smallest]:
+            data.description.setdefault("notes", []).append(
+                f"class imbalance: the largest class {largest!r} has {present[largest]} training images, the smallest "
+                f"{smallest!r} {present[smallest]} ({present[largest] / present[smallest]:.1f}x); consider "
+                "--class-weights auto or --balanced-sampler")
+        if cfg.class_weights == "auto":
+            total = sum(per_class.values())
+            info.extra["class_weights"] = [total / (len(per_class) * n) if n else 0.0 for n in per_class.values()]
+        return data
+
+    def sample_weights(self, dataset) -> list[float]:
+        counts = torch.bincount(torch.tensor(dataset.labels, dtype=torch.long)).double()
+        return [1.0 / float(counts[label]) for label in dataset.labels]
+
     def count(self, dataset, split: str, info: ModelInfo) -> dict[str, Any]:
         per_class = torch.bincount(torch.tensor(dataset.labels, dtype=torch.long), minlength=len(info.labels))
         return {split: len(dataset), f"{split}_per_class": dict(zip(info.labels, per_class.tolist()))}
@@ -113,7 +135,11 @@ class ClassificationTask(Task):
 
     # -- steps ------------------------------------------------------------------------
     def loss(self, model, batch, info: ModelInfo) -> torch.Tensor:
-        return model(pixel_values=batch["pixel_values"], labels=batch["labels"], **info.forward_kwargs).loss
+        if not info.extra.get("class_weights"):
+            return model(pixel_values=batch["pixel_values"], labels=batch["labels"], **info.forward_kwargs).loss
+        logits = model(pixel_values=batch["pixel_values"], **info.forward_kwargs).logits
+        weights = torch.tensor(info.extra["class_weights"], dtype=torch.float32, device=logits.device)
+        return F.cross_entropy(logits.float(), batch["labels"], weight=weights)
 
     def eval_step(self, model, batch, processor, info: ModelInfo):
         logits = model(pixel_values=batch["pixel_values"], **info.forward_kwargs).logits.float()

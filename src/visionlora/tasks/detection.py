@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 from typing import Any, Sequence
 
@@ -26,6 +27,7 @@ from visionlora.visualize import draw_boxes
 HEAD_PATTERN = re.compile(
     r"(^|\.)(class_labels_classifier|bbox_predictor|class_embed|bbox_embed|enc_score_head|enc_bbox_head|denoising_class_embed)$"
 )
+REPEAT_THRESHOLD = 0.3  # categories in fewer than this share of the images are repeated
 # Model types whose heads are tied by default (peft cannot wrap tied heads).
 TIED_HEAD_TYPES = ("rt_detr", "d_fine", "deimv2")
 
@@ -84,6 +86,13 @@ class DetectionTask(Task):
         size = processor.size
         longest = size.get("longest_edge") or max(size.get("height", 0), size.get("width", 0), size.get("shortest_edge", 0))
         return int(longest) ** 2 * 3
+
+    def sample_weights(self, dataset) -> list[float]:
+        """Repeat-factor sampling (LVIS): an image is drawn in proportion to max(1, sqrt(t / f(c)))
+        over its categories c, where f(c) is the share of images holding c and t is REPEAT_THRESHOLD."""
+        images = [set(record.labels) for record in dataset.records]
+        share = {c: sum(c in labels for labels in images) / len(images) for c in set().union(*images)}
+        return [max([1.0] + [math.sqrt(REPEAT_THRESHOLD / share[c]) for c in labels]) for labels in images]
 
     def count(self, dataset, split: str, info: ModelInfo) -> dict[str, Any]:
         counts = {split: len(dataset), f"{split}_boxes": sum(len(r.boxes) for r in dataset.records)}
