@@ -2,9 +2,9 @@
 
     python benchmarks/precision.py [--seeds 0,1,2] [--epochs 8]
 
-A tiny ViT is first trained in full (fp32) by visionlora on generated images (the
-"pretrained" base); LoRA runs then train on freshly generated images of the same classes
-from that base, in bf16 and in fp32, for each seed. Prints each run's fp32-evaluated
+A tiny ViT is first trained in full (fp32) by visionlora on generated images of four
+classes (the "pretrained" base); LoRA runs then learn a new three-class head from two
+images per class on that base, in bf16 and in fp32, for each seed. Prints each run's fp32-evaluated
 accuracy (the summary's main metric), mean and standard deviation per precision, and the
 training images/s. Every run is a separate ``visionlora train`` process.
 """
@@ -37,21 +37,22 @@ def train(*args: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
     from visionlora.synthetic import make_classification_folder
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_classification_folder(root / "pretrain", per_class_train=60, per_class_val=15, seed=100)
-        make_classification_folder(root / "target", per_class_train=10, per_class_val=25, seed=200)
+        make_classification_folder(root / "target", per_class_train=2, per_class_val=25, seed=200,
+                                   classes=["red_disc", "green_disc", "blue_disc"])  # a new head to learn
         base = train("--data", str(root / "pretrain"), "--model", "tiny", "--mode", "full", "--epochs", "10",
                      "--lr", "1e-3", "--mixed-precision", "no", "--output", str(root / "base"))
         rows = []
         for precision in ("bf16", "no"):
             for seed in args.seeds.split(","):
                 summary = train("--data", str(root / "target"), "--model", str(root / "base" / "trained_model"),
-                                "--mode", "lora", "--epochs", str(args.epochs), "--lr", "1e-3", "--seed", seed,
+                                "--mode", "lora", "--epochs", str(args.epochs), "--lr", "3e-4", "--seed", seed,
                                 "--mixed-precision", precision, "--output", str(root / f"lora-{precision}-{seed}"))
                 rows.append({"precision": summary["mixed_precision"], "seed": seed,
                              "accuracy (fp32 eval)": summary["metrics"]["accuracy"],

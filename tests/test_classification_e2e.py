@@ -148,3 +148,22 @@ def test_bf16_mixed_precision_trains(class_folder, tmp_path):
     result = train(tiny_config("classification", class_folder, tmp_path / "run", epochs=1, mixed_precision="bf16"))
     assert result.summary["training"]["mixed_precision"] == "bf16"
     assert visionlora.load(result.paths.root).predict(_val_images(class_folder)[:2])[0]["label"]
+
+
+def test_bf16_lora_trains_frozen_weights_in_bf16_and_gives_them_back_in_fp32(class_folder, tmp_path):
+    import torch
+
+    from visionlora.adapters import lower_frozen_weights, restore_weights
+
+    result = train(tiny_config("classification", class_folder, tmp_path / "run", epochs=1, mixed_precision="bf16"))
+    assert {p.dtype for p in result.model.parameters()} == {torch.float32}
+    assert not list(result.paths.root.glob(".frozen-weights*"))
+    model = result.model
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(pixel_values=x).logits
+        originals = lower_frozen_weights(model, torch.bfloat16)
+        lowered = model(pixel_values=x).logits
+    assert originals and torch.equal(before, lowered)  # the same rounding autocast does
+    restore_weights(model, originals)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -92,6 +92,31 @@ def described_lora(model) -> LoraSetup:
     )
 
 
+def lower_frozen_weights(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Store the frozen weights of linear and convolution layers in ``dtype``; returns the originals.
+
+    Under autocast to ``dtype`` these layers cast their weights to it on every forward and
+    keep the copies for the backward pass; stored in ``dtype`` they need no copies, and the
+    results are the same (the cast is the same rounding). Biases and norm weights stay as they are.
+    """
+    originals = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, ADAPTABLE) and isinstance(weight, torch.nn.Parameter) and not weight.requires_grad \
+                and weight.dtype != dtype:
+            originals[f"{name}.weight"] = weight.detach()
+            module.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+    return originals
+
+
+def restore_weights(model: torch.nn.Module, originals: dict[str, torch.Tensor]) -> None:
+    """Put back weights that :func:`lower_frozen_weights` replaced."""
+    modules = dict(model.named_modules())
+    for name, tensor in originals.items():
+        module_name, _, attribute = name.rpartition(".")
+        setattr(modules[module_name], attribute, torch.nn.Parameter(tensor, requires_grad=False))
+
+
 def parameter_counts(model: torch.nn.Module) -> dict[str, Any]:
     """Total and trainable parameters (an adapter's head copies counted once)."""
     total = trainable = 0

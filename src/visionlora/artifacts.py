@@ -66,6 +66,10 @@ class RunPaths:
     def progress_file(self) -> Path:
         return self.checkpoint_dir / "progress.json"
 
+    def frozen_weights(self, process: int = 0) -> Path:
+        """A process's frozen base weights, kept at full precision while training stores them in bf16."""
+        return self.root / f".frozen-weights-{process}.safetensors"
+
     @property
     def summary(self) -> Path:
         return self.results_dir / "training_summary.json"
@@ -134,8 +138,9 @@ def new_run_dir(task: str, mode: str, output: str | None, overwrite: bool) -> Pa
     return root
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place
+    (flushed to disk first unless not ``durable``, for files that can be rebuilt)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -143,7 +148,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fchmod(handle.fileno(), 0o666 & ~current_umask())  # mkstemp makes it private (0600)
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from visionlora.adapters import apply_lora, described_lora, parameter_counts
+from visionlora.adapters import apply_lora, described_lora, lower_frozen_weights, parameter_counts, restore_weights
 from visionlora.artifacts import RunPaths, new_run_dir, save_model
 from visionlora.builtin_models import is_builtin
 from visionlora.checkpoint import Progress, load_checkpoint, resume_settings, save_checkpoint
@@ -87,6 +87,7 @@ def _run(cfg: TrainConfig, progress: Progress | None) -> RunResult:
         with loading_policy(cfg.allow_pickle, cfg.trust_remote_code, cfg.revision), library_messages_to(paths.log_file):
             return _train_in(paths, cfg, task, accelerator, progress, RunFacts(cfg, precision, started))
     except BaseException:
+        paths.frozen_weights(accelerator.process_index).unlink(missing_ok=True)
         if progress is None and accelerator.is_main_process and not paths.checkpoint_dir.exists():
             shutil.rmtree(paths.root, ignore_errors=True)  # nothing worth keeping: leave no half-run behind
         raise
@@ -130,6 +131,9 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
         facts.initial_metrics = _evaluate_once(task, model, processor, data.val, accelerator, info, cfg.batch_size)
         accelerator.print(f"starting from {cfg.init_from}: {task.main_metric} "
                           f"{facts.initial_metrics[task.main_metric]:.4f} before training")
+    frozen_file = paths.frozen_weights(accelerator.process_index)
+    if lora is not None and facts.precision[0] == "bf16":
+        _offload_frozen_weights(model, frozen_file)
 
     # -- loop ---------------------------------------------------------------------------
     loop = TrainingLoop(cfg, task, info, processor, accelerator, model, data, paths)
@@ -138,6 +142,7 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
         accelerator.print(f"resumed after epoch {progress.completed_epochs}, batch {progress.batches_done}")
     loop.run()
     model = accelerator.unwrap_model(loop.model, keep_fp32_wrapper=False)  # predictions and files in fp32
+    _restore_frozen_weights(model, frozen_file)
     facts.final_metrics = loop.final_metrics(model)
     facts.test_metrics = loop.test_metrics(model)
     facts.base_revision = info.base_revision
@@ -153,6 +158,24 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
         accelerator.print(f"saved {paths.model_dir} and {paths.results_dir}")
     accelerator.wait_for_everyone()
     return RunResult(paths, summary, model, processor, info)
+
+
+def _offload_frozen_weights(model, file: Path) -> None:
+    """Train a LoRA model under bf16 with its frozen layer weights stored in bf16 (the same
+    results, less memory); the full-precision originals wait in ``file`` until training ends."""
+    from safetensors.torch import save_file
+
+    originals = lower_frozen_weights(model, torch.bfloat16)
+    if originals:
+        save_file({k: v.contiguous() for k, v in originals.items()}, str(file))
+
+
+def _restore_frozen_weights(model, file: Path) -> None:
+    from safetensors.torch import load_file
+
+    if file.is_file():
+        restore_weights(model, load_file(str(file)))
+        file.unlink()
 
 
 def _evaluate_once(task: Task, model, processor, dataset, accelerator, info: ModelInfo, batch_size: int):

@@ -17,7 +17,6 @@ import hashlib
 import importlib
 import json
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+
+from visionlora.artifacts import atomic_write_bytes
 
 RAM_SHARE = 0.25  # of the available memory, for --cache auto
 FORMAT_VERSION = 1
@@ -167,7 +168,7 @@ def entry_path(folder: Path, key: str) -> Path:
 
 def write_skip(path: Path, reason: str) -> None:
     """Remember that the source of ``path`` is not a readable image (and why)."""
-    _atomic_bytes(path.with_suffix(".skip"), reason.encode())
+    atomic_write_bytes(path.with_suffix(".skip"), reason.encode(), durable=False)
 
 
 def read_skip(path: Path) -> str | None:
@@ -176,17 +177,6 @@ def read_skip(path: Path) -> str | None:
     except OSError:
         return None
 
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_entry(path: Path, item: Any) -> int:
@@ -200,7 +190,7 @@ def write_entry(path: Path, item: Any) -> int:
         checksum = zlib.crc32(np.ascontiguousarray(arrays[name]).tobytes(), checksum)
     data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
                 metadata={"structure": json.dumps(structure), "crc32": str(checksum), "version": str(FORMAT_VERSION)})
-    _atomic_bytes(path, data)
+    atomic_write_bytes(path, data, durable=False)  # an entry lost in a crash is decoded again
     return len(data)
 
 
