@@ -12,11 +12,12 @@ PLOT_DPI = 200
 
 
 def save_training_plots(history: list[dict[str, Any]], loss_path: Path, metrics_path: Path, main_metric: str,
-                        unbounded: Sequence[str] = ()) -> None:
+                        unbounded: Sequence[str] = (), test_metrics: dict[str, Any] | None = None) -> None:
     """Train and validation loss per epoch, and every scalar validation metric per epoch.
 
     Metrics in [0, 1] share one axis fixed to [0, 1]; ``unbounded`` ones (pixel errors)
     get a panel of their own. Epochs are whole numbers and legends sit beside the curves.
+    With ``test_metrics``, the held-out test result heads the figure and marks the main curve.
     """
     import matplotlib
 
@@ -39,11 +40,15 @@ def save_training_plots(history: list[dict[str, Any]], loss_path: Path, metrics_
         for key in group:
             style = "-" if key == main_metric else "--"
             axis.plot(epochs, [row.get(f"val_{key}") for row in history], style, marker="o", label=key)
+            if test_metrics is not None and key == main_metric:
+                axis.axhline(test_metrics[key], color="black", linestyle=":", label=f"test {key}")
         bounded = not any(key in unbounded for key in group)
         if bounded:
             axis.set_ylim(0.0, 1.0)
         title = f"Validation metrics (main: {main_metric})" if bounded else "Validation errors"
         _style(axis, "value" if bounded else "pixels", title)
+    if test_metrics is not None:
+        figure.suptitle(f"held-out test {main_metric}: {test_metrics[main_metric]:.4f}", fontweight="bold")
     _save(figure, metrics_path)
 
 

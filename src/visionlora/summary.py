@@ -43,7 +43,8 @@ def write_results(paths: RunPaths, task: Task, facts: RunFacts, progress: Progre
     history = progress.history
     paths.results_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(paths.history, history_csv(history).encode())
-    save_training_plots(history, paths.loss_plot, paths.metrics_plot, task.main_metric, task.unbounded_metrics)
+    save_training_plots(history, paths.loss_plot, paths.metrics_plot, task.main_metric, task.unbounded_metrics,
+                        facts.test_metrics)
     summary = build_summary(paths, task, facts, progress, early_stopped)
     atomic_write_json(paths.summary, summary)
     return summary
