@@ -251,13 +251,13 @@ def test_raccoon_voc_photos_train_end_to_end(tmp_path):
     assert 0.0 <= result.summary["metrics"]["map"] <= 1.0
 
 
-def test_a_timm_backbone_without_timm_is_a_clear_error(tmp_path):
+def test_a_timm_backbone_visionlora_cannot_convert_is_a_clear_error(tmp_path):
     import importlib.util
 
     from transformers import DetrConfig
 
     if importlib.util.find_spec("timm") is not None:
         pytest.skip("timm is installed here")
-    DetrConfig(use_timm_backbone=True, backbone="resnet50", use_pretrained_backbone=False).save_pretrained(tmp_path)
-    with pytest.raises(VisionLoraError, match="backbone needs timm"):
-        get_task("detection").load_kwargs(str(tmp_path), ["a"])
+    DetrConfig(use_timm_backbone=True, backbone="efficientnet_b0", use_pretrained_backbone=False).save_pretrained(tmp_path)
+    with pytest.raises(VisionLoraError, match="needs timm .pip install timm.; without timm, visionlora loads DETR"):
+        get_task("detection").checkpoint(str(tmp_path))

@@ -43,11 +43,13 @@ def current_policy() -> LoadingPolicy:
     return _POLICY.get()
 
 
-def load_pretrained(auto_class, ref: str, with_processor: bool = True, **kwargs: Any):
+def load_pretrained(auto_class, ref: str, with_processor: bool = True, loading_check=None, **kwargs: Any):
     """``auto_class.from_pretrained(ref)`` and its image processor, under the loading policy.
 
     A new head size is allowed (``ignore_mismatched_sizes``): the head is re-initialised
-    for the dataset's labels and trained. Loading problems become one-line errors.
+    for the dataset's labels and trained. ``loading_check``, if given, sees transformers'
+    loading report (missing, unexpected and mismatched keys). Loading problems become
+    one-line errors.
     """
     from transformers import AutoImageProcessor
 
@@ -60,9 +62,13 @@ def load_pretrained(auto_class, ref: str, with_processor: bool = True, **kwargs:
             ignore_mismatched_sizes=True,
             use_safetensors=None if policy.allow_pickle else True,
             trust_remote_code=policy.trust_remote_code,
+            output_loading_info=loading_check is not None,
             **pinned,
             **kwargs,
         )
+        if loading_check is not None:
+            model, report = model
+            loading_check(report)
         processor = (
             AutoImageProcessor.from_pretrained(ref, backend="pil", trust_remote_code=policy.trust_remote_code, **pinned)
             if with_processor

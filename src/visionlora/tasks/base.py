@@ -226,7 +226,9 @@ class Task:
         if is_builtin(model_ref):
             model, processor = build_builtin(self.name, model_ref, labels, image_size)
         else:
-            model, processor = load_pretrained(self._auto_class(), model_ref, **self.load_kwargs(model_ref, labels))
+            path, check = self.checkpoint(model_ref)
+            model, processor = load_pretrained(self._auto_class(), path, loading_check=check,
+                                               **self.load_kwargs(model_ref, labels))
             if image_size:
                 self.resize_processor(processor, image_size)
         info = ModelInfo(self.name, mode, model_ref, list(labels), processor_size(processor))
@@ -237,8 +239,14 @@ class Task:
 
     def load_model(self, path: str, info: ModelInfo) -> torch.nn.Module:
         """A saved base or fully trained model, for ``info``'s labels."""
-        model, _ = load_pretrained(self._auto_class(), path, with_processor=False, **self.load_kwargs(path, info.labels))
+        checkpoint, check = self.checkpoint(path)
+        model, _ = load_pretrained(self._auto_class(), checkpoint, with_processor=False, loading_check=check,
+                                   **self.load_kwargs(path, info.labels))
         return model
+
+    def checkpoint(self, ref: str):
+        """(what to load for ``ref``, a check of transformers' loading report or None) (hook)."""
+        return ref, None
 
     def load_kwargs(self, ref: str, labels: list[str]) -> dict[str, Any]:
         """``from_pretrained`` arguments that size the head for ``labels`` (hook)."""

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
+from functools import partial
 from typing import Any, Sequence
 
 import albumentations as A
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from transformers.image_transforms import corners_to_center_format
 
-from visionlora.data.cache import CachePlan, StoredImages
+from visionlora.data.cache import CachePlan, StoredImages, default_cache_dir
 from visionlora.data.images import decode_records
 from visionlora.data.records import DetectionRecord, Part, SourceData, clean_box
 from visionlora.data.transforms import Normalizer, processor_pixels
@@ -21,6 +21,7 @@ from visionlora.errors import VisionLoraError
 from visionlora.metrics.detection import ImageBoxes, detection_metrics
 from visionlora.outputs import Option, parse_float_between
 from visionlora.tasks.base import ModelInfo, PredictInput, Preset, SeededDataset, Task
+from visionlora.timm_backbones import check_backbone_loaded, needs_conversion, timm_free_checkpoint, train_like_timm
 from visionlora.visualize import draw_boxes
 
 # Module names of detection heads across DETR-family models (class and box predictors).
@@ -102,24 +103,27 @@ class DetectionTask(Task):
 
     # -- model ------------------------------------------------------------------------
     def load_kwargs(self, ref: str, labels: list[str]) -> dict[str, Any]:
-        """Label maps, and RT-DETR's tied heads untied; a timm backbone without timm is a clear error."""
-        from transformers import AutoConfig
-
+        """Label maps, and RT-DETR's tied heads untied (peft cannot wrap tied heads)."""
         kwargs = super().load_kwargs(ref, labels)
-        try:
-            config = AutoConfig.from_pretrained(ref)
-        except (OSError, ValueError):
-            return kwargs  # load_pretrained reports the problem
-        backbone = getattr(config, "backbone_config", None)
-        uses_timm = getattr(config, "use_timm_backbone", False) or getattr(backbone, "model_type", "") == "timm_backbone"
-        if uses_timm and importlib.util.find_spec("timm") is None:
-            raise VisionLoraError(
-                f"{ref}: this checkpoint's backbone needs timm (pip install timm), or use a model without it, "
-                "e.g. --model PekingU/rtdetr_v2_r18vd"
-            )
-        if config.model_type.startswith(TIED_HEAD_TYPES):
+        config = _config(ref)
+        if config is not None and config.model_type.startswith(TIED_HEAD_TYPES):
             kwargs["tie_word_embeddings"] = False
         return kwargs
+
+    def checkpoint(self, ref: str):
+        """A DETR checkpoint with a timm ResNet backbone loads, without timm, from a converted copy
+        whose every backbone tensor must load (see :mod:`visionlora.timm_backbones`)."""
+        config = _config(ref)
+        if config is None or not needs_conversion(config):
+            return ref, None
+        return str(timm_free_checkpoint(ref, config, default_cache_dir())), partial(check_backbone_loaded, ref)
+
+    def build_model(self, model_ref: str, labels: list[str], image_size: int | None, mode: str):
+        """As every task; a converted timm-backbone DETR trains the stages timm's would in full mode."""
+        model, processor, info = super().build_model(model_ref, labels, image_size, mode)
+        if mode == "full" and self.checkpoint(model_ref)[1] is not None:
+            train_like_timm(model)
+        return model, processor, info
 
     def head_modules(self, model: torch.nn.Module) -> list[str]:
         """Class and box predictors, each entry of a ModuleList of them, outermost matches only.
@@ -265,6 +269,16 @@ class AugmentedDetection(DetectionImages):
         pixels = torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1)
         labels = [int(v) for v in out["labels"]]
         return self._item(self.normalizer(pixels), np.asarray(out["bboxes"]).reshape(-1, 4), labels, index)
+
+
+def _config(ref: str):
+    """The checkpoint's config, or None when it cannot be read (loading reports that later)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(ref)
+    except (OSError, ValueError):
+        return None
 
 
 def _decoded_dataset(kind: type, records: list[DetectionRecord], processor, info: ModelInfo,
