@@ -167,3 +167,21 @@ def test_bf16_lora_trains_frozen_weights_in_bf16_and_gives_them_back_in_fp32(cla
     assert originals and torch.equal(before, lowered)  # the same rounding autocast does
     restore_weights(model, originals)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_the_model_card_is_real_and_its_numbers_are_the_summarys(trained_runs, mode):
+    import yaml
+
+    result = trained_runs[mode]
+    text = (result.paths.model_dir / "README.md").read_text()
+    assert "[More Information Needed]" not in text and "Model Card for Model ID" not in text
+    metadata = yaml.safe_load(text.split("---")[1])
+    assert metadata["library_name"] == ("peft" if mode == "lora" else "transformers")
+    assert metadata["pipeline_tag"] == "image-classification" and metadata["base_model"] == "tiny"
+    metrics = {m["type"]: m["value"] for m in metadata["model-index"][0]["results"][0]["metrics"]}
+    assert metrics["accuracy"] == result.summary["metrics"]["accuracy"]
+    assert metrics["loss"] == result.summary["metrics"]["loss"]
+    for label in result.info.labels:
+        assert f"`{label}`" in text
+    assert f"accuracy: {result.summary['metrics']['accuracy']:.4f}" in text

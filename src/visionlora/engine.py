@@ -153,7 +153,7 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
         if cfg.mode == "lora" and is_builtin(cfg.model):
             model.peft_config["default"].base_model_name_or_path = str(paths.base_dir.resolve())
         save_model(model, processor, info.to_dict(), paths.model_dir)
-        summary = write_results(paths, task, facts, loop.state, loop.early_stopped)
+        summary = write_results(paths, task, info, facts, loop.state, loop.early_stopped)
         shutil.rmtree(paths.checkpoint_dir, ignore_errors=True)
         accelerator.print(f"saved {paths.model_dir} and {paths.results_dir}")
     accelerator.wait_for_everyone()

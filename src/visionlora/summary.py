@@ -17,7 +17,8 @@ from visionlora.checkpoint import Progress
 from visionlora.config import TrainConfig
 from visionlora.plots import save_training_plots
 from visionlora.runtime import peak_memory
-from visionlora.tasks.base import Datasets, Task
+from visionlora.model_card import model_card
+from visionlora.tasks.base import Datasets, ModelInfo, Task
 
 
 @dataclass
@@ -38,14 +39,16 @@ class RunFacts:
     base_revision: str | None = None
 
 
-def write_results(paths: RunPaths, task: Task, facts: RunFacts, progress: Progress, early_stopped: bool) -> dict[str, Any]:
-    """history.csv, loss.png and metrics.png, then the summary, which marks the run complete."""
+def write_results(paths: RunPaths, task: Task, info: ModelInfo, facts: RunFacts, progress: Progress,
+                  early_stopped: bool) -> dict[str, Any]:
+    """history.csv, loss.png and metrics.png, the model card, then the summary, which marks the run complete."""
     history = progress.history
     paths.results_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(paths.history, history_csv(history).encode())
     save_training_plots(history, paths.loss_plot, paths.metrics_plot, task.main_metric, task.unbounded_metrics,
                         facts.test_metrics)
     summary = build_summary(paths, task, facts, progress, early_stopped)
+    atomic_write_bytes(paths.model_dir / "README.md", model_card(task, info, summary).encode())
     atomic_write_json(paths.summary, summary)
     return summary
 

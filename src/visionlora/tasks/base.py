@@ -136,6 +136,7 @@ class Task:
     main_metric: str
     greater_is_better: bool = True
     auto_class: str  # the transformers Auto class that loads the task's models
+    pipeline_tag: str  # the Hugging Face pipeline tag of the task, for model cards
     predict_batch: int = 16
     predict_options: tuple[Option, ...] = ()
     writers: tuple[OutputWriter, ...] = (JSON_OUTPUT, DRAWN_IMAGES)

@@ -45,6 +45,7 @@ class ClassificationTask(Task):
     )
     main_metric = "accuracy"
     auto_class = "AutoModelForImageClassification"
+    pipeline_tag = "image-classification"
     output_names = ("logits",)
     predict_batch = 32
 

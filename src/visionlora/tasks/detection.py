@@ -47,6 +47,7 @@ class DetectionTask(Task):
     )
     main_metric = "map"
     auto_class = "AutoModelForObjectDetection"
+    pipeline_tag = "object-detection"
     input_names = ("pixel_values", "pixel_mask")
     output_names = ("logits", "pred_boxes")
     dynamic_image_size = True

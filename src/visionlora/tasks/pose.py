@@ -89,6 +89,7 @@ class PoseTask(Task):
     main_metric = "pixel_error"
     greater_is_better = False
     auto_class = "AutoModelForPoseEstimation"
+    pipeline_tag = "keypoint-detection"
     output_names = ("heatmaps",)
     unbounded_metrics = ("pixel_error", "mean_baseline_pixel_error")
     predict_options = (

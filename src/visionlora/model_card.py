@@ -1,0 +1,125 @@
+"""A Hugging Face model card (README.md) for a trained model folder, from the run's summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from visionlora.tasks.base import ModelInfo, Task
+
+AUTO_CLASSES = {"classification": "AutoModelForImageClassification", "detection": "AutoModelForObjectDetection",
+                "pose": "AutoModelForPoseEstimation"}
+
+
+def model_card(task: Task, info: ModelInfo, summary: dict[str, Any]) -> str:
+    """The card's YAML metadata and Markdown body; every figure comes from ``summary``."""
+    lora = summary["mode"] == "lora"
+    metadata = {
+        "base_model": summary["base_model"],
+        "library_name": "peft" if lora else "transformers",
+        "pipeline_tag": task.pipeline_tag,
+        "tags": ["visionlora", task.name, "lora" if lora else "full-fine-tune"],
+        "model-index": [{"name": summary["run_dir"].rstrip("/").rsplit("/", 1)[-1], "results": _results(task, summary)}],
+    }
+    lines = ["---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", ""]
+    lines += _body(task, info, summary, lora)
+    return "\n".join(lines) + "\n"
+
+
+def _results(task: Task, summary: dict[str, Any]) -> list[dict[str, Any]]:
+    results = []
+    for split, metrics in (("validation", summary["metrics"]), ("test", summary.get("test_metrics"))):
+        if not metrics:
+            continue
+        scalars = [{"type": name, "value": value} for name, value in metrics.items() if isinstance(value, (int, float))]
+        results.append({"task": {"type": task.pipeline_tag},
+                        "dataset": {"name": str(summary["data"].get(split if split == "test" else "val")), "type": "custom",
+                                    "split": split},
+                        "metrics": scalars})
+    return results
+
+
+def _body(task: Task, info: ModelInfo, summary: dict[str, Any], lora: bool) -> list[str]:
+    main = summary["main_metric"]
+    headline = summary["headline"]
+    what = {"classification": "classifies an image into one of", "detection": "finds boxes of",
+            "pose": "locates, in each instance box, the keypoints"}[task.name]
+    lines = [
+        f"# {summary['task']} {'LoRA adapter' if lora else 'model'} on {summary['base_model']}",
+        "",
+        f"This model {what} {len(info.labels)} {'keypoints' if task.name == 'pose' else 'labels'}: "
+        + ", ".join(f"`{label}`" for label in info.labels) + ".",
+        f"It was {'trained as a LoRA adapter on' if lora else 'fine-tuned in full from'} `{summary['base_model']}` "
+        f"with [visionlora](https://pypi.org/project/visionlora/) ({summary['versions']['visionlora']}).",
+        "",
+        f"**{main}: {headline['value']:.4f}** on the {headline['split']} split"
+        + (f" (validation: {headline['validation_value']:.4f})" if headline.get("validation_value") is not None else "")
+        + ".",
+        "",
+        "## Results",
+        "",
+        "| metric | validation | test |",
+        "|---|---:|---:|",
+    ]
+    test = summary.get("test_metrics") or {}
+    for name, value in summary["metrics"].items():
+        if isinstance(value, (int, float)):
+            other = test.get(name)
+            lines.append(f"| {name} | {value:.4f} | {other:.4f} |" if isinstance(other, (int, float))
+                         else f"| {name} | {value:.4f} | - |")
+    training = summary["training"]
+    lines += [
+        "",
+        "## Training",
+        "",
+        f"- epochs: {training['epochs_run']} of {training['epochs']} (best: {summary['best_epoch']}), batch size "
+        f"{training['batch_size']}, learning rate {training['lr']}, seed {training['seed']}",
+        f"- precision: {summary['mixed_precision']} ({summary['mixed_precision_reason']})",
+        f"- trainable parameters: {summary['parameters']['trainable']:,} of {summary['parameters']['total']:,} "
+        f"({summary['parameters']['trainable_percent']:.2f}%)",
+    ]
+    if summary.get("lora"):
+        requested, resolved = summary["lora"]["requested"], summary["lora"]["resolved"]
+        lines.append(f"- LoRA: r {requested['r']}, alpha {requested['alpha']}, dropout {requested['dropout']}, "
+                     f"on {', '.join(resolved['target_modules'])} ({resolved['adapted_layers']} layers); "
+                     f"trained in full and saved with it: {', '.join(resolved['modules_to_save'])}")
+    sizes = summary["sizes"]
+    lines += [
+        f"- size: {sizes['weights_file_bytes'] / 1e6:.2f} MB of weights"
+        + (f" (the base model holds {sizes['base_model_bytes'] / 1e6:.1f} MB)" if lora else ""),
+        "",
+        "## Data",
+        "",
+        f"- format {summary['data'].get('format')}; training: {summary['data'].get('train')}; "
+        f"validation: {summary['data'].get('val')}" + (f"; test: {summary['data']['test']}" if summary["data"].get("test") else ""),
+        "- counts: " + ", ".join(f"{k} {v}" for k, v in summary["data"]["counts"].items() if not isinstance(v, (dict, list))),
+        f"- files skipped as unreadable: {summary['data']['skipped_count']}",
+    ]
+    lines += [f"- note: {note}" for note in summary["data"].get("notes", [])]
+    lines += ["", "## Use", "", "With visionlora:", "", "```python", "import visionlora", "",
+              f'run = visionlora.load("{summary["run_dir"]}")', 'print(run.predict(["image.jpg"]))', "```", "",
+              "With transformers" + (" and peft" if lora else "") + ":", "", "```python",
+              *_load_snippet(task, info, summary, lora),
+              "```", "", "## Limits", "",
+              f"- Trained on {summary['data']['counts'].get('train')} images; the numbers above come from "
+              f"{summary['data']['counts'].get('val')} validation"
+              + (f" and {summary['data']['counts'].get('test')} test" if summary["data"]["counts"].get("test") else "")
+              + " images and carry the uncertainty of that size.",
+              "- The model knows only the labels above, and images like those it was trained on."]
+    return lines
+
+
+def _load_snippet(task: Task, info: ModelInfo, summary: dict[str, Any], lora: bool) -> list[str]:
+    auto = AUTO_CLASSES.get(task.name, "AutoModel")
+    folder = "trained_model_lora" if lora else "trained_model"
+    lines = [f"from transformers import AutoImageProcessor, {auto}"]
+    if lora:
+        lines += ["from peft import PeftModel", "",
+                  f'base = {auto}.from_pretrained("{summary["base_model"]}", num_labels={len(info.labels)}, '
+                  "ignore_mismatched_sizes=True)",
+                  f'model = PeftModel.from_pretrained(base, "{folder}").eval()']
+    else:
+        lines += ["", f'model = {auto}.from_pretrained("{folder}").eval()']
+    lines.append(f'processor = AutoImageProcessor.from_pretrained("{folder}")')
+    return lines
