@@ -6,14 +6,16 @@ only use this class's methods and declarations, never a concrete task.
 
 A task subclass fills in:
 
-- declarations: ``name``, ``preset``, ``main_metric``, ``auto_class``, and when they
-  differ from the defaults ``predict_options``, ``writers``, ``unbounded_metrics``,
-  ``freeze_batchnorm_in_lora``, ``split_group``;
-- data: ``train_dataset``, ``eval_dataset`` (and ``check_data`` for the labels);
-- model: ``head_modules`` (and ``load_kwargs`` / ``describe_model`` where needed);
+- declarations: ``name``, ``preset``, ``main_metric``, ``auto_class``, ``pipeline_tag``,
+  ``output_names``, and when they differ from the defaults ``input_names``,
+  ``predict_options``, ``writers``, ``unbounded_metrics``, ``freeze_batchnorm_in_lora``,
+  ``split_group``, ``dynamic_image_size``;
+- data: ``train_dataset``, ``eval_dataset`` (and ``check_data`` for the labels, ``count``,
+  ``image_bytes`` for the cache estimate, ``sample_weights`` for ``--balanced-sampler``);
+- model: ``head_modules`` (and ``load_kwargs``, ``checkpoint``, ``describe_model`` where needed);
 - steps: ``loss``, ``eval_step``, ``metrics``;
-- prediction: ``predict_inputs``, ``decode``, ``draw`` (and ``combine`` for several
-  inputs per image).
+- prediction: ``predict_inputs``, ``decode``, ``draw`` (and ``model_inputs`` for padded
+  batches, ``combine`` for several inputs per image, ``exact_outputs`` for export checks).
 """
 
 from __future__ import annotations
