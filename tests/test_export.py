@@ -128,6 +128,8 @@ def test_merged_export_evaluates_and_serves(exports, class_folder, capsys):
     served = store.add("merged", merged)
     image = Image.open(exports["classification-lora"]["images"][0]).convert("RGB")
     _close(served.predict([image]), visionlora.load(merged).predict([image]))
+    with pytest.raises(visionlora.VisionLoraError, match="an ONNX export runs in onnxruntime"):
+        store.add("onnx", exports["classification-lora"]["onnx"])
 
 
 def test_bad_exports_are_one_line_and_leave_nothing(exports, tmp_path, capsys, monkeypatch):

@@ -86,6 +86,9 @@ class ModelStore:
             paths = find_run(run_dir)
             if not paths.completed():
                 raise VisionLoraError(f"{paths.root}: the run did not complete (no finished training summary)")
+            if paths.mode == "export" and read_json(paths.export_file).get("format") == "onnx":
+                raise VisionLoraError(f"{paths.root}: an ONNX export runs in onnxruntime (visionlora predict); "
+                                      "serve takes runs and merged exports")
             info = ModelInfo.from_dict(read_json(paths.model_dir / INFO_FILE))
             task = get_task(info.task)
             with loading_policy(False, False):
