@@ -121,7 +121,7 @@ def measure(name: str, repeats: int) -> list[dict]:
         for batch in (1, 8):
             items = [item for i in range(batch) for item in
                      reference.task.predict_inputs(image, i, reference.processor, reference.info,
-                                                   {o.name: o.default for o in reference.task.predict_options})]
+                                                   reference.task.default_options())]
             inputs = reference.task.model_inputs([item.pixel_values for item in items])
             adapter_seconds = None
             for setup, run in loaded.items():

@@ -323,7 +323,8 @@ def _cmd_serve(args) -> int:
         store.add(name or Path(path).resolve().name, path)
     settings = ServeSettings(args.max_batch_size, args.max_wait_ms, args.max_upload_mb, args.admin_token, args.precision)
     for served in store.models.values():
-        shared = f", sharing its base with {', '.join(served.describe()['shares_base_with'])}" if served.describe()["shares_base_with"] else ""
+        others = served.describe()["shares_base_with"]
+        shared = f", sharing its base with {', '.join(others)}" if others else ""
         print(f"serving {served.name}: {served.task.name} {served.info.mode} run {served.paths.root}{shared}", flush=True)
     print(f"listening on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(create_app(store, settings), host=args.host, port=args.port, log_level="warning")

@@ -86,12 +86,8 @@ def _check_images(run: LoadedRun) -> list:
 def _model_inputs(run: LoadedRun, images: list) -> dict[str, torch.Tensor]:
     """The task's model inputs for ``images``, as predict makes them (one per image)."""
     inputs = [item for index, image in enumerate(images)
-              for item in run.task.predict_inputs(image, index, run.processor, run.info, _default_options(run))]
+              for item in run.task.predict_inputs(image, index, run.processor, run.info, run.task.default_options())]
     return run.task.model_inputs([item.pixel_values for item in inputs])
-
-
-def _default_options(run: LoadedRun) -> dict[str, Any]:
-    return {option.name: option.default for option in run.task.predict_options}
 
 
 @torch.inference_mode()

@@ -24,6 +24,8 @@ from visionlora.errors import VisionLoraError
 RESNETS = {"resnet18": ("basic", [2, 2, 2, 2]), "resnet34": ("basic", [3, 4, 6, 3]),
            "resnet50": ("bottleneck", [3, 4, 6, 3]), "resnet101": ("bottleneck", [3, 4, 23, 3])}
 WIDTHS = {"basic": [64, 128, 256, 512], "bottleneck": [256, 512, 1024, 2048]}
+CONVERTED_MARK = "visionlora_timm_backbone"  # config key of a converted checkpoint: the timm model it was
+FORMAT_VERSION = 2
 BACKBONE = re.compile(r"^(.*backbone\.(?:conv_encoder\.)?model\.)(.+)$")
 STATS = r"(weight|bias|running_mean|running_var)"
 RULES = [  # timm tensor name -> transformers ResNetBackbone tensor name
@@ -65,7 +67,8 @@ def timm_free_checkpoint(ref: str, config, cache_dir: Path) -> Path:
             f"visionlora loads DETR checkpoints with a {', '.join(RESNETS)} backbone"
         )
     weights = _checkpoint_file(ref)
-    key = hashlib.sha256(f"{Path(weights).resolve()}|{Path(weights).stat().st_size}|{Path(weights).stat().st_mtime_ns}"
+    stat = Path(weights).stat()
+    key = hashlib.sha256(f"{Path(weights).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{FORMAT_VERSION}"
                          .encode()).hexdigest()[:24]
     target = cache_dir / "timm-free" / key
     if (target / "model.safetensors").is_file():
@@ -92,6 +95,7 @@ def _write_converted(ref: str, config, name: str, weights: Path, folder: Path) -
     block, depths = RESNETS[name]
     data = config.to_dict()
     data.update(use_timm_backbone=False, backbone=None, use_pretrained_backbone=False, backbone_kwargs=None,
+                **{CONVERTED_MARK: name},
                 backbone_config=ResNetConfig(layer_type=block, depths=depths, hidden_sizes=WIDTHS[block],
                                              embedding_size=64, out_features=["stage4"]).to_dict())
     (folder / "config.json").write_text(json.dumps(data, indent=2))
@@ -125,6 +129,11 @@ def check_backbone_loaded(ref: str, loading_info: dict[str, Any]) -> None:
             if "backbone" in str(key):
                 raise VisionLoraError(f"{ref}: backbone tensor {key} is {kind.split('_')[0]} after converting the timm "
                                       "backbone; not loading a partly random backbone")
+
+
+def is_converted(model) -> bool:
+    """Whether ``model`` was loaded from a converted timm-backbone checkpoint."""
+    return bool(getattr(model.config, CONVERTED_MARK, None))
 
 
 def train_like_timm(model) -> None:

@@ -329,6 +329,10 @@ class Task:
         """JSON-ready results, one per input (hook)."""
         raise NotImplementedError
 
+    def default_options(self) -> dict[str, Any]:
+        """Each predict option at its default."""
+        return {option.name: option.default for option in self.predict_options}
+
     def combine(self, results: list[Any]) -> dict[str, Any]:
         """One image's prediction from the results of its inputs (default: the one result)."""
         return results[0]
@@ -337,7 +341,7 @@ class Task:
     def predict(self, model, processor, images: Sequence[Image.Image], info: ModelInfo, **options: Any) -> list[dict]:
         """JSON-ready predictions for RGB images, batched ``predict_batch`` inputs at a time."""
         model.eval()
-        options = {**{o.name: o.default for o in self.predict_options}, **options}
+        options = {**self.default_options(), **options}
         device = model.device
         inputs = [item for index, image in enumerate(images)
                   for item in self.predict_inputs(image, index, processor, info, options)]

@@ -21,7 +21,13 @@ from visionlora.errors import VisionLoraError
 from visionlora.metrics.detection import ImageBoxes, detection_metrics
 from visionlora.outputs import Option, parse_float_between
 from visionlora.tasks.base import ModelInfo, PredictInput, Preset, SeededDataset, Task
-from visionlora.timm_backbones import check_backbone_loaded, needs_conversion, timm_free_checkpoint, train_like_timm
+from visionlora.timm_backbones import (
+    check_backbone_loaded,
+    is_converted,
+    needs_conversion,
+    timm_free_checkpoint,
+    train_like_timm,
+)
 from visionlora.visualize import draw_boxes
 
 # Module names of detection heads across DETR-family models (class and box predictors).
@@ -122,7 +128,7 @@ class DetectionTask(Task):
     def build_model(self, model_ref: str, labels: list[str], image_size: int | None, mode: str):
         """As every task; a converted timm-backbone DETR trains the stages timm's would in full mode."""
         model, processor, info = super().build_model(model_ref, labels, image_size, mode)
-        if mode == "full" and self.checkpoint(model_ref)[1] is not None:
+        if mode == "full" and is_converted(model):
             train_like_timm(model)
         return model, processor, info
 
