@@ -23,15 +23,10 @@ from PIL import Image
 import visionlora
 from visionlora.engine import train
 from visionlora.synthetic import make_detection_dataset, make_pose_dataset
+from tests.browser import Chromium, free_port
 from tests.conftest import tiny_config
 
 TOKEN = "test-token"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def multipart(files: list[tuple[str, bytes]], fields: dict[str, str] | None = None) -> tuple[bytes, str]:
@@ -85,23 +80,29 @@ class Server:
         return code
 
 
+SERVED = ("ants", "bees", "wasps", "boxes", "pose")
+
+
 @pytest.fixture(scope="module")
 def served_runs(class_folder, tmp_path_factory):
-    """Two classification adapters on one saved base, a detection run and a pose run."""
+    """A LoRA, a DoRA and a LoHa classification adapter on one saved base, a detection run and a
+    pose run."""
     root = tmp_path_factory.mktemp("served")
     first = train(tiny_config("classification", class_folder, root / "ants", epochs=1)).paths.root
-    second = train(tiny_config("classification", class_folder, root / "bees", epochs=2, seed=3,
+    second = train(tiny_config("classification", class_folder, root / "bees", epochs=2, seed=3, method="dora",
                                model=str(first / "base_model"))).paths.root
+    third = train(tiny_config("classification", class_folder, root / "wasps", epochs=1, method="loha",
+                              model=str(first / "base_model"))).paths.root
     boxes = make_detection_dataset(root / "boxes-data", "coco", n_train=6, n_val=2)
     detection = train(tiny_config("detection", boxes, root / "boxes", epochs=1, model="tiny-rtdetr")).paths.root
     frames = make_pose_dataset(root / "pose-data", "dlc", n_train=6, n_val=2)
     pose = train(tiny_config("pose", frames, root / "pose", epochs=1, mode="full")).paths.root
-    return {"ants": first, "bees": second, "boxes": detection, "pose": pose, "root": root}
+    return {"ants": first, "bees": second, "wasps": third, "boxes": detection, "pose": pose, "root": root}
 
 
 @pytest.fixture(scope="module")
 def server(served_runs):
-    runs = [f"{name}={served_runs[name]}" for name in ("ants", "bees", "boxes", "pose")]
+    runs = [f"{name}={served_runs[name]}" for name in SERVED]
     running = Server(runs, served_runs["root"] / "server.log", "--admin-token", TOKEN, "--max-upload-mb", "1")
     yield running
     # uvicorn finishes in-flight requests on SIGTERM, then ends by that signal
@@ -136,8 +137,10 @@ def _png(path: Path) -> bytes:
 def test_models_are_listed_and_adapters_share_their_base(server):
     status, body, _ = server.request("GET", "/v1/models")
     models = {m["name"]: m for m in json.loads(body)["models"]}
-    assert status == 200 and set(models) == {"ants", "bees", "boxes", "pose"}
+    assert status == 200 and set(models) == set(SERVED)
+    # LoRA and DoRA adapters share one peft model; peft holds one adapter type per model, so LoHa has its own
     assert models["ants"]["shares_base_with"] == ["bees"] and models["bees"]["shares_base_with"] == ["ants"]
+    assert models["wasps"]["shares_base_with"] == []
     assert models["boxes"]["task"] == "detection" and models["pose"]["options"] == ["boxes"]
 
 
@@ -145,7 +148,7 @@ def test_concurrent_requests_equal_visionlora_predict(server, served_runs, class
     images = sorted((class_folder / "val").rglob("*.png"))[:6]
     scenes = sorted((served_runs["root"] / "boxes-data" / "val" / "images").glob("*.png"))
     frames = sorted((served_runs["root"] / "pose-data" / "labeled-data").rglob("*.png"))[:2]
-    jobs = [("ants", p, {}) for p in images] + [("bees", p, {}) for p in images]
+    jobs = [(name, p, {}) for name in ("ants", "bees", "wasps") for p in images]
     jobs += [("boxes", p, {"threshold": "0.0"}) for p in scenes] + [("pose", p, {"boxes": "[[2, 3, 60, 70]]"}) for p in frames]
     jobs = jobs[::2] + jobs[1::2]  # interleave the models
 
@@ -157,13 +160,14 @@ def test_concurrent_requests_equal_visionlora_predict(server, served_runs, class
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         answers = list(pool.map(ask, jobs))
-    loaded = {name: visionlora.load(served_runs[name]) for name in ("ants", "bees", "boxes", "pose")}
+    loaded = {name: visionlora.load(served_runs[name]) for name in SERVED}
     for (name, path, fields), answer in zip(jobs, answers):
         options = {"threshold": 0.0} if name == "boxes" else {"boxes": [[[2, 3, 60, 70]]]} if name == "pose" else {}
         expected = loaded[name].predict([path], **options)[0]
         assert answer["image"] == path.name
         _assert_close(answer, expected)
-    assert loaded["ants"].predict(images)[0]["score"] != loaded["bees"].predict(images)[0]["score"]
+    scores = {loaded[name].predict(images)[0]["score"] for name in ("ants", "bees", "wasps")}
+    assert len(scores) == 3
 
 
 def _assert_close(answer, expected, tolerance=1e-4):
@@ -178,6 +182,18 @@ def _assert_close(answer, expected, tolerance=1e-4):
         assert answer == pytest.approx(expected, abs=tolerance)
     else:
         assert answer == expected
+
+
+def test_pose_with_a_served_detector_gives_one_instance_per_box(server, served_runs):
+    frame = sorted((served_runs["root"] / "pose-data" / "labeled-data").rglob("*.png"))[0]
+    fields = {"detector": "boxes", "detector_threshold": "0.0"}
+    status, body, _ = server.post_files("/v1/models/pose/predict", [(frame.name, _png(frame))], fields)
+    assert status == 200, body
+    instances = json.loads(body)["predictions"][0]["instances"]
+    boxes = visionlora.load(served_runs["boxes"]).predict([frame], threshold=0.0)[0]["boxes"]
+    assert len(instances) == len(boxes) > 1
+    expected = visionlora.load(served_runs["pose"]).predict([frame], boxes=[[b["box"] for b in boxes]])[0]
+    _assert_close({"instances": instances}, expected)
 
 
 def test_draw_returns_a_png(server, class_folder):
@@ -205,6 +221,9 @@ def _bomb() -> bytes:
     ("bad boxes", 400, "boxes"),
     ("option of another task", 400, "take no option 'threshold'"),
     ("not multipart", 400, "expected a multipart/form-data upload"),
+    ("detector not a detection model", 400, "detector 'ants' is a classification model, not a detection model"),
+    ("detector for a classification model", 400, "'detector' is for pose models"),
+    ("unknown detector label", 400, "finds no label 'cat'"),
 ])
 def test_bad_requests_get_a_clear_4xx(server, class_folder, case, expected_status, message):
     good = _png(next((class_folder / "val").rglob("*.png")))
@@ -227,6 +246,13 @@ def test_bad_requests_get_a_clear_4xx(server, class_folder, case, expected_statu
         answer = server.post_files("/v1/models/boxes/predict", [("a.png", good)], {"threshold": "high"})
     elif case == "bad boxes":
         answer = server.post_files("/v1/models/pose/predict", [("a.png", good)], {"boxes": "[[1, 2]]"})
+    elif case == "detector not a detection model":
+        answer = server.post_files("/v1/models/pose/predict", [("a.png", good)], {"detector": "ants"})
+    elif case == "detector for a classification model":
+        answer = server.post_files("/v1/models/ants/predict", [("a.png", good)], {"detector": "boxes"})
+    elif case == "unknown detector label":
+        answer = server.post_files("/v1/models/pose/predict", [("a.png", good)],
+                                   {"detector": "boxes", "detector_label": "cat"})
     elif case == "option of another task":
         answer = server.post_files("/v1/models/ants/predict", [("a.png", good)], {"threshold": "0.5"})
     else:
@@ -263,56 +289,6 @@ def test_metrics_count_requests_and_batches(server, class_folder):
     assert "visionlora_request_seconds_bucket" in text and 'visionlora_batch_images_count{model="bees"}' in text
 
 
-class Chromium:
-    """Headless Chromium driven over its DevTools protocol (loopback only)."""
-
-    def __init__(self, profile: Path):
-        import websocket
-
-        port = free_port()
-        self.process = subprocess.Popen(
-            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}",
-             f"--user-data-dir={profile}", "--remote-allow-origins=*", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5) as answer:
-                    target = next(t for t in json.loads(answer.read()) if t["type"] == "page")
-                break
-            except (OSError, StopIteration):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
-        self.socket = websocket.create_connection(target["webSocketDebuggerUrl"], timeout=30)
-        self.next_id = 0
-
-    def call(self, method: str, **params):
-        self.next_id += 1
-        self.socket.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.socket.recv())
-            if message.get("id") == self.next_id:
-                return message.get("result", {})
-
-    def evaluate(self, expression: str):
-        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
-
-    def wait_for(self, expression: str, seconds: float = 60):
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            value = self.evaluate(expression)
-            if value:
-                return value
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for: {expression}")
-
-    def close(self) -> None:
-        self.socket.close()
-        self.process.terminate()
-        self.process.wait(timeout=30)
-
-
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_the_page_shows_a_drawn_prediction_in_chromium(server, class_folder, tmp_path):
     """A person's path: open the page, pick a model, choose an image, press Predict, see the drawing."""
@@ -321,7 +297,7 @@ def test_the_page_shows_a_drawn_prediction_in_chromium(server, class_folder, tmp
     try:
         browser.call("Page.enable")
         browser.call("Page.navigate", url=server.url + "/")
-        browser.wait_for("document.querySelectorAll('#model option').length === 4")
+        browser.wait_for("document.querySelectorAll('#model option').length === 5")
         browser.evaluate("document.getElementById('model').value = 'bees'")
         root = browser.call("DOM.getDocument")["root"]["nodeId"]
         node = browser.call("DOM.querySelector", nodeId=root, selector="#file")["nodeId"]

@@ -1,4 +1,5 @@
-"""LoRA through peft: target-module resolution, wrapping, parameter counts."""
+"""Adapters through peft (LoRA, DoRA, LoHa, LoKr, OFT): target-module resolution, wrapping,
+parameter counts."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import torch
 
+from visionlora.config import METHODS
 from visionlora.errors import VisionLoraError
 
 # Seed names used by presets and older ViT checkpoints, and their transformers 5 names.
@@ -59,36 +61,75 @@ class LoraSetup:
     resolved: dict[str, Any]
 
 
-def apply_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float, targets: list[str], heads: list[str]):
-    """Wrap ``model`` with a LoRA adapter; the heads are trained in full and saved with it."""
-    from peft import LoraConfig, get_peft_model
+def adapter_config(method: str, model: torch.nn.Module, r: int, alpha: float, dropout: float,
+                   targets: list[str], heads: list[str]):
+    """peft's config for ``method`` on the resolved ``targets``; heads are trained in full.
+
+    LoRA and DoRA (LoRA with a learned magnitude) read r, alpha and dropout; LoHa and LoKr
+    read r and alpha; OFT reads r as the size of its orthogonal blocks, which must divide the
+    width of every adapted layer.
+    """
+    import peft
+
+    common = {"target_modules": targets, "modules_to_save": heads}
+    if method in ("lora", "dora"):
+        return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+                               use_dora=method == "dora", **common)
+    if method == "loha":
+        return peft.LoHaConfig(r=r, alpha=alpha, **common)
+    if method == "lokr":
+        return peft.LoKrConfig(r=r, alpha=alpha, **common)
+    if method == "oft":
+        widths = {m.in_features for n, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets}
+        if any(width % r for width in widths):
+            raise VisionLoraError(f"--method oft: --lora-r {r} is OFT's block size and must divide the width "
+                                  f"of every adapted layer ({', '.join(map(str, sorted(widths)))})")
+        return peft.OFTConfig(r=0, oft_block_size=r, **common)
+    raise VisionLoraError(f"--method {method}: unknown (choose from {', '.join(METHODS)})")
+
+
+def apply_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float, targets: list[str], heads: list[str],
+               method: str = "lora"):
+    """Wrap ``model`` with an adapter of ``method`` (LoRA by default); the heads are trained in
+    full and saved with it."""
+    from peft import get_peft_model
 
     resolved = resolve_target_modules(model, targets, exclude=heads)
-    config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=resolved,
-        modules_to_save=heads,
-        bias="none",
-    )
-    peft_model = get_peft_model(model, config)
-    adapted = sum(1 for name, _ in peft_model.named_modules() if name.endswith("lora_A"))
+    peft_model = get_peft_model(model, adapter_config(method, model, r, alpha, dropout, resolved, heads))
     setup = LoraSetup(
-        requested={"r": r, "alpha": alpha, "dropout": dropout, "target_modules": list(targets)},
-        resolved={"target_modules": resolved, "modules_to_save": heads, "adapted_layers": adapted},
+        requested={"method": method, "r": r, "alpha": alpha, "dropout": dropout, "target_modules": list(targets)},
+        resolved={"target_modules": resolved, "modules_to_save": heads, "adapted_layers": adapted_layers(peft_model)},
     )
     return peft_model, setup
+
+
+def adapter_method(config) -> str:
+    """The ``--method`` name of a peft config."""
+    kind = str(getattr(config.peft_type, "value", config.peft_type)).lower()
+    return "dora" if kind == "lora" and getattr(config, "use_dora", False) else kind
+
+
+def adapted_layers(model: torch.nn.Module) -> int:
+    """How many layers carry an adapter."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sum(1 for module in model.modules() if isinstance(module, BaseTunerLayer)
+               and not type(module).__name__.endswith("Wrapper"))
 
 
 def described_lora(model) -> LoraSetup:
     """The LoraSetup of a model that already carries its (default) adapter."""
     config = model.peft_config["default"]
     targets = sorted(config.target_modules) if isinstance(config.target_modules, (set, list)) else [config.target_modules]
-    adapted = sum(1 for name, _ in model.named_modules() if name.endswith("lora_A"))
+    method = adapter_method(config)
+    r = config.oft_block_size if method == "oft" else config.r
+    alpha = getattr(config, "lora_alpha", getattr(config, "alpha", None))
     return LoraSetup(
-        requested={"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout, "target_modules": targets},
-        resolved={"target_modules": targets, "modules_to_save": sorted(config.modules_to_save or []), "adapted_layers": adapted},
+        requested={"method": method, "r": r, "alpha": alpha, "dropout": getattr(config, "lora_dropout", 0.0),
+                   "target_modules": targets},
+        resolved={"target_modules": targets, "modules_to_save": sorted(config.modules_to_save or []),
+                  "adapted_layers": adapted_layers(model)},
     )
 
 

@@ -22,7 +22,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from visionlora.errors import VisionLoraError
 
@@ -66,6 +66,11 @@ class RunPaths:
     def progress_file(self) -> Path:
         return self.checkpoint_dir / "progress.json"
 
+    @property
+    def tracking_dir(self) -> Path:
+        """Where --report-to trackers write (TensorBoard events, an MLflow file store, W&B files)."""
+        return self.root / "tracking"
+
     def frozen_weights(self, process: int = 0) -> Path:
         """A process's frozen base weights, kept at full precision while training stores them in bf16."""
         return self.root / f".frozen-weights-{process}.safetensors"
@@ -77,6 +82,18 @@ class RunPaths:
     @property
     def history(self) -> Path:
         return self.results_dir / "history.csv"
+
+    @property
+    def per_class(self) -> Path:
+        return self.results_dir / "per_class.csv"
+
+    @property
+    def predictions_grid(self) -> Path:
+        return self.results_dir / "predictions.png"
+
+    @property
+    def report(self) -> Path:
+        return self.results_dir / "report.html"
 
     @property
     def loss_plot(self) -> Path:
@@ -156,6 +173,21 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
         raise
 
 
+def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
+    """Let ``write`` fill a temporary file beside ``path`` (for libraries that only write to a
+    path: HDF5, video encoders), then rename it into place; nothing is left on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def current_umask() -> int:
     """The process's file-creation mask (read by setting it and putting it back)."""
     with _UMASK_LOCK:
@@ -221,15 +253,15 @@ def read_json(path: Path) -> dict[str, Any]:
         raise VisionLoraError(f"{path}: not valid JSON (line {err.lineno})") from None
 
 
-def history_csv(history: list[dict[str, Any]]) -> str:
-    """One row per epoch; nested metrics (per-class tables) are left out of the CSV."""
+def rows_csv(rows: list[dict[str, Any]]) -> str:
+    """A CSV of dict rows (epochs, classes); nested values (per-class tables) are left out."""
     columns: list[str] = []
-    for row in history:
+    for row in rows:
         columns += [k for k, v in row.items() if k not in columns and not isinstance(v, (dict, list))]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
-    for row in history:
+    for row in rows:
         writer.writerow({k: _csv_value(row.get(k)) for k in columns})
     return buffer.getvalue()
 

@@ -113,7 +113,20 @@ def _predict_parser(commands, common, help_text: str) -> None:
 
     predict = commands.add_parser("predict", parents=[common, _loading_flags()], help=help_text)
     predict.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
-    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders of images")
+    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER_OR_VIDEO",
+                         help="image files, folders of images, or videos (mp4, avi, mov, mkv)")
+    videos = predict.add_argument_group("videos")
+    videos.add_argument("--every", type=int, default=1, metavar="N", help="predict every N-th frame (default 1)")
+    videos.add_argument("--start", type=float, default=0.0, metavar="SECONDS", help="first time to predict")
+    videos.add_argument("--end", type=float, default=None, metavar="SECONDS", help="last time to predict")
+    videos.add_argument("--save-video", metavar="OUT.mp4", help="write the video with the predictions drawn "
+                        "(H.264, at the source frame rate divided by --every)")
+    detector = predict.add_argument_group("pose with a detector (top-down)")
+    detector.add_argument("--detector", metavar="RUN_OR_ID", help="a detection run, merged export or hub detector "
+                          "whose boxes pose runs on (one instance per box)")
+    detector.add_argument("--detector-threshold", type=float, default=0.5, metavar="SCORE",
+                          help="keep detections scoring at least this (default 0.5)")
+    detector.add_argument("--detector-label", metavar="LABEL", help="keep only detections of this label")
     seen: set[str] = set()
     for name in task_names():
         task = get_task(name)
@@ -252,20 +265,66 @@ def _cmd_evaluate(args) -> int:
 
 def _cmd_predict(args) -> int:
     from visionlora.inference import image_files, load_run
+    from visionlora.video import is_video
 
-    run = load_run(args.run_dir, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                   allow_base_change=args.allow_base_change)
+    loading = dict(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    run = load_run(args.run_dir, allow_base_change=args.allow_base_change, **loading)
     options, outputs = _task_arguments(args, run.task, run.paths.root)
+    finder = None
+    if args.detector:
+        from visionlora.detector import load_detector
+
+        if run.info.task != "pose":
+            raise VisionLoraError(f"--detector is for pose runs; {run.paths.root} is a {run.info.task} run")
+        finder = load_detector(args.detector, args.detector_threshold, args.detector_label, **loading)
+    videos = [item for item in args.images if is_video(item)]
+    if videos:
+        return _predict_videos(args, run, videos, options, outputs, finder)
+    if args.save_video:
+        raise VisionLoraError("--save-video needs a video to predict on")
     files = list(image_files(args.images))
     if not files:
         raise VisionLoraError(f"no image files found in: {' '.join(args.images)}")
-    predictions, skipped = run.predict_files(files, outputs=outputs, **options)
+    predictions, skipped = run.predict_files(files, outputs=outputs, box_finder=finder, **options)
     if skipped:
         print(f"skipped {len(skipped)} unreadable file(s): " + "; ".join(f"{s['file']} ({s['reason']})" for s in skipped), file=sys.stderr)
     if "output" in outputs:
         print(f"wrote {outputs['output']}", file=sys.stderr)
     else:
         print(json.dumps(predictions, indent=2))
+    return 0
+
+
+def _predict_videos(args, run, videos: list[str], options: dict[str, Any], outputs: dict[str, Path], finder) -> int:
+    """Predict each video's frames; JSON and DeepLabCut tables cover one video at a time."""
+    from visionlora.artifacts import atomic_write_json
+    from visionlora.detector import topdown
+    from visionlora.video import predict_video
+
+    if len(videos) != len(args.images):
+        raise VisionLoraError("predict either images or videos in one call, not both")
+    if len(videos) > 1 and (args.save_video or set(outputs) - {"output"}):
+        raise VisionLoraError("--save-video, --csv and --h5 take one video at a time")
+    if "save_images" in outputs:
+        raise VisionLoraError("--save-images is for images; for a video, use --save-video OUT.mp4")
+    predict = topdown(run, finder, options) if finder is not None else (lambda images: run.predict(images, **options))
+    results = []
+    for video in videos:
+        results.append(predict_video(video, predict, run.draw, args.every, args.start, args.end,
+                                     Path(args.save_video) if args.save_video else None, progress=True))
+        if args.save_video:
+            drawn = results[-1]["drawn_video"]
+            print(f"wrote {drawn['path']} ({drawn['codec']}, {drawn['fps']:g} fps)", file=sys.stderr)
+    for writer in run.task.writers:
+        if writer.name in outputs and writer.name != "output":
+            writer.write(outputs[writer.name], results[0]["frames"], [], run.draw)
+            print(f"wrote {outputs[writer.name]}", file=sys.stderr)
+    answer = results[0] if len(results) == 1 else results
+    if "output" in outputs:
+        atomic_write_json(outputs["output"], answer)
+        print(f"wrote {outputs['output']}", file=sys.stderr)
+    else:
+        print(json.dumps(answer, indent=2))
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Writes ``comparison.md``, ``comparison.json`` and ``comparison.png`` with the main and
 other metrics, file size on disk, trainable parameters, training time, images/s and peak
-memory of each run, and their ratio.
+memory of each run, and their ratio; ``report.html`` shows it with each run's plots, and
+each run's own ``report.html`` gains the comparison.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import yaml
 
 from visionlora.artifacts import atomic_write_bytes, atomic_write_json, find_run, read_json
+from visionlora.report import write_comparison_report, write_run_report
 from visionlora.errors import VisionLoraError
 
 MB = 1024 * 1024
@@ -57,6 +59,9 @@ def compare_runs(run_a: str | Path, run_b: str | Path, output: Path) -> dict[str
     atomic_write_json(output / "comparison.json", comparison)
     atomic_write_bytes(output / "comparison.md", comparison_markdown(comparison).encode())
     atomic_write_bytes(output / "comparison.png", comparison_plot(comparison))
+    write_comparison_report(output, comparison)
+    for run, summary in ((run_a, a), (run_b, b)):
+        write_run_report(find_run(run).results_dir, summary, comparison, output)
     return comparison
 
 

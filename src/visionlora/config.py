@@ -15,8 +15,10 @@ from typing import Any
 import yaml
 
 from visionlora.errors import VisionLoraError
+from visionlora.tracking import parse_report_to
 
 MODES = ("lora", "full")
+METHODS = ("lora", "dora", "loha", "lokr", "oft")  # adapter kinds of --mode lora (peft)
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 DEFAULT_VAL_FRACTION = 0.2
 CACHE_MODES = ("auto", "ram", "disk", "none")
@@ -38,6 +40,8 @@ class TrainConfig:
     revision: str | None = _opt(None, "hub revision of --model (branch, tag or commit); the commit used is recorded")
     init_from: str | None = _opt(None, "start from a finished run's trained weights (its adapter, or its full model)")
     mode: str = _opt("lora", "lora: train a LoRA adapter; full: train every weight", choices=MODES)
+    method: str = _opt("lora", "the adapter of --mode lora: lora, dora (weight-decomposed LoRA), loha, lokr, "
+                       "or oft (--lora-r is its block size)", choices=METHODS)
     epochs: int = _opt(10, "training epochs")
     batch_size: int = _opt(8, "images per batch (per process)")
     lr: float | None = _opt(None, "peak learning rate (preset: 2e-4 for LoRA)")
@@ -80,6 +84,8 @@ class TrainConfig:
     output: str | None = _opt(None, "run folder (default: runs/<task>/<mode>[-N])")
     overwrite: bool = _opt(False, "replace an existing run folder")
     progress: bool = _opt(True, "show a progress bar")
+    report_to: str = _opt("none", "log losses, learning rate and metrics to tensorboard, mlflow and/or wandb "
+                          "(comma-separated; through Accelerate's trackers, under RUN/tracking), or none")
 
     def validate(self) -> TrainConfig:
         """Raise a one-line error for an impossible setting; return self."""
@@ -87,6 +93,8 @@ class TrainConfig:
             raise VisionLoraError("no training data: pass --data PATH (or 'data:' in the --config file)")
         checks = [
             (self.mode in MODES, f"--mode must be one of {', '.join(MODES)}, not {self.mode!r}"),
+            (self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, not {self.method!r}"),
+            (self.method == "lora" or self.mode == "lora", f"--method {self.method} is an adapter: use it with --mode lora"),
             (self.mixed_precision in PRECISIONS, f"--mixed-precision must be one of {', '.join(PRECISIONS)}"),
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
@@ -109,6 +117,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise VisionLoraError(message)
+        parse_report_to(self.report_to)
         return self
 
     @classmethod

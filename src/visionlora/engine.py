@@ -11,6 +11,8 @@ before every checkpoint and at every epoch's end, so no checkpoint holds diverge
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import shutil
 import time
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 
+from visionlora import tracking
 from visionlora.adapters import apply_lora, described_lora, lower_frozen_weights, parameter_counts, restore_weights
 from visionlora.artifacts import RunPaths, new_run_dir, save_model
 from visionlora.builtin_models import is_builtin
@@ -27,6 +30,7 @@ from visionlora.checkpoint import Progress, load_checkpoint, resume_settings, sa
 from visionlora.config import TrainConfig
 from visionlora.continuation import start_from_run
 from visionlora.console import describe_epoch, describe_start, library_messages_to
+from visionlora.diagnostics import write_diagnostics
 from visionlora.errors import VisionLoraError
 from visionlora.models import base_revision, loading_policy
 from visionlora.runtime import new_accelerator, resolve_precision, return_freed_memory
@@ -34,6 +38,7 @@ from visionlora.sampling import EpochWeightedSampler
 from visionlora.summary import RunFacts, write_results
 from visionlora.tasks import get_task
 from visionlora.tasks.base import Datasets, ModelInfo, Task
+from visionlora.tracking import parse_report_to
 
 PROGRESS_EVERY = 10  # batches between progress-bar loss updates (each one reads the loss from the device)
 
@@ -50,7 +55,10 @@ class RunResult:
 
 
 def train(cfg: TrainConfig) -> RunResult:
-    """Train one model as ``cfg`` says and write its run folder."""
+    """Train one model as ``cfg`` says and write its run folder; settings left unset take the
+    task's preset."""
+    preset = get_task(cfg.task).preset.settings(cfg.mode)
+    cfg = dataclasses.replace(cfg, **{key: value for key, value in preset.items() if getattr(cfg, key) is None})
     return _run(cfg.validate(), None)
 
 
@@ -72,8 +80,11 @@ def _run(cfg: TrainConfig, progress: Progress | None) -> RunResult:
         return_freed_memory()
     task = get_task(cfg.task)
     precision = resolve_precision(cfg.mixed_precision, cfg.task)
+    trackers = parse_report_to(cfg.report_to)
     accelerator = new_accelerator(
         mixed_precision=precision[0],
+        log_with=trackers or None,
+        project_dir=cfg.output or ".",  # the run folder is named below; tracking.start points the trackers into it
         gradient_accumulation_steps=cfg.grad_accum,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
@@ -85,12 +96,16 @@ def _run(cfg: TrainConfig, progress: Progress | None) -> RunResult:
     paths = RunPaths(Path(root[0]), cfg.mode)
     try:
         with loading_policy(cfg.allow_pickle, cfg.trust_remote_code, cfg.revision), library_messages_to(paths.log_file):
+            tracking.start(accelerator, trackers, cfg.to_dict(), paths.tracking_dir)
             return _train_in(paths, cfg, task, accelerator, progress, RunFacts(cfg, precision, started))
     except BaseException:
         paths.frozen_weights(accelerator.process_index).unlink(missing_ok=True)
         if progress is None and accelerator.is_main_process and not paths.checkpoint_dir.exists():
             shutil.rmtree(paths.root, ignore_errors=True)  # nothing worth keeping: leave no half-run behind
         raise
+    finally:
+        if trackers:
+            accelerator.end_training()
 
 
 def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progress: Progress | None, facts: RunFacts):
@@ -118,7 +133,8 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
             accelerator.wait_for_everyone()
             info.base_revision = base_revision(str(paths.base_dir))
         model, lora = apply_lora(
-            model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, task.head_modules(model)
+            model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, task.head_modules(model),
+            cfg.method,
         )
     facts.parameters, facts.lora = parameter_counts(model), lora
     targets = lora.resolved["target_modules"] if lora else None
@@ -153,6 +169,8 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
         if cfg.mode == "lora" and is_builtin(cfg.model):
             model.peft_config["default"].base_model_name_or_path = str(paths.base_dir.resolve())
         save_model(model, processor, info.to_dict(), paths.model_dir)
+        paths.results_dir.mkdir(parents=True, exist_ok=True)
+        write_diagnostics(task, model, processor, data.val, source.val, info, paths, cfg.batch_size)
         summary = write_results(paths, task, info, facts, loop.state, loop.early_stopped)
         shutil.rmtree(paths.checkpoint_dir, ignore_errors=True)
         accelerator.print(f"saved {paths.model_dir} and {paths.results_dir}")
@@ -222,6 +240,7 @@ class TrainingLoop:
         self.state = Progress(config=cfg.to_dict())
         self.best_state: dict[str, torch.Tensor] | None = None
         self.early_stopped = False
+        self.tracking = bool(accelerator.trackers)
 
     def _schedule(self):
         from transformers import get_cosine_schedule_with_warmup
@@ -241,6 +260,8 @@ class TrainingLoop:
             row.update({f"val_{k}": v for k, v in metrics.items()})
             row["seconds"] = round(time.perf_counter() - self._epoch_started, 3)
             state.history.append(row)
+            if self.tracking:
+                tracking.log_epoch(self.accelerator, row, state.global_step)
             improved = self._track_best(epoch, metrics)
             state.stale_epochs = 0 if improved else state.stale_epochs + 1
             state.completed_epochs, state.batches_done, state.loss_total = epoch, 0, 0.0
@@ -295,6 +316,8 @@ class TrainingLoop:
                 bar.set_postfix(loss=f"{float(self._loss_sum) / state.batches_done:.4f}")
             if self.accelerator.sync_gradients:
                 state.global_step += 1
+                if self.tracking:  # a host sync per step, only when a tracker asks for the per-step loss
+                    tracking.log_step(self.accelerator, float(loss), self.scheduler.get_last_lr()[0], state.global_step)
                 if self._steps_done():
                     break
                 last = state.batches_done == len(self.train_loader)

@@ -5,8 +5,8 @@
     onnx     the merged model through ``torch.onnx.export``, with a dynamic batch axis (and
              height and width for models that take padded images); verified against torch
 
-Both keep the processor and visionlora.json beside the weights and record what was done in
-export.json; the folder is written under a temporary name and renamed when complete.
+Both keep the processor and visionlora.json beside the weights, record what was done in
+export.json and carry a model card (README.md); the folder is written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
-from visionlora.artifacts import INFO_FILE, RunPaths, atomic_dir, atomic_write_json, read_json
+from visionlora.artifacts import INFO_FILE, RunPaths, atomic_dir, atomic_write_bytes, atomic_write_json, read_json
 from visionlora.data.images import UnreadableImage, load_rgb
 from visionlora.data.records import image_source
 from visionlora.errors import VisionLoraError
 from visionlora.inference import LoadedRun, load_run
+from visionlora.model_card import model_card
 
 FORMATS = ("merged", "onnx")
 OPSET = 17
@@ -64,6 +65,8 @@ def export_run(run_dir: str | Path, output: str | Path, fmt: str = "merged", ove
         else:
             record.update(_export_onnx(run, merged, images, tmp, strict))
         atomic_write_json(tmp / "export.json", record)
+        card = model_card(run.task, run.info, read_json(run.paths.summary), export=fmt, folder=str(output))
+        atomic_write_bytes(tmp / "README.md", card.encode())
     return record
 
 

@@ -38,12 +38,13 @@ class LoadedRun:
         return self.task.predict(self.model, self.processor, opened, self.info, **options)
 
     def predict_files(
-        self, files: Sequence[Path], outputs: Mapping[str, Path] | None = None, **options: Any
+        self, files: Sequence[Path], outputs: Mapping[str, Path] | None = None, box_finder=None, **options: Any
     ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
         """Predict image files, skipping (and listing) the unreadable ones.
 
         ``outputs`` maps the names of the task's writers (``output``, ``save_images``, ...)
-        to where each writes; per-image options may map file names to values.
+        to where each writes; per-image options may map file names to values. A pose run
+        given a ``box_finder`` (see :mod:`visionlora.detector`) predicts in the boxes it finds.
         """
         opened, names, skipped = [], [], []
         for path in files:
@@ -55,6 +56,8 @@ class LoadedRun:
         for option in self.task.predict_options:
             if option.per_image and isinstance(options.get(option.name), Mapping):
                 options[option.name] = per_image_values(options[option.name], names)
+        if box_finder is not None:
+            options["boxes"] = box_finder.boxes(opened)
         predictions = self.task.predict(self.model, self.processor, opened, self.info, **options)
         named = [{"image": name, **p} for name, p in zip(names, predictions)]
         for writer in self.task.writers:

@@ -12,18 +12,24 @@ AUTO_CLASSES = {"classification": "AutoModelForImageClassification", "detection"
                 "pose": "AutoModelForPoseEstimation"}
 
 
-def model_card(task: Task, info: ModelInfo, summary: dict[str, Any]) -> str:
-    """The card's YAML metadata and Markdown body; every figure comes from ``summary``."""
-    lora = summary["mode"] == "lora"
+def model_card(task: Task, info: ModelInfo, summary: dict[str, Any], export: str | None = None,
+               folder: str | None = None) -> str:
+    """The card's YAML metadata and Markdown body; every figure comes from ``summary``.
+
+    ``export`` (merged or onnx) makes it the card of an exported folder (``folder``).
+    """
+    adapter = summary["mode"] == "lora" and export is None
+    method = (summary.get("lora") or {}).get("requested", {}).get("method", "lora")
     metadata = {
         "base_model": summary["base_model"],
-        "library_name": "peft" if lora else "transformers",
+        "library_name": "peft" if adapter else "onnx" if export == "onnx" else "transformers",
         "pipeline_tag": task.pipeline_tag,
-        "tags": ["visionlora", task.name, "lora" if lora else "full-fine-tune"],
+        "tags": ["visionlora", task.name, method if summary["mode"] == "lora" else "full-fine-tune"]
+        + ([f"{export}-export"] if export else []),
         "model-index": [{"name": summary["run_dir"].rstrip("/").rsplit("/", 1)[-1], "results": _results(task, summary)}],
     }
     lines = ["---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", ""]
-    lines += _body(task, info, summary, lora)
+    lines += _body(task, info, summary, adapter, export, folder)
     return "\n".join(lines) + "\n"
 
 
@@ -40,18 +46,23 @@ def _results(task: Task, summary: dict[str, Any]) -> list[dict[str, Any]]:
     return results
 
 
-def _body(task: Task, info: ModelInfo, summary: dict[str, Any], lora: bool) -> list[str]:
+def _body(task: Task, info: ModelInfo, summary: dict[str, Any], lora: bool, export: str | None,
+          folder: str | None) -> list[str]:
     main = summary["main_metric"]
     headline = summary["headline"]
     what = {"classification": "classifies an image into one of", "detection": "finds boxes of",
             "pose": "locates, in each instance box, the keypoints"}[task.name]
     lines = [
-        f"# {summary['task']} {'LoRA adapter' if lora else 'model'} on {summary['base_model']}",
+        f"# {summary['task']} {'LoRA adapter' if lora else 'model'} on {summary['base_model']}"
+        + (f" ({export} export)" if export else ""),
         "",
         f"This model {what} {len(info.labels)} {'keypoints' if task.name == 'pose' else 'labels'}: "
         + ", ".join(f"`{label}`" for label in info.labels) + ".",
-        f"It was {'trained as a LoRA adapter on' if lora else 'fine-tuned in full from'} `{summary['base_model']}` "
-        f"with [visionlora](https://pypi.org/project/visionlora/) ({summary['versions']['visionlora']}).",
+        f"It was {'fine-tuned in full from' if summary['mode'] == 'full' else 'trained as an adapter on'} "
+        f"`{summary['base_model']}` with [visionlora](https://pypi.org/project/visionlora/) "
+        f"({summary['versions']['visionlora']})"
+        + {None: ".", "merged": ", then exported with the adapter merged into the base: a plain transformers model.",
+           "onnx": ", then exported to ONNX (adapter merged) and checked against torch in onnxruntime."}[export],
         "",
         f"**{main}: {headline['value']:.4f}** on the {headline['split']} split"
         + (f" (validation: {headline['validation_value']:.4f})" if headline.get("validation_value") is not None else "")
@@ -81,13 +92,13 @@ def _body(task: Task, info: ModelInfo, summary: dict[str, Any], lora: bool) -> l
     ]
     if summary.get("lora"):
         requested, resolved = summary["lora"]["requested"], summary["lora"]["resolved"]
-        lines.append(f"- LoRA: r {requested['r']}, alpha {requested['alpha']}, dropout {requested['dropout']}, "
+        lines.append(f"- adapter ({requested.get('method', 'lora')}): r {requested['r']}, alpha {requested['alpha']}, dropout {requested['dropout']}, "
                      f"on {', '.join(resolved['target_modules'])} ({resolved['adapted_layers']} layers); "
                      f"trained in full and saved with it: {', '.join(resolved['modules_to_save'])}")
     sizes = summary["sizes"]
     lines += [
-        f"- size: {sizes['weights_file_bytes'] / 1e6:.2f} MB of weights"
-        + (f" (the base model holds {sizes['base_model_bytes'] / 1e6:.1f} MB)" if lora else ""),
+        f"- size of the trained run: {sizes['weights_file_bytes'] / 1e6:.2f} MB of weights"
+        + (f" (the base model holds {sizes['base_model_bytes'] / 1e6:.1f} MB)" if summary["mode"] == "lora" else ""),
         "",
         "## Data",
         "",
@@ -98,9 +109,10 @@ def _body(task: Task, info: ModelInfo, summary: dict[str, Any], lora: bool) -> l
     ]
     lines += [f"- note: {note}" for note in summary["data"].get("notes", [])]
     lines += ["", "## Use", "", "With visionlora:", "", "```python", "import visionlora", "",
-              f'run = visionlora.load("{summary["run_dir"]}")', 'print(run.predict(["image.jpg"]))', "```", "",
-              "With transformers" + (" and peft" if lora else "") + ":", "", "```python",
-              *_load_snippet(task, info, summary, lora),
+              f'run = visionlora.load("{folder or summary["run_dir"]}")', 'print(run.predict(["image.jpg"]))', "```", "",
+              "With " + ("onnxruntime" if export == "onnx" else "transformers" + (" and peft" if lora else "")) + ":",
+              "", "```python",
+              *_load_snippet(task, info, summary, lora, export, folder),
               "```", "", "## Limits", "",
               f"- Trained on {summary['data']['counts'].get('train')} images; the numbers above come from "
               f"{summary['data']['counts'].get('val')} validation"
@@ -110,9 +122,16 @@ def _body(task: Task, info: ModelInfo, summary: dict[str, Any], lora: bool) -> l
     return lines
 
 
-def _load_snippet(task: Task, info: ModelInfo, summary: dict[str, Any], lora: bool) -> list[str]:
+def _load_snippet(task: Task, info: ModelInfo, summary: dict[str, Any], lora: bool, export: str | None,
+                  folder: str | None) -> list[str]:
     auto = AUTO_CLASSES.get(task.name, "AutoModel")
-    folder = "trained_model_lora" if lora else "trained_model"
+    folder = folder or ("trained_model_lora" if lora else "trained_model")
+    if export == "onnx":
+        return ["import onnxruntime", "from PIL import Image", "from transformers import AutoImageProcessor", "",
+                f'session = onnxruntime.InferenceSession("{folder}/model.onnx")',
+                f'processor = AutoImageProcessor.from_pretrained("{folder}")',
+                'pixels = processor(images=Image.open("image.jpg").convert("RGB"), return_tensors="np")["pixel_values"]',
+                'outputs = session.run(None, {"pixel_values": pixels})']
     lines = [f"from transformers import AutoImageProcessor, {auto}"]
     if lora:
         lines += ["from peft import PeftModel", "",

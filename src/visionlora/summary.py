@@ -12,12 +12,13 @@ import torch
 
 from visionlora import __version__
 from visionlora.adapters import LoraSetup
-from visionlora.artifacts import RunPaths, atomic_write_bytes, atomic_write_json, folder_bytes, history_csv
+from visionlora.artifacts import RunPaths, atomic_write_bytes, atomic_write_json, folder_bytes, rows_csv
 from visionlora.checkpoint import Progress
 from visionlora.config import TrainConfig
 from visionlora.plots import save_training_plots
 from visionlora.runtime import peak_memory
 from visionlora.model_card import model_card
+from visionlora.report import write_run_report
 from visionlora.tasks.base import Datasets, ModelInfo, Task
 
 
@@ -41,14 +42,16 @@ class RunFacts:
 
 def write_results(paths: RunPaths, task: Task, info: ModelInfo, facts: RunFacts, progress: Progress,
                   early_stopped: bool) -> dict[str, Any]:
-    """history.csv, loss.png and metrics.png, the model card, then the summary, which marks the run complete."""
+    """history.csv, loss.png and metrics.png, the model card, report.html, then the summary, which marks
+    the run complete."""
     history = progress.history
     paths.results_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(paths.history, history_csv(history).encode())
+    atomic_write_bytes(paths.history, rows_csv(history).encode())
     save_training_plots(history, paths.loss_plot, paths.metrics_plot, task.main_metric, task.unbounded_metrics,
                         facts.test_metrics)
     summary = build_summary(paths, task, facts, progress, early_stopped)
     atomic_write_bytes(paths.model_dir / "README.md", model_card(task, info, summary).encode())
+    write_run_report(paths.results_dir, summary)
     atomic_write_json(paths.summary, summary)
     return summary
 

@@ -209,3 +209,18 @@ def _write_deeplabcut(root: Path, scenes, training_fraction: float, unlabelled) 
             cells += ["", ""] if unlabelled == (index, k) else [repr(float(x)), repr(float(y))]
         lines.append(f"labeled-data/video1/{name}," + ",".join(cells))
     (frames / "CollectedData_test.csv").write_text("\n".join(lines) + "\n")
+
+
+def make_pose_video(path: Path, frames: int = 30, fps: float = 10.0, size: int = 96, seed: int = 0) -> Path:
+    """An MPEG-4 video of pose scenes (a new animal every frame), written with OpenCV."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (size, size))
+    for _ in range(frames):
+        image, _ = pose_scene(rng, size)
+        writer.write(cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path

@@ -18,8 +18,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_nam
     if num_classes > 5:
         top5 = logits.topk(5, dim=1).indices
         metrics["top5_accuracy"] = _mean((top5 == labels[:, None]).any(dim=1))
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    confusion.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+    confusion = confusion_matrix(predicted, labels, num_classes)
     true_positive = confusion.diag().double()
     support = confusion.sum(dim=1).double()
     predicted_count = confusion.sum(dim=0).double()
@@ -37,3 +36,23 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_nam
 
 def _mean(flags: torch.Tensor) -> float:
     return float(flags.float().mean()) if flags.numel() else 0.0
+
+
+def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C, C) counts: row = true class, column = predicted class."""
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    confusion.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+    return confusion
+
+
+def per_class_rows(confusion: torch.Tensor, class_names: list[str]) -> list[dict]:
+    """One row per class: images, precision, recall (= per-class accuracy) and F1."""
+    rows = []
+    for index, name in enumerate(class_names):
+        hits, support, predicted = int(confusion[index, index]), int(confusion[index].sum()), int(confusion[:, index].sum())
+        precision = hits / predicted if predicted else 0.0
+        recall = hits / support if support else None
+        f1 = 2 * precision * recall / (precision + recall) if recall and precision + recall > 0 else 0.0
+        rows.append({"class": name, "images": support, "precision": round(precision, 6),
+                     "recall": None if recall is None else round(recall, 6), "f1": round(f1, 6)})
+    return rows

@@ -71,3 +71,35 @@ def detection_metrics(
     metrics["per_class_ap"] = per_class
     return metrics
 
+
+@dataclass
+class DetectionCurves:
+    """Precision-recall curves from COCOeval's precision array (101 recall points, all areas,
+    100 detections), per class and overall, at IoU 0.5 and averaged over IoU 0.5:0.95."""
+
+    recall: np.ndarray  # (101,)
+    precision50: dict[str, np.ndarray | None]  # class -> (101,), None without ground truth
+    precision: dict[str, np.ndarray | None]
+    rows: list[dict]  # per class: instances, AP, AP50, AP75
+
+
+def detection_curves(targets: Sequence[ImageBoxes], predictions: Sequence[ImageBoxes], label_names: Sequence[str],
+                     sizes: Sequence[tuple[int, int]]) -> DetectionCurves:
+    recall = np.linspace(0.0, 1.0, 101)
+    instances = {name: sum(list(t.labels).count(i) for t in targets) for i, name in enumerate(label_names)}
+    detections = coco_detections(predictions)
+    if not detections:
+        zeros = {name: np.zeros(101) if instances[name] else None for name in label_names}
+        rows = [{"class": n, "instances": instances[n], "ap": 0.0, "ap50": 0.0, "ap75": 0.0} for n in label_names]
+        return DetectionCurves(recall, zeros, dict(zeros), rows)
+    evaluation = run_cocoeval(coco_ground_truth(targets, label_names, sizes), detections, "bbox")
+    table = evaluation.eval["precision"][:, :, :, 0, -1]  # (iou, recall, class)
+    at50, averaged, rows = {}, {}, []
+    for index, name in enumerate(label_names):
+        curves = table[:, :, index]
+        defined_here = instances[name] > 0 and (curves > -1).any()
+        at50[name] = np.clip(curves[0], 0, None) if defined_here else None
+        averaged[name] = np.clip(curves, 0, None).mean(axis=0) if defined_here else None
+        ap = [float(np.mean(c[c > -1])) if defined_here and (c > -1).any() else None for c in (curves, curves[0], curves[5])]
+        rows.append({"class": name, "instances": instances[name], "ap": ap[0], "ap50": ap[1], "ap75": ap[2]})
+    return DetectionCurves(recall, at50, averaged, rows)

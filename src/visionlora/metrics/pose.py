@@ -68,3 +68,24 @@ def oks_average_precision(targets, points, scores, names, sigmas) -> dict:
     return {"oks_ap": defined(stats[0]), "oks_ap50": defined(stats[1]), "oks_ap75": defined(stats[2]),
             "oks_ar": defined(stats[5])}
 
+
+PCK_CURVE = np.round(np.linspace(0.0, 0.5, 51), 3)
+
+
+def keypoint_table(targets: Sequence[PoseTarget], points: np.ndarray, names: Sequence[str]) -> tuple[list[dict], np.ndarray]:
+    """Per-keypoint rows (labelled count, mean pixel error, PCK@0.05/0.1/0.2) and the overall PCK
+    at each threshold of ``PCK_CURVE`` (fractions of each instance's reference size)."""
+    truth = np.stack([t.keypoints for t in targets])
+    labelled = truth[..., 2] > 0
+    relative = np.linalg.norm(points - truth[..., :2], axis=-1)
+    sizes = np.array([t.reference_size for t in targets])[:, None]
+    rows = []
+    for k, name in enumerate(names):
+        mask = labelled[:, k]
+        row = {"keypoint": name, "labelled": int(mask.sum()),
+               "pixel_error": float(relative[mask, k].mean()) if mask.any() else None}
+        for threshold in PCK_THRESHOLDS:
+            row[f"pck@{threshold}"] = float((relative[mask, k] <= threshold * sizes[mask, 0]).mean()) if mask.any() else None
+        rows.append(row)
+    curve = np.array([((relative <= t * sizes) & labelled).sum() / max(labelled.sum(), 1) for t in PCK_CURVE])
+    return rows, curve

@@ -15,7 +15,8 @@ A task subclass fills in:
 - model: ``head_modules`` (and ``load_kwargs``, ``checkpoint``, ``describe_model`` where needed);
 - steps: ``loss``, ``eval_step``, ``metrics``;
 - prediction: ``predict_inputs``, ``decode``, ``draw`` (and ``model_inputs`` for padded
-  batches, ``combine`` for several inputs per image, ``exact_outputs`` for export checks).
+  batches, ``combine`` for several inputs per image, ``exact_outputs`` for export checks);
+- reports: ``diagnostics`` (per-class rows and plots), ``ground_truth`` and ``caption`` (for the grid).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from visionlora.builtin_models import build_builtin, is_builtin
+from visionlora.builtin_models import build_builtin, is_builtin, pretrained_folder
 from visionlora.data.formats import read_evaluation_part, read_source, read_validation
 from visionlora.data.records import Part, SourceData
 from visionlora.data.cache import CachePlan, CacheReport, plan_cache
@@ -91,6 +92,15 @@ class ModelInfo:
     def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class Diagnostics:
+    """What the best epoch's validation outputs show: rows for ``per_class.csv`` and plots
+    (file name -> PNG bytes)."""
+
+    per_class: list[dict[str, Any]] = field(default_factory=list)
+    figures: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -226,7 +236,11 @@ class Task:
     # -- model ------------------------------------------------------------------------
     def build_model(self, model_ref: str, labels: list[str], image_size: int | None, mode: str):
         """(model, processor, info): a built-in model, or a checkpoint loaded for ``labels``."""
-        if is_builtin(model_ref):
+        twin = pretrained_folder(self.name, model_ref) if is_builtin(model_ref) else None
+        if twin is not None:
+            model, processor = load_pretrained(self._auto_class(), str(twin), **self.load_kwargs(str(twin), labels))
+            self._check_twin_size(model_ref, processor, image_size)
+        elif is_builtin(model_ref):
             model, processor = build_builtin(self.name, model_ref, labels, image_size)
         else:
             path, check = self.checkpoint(model_ref)
@@ -239,6 +253,13 @@ class Task:
             info.base_revision = base_revision(model_ref, current_policy().revision)
         self.describe_model(model, processor, info)
         return model, processor, info
+
+    def _check_twin_size(self, name: str, processor, image_size: int | None) -> None:
+        """A pretrained twin's position embeddings fix its input size."""
+        height = processor_output_size(processor)[0]
+        if image_size and image_size != height:
+            raise VisionLoraError(f"--image-size {image_size}: {name} was pretrained at {height} pixels; "
+                                  f"leave --image-size out or use {name.removesuffix('-pretrained')}")
 
     def load_model(self, path: str, info: ModelInfo) -> torch.nn.Module:
         """A saved base or fully trained model, for ``info``'s labels."""
@@ -314,7 +335,20 @@ class Task:
         metrics.update(self.metrics(dataset_behind(loader), indices, [found[i][0] for i in indices], info))
         return metrics
 
+    def diagnostics(self, dataset, indices: list[int], outputs: list[Any], info: ModelInfo) -> Diagnostics:
+        """Per-class rows and plots of validation outputs, as ``metrics`` gets them (hook)."""
+        return Diagnostics()
+
     # -- prediction -------------------------------------------------------------------
+    def ground_truth(self, record, image: Image.Image, info: ModelInfo) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(a record's labels shaped like a prediction, so ``draw`` shows them; the predict
+        options that ask about the same instances) (hook)."""
+        raise NotImplementedError
+
+    def caption(self, prediction: dict[str, Any]) -> str:
+        """A short text for a prediction under its drawing in the grid (hook; default none)."""
+        return ""
+
     def predict_inputs(self, image: Image.Image, image_index: int, processor, info: ModelInfo,
                        options: dict[str, Any]) -> list[PredictInput]:
         """The model inputs one image gives (hook)."""

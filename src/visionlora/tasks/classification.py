@@ -23,8 +23,9 @@ from visionlora.data.transforms import (
     resize_for_training,
 )
 from visionlora.errors import VisionLoraError
-from visionlora.metrics.classification import classification_metrics
-from visionlora.tasks.base import ModelInfo, PredictInput, Preset, SeededDataset, Task
+from visionlora.metrics.classification import classification_metrics, confusion_matrix, per_class_rows
+from visionlora.plots import confusion_matrix_plot
+from visionlora.tasks.base import Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
 from visionlora.visualize import draw_label
 
 TOP_K = 5
@@ -150,7 +151,19 @@ class ClassificationTask(Task):
         labels = torch.tensor([dataset.labels[i] for i in indices], dtype=torch.long)
         return classification_metrics(torch.stack(outputs), labels, info.labels)
 
+    def diagnostics(self, dataset, indices, outputs, info: ModelInfo) -> Diagnostics:
+        labels = torch.tensor([dataset.labels[i] for i in indices], dtype=torch.long)
+        confusion = confusion_matrix(torch.stack(outputs).argmax(dim=1), labels, len(info.labels))
+        return Diagnostics(per_class_rows(confusion, info.labels),
+                           {"confusion_matrix.png": confusion_matrix_plot(confusion.numpy(), info.labels)})
+
     # -- prediction -------------------------------------------------------------------
+    def ground_truth(self, record: LabelledImage, image, info: ModelInfo):
+        return {"label": record.label, "score": 1.0}, {}
+
+    def caption(self, prediction: dict[str, Any]) -> str:
+        return f"{prediction['label']} {prediction['score']:.2f}"
+
     def predict_inputs(self, image, image_index, processor, info, options):
         return [PredictInput(image_index, Normalizer(processor)(processor_pixels(processor, image)))]
 

@@ -18,9 +18,10 @@ from visionlora.data.images import decode_records
 from visionlora.data.records import DetectionRecord, Part, SourceData, clean_box
 from visionlora.data.transforms import Normalizer, processor_pixels
 from visionlora.errors import VisionLoraError
-from visionlora.metrics.detection import ImageBoxes, detection_metrics
+from visionlora.metrics.detection import ImageBoxes, detection_curves, detection_metrics
+from visionlora.plots import precision_recall_plot
 from visionlora.outputs import Option, parse_float_between
-from visionlora.tasks.base import ModelInfo, PredictInput, Preset, SeededDataset, Task
+from visionlora.tasks.base import Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
 from visionlora.timm_backbones import (
     check_backbone_loaded,
     is_converted,
@@ -181,10 +182,19 @@ class DetectionTask(Task):
         return outputs.loss, [_to_lists(f) for f in found]
 
     def metrics(self, dataset, indices, outputs, info: ModelInfo) -> dict[str, Any]:
-        records = [dataset.records[i] for i in indices]
-        targets = [ImageBoxes(r.boxes, [info.label2id[name] for name in r.labels]) for r in records]
-        found = [ImageBoxes(o["boxes"], o["labels"], o["scores"]) for o in outputs]
-        return detection_metrics(targets, found, info.labels, [dataset.original_size(i) for i in indices])
+        return detection_metrics(*_boxes_and_sizes(dataset, indices, outputs, info))
+
+    def diagnostics(self, dataset, indices, outputs, info: ModelInfo) -> Diagnostics:
+        curves = detection_curves(*_boxes_and_sizes(dataset, indices, outputs, info))
+        defined = [c for c in curves.precision50.values() if c is not None]
+        overall = np.mean(defined, axis=0) if defined else None
+        plot = precision_recall_plot(curves.recall, curves.precision50, overall,
+                                     "Precision-recall at IoU 0.5 (validation, best epoch)")
+        return Diagnostics(curves.rows, {"precision_recall.png": plot})
+
+    def ground_truth(self, record: DetectionRecord, image, info: ModelInfo):
+        boxes = [{"label": label, "score": 1.0, "box": box} for box, label in zip(record.boxes, record.labels)]
+        return {"boxes": boxes}, {}
 
     # -- prediction -------------------------------------------------------------------
     def predict_inputs(self, image, image_index, processor, info, options):
@@ -210,6 +220,14 @@ class DetectionTask(Task):
     def exact_outputs(self, model) -> bool:
         """RT-DETR-style models pick their queries by top-k over near-tied scores when barely trained."""
         return not getattr(model.config, "model_type", "").startswith(TIED_HEAD_TYPES)
+
+
+def _boxes_and_sizes(dataset, indices, outputs, info: ModelInfo):
+    """(ground truth, predictions, label names, image sizes) of the evaluated items, for COCOeval."""
+    records = [dataset.records[i] for i in indices]
+    targets = [ImageBoxes(r.boxes, [info.label2id[name] for name in r.labels]) for r in records]
+    found = [ImageBoxes(o["boxes"], o["labels"], o["scores"]) for o in outputs]
+    return targets, found, info.labels, [dataset.original_size(i) for i in indices]
 
 
 # -- datasets ---------------------------------------------------------------------------

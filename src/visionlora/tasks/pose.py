@@ -27,9 +27,11 @@ from visionlora.data.topdown import (
 )
 from visionlora.data.transforms import Normalizer
 from visionlora.errors import VisionLoraError
-from visionlora.metrics.pose import PoseTarget, pose_metrics
-from visionlora.outputs import Option
-from visionlora.tasks.base import ModelInfo, PredictInput, Preset, SeededDataset, Task
+from visionlora.metrics.pose import PCK_CURVE, PoseTarget, keypoint_table, pose_metrics
+from visionlora.plots import keypoint_error_plot, pck_curve_plot
+from visionlora.dlc_output import DLC_CSV, DLC_H5
+from visionlora.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option
+from visionlora.tasks.base import Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
 from visionlora.visualize import draw_keypoints
 
 CONTEXT = 1.5  # training crops are cached with this much context, for scale and rotation changes
@@ -94,9 +96,10 @@ class PoseTask(Task):
     unbounded_metrics = ("pixel_error", "mean_baseline_pixel_error")
     predict_options = (
         Option("boxes", 'boxes per image: a JSON file {"image.jpg": [[x0, y0, x1, y1], ...]} '
-               "(default: the whole image)", read_boxes_file, None, "FILE.json", per_image=True,
+               "(default: the whole image; an empty list: no instance)", read_boxes_file, None, "FILE.json", per_image=True,
                parse_form=parse_boxes_field),
     )
+    writers = (JSON_OUTPUT, DRAWN_IMAGES, DLC_CSV, DLC_H5)
 
     # -- data -------------------------------------------------------------------------
     def check_data(self, source: SourceData, held_out: list[Part], where: str) -> None:
@@ -191,12 +194,32 @@ class PoseTask(Task):
             metrics["mean_baseline_pixel_error"] = float(np.linalg.norm(baseline - truth[..., :2], axis=-1)[labelled].mean())
         return metrics
 
+    def diagnostics(self, dataset, indices, outputs, info: ModelInfo) -> Diagnostics:
+        targets = [dataset.instances[i].target() for i in indices]
+        rows, curve = keypoint_table(targets, np.stack([o[0] for o in outputs]), info.labels)
+        return Diagnostics(rows, {
+            "keypoint_errors.png": keypoint_error_plot(info.labels, [row["pixel_error"] for row in rows]),
+            "pck_curve.png": pck_curve_plot(PCK_CURVE, curve),
+        })
+
     # -- prediction -------------------------------------------------------------------
+    def ground_truth(self, record: PoseRecord, image: Image.Image, info: ModelInfo):
+        """The labelled instances, and their boxes as the ``boxes`` option (top-down on the same boxes)."""
+        instances, boxes = [], []
+        for keypoints, box, _, _ in _instances(image, record):
+            boxes.append(box)
+            instances.append({"box": box, "keypoints": [
+                {"name": name, "x": float(x), "y": float(y), "score": 1.0 if labelled > 0 else -1.0}  # -1: not drawn
+                for name, (x, y, labelled) in zip(info.labels, keypoints)]})
+        return {"instances": instances}, {"boxes": [boxes]}
+
     def predict_inputs(self, image, image_index, processor, info, options):
         """One input per box (``boxes[i]``: x0, y0, x1, y1 lists for image i), or the whole image."""
         input_size = tuple(info.extra["input_size"])
         boxes = options.get("boxes")
-        image_boxes = (boxes[image_index] if boxes is not None else None) or [[0, 0, image.width, image.height]]
+        image_boxes = boxes[image_index] if boxes is not None else None
+        if image_boxes is None:  # no boxes given for this image: the whole image is one instance
+            image_boxes = [[0, 0, image.width, image.height]]
         normalizer = Normalizer(processor)
         array = np.asarray(image)
         inputs = []
@@ -260,6 +283,7 @@ class InstanceCrop:
 
 
 def _instances(image: Image.Image, record: PoseRecord):
+    """(keypoints, box, reference size, area) of each instance with a labelled keypoint."""
     width, height = image.size
     for instance in record.instances:
         keypoints = mark_unlabelled(instance.keypoints, width, height)

@@ -1,0 +1,87 @@
+"""What a user looks at after training, from the best weights on the validation data:
+``per_class.csv``, the task's plots and a grid of images with truth and prediction drawn."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from PIL import Image, ImageDraw
+
+from visionlora.artifacts import RunPaths, atomic_write_bytes, rows_csv
+from visionlora.data.images import UnreadableImage, load_rgb
+from visionlora.data.records import image_source
+from visionlora.outputs import png_bytes
+from visionlora.tasks.base import ModelInfo, Task
+
+GRID_IMAGES = 16
+TILE = 256  # pixels of the longer side of each drawn image
+
+
+@torch.inference_mode()
+def validation_outputs(task: Task, model, processor, dataset, info: ModelInfo, batch_size: int):
+    """(indices, outputs) of ``eval_step`` over ``dataset``, in this process."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=task.collate)
+    indices, outputs = [], []
+    for batch in loader:
+        _, found = task.eval_step(model, batch, processor, info)
+        indices += batch["index"].tolist()
+        outputs += found
+    return indices, outputs
+
+
+def write_diagnostics(task: Task, model, processor, dataset, records: Sequence[Any], info: ModelInfo,
+                      paths: RunPaths, batch_size: int) -> list[str]:
+    """Write per_class.csv, the task's plots and predictions.png; return the file names written."""
+    indices, outputs = validation_outputs(task, model, processor, dataset, info, batch_size)
+    found = task.diagnostics(dataset, indices, outputs, info)
+    written = []
+    if found.per_class:
+        atomic_write_bytes(paths.per_class, rows_csv(found.per_class).encode())
+        written.append(paths.per_class.name)
+    for name, png in found.figures.items():
+        atomic_write_bytes(paths.results_dir / name, png)
+        written.append(name)
+    grid = prediction_grid(task, model, processor, records[:GRID_IMAGES], info)
+    if grid is not None:
+        atomic_write_bytes(paths.predictions_grid, png_bytes(grid))
+        written.append(paths.predictions_grid.name)
+    return written
+
+
+def prediction_grid(task: Task, model, processor, records: Sequence[Any], info: ModelInfo) -> Image.Image | None:
+    """Pairs of tiles, truth then prediction, four pairs to a row; None without readable images."""
+    tiles = []
+    for record in records:
+        try:
+            image = load_rgb(image_source(record))
+        except UnreadableImage:
+            continue
+        truth, options = task.ground_truth(record, image, info)
+        prediction = task.predict(model, processor, [image], info, **{**task.default_options(), **options})[0]
+        tiles.append((_tile(task.draw(image, truth, info), " ".join(("truth", task.caption(truth)))),
+                      _tile(task.draw(image, prediction, info), " ".join(("prediction", task.caption(prediction))))))
+    if not tiles:
+        return None
+    columns = min(4, len(tiles))
+    rows = -(-len(tiles) // columns)
+    width = max(a.width + b.width for a, b in tiles)
+    height = max(max(a.height, b.height) for a, b in tiles)
+    grid = Image.new("RGB", (columns * (width + 8), rows * (height + 8)), (255, 255, 255))
+    for index, (truth, prediction) in enumerate(tiles):
+        x, y = (index % columns) * (width + 8), (index // columns) * (height + 8)
+        grid.paste(truth, (x, y))
+        grid.paste(prediction, (x + truth.width, y))
+    return grid
+
+
+def _tile(image: Image.Image, caption: str) -> Image.Image:
+    """``image`` scaled to TILE pixels on its longer side, captioned at the bottom."""
+    scale = TILE / max(image.size)
+    tile = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    draw = ImageDraw.Draw(tile)
+    left, top, right, bottom = draw.textbbox((0, 0), caption)
+    draw.rectangle((0, tile.height - (bottom - top) - 6, right + 6, tile.height), fill=(0, 0, 0))
+    draw.text((3, tile.height - (bottom - top) - 4), caption, fill=(255, 255, 255))
+    return tile

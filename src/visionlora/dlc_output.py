@@ -1,0 +1,68 @@
+"""Pose predictions in DeepLabCut's table layout: ``--csv`` and ``--h5``.
+
+One row per image or video frame. Columns are ``(scorer, bodyparts, coords)`` with coords
+``x``, ``y``, ``likelihood``; with more than one instance in a frame, DeepLabCut's
+multi-animal layout ``(scorer, individuals, bodyparts, coords)``. Instances are named
+``individual1``, ``individual2``... in the order they were found (detection order, or the
+tracker's identities when ``--track`` is given): without tracking, the same name in two
+frames need not be the same animal.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from visionlora.artifacts import atomic_write_bytes, atomic_write_with
+from visionlora.errors import VisionLoraError
+from visionlora.outputs import OutputWriter
+
+SCORER = "visionlora"
+H5_KEY = "df_with_missing"  # the key DeepLabCut writes and reads
+
+
+def dlc_table(predictions: Sequence[dict], scorer: str = SCORER):
+    """A pandas DataFrame of pose predictions in DeepLabCut's layout."""
+    import numpy as np
+    import pandas as pd
+
+    bodyparts = next(([k["name"] for k in i["keypoints"]] for p in predictions for i in p["instances"]), [])
+    individuals = max((len(p["instances"]) for p in predictions), default=0)
+    levels = [[scorer], bodyparts, ["x", "y", "likelihood"]]
+    names = ["scorer", "bodyparts", "coords"]
+    if individuals > 1:
+        levels.insert(1, [f"individual{i + 1}" for i in range(individuals)])
+        names.insert(1, "individuals")
+    columns = pd.MultiIndex.from_product(levels, names=names)
+    values = np.full((len(predictions), len(columns)), np.nan)
+    width = len(bodyparts) * 3
+    for row, prediction in enumerate(predictions):
+        for slot, instance in enumerate(prediction["instances"]):
+            values[row, slot * width:(slot + 1) * width] = [
+                v for k in instance["keypoints"] for v in (k["x"], k["y"], k["score"])]
+    index = [p["image"] if "image" in p else p["frame"] for p in predictions]
+    return pd.DataFrame(values, columns=columns, index=index)
+
+
+def write_csv(target: Path, predictions: Sequence[dict], images, draw) -> None:
+    try:
+        atomic_write_bytes(Path(target), dlc_table(predictions).to_csv().encode())
+    except OSError as err:
+        raise VisionLoraError(f"{target}: cannot write: {err.strerror or err}") from None
+
+
+def write_h5(target: Path, predictions: Sequence[dict], images, draw) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tables") is None:
+        raise VisionLoraError(f"--h5 {target}: pandas needs PyTables to write HDF5 (pip install tables)")
+    table = dlc_table(predictions)
+    try:
+        atomic_write_with(Path(target), lambda path: table.to_hdf(path, key=H5_KEY, mode="w"))
+    except OSError as err:
+        raise VisionLoraError(f"{target}: cannot write: {err.strerror or err}") from None
+
+
+DLC_CSV = OutputWriter("csv", "write keypoints as a DeepLabCut CSV (3 header rows; 4 with several instances)",
+                       "FILE.csv", write_csv)
+DLC_H5 = OutputWriter("h5", "write keypoints as a DeepLabCut HDF5 table (needs PyTables)", "FILE.h5", write_h5)

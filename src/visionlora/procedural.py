@@ -1,0 +1,249 @@
+"""Procedural image corpora: the pretraining data of the ``*-pretrained`` built-in models and
+held-out targets to fine-tune them on.
+
+Shapes, textures and articulated figures are drawn with seeded randomness. The shapes and
+skeletons of the pretraining corpus (``PRETRAIN_SHAPES``, ``PRETRAIN_SKELETON``) never appear
+in the targets (``TARGET_SHAPES``, the four-keypoint animal of :mod:`visionlora.synthetic`),
+so a fine-tuning result on a target measures transfer, not memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def _regular(n: int, inner: float | None = None) -> Callable[[], np.ndarray]:
+    """A regular polygon, or a star with ``n`` points when ``inner`` (its inner radius) is given."""
+    def points() -> np.ndarray:
+        if inner is None:
+            angles = np.arange(n) * 2 * np.pi / n
+            return np.stack([np.cos(angles), np.sin(angles)], axis=1)
+        angles = np.arange(2 * n) * np.pi / n
+        radii = np.where(np.arange(2 * n) % 2 == 0, 1.0, inner)
+        return np.stack([np.cos(angles) * radii, np.sin(angles) * radii], axis=1)
+    return points
+
+
+def _polygon(*xy: float) -> Callable[[], np.ndarray]:
+    return lambda: np.array(xy, dtype=float).reshape(-1, 2)
+
+
+# Unit-sized outlines, centred on 0; drawn rotated, scaled and moved.
+SHAPES: dict[str, Callable[[], np.ndarray]] = {
+    "circle": _regular(32),
+    "triangle": _regular(3),
+    "square": _regular(4),
+    "pentagon": _regular(5),
+    "hexagon": _regular(6),
+    "star5": _regular(5, inner=0.45),
+    "cross": _polygon(-.3, -1, .3, -1, .3, -.3, 1, -.3, 1, .3, .3, .3, .3, 1, -.3, 1, -.3, .3, -1, .3, -1, -.3, -.3, -.3),
+    "arrow": _polygon(-1, -.25, .2, -.25, .2, -.7, 1, 0, .2, .7, .2, .25, -1, .25),
+    "ellipse": lambda: np.stack([np.cos(a := np.linspace(0, 2 * np.pi, 32, endpoint=False)), 0.5 * np.sin(a)], axis=1),
+    "bar": _polygon(-1, -.22, 1, -.22, 1, .22, -1, .22),
+    "semicircle": lambda: np.stack([np.cos(a := np.linspace(0, np.pi, 17)), np.sin(a) - 0.4], axis=1),
+    "kite": _polygon(0, -1, .55, -.2, 0, 1, -.55, -.2),
+    # held-out shapes: only in the targets
+    "star4": _regular(4, inner=0.35),
+    "chevron": _polygon(-1, -.8, 0, .1, 1, -.8, 1, -.1, 0, .8, -1, -.1),
+    "hourglass": _polygon(-.8, -1, .8, -1, .12, 0, .8, 1, -.8, 1, -.12, 0),
+    "letter_t": _polygon(-1, -1, 1, -1, 1, -.5, .25, -.5, .25, 1, -.25, 1, -.25, -.5, -1, -.5),
+    "letter_l": _polygon(-.7, -1, -.2, -1, -.2, .5, .8, .5, .8, 1, -.7, 1),
+    "trapezoid": _polygon(-1, .6, 1, .6, .45, -.6, -.45, -.6),
+}
+PRETRAIN_SHAPES = ["circle", "triangle", "square", "pentagon", "hexagon", "star5", "cross", "arrow", "ellipse",
+                   "bar", "semicircle", "kite"]
+TARGET_SHAPES = ["star4", "chevron", "hourglass", "letter_t", "letter_l", "trapezoid"]
+TEXTURES = ["solid", "stripes", "dots"]
+
+
+def _background(rng: np.random.Generator, size: int) -> Image.Image:
+    """Noisy two-tone background with a few distracting strokes."""
+    low, high = sorted(rng.integers(40, 200, size=2))
+    gradient = np.linspace(low, high + 1, size)[None, :, None].repeat(size, 0).repeat(3, 2)
+    noise = rng.normal(0, 12, size=(size, size, 3))
+    image = Image.fromarray(np.clip(gradient + noise, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(0, 3))):
+        x0, y0, x1, y1 = (int(v) for v in rng.integers(0, size, size=4))
+        draw.line((x0, y0, x1, y1), fill=tuple(int(c) for c in rng.integers(0, 255, size=3)), width=1)
+    return image
+
+
+def _texture(kind: str, colour: np.ndarray, rng: np.random.Generator, size: int) -> Image.Image:
+    """A ``size`` square of ``colour`` in one of ``TEXTURES``."""
+    base = np.broadcast_to(colour, (size, size, 3)).astype(float)
+    if kind != "solid":
+        yy, xx = np.mgrid[0:size, 0:size]
+        angle, period = rng.uniform(0, np.pi), rng.uniform(3, 6)
+        if kind == "stripes":
+            on = ((xx * np.cos(angle) + yy * np.sin(angle)) // (period / 2)) % 2 == 0
+        else:
+            on = ((xx % period) < period / 2) & ((yy % period) < period / 2)
+        base = np.where(on[..., None], base, 255 - base)
+    return Image.fromarray(base.astype(np.uint8))
+
+
+def draw_shape(image: Image.Image, shape: str, texture: str, rng: np.random.Generator,
+               centre: tuple[float, float], radius: float) -> tuple[float, float, float, float]:
+    """Paint ``shape`` in ``texture`` (random colour and rotation) on ``image``; return its box."""
+    outline = SHAPES[shape]()
+    angle = rng.uniform(-0.3, 0.3)  # upright, give or take: orientation is part of some shapes' identity
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    aspect = np.array([1.0, rng.uniform(0.75, 1.0)])
+    points = (outline * aspect) @ rotation.T * radius + np.asarray(centre)
+    mask = Image.new("L", image.size, 0)
+    ImageDraw.Draw(mask).polygon([tuple(p) for p in points], fill=255)
+    colour = rng.integers(30, 256, size=3)
+    image.paste(_texture(texture, colour, rng, image.size[0]), (0, 0), mask)
+    x0, y0 = np.clip(points.min(axis=0), 0, image.size[0])
+    x1, y1 = np.clip(points.max(axis=0), 0, image.size[0])
+    return float(x0), float(y0), float(x1), float(y1)
+
+
+def shape_image(label: str, rng: np.random.Generator, size: int = 40) -> Image.Image:
+    """One classification image: ``label`` is ``shape`` or ``shape/texture``."""
+    shape, _, texture = label.partition("/")
+    image = _background(rng, size)
+    radius = rng.uniform(0.28, 0.42) * size
+    centre = rng.uniform(radius * 0.8, size - radius * 0.8, size=2)
+    draw_shape(image, shape, texture or str(rng.choice(TEXTURES)), rng, tuple(centre), radius)
+    return image
+
+
+def pretraining_classes() -> list[str]:
+    """Every pretraining shape in every texture: 36 classes."""
+    return [f"{shape}/{texture}" for shape in PRETRAIN_SHAPES for texture in TEXTURES]
+
+
+def write_shape_folder(root: Path, classes: list[str], per_class_train: int, per_class_val: int,
+                       seed: int = 0, size: int = 40) -> Path:
+    """Write ``root/train/<class>/*.png`` and ``root/val/<class>/*.png`` of :func:`shape_image`."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", per_class_train), ("val", per_class_val)):
+        for label in classes:
+            folder = Path(root) / split / label.replace("/", "-")
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                shape_image(label, rng, size).save(folder / f"{index:04d}.png")
+    return Path(root)
+
+
+# -- detection -----------------------------------------------------------------------------
+def shape_scene(shapes: list[str], rng: np.random.Generator, size: int = 64, max_objects: int = 5):
+    """An image with 1..max_objects shapes: (image, [[x0, y0, x1, y1]], [shape])."""
+    image = _background(rng, size)
+    boxes, labels = [], []
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        shape = str(rng.choice(shapes))
+        radius = rng.uniform(0.08, 0.22) * size
+        centre = rng.uniform(radius, size - radius, size=2)
+        box = draw_shape(image, shape, str(rng.choice(TEXTURES)), rng, tuple(centre), radius)
+        if box[2] - box[0] >= 3 and box[3] - box[1] >= 3:
+            boxes.append([round(v, 2) for v in box])
+            labels.append(shape)
+    return image, boxes, labels
+
+
+def write_shape_scenes(root: Path, shapes: list[str], n_train: int, n_val: int, seed: int = 0,
+                       size: int = 64, max_objects: int = 5) -> Path:
+    """Write ``root/train`` and ``root/val`` as COCO JSON with images in ``images/``."""
+    rng = np.random.default_rng(seed)
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(shapes)]
+    for split, count in (("train", n_train), ("val", n_val)):
+        folder = Path(root) / split
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        images, annotations = [], []
+        for index in range(count):
+            image, boxes, labels = shape_scene(shapes, rng, size, max_objects)
+            name = f"{index:05d}.png"
+            image.save(folder / "images" / name)
+            images.append({"id": index + 1, "file_name": name, "width": size, "height": size})
+            for (x0, y0, x1, y1), label in zip(boxes, labels):
+                annotations.append({"id": len(annotations) + 1, "image_id": index + 1,
+                                    "category_id": shapes.index(label) + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                                    "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+        (folder / "annotations.json").write_text(
+            json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return Path(root)
+
+
+# -- pose ------------------------------------------------------------------------------------
+# A two-armed, two-legged walker: its joints are the pretraining keypoints.
+PRETRAIN_SKELETON_KEYPOINTS = ["head", "neck", "pelvis", "left_hand", "right_hand", "left_foot", "right_foot",
+                               "left_elbow", "right_elbow", "left_knee", "right_knee"]
+PRETRAIN_SKELETON = [["head", "neck"], ["neck", "pelvis"], ["neck", "left_elbow"], ["left_elbow", "left_hand"],
+                     ["neck", "right_elbow"], ["right_elbow", "right_hand"], ["pelvis", "left_knee"],
+                     ["left_knee", "left_foot"], ["pelvis", "right_knee"], ["right_knee", "right_foot"]]
+
+
+def walker_points(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Joint positions of a randomly posed walker, (11, 2), inside a ``size`` square."""
+    unit = size * rng.uniform(0.13, 0.18)
+    lean = rng.uniform(-0.5, 0.5)
+    pelvis = np.array([size / 2, size * 0.58]) + rng.uniform(-0.06, 0.06, size=2) * size
+    def step(start, angle, length):
+        return start + length * unit * np.array([np.sin(angle), -np.cos(angle)])
+    neck = step(pelvis, lean, 1.8)
+    head = step(neck, lean + rng.uniform(-0.4, 0.4), 0.8)
+    points = {"head": head, "neck": neck, "pelvis": pelvis}
+    for side, sign in (("left", -1), ("right", 1)):
+        shoulder_angle = lean + np.pi + sign * rng.uniform(0.3, 1.8)
+        points[f"{side}_elbow"] = step(neck, shoulder_angle, 1.0)
+        points[f"{side}_hand"] = step(points[f"{side}_elbow"], shoulder_angle + sign * rng.uniform(-1.2, 1.2), 0.9)
+        hip_angle = np.pi + sign * rng.uniform(0.05, 0.7)
+        points[f"{side}_knee"] = step(pelvis, hip_angle, 1.2)
+        points[f"{side}_foot"] = step(points[f"{side}_knee"], hip_angle + rng.uniform(-0.6, 0.6), 1.1)
+    return np.stack([points[name] for name in PRETRAIN_SKELETON_KEYPOINTS])
+
+
+def walker_image(rng: np.random.Generator, size: int = 64) -> tuple[Image.Image, np.ndarray]:
+    """A walker drawn with limbs of one colour and a lighter head: (image, (11, 2) points)."""
+    image = _background(rng, size)
+    draw = ImageDraw.Draw(image)
+    points = walker_points(rng, size)
+    colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+    width = max(2, int(size * rng.uniform(0.04, 0.07)))
+    index = {name: i for i, name in enumerate(PRETRAIN_SKELETON_KEYPOINTS)}
+    for a, b in PRETRAIN_SKELETON:
+        draw.line((*points[index[a]], *points[index[b]]), fill=colour, width=width)
+    hx, hy = points[index["head"]]
+    r = width * 1.4
+    draw.ellipse((hx - r, hy - r, hx + r, hy + r), fill=tuple(min(255, c + 60) for c in colour))
+    for hand in ("left_hand", "right_hand"):
+        x, y = points[index[hand]]
+        draw.ellipse((x - width, y - width, x + width, y + width), fill=(255 - colour[0], 255 - colour[1], 255 - colour[2]))
+    return image, points
+
+
+def write_walkers(root: Path, n_train: int, n_val: int, seed: int = 0, size: int = 64) -> Path:
+    """Write ``root/train`` and ``root/val`` as COCO keypoints, one walker per image."""
+    rng = np.random.default_rng(seed)
+    skeleton = [[PRETRAIN_SKELETON_KEYPOINTS.index(a) + 1, PRETRAIN_SKELETON_KEYPOINTS.index(b) + 1]
+                for a, b in PRETRAIN_SKELETON]
+    categories = [{"id": 1, "name": "walker", "keypoints": PRETRAIN_SKELETON_KEYPOINTS, "skeleton": skeleton}]
+    for split, count in (("train", n_train), ("val", n_val)):
+        folder = Path(root) / split
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        images, annotations = [], []
+        for index in range(count):
+            image, points = walker_image(rng, size)
+            name = f"{index:05d}.png"
+            image.save(folder / "images" / name)
+            inside = (points >= 0).all(axis=1) & (points < size).all(axis=1)
+            flat = [v for (x, y), ok in zip(points, inside) for v in ((float(x), float(y), 2) if ok else (0, 0, 0))]
+            x0, y0 = np.clip(points.min(axis=0) - 4, 0, size)
+            x1, y1 = np.clip(points.max(axis=0) + 4, 0, size)
+            images.append({"id": index + 1, "file_name": name, "width": size, "height": size})
+            annotations.append({"id": index + 1, "image_id": index + 1, "category_id": 1, "keypoints": flat,
+                                "num_keypoints": int(inside.sum()), "iscrowd": 0,
+                                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                                "area": float((x1 - x0) * (y1 - y0))})
+        (folder / "annotations.json").write_text(
+            json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return Path(root)
+

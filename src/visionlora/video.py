@@ -1,0 +1,204 @@
+"""Predict on videos: frames stream from OpenCV in batches (memory does not grow with the
+video's length), and drawn videos are written at the source's frame rate.
+
+Drawn videos are H.264 (``libx264`` from imageio-ffmpeg's bundled ffmpeg), which browsers
+play; without imageio-ffmpeg, OpenCV's MPEG-4 Part 2 (``mp4v``) is written and said so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from visionlora.artifacts import current_umask
+from visionlora.errors import VisionLoraError
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm")
+FRAME_BATCH = 16
+
+Predict = Callable[[list[Image.Image]], list[dict[str, Any]]]
+Draw = Callable[[Image.Image, dict], Image.Image]
+
+
+def is_video(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+@dataclass
+class VideoFacts:
+    path: str
+    fps: float
+    frames: int  # as the container says; counted while reading when it does not
+    width: int
+    height: int
+
+
+def open_video(path: str | Path):
+    """(an OpenCV capture, its facts); an unreadable video or one without frames is a one-line error."""
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise VisionLoraError(f"{path}: no such video file")
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise VisionLoraError(f"{path}: cannot read this video (OpenCV cannot open it: not a video, or damaged)")
+    ok, first = capture.read()
+    if not ok or first is None:
+        capture.release()
+        raise VisionLoraError(f"{path}: the video has no frames that can be decoded")
+    capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+    fps = capture.get(cv2.CAP_PROP_FPS) or 0.0
+    facts = VideoFacts(str(path), fps if fps > 0 else 30.0, int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0),
+                       first.shape[1], first.shape[0])
+    return capture, facts
+
+
+def frames(capture, facts: VideoFacts, every: int = 1, start: float = 0.0,
+           end: float | None = None) -> Iterator[tuple[int, float, Image.Image]]:
+    """(frame index, time in seconds, RGB image) of every ``every``-th frame from ``start`` to ``end`` seconds."""
+    import cv2
+
+    first = int(round(start * facts.fps))
+    if first:
+        capture.set(cv2.CAP_PROP_POS_FRAMES, first)
+    index = first
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            return
+        time = index / facts.fps
+        if end is not None and time > end:
+            return
+        if (index - first) % every == 0:
+            yield index, time, Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+        index += 1
+
+
+class VideoWriter:
+    """Frames in, a video out at ``path`` (written under a temporary name, renamed on close)."""
+
+    def __init__(self, path: Path, fps: float, size: tuple[int, int]):
+        self.path, self.fps, self.size = Path(path), fps, size
+        self._frames: list[np.ndarray] = []
+        self.codec = "h264" if _has_ffmpeg() else "mp4v"
+
+    def write(self, image: Image.Image) -> None:
+        self._frames.append(np.asarray(image.convert("RGB").resize(self.size)))
+        if len(self._frames) >= FRAME_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not hasattr(self, "_sink"):
+            self._open()
+        for frame in self._frames:
+            self._send(frame)
+        self._frames.clear()
+
+    def _open(self) -> None:
+        import tempfile
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile(dir=self.path.parent, prefix=f".{self.path.stem}.", suffix=self.path.suffix,
+                                             delete=False)
+        handle.close()
+        self._temporary = Path(handle.name)
+        if self.codec == "h264":
+            import imageio_ffmpeg
+
+            self._sink = imageio_ffmpeg.write_frames(str(self._temporary), self.size, fps=self.fps, codec="libx264",
+                                                     pix_fmt_out="yuv420p", macro_block_size=2, quality=None,
+                                                     output_params=["-crf", "20"], ffmpeg_log_level="error")
+            self._sink.send(None)
+            self._send = self._sink.send
+        else:
+            import cv2
+
+            self._sink = cv2.VideoWriter(str(self._temporary), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self.size)
+            self._send = lambda frame: self._sink.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+
+    def close(self) -> None:
+        """Finish the file and move it into place."""
+        import os
+
+        self._flush()
+        self._sink.close() if self.codec == "h264" else self._sink.release()
+        os.chmod(self._temporary, 0o666 & ~current_umask())
+        os.replace(self._temporary, self.path)
+
+    def abandon(self) -> None:
+        if hasattr(self, "_temporary"):
+            try:
+                self._sink.close() if self.codec == "h264" else self._sink.release()
+            except Exception:  # noqa: BLE001 - the encoder may already be broken; the file goes anyway
+                pass
+            self._temporary.unlink(missing_ok=True)
+
+
+def _has_ffmpeg() -> bool:
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+        return True
+    except (ImportError, RuntimeError):
+        return False
+
+
+def predict_video(path: str | Path, predict: Predict, draw: Draw, every: int = 1, start: float = 0.0,
+                  end: float | None = None, save_video: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """``{"video", "fps", "frames": [{"frame", "time", ...prediction}]}`` for the chosen frames,
+    predicted FRAME_BATCH at a time; with ``save_video``, each chosen frame drawn."""
+    from tqdm.auto import tqdm
+
+    if every < 1:
+        raise VisionLoraError(f"--every must be 1 or more, not {every}")
+    if start < 0 or (end is not None and end <= start):
+        raise VisionLoraError(f"--start {start} / --end {end}: need 0 <= start < end (seconds)")
+    capture, facts = open_video(path)
+    writer = VideoWriter(save_video, facts.fps / every, (facts.width, facts.height)) if save_video else None
+    last = facts.frames if end is None else min(facts.frames, int(end * facts.fps) + 1)
+    total = max(0, -(-(last - int(round(start * facts.fps))) // every)) if facts.frames else None
+    results: list[dict[str, Any]] = []
+    try:
+        bar = tqdm(total=total, desc=Path(path).name, unit="frame", disable=not progress, leave=False)
+        batch: list[tuple[int, float, Image.Image]] = []
+        for item in frames(capture, facts, every, start, end):
+            batch.append(item)
+            if len(batch) == FRAME_BATCH:
+                results += _predict_batch(batch, predict, draw, writer)
+                bar.update(len(batch))
+                batch = []
+        results += _predict_batch(batch, predict, draw, writer)
+        bar.update(len(batch))
+        bar.close()
+        if not results:
+            raise VisionLoraError(f"{path}: no frames between --start {start} and --end {end}")
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abandon()
+        raise
+    finally:
+        capture.release()
+    answer = {"video": str(path), "fps": facts.fps, "every": every, "frames": results}
+    if writer is not None:
+        answer["drawn_video"] = {"path": str(save_video), "codec": writer.codec, "fps": facts.fps / every}
+    return answer
+
+
+def _predict_batch(batch: Sequence[tuple[int, float, Image.Image]], predict: Predict, draw: Draw,
+                   writer: VideoWriter | None) -> list[dict[str, Any]]:
+    if not batch:
+        return []
+    predictions = predict([image for _, _, image in batch])
+    if writer is not None:
+        for (_, _, image), prediction in zip(batch, predictions):
+            writer.write(draw(image, prediction))
+    return [{"frame": index, "time": round(time, 4), **prediction}
+            for (index, time, _), prediction in zip(batch, predictions)]

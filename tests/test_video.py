@@ -1,0 +1,109 @@
+"""Predict on videos, DeepLabCut tables, and top-down pose with a detector."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import pandas
+import pytest
+from PIL import Image
+
+from visionlora.cli import main
+from visionlora.detector import load_detector
+from visionlora.engine import train
+from visionlora.synthetic import POSE_KEYPOINTS, make_detection_dataset, make_pose_dataset, make_pose_video
+from visionlora.video import open_video
+from tests.conftest import tiny_config
+
+FRAMES = 30
+
+
+@pytest.fixture(scope="module")
+def runs(class_folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("video")
+    frames = make_pose_dataset(root / "pose-data", "dlc", n_train=8, n_val=3)
+    boxes = make_detection_dataset(root / "boxes-data", "coco", n_train=6, n_val=2)
+    return {
+        "pose": train(tiny_config("pose", frames, root / "pose", epochs=1)).paths.root,
+        "detection": train(tiny_config("detection", boxes, root / "det", epochs=1, model="tiny-rtdetr")).paths.root,
+        "classification": train(tiny_config("classification", class_folder, root / "cls", epochs=1)).paths.root,
+        "video": make_pose_video(root / "clip.mp4", frames=FRAMES, fps=10),
+        "root": root,
+    }
+
+
+def _predict(args, capsys):
+    code = main(["predict", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_video_json_has_every_chosen_frame(runs, capsys):
+    code, out, _ = _predict([runs["classification"], runs["video"]], capsys)
+    answer = json.loads(out)
+    assert code == 0 and answer["fps"] == pytest.approx(10) and len(answer["frames"]) == FRAMES
+    assert [f["frame"] for f in answer["frames"]] == list(range(FRAMES)) and "label" in answer["frames"][0]
+    code, out, _ = _predict([runs["classification"], runs["video"], "--every", "3", "--start", "1", "--end", "2"], capsys)
+    frames = json.loads(out)["frames"]
+    assert [f["frame"] for f in frames] == [10, 13, 16, 19] and frames[0]["time"] == pytest.approx(1.0)
+
+
+def test_pose_video_writes_deeplabcut_tables_and_a_drawn_video(runs, tmp_path, capsys):
+    csv_file, h5_file, drawn = tmp_path / "out.csv", tmp_path / "out.h5", tmp_path / "drawn.mp4"
+    code, out, err = _predict([runs["pose"], runs["video"], "--csv", csv_file, "--h5", h5_file,
+                               "--save-video", drawn], capsys)
+    assert code == 0, err
+    table = pandas.read_csv(csv_file, header=[0, 1, 2], index_col=0)
+    assert list(table.columns.names) == ["scorer", "bodyparts", "coords"] and len(table) == FRAMES
+    assert list(dict.fromkeys(table.columns.get_level_values(1))) == POSE_KEYPOINTS
+    assert set(table.columns.get_level_values(2)) == {"x", "y", "likelihood"}
+    frames = json.loads(out)["frames"]
+    first = frames[0]["instances"][0]["keypoints"][0]
+    assert table.iloc[0][("visionlora", "snout", "x")] == pytest.approx(first["x"])
+    pandas.testing.assert_frame_equal(pandas.read_hdf(h5_file, "df_with_missing"), table, check_exact=False)
+    capture, facts = open_video(drawn)
+    capture.release()
+    assert facts.frames == FRAMES and facts.fps == pytest.approx(10)
+    assert "(h264, 10 fps)" in err
+
+
+def test_detector_gives_one_pose_instance_per_box(runs, tmp_path, capsys):
+    csv_file = tmp_path / "multi.csv"
+    code, out, err = _predict([runs["pose"], runs["video"], "--every", "10", "--detector", runs["detection"],
+                               "--detector-threshold", "0.0", "--csv", csv_file], capsys)
+    assert code == 0, err
+    frames = json.loads(out)["frames"]
+    finder = load_detector(str(runs["detection"]), threshold=0.0)
+    capture, facts = open_video(runs["video"])
+    for frame in frames:
+        capture.set(cv2.CAP_PROP_POS_FRAMES, frame["frame"])
+        image = cv2.cvtColor(capture.read()[1], cv2.COLOR_BGR2RGB)
+        boxes = finder.boxes([Image.fromarray(image)])[0]
+        assert len(frame["instances"]) == len(boxes)
+        for instance, box in zip(frame["instances"], boxes):
+            assert instance["box"] == pytest.approx(box, abs=0.01)
+    capture.release()
+    assert max(len(f["instances"]) for f in frames) > 1
+    table = pandas.read_csv(csv_file, header=[0, 1, 2, 3], index_col=0)
+    assert table.columns.names[1] == "individuals" and table.columns.get_level_values(1)[0] == "individual1"
+
+
+def test_bad_video_inputs_are_one_line(runs, tmp_path, capsys):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00\x01 not a video" * 100)
+    empty = tmp_path / "empty.mp4"
+    writer = cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*"mp4v"), 10, (32, 32))
+    writer.release()
+    cases = [
+        ([runs["pose"], broken], f"{broken}: cannot read this video"),
+        ([runs["pose"], empty], f"{empty}: "),
+        ([runs["pose"], runs["video"], "--detector", runs["classification"]], "not a detection model (it is a classification run)"),
+        ([runs["classification"], runs["video"], "--csv", tmp_path / "x.csv"], "--csv is a pose option"),
+        ([runs["classification"], runs["video"], "--detector", runs["detection"]], "--detector is for pose runs"),
+        ([runs["pose"], runs["video"], "--every", "0"], "--every must be 1 or more"),
+    ]
+    for args, message in cases:
+        code, out, err = _predict(args, capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert not list(tmp_path.glob(".*"))  # no half-written outputs
