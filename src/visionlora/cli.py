@@ -127,6 +127,7 @@ def _predict_parser(commands, common, help_text: str) -> None:
     detector.add_argument("--detector-threshold", type=float, default=0.5, metavar="SCORE",
                           help="keep detections scoring at least this (default 0.5)")
     detector.add_argument("--detector-label", metavar="LABEL", help="keep only detections of this label")
+    detector.add_argument("--max-instances", type=int, metavar="N", help="keep the N highest-scoring boxes per image")
     seen: set[str] = set()
     for name in task_names():
         task = get_task(name)
@@ -276,7 +277,7 @@ def _cmd_predict(args) -> int:
 
         if run.info.task != "pose":
             raise VisionLoraError(f"--detector is for pose runs; {run.paths.root} is a {run.info.task} run")
-        finder = load_detector(args.detector, args.detector_threshold, args.detector_label, **loading)
+        finder = load_detector(args.detector, args.detector_threshold, args.detector_label, args.max_instances, **loading)
     videos = [item for item in args.images if is_video(item)]
     if videos:
         return _predict_videos(args, run, videos, options, outputs, finder)

@@ -15,29 +15,35 @@ from visionlora.inference import LoadedRun, load_run
 
 @dataclass
 class BoxFinder:
-    """The boxes a detection model finds, above ``threshold`` and of ``label`` when given."""
+    """The boxes a detection model finds, above ``threshold``, of ``label`` when given, and at
+    most ``max_instances`` of them (the highest scoring) when given."""
 
     detector: LoadedRun
     threshold: float = 0.5
     label: str | None = None
+    max_instances: int | None = None
 
     def boxes(self, images: Sequence[Image.Image]) -> list[list[list[float]]]:
         found = self.detector.predict(list(images), threshold=self.threshold)
-        return [[box["box"] for box in prediction["boxes"] if self.label is None or box["label"] == self.label]
-                for prediction in found]
+        kept = [sorted((box for box in prediction["boxes"] if self.label is None or box["label"] == self.label),
+                       key=lambda box: -box["score"])[: self.max_instances] for prediction in found]
+        return [[box["box"] for box in boxes] for boxes in kept]
 
 
-def load_detector(ref: str, threshold: float = 0.5, label: str | None = None, **loading: Any) -> BoxFinder:
+def load_detector(ref: str, threshold: float = 0.5, label: str | None = None, max_instances: int | None = None,
+                  **loading: Any) -> BoxFinder:
     """A :class:`BoxFinder` over a visionlora detection run or export, or a hub detector."""
     if not 0.0 <= threshold <= 1.0:
         raise VisionLoraError(f"--detector-threshold must be between 0 and 1, not {threshold:g}")
+    if max_instances is not None and max_instances < 1:
+        raise VisionLoraError(f"--max-instances must be 1 or more, not {max_instances}")
     detector = load_run(ref, **loading) if Path(ref).exists() else hub_detector(ref, **loading)
     if detector.info.task != "detection":
         raise VisionLoraError(f"--detector {ref}: not a detection model (it is a {detector.info.task} run)")
     if label is not None and label not in detector.info.labels:
         known = ", ".join(detector.info.labels[:20])
         raise VisionLoraError(f"--detector-label {label}: {ref} finds no such label (it finds: {known})")
-    return BoxFinder(detector, threshold, label)
+    return BoxFinder(detector, threshold, label, max_instances)
 
 
 def hub_detector(ref: str, allow_pickle: bool = False, trust_remote_code: bool = False, **_: Any) -> LoadedRun:
