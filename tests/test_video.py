@@ -107,3 +107,31 @@ def test_bad_video_inputs_are_one_line(runs, tmp_path, capsys):
         code, out, err = _predict(args, capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
     assert not list(tmp_path.glob(".*"))  # no half-written outputs
+
+
+def test_a_merged_export_or_a_hub_detector_finds_the_boxes(runs, tmp_path, capsys):
+    """--detector takes a merged export, and a hub id loaded through the Hugging Face cache."""
+    import os
+    import subprocess
+    import sys
+
+    from visionlora.builtin_models import tiny_rtdetr
+    from visionlora.export import export_run
+    from tests.conftest import fill_hub_cache
+
+    frame = next((runs["root"] / "pose-data" / "labeled-data").rglob("*.png"))
+    merged = tmp_path / "merged-detector"
+    export_run(runs["detection"], merged, "merged")
+    code, out, err = _predict([runs["pose"], frame, "--detector", merged, "--detector-threshold", "0.0",
+                               "--max-instances", "3"], capsys)
+    assert code == 0, err
+    assert len(json.loads(out)[0]["instances"]) == 3
+
+    home = tmp_path / "hf_home"
+    fill_hub_cache(home, "acme/box-detector", *tiny_rtdetr(["animal", "other"], 64))
+    completed = subprocess.run(
+        [sys.executable, "-m", "visionlora", "predict", str(runs["pose"]), str(frame), "--detector", "acme/box-detector",
+         "--detector-threshold", "0.0", "--detector-label", "animal", "--max-instances", "2"],
+        capture_output=True, text=True, env={**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert len(json.loads(completed.stdout)[0]["instances"]) == 2

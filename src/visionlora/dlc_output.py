@@ -3,9 +3,9 @@
 One row per image or video frame. Columns are ``(scorer, bodyparts, coords)`` with coords
 ``x``, ``y``, ``likelihood``; with more than one instance in a frame, DeepLabCut's
 multi-animal layout ``(scorer, individuals, bodyparts, coords)``. Instances are named
-``individual1``, ``individual2``... in the order they were found (detection order, or the
-tracker's identities when ``--track`` is given): without tracking, the same name in two
-frames need not be the same animal.
+``individual1``, ``individual2``... in the order they were found in each frame (the
+detector's order): there is no tracking, so the same name in two frames need not be the
+same animal.
 """
 
 from __future__ import annotations

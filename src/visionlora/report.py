@@ -22,7 +22,7 @@ h1 { font-size: 1.5rem; } h2 { font-size: 1.15rem; margin-top: 2rem; border-bott
 table { border-collapse: collapse; margin: 0.5rem 0; font-size: 0.9rem; }
 td, th { border: 1px solid #ddd; padding: 0.25rem 0.6rem; text-align: left; }
 th { background: #f4f4f4; } td.number { text-align: right; font-variant-numeric: tabular-nums; }
-figure { margin: 1rem 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figure { margin: 1rem 0; } figure img { max-width: min(100%, 900px); border: 1px solid #eee; }
 figcaption { font-size: 0.85rem; color: #555; } .headline { font-size: 1.3rem; font-weight: bold; }
 """
 
