@@ -27,9 +27,9 @@ from visionlora.engine import train
 # (corpus maker, corpus description, built-in, epochs, batch size, learning rate), per task.
 PLANS = {
     "classification": dict(
-        builtin="tiny", epochs=120, batch_size=128, lr=2e-3, per_item=(300, 30), augment=False,
+        builtin="tiny", epochs=80, batch_size=128, lr=2e-3, per_item=(600, 30),
         describe=lambda n: f"{len(procedural.pretraining_classes())} classes (12 shapes x 3 textures), "
-                           f"{n[0]} train / {n[1]} val images each, 40 px",
+                           f"{n[0]} train / {n[1]} val images each, 40 px, shapes upright within 17 degrees",
         make=lambda root, n, seed: procedural.write_shape_folder(root, procedural.pretraining_classes(), *n, seed=seed),
     ),
     "detection": dict(
