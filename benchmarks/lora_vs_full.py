@@ -7,7 +7,8 @@
 For each target, 3 training-set sizes x 3 seeds x {LoRA, full} on the ``*-pretrained`` twin
 and full training of the random ``tiny`` ("scratch"); on the classification targets also
 DoRA, LoHa, LoKr and OFT. Targets are kept out of the pretraining corpus: new shapes
-(``procedural.TARGET_SHAPES``), a new skeleton (the four-keypoint animal), and the real sets
+(``procedural.TARGET_SHAPES``, solid), new object classes in scenes (the same shapes), a new
+skeleton (the four-keypoint animal), and the real sets
 in ``../shared/datasets`` when present. ``sweep`` measures LoRA rank, alpha and learning rate.
 
 Each run is its own process (its own peak memory). Prints tables and writes ``results.json``,
@@ -55,7 +56,8 @@ def _generated(kind: str):
         full = work / f"{kind}-full"
         if not full.exists():
             if kind == "shapes":
-                procedural.write_shape_folder(full, procedural.TARGET_SHAPES, 100, 40, seed=100)
+                solid = [f"{shape}/solid" for shape in procedural.TARGET_SHAPES]
+                procedural.write_shape_folder(full, solid, 100, 40, seed=100)
             elif kind == "scenes":
                 procedural.write_shape_scenes(full, procedural.TARGET_SHAPES, 200, 60, seed=100)
             else:
@@ -78,7 +80,16 @@ def _subset_class_folders(source: Path, target: Path, per_class: int | None, see
         random.Random(seed).shuffle(files)
         (target / folder.name).mkdir(parents=True)
         for file in files[:per_class]:
-            (target / folder.name / file.name).symlink_to(file.resolve())
+            _place(file, target / folder.name / file.name)
+
+
+def _place(source: Path, target: Path) -> None:
+    """A hard link to ``source`` (a copy across file systems): readers refuse links leading
+    outside a dataset folder, and subsets must not copy what they need not."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _subset_coco(source: Path, target: Path, count: int | None, seed: int) -> None:
@@ -92,7 +103,7 @@ def _subset_coco(source: Path, target: Path, count: int | None, seed: int) -> No
     shutil.rmtree(target, ignore_errors=True)
     (target / "images").mkdir(parents=True)
     for image in kept:
-        (target / "images" / image["file_name"]).symlink_to((source / "images" / image["file_name"]).resolve())
+        _place(source / "images" / image["file_name"], target / "images" / image["file_name"])
     subset = {**data, "images": kept, "annotations": [a for a in data["annotations"] if a["image_id"] in ids]}
     (target / "annotations.json").write_text(json.dumps(subset))
 
@@ -119,9 +130,9 @@ def _raccoon(work: Path, size: int | None, seed: int) -> tuple[Path, Path]:
         for sub in ("images", "annotations"):
             (folder / sub).mkdir(parents=True)
         for name in names:
-            (folder / "images" / name).symlink_to(root / "images" / name)
+            _place(root / "images" / name, folder / "images" / name)
             xml = root / "annotations" / (Path(name).stem + ".xml")
-            (folder / "annotations" / xml.name).symlink_to(xml)
+            _place(xml, folder / "annotations" / xml.name)
     return tuple(parts)
 
 
@@ -145,7 +156,7 @@ def _openfield(work: Path, size: int | None, seed: int) -> tuple[Path, Path]:
         (frames / csv_file.name).write_text("\n".join(header + kept) + "\n")
         for row in kept:
             relative = row.split(",", 1)[0]
-            (folder / relative).symlink_to(root / relative)
+            _place(root / relative, folder / relative)
     return tuple(parts)
 
 
