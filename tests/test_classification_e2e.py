@@ -185,3 +185,5 @@ def test_the_model_card_is_real_and_its_numbers_are_the_summarys(trained_runs, m
     for label in result.info.labels:
         assert f"`{label}`" in text
     assert f"accuracy: {result.summary['metrics']['accuracy']:.4f}" in text
+    if mode == "lora":  # the snippet loads a built-in base from where the run saved it
+        assert f'from_pretrained("{result.summary["run_dir"]}/base_model", num_labels=' in text

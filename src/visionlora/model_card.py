@@ -6,6 +6,7 @@ from typing import Any
 
 import yaml
 
+from visionlora.builtin_models import is_builtin
 from visionlora.tasks.base import ModelInfo, Task
 
 AUTO_CLASSES = {"classification": "AutoModelForImageClassification", "detection": "AutoModelForObjectDetection",
@@ -135,10 +136,16 @@ def _load_snippet(task: Task, info: ModelInfo, summary: dict[str, Any], lora: bo
     lines = [f"from transformers import AutoImageProcessor, {auto}"]
     if lora:
         lines += ["from peft import PeftModel", "",
-                  f'base = {auto}.from_pretrained("{summary["base_model"]}", num_labels={len(info.labels)}, '
+                  f'base = {auto}.from_pretrained("{_base_location(summary)}", num_labels={len(info.labels)}, '
                   "ignore_mismatched_sizes=True)",
                   f'model = PeftModel.from_pretrained(base, "{folder}").eval()']
     else:
         lines += ["", f'model = {auto}.from_pretrained("{folder}").eval()']
     lines.append(f'processor = AutoImageProcessor.from_pretrained("{folder}")')
     return lines
+
+
+def _base_location(summary: dict[str, Any]) -> str:
+    """Where plain transformers finds the base: a built-in base is saved in the run's ``base_model/``."""
+    base = summary["base_model"]
+    return f"{summary['run_dir']}/base_model" if is_builtin(base) else base
