@@ -187,3 +187,7 @@ def test_the_model_card_is_real_and_its_numbers_are_the_summarys(trained_runs, m
     assert f"accuracy: {result.summary['metrics']['accuracy']:.4f}" in text
     if mode == "lora":  # the snippet loads a built-in base from where the run saved it
         assert f'from_pretrained("{result.summary["run_dir"]}/base_model", num_labels=' in text
+    snippet = text.split("With transformers")[1].split("```python")[1].split("```")[0]
+    namespace: dict = {}
+    exec(compile(snippet, "model card snippet", "exec"), namespace)  # runs as written
+    assert namespace["model"].config.num_labels == len(result.info.labels) and namespace["processor"] is not None

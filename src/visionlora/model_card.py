@@ -126,7 +126,7 @@ def _body(task: Task, info: ModelInfo, summary: dict[str, Any], lora: bool, expo
 def _load_snippet(task: Task, info: ModelInfo, summary: dict[str, Any], lora: bool, export: str | None,
                   folder: str | None) -> list[str]:
     auto = AUTO_CLASSES.get(task.name, "AutoModel")
-    folder = folder or ("trained_model_lora" if lora else "trained_model")
+    folder = folder or f"{summary['run_dir']}/{'trained_model_lora' if lora else 'trained_model'}"
     if export == "onnx":
         return ["import onnxruntime", "from PIL import Image", "from transformers import AutoImageProcessor", "",
                 f'session = onnxruntime.InferenceSession("{folder}/model.onnx")',
