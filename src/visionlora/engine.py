@@ -12,7 +12,6 @@ before every checkpoint and at every epoch's end, so no checkpoint holds diverge
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import shutil
 import time
@@ -169,7 +168,6 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
         if cfg.mode == "lora" and is_builtin(cfg.model):
             model.peft_config["default"].base_model_name_or_path = str(paths.base_dir.resolve())
         save_model(model, processor, info.to_dict(), paths.model_dir)
-        paths.results_dir.mkdir(parents=True, exist_ok=True)
         write_diagnostics(task, model, processor, data.val, source.val, info, paths, cfg.batch_size)
         summary = write_results(paths, task, info, facts, loop.state, loop.early_stopped)
         shutil.rmtree(paths.checkpoint_dir, ignore_errors=True)
