@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from visionlora.builtin_models import PRETRAINED_DIR, known_builtins
 from visionlora.cli import main

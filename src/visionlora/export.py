@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from visionlora.artifacts import INFO_FILE, RunPaths, atomic_dir, atomic_write_bytes, atomic_write_json, read_json
+from visionlora.artifacts import INFO_FILE, atomic_dir, atomic_write_bytes, atomic_write_json, read_json
 from visionlora.data.images import UnreadableImage, load_rgb
 from visionlora.data.records import image_source
 from visionlora.errors import VisionLoraError
