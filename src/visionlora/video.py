@@ -7,6 +7,7 @@ play; without imageio-ffmpeg, OpenCV's MPEG-4 Part 2 (``mp4v``) is written and s
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -114,26 +115,25 @@ class VideoWriter:
                                                      pix_fmt_out="yuv420p", macro_block_size=2, quality=None,
                                                      output_params=["-crf", "20"], ffmpeg_log_level="error")
             self._sink.send(None)
-            self._send = self._sink.send
+            self._send, self._finish = self._sink.send, self._sink.close
         else:
             import cv2
 
             self._sink = cv2.VideoWriter(str(self._temporary), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self.size)
             self._send = lambda frame: self._sink.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+            self._finish = self._sink.release
 
     def close(self) -> None:
         """Finish the file and move it into place."""
-        import os
-
         self._flush()
-        self._sink.close() if self.codec == "h264" else self._sink.release()
+        self._finish()
         os.chmod(self._temporary, 0o666 & ~current_umask())
         os.replace(self._temporary, self.path)
 
     def abandon(self) -> None:
         if hasattr(self, "_temporary"):
             try:
-                self._sink.close() if self.codec == "h264" else self._sink.release()
+                self._finish()
             except Exception:  # noqa: BLE001 - the encoder may already be broken; the file goes anyway
                 pass
             self._temporary.unlink(missing_ok=True)
