@@ -5,37 +5,23 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
 from PIL import Image, ImageDraw
 
 from visionlora.artifacts import RunPaths, atomic_write_bytes, rows_csv
 from visionlora.data.images import UnreadableImage, load_rgb
 from visionlora.data.records import image_source
 from visionlora.outputs import png_bytes
-from visionlora.tasks.base import ModelInfo, Task
+from visionlora.tasks.base import Evaluation, ModelInfo, Task
 
 GRID_IMAGES = 16
 TILE = 256  # pixels of the longer side of each drawn image
 
 
-@torch.inference_mode()
-def validation_outputs(task: Task, model, processor, dataset, info: ModelInfo, batch_size: int):
-    """(indices, outputs) of ``eval_step`` over ``dataset``, in this process."""
-    model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=task.collate)
-    indices, outputs = [], []
-    for batch in loader:
-        _, found = task.eval_step(model, batch, processor, info)
-        indices += batch["index"].tolist()
-        outputs += found
-    return indices, outputs
-
-
 def write_diagnostics(task: Task, model, processor, dataset, records: Sequence[Any], info: ModelInfo,
-                      paths: RunPaths, batch_size: int) -> list[str]:
-    """Write per_class.csv, the task's plots and predictions.png; return the file names written."""
-    indices, outputs = validation_outputs(task, model, processor, dataset, info, batch_size)
-    found = task.diagnostics(dataset, indices, outputs, info)
+                      paths: RunPaths, evaluation: Evaluation) -> list[str]:
+    """Write per_class.csv, the task's plots (from ``evaluation``, the final pass over
+    ``dataset``) and predictions.png; return the file names written."""
+    found = task.diagnostics(dataset, evaluation.indices, evaluation.outputs, info)
     written = []
     if found.per_class:
         atomic_write_bytes(paths.per_class, rows_csv(found.per_class).encode())

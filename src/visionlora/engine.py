@@ -36,7 +36,7 @@ from visionlora.runtime import new_accelerator, resolve_precision, return_freed_
 from visionlora.sampling import EpochWeightedSampler
 from visionlora.summary import RunFacts, write_results
 from visionlora.tasks import get_task
-from visionlora.tasks.base import Datasets, ModelInfo, Task
+from visionlora.tasks.base import Datasets, Evaluation, ModelInfo, Task
 from visionlora.tracking import parse_report_to
 
 PROGRESS_EVERY = 10  # batches between progress-bar loss updates (each one reads the loss from the device)
@@ -158,7 +158,8 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
     loop.run()
     model = accelerator.unwrap_model(loop.model, keep_fp32_wrapper=False)  # predictions and files in fp32
     _restore_frozen_weights(model, frozen_file)
-    facts.final_metrics = loop.final_metrics(model)
+    final = loop.final_evaluation(model)
+    facts.final_metrics = final.metrics
     facts.test_metrics = loop.test_metrics(model)
     facts.base_revision = info.base_revision
 
@@ -168,7 +169,7 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
         if cfg.mode == "lora" and is_builtin(cfg.model):
             model.peft_config["default"].base_model_name_or_path = str(paths.base_dir.resolve())
         save_model(model, processor, info.to_dict(), paths.model_dir)
-        write_diagnostics(task, model, processor, data.val, source.val, info, paths, cfg.batch_size)
+        write_diagnostics(task, model, processor, data.val, source.val, info, paths, final)
         summary = write_results(paths, task, info, facts, loop.state, loop.early_stopped)
         shutil.rmtree(paths.checkpoint_dir, ignore_errors=True)
         accelerator.print(f"saved {paths.model_dir} and {paths.results_dir}")
@@ -368,11 +369,10 @@ class TrainingLoop:
             self.best_state = self._trained_weights()
         return better
 
-    def final_metrics(self, model) -> dict[str, Any]:
-        """The best weights' validation metrics in fp32 (what ``evaluate`` and ``predict`` reproduce)."""
-        if self.accelerator.mixed_precision == "no":
-            return self.state.best_metrics
-        return self.task.evaluate(model, self.processor, self.val_loader, self.accelerator, self.info)
+    def final_evaluation(self, model) -> Evaluation:
+        """The best weights' validation pass in fp32 (what ``evaluate`` and ``predict`` reproduce);
+        its outputs feed the diagnostics too."""
+        return self.task.evaluate_outputs(model, self.processor, self.val_loader, self.accelerator, self.info)
 
     def test_metrics(self, model) -> dict[str, Any] | None:
         """The best weights' metrics on the held-out test part, in fp32: one pass, at the end."""

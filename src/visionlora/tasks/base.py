@@ -95,6 +95,15 @@ class ModelInfo:
 
 
 @dataclass
+class Evaluation:
+    """Metrics of one pass over a dataset, and the outputs (``eval_step``'s) behind them."""
+
+    metrics: dict[str, Any]
+    indices: list[int]  # dataset indices, in order
+    outputs: list[Any]
+
+
+@dataclass
 class Diagnostics:
     """What the best epoch's validation outputs show: rows for ``per_class.csv`` and plots
     (file name -> PNG bytes)."""
@@ -320,9 +329,13 @@ class Task:
         """Metrics of the outputs for the dataset items ``indices``, in that order (hook)."""
         raise NotImplementedError
 
-    @torch.inference_mode()
     def evaluate(self, model, processor, loader, accelerator, info: ModelInfo) -> dict[str, Any]:
         """Metrics over ``loader``, gathered across processes by dataset index, with ``loss``."""
+        return self.evaluate_outputs(model, processor, loader, accelerator, info).metrics
+
+    @torch.inference_mode()
+    def evaluate_outputs(self, model, processor, loader, accelerator, info: ModelInfo) -> Evaluation:
+        """``evaluate``'s metrics with the outputs behind them, in dataset order, in every process."""
         model.eval()
         found: dict[int, tuple[Any, float]] = {}
         for batch in loader:
@@ -331,9 +344,10 @@ class Task:
             for index, output, batch_loss in accelerator.gather_for_metrics(rows, use_gather_object=True):
                 found[index] = (output, batch_loss)
         indices = sorted(found)
+        outputs = [found[i][0] for i in indices]
         metrics = {"loss": sum(found[i][1] for i in indices) / max(len(indices), 1)}
-        metrics.update(self.metrics(dataset_behind(loader), indices, [found[i][0] for i in indices], info))
-        return metrics
+        metrics.update(self.metrics(dataset_behind(loader), indices, outputs, info))
+        return Evaluation(metrics, indices, outputs)
 
     def diagnostics(self, dataset, indices: list[int], outputs: list[Any], info: ModelInfo) -> Diagnostics:
         """Per-class rows and plots of validation outputs, as ``metrics`` gets them (hook)."""
