@@ -2,14 +2,16 @@
 
     python benchmarks/lora_vs_full.py --quick          # smoke subset: minutes
     python benchmarks/lora_vs_full.py                  # everything: a few CPU hours
-    python benchmarks/lora_vs_full.py --only shapes --only sweep
+    python benchmarks/lora_vs_full.py --only shapes --only sweep --sweep-on hymenoptera
+    python benchmarks/lora_vs_full.py --combine OUT1 OUT2 --output OUT   # one report of parts
 
 For each target, 3 training-set sizes x 3 seeds x {LoRA, full} on the ``*-pretrained`` twin
 and full training of the random ``tiny`` ("scratch"); on the classification targets also
 DoRA, LoHa, LoKr and OFT. Targets are kept out of the pretraining corpus: new shapes
 (``procedural.TARGET_SHAPES``, solid), new object classes in scenes (the same shapes), a new
 skeleton (the four-keypoint animal), and the real sets
-in ``../shared/datasets`` when present. ``sweep`` measures LoRA rank, alpha and learning rate.
+in ``../shared/datasets`` when present. ``sweep`` measures LoRA rank, alpha and learning rate
+on the ``--sweep-on`` targets (default ``shapes``).
 
 Each run is its own process (its own peak memory). Prints tables and writes ``results.json``,
 ``table.md`` and ``metric_vs_images.png`` under ``--output``.
@@ -35,6 +37,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 TARGET_STEPS = 300  # optimizer steps per run at least; small sets get more epochs
 LEARNING_RATES = {"lora": 1e-3, "full": 2e-4, "scratch": 1e-3}
 OTHER_METHODS = ("dora", "loha", "lokr", "oft")
+SWEEP_SIZES = {"shapes": 20, "hymenoptera": 20, "scenes": 50, "animal": 50}  # training size swept at
 
 
 @dataclass(frozen=True)
@@ -213,7 +216,7 @@ def run_one(work: Path, target_name: str, size: int | None, seed: int, arm: str,
     steps_per_epoch = max(1, math.ceil(items / config["batch_size"]))
     config["epochs"] = min(150, max(15, math.ceil(TARGET_STEPS / steps_per_epoch)))
     spec = {"train": str(train_data), "val": str(val_data), "config": config,
-            "output": str(work / "runs" / f"{target_name}-{size}-{seed}-{arm}"), "train_metric": not target.real}
+            "output": str(work / "runs" / f"{target_name}-{size}-{seed}-{arm}"), "train_metric": True}
     row = run_isolated(__file__, [json.dumps(spec)], timeout=3600)
     row.update(target=target_name, task=target.task, size=size if size is not None else "all", seed=seed, arm=arm,
                **{k: v for k, v in (extra or {}).items()})
@@ -287,7 +290,10 @@ def main() -> None:
     parser.add_argument("--worker", nargs=argparse.REMAINDER)
     parser.add_argument("--quick", action="store_true", help="one small size, one seed, LoRA/full/scratch")
     parser.add_argument("--only", action="append", choices=[*TARGETS, "sweep"], help="this target only (repeatable)")
+    parser.add_argument("--sweep-on", action="append", choices=list(SWEEP_SIZES),
+                        help="targets of the sweep (repeatable; default shapes)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--combine", nargs="+", metavar="DIR", help="report the results.json of earlier outputs as one")
     parser.add_argument("--output", default="runs/bench-lora-vs-full")
     args = parser.parse_args()
     if args.worker is not None:
@@ -295,6 +301,9 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
+    if args.combine:
+        return write_reports([row for part in args.combine
+                              for row in json.loads((Path(part) / "results.json").read_text())], output)
     seeds = [0] if args.quick else list(range(args.seeds))
     chosen = args.only or [*TARGETS, "sweep"]
     rows: list[dict] = []
@@ -310,22 +319,27 @@ def main() -> None:
                 for arm in arms:
                     rows.append(run_one(output, name, size, seed, arm))
     if "sweep" in chosen:
-        rows += sweep(output, seeds, args.quick)
+        for name in args.sweep_on or ["shapes"]:
+            if TARGETS[name].real and not SHARED.exists():
+                print(f"sweep on {name}: skipped ({SHARED} is not here)")
+                continue
+            rows += sweep(output, name, seeds, args.quick)
     write_reports(rows, output)
 
 
-def sweep(output: Path, seeds: list[int], quick: bool) -> list[dict]:
-    """LoRA rank x alpha, then learning rate, on the shapes target at 20 images per class."""
-    rows = []
+def sweep(output: Path, target: str, seeds: list[int], quick: bool) -> list[dict]:
+    """LoRA rank x alpha (lr 5e-4), then learning rate (r 16, alpha 32), on one target at its
+    ``SWEEP_SIZES`` training size."""
+    size, rows = SWEEP_SIZES[target], []
     ranks = (4, 16) if quick else (4, 8, 16, 32)
     for r in ranks:
         for alpha in (r, 2 * r):
             for seed in seeds:
-                rows.append({**run_one(output, "shapes", 20, seed, "lora",
+                rows.append({**run_one(output, target, size, seed, "lora",
                                        {"lora_r": r, "lora_alpha": alpha, "lr": 5e-4}), "sweep": "rank"})
     for lr in ((1e-4, 1e-3) if quick else (1e-4, 2e-4, 5e-4, 1e-3)):
         for seed in seeds:
-            rows.append({**run_one(output, "shapes", 20, seed, "lora", {"lora_r": 16, "lora_alpha": 32, "lr": lr}),
+            rows.append({**run_one(output, target, size, seed, "lora", {"lora_r": 16, "lora_alpha": 32, "lr": lr}),
                          "sweep": "lr"})
     return rows
 
@@ -337,11 +351,13 @@ def write_reports(rows: list[dict], output: Path) -> None:
     text = []
     if main_rows:
         text.append(table(aggregate(main_rows, ("target", "size", "arm")), columns))
-    for kind, keys in (("rank", ("lora_r", "lora_alpha", "lr")), ("lr", ("lora_r", "lora_alpha", "lr"))):
+    keys = ("target", "size", "lora_r", "lora_alpha", "lr")
+    for kind in ("rank", "lr"):
         chosen = [r for r in rows if r.get("sweep") == kind]
         if chosen:
-            text.append(f"LoRA sweep ({kind}) on shapes, 20 images per class")
-            text.append(table(aggregate(chosen, keys), [*keys, "metric", "train-val gap", "trainable %", "saved KB", "seeds"]))
+            text.append(f"LoRA sweep ({kind})")
+            text.append(table(aggregate(chosen, keys), [*keys, "main_metric", "metric", "train-val gap",
+                                                         "trainable %", "saved KB", "seeds"]))
     print("\n\n".join(text))
     (output / "results.json").write_text(json.dumps(rows, indent=1))
     (output / "table.md").write_text("\n\n".join(text) + "\n")
