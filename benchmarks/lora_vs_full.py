@@ -248,7 +248,7 @@ def aggregate(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
         line["metric"] = f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0:.3f}"
         line["main_metric"] = members[0]["main_metric"]
         if "train_metric" in members[0]:
-            gaps = [m["train_metric"] - m["metric"] for m in members]
+            gaps = [_gap(m) for m in members]
             line["train-val gap"] = f"{statistics.mean(gaps):+.3f}"
         line["trainable %"] = members[0]["trainable_percent"]
         line["saved KB"] = round(members[0]["saved_bytes"] / 1024)
@@ -257,6 +257,15 @@ def aggregate(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
         line["seeds"] = len(members)
         out.append(line)
     return out
+
+
+def _gap(row: dict) -> float:
+    """How much better the training set scores than validation (positive: it fits its
+    training images better than it generalises), whichever way the metric points."""
+    from visionlora.tasks import get_task
+
+    difference = row["train_metric"] - row["metric"]
+    return difference if get_task(row["task"]).greater_is_better else -difference
 
 
 def plot(rows: list[dict], output: Path) -> None:
