@@ -353,12 +353,25 @@ def sweep(output: Path, target: str, seeds: list[int], quick: bool) -> list[dict
     return rows
 
 
+def side_by_side(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """One line per target and size, a column per arm: the comparison at a glance."""
+    arms = [arm for arm in ("lora", "full", "scratch", *OTHER_METHODS) if any(r["arm"] == arm for r in rows)]
+    lines: dict[tuple, dict] = {}
+    for line in aggregate(rows, ("target", "size", "arm")):
+        merged = lines.setdefault((line["target"], line["size"]), {"target": line["target"], "size": line["size"],
+                                                                   "metric": line["main_metric"]})
+        merged[line["arm"]] = line["metric"]
+    return list(lines.values()), ["target", "size", "metric", *arms]
+
+
 def write_reports(rows: list[dict], output: Path) -> None:
     main_rows = [r for r in rows if "sweep" not in r]
     columns = ["target", "size", "arm", "main_metric", "metric", "train-val gap", "trainable %", "saved KB", "s/step",
                "peak MB", "seeds"]
     text = []
     if main_rows:
+        text.append("LoRA, full and scratch side by side (main metric, mean ± sd over seeds)")
+        text.append(table(*side_by_side(main_rows)))
         text.append(table(aggregate(main_rows, ("target", "size", "arm")), columns))
     keys = ("target", "size", "lora_r", "lora_alpha", "lr")
     for kind in ("rank", "lr"):
