@@ -274,9 +274,16 @@ def plot(rows: list[dict], output: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from visionlora.tasks import get_task
+
     targets = sorted({r["target"] for r in rows if r.get("arm") in ("lora", "full", "scratch") and "sweep" not in r})
-    fig, axes = plt.subplots(1, max(1, len(targets)), figsize=(4 * max(1, len(targets)), 3.4), squeeze=False)
-    for axis, target in zip(axes[0], targets):
+    columns = min(3, max(1, len(targets)))
+    rows_of_plots = max(1, math.ceil(len(targets) / columns))
+    fig, axes = plt.subplots(rows_of_plots, columns, figsize=(4.2 * columns, 3.4 * rows_of_plots), squeeze=False)
+    for axis in axes.flat[len(targets):]:
+        axis.set_visible(False)
+    for axis, target in zip(axes.flat, targets):
+        sizes = set()
         for arm in ("lora", "full", "scratch", *OTHER_METHODS):
             points: dict[int, list[float]] = {}
             for r in rows:
@@ -284,10 +291,15 @@ def plot(rows: list[dict], output: Path) -> None:
                     points.setdefault(r["train_images"], []).append(r["metric"])
             if points:
                 xs = sorted(points)
+                sizes.update(xs)
                 axis.errorbar(xs, [statistics.mean(points[x]) for x in xs],
                               yerr=[statistics.pstdev(points[x]) for x in xs], marker="o", capsize=3, label=arm)
-        metric = next(r["main_metric"] for r in rows if r["target"] == target)
-        axis.set(xscale="log", xlabel="training images", ylabel=metric.replace("_", " "), title=target)
+        row = next(r for r in rows if r["target"] == target)
+        better = "higher" if get_task(row["task"]).greater_is_better else "lower"
+        axis.set(xscale="log", xlabel="training images", title=target,
+                 ylabel=f"{row['main_metric'].replace('_', ' ')} ({better} is better)")
+        axis.set_xticks(sorted(sizes), [str(size) for size in sorted(sizes)])
+        axis.minorticks_off()
         axis.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(output, dpi=150)
