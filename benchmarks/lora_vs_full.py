@@ -38,6 +38,12 @@ TARGET_STEPS = 300  # optimizer steps per run at least; small sets get more epoc
 LEARNING_RATES = {"lora": 1e-3, "full": 2e-4, "scratch": 1e-3}
 OTHER_METHODS = ("dora", "loha", "lokr", "oft")
 SWEEP_SIZES = {"shapes": 20, "hymenoptera": 20, "scenes": 50, "animal": 50}  # training size swept at
+DETECTION_TARGET_SETS = {  # which layers LoRA adapts, from the preset's to every layer
+    "q,v (preset)": ["q_proj", "v_proj"],
+    "all attention + FFN": ["q_proj", "k_proj", "v_proj", "o_proj", "value_proj", "output_proj", "fc1", "fc2"],
+    "+ backbone convs": ["q_proj", "k_proj", "v_proj", "o_proj", "value_proj", "output_proj", "fc1", "fc2",
+                         "convolution"],
+}
 
 
 @dataclass(frozen=True)
@@ -350,7 +356,7 @@ def main() -> None:
 
 def sweep(output: Path, target: str, seeds: list[int], quick: bool) -> list[dict]:
     """LoRA rank x alpha (lr 5e-4), then learning rate (r 16, alpha 32), on one target at its
-    ``SWEEP_SIZES`` training size."""
+    ``SWEEP_SIZES`` training size; on detection also which layers are adapted."""
     size, rows = SWEEP_SIZES[target], []
     ranks = (4, 16) if quick else (4, 8, 16, 32)
     for r in ranks:
@@ -362,6 +368,11 @@ def sweep(output: Path, target: str, seeds: list[int], quick: bool) -> list[dict
         for seed in seeds:
             rows.append({**run_one(output, target, size, seed, "lora", {"lora_r": 16, "lora_alpha": 32, "lr": lr}),
                          "sweep": "lr"})
+    if TARGETS[target].task == "detection":
+        for label, modules in DETECTION_TARGET_SETS.items():
+            for seed in seeds[:1] if quick else seeds:
+                row = run_one(output, target, size, seed, "lora", {"target_modules": modules})
+                rows.append({**row, "target_modules": label, "sweep": "modules"})
     return rows
 
 
@@ -385,8 +396,8 @@ def write_reports(rows: list[dict], output: Path) -> None:
         text.append("LoRA, full and scratch side by side (main metric, mean ± sd over seeds)")
         text.append(table(*side_by_side(main_rows)))
         text.append(table(aggregate(main_rows, ("target", "size", "arm")), columns))
-    keys = ("target", "size", "lora_r", "lora_alpha", "lr")
-    for kind in ("rank", "lr"):
+    for kind in ("rank", "lr", "modules"):
+        keys = ("target", "size", "target_modules") if kind == "modules" else ("target", "size", "lora_r", "lora_alpha", "lr")
         chosen = [r for r in rows if r.get("sweep") == kind]
         if chosen:
             text.append(f"LoRA sweep ({kind})")
