@@ -376,15 +376,21 @@ def sweep(output: Path, target: str, seeds: list[int], quick: bool) -> list[dict
     return rows
 
 
-def side_by_side(rows: list[dict]) -> tuple[list[dict], list[str]]:
-    """One line per target and size, a column per arm: the comparison at a glance."""
-    arms = [arm for arm in ("lora", "full", "scratch", *OTHER_METHODS) if any(r["arm"] == arm for r in rows)]
+def side_by_side(rows: list[dict], keys: tuple[str, ...], across: str) -> tuple[list[dict], list[str]]:
+    """One line per ``keys`` value, a column of mean ± sd per ``across`` value (with the metric
+    named in the line, or in the column where it differs across them)."""
+    metrics_of_line: dict[tuple, set[str]] = {}
+    for r in rows:
+        metrics_of_line.setdefault(tuple(r[k] for k in keys), set()).add(r["main_metric"])
+    one_metric = all(len(names) == 1 for names in metrics_of_line.values())
+    labels = {r[across]: r[across] if one_metric else f"{r[across]} {r['main_metric']}" for r in rows}
     lines: dict[tuple, dict] = {}
-    for line in aggregate(rows, ("target", "size", "arm")):
-        merged = lines.setdefault((line["target"], line["size"]), {"target": line["target"], "size": line["size"],
-                                                                   "metric": line["main_metric"]})
-        merged[line["arm"]] = line["metric"]
-    return list(lines.values()), ["target", "size", "metric", *arms]
+    for line in aggregate(rows, (*keys, across)):
+        merged = lines.setdefault(tuple(line[k] for k in keys), {k: line[k] for k in keys})
+        merged["metric"] = line["main_metric"]
+        merged[labels[line[across]]] = line["metric"]
+    order = [a for a in ("lora", "full", "scratch", *OTHER_METHODS) if a in labels] if across == "arm" else list(labels)
+    return list(lines.values()), [*keys, *(["metric"] if one_metric else []), *(labels[a] for a in order)]
 
 
 def write_reports(rows: list[dict], output: Path) -> None:
@@ -394,13 +400,15 @@ def write_reports(rows: list[dict], output: Path) -> None:
     text = []
     if main_rows:
         text.append("LoRA, full and scratch side by side (main metric, mean ± sd over seeds)")
-        text.append(table(*side_by_side(main_rows)))
+        text.append(table(*side_by_side(main_rows, ("target", "size"), "arm")))
         text.append(table(aggregate(main_rows, ("target", "size", "arm")), columns))
     for kind in ("rank", "lr", "modules"):
         keys = ("target", "size", "target_modules") if kind == "modules" else ("target", "size", "lora_r", "lora_alpha", "lr")
         chosen = [r for r in rows if r.get("sweep") == kind]
         if chosen:
-            text.append(f"LoRA sweep ({kind})")
+            text.append(f"LoRA sweep ({kind}); each target at the training size after its name")
+            sized = [{**r, "target": f"{r['target']}@{r['size']}"} for r in chosen]
+            text.append(table(*side_by_side(sized, keys[2:], "target")))
             text.append(table(aggregate(chosen, keys), [*keys, "main_metric", "metric", "train-val gap",
                                                          "trainable %", "saved KB", "seeds"]))
     print("\n\n".join(text))
