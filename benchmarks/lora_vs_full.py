@@ -10,8 +10,9 @@ and full training of the random ``tiny`` ("scratch"); on the classification targ
 DoRA, LoHa, LoKr and OFT. Targets are kept out of the pretraining corpus: new shapes
 (``procedural.TARGET_SHAPES``, solid), new object classes in scenes (the same shapes), a new
 skeleton (the four-keypoint animal), and the real sets
-in ``../shared/datasets`` when present. ``sweep`` measures LoRA rank, alpha and learning rate
-on the ``--sweep-on`` targets (default ``shapes``).
+in ``../shared/datasets`` when present. ``sweep`` measures LoRA rank, alpha and learning rate,
+full fine-tuning's learning rate, and on detection which layers LoRA adapts, on the
+``--sweep-on`` targets (default ``shapes``); ``--sweep-kind`` picks some of these.
 
 Each run is its own process (its own peak memory). Prints tables and writes ``results.json``,
 ``table.md`` and ``metric_vs_images.png`` under ``--output``.
@@ -38,6 +39,8 @@ TARGET_STEPS = 300  # optimizer steps per run at least; small sets get more epoc
 LEARNING_RATES = {"lora": 1e-3, "full": 2e-4, "scratch": 1e-3}
 OTHER_METHODS = ("dora", "loha", "lokr", "oft")
 SWEEP_SIZES = {"shapes": 20, "hymenoptera": 20, "scenes": 50, "animal": 50}  # training size swept at
+SWEEP_KINDS = {"rank": ("lora_r", "lora_alpha", "lr"), "lr": ("lora_r", "lora_alpha", "lr"), "full-lr": ("lr",),
+               "modules": ("target_modules",)}  # what each sweep varies -> its table's keys
 DETECTION_TARGET_SETS = {  # which layers LoRA adapts, from the preset's to every layer
     "q,v (preset)": ["q_proj", "v_proj"],
     "all attention + FFN": ["q_proj", "k_proj", "v_proj", "o_proj", "value_proj", "output_proj", "fc1", "fc2"],
@@ -319,6 +322,8 @@ def main() -> None:
     parser.add_argument("--only", action="append", choices=[*TARGETS, "sweep"], help="this target only (repeatable)")
     parser.add_argument("--sweep-on", action="append", choices=list(SWEEP_SIZES),
                         help="targets of the sweep (repeatable; default shapes)")
+    parser.add_argument("--sweep-kind", action="append", choices=list(SWEEP_KINDS),
+                        help="what the sweep varies (repeatable; default all)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--combine", nargs="+", metavar="DIR", help="report the results.json of earlier outputs as one")
     parser.add_argument("--output", default="runs/bench-lora-vs-full")
@@ -350,29 +355,33 @@ def main() -> None:
             if TARGETS[name].real and not SHARED.exists():
                 print(f"sweep on {name}: skipped ({SHARED} is not here)")
                 continue
-            rows += sweep(output, name, seeds, args.quick)
+            rows += sweep(output, name, seeds, args.quick, args.sweep_kind or list(SWEEP_KINDS))
     write_reports(rows, output)
 
 
-def sweep(output: Path, target: str, seeds: list[int], quick: bool) -> list[dict]:
-    """LoRA rank x alpha (lr 5e-4), then learning rate (r 16, alpha 32), on one target at its
-    ``SWEEP_SIZES`` training size; on detection also which layers are adapted."""
+def sweep(output: Path, target: str, seeds: list[int], quick: bool, kinds: list[str]) -> list[dict]:
+    """On one target at its ``SWEEP_SIZES`` training size: LoRA rank x alpha (lr 5e-4), LoRA
+    learning rate (r 16, alpha 32), full fine-tuning's learning rate, and on detection which
+    layers LoRA adapts."""
     size, rows = SWEEP_SIZES[target], []
-    ranks = (4, 16) if quick else (4, 8, 16, 32)
-    for r in ranks:
-        for alpha in (r, 2 * r):
-            for seed in seeds:
-                rows.append({**run_one(output, target, size, seed, "lora",
-                                       {"lora_r": r, "lora_alpha": alpha, "lr": 5e-4}), "sweep": "rank"})
-    for lr in ((1e-4, 1e-3) if quick else (1e-4, 2e-4, 5e-4, 1e-3)):
+
+    def measure(kind: str, arm: str, extra: dict, label: dict | None = None) -> None:
         for seed in seeds:
-            rows.append({**run_one(output, target, size, seed, "lora", {"lora_r": 16, "lora_alpha": 32, "lr": lr}),
-                         "sweep": "lr"})
-    if TARGETS[target].task == "detection":
+            rows.append({**run_one(output, target, size, seed, arm, extra), **(label or {}), "sweep": kind})
+
+    if "rank" in kinds:
+        for r in (4, 16) if quick else (4, 8, 16, 32):
+            for alpha in (r, 2 * r):
+                measure("rank", "lora", {"lora_r": r, "lora_alpha": alpha, "lr": 5e-4})
+    if "lr" in kinds:
+        for lr in (1e-4, 1e-3) if quick else (1e-4, 2e-4, 5e-4, 1e-3):
+            measure("lr", "lora", {"lora_r": 16, "lora_alpha": 32, "lr": lr})
+    if "full-lr" in kinds:
+        for lr in (2e-4, 1e-3) if quick else (2e-4, 5e-4, 1e-3):
+            measure("full-lr", "full", {"lr": lr})
+    if "modules" in kinds and TARGETS[target].task == "detection":
         for label, modules in DETECTION_TARGET_SETS.items():
-            for seed in seeds[:1] if quick else seeds:
-                row = run_one(output, target, size, seed, "lora", {"target_modules": modules})
-                rows.append({**row, "target_modules": label, "sweep": "modules"})
+            measure("modules", "lora", {"target_modules": modules}, {"target_modules": label})
     return rows
 
 
@@ -402,11 +411,11 @@ def write_reports(rows: list[dict], output: Path) -> None:
         text.append("LoRA, full and scratch side by side (main metric, mean ± sd over seeds)")
         text.append(table(*side_by_side(main_rows, ("target", "size"), "arm")))
         text.append(table(aggregate(main_rows, ("target", "size", "arm")), columns))
-    for kind in ("rank", "lr", "modules"):
-        keys = ("target", "size", "target_modules") if kind == "modules" else ("target", "size", "lora_r", "lora_alpha", "lr")
+    for kind, varied in SWEEP_KINDS.items():
+        keys = ("target", "size", *varied)
         chosen = [r for r in rows if r.get("sweep") == kind]
         if chosen:
-            text.append(f"LoRA sweep ({kind}); each target at the training size after its name")
+            text.append(f"Sweep ({kind}); each target at the training size after its name")
             sized = [{**r, "target": f"{r['target']}@{r['size']}"} for r in chosen]
             text.append(table(*side_by_side(sized, keys[2:], "target")))
             text.append(table(aggregate(chosen, keys), [*keys, "main_metric", "metric", "train-val gap",
