@@ -41,11 +41,11 @@ OTHER_METHODS = ("dora", "loha", "lokr", "oft")
 SWEEP_SIZES = {"shapes": 20, "hymenoptera": 20, "scenes": 50, "animal": 50}  # training size swept at
 SWEEP_KINDS = {"rank": ("lora_r", "lora_alpha", "lr"), "lr": ("lora_r", "lora_alpha", "lr"), "full-lr": ("lr",),
                "modules": ("target_modules",)}  # what each sweep varies -> its table's keys
+RTDETR_ATTENTION_AND_FFN = ["q_proj", "k_proj", "v_proj", "o_proj", "value_proj", "output_proj", "fc1", "fc2"]
 DETECTION_TARGET_SETS = {  # which layers LoRA adapts, from the preset's to every layer
     "q,v (preset)": ["q_proj", "v_proj"],
-    "all attention + FFN": ["q_proj", "k_proj", "v_proj", "o_proj", "value_proj", "output_proj", "fc1", "fc2"],
-    "+ backbone convs": ["q_proj", "k_proj", "v_proj", "o_proj", "value_proj", "output_proj", "fc1", "fc2",
-                         "convolution"],
+    "all attention + FFN": RTDETR_ATTENTION_AND_FFN,
+    "+ backbone convs": [*RTDETR_ATTENTION_AND_FFN, "convolution"],
 }
 
 
@@ -228,7 +228,7 @@ def run_one(work: Path, target_name: str, size: int | None, seed: int, arm: str,
             "output": str(work / "runs" / f"{target_name}-{size}-{seed}-{arm}"), "train_metric": True}
     row = run_isolated(__file__, [json.dumps(spec)], timeout=3600)
     row.update(target=target_name, task=target.task, size=size if size is not None else "all", seed=seed, arm=arm,
-               **{k: v for k, v in (extra or {}).items()})
+               **(extra or {}))
     print(f"  {target_name} size={row['size']} seed={seed} {arm} {extra or ''}: {row['main_metric']} "
           f"{row['metric']:.4f} ({row['steps']} steps)", flush=True)
     return row
@@ -268,13 +268,17 @@ def aggregate(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
     return out
 
 
+def _higher_is_better(task: str) -> bool:
+    from visionlora.tasks import get_task
+
+    return get_task(task).greater_is_better
+
+
 def _gap(row: dict) -> float:
     """How much better the training set scores than validation (positive: it fits its
     training images better than it generalises), whichever way the metric points."""
-    from visionlora.tasks import get_task
-
     difference = row["train_metric"] - row["metric"]
-    return difference if get_task(row["task"]).greater_is_better else -difference
+    return difference if _higher_is_better(row["task"]) else -difference
 
 
 def plot(rows: list[dict], output: Path) -> None:
@@ -282,8 +286,6 @@ def plot(rows: list[dict], output: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from visionlora.tasks import get_task
 
     targets = sorted({r["target"] for r in rows if r.get("arm") in ("lora", "full", "scratch") and "sweep" not in r})
     columns = min(3, max(1, len(targets)))
@@ -304,7 +306,7 @@ def plot(rows: list[dict], output: Path) -> None:
                 axis.errorbar(xs, [statistics.mean(points[x]) for x in xs],
                               yerr=[statistics.pstdev(points[x]) for x in xs], marker="o", capsize=3, label=arm)
         row = next(r for r in rows if r["target"] == target)
-        better = "higher" if get_task(row["task"]).greater_is_better else "lower"
+        better = "higher" if _higher_is_better(row["task"]) else "lower"
         axis.set(xscale="log", xlabel="training images", title=target,
                  ylabel=f"{row['main_metric'].replace('_', ' ')} ({better} is better)")
         axis.set_xticks(sorted(sizes), [str(size) for size in sorted(sizes)])
