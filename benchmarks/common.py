@@ -20,7 +20,8 @@ def run_isolated(script: str, args: Sequence[str], timeout: int = 3600) -> dict[
 
     A fresh process per configuration keeps each peak-memory figure its own.
     """
-    completed = subprocess.run([sys.executable, script, "--worker", *args], capture_output=True, text=True, timeout=timeout)
+    completed = subprocess.run([sys.executable, script, "--worker", *args], capture_output=True, text=True,
+                               timeout=timeout)
     for line in completed.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX):])

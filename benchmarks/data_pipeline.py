@@ -25,8 +25,8 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hy
 def worker(source: str, data: str, epochs: int, image_size: int) -> None:
     import torch
 
-    from visionlora.config import TrainConfig
     from visionlora.artifacts import RunPaths
+    from visionlora.config import TrainConfig
     from visionlora.engine import TrainingLoop
     from visionlora.runtime import new_accelerator
     from visionlora.tasks import get_task
@@ -55,7 +55,8 @@ def worker(source: str, data: str, epochs: int, image_size: int) -> None:
     accelerator = new_accelerator(mixed_precision="no")
     import tempfile
 
-    loop = TrainingLoop(cfg, task, info, processor, accelerator, model, datasets, RunPaths(Path(tempfile.mkdtemp()), "full"))
+    loop = TrainingLoop(cfg, task, info, processor, accelerator, model, datasets,
+                        RunPaths(Path(tempfile.mkdtemp()), "full"))
     loop.run()
     report({"source": source, "images": len(datasets.train), "train_seconds": loop.state.train_seconds,
             "images_per_second": loop.state.images_seen / loop.state.train_seconds, "decode_seconds": decode_seconds})

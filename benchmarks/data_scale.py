@@ -112,7 +112,8 @@ def main() -> None:
                     again = run(data, mode, tmp / f"cache{size}", tmp / "run", args.max_steps)
                     rows.append({"images": size, "cache": "disk, 2nd run", **again})
     print(f"tiny RT-DETRv2 at 640 px, batch 8, {args.max_steps} optimizer steps, 640x480 JPEG scenes")
-    print(table(rows, ["images", "cache", "setup s", "decode s", "reused", "peak RSS MB", "peak RssAnon MB", "images/s"]))
+    print(table(rows, ["images", "cache", "setup s", "decode s", "reused", "peak RSS MB", "peak RssAnon MB",
+                       "images/s"]))
 
 
 if __name__ == "__main__":

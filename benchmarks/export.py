@@ -83,7 +83,8 @@ def make_run(name: str, root: Path) -> tuple[Path, Path]:
             torch.nn.init.normal_(parameter, std=0.01)
     paths = RunPaths(root / "run", "lora")
     save_model(peft_model, processor, info.to_dict(), paths.model_dir)
-    atomic_write_json(paths.summary, {"completed": True, "training": {"data": str(data), "seed": 0, "val_fraction": None},
+    atomic_write_json(paths.summary, {"completed": True,
+                                      "training": {"data": str(data), "seed": 0, "val_fraction": None},
                                       "data": {"val_part": str(data / "val")}})
     return paths.root, data
 

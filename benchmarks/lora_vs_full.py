@@ -347,7 +347,8 @@ def main() -> None:
             print(f"{name}: skipped ({SHARED} is not here)")
             continue
         sizes = target.sizes[:1] if args.quick else target.sizes
-        arms = ["lora", "full", "scratch"] + (list(OTHER_METHODS) if target.task == "classification" and not args.quick else [])
+        arms = ["lora", "full", "scratch"] + (list(OTHER_METHODS) if target.task == "classification" and not args.quick
+                                              else [])
         for size in sizes:
             for seed in seeds:
                 for arm in arms:

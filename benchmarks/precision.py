@@ -62,7 +62,8 @@ def main() -> None:
     print(table(rows, ["precision", "seed", "accuracy (fp32 eval)", "accuracy (training precision)", "images/s"]))
     for precision in ("bf16", "fp32"):
         values = [r["accuracy (fp32 eval)"] for r in rows if r["precision"] == precision]
-        print(f"{precision}: accuracy {statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0:.3f}")
+        print(f"{precision}: accuracy {statistics.mean(values):.3f} "
+              f"± {statistics.stdev(values) if len(values) > 1 else 0:.3f}")
 
 
 if __name__ == "__main__":

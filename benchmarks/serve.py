@@ -87,7 +87,8 @@ def memory_worker(kind: str, root: str) -> None:
     image = Image.new("RGB", (224, 224), (120, 30, 200))
     for served in store.models.values():  # a forward each: every weight page is touched, as in serving
         served.predict([image])
-    rss = int(next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmRSS")).split()[1])
+    rss = int(next(line for line in Path("/proc/self/status").read_text().splitlines()
+                   if line.startswith("VmRSS")).split()[1])
     report({"kind": kind, "models": len(store.models), "bases": len(store.bases), "rss_mb": rss / 1024})
 
 
@@ -227,7 +228,8 @@ def main() -> None:
         if not args.skip_vit_base:
             vit_runs = make_runs(tmp / "vitb", "vit-base", 10, 224)
             save_full_run(tmp / "vitb")
-            memory = [run_isolated(__file__, [kind, str(tmp / "vitb")]) for kind in ("1 adapter", "10 adapters", "10 full models")]
+            memory = [run_isolated(__file__, [kind, str(tmp / "vitb")])
+                      for kind in ("1 adapter", "10 adapters", "10 full models")]
             print("resident memory of the served models (ViT-Base, config-built)")
             print(table(memory, ["kind", "models", "bases", "rss_mb"]))
             print(f"10 adapters / 1 adapter: {memory[1]['rss_mb'] / memory[0]['rss_mb']:.3f}   "

@@ -45,13 +45,15 @@ def build(task_name: str):
         config = DetrConfig(backbone_config=ResNetConfig(out_features=["stage4"]), use_timm_backbone=False,
                             use_pretrained_backbone=False, num_labels=5)
         model = DetrForObjectDetection(config)
-        labels = [{"class_labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])}] * 2
+        labels = [{"class_labels": torch.tensor([1, 3]),
+                   "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])}] * 2
         batch = {"pixel_values": torch.randn(2, 3, 512, 512, generator=generator),
                  "pixel_mask": torch.ones(2, 512, 512, dtype=torch.long), "labels": labels}
     else:
         from transformers import VitPoseBackboneConfig, VitPoseConfig, VitPoseForPoseEstimation
 
-        model = VitPoseForPoseEstimation(VitPoseConfig(backbone_config=VitPoseBackboneConfig(out_indices=[12]), num_labels=17))
+        model = VitPoseForPoseEstimation(VitPoseConfig(backbone_config=VitPoseBackboneConfig(out_indices=[12]),
+                                                       num_labels=17))
         batch = {"pixel_values": torch.randn(8, 3, 256, 192, generator=generator),
                  "target": torch.rand(8, 17, 64, 48, generator=generator), "weight": torch.ones(8, 17)}
     return model, batch, task
@@ -71,7 +73,8 @@ def worker(task_name: str, mode: str, steps: int, low_memory: bool, precision: s
     model, batch, task = build(task_name)
     if mode == "lora":
         preset = task.preset
-        model, _ = apply_lora(model, preset.lora_r, preset.lora_alpha, 0.0, list(preset.target_modules), task.head_modules(model))
+        model, _ = apply_lora(model, preset.lora_r, preset.lora_alpha, 0.0, list(preset.target_modules),
+                              task.head_modules(model))
         if precision == "bf16":  # as training does: frozen layer weights stored in bf16 under bf16 autocast
             lower_frozen_weights(model, torch.bfloat16)
     model.train()

@@ -61,9 +61,12 @@ def make_runs(work: Path) -> dict[str, Path]:
     VitPoseImageProcessorPil().save_pretrained(base)
     common = dict(epochs=1, max_steps=1, batch_size=2, overwrite=True, progress=False)
     return {
-        "tiny pose": train(TrainConfig(task="pose", data=str(frames), model="tiny", output=str(work / "tiny"), **common)).paths.root,
-        "ViTPose-B": train(TrainConfig(task="pose", data=str(frames), model=str(base), output=str(work / "vitb"), **common)).paths.root,
-        "detector": train(TrainConfig(task="detection", data=str(boxes), model="tiny-rtdetr", output=str(work / "det"), **common)).paths.root,
+        "tiny pose": train(TrainConfig(task="pose", data=str(frames), model="tiny", output=str(work / "tiny"),
+                                       **common)).paths.root,
+        "ViTPose-B": train(TrainConfig(task="pose", data=str(frames), model=str(base), output=str(work / "vitb"),
+                                       **common)).paths.root,
+        "detector": train(TrainConfig(task="detection", data=str(boxes), model="tiny-rtdetr", output=str(work / "det"),
+                                      **common)).paths.root,
     }
 
 
@@ -80,8 +83,8 @@ def frames_per_second(run_dir: Path, clip: Path, detector: Path | None, every: i
     answer = predict_video(clip, predict, run.draw, every=every, progress=False)
     seconds = time.perf_counter() - started
     instances = sum(len(f["instances"]) for f in answer["frames"]) / len(answer["frames"])
-    return {"every": every, "frames": len(answer["frames"]), "seconds": round(seconds, 1), "frames/s": round(len(answer["frames"]) / seconds, 2),
-            "crops/frame": round(instances, 1)}
+    return {"every": every, "frames": len(answer["frames"]), "seconds": round(seconds, 1),
+            "frames/s": round(len(answer["frames"]) / seconds, 2), "crops/frame": round(instances, 1)}
 
 
 def main() -> None:
@@ -101,7 +104,8 @@ def main() -> None:
                 row.update(frames_per_second(runs[name], clip, detector, every))
                 rows.append(row)
                 print(row, flush=True)
-    print(f"\n{args.seconds:g} s of 640x480 at 30 fps, fp32, {torch.get_num_threads()} CPU threads, batches of 16 frames")
+    print(f"\n{args.seconds:g} s of 640x480 at 30 fps, fp32, {torch.get_num_threads()} CPU threads, "
+          "batches of 16 frames")
     print(table(rows, ["model", "detector", "every", "frames", "seconds", "frames/s", "crops/frame"]))
 
 

@@ -35,10 +35,10 @@ BATCH = 8
 
 def make_inputs(root: Path, size: str) -> tuple[Path, Path]:
     """A JPEG ImageFolder (train/ + val/) and a saved random-weight base model of that size."""
+    import numpy as np
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
     from visionlora.synthetic import CLASS_COLOURS, classification_image
-    import numpy as np
 
     pixels, _ = SIZES[size]
     data = root / "data"
@@ -59,7 +59,8 @@ def make_inputs(root: Path, size: str) -> tuple[Path, Path]:
     config.label2id = {v: k for k, v in config.id2label.items()}
     model_dir = root / "base"
     ViTForImageClassification(config).save_pretrained(model_dir)
-    ViTImageProcessorPil(size={"height": pixels, "width": pixels}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(model_dir)
+    ViTImageProcessorPil(size={"height": pixels, "width": pixels}, image_mean=[0.5] * 3,
+                         image_std=[0.5] * 3).save_pretrained(model_dir)
     return data, model_dir
 
 
@@ -83,7 +84,8 @@ def to_tensor(array):
     return torch.from_numpy(((array / 255.0 - mean) / std).transpose(2, 0, 1).astype(np.float32))
 
 def train_transform(batch):
-    batch["pixel_values"] = [to_tensor(train_aug(image=np.asarray(im.convert("RGB")))["image"]) for im in batch["image"]]
+    batch["pixel_values"] = [to_tensor(train_aug(image=np.asarray(im.convert("RGB")))["image"])
+                             for im in batch["image"]]
     return batch
 
 def val_transform(batch):
@@ -93,20 +95,23 @@ def val_transform(batch):
 dataset["train"].set_transform(train_transform)
 dataset["validation"].set_transform(val_transform)
 model = AutoModelForImageClassification.from_pretrained(model_dir, num_labels=len(labels), ignore_mismatched_sizes=True)
-config = LoraConfig(r=16, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.1, bias="none", modules_to_save=["classifier"])
+config = LoraConfig(r=16, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.1, bias="none",
+                    modules_to_save=["classifier"])
 model = get_peft_model(model, config)
 
 def collate(examples):
-    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]), "labels": torch.tensor([e["label"] for e in examples])}
+    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+            "labels": torch.tensor([e["label"] for e in examples])}
 
 def compute_metrics(prediction):
     return {"accuracy": float((np.argmax(prediction.predictions, axis=1) == prediction.label_ids).mean())}
 
 args = TrainingArguments(out, remove_unused_columns=False, eval_strategy="epoch", save_strategy="epoch",
     learning_rate=2e-4, per_device_train_batch_size=batch, per_device_eval_batch_size=batch, num_train_epochs=epochs,
-    logging_steps=10, load_best_model_at_end=True, metric_for_best_model="accuracy", report_to=[], use_cpu=not torch.cuda.is_available(), seed=42, bf16=bf16)
-trainer = Trainer(model, args, train_dataset=dataset["train"], eval_dataset=dataset["validation"], data_collator=collate,
-    compute_metrics=compute_metrics)
+    logging_steps=10, load_best_model_at_end=True, metric_for_best_model="accuracy", report_to=[],
+    use_cpu=not torch.cuda.is_available(), seed=42, bf16=bf16)
+trainer = Trainer(model, args, train_dataset=dataset["train"], eval_dataset=dataset["validation"],
+    data_collator=collate, compute_metrics=compute_metrics)
 trainer.train()
 print("accuracy", trainer.evaluate()["eval_accuracy"])
 model.save_pretrained(out + "/adapter")
@@ -136,11 +141,13 @@ def main() -> None:
             images = TRAIN_IMAGES[size] * args.epochs
             script = root / "reference.py"
             script.write_text(REFERENCE)
-            reference = {precision: timed([sys.executable, str(script), str(data), str(model_dir), str(root / f"ref-{precision}"),
-                                           str(args.epochs), str(BATCH), precision]) for precision in ("fp32", "bf16")}
+            reference = {precision: timed([sys.executable, str(script), str(data), str(model_dir),
+                                           str(root / f"ref-{precision}"), str(args.epochs), str(BATCH), precision])
+                         for precision in ("fp32", "bf16")}
             ours = timed([sys.executable, "-m", "visionlora", "train", "--data", str(data), "--model", str(model_dir),
-                          "--epochs", str(args.epochs), "--batch-size", str(BATCH), "--lr", "2e-4", "--lora-alpha", "16",
-                          "--lora-dropout", "0.1", "--no-progress", "--output", str(root / "ours")])
+                          "--epochs", str(args.epochs), "--batch-size", str(BATCH), "--lr", "2e-4",
+                          "--lora-alpha", "16", "--lora-dropout", "0.1", "--no-progress",
+                          "--output", str(root / "ours")])
         rows.append({"size": SIZES[size][1], "train images x epochs": images,
                      "reference fp32 images/s": images / reference["fp32"],
                      "reference bf16 images/s": images / reference["bf16"], "visionlora images/s": images / ours,

@@ -55,7 +55,8 @@ def pretrain(task: str, work: Path, quick: bool, seed: int) -> dict:
     started = time.time()
     result = train(TrainConfig(
         task=task, data=str(corpus), model=plan["builtin"], mode="full", epochs=epochs,
-        batch_size=plan["batch_size"], lr=plan["lr"], augment=plan.get("augment", True), seed=seed, mixed_precision="no",  # fp32 is faster for tiny models
+        batch_size=plan["batch_size"], lr=plan["lr"], augment=plan.get("augment", True), seed=seed,
+        mixed_precision="no",  # fp32 is faster for tiny models
         output=str(work / f"{task}-run"), overwrite=True,
     ))
     folder = PRETRAINED_DIR / f"{task}-{plan['builtin']}"
@@ -66,7 +67,8 @@ def pretrain(task: str, work: Path, quick: bool, seed: int) -> dict:
         shutil.copy2(result.paths.model_dir / name, staging / name)
     provenance = {
         "task": task, "architecture": plan["builtin"], "corpus": plan["describe"](sizes), "seed": seed,
-        "epochs": epochs, "batch_size": plan["batch_size"], "lr": plan["lr"], "augment": plan.get("augment", True), "quick": quick,
+        "epochs": epochs, "batch_size": plan["batch_size"], "lr": plan["lr"], "augment": plan.get("augment", True),
+        "quick": quick,
         "validation_metrics": result.summary["metrics"], "train_seconds": round(time.time() - started, 1),
         "made_by": "scripts/pretrain_builtins.py",
     }

@@ -121,7 +121,8 @@ def adapted_layers(model: torch.nn.Module) -> int:
 def described_lora(model) -> LoraSetup:
     """The LoraSetup of a model that already carries its (default) adapter."""
     config = model.peft_config["default"]
-    targets = sorted(config.target_modules) if isinstance(config.target_modules, (set, list)) else [config.target_modules]
+    targets = (sorted(config.target_modules) if isinstance(config.target_modules, (set, list))
+               else [config.target_modules])
     method = adapter_method(config)
     r = config.oft_block_size if method == "oft" else config.r
     alpha = getattr(config, "lora_alpha", getattr(config, "alpha", None))

@@ -128,7 +128,8 @@ def find_run(run_dir: str | Path) -> RunPaths:
             f"{root}: the run did not complete (stopped after epoch {state.get('completed_epochs')}, "
             f"batch {state.get('batches_done')}); continue it with: visionlora train --resume {root}"
         )
-    raise VisionLoraError(f"{root}: not a finished run or export (no trained_model_lora/ or trained_model/ with {INFO_FILE})")
+    raise VisionLoraError(f"{root}: not a finished run or export "
+                          f"(no trained_model_lora/ or trained_model/ with {INFO_FILE})")
 
 
 def new_run_dir(task: str, mode: str, output: str | None, overwrite: bool) -> Path:

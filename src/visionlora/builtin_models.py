@@ -89,7 +89,8 @@ def tiny_detr(labels: list[str], shortest_edge: int):
     from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessorPil, ResNetConfig
 
     backbone = ResNetConfig(
-        embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic", out_features=["stage4"]
+        embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic",
+        out_features=["stage4"]
     )
     config = DetrConfig(
         backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False,
@@ -97,7 +98,8 @@ def tiny_detr(labels: list[str], shortest_edge: int):
         d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
         encoder_ffn_dim=128, decoder_ffn_dim=128, num_queries=5, dropout=0.0,
     )
-    processor = DetrImageProcessorPil(size={"shortest_edge": shortest_edge, "longest_edge": round(shortest_edge * 1333 / 800)})
+    processor = DetrImageProcessorPil(size={"shortest_edge": shortest_edge,
+                                            "longest_edge": round(shortest_edge * 1333 / 800)})
     model = DetrForObjectDetection(config)
     # DETR freezes its backbone, expecting pretrained features; a random one must learn.
     for param in model.parameters():

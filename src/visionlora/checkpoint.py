@@ -49,7 +49,8 @@ def save_checkpoint(paths: RunPaths, trained: dict[str, torch.Tensor], best: dic
         save_file(_contiguous(trained), str(tmp / "trainable.safetensors"))
         if best is not None:
             save_file(_contiguous(best), str(tmp / "best.safetensors"))
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "torch_rng": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         torch.save(state, tmp / "state.pt")
@@ -89,7 +90,8 @@ def resume_settings(root: Path, settings: dict[str, Any]) -> tuple[TrainConfig, 
         if k not in RESUME_FREE and v is not None and v != getattr(saved, k)
     ]
     if differing:
-        raise VisionLoraError(f"{root}: --resume continues with the run's own settings, but these differ: {'; '.join(differing)}")
+        raise VisionLoraError(f"{root}: --resume continues with the run's own settings, "
+                              f"but these differ: {'; '.join(differing)}")
     saved.output = str(root)
     for key in ("progress", "num_workers"):
         if settings.get(key) is not None:

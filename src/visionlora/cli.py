@@ -11,7 +11,6 @@ from typing import Any, Sequence
 from visionlora import __version__
 from visionlora.errors import VisionLoraError
 
-
 COMMANDS = {
     "train": "train a LoRA adapter or a full model",
     "evaluate": "evaluate a finished run",
@@ -99,7 +98,8 @@ def _loading_flags() -> argparse.ArgumentParser:
 
 def _evaluate_parser(commands, common, help_text: str) -> None:
     evaluate = commands.add_parser("evaluate", parents=[common, _loading_flags()], help=help_text)
-    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (holding trained_model_lora/ or trained_model/)")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR",
+                          help="the run folder (holding trained_model_lora/ or trained_model/)")
     evaluate.add_argument("--data", help="labelled data to evaluate on (default: the run's validation split)")
     evaluate.add_argument("--split", choices=("val", "test"), default="val",
                           help="without --data: the run's validation (default) or held-out test part")
@@ -153,12 +153,15 @@ def _compare_parser(commands, common, help_text: str) -> None:
 
 def _serve_parser(commands, common, help_text: str) -> None:
     serve = commands.add_parser("serve", parents=[common], help=help_text,
-                                description="Serve runs over HTTP: GET / for a page to try them, /v1/models for the API.")
-    serve.add_argument("runs", nargs="+", metavar="[NAME=]RUN", help="run folders; a model's name is its folder's name or NAME")
+                                description="Serve runs over HTTP: GET / for a page to try them, "
+                                            "/v1/models for the API.")
+    serve.add_argument("runs", nargs="+", metavar="[NAME=]RUN",
+                       help="run folders; a model's name is its folder's name or NAME")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--max-batch-size", type=int, default=16, help="images per batched forward (default 16)")
-    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0,
+                       help="how long a request waits for others to batch with")
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20 MB)")
     serve.add_argument("--admin-token", help="enable POST/DELETE /v1/models, with 'Authorization: Bearer TOKEN'")
     serve.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
@@ -277,7 +280,8 @@ def _cmd_predict(args) -> int:
 
         if run.info.task != "pose":
             raise VisionLoraError(f"--detector is for pose runs; {run.paths.root} is a {run.info.task} run")
-        finder = load_detector(args.detector, args.detector_threshold, args.detector_label, args.max_instances, **loading)
+        finder = load_detector(args.detector, args.detector_threshold, args.detector_label, args.max_instances,
+                               **loading)
     videos = [item for item in args.images if is_video(item)]
     if videos:
         return _predict_videos(args, run, videos, options, outputs, finder)
@@ -288,7 +292,8 @@ def _cmd_predict(args) -> int:
         raise VisionLoraError(f"no image files found in: {' '.join(args.images)}")
     predictions, skipped = run.predict_files(files, outputs=outputs, box_finder=finder, **options)
     if skipped:
-        print(f"skipped {len(skipped)} unreadable file(s): " + "; ".join(f"{s['file']} ({s['reason']})" for s in skipped), file=sys.stderr)
+        print(f"skipped {len(skipped)} unreadable file(s): "
+              + "; ".join(f"{s['file']} ({s['reason']})" for s in skipped), file=sys.stderr)
     if "output" in outputs:
         print(f"wrote {outputs['output']}", file=sys.stderr)
     else:
@@ -341,7 +346,8 @@ def _task_arguments(args, task, run_root: Path) -> tuple[dict[str, Any], dict[st
         for item in (*get_task(name).writers, *get_task(name).predict_options):
             if item.name not in own and getattr(args, item.name, None) is not None:
                 raise VisionLoraError(f"{item.flag} is a {name} option; {run_root} is a {task.name} run")
-    options = {o.name: o.parse(getattr(args, o.name)) for o in task.predict_options if getattr(args, o.name) is not None}
+    options = {o.name: o.parse(getattr(args, o.name)) for o in task.predict_options
+               if getattr(args, o.name) is not None}
     outputs = {w.name: Path(getattr(args, w.name)) for w in task.writers if getattr(args, w.name) is not None}
     return options, outputs
 
@@ -381,11 +387,13 @@ def _cmd_serve(args) -> int:
     for item in args.runs:
         name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
         store.add(name or Path(path).resolve().name, path)
-    settings = ServeSettings(args.max_batch_size, args.max_wait_ms, args.max_upload_mb, args.admin_token, args.precision)
+    settings = ServeSettings(args.max_batch_size, args.max_wait_ms, args.max_upload_mb, args.admin_token,
+                             args.precision)
     for served in store.models.values():
         others = served.describe()["shares_base_with"]
         shared = f", sharing its base with {', '.join(others)}" if others else ""
-        print(f"serving {served.name}: {served.task.name} {served.info.mode} run {served.paths.root}{shared}", flush=True)
+        print(f"serving {served.name}: {served.task.name} {served.info.mode} run {served.paths.root}{shared}",
+              flush=True)
     print(f"listening on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(create_app(store, settings), host=args.host, port=args.port, log_level="warning")
     return 0
@@ -398,7 +406,8 @@ def _cmd_export(args) -> int:
     checks = f"merged vs adapter max |diff| {record['merged_max_abs_diff']:.2e}"
     if record["format"] == "onnx":
         checks += f"; onnxruntime vs torch max |diff| {record['onnx_max_abs_diff']:.2e}, opset {record['opset']}"
-    print(f"exported {args.run_dir} as {record['format']} to {args.output} ({checks}, {record['checked_images']} images)")
+    print(f"exported {args.run_dir} as {record['format']} to {args.output} "
+          f"({checks}, {record['checked_images']} images)")
     return 0
 
 

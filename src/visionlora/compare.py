@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from visionlora.artifacts import atomic_write_bytes, atomic_write_json, find_run, read_json
-from visionlora.report import write_comparison_report, write_run_report
 from visionlora.errors import VisionLoraError
+from visionlora.report import write_comparison_report, write_run_report
 
 MB = 1024 * 1024
 
@@ -39,7 +39,8 @@ def train_both(settings: dict[str, Any], output: Path) -> dict[str, Any]:
             command += ["--lr", str(settings["lr"])]
         completed = subprocess.run(command)
         if completed.returncode != 0:
-            raise VisionLoraError(f"{run}: the {mode} training failed (exit {completed.returncode}); see its messages above")
+            raise VisionLoraError(f"{run}: the {mode} training failed (exit {completed.returncode}); "
+                                  "see its messages above")
         runs[mode] = run
     return compare_runs(runs["lora"], runs["full"], output)
 

@@ -94,7 +94,8 @@ class TrainConfig:
         checks = [
             (self.mode in MODES, f"--mode must be one of {', '.join(MODES)}, not {self.mode!r}"),
             (self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, not {self.method!r}"),
-            (self.method == "lora" or self.mode == "lora", f"--method {self.method} is an adapter: use it with --mode lora"),
+            (self.method == "lora" or self.mode == "lora",
+             f"--method {self.method} is an adapter: use it with --mode lora"),
             (self.mixed_precision in PRECISIONS, f"--mixed-precision must be one of {', '.join(PRECISIONS)}"),
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),

@@ -54,9 +54,11 @@ def library_messages_to(log_file: Path) -> Iterator[None]:
 METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr", "oft": "OFT"}
 
 
-def describe_start(cfg, counts: dict[str, Any], skipped: int, params: dict[str, Any], resolved_targets, root: Path) -> str:
+def describe_start(cfg, counts: dict[str, Any], skipped: int, params: dict[str, Any], resolved_targets,
+                   root: Path) -> str:
     """One line: task, mode and adapter, model, data counts, trainable parameters, run folder."""
-    adapter = f", {METHOD_NAMES[cfg.method]} r={cfg.lora_r} on {', '.join(resolved_targets)}" if resolved_targets else ""
+    adapter = (f", {METHOD_NAMES[cfg.method]} r={cfg.lora_r} on {', '.join(resolved_targets)}"
+               if resolved_targets else "")
     skipped_text = f", {skipped} files skipped" if skipped else ""
     return (
         f"{cfg.task} | {cfg.mode}{adapter} | model {cfg.model} | "

@@ -25,7 +25,8 @@ def start_from_run(run_dir: str, task: Task, labels: list[str], mode: str):
         raise VisionLoraError(f"{run_dir}: --init-from takes a run folder, not an export")
     if source.info.task != task.name:
         raise VisionLoraError(f"{run_dir}: a {source.info.task} run cannot start a {task.name} run")
-    origin = {"run": str(Path(run_dir).resolve()), "mode": source.info.mode, "labels_changed": source.info.labels != labels}
+    origin = {"run": str(Path(run_dir).resolve()), "mode": source.info.mode,
+              "labels_changed": source.info.labels != labels}
     if source.info.mode == "lora":
         return _continue_adapter(source, labels, mode, run_dir) + (origin,)
     model, processor, info = task.build_model(str(source.paths.model_dir), labels, None, mode)

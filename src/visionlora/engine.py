@@ -27,8 +27,8 @@ from visionlora.artifacts import RunPaths, new_run_dir, save_model
 from visionlora.builtin_models import is_builtin
 from visionlora.checkpoint import Progress, load_checkpoint, resume_settings, save_checkpoint
 from visionlora.config import TrainConfig
-from visionlora.continuation import start_from_run
 from visionlora.console import describe_epoch, describe_start, library_messages_to
+from visionlora.continuation import start_from_run
 from visionlora.diagnostics import write_diagnostics
 from visionlora.errors import VisionLoraError
 from visionlora.models import base_revision, loading_policy
@@ -378,8 +378,10 @@ class TrainingLoop:
         """The best weights' metrics on the held-out test part, in fp32: one pass, at the end."""
         if self.data.test is None:
             return None
-        loader = torch.utils.data.DataLoader(self.data.test, batch_size=self.cfg.batch_size, collate_fn=self.task.collate)
-        metrics = self.task.evaluate(model, self.processor, self.accelerator.prepare(loader), self.accelerator, self.info)
+        loader = torch.utils.data.DataLoader(self.data.test, batch_size=self.cfg.batch_size,
+                                             collate_fn=self.task.collate)
+        metrics = self.task.evaluate(model, self.processor, self.accelerator.prepare(loader), self.accelerator,
+                                     self.info)
         self.accelerator.print(f"test {self.task.main_metric} {metrics[self.task.main_metric]:.4f} "
                                f"(best epoch {self.state.best_epoch}, chosen on validation)")
         return metrics
@@ -391,7 +393,8 @@ class TrainingLoop:
     # -- checkpoints --------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
         if self.accelerator.is_main_process:
-            save_checkpoint(self.paths, self._trained_weights(), self.best_state, self.optimizer, self.scheduler, self.state)
+            save_checkpoint(self.paths, self._trained_weights(), self.best_state, self.optimizer, self.scheduler,
+                            self.state)
         self.accelerator.wait_for_everyone()
 
     def restore(self, progress: Progress) -> None:
@@ -400,7 +403,8 @@ class TrainingLoop:
         model = self.accelerator.unwrap_model(self.model)
         missing = self.kept_names - set(trained)
         if missing:
-            raise VisionLoraError(f"{self.paths.checkpoint_dir}: checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[0]}")
+            raise VisionLoraError(f"{self.paths.checkpoint_dir}: checkpoint lacks {len(missing)} weights, "
+                                  f"e.g. {sorted(missing)[0]}")
         model.load_state_dict(trained, strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.scheduler.load_state_dict(state["scheduler"])

@@ -164,7 +164,8 @@ def _same_predictions(a: Any, b: Any, tolerance: float = 1e-3) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same_predictions(a[k], b[k], tolerance) for k in a)
     if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(_same_predictions(x, y, tolerance) for x, y in zip(a, b))
+        return (isinstance(b, list) and len(a) == len(b)
+                and all(_same_predictions(x, y, tolerance) for x, y in zip(a, b)))
     if isinstance(a, float):
         return isinstance(b, (int, float)) and abs(a - b) <= max(tolerance, 0.05 if abs(a) > 1 else 0.0)
     return a == b

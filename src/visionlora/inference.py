@@ -107,7 +107,8 @@ def load_run(
         model = _load_model(paths, task, info, allow_base_change)
         from transformers import AutoImageProcessor
 
-        processor = AutoImageProcessor.from_pretrained(paths.model_dir, backend="pil", trust_remote_code=trust_remote_code)
+        processor = AutoImageProcessor.from_pretrained(paths.model_dir, backend="pil",
+                                                       trust_remote_code=trust_remote_code)
     if isinstance(model, torch.nn.Module):
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     return LoadedRun(paths, task, model, processor, info)
@@ -128,7 +129,8 @@ def _load_model(paths: RunPaths, task: Task, info: ModelInfo, allow_base_change:
     pinned = check_base_unchanged(base_ref, info.base_revision, allow_base_change)
     with loading_policy(current_policy().allow_pickle, current_policy().trust_remote_code, pinned):
         base = task.load_model(base_ref, info)
-    return guarded_load(lambda: PeftModel.from_pretrained(base, paths.model_dir), paths.model_dir, f"base model {base_ref}")
+    return guarded_load(lambda: PeftModel.from_pretrained(base, paths.model_dir), paths.model_dir,
+                        f"base model {base_ref}")
 
 
 def guarded_load(load, folder: Path, what: str):

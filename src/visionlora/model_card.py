@@ -27,7 +27,8 @@ def model_card(task: Task, info: ModelInfo, summary: dict[str, Any], export: str
         "pipeline_tag": task.pipeline_tag,
         "tags": ["visionlora", task.name, method if summary["mode"] == "lora" else "full-fine-tune"]
         + ([f"{export}-export"] if export else []),
-        "model-index": [{"name": summary["run_dir"].rstrip("/").rsplit("/", 1)[-1], "results": _results(task, summary)}],
+        "model-index": [{"name": summary["run_dir"].rstrip("/").rsplit("/", 1)[-1],
+                         "results": _results(task, summary)}],
     }
     lines = ["---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", ""]
     lines += _body(task, info, summary, adapter, export, folder)
@@ -41,8 +42,8 @@ def _results(task: Task, summary: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         scalars = [{"type": name, "value": value} for name, value in metrics.items() if isinstance(value, (int, float))]
         results.append({"task": {"type": task.pipeline_tag},
-                        "dataset": {"name": str(summary["data"].get(split if split == "test" else "val")), "type": "custom",
-                                    "split": split},
+                        "dataset": {"name": str(summary["data"].get(split if split == "test" else "val")),
+                                    "type": "custom", "split": split},
                         "metrics": scalars})
     return results
 
@@ -93,7 +94,8 @@ def _body(task: Task, info: ModelInfo, summary: dict[str, Any], lora: bool, expo
     ]
     if summary.get("lora"):
         requested, resolved = summary["lora"]["requested"], summary["lora"]["resolved"]
-        lines.append(f"- adapter ({requested.get('method', 'lora')}): r {requested['r']}, alpha {requested['alpha']}, dropout {requested['dropout']}, "
+        lines.append(f"- adapter ({requested.get('method', 'lora')}): r {requested['r']}, alpha {requested['alpha']}, "
+                     f"dropout {requested['dropout']}, "
                      f"on {', '.join(resolved['target_modules'])} ({resolved['adapted_layers']} layers); "
                      f"trained in full and saved with it: {', '.join(resolved['modules_to_save'])}")
     sizes = summary["sizes"]
@@ -104,13 +106,16 @@ def _body(task: Task, info: ModelInfo, summary: dict[str, Any], lora: bool, expo
         "## Data",
         "",
         f"- format {summary['data'].get('format')}; training: {summary['data'].get('train')}; "
-        f"validation: {summary['data'].get('val')}" + (f"; test: {summary['data']['test']}" if summary["data"].get("test") else ""),
-        "- counts: " + ", ".join(f"{k} {v}" for k, v in summary["data"]["counts"].items() if not isinstance(v, (dict, list))),
+        f"validation: {summary['data'].get('val')}"
+        + (f"; test: {summary['data']['test']}" if summary["data"].get("test") else ""),
+        "- counts: " + ", ".join(f"{k} {v}" for k, v in summary["data"]["counts"].items()
+                                 if not isinstance(v, (dict, list))),
         f"- files skipped as unreadable: {summary['data']['skipped_count']}",
     ]
     lines += [f"- note: {note}" for note in summary["data"].get("notes", [])]
     lines += ["", "## Use", "", "With visionlora:", "", "```python", "import visionlora", "",
-              f'run = visionlora.load("{folder or summary["run_dir"]}")', 'print(run.predict(["image.jpg"]))', "```", "",
+              f'run = visionlora.load("{folder or summary["run_dir"]}")', 'print(run.predict(["image.jpg"]))',
+              "```", "",
               "With " + ("onnxruntime" if export == "onnx" else "transformers" + (" and peft" if lora else "")) + ":",
               "", "```python",
               *_load_snippet(task, info, summary, lora, export, folder),
@@ -131,7 +136,8 @@ def _load_snippet(task: Task, info: ModelInfo, summary: dict[str, Any], lora: bo
         return ["import onnxruntime", "from PIL import Image", "from transformers import AutoImageProcessor", "",
                 f'session = onnxruntime.InferenceSession("{folder}/model.onnx")',
                 f'processor = AutoImageProcessor.from_pretrained("{folder}")',
-                'pixels = processor(images=Image.open("image.jpg").convert("RGB"), return_tensors="np")["pixel_values"]',
+                'pixels = processor(images=Image.open("image.jpg").convert("RGB"), '
+                'return_tensors="np")["pixel_values"]',
                 'outputs = session.run(None, {"pixel_values": pixels})']
     lines = [f"from transformers import AutoImageProcessor, {auto}"]
     if lora:

@@ -23,7 +23,9 @@ class LoadingPolicy:
     revision: str | None = None  # the hub revision (branch, tag or commit) of hub models loaded in the block
 
 
-_POLICY: contextvars.ContextVar[LoadingPolicy] = contextvars.ContextVar("visionlora_loading", default=LoadingPolicy())
+_DEFAULT_POLICY = LoadingPolicy()
+# The default is None (B039: no call in a ContextVar default); current_policy() falls back to _DEFAULT_POLICY.
+_POLICY: contextvars.ContextVar[LoadingPolicy | None] = contextvars.ContextVar("visionlora_loading", default=None)
 PICKLE_HINT = "pickled .bin weights can run code when loaded; pass --allow-pickle only if you trust the source"
 
 
@@ -40,7 +42,8 @@ def loading_policy(allow_pickle: bool = False, trust_remote_code: bool = False,
 
 
 def current_policy() -> LoadingPolicy:
-    return _POLICY.get()
+    policy = _POLICY.get()
+    return _DEFAULT_POLICY if policy is None else policy
 
 
 def load_pretrained(auto_class, ref: str, with_processor: bool = True, loading_check=None, **kwargs: Any):

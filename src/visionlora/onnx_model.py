@@ -42,7 +42,8 @@ class OnnxModel:
     def __call__(self, **inputs: Any) -> SimpleNamespace:
         feeds = {name: _array(inputs[name]) for name in self.input_names}
         outputs = self.session.run(self.output_names, feeds)
-        return SimpleNamespace(**{name: torch.from_numpy(np.asarray(value)) for name, value in zip(self.output_names, outputs)})
+        return SimpleNamespace(**{name: torch.from_numpy(np.asarray(value))
+                                  for name, value in zip(self.output_names, outputs)})
 
 
 def _array(tensor: torch.Tensor) -> np.ndarray:

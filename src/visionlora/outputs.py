@@ -107,5 +107,6 @@ def parse_float_between(low: float, high: float, name: str) -> Callable[[str], f
     return parse
 
 
-JSON_OUTPUT = OutputWriter("output", "write predictions to this JSON file (default: print them)", "FILE.json", write_json)
+JSON_OUTPUT = OutputWriter("output", "write predictions to this JSON file (default: print them)", "FILE.json",
+                           write_json)
 DRAWN_IMAGES = OutputWriter("save_images", "also save each image with its prediction drawn", "DIR", write_drawn_images)

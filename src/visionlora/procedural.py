@@ -41,7 +41,8 @@ SHAPES: dict[str, Callable[[], np.ndarray]] = {
     "pentagon": _regular(5),
     "hexagon": _regular(6),
     "star5": _regular(5, inner=0.45),
-    "cross": _polygon(-.3, -1, .3, -1, .3, -.3, 1, -.3, 1, .3, .3, .3, .3, 1, -.3, 1, -.3, .3, -1, .3, -1, -.3, -.3, -.3),
+    "cross": _polygon(-.3, -1, .3, -1, .3, -.3, 1, -.3, 1, .3, .3, .3, .3, 1, -.3, 1, -.3, .3, -1, .3,
+                      -1, -.3, -.3, -.3),
     "arrow": _polygon(-1, -.25, .2, -.25, .2, -.7, 1, 0, .2, .7, .2, .25, -1, .25),
     "ellipse": lambda: np.stack([np.cos(a := np.linspace(0, 2 * np.pi, 32, endpoint=False)), 0.5 * np.sin(a)], axis=1),
     "bar": _polygon(-1, -.22, 1, -.22, 1, .22, -1, .22),
@@ -216,7 +217,8 @@ def walker_image(rng: np.random.Generator, size: int = 64) -> tuple[Image.Image,
     draw.ellipse((hx - r, hy - r, hx + r, hy + r), fill=tuple(min(255, c + 60) for c in colour))
     for hand in ("left_hand", "right_hand"):
         x, y = points[index[hand]]
-        draw.ellipse((x - width, y - width, x + width, y + width), fill=(255 - colour[0], 255 - colour[1], 255 - colour[2]))
+        draw.ellipse((x - width, y - width, x + width, y + width),
+                     fill=(255 - colour[0], 255 - colour[1], 255 - colour[2]))
     return image, points
 
 

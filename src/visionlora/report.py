@@ -61,7 +61,8 @@ def _headline(summary: dict[str, Any]) -> str:
     headline = summary.get("headline") or {}
     value = headline.get("value")
     shown = f"{value:.4f}" if isinstance(value, float) else html.escape(str(value))
-    return (f"<p class='headline'>{html.escape(summary['main_metric'])} ({html.escape(headline.get('split', 'validation'))}): "
+    return (f"<p class='headline'>{html.escape(summary['main_metric'])} "
+            f"({html.escape(headline.get('split', 'validation'))}): "
             f"{shown}</p><p>best epoch {summary.get('best_epoch')} of {summary['training'].get('epochs_run')}</p>")
 
 
@@ -71,7 +72,8 @@ def _run_facts(summary: dict[str, Any]) -> list[tuple[str, Any]]:
              ("base revision", summary.get("base_revision")), ("epochs", training.get("epochs")),
              ("batch size", training.get("batch_size")), ("learning rate", training.get("lr")),
              ("precision", summary.get("mixed_precision")),
-             ("trainable parameters", f"{params['trainable']:,} of {params['total']:,} ({params['trainable_percent']}%)"),
+             ("trainable parameters",
+              f"{params['trainable']:,} of {params['total']:,} ({params['trainable_percent']}%)"),
              ("saved model", f"{sizes['saved_model_bytes'] / 1e6:.2f} MB"),
              ("wall time", f"{summary['time']['wall_seconds']:.1f} s"),
              ("train images / s", summary["time"].get("train_images_per_second"))]
@@ -84,7 +86,8 @@ def _run_facts(summary: dict[str, Any]) -> list[tuple[str, Any]]:
 
 def _data_facts(summary: dict[str, Any]) -> list[tuple[str, Any]]:
     data = summary["data"]
-    facts = [(f"{split} images", count) for split, count in data.get("counts", {}).items() if not isinstance(count, dict)]
+    facts = [(f"{split} images", count) for split, count in data.get("counts", {}).items()
+             if not isinstance(count, dict)]
     facts += [("skipped files", data.get("skipped_count", 0))]
     facts += [("note", note) for note in data.get("notes", [])]
     return facts
@@ -114,7 +117,8 @@ def _table(title: str, facts: Iterable[tuple[str, Any]]) -> str:
 def _csv_table(title: str, path: Path) -> str:
     rows = list(csv.reader(io.StringIO(path.read_text())))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td class='number'>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows[1:])
+    body = "".join("<tr>" + "".join(f"<td class='number'>{html.escape(c)}</td>" for c in row) + "</tr>"
+                   for row in rows[1:])
     return f"<h2>{html.escape(title)}</h2><table><tr>{head}</tr>{body}</table>"
 
 

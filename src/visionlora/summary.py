@@ -15,10 +15,10 @@ from visionlora.adapters import LoraSetup
 from visionlora.artifacts import RunPaths, atomic_write_bytes, atomic_write_json, folder_bytes, rows_csv
 from visionlora.checkpoint import Progress
 from visionlora.config import TrainConfig
-from visionlora.plots import save_training_plots
-from visionlora.runtime import peak_memory
 from visionlora.model_card import model_card
+from visionlora.plots import save_training_plots
 from visionlora.report import write_run_report
+from visionlora.runtime import peak_memory
 from visionlora.tasks.base import Datasets, ModelInfo, Task
 
 
@@ -56,7 +56,8 @@ def write_results(paths: RunPaths, task: Task, info: ModelInfo, facts: RunFacts,
     return summary
 
 
-def build_summary(paths: RunPaths, task: Task, facts: RunFacts, progress: Progress, early_stopped: bool) -> dict[str, Any]:
+def build_summary(paths: RunPaths, task: Task, facts: RunFacts, progress: Progress,
+                  early_stopped: bool) -> dict[str, Any]:
     """The summary of a finished run (see the README's 'What a run writes')."""
     cfg, data = facts.cfg, facts.data
     weights = next(iter(sorted(paths.model_dir.glob("*.safetensors"))), None)

@@ -94,7 +94,8 @@ def _write_coco(folder: Path, scenes, names) -> None:
                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
             })
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
-    (folder / "annotations.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    (folder / "annotations.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                         "categories": categories}))
 
 
 def _write_voc(folder: Path, scenes, names) -> None:
@@ -105,7 +106,8 @@ def _write_voc(folder: Path, scenes, names) -> None:
             f"<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
             for (x0, y0, x1, y1), label in zip(boxes, labels)
         )
-        xml = f"<annotation><filename>{file_name}</filename><size><width>{w}</width><height>{h}</height><depth>3</depth></size>{objects}</annotation>"
+        xml = (f"<annotation><filename>{file_name}</filename><size><width>{w}</width><height>{h}</height>"
+               f"<depth>3</depth></size>{objects}</annotation>")
         (folder / "annotations" / f"{Path(file_name).stem}.xml").write_text(xml)
 
 
@@ -114,7 +116,8 @@ def _write_yolo(folder: Path, scenes, names) -> None:
     (folder / "classes.txt").write_text("\n".join(names) + "\n")
     for file_name, (w, h), boxes, labels in scenes:
         lines = [
-            f"{names.index(label)} {(x0 + x1) / 2 / w:.8f} {(y0 + y1) / 2 / h:.8f} {(x1 - x0) / w:.8f} {(y1 - y0) / h:.8f}"
+            f"{names.index(label)} {(x0 + x1) / 2 / w:.8f} {(y0 + y1) / 2 / h:.8f} "
+            f"{(x1 - x0) / w:.8f} {(y1 - y0) / h:.8f}"
             for (x0, y0, x1, y1), label in zip(boxes, labels)
         ]
         (folder / "labels" / f"{Path(file_name).stem}.txt").write_text("\n".join(lines) + "\n")
@@ -123,7 +126,8 @@ def _write_yolo(folder: Path, scenes, names) -> None:
 # -- pose ----------------------------------------------------------------------------------
 POSE_KEYPOINTS = ["snout", "leftear", "rightear", "tailbase"]
 POSE_SKELETON = [["snout", "leftear"], ["snout", "rightear"], ["leftear", "tailbase"], ["rightear", "tailbase"]]
-POSE_COLOURS = {"snout": (230, 40, 40), "leftear": (240, 220, 40), "rightear": (240, 220, 40), "tailbase": (40, 90, 230)}
+POSE_COLOURS = {"snout": (230, 40, 40), "leftear": (240, 220, 40), "rightear": (240, 220, 40),
+                "tailbase": (40, 90, 230)}
 
 
 def pose_scene(rng: np.random.Generator, size: int = 96):
@@ -137,7 +141,8 @@ def pose_scene(rng: np.random.Generator, size: int = 96):
     axis = np.array([np.cos(angle), np.sin(angle)])
     side = np.array([-axis[1], axis[0]])
     snout, tail = centre + axis * length / 2, centre - axis * length / 2
-    left, right = centre + axis * length * 0.25 + side * length * 0.2, centre + axis * length * 0.25 - side * length * 0.2
+    left, right = (centre + axis * length * 0.25 + side * length * 0.2,
+                   centre + axis * length * 0.25 - side * length * 0.2)
     points = np.stack([snout, left, right, tail])
     draw.line((*tail, *snout), fill=(200, 200, 200), width=max(2, int(length * 0.25)))
     for name, (x, y) in zip(POSE_KEYPOINTS, points):
@@ -185,7 +190,8 @@ def _write_coco_keypoints(folder: Path, scenes, offset: int, unlabelled) -> None
                             "area": float((x1 - x0) * (y1 - y0))})
     skeleton = [[POSE_KEYPOINTS.index(a) + 1, POSE_KEYPOINTS.index(b) + 1] for a, b in POSE_SKELETON]
     categories = [{"id": 1, "name": "animal", "keypoints": POSE_KEYPOINTS, "skeleton": skeleton}]
-    (folder / "annotations.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    (folder / "annotations.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                         "categories": categories}))
 
 
 def _write_deeplabcut(root: Path, scenes, training_fraction: float, unlabelled) -> None:

@@ -104,8 +104,8 @@ class VideoWriter:
         import tempfile
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile(dir=self.path.parent, prefix=f".{self.path.stem}.", suffix=self.path.suffix,
-                                             delete=False)
+        handle = tempfile.NamedTemporaryFile(dir=self.path.parent, prefix=f".{self.path.stem}.",
+                                             suffix=self.path.suffix, delete=False)
         handle.close()
         self._temporary = Path(handle.name)
         if self.codec == "h264":

@@ -192,14 +192,16 @@ def read_coco_keypoints(path: Path) -> Part:
             image_where = f"{path}: image id {entry['id']}"
             records[key] = PoseRecord(str(resolve_image(root, entry["file_name"], image_where)), source=image_where)
         records[key].instances.append(PoseInstance(keypoints, box, ann.get("area")))
-    return Part(list(records.values()), names, "coco-keypoints", str(path), skipped=skipped, extra={"skeleton": skeleton})
+    return Part(list(records.values()), names, "coco-keypoints", str(path), skipped=skipped,
+                extra={"skeleton": skeleton})
 
 
 def _skeleton(path: Path, category: dict, count: int) -> list[list[int]]:
     """COCO skeletons are 1-based index pairs; return them 0-based, checked."""
     pairs = []
     for pair in category.get("skeleton") or []:
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(i, int) and 1 <= i <= count for i in pair)):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+                and all(isinstance(i, int) and 1 <= i <= count for i in pair)):
             raise VisionLoraError(f"{path}: skeleton entry {pair!r} must be two keypoint numbers from 1 to {count}")
         pairs.append([pair[0] - 1, pair[1] - 1])
     return pairs

@@ -47,7 +47,8 @@ def _config(path: Path) -> dict[str, Any]:
     if len(set(map(str, config["bodyparts"]))) != len(config["bodyparts"]):
         raise VisionLoraError(f"{path}: 'bodyparts' lists a name twice")
     if config.get("multianimalproject"):
-        raise VisionLoraError(f"{path}: multi-animal DeepLabCut projects are not supported; use a single-animal project")
+        raise VisionLoraError(f"{path}: multi-animal DeepLabCut projects are not supported; "
+                              "use a single-animal project")
     return config
 
 
@@ -100,7 +101,8 @@ def _read_table(root: Path, table: Path, names: list[str]) -> tuple[list[PoseRec
     return records, skipped
 
 
-def _columns(table: Path, bodyparts: list[str], coords: list[str], names: list[str], offset: int) -> list[tuple[int, int]]:
+def _columns(table: Path, bodyparts: list[str], coords: list[str], names: list[str],
+             offset: int) -> list[tuple[int, int]]:
     """Column numbers of (x, y) for each configured body part, in config order."""
     found: dict[str, dict[str, int]] = {}
     for position, (part, coord) in enumerate(zip(bodyparts, coords)):

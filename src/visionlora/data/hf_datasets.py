@@ -68,7 +68,8 @@ def _columns(split, data: str) -> tuple[str, str]:
 
 def _records(split, split_name: str, image_col: str, label_col: str) -> list[LabelledImage]:
     names = split.features[label_col].names
-    return [LabelledImage(DatasetRow(split, split_name, i, image_col), names[y]) for i, y in enumerate(split[label_col])]
+    return [LabelledImage(DatasetRow(split, split_name, i, image_col), names[y])
+            for i, y in enumerate(split[label_col])]
 
 
 def read_hf_classification(path: Path) -> Part:

@@ -46,7 +46,8 @@ def labelled_extent(keypoints: np.ndarray) -> list[float] | None:
     return [float(x0), float(y0), float(x1), float(y1)]
 
 
-def instance_box(record: PoseRecord, instance: PoseInstance, width: int, height: int, margin: float = 0.1) -> list[float]:
+def instance_box(record: PoseRecord, instance: PoseInstance, width: int, height: int,
+                 margin: float = 0.1) -> list[float]:
     """The crop box: the annotation's, the whole image, or the keypoints' extent plus a margin."""
     if record.whole_image:
         return [0.0, 0.0, float(width), float(height)]

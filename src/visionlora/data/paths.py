@@ -26,4 +26,5 @@ def resolve_image(root: Path, name: str, where: str, search: tuple[str, ...] = (
             if not candidate.resolve().is_relative_to(root):
                 raise VisionLoraError(f"{where}: image {name!r} is a link to outside the dataset folder {root}")
             return candidate
-    raise VisionLoraError(f"{where}: image {name!r} not found (looked in {root}{' and ' + str(root / 'images') if 'images' in search else ''})")
+    raise VisionLoraError(f"{where}: image {name!r} not found "
+                          f"(looked in {root}{' and ' + str(root / 'images') if 'images' in search else ''})")

@@ -8,9 +8,8 @@ here also works with ``VitPoseImageProcessor``; decoding is the processor's own
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -70,7 +69,8 @@ def _unbiased_warp(degrees: float, size_input: np.ndarray, size_dst: np.ndarray,
 
 def warp_image(image: np.ndarray, matrix: np.ndarray, input_size: tuple[int, int]) -> np.ndarray:
     """The crop as uint8 (H, W, 3); outside the image is black, as in the ViTPose processor."""
-    return cv2.warpAffine(image, matrix, input_size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.warpAffine(image, matrix, input_size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=0)
 
 
 def warp_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:

@@ -11,11 +11,11 @@ import math
 import random
 
 import cv2
-
-cv2.setNumThreads(0)  # OpenCV runs on the calling thread; its own pool would compete with torch's
 import numpy as np
 import torch
 from PIL import Image
+
+cv2.setNumThreads(0)  # OpenCV runs on the calling thread; its own pool would compete with torch's
 
 # Training images are cached a little larger than the model input, as in the classic
 # resize-256 / crop-224 recipe, so random crops keep detail.

@@ -24,7 +24,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_nam
     predicted_count = confusion.sum(dim=0).double()
     precision = torch.where(predicted_count > 0, true_positive / predicted_count.clamp(min=1), torch.zeros(()))
     recall = torch.where(support > 0, true_positive / support.clamp(min=1), torch.zeros(()))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), torch.zeros(()))
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
+                     torch.zeros(()))
     present = support > 0
     occurring = present | (predicted_count > 0)
     metrics["macro_f1"] = float(f1[occurring].mean()) if occurring.any() else 0.0
@@ -49,7 +50,8 @@ def per_class_rows(confusion: torch.Tensor, class_names: list[str]) -> list[dict
     """One row per class: images, precision, recall (= per-class accuracy) and F1."""
     rows = []
     for index, name in enumerate(class_names):
-        hits, support, predicted = int(confusion[index, index]), int(confusion[index].sum()), int(confusion[:, index].sum())
+        hits, support, predicted = (int(confusion[index, index]), int(confusion[index].sum()),
+                                    int(confusion[:, index].sum()))
         precision = hits / predicted if predicted else 0.0
         recall = hits / support if support else None
         f1 = 2 * precision * recall / (precision + recall) if recall and precision + recall > 0 else 0.0

@@ -9,7 +9,8 @@ from typing import Sequence
 import numpy as np
 
 
-def run_cocoeval(ground_truth: dict, results: list[dict], iou_type: str, keypoint_sigmas: Sequence[float] | None = None):
+def run_cocoeval(ground_truth: dict, results: list[dict], iou_type: str,
+                 keypoint_sigmas: Sequence[float] | None = None):
     """Evaluate, accumulate and summarise ``results`` against ``ground_truth`` (a COCO dataset dict).
 
     Returns the COCOeval object (``stats``, ``eval["precision"]``); its printout is swallowed.

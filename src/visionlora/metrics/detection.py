@@ -19,7 +19,8 @@ class ImageBoxes:
     scores: Sequence[float] | None = None
 
 
-def coco_ground_truth(targets: Sequence[ImageBoxes], label_names: Sequence[str], sizes: Sequence[tuple[int, int]]) -> dict:
+def coco_ground_truth(targets: Sequence[ImageBoxes], label_names: Sequence[str],
+                      sizes: Sequence[tuple[int, int]]) -> dict:
     """A COCO dataset dict (image ids 1..N, category ids 1..K) for the ground truth."""
     images = [{"id": i + 1, "height": int(h), "width": int(w)} for i, (h, w) in enumerate(sizes)]
     annotations = []
@@ -100,6 +101,7 @@ def detection_curves(targets: Sequence[ImageBoxes], predictions: Sequence[ImageB
         defined_here = instances[name] > 0 and (curves > -1).any()
         at50[name] = np.clip(curves[0], 0, None) if defined_here else None
         averaged[name] = np.clip(curves, 0, None).mean(axis=0) if defined_here else None
-        ap = [float(np.mean(c[c > -1])) if defined_here and (c > -1).any() else None for c in (curves, curves[0], curves[5])]
+        ap = [float(np.mean(c[c > -1])) if defined_here and (c > -1).any() else None
+              for c in (curves, curves[0], curves[5])]
         rows.append({"class": name, "instances": instances[name], "ap": ap[0], "ap50": ap[1], "ap75": ap[2]})
     return DetectionCurves(recall, at50, averaged, rows)

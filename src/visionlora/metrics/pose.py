@@ -72,7 +72,8 @@ def oks_average_precision(targets, points, scores, names, sigmas) -> dict:
 PCK_CURVE = np.round(np.linspace(0.0, 0.5, 51), 3)
 
 
-def keypoint_table(targets: Sequence[PoseTarget], points: np.ndarray, names: Sequence[str]) -> tuple[list[dict], np.ndarray]:
+def keypoint_table(targets: Sequence[PoseTarget], points: np.ndarray,
+                   names: Sequence[str]) -> tuple[list[dict], np.ndarray]:
     """Per-keypoint rows (labelled count, mean pixel error, PCK@0.05/0.1/0.2) and the overall PCK
     at each threshold of ``PCK_CURVE`` (fractions of each instance's reference size)."""
     truth = np.stack([t.keypoints for t in targets])
@@ -85,7 +86,8 @@ def keypoint_table(targets: Sequence[PoseTarget], points: np.ndarray, names: Seq
         row = {"keypoint": name, "labelled": int(mask.sum()),
                "pixel_error": float(relative[mask, k].mean()) if mask.any() else None}
         for threshold in PCK_THRESHOLDS:
-            row[f"pck@{threshold}"] = float((relative[mask, k] <= threshold * sizes[mask, 0]).mean()) if mask.any() else None
+            row[f"pck@{threshold}"] = (float((relative[mask, k] <= threshold * sizes[mask, 0]).mean())
+                                       if mask.any() else None)
         rows.append(row)
     curve = np.array([((relative <= t * sizes) & labelled).sum() / max(labelled.sum(), 1) for t in PCK_CURVE])
     return rows, curve

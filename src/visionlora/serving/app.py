@@ -167,7 +167,8 @@ def create_app(store: ModelStore, settings: ServeSettings) -> FastAPI:
             raise ApiError(400, str(err)) from None
         label = form.get("detector_label")
         if label is not None and label not in detector.info.labels:
-            raise ApiError(400, f"detector {detector.name!r} finds no label {label!r} (it finds: {', '.join(detector.info.labels)})")
+            raise ApiError(400, f"detector {detector.name!r} finds no label {label!r} "
+                                f"(it finds: {', '.join(detector.info.labels)})")
         found = await batcher_for(detector).submit(Job(images, {"threshold": threshold}, ()))
         return [[box["box"] for box in p["boxes"] if label is None or box["label"] == label] for p in found]
 

@@ -3,9 +3,10 @@
 A LoRA run's base is keyed by its resolved location (hub id, or the folder of a built-in
 model's saved base) plus the revision of its weights, its head size and the adapter's peft
 type, so a changed base is never silently shared and adapters of other peft types get a
-base copy of their own (peft cannot hold two types in one model). Full-mode runs are models of their own. Forwards on one base are
-serialised by that base's lock, with its adapter switched in first, so requests for
-different adapters never see each other's weights.
+base copy of their own (peft cannot hold two types in one model). Full-mode runs are
+models of their own. Forwards on one base are serialised by that base's lock, with its
+adapter switched in first, so requests for different adapters never see each other's
+weights.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ class ModelStore:
 
     def _attach(self, name: str, paths: RunPaths, task: Task, info: ModelInfo) -> SharedBase:
         if info.mode != "lora":
-            model = guarded_load(lambda: task.load_model(str(paths.model_dir), info), paths.model_dir, "the saved model")
+            model = guarded_load(lambda: task.load_model(str(paths.model_dir), info), paths.model_dir,
+                                 "the saved model")
             base = SharedBase(("full", str(paths.model_dir.resolve())), model.to(self.device).eval(), adapters={name})
             self.bases[base.key] = base
             return base

@@ -15,8 +15,8 @@ from visionlora.data.cache import CachePlan
 from visionlora.data.images import decode_all
 from visionlora.data.records import LabelledImage, Part, SourceData
 from visionlora.data.transforms import (
-    Normalizer,
     TRAIN_CACHE_SCALE,
+    Normalizer,
     RandomResizedCropFlip,
     processor_output_size,
     processor_pixels,

@@ -19,8 +19,8 @@ from visionlora.data.records import DetectionRecord, Part, SourceData, clean_box
 from visionlora.data.transforms import Normalizer, processor_pixels
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.detection import ImageBoxes, detection_curves, detection_metrics
-from visionlora.plots import precision_recall_plot
 from visionlora.outputs import Option, parse_float_between
+from visionlora.plots import precision_recall_plot
 from visionlora.tasks.base import Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
 from visionlora.timm_backbones import (
     check_backbone_loaded,
@@ -60,7 +60,8 @@ class DetectionTask(Task):
     dynamic_image_size = True
     predict_batch = 8
     predict_options = (
-        Option("threshold", "lowest score of a box kept (default 0.5)", parse_float_between(0, 1, "threshold"), 0.5, "SCORE"),
+        Option("threshold", "lowest score of a box kept (default 0.5)", parse_float_between(0, 1, "threshold"), 0.5,
+               "SCORE"),
     )
 
     # -- data -------------------------------------------------------------------------
@@ -73,7 +74,8 @@ class DetectionTask(Task):
         if not any(r.boxes for r in source.train):
             raise VisionLoraError(f"{source.description['train']}: no boxes in the training images")
         if not any(r.boxes for r in source.val):
-            raise VisionLoraError(f"{source.description['val']}: no boxes in the validation images, so mAP is undefined")
+            raise VisionLoraError(f"{source.description['val']}: no boxes in the validation images, "
+                                  "so mAP is undefined")
 
     def make_datasets(self, source: SourceData, processor, info: ModelInfo, cfg):
         """Also counts and lists the boxes dropped while reading and fitting them to the images."""
@@ -93,7 +95,8 @@ class DetectionTask(Task):
     def image_bytes(self, processor, info: ModelInfo) -> int:
         """Shortest/longest-edge resizes are costed at their largest (a longest x longest square)."""
         size = processor.size
-        longest = size.get("longest_edge") or max(size.get("height", 0), size.get("width", 0), size.get("shortest_edge", 0))
+        longest = size.get("longest_edge") or max(size.get("height", 0), size.get("width", 0),
+                                                  size.get("shortest_edge", 0))
         return int(longest) ** 2 * 3
 
     def sample_weights(self, dataset) -> list[float]:
@@ -236,7 +239,8 @@ class DetectionImages(SeededDataset):
 
     def __init__(self, images: StoredImages, records: list[DetectionRecord], label2id: dict[str, int], normalizer,
                  seed: int = 0):
-        self.images, self.records, self.label2id, self.normalizer, self.seed = images, records, label2id, normalizer, seed
+        self.images, self.records, self.label2id, self.normalizer, self.seed = (
+            images, records, label2id, normalizer, seed)
         self.dropped: list[dict[str, str]] = []
 
     def __len__(self) -> int:
@@ -282,7 +286,8 @@ class AugmentedDetection(DetectionImages):
                 A.Affine(scale=(0.8, 1.2), translate_percent=(-0.1, 0.1), p=0.5),
                 A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5),
             ],
-            bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], min_area=1.0, min_visibility=0.2, clip=True),
+            bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], min_area=1.0, min_visibility=0.2,
+                                     clip=True),
             seed=0,
         )
 
@@ -324,7 +329,8 @@ def _model_scale(processor, image: Image.Image) -> dict[str, Any]:
     """The processor's resize of ``image`` (uint8, CHW) and the scale from original pixels."""
     pixels = processor_pixels(processor, image)
     _, height, width = pixels.shape
-    return {"pixels": pixels, "scale": (width / image.width, height / image.height), "original_size": (image.height, image.width)}
+    return {"pixels": pixels, "scale": (width / image.width, height / image.height),
+            "original_size": (image.height, image.width)}
 
 
 def _fit_boxes(records: list[DetectionRecord], images: StoredImages) -> tuple[list[DetectionRecord], list[dict]]:
@@ -336,7 +342,8 @@ def _fit_boxes(records: list[DetectionRecord], images: StoredImages) -> tuple[li
         for box, label in zip(record.boxes, record.labels):
             cleaned = clean_box(box, width, height)
             if cleaned is None:
-                dropped.append({"annotation": record.source, "reason": f"box {box} lies outside the {width}x{height} image"})
+                dropped.append({"annotation": record.source,
+                                "reason": f"box {box} lies outside the {width}x{height} image"})
             else:
                 kept.boxes.append(cleaned)
                 kept.labels.append(label)

@@ -26,11 +26,11 @@ from visionlora.data.topdown import (
     warp_points,
 )
 from visionlora.data.transforms import Normalizer
+from visionlora.dlc_output import DLC_CSV, DLC_H5
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.pose import PCK_CURVE, PoseTarget, keypoint_table, pose_metrics
-from visionlora.plots import keypoint_error_plot, pck_curve_plot
-from visionlora.dlc_output import DLC_CSV, DLC_H5
 from visionlora.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option
+from visionlora.plots import keypoint_error_plot, pck_curve_plot
 from visionlora.tasks.base import Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
 from visionlora.visualize import draw_keypoints
 
@@ -96,8 +96,8 @@ class PoseTask(Task):
     unbounded_metrics = ("pixel_error", "mean_baseline_pixel_error")
     predict_options = (
         Option("boxes", 'boxes per image: a JSON file {"image.jpg": [[x0, y0, x1, y1], ...]} '
-               "(default: the whole image; an empty list: no instance)", read_boxes_file, None, "FILE.json", per_image=True,
-               parse_form=parse_boxes_field),
+               "(default: the whole image; an empty list: no instance)", read_boxes_file, None, "FILE.json",
+               per_image=True, parse_form=parse_boxes_field),
     )
     writers = (JSON_OUTPUT, DRAWN_IMAGES, DLC_CSV, DLC_H5)
 
@@ -134,7 +134,8 @@ class PoseTask(Task):
         decoded = decode_records(records, lambda im, rec: _eval_crops(im, rec, input_size), cache=cache,
                                  settings=f"pose-eval|{input_size}")
         mean = np.asarray(info.extra["mean_points"]) if info.extra.get("mean_points") else None
-        dataset = EvalCrops(Crops(decoded.items), Normalizer(processor), input_size, tuple(info.extra["heatmap_size"]), mean)
+        dataset = EvalCrops(Crops(decoded.items), Normalizer(processor), input_size, tuple(info.extra["heatmap_size"]),
+                            mean)
         dataset.cache_report = decoded.report
         return dataset, decoded.skipped
 
@@ -191,7 +192,8 @@ class PoseTask(Task):
             baseline = np.stack([c.from_input(dataset.mean_points) for c in crops])
             truth = np.stack([c.keypoints for c in crops])
             labelled = truth[..., 2] > 0
-            metrics["mean_baseline_pixel_error"] = float(np.linalg.norm(baseline - truth[..., :2], axis=-1)[labelled].mean())
+            metrics["mean_baseline_pixel_error"] = float(
+                np.linalg.norm(baseline - truth[..., :2], axis=-1)[labelled].mean())
         return metrics
 
     def diagnostics(self, dataset, indices, outputs, info: ModelInfo) -> Diagnostics:
@@ -301,7 +303,8 @@ def _training_crops(image: Image.Image, record: PoseRecord, input_size) -> list[
     for keypoints, box, reference, area in _instances(image, record):
         crop = crop_for_box(box, input_size)
         matrix = warp_matrix(CropBox(crop.center, crop.scale * CONTEXT), context_size)
-        crops.append(InstanceCrop(warp_image(array, matrix, context_size), matrix, crop, keypoints, box, reference, area))
+        crops.append(InstanceCrop(warp_image(array, matrix, context_size), matrix, crop, keypoints, box, reference,
+                                  area))
     return crops
 
 
@@ -390,7 +393,8 @@ class TrainingCrops(EvalCrops):
         return _item(pixels, points, labelled, self, index)
 
 
-def _item(pixels: np.ndarray, points: np.ndarray, labelled: np.ndarray, dataset: EvalCrops, index: int) -> dict[str, Any]:
+def _item(pixels: np.ndarray, points: np.ndarray, labelled: np.ndarray, dataset: EvalCrops,
+          index: int) -> dict[str, Any]:
     target, weight = encode_heatmaps(points, labelled, dataset.input_size, dataset.heatmap_wh)
     tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
     crop = dataset.instances[index].crop
