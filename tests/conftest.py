@@ -1,4 +1,4 @@
-"""Shared fixtures: generated image sets and a quick tiny-model config."""
+"""Shared fixtures: generated image sets, a quick tiny-model config, and the suite's process settings."""
 
 from __future__ import annotations
 
@@ -13,9 +13,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
+import torch  # noqa: E402
+
 from visionlora.config import TrainConfig  # noqa: E402
+from visionlora.runtime import cpu_bf16_feature  # noqa: E402
 from visionlora.synthetic import make_classification_folder  # noqa: E402
 from visionlora.tasks import get_task  # noqa: E402
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, each worker gets its share of the cores, and so do the processes it starts:
+    more threads than cores make OpenMP's spinning threads take turns, many times slower."""
+    workers = getattr(config, "workerinput", {}).get("workercount")
+    if workers and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    if workers:
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -30,7 +43,9 @@ def tiny_config(task: str, data: Path, output: Path, mode: str = "lora", **overr
     """The task preset with a tiny model, a short schedule and a learning rate for random weights."""
     settings = get_task(task).preset.settings(mode)
     settings.update(model="tiny", lr=1e-3)
-    values = dict(task=task, data=str(data), mode=mode, epochs=2, batch_size=8, output=str(output), progress=False)
+    # fp32 unless a test asks otherwise: ``auto`` would train in bf16 on some CPUs and fp32 on others
+    values = dict(task=task, data=str(data), mode=mode, epochs=2, batch_size=8, output=str(output), progress=False,
+                  mixed_precision="no")
     values.update(settings)
     values.update(overrides)
     return TrainConfig(**values).validate()
@@ -63,3 +78,43 @@ def vit_hub_home(tmp_path_factory) -> Path:
     model, processor = tiny_vit(["a", "b"], 32)
     fill_hub_cache(home, get_task("classification").preset.model, model, processor)
     return home
+
+
+# Modules whose tests take longest, started first so that the workers finish together.
+SLOW_MODULES = ("test_detection", "test_pretrained", "test_export", "test_serve", "test_detr_without_timm",
+                "test_compare", "test_reliability", "test_multiprocess", "test_classification_e2e")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        return SLOW_MODULES.index(module) if module in SLOW_MODULES else len(SLOW_MODULES)
+
+    items.sort(key=rank)  # stable: the order within a module is kept
+
+
+NATIVE_BF16 = cpu_bf16_feature() is not None or (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+needs_native_bf16 = pytest.mark.skipif(
+    not NATIVE_BF16, reason="learning quality under bf16 is checked where bf16 is native; here it is emulated")
+
+
+def assert_nested_close(actual, expected, tolerance: float = 1e-4, rounding: float = 0.0, where: str = "") -> None:
+    """``actual`` equals ``expected`` (nested dicts and lists), floats within ``tolerance``.
+
+    Floats above 1 (coordinates, which outputs round to ``rounding``) may also differ by one
+    rounding step. Use it where two paths may round differently: another batch composition,
+    another engine (onnxruntime) or another kernel choice.
+    """
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), where
+        for key in expected:
+            assert_nested_close(actual[key], expected[key], tolerance, rounding, f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), where
+        for index, (a, e) in enumerate(zip(actual, expected)):
+            assert_nested_close(a, e, tolerance, rounding, f"{where}[{index}]")
+    elif isinstance(expected, float):
+        allowed = max(tolerance, rounding + 1e-6 if abs(expected) > 1 else 0.0)
+        assert actual == pytest.approx(expected, abs=allowed), where
+    else:
+        assert actual == expected, where

@@ -32,7 +32,8 @@ def test_old_names_resolve_on_models_that_use_them():
 
 
 def test_unknown_target_lists_candidates(tiny_vit):
-    with pytest.raises(VisionLoraError, match=r"'qkv' matches no layer of ViTForImageClassification; candidates: .*q_proj"):
+    with pytest.raises(VisionLoraError,
+                       match=r"'qkv' matches no layer of ViTForImageClassification; candidates: .*q_proj"):
         resolve_target_modules(tiny_vit, ["qkv"])
 
 
@@ -46,7 +47,8 @@ def test_apply_lora_trains_adapters_and_head_only(tiny_vit):
     model, setup = apply_lora(tiny_vit, r=4, alpha=8, dropout=0.0, targets=["query", "value"], heads=["classifier"])
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name or "classifier.modules_to_save" in name for name in trainable)
-    assert setup.resolved == {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["classifier"], "adapted_layers": 4}
+    assert setup.resolved == {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["classifier"],
+                              "adapted_layers": 4}
     counts = parameter_counts(model)
     lora_params = 2 * 2 * (4 * 64 + 64 * 4)  # 2 layers x (q, v) x (A + B)
     assert counts["total"] == total_before + lora_params

@@ -166,7 +166,8 @@ def empty_dataset(tmp):
 
 
 def single_class(tmp):
-    return _train(_classes(tmp, ["red_disc"]), tmp), ("error", "found one class ('red_disc'); classification needs at least two")
+    return _train(_classes(tmp, ["red_disc"]), tmp), ("error", "found one class ('red_disc'); "
+                                                              "classification needs at least two")
 
 
 def unwritable_output(tmp):

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import read_data, tiny_config
 from visionlora.data.images import UnreadableImage, decode_all, load_rgb
 from visionlora.engine import train
 from visionlora.errors import VisionLoraError
 from visionlora.synthetic import classification_image, make_classification_folder
-from tests.conftest import read_data
-from tests.conftest import tiny_config
 
 
 def _jpeg_bytes(size=(40, 30), mode="RGB") -> bytes:
@@ -25,7 +24,8 @@ def _jpeg_bytes(size=(40, 30), mode="RGB") -> bytes:
 
 @pytest.fixture
 def folder_with_bad_files(tmp_path) -> Path:
-    root = make_classification_folder(tmp_path / "data", per_class_train=6, per_class_val=3, classes=["red_disc", "blue_disc"])
+    root = make_classification_folder(tmp_path / "data", per_class_train=6, per_class_val=3,
+                                      classes=["red_disc", "blue_disc"])
     ants = root / "train" / "red_disc"
     (ants / "truncated.jpg").write_bytes(_jpeg_bytes((200, 200))[:300])
     (ants / "empty.jpg").write_bytes(b"")
@@ -90,7 +90,8 @@ def test_decode_all_keeps_order_and_reports_skips(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"nope")
     result = decode_all([good, tmp_path / "bad.jpg", good], lambda im, _: im.size)
     assert list(result.items) == [(48, 48), (48, 48)] and result.kept == [0, 2]
-    assert result.skipped == [{"file": str(tmp_path / "bad.jpg"), "reason": "not a readable image (unknown format or empty file)"}]
+    assert result.skipped == [{"file": str(tmp_path / "bad.jpg"),
+                               "reason": "not a readable image (unknown format or empty file)"}]
 
 
 def test_flat_layout_is_split_by_seed_per_class(tmp_path):
@@ -127,7 +128,8 @@ def test_saved_hugging_face_dataset_folder(tmp_path):
 
 
 def test_empty_class_folder_is_a_clear_error(tmp_path):
-    root = make_classification_folder(tmp_path / "d", per_class_train=3, per_class_val=1, classes=["red_disc", "blue_disc"])
+    root = make_classification_folder(tmp_path / "d", per_class_train=3, per_class_val=1,
+                                      classes=["red_disc", "blue_disc"])
     (root / "train" / "green_disc").mkdir()
     with pytest.raises(VisionLoraError, match=r"green_disc.*holds no images"):
         read_data("classification", str(root), None, seed=0, val_fraction=0.2)
@@ -140,7 +142,8 @@ def test_a_single_class_is_a_clear_error(tmp_path):
 
 
 def test_validation_class_unknown_to_training_is_a_clear_error(tmp_path):
-    root = make_classification_folder(tmp_path / "d", per_class_train=3, per_class_val=1, classes=["red_disc", "blue_disc"])
+    root = make_classification_folder(tmp_path / "d", per_class_train=3, per_class_val=1,
+                                      classes=["red_disc", "blue_disc"])
     make_classification_folder(tmp_path / "v", per_class_train=0, per_class_val=1, classes=["green_disc", "red_disc"])
     with pytest.raises(VisionLoraError, match="validation classes not in training: green_disc"):
         read_data("classification", str(root / "train"), str(tmp_path / "v"), seed=0, val_fraction=0.2)

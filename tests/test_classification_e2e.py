@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 import visionlora
+from tests.conftest import needs_native_bf16, tiny_config
+from tests.readme import run_snippet
 from visionlora.cli import main
 from visionlora.engine import train
 from visionlora.inference import LoadedRun
 from visionlora.tasks import get_task
-from tests.conftest import tiny_config
-from tests.readme import run_snippet
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,11 @@ def test_summary_records_resolved_targets_sizes_and_metrics(trained_runs):
     assert summary["sizes"]["weights_file_bytes"] < summary["sizes"]["base_model_bytes"]
     assert set(summary["metrics"]) >= {"accuracy", "macro_f1", "per_class_accuracy", "loss"}
     assert summary["data"]["counts"]["train"] == 64 and summary["data"]["counts"]["val"] == 24
-    assert summary["memory"]["peak_rss_bytes"] > 0 and summary["time"]["wall_seconds"] > 0
+    import resource
+
+    peak_so_far = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert summary["sizes"]["base_model_bytes"] < summary["memory"]["peak_rss_bytes"] <= peak_so_far
+    assert summary["time"]["wall_seconds"] >= summary["time"]["train_seconds"] > 0
     assert {"torch", "transformers", "peft"} <= set(summary["versions"])
     full_summary = json.loads(trained_runs["full"].paths.summary.read_text())
     assert full_summary["lora"] is None and full_summary["parameters"]["trainable_percent"] == 100
@@ -100,7 +104,8 @@ def test_run_folder_layout_and_plots(trained_runs, mode):
     paths = trained_runs[mode].paths
     suffix = "_lora" if mode == "lora" else ""
     model_files = {p.name for p in (paths.root / f"trained_model{suffix}").iterdir()}
-    expected = {"adapter_model.safetensors", "adapter_config.json"} if mode == "lora" else {"model.safetensors", "config.json"}
+    expected = ({"adapter_model.safetensors", "adapter_config.json"} if mode == "lora"
+                else {"model.safetensors", "config.json"})
     assert expected | {"preprocessor_config.json", "visionlora.json"} <= model_files
     results = paths.root / f"training_results{suffix}"
     for plot in ("loss.png", "metrics.png"):
@@ -113,11 +118,18 @@ def test_run_folder_layout_and_plots(trained_runs, mode):
     assert info["id2label"]["0"] == "blue_disc" and info["label2id"]["yellow_disc"] == 3
 
 
-@pytest.mark.parametrize("precision", ["bf16", "no"])
+def learnable_task_accuracy(data: Path, tmp_path: Path, seed: int = 0, precision: str = "no") -> float:
+    """Validation accuracy of the tiny ViT fine-tuned in full for 6 epochs on the colour classes."""
+    cfg = tiny_config("classification", data, tmp_path / "run", mode="full", epochs=6, mixed_precision=precision,
+                      seed=seed)
+    return train(cfg).summary["metrics"]["accuracy"]
+
+
+@pytest.mark.parametrize("precision", [pytest.param("bf16", marks=needs_native_bf16), "no"])
 def test_learnable_task_reaches_high_accuracy(class_folder, tmp_path, precision):
-    result = train(tiny_config("classification", class_folder, tmp_path / "run", mode="full", epochs=6,
-                               mixed_precision=precision))
-    assert result.summary["metrics"]["accuracy"] >= 0.9
+    # Measured over seeds 0-4 (scripts/test_margins.py): 1.000 on every seed, fp32 and bf16, with the
+    # detected kernels (AVX-512) and with ATEN_CPU_CAPABILITY=default. Chance is 0.25.
+    assert learnable_task_accuracy(class_folder, tmp_path, precision=precision) >= 0.9
 
 
 def test_readme_snippet_loads_the_adapter_with_plain_peft(trained_runs, class_folder):
@@ -144,10 +156,38 @@ def test_early_stopping_ends_a_run_that_stops_improving(class_folder, tmp_path):
     assert result.summary["training"]["epochs_run"] == 2 and result.summary["best_epoch"] == 1
 
 
-def test_bf16_mixed_precision_trains(class_folder, tmp_path):
-    result = train(tiny_config("classification", class_folder, tmp_path / "run", epochs=1, mixed_precision="bf16"))
-    assert result.summary["training"]["mixed_precision"] == "bf16"
-    assert visionlora.load(result.paths.root).predict(_val_images(class_folder)[:2])[0]["label"]
+def _linear_output_dtypes_while_training(monkeypatch) -> set:
+    """The dtypes of every Linear layer's output in the training steps' forward passes, as they run."""
+    from visionlora.tasks.classification import ClassificationTask
+
+    seen, original = set(), ClassificationTask.loss
+
+    def observed(self, model, batch, info):
+        layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        hooks = [layer.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype)) for layer in layers]
+        try:
+            return original(self, model, batch, info)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    monkeypatch.setattr(ClassificationTask, "loss", observed)
+    return seen
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("no", torch.float32)])
+def test_mixed_precision_runs_the_forward_pass_in_it_and_learns(class_folder, tmp_path, monkeypatch, precision, dtype):
+    """Holds where bf16 is native and where it is emulated: the layers compute in bf16, the loss
+    falls, and the reloaded run predicts exactly as the trained model (both in fp32)."""
+    seen = _linear_output_dtypes_while_training(monkeypatch)
+    result = train(tiny_config("classification", class_folder, tmp_path / "run", epochs=3, mixed_precision=precision))
+    assert seen == {dtype}
+    assert result.summary["mixed_precision"] == precision.replace("no", "fp32")
+    losses = [float(line.split(",")[1]) for line in result.paths.history.read_text().splitlines()[1:]]
+    assert losses[-1] < 0.9 * losses[0], losses
+    images = _val_images(class_folder)[:8]
+    trained = LoadedRun(result.paths, get_task("classification"), result.model.eval(), result.processor, result.info)
+    assert visionlora.load(result.paths.root).predict(images) == trained.predict(images)
 
 
 def test_bf16_lora_trains_frozen_weights_in_bf16_and_gives_them_back_in_fp32(class_folder, tmp_path):
@@ -190,4 +230,5 @@ def test_the_model_card_is_real_and_its_numbers_are_the_summarys(trained_runs, m
     snippet = text.split("With transformers")[1].split("```python")[1].split("```")[0]
     namespace: dict = {}
     exec(compile(snippet, "model card snippet", "exec"), namespace)  # runs as written
-    assert namespace["model"].config.num_labels == len(result.info.labels) and namespace["processor"] is not None
+    assert namespace["model"].config.num_labels == len(result.info.labels)
+    assert namespace["processor"].to_dict() == result.processor.to_dict()

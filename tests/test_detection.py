@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import visionlora
+from tests.conftest import SHARED_DATASETS, needs_native_bf16, read_data, tiny_config
+from tests.readme import run_snippet
 from visionlora.cli import main
 from visionlora.data.formats import read_part
 from visionlora.engine import train
@@ -19,9 +21,6 @@ from visionlora.inference import LoadedRun
 from visionlora.metrics.detection import ImageBoxes, coco_detections, coco_ground_truth, detection_metrics
 from visionlora.synthetic import DETECTION_FORMATS, make_detection_dataset
 from visionlora.tasks import get_task
-from tests.conftest import read_data
-from tests.conftest import SHARED_DATASETS, tiny_config
-from tests.readme import run_snippet
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +54,8 @@ def test_train_evaluate_predict_reload_identical_boxes(detection_runs, boxes_fol
     assert len(after) == len(images) and all(p["boxes"] for p in after)
     for a, b in zip(before, after):
         assert [x["label"] for x in a["boxes"]] == [x["label"] for x in b["boxes"]]
-        assert torch.allclose(torch.tensor([x["box"] for x in a["boxes"]]), torch.tensor([x["box"] for x in b["boxes"]]), atol=0.02)
+        assert torch.allclose(torch.tensor([x["box"] for x in a["boxes"]]),
+                              torch.tensor([x["box"] for x in b["boxes"]]), atol=0.02)
         assert [x["score"] for x in a["boxes"]] == pytest.approx([x["score"] for x in b["boxes"]], abs=1e-5)
 
     evaluated = reloaded.evaluate()["metrics"]
@@ -67,7 +67,8 @@ def test_train_evaluate_predict_reload_identical_boxes(detection_runs, boxes_fol
                  "--save-images", str(drawings)]) == 0
     from_cli = json.loads(out.read_text())
     assert [b["label"] for b in from_cli[0]["boxes"]] == [b["label"] for b in after[0]["boxes"]]
-    assert [b["score"] for b in from_cli[0]["boxes"]] == pytest.approx([b["score"] for b in after[0]["boxes"]], abs=1e-5)
+    assert [b["score"] for b in from_cli[0]["boxes"]] == pytest.approx([b["score"] for b in after[0]["boxes"]],
+                                                                      abs=1e-5)
     assert (drawings / f"{images[0].stem}.png").is_file()
 
 
@@ -109,7 +110,7 @@ def test_the_three_formats_read_to_the_same_records(tmp_path):
         read[fmt] = [(Path(r.image).name, r.labels, r.boxes) for r in data.train + data.val]
         assert data.description["format"] == fmt
     for fmt in ("voc", "yolo"):
-        assert [(n, l) for n, l, _ in read[fmt]] == [(n, l) for n, l, _ in read["coco"]]
+        assert [(n, labels) for n, labels, _ in read[fmt]] == [(n, labels) for n, labels, _ in read["coco"]]
         for (_, _, a), (_, _, b) in zip(read[fmt], read["coco"]):
             assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
 
@@ -120,15 +121,21 @@ def test_a_coco_file_path_and_a_seeded_split(tmp_path):
     assert len(data.train) == 8 and len(data.val) == 2
 
 
-@pytest.mark.parametrize("precision", ["bf16", "no"])
-def test_tiny_detector_fits_a_handful_of_images(tmp_path, precision):
-    # RT-DETRv2, the detector recommended for small data; DETR needs many times more epochs.
-    root = make_detection_dataset(tmp_path / "fit", "coco", n_train=8, n_val=1, max_objects=1)
+def detector_fit_map50(tmp_path: Path, seed: int = 0, precision: str = "no") -> float:
+    """mAP50 of tiny RT-DETRv2 (the detector recommended for small data; DETR needs many times
+    more epochs) fine-tuned in full on 8 one-box images and scored on the same images."""
+    root = make_detection_dataset(tmp_path / "fit", "coco", n_train=8, n_val=1, max_objects=1, seed=seed)
     cfg = tiny_config("detection", root / "train", tmp_path / "run", mode="full", model="tiny-rtdetr", epochs=60,
                       batch_size=4, val_data=str(root / "train"), augment=False, warmup_ratio=0.05,
-                      mixed_precision=precision)
-    metrics = train(cfg).summary["metrics"]
-    assert metrics["map50"] > 0.3  # random boxes score about 0
+                      mixed_precision=precision, seed=seed)
+    return train(cfg).summary["metrics"]["map50"]
+
+
+@pytest.mark.parametrize("precision", [pytest.param("bf16", marks=needs_native_bf16), "no"])
+def test_tiny_detector_fits_a_handful_of_images(tmp_path, precision):
+    # Random boxes score about 0. Measured over seeds 0-4 (scripts/test_margins.py), fp32: 0.485-0.832 with
+    # the detected kernels (AVX-512), 0.543-0.834 with ATEN_CPU_CAPABILITY=default; bf16: 0.463-0.958, 0.505-0.752.
+    assert detector_fit_map50(tmp_path, precision=precision) > 0.3
 
 
 def test_our_map_equals_pycocotools_cocoeval():
@@ -163,7 +170,8 @@ def test_perfect_predictions_score_one():
     targets = [ImageBoxes([[10, 10, 50, 40]], [0]), ImageBoxes([[5, 5, 20, 30], [30, 30, 60, 60]], [1, 0])]
     predictions = [ImageBoxes(t.boxes, t.labels, [0.9] * len(t.boxes)) for t in targets]
     metrics = detection_metrics(targets, predictions, ["a", "b"], [(64, 64), (64, 64)])
-    assert metrics["map"] == pytest.approx(1.0) and metrics["per_class_ap"] == {"a": pytest.approx(1.0), "b": pytest.approx(1.0)}
+    assert metrics["map"] == pytest.approx(1.0) and metrics["per_class_ap"] == {"a": pytest.approx(1.0),
+                                                                                "b": pytest.approx(1.0)}
 
 
 # -- reader errors and repairs -----------------------------------------------------------
@@ -174,7 +182,8 @@ def _coco(tmp_path: Path, images, annotations, categories=({"id": 1, "name": "th
 
     for entry in images:
         if not entry.get("missing"):
-            Image.new("RGB", (entry.get("width", 64), entry.get("height", 48))).save(folder / "images" / entry["file_name"])
+            Image.new("RGB", (entry.get("width", 64), entry.get("height", 48))).save(
+                folder / "images" / entry["file_name"])
     data = {"images": [{k: v for k, v in e.items() if k != "missing"} for e in images],
             "annotations": list(annotations), "categories": list(categories)}
     (folder / "annotations.json").write_text(json.dumps(data))
@@ -248,7 +257,9 @@ def test_raccoon_voc_photos_train_end_to_end(tmp_path):
     counts = result.summary["data"]["counts"]
     assert counts["train"] == 160 and counts["val"] == 40
     assert counts["train_boxes"] + counts["val_boxes"] == 217
-    assert 0.0 <= result.summary["metrics"]["map"] <= 1.0
+    # in batches of 8 as in training: the photos differ in size, and a batch pads them to its largest
+    evaluated = visionlora.load(result.paths.root).evaluate(batch_size=8)["metrics"]
+    assert evaluated["map"] == pytest.approx(result.summary["metrics"]["map"], abs=1e-6)
 
 
 def test_a_timm_backbone_visionlora_cannot_convert_is_a_clear_error(tmp_path):
@@ -258,6 +269,7 @@ def test_a_timm_backbone_visionlora_cannot_convert_is_a_clear_error(tmp_path):
 
     if importlib.util.find_spec("timm") is not None:
         pytest.skip("timm is installed here")
-    DetrConfig(use_timm_backbone=True, backbone="efficientnet_b0", use_pretrained_backbone=False).save_pretrained(tmp_path)
+    DetrConfig(use_timm_backbone=True, backbone="efficientnet_b0",
+               use_pretrained_backbone=False).save_pretrained(tmp_path)
     with pytest.raises(VisionLoraError, match="needs timm .pip install timm.; without timm, visionlora loads DETR"):
         get_task("detection").checkpoint(str(tmp_path))

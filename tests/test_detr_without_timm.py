@@ -92,7 +92,8 @@ def _reference_resnet18(x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> to
             out = bn(F.conv2d(out, tensors[f"{name}.conv2.weight"], padding=1), f"{name}.bn2")
             identity = x
             if f"{name}.downsample.0.weight" in tensors:
-                identity = bn(F.conv2d(x, tensors[f"{name}.downsample.0.weight"], stride=stride), f"{name}.downsample.1")
+                identity = bn(F.conv2d(x, tensors[f"{name}.downsample.0.weight"], stride=stride),
+                              f"{name}.downsample.1")
             x = F.relu(out + identity)
     return x
 
@@ -121,31 +122,30 @@ def test_the_timm_checkpoint_loads_with_every_backbone_weight_and_the_same_featu
 
 
 def test_the_default_detector_trains_offline_without_timm(hub_layout, tmp_path):
-    from tests.conftest import fill_hub_cache
+    """Through the hub id, offline: train in both modes, then predict, in one fresh process."""
+    import shutil
 
     home = tmp_path / "hf_home"
     repo = home / "hub" / "models--facebook--detr-resnet-50"
     snapshot = repo / "snapshots" / ("1" * 40)
     snapshot.parent.mkdir(parents=True)
-    import shutil
-
     shutil.copytree(hub_layout["folder"], snapshot)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("1" * 40)
-    del fill_hub_cache
     data = make_detection_dataset(tmp_path / "boxes", "coco", n_train=6, n_val=2)
+    image = next((data / "val" / "images").glob("*.png"))
+    commands = [["train", "--task", "detection", "--data", str(data), "--epochs", "1", "--mode", mode, "--no-progress",
+                 "--output", str(tmp_path / mode)] for mode in ("full", "lora")]
+    commands.append(["predict", str(tmp_path / "lora"), str(image), "--threshold", "0",
+                     "--output", str(tmp_path / "boxes.json")])
+    script = ("import json, sys\nfrom visionlora.cli import main\n"
+              "for argv in json.loads(sys.argv[1]):\n    print('exit code', main(argv), flush=True)\n")
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "VISIONLORA_CACHE": str(tmp_path / "cache")}
-    for mode in ("full", "lora"):
-        completed = subprocess.run(
-            [sys.executable, "-m", "visionlora", "train", "--task", "detection", "--data", str(data), "--epochs", "1",
-             "--mode", mode, "--no-progress", "--output", str(tmp_path / mode)],
-            capture_output=True, text=True, timeout=300, env=env)
-        assert completed.returncode == 0, completed.stderr[-2000:]
-        assert "model facebook/detr-resnet-50" in completed.stdout
+    completed = subprocess.run([sys.executable, "-c", script, json.dumps(commands)], capture_output=True, text=True,
+                               timeout=300, env=env)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.count("exit code 0") == 3, completed.stdout[-2000:] + completed.stderr[-2000:]
+    assert completed.stdout.count("model facebook/detr-resnet-50") == 2
     summary = json.loads((tmp_path / "lora" / "training_results_lora" / "training_summary.json").read_text())
     assert summary["base_model"] == "facebook/detr-resnet-50" and summary["base_revision"] == "1" * 40
-    image = next((data / "val" / "images").glob("*.png"))
-    predicted = subprocess.run([sys.executable, "-m", "visionlora", "predict", str(tmp_path / "lora"), str(image),
-                                "--threshold", "0"], capture_output=True, text=True, timeout=300, env=env)
-    assert predicted.returncode == 0, predicted.stderr[-2000:]
-    assert json.loads(predicted.stdout)[0]["boxes"]
+    assert json.loads((tmp_path / "boxes.json").read_text())[0]["boxes"]

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 import visionlora
+from tests.conftest import assert_nested_close, tiny_config
 from visionlora.cli import main
 from visionlora.engine import train
 from visionlora.export import export_run
 from visionlora.serving.models import ModelStore
 from visionlora.synthetic import make_detection_dataset, make_pose_dataset
-from tests.conftest import tiny_config
 
 CASES = {
     "classification-lora": ("classification", "lora", "tiny"),
@@ -56,18 +56,7 @@ def _images(task: str, data: Path) -> list[Path]:
 
 
 def _close(a, b, tolerance=1e-4):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            _close(a[key], b[key], tolerance)
-    elif isinstance(a, list):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _close(x, y, tolerance)
-    elif isinstance(a, float):
-        assert a == pytest.approx(b, abs=max(tolerance, 0.011 if abs(a) > 1 else 0))  # coordinates print 2 decimals
-    else:
-        assert a == b
+    assert_nested_close(a, b, tolerance, rounding=0.01)  # coordinates print 2 decimals
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -84,7 +73,8 @@ def test_merged_export_loads_with_plain_transformers_and_predicts_alike(exports,
     images = [Image.open(p).convert("RGB") for p in exports[case]["images"]]
     with torch.no_grad():
         batch = run.task.model_inputs([item.pixel_values for i, im in enumerate(images)
-                                       for item in run.task.predict_inputs(im, i, run.processor, run.info, {"boxes": None, "threshold": 0.5})])
+                                       for item in run.task.predict_inputs(im, i, run.processor, run.info,
+                                                                           {"boxes": None, "threshold": 0.5})])
         plain = model(**batch, **run.info.forward_kwargs)
         adapter = run.model(**batch, **run.info.forward_kwargs)
     for name in run.task.output_names:
@@ -114,7 +104,8 @@ def test_onnx_detr_takes_other_batch_sizes_and_image_shapes(exports, tmp_path):
     run = visionlora.load(exports["detection-lora"]["run"])
     onnx = visionlora.load(exports["detection-lora"]["onnx"])
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((48, 96), (80, 60), (64, 64))]
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+              for h, w in ((48, 96), (80, 60), (64, 64))]
     _close(onnx.predict(images, threshold=0.0), run.predict(images, threshold=0.0), tolerance=1e-3)
 
 
@@ -140,8 +131,10 @@ def test_bad_exports_are_one_line_and_leave_nothing(exports, tmp_path, capsys, m
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and text in lines[0], lines
 
-    one_line(["export", run, "--output", str(tmp_path / "a"), "--format", "tflite"], "--format 'tflite': choose one of merged, onnx")
-    one_line(["export", run, "--output", str(exports["classification-full"]["merged"])], "pass --overwrite to replace it")
+    one_line(["export", run, "--output", str(tmp_path / "a"), "--format", "tflite"],
+             "--format 'tflite': choose one of merged, onnx")
+    one_line(["export", run, "--output", str(exports["classification-full"]["merged"])],
+             "pass --overwrite to replace it")
     (tmp_path / "unfinished" / "checkpoint").mkdir(parents=True)
     (tmp_path / "unfinished" / "checkpoint" / "progress.json").write_text('{"completed_epochs": 1, "batches_done": 0}')
     one_line(["export", str(tmp_path / "unfinished"), "--output", str(tmp_path / "b")], "the run did not complete")
@@ -151,5 +144,6 @@ def test_bad_exports_are_one_line_and_leave_nothing(exports, tmp_path, capsys, m
 
     monkeypatch.setattr(torch.onnx, "export", refuses)
     one_line(["export", run, "--output", str(tmp_path / "c"), "--format", "onnx"],
-             "ViTForImageClassification: the ONNX exporter cannot handle this model: Exporting the operator 'aten::fancy_op'")
+             "ViTForImageClassification: the ONNX exporter cannot handle this model: "
+             "Exporting the operator 'aten::fancy_op'")
     assert not (tmp_path / "c").exists() and not list(tmp_path.glob(".c*"))

@@ -14,29 +14,35 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from tests.conftest import read_data
 from visionlora.data.formats import read_part
 from visionlora.data.images import UnreadableImage, load_rgb
 from visionlora.errors import VisionLoraError
-from tests.conftest import read_data
 
 EXAMPLES = int(os.environ.get("VISIONLORA_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True, allow_infinity=True),
                     st.text(max_size=8), st.sampled_from(["a.png", "b.png", "../x.png", "/etc/passwd", ""]))
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
+values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
 maybe = lambda strategy: st.one_of(strategy, values)  # noqa: E731
 
-coco_image = st.fixed_dictionaries({"id": maybe(st.integers(0, 3)), "file_name": maybe(st.sampled_from(["a.png", "b.png", "missing.png"]))},
+coco_image = st.fixed_dictionaries({"id": maybe(st.integers(0, 3)),
+                                    "file_name": maybe(st.sampled_from(["a.png", "b.png", "missing.png"]))},
                                    optional={"width": values, "height": values})
 coco_annotation = st.fixed_dictionaries(
     {"image_id": maybe(st.integers(0, 3)), "category_id": maybe(st.integers(0, 3))},
     optional={"id": values, "bbox": maybe(st.lists(st.floats(-50, 200), min_size=3, max_size=5)), "iscrowd": values,
-              "keypoints": maybe(st.lists(st.one_of(st.floats(-10, 100), st.integers(0, 2)), max_size=14)), "area": values},
+              "keypoints": maybe(st.lists(st.one_of(st.floats(-10, 100), st.integers(0, 2)), max_size=14)),
+              "area": values},
 )
 coco_category = st.fixed_dictionaries({"id": maybe(st.integers(0, 3)), "name": maybe(st.text(max_size=5))},
                                       optional={"keypoints": maybe(st.lists(st.text(max_size=4), max_size=4)),
-                                                "skeleton": maybe(st.lists(st.lists(st.integers(-1, 5), max_size=3), max_size=3))})
+                                                "skeleton": maybe(st.lists(st.lists(st.integers(-1, 5), max_size=3),
+                                                                           max_size=3))})
 coco_document = st.one_of(
     st.fixed_dictionaries({"images": maybe(st.lists(coco_image, max_size=4)),
                            "annotations": maybe(st.lists(coco_annotation, max_size=5)),
@@ -72,12 +78,14 @@ def test_coco_reader(document, raw, text):
 voc_object = st.builds(
     lambda name, box: f"<object><name>{name}</name><bndbox>" + "".join(
         f"<{tag}>{value}</{tag}>" for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), box)) + "</bndbox></object>",
-    st.text(alphabet="abc <&>", max_size=4), st.lists(st.one_of(st.floats(-10, 100), st.text(max_size=3)), min_size=0, max_size=4),
+    st.text(alphabet="abc <&>", max_size=4),
+    st.lists(st.one_of(st.floats(-10, 100), st.text(max_size=3)), min_size=0, max_size=4),
 )
 
 
 @FUZZ
-@given(filename=st.sampled_from(["a.png", "b.png", "nope.png", "../a.png", ""]), objects=st.lists(voc_object, max_size=3),
+@given(filename=st.sampled_from(["a.png", "b.png", "nope.png", "../a.png", ""]),
+       objects=st.lists(voc_object, max_size=3),
        size=st.lists(st.text(alphabet="0123456789-x.", max_size=4), min_size=2, max_size=2), garbage=st.booleans())
 def test_voc_reader(filename, objects, size, garbage):
     with _folder_with_images() as tmp:
@@ -89,7 +97,8 @@ def test_voc_reader(filename, objects, size, garbage):
 
 
 @FUZZ
-@given(lines=st.lists(st.lists(st.one_of(st.integers(-2, 4), st.floats(-1, 2), st.text(alphabet="ab.-e", max_size=3)), max_size=7), max_size=4),
+@given(lines=st.lists(st.lists(st.one_of(st.integers(-2, 4), st.floats(-1, 2), st.text(alphabet="ab.-e", max_size=3)),
+                               max_size=7), max_size=4),
        names=st.one_of(st.text(max_size=20), st.just("names: [a, b]\n"), st.just("names: {0: a}\n")),
        names_file=st.sampled_from(["classes.txt", "data.yaml", "obj.names"]), stem=st.sampled_from(["a", "b", "zzz"]))
 def test_yolo_reader(lines, names, names_file, stem):
@@ -105,7 +114,8 @@ def test_yolo_reader(lines, names, names_file, stem):
 @given(bodyparts=st.one_of(st.lists(st.text(alphabet="abc", min_size=1, max_size=3), max_size=3), values),
        header=st.lists(st.lists(st.text(alphabet="scorerbodypartsxy,", max_size=8), max_size=5), max_size=3),
        rows=st.lists(st.lists(st.one_of(st.text(alphabet="0123456789.-nan", max_size=5),
-                                        st.sampled_from(["labeled-data/v/a.png", "a.png", "../../x.png", ""])), max_size=6), max_size=4),
+                                        st.sampled_from(["labeled-data/v/a.png", "a.png", "../../x.png", ""])),
+                               max_size=6), max_size=4),
        fraction=values)
 def test_deeplabcut_reader(bodyparts, header, rows, fraction):
     import yaml
@@ -122,7 +132,8 @@ def test_deeplabcut_reader(bodyparts, header, rows, fraction):
 
 
 @FUZZ
-@given(names=st.lists(st.text(min_size=1, max_size=12).filter(lambda n: "/" not in n and "\x00" not in n and n not in (".", "..")),
+@given(names=st.lists(st.text(min_size=1, max_size=12).filter(lambda n: "/" not in n and "\x00" not in n
+                                                                        and n not in (".", "..")),
                       min_size=1, max_size=4, unique=True),
        contents=st.lists(st.binary(max_size=64), min_size=1, max_size=4))
 def test_imagefolder_reader_and_image_decoding(names, contents):

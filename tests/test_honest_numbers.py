@@ -7,11 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 import visionlora
+from tests.conftest import read_data, tiny_config
 from visionlora.engine import train
 from visionlora.synthetic import make_classification_folder, make_detection_dataset
-from tests.conftest import read_data, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -67,36 +68,57 @@ def test_init_from_continues_with_the_same_starting_metrics(class_folder, tmp_pa
 
 
 def test_init_from_a_full_run_with_other_labels_resizes_the_head(class_folder, tmp_path):
-    train(tiny_config("classification", class_folder, tmp_path / "first", mode="full", epochs=1))
+    first = train(tiny_config("classification", class_folder, tmp_path / "first", mode="full", epochs=1)).model
     fewer = make_classification_folder(tmp_path / "fewer", per_class_train=6, per_class_val=2,
                                        classes=["red_disc", "blue_disc", "green_disc"])
-    summary = train(tiny_config("classification", fewer, tmp_path / "second", mode="full", epochs=1,
-                                init_from=str(tmp_path / "first"))).summary
-    assert summary["init_from"]["labels_changed"] is True and summary["metrics"]["accuracy"] is not None
+    # lr 1e-12: the weights stay where they started, to show where that was
+    second = train(tiny_config("classification", fewer, tmp_path / "second", mode="full", epochs=1, lr=1e-12,
+                               init_from=str(tmp_path / "first")))
+    assert second.summary["init_from"]["labels_changed"] is True
+    assert second.model.config.id2label == {0: "blue_disc", 1: "green_disc", 2: "red_disc"}
+    assert second.model.classifier.weight.shape == (3, 64) and first.classifier.weight.shape == (4, 64)
+    kept, started = first.state_dict(), second.model.state_dict()
+    body = [name for name in kept if not name.startswith("classifier")]
+    assert len(body) > 10
+    for name in body:
+        torch.testing.assert_close(started[name], kept[name], rtol=0, atol=1e-6, msg=name)
+
+    train(tiny_config("classification", class_folder, tmp_path / "lora", epochs=1))
     with pytest.raises(visionlora.VisionLoraError, match="adapter's head is sized for the labels"):
-        train(tiny_config("classification", class_folder, tmp_path / "lora", epochs=1))
         train(tiny_config("classification", fewer, tmp_path / "third", epochs=1, init_from=str(tmp_path / "lora")))
+
+
+def make_imbalanced_folder(root: Path, seed: int = 0) -> Path:
+    """60 red discs against 3 yellow ones to train on, 10 of each to validate."""
+    make_classification_folder(root, per_class_train=60, per_class_val=10, classes=["red_disc"], seed=1 + 2 * seed)
+    make_classification_folder(root, per_class_train=3, per_class_val=10, classes=["yellow_disc"], seed=2 + 2 * seed)
+    return root
 
 
 @pytest.fixture(scope="module")
 def imbalanced(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("imbalanced") / "data"
-    make_classification_folder(root, per_class_train=60, per_class_val=10, classes=["red_disc"], seed=1)
-    make_classification_folder(root, per_class_train=3, per_class_val=10, classes=["yellow_disc"], seed=2)
-    return root
+    return make_imbalanced_folder(tmp_path_factory.mktemp("imbalanced") / "data")
 
 
-def test_imbalance_is_reported_and_weights_or_sampling_change_minority_recall(imbalanced, tmp_path, capsys):
+def minority_recall(data: Path, tmp_path: Path, seed: int = 0) -> dict[str, float]:
+    """The minority class's recall without help, with class weights and with the balanced sampler."""
     recall = {}
     for name, overrides in {"plain": {}, "class weights": {"class_weights": "auto"},
                             "balanced sampler": {"balanced_sampler": True}}.items():
-        summary = train(tiny_config("classification", imbalanced, tmp_path / name.replace(" ", "-"), epochs=4,
+        summary = train(tiny_config("classification", data, tmp_path / name.replace(" ", "-"), epochs=8, seed=seed,
                                     **overrides)).summary
         recall[name] = summary["metrics"]["per_class_accuracy"]["yellow_disc"]
         assert any("class imbalance" in note for note in summary["data"]["notes"])
+    return recall
+
+
+def test_imbalance_is_reported_and_weights_or_sampling_change_minority_recall(imbalanced, tmp_path, capsys):
+    recall = minority_recall(imbalanced, tmp_path)
     assert "note: class imbalance: the largest class 'red_disc' has 60 training images" in capsys.readouterr().out
-    print("minority (yellow_disc) recall:", recall)
-    assert recall["class weights"] > recall["plain"] and recall["balanced sampler"] > recall["plain"]
+    # Measured over seeds 0-4 (scripts/test_margins.py), with the detected kernels (AVX-512) and with
+    # ATEN_CPU_CAPABILITY=default alike: class weights - plain 0.1-0.4, balanced sampler - plain 0.1-0.8
+    # (10 minority images: 0.1 is one image; with 4 epochs instead of 8, class weights did not help on seed 0).
+    assert recall["class weights"] > recall["plain"] and recall["balanced sampler"] > recall["plain"], recall
 
 
 def _coco_variant(root: Path, variant: str) -> Path:

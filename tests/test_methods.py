@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 
 import visionlora
+from tests.conftest import tiny_config
 from visionlora.cli import main
 from visionlora.config import METHODS
 from visionlora.engine import train
 from visionlora.export import export_run
-from tests.conftest import tiny_config
 
 PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "loha": "LOHA", "lokr": "LOKR", "oft": "OFT"}
 

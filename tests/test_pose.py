@@ -10,6 +10,7 @@ import pytest
 from transformers import VitPoseImageProcessorPil
 
 import visionlora
+from tests.conftest import SHARED_DATASETS, assert_nested_close, needs_native_bf16, read_data, tiny_config
 from visionlora.cli import main
 from visionlora.data.keypoints import flip_pairs, keypoint_sigmas
 from visionlora.data.topdown import crop_for_box, decode_heatmaps, encode_heatmaps, warp_matrix, warp_points
@@ -19,8 +20,6 @@ from visionlora.inference import LoadedRun
 from visionlora.metrics.pose import PoseTarget, pose_metrics
 from visionlora.synthetic import POSE_KEYPOINTS, make_pose_dataset
 from visionlora.tasks import get_task
-from tests.conftest import read_data
-from tests.conftest import SHARED_DATASETS, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,8 @@ def pose_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pose_runs(pose_folder, tmp_path_factory):
     root = tmp_path_factory.mktemp("pose-runs")
-    return {mode: train(tiny_config("pose", pose_folder, root / mode, mode=mode, epochs=2)) for mode in ("lora", "full")}
+    return {mode: train(tiny_config("pose", pose_folder, root / mode, mode=mode, epochs=2))
+            for mode in ("lora", "full")}
 
 
 def _val_images(folder: Path) -> list[Path]:
@@ -59,25 +59,37 @@ def test_train_evaluate_predict_reload_identical_keypoints(pose_runs, pose_folde
     box_file.write_text(json.dumps({images[0].name: [[10, 10, 80, 80]]}))
     assert main(["predict", str(result.paths.root), str(images[0]), "--boxes", str(box_file),
                  "--output", str(out), "--save-images", str(drawn)]) == 0
-    assert json.loads(out.read_text())[0]["instances"] == after[0]["instances"]
+    # One image alone is another batch shape than four: oneDNN and OpenBLAS may pick other kernels for
+    # it, whose sums round differently (scores differ in the 8th digit on some CPUs).
+    assert_nested_close(json.loads(out.read_text())[0]["instances"], after[0]["instances"], 1e-5, rounding=0.01)
     assert (drawn / f"{images[0].stem}.png").is_file()
 
 
 def test_pose_summary(pose_runs):
     summary = pose_runs["lora"].summary
     assert summary["main_metric"] == "pixel_error"
-    assert summary["lora"]["resolved"] == {"target_modules": ["query", "value"], "modules_to_save": ["head"], "adapted_layers": 4}
-    assert set(summary["metrics"]) >= {"pixel_error", "pck@0.05", "pck@0.1", "pck@0.2", "oks_ap", "mean_baseline_pixel_error"}
+    assert summary["lora"]["resolved"] == {"target_modules": ["query", "value"], "modules_to_save": ["head"],
+                                           "adapted_layers": 4}
+    assert set(summary["metrics"]) >= {"pixel_error", "pck@0.05", "pck@0.1", "pck@0.2", "oks_ap",
+                                       "mean_baseline_pixel_error"}
     assert summary["data"]["counts"]["labelled_keypoints_train"] == 12 * 4 - 1
 
 
-@pytest.mark.parametrize("precision", ["bf16", "no"])
-def test_tiny_vitpose_fits_a_handful_of_images(tmp_path, precision):
-    root = make_pose_dataset(tmp_path / "fit", "coco", n_train=8, n_val=1)
+def vitpose_fit_error_ratio(tmp_path: Path, seed: int = 0, precision: str = "no") -> float:
+    """Pixel error over the mean-position baseline's, of the tiny ViTPose fine-tuned in full on
+    8 images and scored on the same images."""
+    root = make_pose_dataset(tmp_path / "fit", "coco", n_train=8, n_val=1, seed=seed)
     cfg = tiny_config("pose", root / "train", tmp_path / "run", mode="full", epochs=30, batch_size=4,
-                      val_data=str(root / "train"), augment=False, mixed_precision=precision)
+                      val_data=str(root / "train"), augment=False, mixed_precision=precision, seed=seed)
     metrics = train(cfg).summary["metrics"]
-    assert metrics["pixel_error"] < 0.25 * metrics["mean_baseline_pixel_error"]
+    return metrics["pixel_error"] / metrics["mean_baseline_pixel_error"]
+
+
+@pytest.mark.parametrize("precision", [pytest.param("bf16", marks=needs_native_bf16), "no"])
+def test_tiny_vitpose_fits_a_handful_of_images(tmp_path, precision):
+    # Measured over seeds 0-4 (scripts/test_margins.py): 0.155-0.283, fp32 and bf16, with the detected
+    # kernels (AVX-512) and with ATEN_CPU_CAPABILITY=default. The mean position scores 1.
+    assert vitpose_fit_error_ratio(tmp_path, precision=precision) < 0.4
 
 
 def test_decoder_recovers_a_known_point_to_sub_pixel_accuracy():
@@ -144,9 +156,11 @@ def test_pose_metrics_by_hand():
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda d: d["annotations"][0].update(keypoints=d["annotations"][0]["keypoints"][:9]), r"annotation 1: 9 keypoint values, expected 3 x 4 = 12"),
+        (lambda d: d["annotations"][0].update(keypoints=d["annotations"][0]["keypoints"][:9]),
+         r"annotation 1: 9 keypoint values, expected 3 x 4 = 12"),
         (lambda d: d["images"][0].update(file_name="missing.png"), r"image id 1: image 'missing.png' not found"),
-        (lambda d: d["categories"][0].update(skeleton=[[1, 9]]), r"skeleton entry \[1, 9\] must be two keypoint numbers"),
+        (lambda d: d["categories"][0].update(skeleton=[[1, 9]]),
+         r"skeleton entry \[1, 9\] must be two keypoint numbers"),
         (lambda d: d["categories"][0].pop("keypoints"), r"no category names its 'keypoints'"),
     ],
 )
@@ -178,7 +192,8 @@ def test_deeplabcut_mistakes_are_clear_errors(tmp_path):
     table = project / "labeled-data" / "video1" / "CollectedData_test.csv"
     lines = table.read_text().splitlines()
     table.write_text("\n".join(lines[:3] + [lines[3].replace("frame_000", "frame_999")] + lines[4:]) + "\n")
-    with pytest.raises(VisionLoraError, match=r"CollectedData_test.csv:4: image 'labeled-data/video1/frame_999.png' not found"):
+    with pytest.raises(VisionLoraError,
+                       match=r"CollectedData_test.csv:4: image 'labeled-data/video1/frame_999.png' not found"):
         read_data("pose", str(project), None, 0, None)
     import yaml
 
@@ -198,4 +213,6 @@ def test_deeplabcut_openfield_project_trains_end_to_end(tmp_path):
     result = train(tiny_config("pose", DLC, tmp_path / "run", epochs=1, batch_size=16))
     counts = result.summary["data"]["counts"]
     assert counts["train"] + counts["val"] == 116 and counts["val"] == 6  # TrainingFraction 0.95
-    assert result.summary["metrics"]["pixel_error"] > 0 and result.summary["metrics"]["mean_baseline_pixel_error"] > 0
+    evaluated = visionlora.load(result.paths.root).evaluate(batch_size=16)["metrics"]
+    for key in ("pixel_error", "mean_baseline_pixel_error"):
+        assert evaluated[key] == pytest.approx(result.summary["metrics"][key], rel=1e-5)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-
 from visionlora.builtin_models import PRETRAINED_DIR, known_builtins
 from visionlora.cli import main
 from visionlora.config import TrainConfig
@@ -32,31 +31,47 @@ def test_a_twin_refuses_another_input_size(class_folder, tmp_path, capsys):
     assert "--image-size 48: tiny-pretrained was pretrained at 32 pixels" in capsys.readouterr().err
 
 
-def _accuracy(data, model: str, mode: str, tmp_path, lr: float) -> float:
-    cfg = TrainConfig(task="classification", data=str(data), model=model, mode=mode, epochs=EPOCHS, batch_size=16,
-                      lr=lr, mixed_precision="no", output=str(tmp_path / f"{model}-{mode}"), progress=False)
-    return train(cfg).summary["metrics"]["accuracy"]
-
-
 EPOCHS = 30
 
 
-def test_lora_on_the_pretrained_twin_comes_close_to_full_and_both_beat_random(tmp_path):
-    """A held-out target: 6 solid shapes never seen in pretraining, 40 training images each."""
+def _accuracy(data, model: str, mode: str, tmp_path, lr: float, seed: int) -> float:
+    cfg = TrainConfig(task="classification", data=str(data), model=model, mode=mode, epochs=EPOCHS, batch_size=16,
+                      lr=lr, mixed_precision="no", output=str(tmp_path / f"{model}-{mode}"), progress=False, seed=seed)
+    return train(cfg).summary["metrics"]["accuracy"]
+
+
+def twin_transfer_accuracies(tmp_path, seed: int = 7) -> dict[str, float]:
+    """A held-out target: 6 solid shapes never seen in pretraining, 40 training images each;
+    accuracy of LoRA and full fine-tuning on the pretrained twin, and of the random tiny base."""
     classes = [f"{shape}/solid" for shape in TARGET_SHAPES]
-    data = write_shape_folder(tmp_path / "target", classes, per_class_train=40, per_class_val=20, seed=7)
-    lora = _accuracy(data, "tiny-pretrained", "lora", tmp_path, 1e-3)
-    full = _accuracy(data, "tiny-pretrained", "full", tmp_path, 1e-3)
-    scratch = _accuracy(data, "tiny", "full", tmp_path, 2e-3)
+    data = write_shape_folder(tmp_path / "target", classes, per_class_train=40, per_class_val=20, seed=seed)
+    return {"lora": _accuracy(data, "tiny-pretrained", "lora", tmp_path, 1e-3, seed),
+            "full": _accuracy(data, "tiny-pretrained", "full", tmp_path, 1e-3, seed),
+            "scratch": _accuracy(data, "tiny", "full", tmp_path, 2e-3, seed)}
+
+
+def test_lora_on_the_pretrained_twin_comes_close_to_full_and_both_beat_random(tmp_path):
+    # Measured over seeds 7-11 (scripts/test_margins.py), the same with the detected kernels (AVX-512) and
+    # with ATEN_CPU_CAPABILITY=default: full 0.550-0.675, LoRA - full -0.067 to +0.025,
+    # min(LoRA, full) - random base 0.342-0.408.
+    accuracy = twin_transfer_accuracies(tmp_path)
+    lora, full, scratch = accuracy["lora"], accuracy["full"], accuracy["scratch"]
     assert full < 0.95, f"the target is too easy to tell anything (full {full:.3f})"
-    assert lora >= full - 0.05, f"LoRA {lora:.3f} vs full {full:.3f}"
-    assert min(lora, full) >= scratch + 0.15, f"LoRA {lora:.3f}, full {full:.3f}, random base {scratch:.3f}"
+    assert lora >= full - 0.15, f"LoRA {lora:.3f} vs full {full:.3f}"
+    assert min(lora, full) >= scratch + 0.25, f"LoRA {lora:.3f}, full {full:.3f}, random base {scratch:.3f}"
+
+
+def pose_twin_error_ratio(tmp_path, seed: int = 5) -> float:
+    """LoRA on the pose twin, on a skeleton it never saw (the four-keypoint animal): pixel error
+    over the mean-position baseline's."""
+    data = make_pose_dataset(tmp_path / "animal", "coco", n_train=40, n_val=12, seed=seed)
+    cfg = TrainConfig(task="pose", data=str(data), model="tiny-pretrained", epochs=40, batch_size=8, lr=1e-3,
+                      mixed_precision="no", output=str(tmp_path / "pose"), progress=False, seed=seed)
+    metrics = train(cfg).summary["metrics"]
+    return metrics["pixel_error"] / metrics["mean_baseline_pixel_error"]
 
 
 def test_pose_lora_on_the_pretrained_twin_beats_the_mean_position(tmp_path):
-    """A skeleton the twin never saw (the four-keypoint animal)."""
-    data = make_pose_dataset(tmp_path / "animal", "coco", n_train=40, n_val=12, seed=5)
-    cfg = TrainConfig(task="pose", data=str(data), model="tiny-pretrained", epochs=20, batch_size=8, lr=1e-3,
-                      mixed_precision="no", output=str(tmp_path / "pose"), progress=False)
-    metrics = train(cfg).summary["metrics"]
-    assert metrics["pixel_error"] < 0.8 * metrics["mean_baseline_pixel_error"], metrics
+    # Measured over seeds 5-9 (scripts/test_margins.py): 0.356-0.659 with the detected kernels (AVX-512),
+    # 0.364-0.659 with ATEN_CPU_CAPABILITY=default (with 20 epochs instead of 40: up to 0.962).
+    assert pose_twin_error_ratio(tmp_path) < 0.8

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from visionlora.engine import train
+import visionlora
 from tests.conftest import SHARED_DATASETS, tiny_config
+from visionlora.engine import train
 
 HYMENOPTERA = SHARED_DATASETS / "hymenoptera"
 
@@ -16,4 +17,5 @@ def test_hymenoptera_photos_train_end_to_end(tmp_path):
     summary = result.summary
     assert summary["data"]["counts"]["train"] == 245 and summary["data"]["counts"]["val"] == 153
     assert summary["data"]["counts"]["train_per_class"] == {"ants": 124, "bees": 121}
-    assert 0.0 <= summary["metrics"]["accuracy"] <= 1.0
+    evaluated = visionlora.load(result.paths.root).evaluate(batch_size=32)["metrics"]
+    assert evaluated["accuracy"] == pytest.approx(summary["metrics"]["accuracy"])

@@ -21,10 +21,10 @@ import pytest
 from PIL import Image
 
 import visionlora
+from tests.browser import Chromium, free_port
+from tests.conftest import assert_nested_close, tiny_config
 from visionlora.engine import train
 from visionlora.synthetic import make_detection_dataset, make_pose_dataset
-from tests.browser import Chromium, free_port
-from tests.conftest import tiny_config
 
 TOKEN = "test-token"
 
@@ -149,7 +149,8 @@ def test_concurrent_requests_equal_visionlora_predict(server, served_runs, class
     scenes = sorted((served_runs["root"] / "boxes-data" / "val" / "images").glob("*.png"))
     frames = sorted((served_runs["root"] / "pose-data" / "labeled-data").rglob("*.png"))[:2]
     jobs = [(name, p, {}) for name in ("ants", "bees", "wasps") for p in images]
-    jobs += [("boxes", p, {"threshold": "0.0"}) for p in scenes] + [("pose", p, {"boxes": "[[2, 3, 60, 70]]"}) for p in frames]
+    jobs += ([("boxes", p, {"threshold": "0.0"}) for p in scenes]
+             + [("pose", p, {"boxes": "[[2, 3, 60, 70]]"}) for p in frames])
     jobs = jobs[::2] + jobs[1::2]  # interleave the models
 
     def ask(job):
@@ -161,27 +162,13 @@ def test_concurrent_requests_equal_visionlora_predict(server, served_runs, class
     with ThreadPoolExecutor(max_workers=8) as pool:
         answers = list(pool.map(ask, jobs))
     loaded = {name: visionlora.load(served_runs[name]) for name in SERVED}
-    for (name, path, fields), answer in zip(jobs, answers):
+    for (name, path, _fields), answer in zip(jobs, answers):
         options = {"threshold": 0.0} if name == "boxes" else {"boxes": [[[2, 3, 60, 70]]]} if name == "pose" else {}
         expected = loaded[name].predict([path], **options)[0]
         assert answer["image"] == path.name
-        _assert_close(answer, expected)
+        assert_nested_close({key: answer.get(key) for key in expected}, expected)
     scores = {loaded[name].predict(images)[0]["score"] for name in ("ants", "bees", "wasps")}
     assert len(scores) == 3
-
-
-def _assert_close(answer, expected, tolerance=1e-4):
-    if isinstance(expected, dict):
-        for key, value in expected.items():
-            _assert_close(answer[key], value, tolerance)
-    elif isinstance(expected, list):
-        assert len(answer) == len(expected)
-        for a, e in zip(answer, expected):
-            _assert_close(a, e, tolerance)
-    elif isinstance(expected, float):
-        assert answer == pytest.approx(expected, abs=tolerance)
-    else:
-        assert answer == expected
 
 
 def test_pose_with_a_served_detector_gives_one_instance_per_box(server, served_runs):
@@ -193,7 +180,7 @@ def test_pose_with_a_served_detector_gives_one_instance_per_box(server, served_r
     boxes = visionlora.load(served_runs["boxes"]).predict([frame], threshold=0.0)[0]["boxes"]
     assert len(instances) == len(boxes) > 1
     expected = visionlora.load(served_runs["pose"]).predict([frame], boxes=[[b["box"] for b in boxes]])[0]
-    _assert_close({"instances": instances}, expected)
+    assert_nested_close(instances, expected["instances"])
 
 
 def test_draw_returns_a_png(server, class_folder):
@@ -304,7 +291,8 @@ def test_the_page_shows_a_drawn_prediction_in_chromium(server, class_folder, tmp
         browser.call("DOM.setFileInputFiles", nodeId=node, files=[str(image)])
         browser.evaluate("document.querySelector('#try button').click()")
         size = browser.wait_for("(() => { const i = document.getElementById('drawn');"
-                                " return !i.hidden && i.complete && i.naturalWidth ? [i.naturalWidth, i.naturalHeight] : null })()")
+                                " return !i.hidden && i.complete && i.naturalWidth"
+                                " ? [i.naturalWidth, i.naturalHeight] : null })()")
         shown = json.loads(browser.evaluate("document.getElementById('json').textContent"))
     finally:
         browser.close()

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 import visionlora
+from tests.conftest import tiny_config
+from visionlora.cli import main
 from visionlora.engine import train
 from visionlora.synthetic import make_classification_folder
-from tests.conftest import tiny_config
 
 
 def _cli(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -68,12 +69,12 @@ def test_top_level_help_does_not_import_torch():
     assert completed.stdout.strip().endswith("torch not loaded"), completed.stdout[-500:]
 
 
-def test_an_option_of_another_task_is_a_clear_error(class_folder, tmp_path):
+def test_an_option_of_another_task_is_a_clear_error(class_folder, tmp_path, capsys):
     result = train(tiny_config("classification", class_folder, tmp_path / "run", epochs=1))
     image = next((class_folder / "val").rglob("*.png"))
-    completed = _cli(["predict", str(result.paths.root), str(image), "--threshold", "0.3"])
-    assert completed.returncode == 2
-    assert completed.stderr.strip().splitlines() == [
+    capsys.readouterr()
+    assert main(["predict", str(result.paths.root), str(image), "--threshold", "0.3"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"error: --threshold is a detection option; {result.paths.root} is a classification run"
     ]
 

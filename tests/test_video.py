@@ -9,12 +9,12 @@ import pandas
 import pytest
 from PIL import Image
 
+from tests.conftest import tiny_config
 from visionlora.cli import main
 from visionlora.detector import load_detector
 from visionlora.engine import train
 from visionlora.synthetic import POSE_KEYPOINTS, make_detection_dataset, make_pose_dataset, make_pose_video
 from visionlora.video import open_video
-from tests.conftest import tiny_config
 
 FRAMES = 30
 
@@ -44,7 +44,8 @@ def test_video_json_has_every_chosen_frame(runs, capsys):
     answer = json.loads(out)
     assert code == 0 and answer["fps"] == pytest.approx(10) and len(answer["frames"]) == FRAMES
     assert [f["frame"] for f in answer["frames"]] == list(range(FRAMES)) and "label" in answer["frames"][0]
-    code, out, _ = _predict([runs["classification"], runs["video"], "--every", "3", "--start", "1", "--end", "2"], capsys)
+    code, out, _ = _predict([runs["classification"], runs["video"], "--every", "3", "--start", "1", "--end", "2"],
+                            capsys)
     frames = json.loads(out)["frames"]
     assert [f["frame"] for f in frames] == [10, 13, 16, 19] and frames[0]["time"] == pytest.approx(1.0)
 
@@ -98,7 +99,8 @@ def test_bad_video_inputs_are_one_line(runs, tmp_path, capsys):
     cases = [
         ([runs["pose"], broken], f"{broken}: cannot read this video"),
         ([runs["pose"], empty], f"{empty}: "),
-        ([runs["pose"], runs["video"], "--detector", runs["classification"]], "not a detection model (it is a classification run)"),
+        ([runs["pose"], runs["video"], "--detector", runs["classification"]],
+         "not a detection model (it is a classification run)"),
         ([runs["classification"], runs["video"], "--csv", tmp_path / "x.csv"], "--csv is a pose option"),
         ([runs["classification"], runs["video"], "--detector", runs["detection"]], "--detector is for pose runs"),
         ([runs["pose"], runs["video"], "--every", "0"], "--every must be 1 or more"),
@@ -115,9 +117,9 @@ def test_a_merged_export_or_a_hub_detector_finds_the_boxes(runs, tmp_path, capsy
     import subprocess
     import sys
 
+    from tests.conftest import fill_hub_cache
     from visionlora.builtin_models import tiny_rtdetr
     from visionlora.export import export_run
-    from tests.conftest import fill_hub_cache
 
     frame = next((runs["root"] / "pose-data" / "labeled-data").rglob("*.png"))
     merged = tmp_path / "merged-detector"
@@ -131,8 +133,9 @@ def test_a_merged_export_or_a_hub_detector_finds_the_boxes(runs, tmp_path, capsy
     # one class, so that the random detector's best boxes are all "animal" whatever its weights
     fill_hub_cache(home, "acme/box-detector", *tiny_rtdetr(["animal"], 64))
     completed = subprocess.run(
-        [sys.executable, "-m", "visionlora", "predict", str(runs["pose"]), str(frame), "--detector", "acme/box-detector",
-         "--detector-threshold", "0.0", "--detector-label", "animal", "--max-instances", "2"],
+        [sys.executable, "-m", "visionlora", "predict", str(runs["pose"]), str(frame),
+         "--detector", "acme/box-detector", "--detector-threshold", "0.0",
+         "--detector-label", "animal", "--max-instances", "2"],
         capture_output=True, text=True, env={**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert completed.returncode == 0, completed.stderr
     assert len(json.loads(completed.stdout)[0]["instances"]) == 2
