@@ -147,6 +147,22 @@ def test_auto_precision_picks_native_bf16_and_says_why(monkeypatch):
     assert runtime.resolve_precision("auto", "detection")[0] == "bf16"
 
 
+def test_a_onednn_cap_below_bf16_means_no_native_bf16(monkeypatch):
+    import torch
+
+    from visionlora import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True}, raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert runtime.resolve_precision("auto", "pose") == ("bf16", "auto: this CPU has AVX512-BF16")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert runtime.cpu_bf16_feature() is None
+    assert runtime.resolve_precision("auto", "pose") == (
+        "no", "auto: ONEDNN_MAX_CPU_ISA=AVX2 leaves oneDNN no bf16 instructions")
+
+
 def test_the_summary_records_the_precision_and_fp32_metrics(class_folder, tmp_path):
     from tests.conftest import tiny_config
     from visionlora.engine import train

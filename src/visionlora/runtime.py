@@ -48,6 +48,9 @@ def resolve_precision(requested: str, task: str) -> tuple[str, str]:
     feature = cpu_bf16_feature()
     if feature:
         return "bf16", f"auto: this CPU has {feature}"
+    cap = onednn_cap_without_bf16()
+    if cap:
+        return "no", f"auto: ONEDNN_MAX_CPU_ISA={cap} leaves oneDNN no bf16 instructions"
     return "no", "auto: this CPU has no native bf16"
 
 
@@ -56,14 +59,19 @@ BF16_ONEDNN_ISAS = ("ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "A
                     "AVX512_CORE_AMX_FP16", "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16")
 
 
+def onednn_cap_without_bf16() -> str | None:
+    """``ONEDNN_MAX_CPU_ISA`` where it caps oneDNN below its bf16 instructions (e.g. ``AVX2``), else None."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    return cap if cap and cap not in BF16_ONEDNN_ISAS else None
+
+
 def cpu_bf16_feature() -> str | None:
     """The CPU feature that runs bf16 natively (AVX512-BF16, AMX-BF16, ARM bf16), or None.
 
     None also where ``ONEDNN_MAX_CPU_ISA`` caps oneDNN, which runs the matrix products, below
-    its bf16 instructions (e.g. ``AVX2``): there bf16 is emulated and slower than fp32.
+    its bf16 instructions: there bf16 is emulated and slower than fp32.
     """
-    onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
-    if onednn_cap and onednn_cap not in BF16_ONEDNN_ISAS:
+    if onednn_cap_without_bf16():
         return None
     capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     for key, label in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")):
