@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
 
 import pytest
@@ -89,8 +90,6 @@ def test_summary_records_resolved_targets_sizes_and_metrics(trained_runs):
     assert summary["sizes"]["weights_file_bytes"] < summary["sizes"]["base_model_bytes"]
     assert set(summary["metrics"]) >= {"accuracy", "macro_f1", "per_class_accuracy", "loss"}
     assert summary["data"]["counts"]["train"] == 64 and summary["data"]["counts"]["val"] == 24
-    import resource
-
     peak_so_far = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     assert summary["sizes"]["base_model_bytes"] < summary["memory"]["peak_rss_bytes"] <= peak_so_far
     assert summary["time"]["wall_seconds"] >= summary["time"]["train_seconds"] > 0

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import visionlora
 from tests.conftest import tiny_config
@@ -65,3 +66,17 @@ def test_method_needs_lora_mode_and_oft_a_dividing_block_size(class_folder, tmp_
     err = capsys.readouterr().err
     assert "--method oft: --lora-r 24 is OFT's block size and must divide the width of every adapted layer (64)" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_init_from_trains_every_methods_adapter_again(method_runs, class_folder, method, tmp_path):
+    """peft names the weights of each method its own way (lora_, hada_, lokr_, oft_): all of them train on."""
+    first = method_runs[method]
+    second = train(tiny_config("classification", class_folder, tmp_path / "again", epochs=1, method=method,
+                               init_from=str(first.paths.root)))
+    assert second.summary["parameters"]["trainable"] == first.summary["parameters"]["trainable"]
+    before = load_file(str(first.paths.model_dir / "adapter_model.safetensors"))
+    after = load_file(str(second.paths.model_dir / "adapter_model.safetensors"))
+    adapter = [name for name in before if "classifier" not in name]
+    assert adapter and before.keys() == after.keys()
+    assert all(not torch.equal(before[name], after[name]) for name in adapter), method

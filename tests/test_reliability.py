@@ -62,7 +62,12 @@ def test_resume_refuses_other_settings_and_finished_runs(class_folder, tmp_path,
     assert completed.returncode == -9
     assert main(["train", "--resume", str(run), "--lr", "0.5"]) == 2
     assert "--lr 0.5 (the run used 0.001)" in capsys.readouterr().err
-    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    # how to run may change on resume, and is then used: here the disk cache
+    cache = tmp_path / "cache"
+    assert main(["train", "--resume", str(run), "--no-progress", "--cache", "disk", "--cache-dir", str(cache)]) == 0
+    summary = json.loads((run / "training_results_lora" / "training_summary.json").read_text())
+    assert summary["data"]["cache"]["mode"] == "disk" and summary["data"]["cache"]["location"] == str(cache)
+    assert len(list(cache.rglob("*.safetensors"))) == 64 + 24  # every training and validation image
     assert main(["train", "--resume", str(run)]) == 2
     assert "already completed" in capsys.readouterr().err
 

@@ -93,7 +93,7 @@ def resume_settings(root: Path, settings: dict[str, Any]) -> tuple[TrainConfig, 
         raise VisionLoraError(f"{root}: --resume continues with the run's own settings, "
                               f"but these differ: {'; '.join(differing)}")
     saved.output = str(root)
-    for key in ("progress", "num_workers"):
+    for key in sorted(RESUME_FREE - {"output", "overwrite"}):  # how to run, not what to train: as given now
         if settings.get(key) is not None:
             setattr(saved, key, settings[key])
     return saved, progress

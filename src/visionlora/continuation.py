@@ -46,13 +46,25 @@ def _continue_adapter(source, labels: list[str], mode: str, run_dir: str):
             f"{run_dir}: its adapter's head is sized for the labels {source.info.labels}, but the data has {labels}; "
             "start from its base model instead (--model), or export it merged and start from the export")
     model = source.model
-    for name, parameter in model.named_parameters():
-        if "lora_" in name or "modules_to_save" in name:
-            parameter.requires_grad_(True)
+    _make_adapter_trainable(model)
     info = ModelInfo.from_dict(source.info.to_dict())
     if source.paths.base_dir.exists() and not Path(info.base_model).exists():
         info.base_model = str(source.paths.base_dir.resolve())  # a built-in base, saved with that run
     return model, source.processor, info
+
+
+def _make_adapter_trainable(model: torch.nn.Module) -> None:
+    """Every adapter weight (whatever peft method named it: ``lora_``, ``hada_``, ``lokr_``, ``oft_``)
+    and the saved heads train again, as when the adapter was made."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            for layer_name in module.adapter_layer_names:
+                getattr(module, layer_name).requires_grad_(True)
+    for name, parameter in model.named_parameters():
+        if "modules_to_save" in name:
+            parameter.requires_grad_(True)
 
 
 def _reset_heads(model: torch.nn.Module, heads: list[str]) -> None:
