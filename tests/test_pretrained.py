@@ -31,7 +31,7 @@ def test_a_twin_refuses_another_input_size(class_folder, tmp_path, capsys):
     assert "--image-size 48: tiny-pretrained was pretrained at 32 pixels" in capsys.readouterr().err
 
 
-EPOCHS = 30
+EPOCHS = 15
 
 
 def _accuracy(data, model: str, mode: str, tmp_path, lr: float, seed: int) -> float:
@@ -51,9 +51,9 @@ def twin_transfer_accuracies(tmp_path, seed: int = 7) -> dict[str, float]:
 
 
 def test_lora_on_the_pretrained_twin_comes_close_to_full_and_both_beat_random(tmp_path):
-    # Measured over seeds 7-11 (scripts/test_margins.py), the same with the detected kernels (AVX-512) and
-    # with ATEN_CPU_CAPABILITY=default: full 0.550-0.675, LoRA - full -0.067 to +0.025,
-    # min(LoRA, full) - random base 0.342-0.408.
+    # Measured over seeds 7-11 (scripts/test_margins.py), with the detected kernels (AVX-512) and with
+    # ATEN_CPU_CAPABILITY=default alike: full 0.542-0.625, LoRA - full -0.050 to +0.033,
+    # min(LoRA, full) - random base 0.342-0.375 and 0.333-0.383.
     accuracy = twin_transfer_accuracies(tmp_path)
     lora, full, scratch = accuracy["lora"], accuracy["full"], accuracy["scratch"]
     assert full < 0.95, f"the target is too easy to tell anything (full {full:.3f})"
