@@ -9,6 +9,7 @@ import pytest
 from visionlora.cli import build_parser, config_from_args, main
 from visionlora.config import TrainConfig
 from visionlora.errors import VisionLoraError
+from visionlora.tasks import get_task
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["predict"], ["demo"]])
@@ -125,6 +126,12 @@ def test_config_validation_needs_data():
         TrainConfig().validate()
 
 
+def _resolve(requested: str, task: str) -> tuple[str, str]:
+    from visionlora import runtime
+
+    return runtime.resolve_precision(requested, get_task(task).fp16_unsafe)
+
+
 def test_auto_precision_picks_native_bf16_and_says_why(monkeypatch):
     import torch
 
@@ -132,19 +139,19 @@ def test_auto_precision_picks_native_bf16_and_says_why(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(runtime, "cpu_bf16_feature", lambda: "AVX512-BF16")
-    assert runtime.resolve_precision("auto", "classification") == ("bf16", "auto: this CPU has AVX512-BF16")
+    assert _resolve("auto", "classification") == ("bf16", "auto: this CPU has AVX512-BF16")
     monkeypatch.setattr(runtime, "cpu_bf16_feature", lambda: None)
-    assert runtime.resolve_precision("auto", "pose")[0] == "no"
-    assert runtime.resolve_precision("bf16", "pose") == ("bf16", "asked for with --mixed-precision")
+    assert _resolve("auto", "pose")[0] == "no"
+    assert _resolve("bf16", "pose") == ("bf16", "asked for with --mixed-precision")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
-    assert runtime.resolve_precision("auto", "classification")[0] == "fp16"
-    precision, reason = runtime.resolve_precision("auto", "detection")
+    assert _resolve("auto", "classification")[0] == "fp16"
+    precision, reason = _resolve("auto", "detection")
     assert precision == "no" and "overflow in fp16" in reason
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    assert runtime.resolve_precision("auto", "detection")[0] == "bf16"
+    assert _resolve("auto", "detection")[0] == "bf16"
 
 
 def test_a_onednn_cap_below_bf16_means_no_native_bf16(monkeypatch):
@@ -156,23 +163,29 @@ def test_a_onednn_cap_below_bf16_means_no_native_bf16(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True}, raising=False)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
-    assert runtime.resolve_precision("auto", "pose") == ("bf16", "auto: this CPU has AVX512-BF16")
+    assert _resolve("auto", "pose") == ("bf16", "auto: this CPU has AVX512-BF16")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
     assert runtime.cpu_bf16_feature() is None
-    assert runtime.resolve_precision("auto", "pose") == (
+    assert _resolve("auto", "pose") == (
         "no", "auto: ONEDNN_MAX_CPU_ISA=AVX2 leaves oneDNN no bf16 instructions")
 
 
 def test_the_summary_records_the_precision_and_fp32_metrics(class_folder, tmp_path):
     from tests.conftest import tiny_config
     from visionlora.engine import train
-    from visionlora.runtime import resolve_precision
 
     summary = train(tiny_config("classification", class_folder, tmp_path / "run", epochs=1,
                                 mixed_precision="auto")).summary
-    expected = resolve_precision("auto", "classification")
+    expected = _resolve("auto", "classification")
     assert summary["training"]["mixed_precision"] == "auto"
     assert summary["mixed_precision"] == expected[0].replace("no", "fp32")
     assert summary["mixed_precision_reason"] == expected[1]
     assert summary["metrics"]["accuracy"] == pytest.approx(summary["metrics_in_training_precision"]["accuracy"],
                                                            abs=0.2)
+
+
+def test_class_weights_need_a_task_with_a_class_loss(tmp_path):
+    with pytest.raises(VisionLoraError, match="--class-weights: the detection task has no class-weighted loss"):
+        TrainConfig(task="detection", data=str(tmp_path), class_weights="auto").validate()
+    weighted = TrainConfig(task="classification", data=str(tmp_path), class_weights="auto").validate()
+    assert weighted.class_weights == "auto"

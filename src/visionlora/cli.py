@@ -226,10 +226,10 @@ def _given_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
 def config_from_args(args: argparse.Namespace):
     """Merge preset < YAML < flags into a TrainConfig."""
     from visionlora.config import build_config
-    from visionlora.tasks import get_task
+    from visionlora.tasks import DEFAULT_TASK, get_task
 
     yaml_values, flags = _given_settings(args)
-    task_name = flags.get("task", yaml_values.get("task", "classification"))
+    task_name = flags.get("task", yaml_values.get("task", DEFAULT_TASK))
     mode = flags.get("mode", yaml_values.get("mode", "lora"))
     preset = get_task(task_name).preset.settings(mode)
     return build_config(yaml_values, flags, preset)
@@ -355,6 +355,7 @@ def _task_arguments(args, task, run_root: Path) -> tuple[dict[str, Any], dict[st
 def _cmd_compare(args) -> int:
     from visionlora.artifacts import new_run_dir
     from visionlora.compare import compare_runs, train_both
+    from visionlora.tasks import DEFAULT_TASK
 
     yaml_values, flags = _given_settings(args)
     settings = {**yaml_values, **flags}
@@ -364,7 +365,7 @@ def _cmd_compare(args) -> int:
     elif not args.runs:
         if not settings.get("data"):
             raise VisionLoraError("compare needs two run folders, or --data to train LoRA and full on")
-        task = settings.get("task", "classification")
+        task = settings.get("task", DEFAULT_TASK)
         output = new_run_dir("compare", task, settings.get("output"), bool(settings.get("overwrite")))
         config_from_args(args)  # check the settings before training anything
         comparison = train_both({k: v for k, v in settings.items() if k != "overwrite"}, output)

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from visionlora.errors import VisionLoraError
+from visionlora.tasks import DEFAULT_TASK, get_task
 from visionlora.tracking import parse_report_to
 
 MODES = ("lora", "full")
@@ -32,7 +33,7 @@ def _opt(default, help, **extra):
 class TrainConfig:
     """Everything a training run needs; ``None`` means 'use the task preset'."""
 
-    task: str = _opt("classification", "task to train (see the task list in --help)")
+    task: str = _opt(DEFAULT_TASK, "task to train (see the task list in --help)")
     data: str | None = _opt(None, "dataset folder, saved Hugging Face dataset folder, or hub dataset id")
     val_data: str | None = _opt(None, "separate validation data (default: the data's val split, or a seeded split)")
     test_data: str | None = _opt(None, "held-out test data, evaluated once at the end (default: the data's test/ part)")
@@ -113,7 +114,8 @@ class TrainConfig:
             (self.cache in CACHE_MODES, f"--cache must be one of {', '.join(CACHE_MODES)}"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
             (self.class_weights in ("auto", "none"), "--class-weights must be auto or none"),
-            (self.class_weights == "none" or self.task == "classification", "--class-weights is for classification"),
+            (self.class_weights == "none" or get_task(self.task).weighs_classes,
+             f"--class-weights: the {self.task} task has no class-weighted loss"),
         ]
         for ok, message in checks:
             if not ok:

@@ -78,7 +78,7 @@ def _run(cfg: TrainConfig, progress: Progress | None) -> RunResult:
     if cfg.low_memory:
         return_freed_memory()
     task = get_task(cfg.task)
-    precision = resolve_precision(cfg.mixed_precision, cfg.task)
+    precision = resolve_precision(cfg.mixed_precision, task.fp16_unsafe)
     trackers = parse_report_to(cfg.report_to)
     accelerator = new_accelerator(
         mixed_precision=precision[0],

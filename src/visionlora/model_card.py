@@ -9,9 +9,6 @@ import yaml
 from visionlora.builtin_models import is_builtin
 from visionlora.tasks.base import ModelInfo, Task
 
-AUTO_CLASSES = {"classification": "AutoModelForImageClassification", "detection": "AutoModelForObjectDetection",
-                "pose": "AutoModelForPoseEstimation"}
-
 
 def model_card(task: Task, info: ModelInfo, summary: dict[str, Any], export: str | None = None,
                folder: str | None = None) -> str:
@@ -52,13 +49,11 @@ def _body(task: Task, info: ModelInfo, summary: dict[str, Any], lora: bool, expo
           folder: str | None) -> list[str]:
     main = summary["main_metric"]
     headline = summary["headline"]
-    what = {"classification": "classifies an image into one of", "detection": "finds boxes of",
-            "pose": "locates, in each instance box, the keypoints"}[task.name]
     lines = [
         f"# {summary['task']} {'LoRA adapter' if lora else 'model'} on {summary['base_model']}"
         + (f" ({export} export)" if export else ""),
         "",
-        f"This model {what} {len(info.labels)} {'keypoints' if task.name == 'pose' else 'labels'}: "
+        f"This model {task.card_does} {len(info.labels)} {task.label_noun}: "
         + ", ".join(f"`{label}`" for label in info.labels) + ".",
         f"It was {'fine-tuned in full from' if summary['mode'] == 'full' else 'trained as an adapter on'} "
         f"`{summary['base_model']}` with [visionlora](https://pypi.org/project/visionlora/) "
@@ -130,7 +125,7 @@ def _body(task: Task, info: ModelInfo, summary: dict[str, Any], lora: bool, expo
 
 def _load_snippet(task: Task, info: ModelInfo, summary: dict[str, Any], lora: bool, export: str | None,
                   folder: str | None) -> list[str]:
-    auto = AUTO_CLASSES.get(task.name, "AutoModel")
+    auto = task.auto_class
     folder = folder or f"{summary['run_dir']}/{'trained_model_lora' if lora else 'trained_model'}"
     if export == "onnx":
         return ["import onnxruntime", "from PIL import Image", "from transformers import AutoImageProcessor", "",

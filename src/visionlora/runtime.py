@@ -26,13 +26,13 @@ def new_accelerator(**kwargs):
     return Accelerator(**kwargs)
 
 
-def resolve_precision(requested: str, task: str) -> tuple[str, str]:
+def resolve_precision(requested: str, fp16_unsafe: str | None = None) -> tuple[str, str]:
     """(precision for Accelerate: no, fp16 or bf16; why) for ``--mixed-precision requested``.
 
     ``auto`` picks bf16 where the hardware runs it natively (CUDA compute capability 8.0+,
     CPUs with AVX512-BF16 or AMX-BF16, ARM CPUs with the bf16 extension), fp16 with loss
-    scaling on older CUDA GPUs except for detection (DETR-family losses overflow in fp16),
-    and fp32 otherwise, Apple MPS included.
+    scaling on older CUDA GPUs unless the task says why its models cannot train in fp16
+    (``fp16_unsafe``: DETR-family losses overflow), and fp32 otherwise, Apple MPS included.
     """
     if requested != "auto":
         return requested, "asked for with --mixed-precision"
@@ -40,8 +40,8 @@ def resolve_precision(requested: str, task: str) -> tuple[str, str]:
         name = torch.cuda.get_device_name()
         if torch.cuda.get_device_capability() >= (8, 0):
             return "bf16", f"auto: {name} (compute capability 8.0+) runs bf16 natively"
-        if task == "detection":
-            return "no", f"auto: {name} has no native bf16, and DETR-family losses overflow in fp16"
+        if fp16_unsafe:
+            return "no", f"auto: {name} has no native bf16, and {fp16_unsafe}"
         return "fp16", f"auto: {name} has no native bf16; fp16 with loss scaling"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "no", "auto: Apple MPS (auto keeps fp32 there; --mixed-precision bf16 to try it)"

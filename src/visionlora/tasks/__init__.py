@@ -18,6 +18,7 @@ _REGISTRY = {
     "detection": "visionlora.tasks.detection:DetectionTask",
     "pose": "visionlora.tasks.pose:PoseTask",
 }
+DEFAULT_TASK = "classification"  # what --task is when not given
 
 
 def task_names() -> list[str]:

@@ -7,7 +7,8 @@ only use this class's methods and declarations, never a concrete task.
 A task subclass fills in:
 
 - declarations: ``name``, ``preset``, ``main_metric``, ``auto_class``, ``pipeline_tag``,
-  ``output_names``, and when they differ from the defaults ``input_names``,
+  ``card_does``, ``output_names``, and when they differ from the defaults ``label_noun``,
+  ``fp16_unsafe``, ``weighs_classes``, ``input_names``,
   ``predict_options``, ``writers``, ``unbounded_metrics``, ``freeze_batchnorm_in_lora``,
   ``split_group``, ``dynamic_image_size``;
 - data: ``train_dataset``, ``eval_dataset`` (and ``check_data`` for the labels, ``count``,
@@ -158,6 +159,10 @@ class Task:
     greater_is_better: bool = True
     auto_class: str  # the transformers Auto class that loads the task's models
     pipeline_tag: str  # the Hugging Face pipeline tag of the task, for model cards
+    card_does: str  # what a trained model does, for its model card: "This model <card_does> N <label_noun>: ..."
+    label_noun: str = "labels"
+    fp16_unsafe: str | None = None  # why the task's models do not train in fp16, where auto would pick it
+    weighs_classes: bool = False  # takes --class-weights auto (a class-weighted loss)
     predict_batch: int = 16
     predict_options: tuple[Option, ...] = ()
     writers: tuple[OutputWriter, ...] = (JSON_OUTPUT, DRAWN_IMAGES)

@@ -47,6 +47,8 @@ class ClassificationTask(Task):
     main_metric = "accuracy"
     auto_class = "AutoModelForImageClassification"
     pipeline_tag = "image-classification"
+    card_does = "classifies an image into one of"
+    weighs_classes = True
     output_names = ("logits",)
     predict_batch = 32
 

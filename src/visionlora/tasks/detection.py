@@ -55,6 +55,8 @@ class DetectionTask(Task):
     main_metric = "map"
     auto_class = "AutoModelForObjectDetection"
     pipeline_tag = "object-detection"
+    card_does = "finds boxes of"
+    fp16_unsafe = "DETR-family losses overflow in fp16"
     input_names = ("pixel_values", "pixel_mask")
     output_names = ("logits", "pred_boxes")
     dynamic_image_size = True

@@ -92,6 +92,8 @@ class PoseTask(Task):
     greater_is_better = False
     auto_class = "AutoModelForPoseEstimation"
     pipeline_tag = "keypoint-detection"
+    card_does = "locates, in each instance box, the keypoints"
+    label_noun = "keypoints"
     output_names = ("heatmaps",)
     unbounded_metrics = ("pixel_error", "mean_baseline_pixel_error")
     predict_options = (
