@@ -16,7 +16,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 import torch  # noqa: E402
 
 from visionlora.config import TrainConfig  # noqa: E402
-from visionlora.runtime import cpu_bf16_feature  # noqa: E402
+from visionlora.runtime import resolve_precision  # noqa: E402
 from visionlora.synthetic import make_classification_folder  # noqa: E402
 from visionlora.tasks import get_task  # noqa: E402
 
@@ -25,10 +25,10 @@ def pytest_configure(config):
     """Under pytest-xdist, each worker gets its share of the cores, and so do the processes it starts:
     more threads than cores make OpenMP's spinning threads take turns, many times slower."""
     workers = getattr(config, "workerinput", {}).get("workercount")
-    if workers and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
-    if workers:
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    if not workers:
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -57,15 +57,20 @@ def read_data(task: str, data: str, val_data: str | None = None, seed: int = 0, 
     return get_task(task).read_data(cfg)
 
 
-def fill_hub_cache(hf_home: Path, repo_id: str, model, processor, revision: str = "0" * 40) -> Path:
-    """Save ``model`` and ``processor`` where the Hugging Face hub cache keeps ``repo_id``,
-    so that ``from_pretrained(repo_id)`` with ``HF_HUB_OFFLINE=1`` loads them as a download would."""
+def hub_snapshot(hf_home: Path, repo_id: str, revision: str = "0" * 40) -> Path:
+    """The folder where the Hugging Face hub cache keeps ``repo_id`` at ``revision``, with the
+    ``main`` ref pointing at it: what is put there loads with ``HF_HUB_OFFLINE=1`` as a download would."""
     repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / revision
-    model.save_pretrained(snapshot)
-    processor.save_pretrained(snapshot)
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(revision)
+    return repo / "snapshots" / revision
+
+
+def fill_hub_cache(hf_home: Path, repo_id: str, model, processor, revision: str = "0" * 40) -> Path:
+    """Save ``model`` and ``processor`` in the hub cache as ``repo_id`` (see ``hub_snapshot``)."""
+    snapshot = hub_snapshot(hf_home, repo_id, revision)
+    model.save_pretrained(snapshot)
+    processor.save_pretrained(snapshot)
     return snapshot
 
 
@@ -93,7 +98,7 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)  # stable: the order within a module is kept
 
 
-NATIVE_BF16 = cpu_bf16_feature() is not None or (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+NATIVE_BF16 = resolve_precision("auto")[0] == "bf16"  # where --mixed-precision auto trains in bf16
 needs_native_bf16 = pytest.mark.skipif(
     not NATIVE_BF16, reason="learning quality under bf16 is checked where bf16 is native; here it is emulated")
 

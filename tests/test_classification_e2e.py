@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import resource
 from pathlib import Path
@@ -182,7 +183,7 @@ def test_mixed_precision_runs_the_forward_pass_in_it_and_learns(class_folder, tm
     result = train(tiny_config("classification", class_folder, tmp_path / "run", epochs=3, mixed_precision=precision))
     assert seen == {dtype}
     assert result.summary["mixed_precision"] == precision.replace("no", "fp32")
-    losses = [float(line.split(",")[1]) for line in result.paths.history.read_text().splitlines()[1:]]
+    losses = [float(row["train_loss"]) for row in csv.DictReader(result.paths.history.open())]
     assert losses[-1] < 0.9 * losses[0], losses
     images = _val_images(class_folder)[:8]
     trained = LoadedRun(result.paths, get_task("classification"), result.model.eval(), result.processor, result.info)

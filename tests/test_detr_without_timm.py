@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import hub_snapshot
 from visionlora.synthetic import make_detection_dataset
 from visionlora.tasks import get_task
 
@@ -123,15 +125,8 @@ def test_the_timm_checkpoint_loads_with_every_backbone_weight_and_the_same_featu
 
 def test_the_default_detector_trains_offline_without_timm(hub_layout, tmp_path):
     """Through the hub id, offline: train in both modes, then predict, in one fresh process."""
-    import shutil
-
     home = tmp_path / "hf_home"
-    repo = home / "hub" / "models--facebook--detr-resnet-50"
-    snapshot = repo / "snapshots" / ("1" * 40)
-    snapshot.parent.mkdir(parents=True)
-    shutil.copytree(hub_layout["folder"], snapshot)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("1" * 40)
+    shutil.copytree(hub_layout["folder"], hub_snapshot(home, "facebook/detr-resnet-50", "1" * 40))
     data = make_detection_dataset(tmp_path / "boxes", "coco", n_train=6, n_val=2)
     image = next((data / "val" / "images").glob("*.png"))
     commands = [["train", "--task", "detection", "--data", str(data), "--epochs", "1", "--mode", mode, "--no-progress",
