@@ -52,9 +52,9 @@ def make_run(name: str, root: Path) -> tuple[Path, Path]:
     """A LoRA run folder (random adapter on a saved random base) and generated data to check exports on."""
     import torch
 
-    from visionlora.adapters import apply_lora
     from visionlora.artifacts import RunPaths, atomic_write_json, save_model
-    from visionlora.synthetic import make_classification_folder, make_detection_dataset, make_pose_dataset
+    from visionlora.examples.synthetic import make_classification_folder, make_detection_dataset, make_pose_dataset
+    from visionlora.modeling.adapters import apply_lora
     from visionlora.tasks import get_task
 
     task_name = MODELS[name][0]
@@ -104,7 +104,7 @@ def median_forward(model, inputs: dict, repeats: int, kwargs: dict) -> float:
 
 def measure(name: str, repeats: int) -> list[dict]:
     import visionlora
-    from visionlora.export import export_run
+    from visionlora.deploy.export import export_run
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -63,7 +63,7 @@ def _generated(kind: str):
     """A target generated once (seed 100, so never the pretraining corpus) whose training part is
     cut to ``size`` items (per class for classification); subsets nest."""
     def prepare(work: Path, size: int | None, seed: int) -> tuple[Path, Path]:
-        from visionlora import procedural, synthetic
+        from visionlora.examples import procedural, synthetic
 
         full = work / f"{kind}-full"
         if not full.exists():
@@ -189,7 +189,7 @@ def worker(args: list[str]) -> None:
     """Train one configuration and report its figures."""
     import visionlora
     from visionlora.config import TrainConfig
-    from visionlora.engine import train
+    from visionlora.training.engine import train
 
     spec = json.loads(args[0])
     train_data, val_data = Path(spec["train"]), Path(spec["val"])

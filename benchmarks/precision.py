@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
-    from visionlora.synthetic import make_classification_folder
+    from visionlora.examples.synthetic import make_classification_folder
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

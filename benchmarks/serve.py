@@ -35,9 +35,9 @@ def make_runs(root: Path, base: str, count: int, image_size: int) -> list[Path]:
     """``count`` LoRA runs (random adapters, no training) over one saved base, in the run layout."""
     import torch
 
-    from visionlora.adapters import apply_lora
     from visionlora.artifacts import RunPaths, atomic_write_json, save_model
-    from visionlora.builtin_models import tiny_vit
+    from visionlora.modeling.adapters import apply_lora
+    from visionlora.modeling.builtin import tiny_vit
     from visionlora.tasks import get_task
 
     task = get_task("classification")

@@ -63,10 +63,10 @@ def worker(task_name: str, mode: str, steps: int, low_memory: bool, precision: s
     import torch
 
     if low_memory:
-        from visionlora.runtime import return_freed_memory
+        from visionlora.training.runtime import return_freed_memory
 
         return_freed_memory()
-    from visionlora.adapters import apply_lora, lower_frozen_weights, parameter_counts
+    from visionlora.modeling.adapters import apply_lora, lower_frozen_weights, parameter_counts
     from visionlora.tasks.base import ModelInfo
 
     torch.manual_seed(0)

@@ -30,7 +30,7 @@ def make_clip(path: Path, seconds: float, fps: int = 30, size=(640, 480)) -> Pat
     import cv2
     import numpy as np
 
-    from visionlora.synthetic import pose_scene
+    from visionlora.examples.synthetic import pose_scene
 
     rng = np.random.default_rng(0)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
@@ -50,8 +50,8 @@ def make_runs(work: Path) -> dict[str, Path]:
     from transformers import VitPoseBackboneConfig, VitPoseConfig, VitPoseForPoseEstimation, VitPoseImageProcessorPil
 
     from visionlora.config import TrainConfig
-    from visionlora.engine import train
-    from visionlora.synthetic import make_detection_dataset, make_pose_dataset
+    from visionlora.examples.synthetic import make_detection_dataset, make_pose_dataset
+    from visionlora.training.engine import train
 
     frames = make_pose_dataset(work / "pose-data", "coco", n_train=4, n_val=2)
     boxes = make_detection_dataset(work / "boxes-data", "coco", n_train=4, n_val=2)
@@ -72,8 +72,8 @@ def make_runs(work: Path) -> dict[str, Path]:
 
 def frames_per_second(run_dir: Path, clip: Path, detector: Path | None, every: int) -> dict:
     import visionlora
-    from visionlora.detector import load_detector, topdown
-    from visionlora.video import predict_video
+    from visionlora.deploy.video import predict_video
+    from visionlora.tasks.pose.topdown import load_detector, topdown
 
     run = visionlora.load(run_dir)
     predict = (topdown(run, load_detector(str(detector), threshold=0.0, max_instances=2), {}) if detector

@@ -38,7 +38,7 @@ def make_inputs(root: Path, size: str) -> tuple[Path, Path]:
     import numpy as np
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
-    from visionlora.synthetic import CLASS_COLOURS, classification_image
+    from visionlora.examples.synthetic import CLASS_COLOURS, classification_image
 
     pixels, _ = SIZES[size]
     data = root / "data"

@@ -1,5 +1,5 @@
 """Regenerate the ``*-pretrained`` built-in models: full training of each built-in tiny model on
-a seeded procedural corpus (see ``visionlora.procedural``), saved as package data.
+a seeded procedural corpus (see ``visionlora.examples.procedural``), saved as package data.
 
     python scripts/pretrain_builtins.py                 # all twins (about an hour on 2 CPU cores)
     python scripts/pretrain_builtins.py --only classification
@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from visionlora import procedural
-from visionlora.builtin_models import PRETRAINED_DIR
 from visionlora.config import TrainConfig
-from visionlora.engine import train
+from visionlora.examples import procedural
+from visionlora.modeling.builtin import PRETRAINED_DIR
+from visionlora.training.engine import train
 
 # (corpus maker, corpus description, built-in, epochs, batch size, learning rate), per task.
 PLANS = {

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests import test_classification_e2e, test_detection, test_honest_numbers, test_pose, test_pretrained  # noqa: E402
 from tests.conftest import NATIVE_BF16  # noqa: E402
-from visionlora.synthetic import make_classification_folder  # noqa: E402
+from visionlora.examples.synthetic import make_classification_folder  # noqa: E402
 
 
 class Check(NamedTuple):

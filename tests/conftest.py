@@ -16,9 +16,9 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 import torch  # noqa: E402
 
 from visionlora.config import TrainConfig  # noqa: E402
-from visionlora.runtime import resolve_precision  # noqa: E402
-from visionlora.synthetic import make_classification_folder  # noqa: E402
+from visionlora.examples.synthetic import make_classification_folder  # noqa: E402
 from visionlora.tasks import get_task  # noqa: E402
+from visionlora.training.runtime import resolve_precision  # noqa: E402
 
 
 def pytest_configure(config):
@@ -77,7 +77,7 @@ def fill_hub_cache(hf_home: Path, repo_id: str, model, processor, revision: str 
 @pytest.fixture(scope="session")
 def vit_hub_home(tmp_path_factory) -> Path:
     """An HF_HOME whose cache holds a small ViT under the classification preset's hub id."""
-    from visionlora.builtin_models import tiny_vit
+    from visionlora.modeling.builtin import tiny_vit
 
     home = tmp_path_factory.mktemp("hf_home")
     model, processor = tiny_vit(["a", "b"], 32)

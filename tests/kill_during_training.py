@@ -8,7 +8,7 @@ import signal
 import sys
 
 from visionlora.cli import main
-from visionlora.tasks.classification import ClassificationTask
+from visionlora.tasks.classification.task import ClassificationTask
 
 kill_at = int(sys.argv[1])
 calls = 0

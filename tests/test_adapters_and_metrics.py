@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visionlora.adapters import apply_lora, parameter_counts, resolve_target_modules
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.classification import classification_metrics
+from visionlora.modeling.adapters import apply_lora, parameter_counts, resolve_target_modules
 from visionlora.tasks import get_task
 
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from visionlora.cli import main
-from visionlora.synthetic import make_classification_folder, make_detection_dataset, make_pose_dataset
+from visionlora.examples.synthetic import make_classification_folder, make_detection_dataset, make_pose_dataset
 
 
 # -- builders: each returns (argv, expected) for one row -----------------------------------

@@ -16,8 +16,8 @@ from tests.conftest import tiny_config
 from visionlora.data.cache import CachePlan, read_entry
 from visionlora.data.images import decode_all
 from visionlora.data.transforms import resize_for_training
-from visionlora.engine import train
-from visionlora.synthetic import make_classification_folder, make_detection_dataset, make_pose_dataset
+from visionlora.examples.synthetic import make_classification_folder, make_detection_dataset, make_pose_dataset
+from visionlora.training.engine import train
 
 
 def _prepare(image, _):

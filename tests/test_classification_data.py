@@ -11,9 +11,9 @@ from PIL import Image
 
 from tests.conftest import read_data, tiny_config
 from visionlora.data.images import UnreadableImage, decode_all, load_rgb
-from visionlora.engine import train
 from visionlora.errors import VisionLoraError
-from visionlora.synthetic import classification_image, make_classification_folder
+from visionlora.examples.synthetic import classification_image, make_classification_folder
+from visionlora.training.engine import train
 
 
 def _jpeg_bytes(size=(40, 30), mode="RGB") -> bytes:

@@ -15,9 +15,9 @@ import visionlora
 from tests.conftest import needs_native_bf16, tiny_config
 from tests.readme import run_snippet
 from visionlora.cli import main
-from visionlora.engine import train
-from visionlora.inference import LoadedRun
+from visionlora.deploy.predictor import LoadedRun
 from visionlora.tasks import get_task
+from visionlora.training.engine import train
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_early_stopping_ends_a_run_that_stops_improving(class_folder, tmp_path):
 
 def _linear_output_dtypes_while_training(monkeypatch) -> set:
     """The dtypes of every Linear layer's output in the training steps' forward passes, as they run."""
-    from visionlora.tasks.classification import ClassificationTask
+    from visionlora.tasks.classification.task import ClassificationTask
 
     seen, original = set(), ClassificationTask.loss
 
@@ -193,7 +193,7 @@ def test_mixed_precision_runs_the_forward_pass_in_it_and_learns(class_folder, tm
 def test_bf16_lora_trains_frozen_weights_in_bf16_and_gives_them_back_in_fp32(class_folder, tmp_path):
     import torch
 
-    from visionlora.adapters import lower_frozen_weights, restore_weights
+    from visionlora.modeling.adapters import lower_frozen_weights, restore_weights
 
     result = train(tiny_config("classification", class_folder, tmp_path / "run", epochs=1, mixed_precision="bf16"))
     assert {p.dtype for p in result.model.parameters()} == {torch.float32}

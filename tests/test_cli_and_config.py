@@ -127,7 +127,7 @@ def test_config_validation_needs_data():
 
 
 def _resolve(requested: str, task: str) -> tuple[str, str]:
-    from visionlora import runtime
+    from visionlora.training import runtime
 
     return runtime.resolve_precision(requested, get_task(task).fp16_unsafe)
 
@@ -135,7 +135,7 @@ def _resolve(requested: str, task: str) -> tuple[str, str]:
 def test_auto_precision_picks_native_bf16_and_says_why(monkeypatch):
     import torch
 
-    from visionlora import runtime
+    from visionlora.training import runtime
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(runtime, "cpu_bf16_feature", lambda: "AVX512-BF16")
@@ -157,7 +157,7 @@ def test_auto_precision_picks_native_bf16_and_says_why(monkeypatch):
 def test_a_onednn_cap_below_bf16_means_no_native_bf16(monkeypatch):
     import torch
 
-    from visionlora import runtime
+    from visionlora.training import runtime
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
@@ -172,7 +172,7 @@ def test_a_onednn_cap_below_bf16_means_no_native_bf16(monkeypatch):
 
 def test_the_summary_records_the_precision_and_fp32_metrics(class_folder, tmp_path):
     from tests.conftest import tiny_config
-    from visionlora.engine import train
+    from visionlora.training.engine import train
 
     summary = train(tiny_config("classification", class_folder, tmp_path / "run", epochs=1,
                                 mixed_precision="auto")).summary

@@ -15,12 +15,12 @@ from tests.conftest import SHARED_DATASETS, needs_native_bf16, read_data, tiny_c
 from tests.readme import run_snippet
 from visionlora.cli import main
 from visionlora.data.formats import read_part
-from visionlora.engine import train
+from visionlora.deploy.predictor import LoadedRun
 from visionlora.errors import VisionLoraError
-from visionlora.inference import LoadedRun
+from visionlora.examples.synthetic import DETECTION_FORMATS, make_detection_dataset
 from visionlora.metrics.detection import ImageBoxes, coco_detections, coco_ground_truth, detection_metrics
-from visionlora.synthetic import DETECTION_FORMATS, make_detection_dataset
 from visionlora.tasks import get_task
+from visionlora.training.engine import train
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import hub_snapshot
-from visionlora.synthetic import make_detection_dataset
+from visionlora.examples.synthetic import make_detection_dataset
 from visionlora.tasks import get_task
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("timm") is not None, reason="checks the path without timm")

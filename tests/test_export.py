@@ -13,10 +13,10 @@ from PIL import Image
 import visionlora
 from tests.conftest import assert_nested_close, tiny_config
 from visionlora.cli import main
-from visionlora.engine import train
-from visionlora.export import export_run
+from visionlora.deploy.export import export_run
+from visionlora.examples.synthetic import make_detection_dataset, make_pose_dataset
 from visionlora.serving.models import ModelStore
-from visionlora.synthetic import make_detection_dataset, make_pose_dataset
+from visionlora.training.engine import train
 
 CASES = {
     "classification-lora": ("classification", "lora", "tiny"),
@@ -93,7 +93,7 @@ def test_onnx_export_runs_in_onnxruntime_and_predict_agrees(exports, case, capsy
     for source in ("run", "merged", "onnx"):
         assert main(["predict", str(exports[case][source]), *map(str, exports[case]["images"])]) == 0
         outputs.append(json.loads(capsys.readouterr().out))
-    from visionlora.onnx_model import OnnxModel
+    from visionlora.deploy.onnx_model import OnnxModel
 
     assert isinstance(visionlora.load(exports[case]["onnx"]).model, OnnxModel)
     _close(outputs[1], outputs[0])

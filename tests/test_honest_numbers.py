@@ -11,8 +11,8 @@ import torch
 
 import visionlora
 from tests.conftest import read_data, tiny_config
-from visionlora.engine import train
-from visionlora.synthetic import make_classification_folder, make_detection_dataset
+from visionlora.examples.synthetic import make_classification_folder, make_detection_dataset
+from visionlora.training.engine import train
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import visionlora
 from tests.conftest import tiny_config
 from visionlora.cli import main
 from visionlora.config import METHODS
-from visionlora.engine import train
-from visionlora.export import export_run
+from visionlora.deploy.export import export_run
+from visionlora.training.engine import train
 
 PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "loha": "LOHA", "lokr": "LOKR", "oft": "OFT"}
 

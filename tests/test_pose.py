@@ -14,12 +14,12 @@ from tests.conftest import SHARED_DATASETS, assert_nested_close, needs_native_bf
 from visionlora.cli import main
 from visionlora.data.keypoints import flip_pairs, keypoint_sigmas
 from visionlora.data.topdown import crop_for_box, decode_heatmaps, encode_heatmaps, warp_matrix, warp_points
-from visionlora.engine import train
+from visionlora.deploy.predictor import LoadedRun
 from visionlora.errors import VisionLoraError
-from visionlora.inference import LoadedRun
+from visionlora.examples.synthetic import POSE_KEYPOINTS, make_pose_dataset
 from visionlora.metrics.pose import PoseTarget, pose_metrics
-from visionlora.synthetic import POSE_KEYPOINTS, make_pose_dataset
 from visionlora.tasks import get_task
+from visionlora.training.engine import train
 
 
 @pytest.fixture(scope="module")

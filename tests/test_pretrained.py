@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 
-from visionlora.builtin_models import PRETRAINED_DIR, known_builtins
 from visionlora.cli import main
 from visionlora.config import TrainConfig
-from visionlora.engine import train
-from visionlora.procedural import PRETRAIN_SHAPES, TARGET_SHAPES, write_shape_folder
-from visionlora.synthetic import make_pose_dataset
+from visionlora.examples.procedural import PRETRAIN_SHAPES, TARGET_SHAPES, write_shape_folder
+from visionlora.examples.synthetic import make_pose_dataset
+from visionlora.modeling.builtin import PRETRAINED_DIR, known_builtins
+from visionlora.training.engine import train
 
 TWINS = [("classification", "tiny"), ("detection", "tiny-rtdetr"), ("pose", "tiny")]
 

@@ -6,7 +6,7 @@ import pytest
 
 import visionlora
 from tests.conftest import SHARED_DATASETS, tiny_config
-from visionlora.engine import train
+from visionlora.training.engine import train
 
 HYMENOPTERA = SHARED_DATASETS / "hymenoptera"
 

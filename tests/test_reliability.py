@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_config
-from visionlora.checkpoint import read_progress
 from visionlora.cli import main
-from visionlora.engine import train
 from visionlora.errors import VisionLoraError
+from visionlora.training.checkpoint import read_progress
+from visionlora.training.engine import train
 
 HELPER = Path(__file__).with_name("kill_during_training.py")
 
@@ -86,7 +86,7 @@ def test_a_failed_start_leaves_no_run_folder(tmp_path):
 
 
 def test_diverging_training_stops_with_a_message_and_keeps_the_checkpoint(class_folder, tmp_path, monkeypatch):
-    from visionlora.tasks.classification import ClassificationTask
+    from visionlora.tasks.classification.task import ClassificationTask
 
     calls = {"n": 0}
     original = ClassificationTask.loss

@@ -23,8 +23,8 @@ from PIL import Image
 import visionlora
 from tests.browser import Chromium, free_port
 from tests.conftest import assert_nested_close, tiny_config
-from visionlora.engine import train
-from visionlora.synthetic import make_detection_dataset, make_pose_dataset
+from visionlora.examples.synthetic import make_detection_dataset, make_pose_dataset
+from visionlora.training.engine import train
 
 TOKEN = "test-token"
 

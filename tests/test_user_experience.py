@@ -15,8 +15,8 @@ import pytest
 import visionlora
 from tests.conftest import tiny_config
 from visionlora.cli import main
-from visionlora.engine import train
-from visionlora.synthetic import make_classification_folder
+from visionlora.examples.synthetic import make_classification_folder
+from visionlora.training.engine import train
 
 
 def _cli(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

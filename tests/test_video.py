@@ -11,10 +11,10 @@ from PIL import Image
 
 from tests.conftest import tiny_config
 from visionlora.cli import main
-from visionlora.detector import load_detector
-from visionlora.engine import train
-from visionlora.synthetic import POSE_KEYPOINTS, make_detection_dataset, make_pose_dataset, make_pose_video
-from visionlora.video import open_video
+from visionlora.deploy.video import open_video
+from visionlora.examples.synthetic import POSE_KEYPOINTS, make_detection_dataset, make_pose_dataset, make_pose_video
+from visionlora.tasks.pose.topdown import load_detector
+from visionlora.training.engine import train
 
 FRAMES = 30
 
@@ -118,8 +118,8 @@ def test_a_merged_export_or_a_hub_detector_finds_the_boxes(runs, tmp_path, capsy
     import sys
 
     from tests.conftest import fill_hub_cache
-    from visionlora.builtin_models import tiny_rtdetr
-    from visionlora.export import export_run
+    from visionlora.deploy.export import export_run
+    from visionlora.modeling.builtin import tiny_rtdetr
 
     frame = next((runs["root"] / "pose-data" / "labeled-data").rglob("*.png"))
     merged = tmp_path / "merged-detector"

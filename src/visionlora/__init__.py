@@ -12,9 +12,9 @@ from visionlora.errors import VisionLoraError  # noqa: E402
 def load(run_dir, device=None):
     """Load a finished run (base model + adapter, or full model) for prediction.
 
-    Returns a :class:`visionlora.inference.LoadedRun` with ``predict`` and ``evaluate``.
+    Returns a :class:`visionlora.deploy.predictor.LoadedRun` with ``predict`` and ``evaluate``.
     """
-    from visionlora.inference import load_run
+    from visionlora.deploy.predictor import load_run
 
     return load_run(run_dir, device=device)
 

@@ -237,7 +237,7 @@ def config_from_args(args: argparse.Namespace):
 
 def _cmd_train(args) -> int:
     from visionlora.config import coerce
-    from visionlora.engine import resume, train
+    from visionlora.training.engine import resume, train
 
     if args.resume:
         yaml_values, flags = _given_settings(args)
@@ -258,7 +258,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from visionlora.inference import load_run
+    from visionlora.deploy.predictor import load_run
 
     run = load_run(args.run_dir, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
                    allow_base_change=args.allow_base_change)
@@ -268,15 +268,15 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from visionlora.inference import image_files, load_run
-    from visionlora.video import is_video
+    from visionlora.deploy.predictor import image_files, load_run
+    from visionlora.deploy.video import is_video
 
     loading = dict(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     run = load_run(args.run_dir, allow_base_change=args.allow_base_change, **loading)
     options, outputs = _task_arguments(args, run.task, run.paths.root)
     finder = None
     if args.detector:
-        from visionlora.detector import load_detector
+        from visionlora.tasks.pose.topdown import load_detector
 
         if run.info.task != "pose":
             raise VisionLoraError(f"--detector is for pose runs; {run.paths.root} is a {run.info.task} run")
@@ -304,8 +304,8 @@ def _cmd_predict(args) -> int:
 def _predict_videos(args, run, videos: list[str], options: dict[str, Any], outputs: dict[str, Path], finder) -> int:
     """Predict each video's frames; JSON and DeepLabCut tables cover one video at a time."""
     from visionlora.artifacts import atomic_write_json
-    from visionlora.detector import topdown
-    from visionlora.video import predict_video
+    from visionlora.deploy.video import predict_video
+    from visionlora.tasks.pose.topdown import topdown
 
     if len(videos) != len(args.images):
         raise VisionLoraError("predict either images or videos in one call, not both")
@@ -354,7 +354,7 @@ def _task_arguments(args, task, run_root: Path) -> tuple[dict[str, Any], dict[st
 
 def _cmd_compare(args) -> int:
     from visionlora.artifacts import new_run_dir
-    from visionlora.compare import compare_runs, train_both
+    from visionlora.reporting.compare import compare_runs, train_both
     from visionlora.tasks import DEFAULT_TASK
 
     yaml_values, flags = _given_settings(args)
@@ -371,7 +371,7 @@ def _cmd_compare(args) -> int:
         comparison = train_both({k: v for k, v in settings.items() if k != "overwrite"}, output)
     else:
         raise VisionLoraError(f"compare takes two run folders (or none, with --data), not {len(args.runs)}")
-    from visionlora.compare import comparison_markdown
+    from visionlora.reporting.compare import comparison_markdown
 
     print(comparison_markdown(comparison))
     print(f"wrote {output}/comparison.md, comparison.json, comparison.png")
@@ -401,7 +401,7 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from visionlora.export import export_run
+    from visionlora.deploy.export import export_run
 
     record = export_run(args.run_dir, args.output, args.format, args.overwrite)
     checks = f"merged vs adapter max |diff| {record['merged_max_abs_diff']:.2e}"
@@ -413,7 +413,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from visionlora.demo import run_demo
+    from visionlora.examples.demo import run_demo
 
     run_demo(Path(args.output))
     return 0

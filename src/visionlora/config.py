@@ -16,7 +16,7 @@ import yaml
 
 from visionlora.errors import VisionLoraError
 from visionlora.tasks import DEFAULT_TASK, get_task
-from visionlora.tracking import parse_report_to
+from visionlora.training.tracking import parse_report_to
 
 MODES = ("lora", "full")
 METHODS = ("lora", "dora", "loha", "lokr", "oft")  # adapter kinds of --mode lora (peft)

@@ -31,8 +31,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from visionlora.data.images import UnreadableImage, load_rgb
+from visionlora.deploy.outputs import parse_float_between, per_image_values, png_bytes
 from visionlora.errors import VisionLoraError
-from visionlora.outputs import parse_float_between, per_image_values, png_bytes
 from visionlora.serving.batching import Batcher, Job
 from visionlora.serving.models import ModelStore, ServedModel
 

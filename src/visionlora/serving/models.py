@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from visionlora.artifacts import INFO_FILE, RunPaths, find_run, folder_bytes, read_json
-from visionlora.builtin_models import is_builtin
+from visionlora.deploy.predictor import guarded_load
 from visionlora.errors import VisionLoraError
-from visionlora.inference import guarded_load
-from visionlora.models import base_revision, check_base_unchanged, check_weight_files, loading_policy
+from visionlora.modeling.builtin import is_builtin
+from visionlora.modeling.loading import base_revision, check_base_unchanged, check_weight_files, loading_policy
 from visionlora.tasks import get_task
 from visionlora.tasks.base import ModelInfo, Task
 

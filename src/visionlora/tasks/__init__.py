@@ -14,9 +14,9 @@ if TYPE_CHECKING:
     from visionlora.tasks.base import Task
 
 _REGISTRY = {
-    "classification": "visionlora.tasks.classification:ClassificationTask",
-    "detection": "visionlora.tasks.detection:DetectionTask",
-    "pose": "visionlora.tasks.pose:PoseTask",
+    "classification": "visionlora.tasks.classification.task:ClassificationTask",
+    "detection": "visionlora.tasks.detection.task:DetectionTask",
+    "pose": "visionlora.tasks.pose.task:PoseTask",
 }
 DEFAULT_TASK = "classification"  # what --task is when not given
 

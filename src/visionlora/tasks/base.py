@@ -29,14 +29,14 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from visionlora.builtin_models import build_builtin, is_builtin, pretrained_folder
 from visionlora.data.cache import CachePlan, CacheReport, plan_cache
 from visionlora.data.formats import read_evaluation_part, read_source, read_validation
 from visionlora.data.records import Part, SourceData
 from visionlora.data.transforms import processor_output_size, processor_size, set_processor_size
+from visionlora.deploy.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option, OutputWriter
 from visionlora.errors import VisionLoraError
-from visionlora.models import base_revision, current_policy, load_pretrained
-from visionlora.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option, OutputWriter
+from visionlora.modeling.builtin import build_builtin, is_builtin, pretrained_folder
+from visionlora.modeling.loading import base_revision, current_policy, load_pretrained
 
 
 @dataclass(frozen=True)

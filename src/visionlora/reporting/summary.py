@@ -11,15 +11,15 @@ from typing import Any
 import torch
 
 from visionlora import __version__
-from visionlora.adapters import LoraSetup
 from visionlora.artifacts import RunPaths, atomic_write_bytes, atomic_write_json, folder_bytes, rows_csv
-from visionlora.checkpoint import Progress
 from visionlora.config import TrainConfig
-from visionlora.model_card import model_card
-from visionlora.plots import save_training_plots
-from visionlora.report import write_run_report
-from visionlora.runtime import peak_memory
+from visionlora.modeling.adapters import LoraSetup
+from visionlora.reporting.model_card import model_card
+from visionlora.reporting.plots import save_training_plots
+from visionlora.reporting.report import write_run_report
 from visionlora.tasks.base import Datasets, ModelInfo, Task
+from visionlora.training.checkpoint import Progress
+from visionlora.training.runtime import peak_memory
 
 
 @dataclass

@@ -24,9 +24,9 @@ from visionlora.data.transforms import (
 )
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.classification import classification_metrics, confusion_matrix, per_class_rows
-from visionlora.plots import confusion_matrix_plot
+from visionlora.reporting.drawing import draw_label
+from visionlora.reporting.plots import confusion_matrix_plot
 from visionlora.tasks.base import Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
-from visionlora.visualize import draw_label
 
 TOP_K = 5
 IMBALANCE = 5  # a largest class more than this many times the smallest is reported

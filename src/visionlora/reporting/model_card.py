@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from visionlora.builtin_models import is_builtin
+from visionlora.modeling.builtin import is_builtin
 from visionlora.tasks.base import ModelInfo, Task
 
 

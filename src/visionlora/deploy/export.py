@@ -20,9 +20,9 @@ import torch
 from visionlora.artifacts import INFO_FILE, atomic_dir, atomic_write_bytes, atomic_write_json, read_json
 from visionlora.data.images import UnreadableImage, load_rgb
 from visionlora.data.records import image_source
+from visionlora.deploy.predictor import LoadedRun, load_run
 from visionlora.errors import VisionLoraError
-from visionlora.inference import LoadedRun, load_run
-from visionlora.model_card import model_card
+from visionlora.reporting.model_card import model_card
 
 FORMATS = ("merged", "onnx")
 OPSET = 17
@@ -118,7 +118,7 @@ class _PlainOutputs(torch.nn.Module):
 
 def _export_onnx(run: LoadedRun, merged, images: list, folder: Path, strict: bool) -> dict[str, Any]:
     """Write model.onnx, then check onnxruntime against torch on ``images``."""
-    from visionlora.onnx_model import OnnxModel
+    from visionlora.deploy.onnx_model import OnnxModel
 
     task = run.task
     inputs = _model_inputs(run, images[:2])

@@ -18,7 +18,7 @@ def start_from_run(run_dir: str, task: Task, labels: list[str], mode: str):
     the new run's starting point in either mode; when the labels differ, its head is
     re-initialised for the new ones and everything else is kept.
     """
-    from visionlora.inference import load_run
+    from visionlora.deploy.predictor import load_run
 
     source = load_run(run_dir, device="cpu")
     if source.paths.mode == "export":

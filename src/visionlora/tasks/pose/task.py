@@ -26,13 +26,13 @@ from visionlora.data.topdown import (
     warp_points,
 )
 from visionlora.data.transforms import Normalizer
-from visionlora.dlc_output import DLC_CSV, DLC_H5
+from visionlora.deploy.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.pose import PCK_CURVE, PoseTarget, keypoint_table, pose_metrics
-from visionlora.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option
-from visionlora.plots import keypoint_error_plot, pck_curve_plot
+from visionlora.reporting.drawing import draw_keypoints
+from visionlora.reporting.plots import keypoint_error_plot, pck_curve_plot
 from visionlora.tasks.base import Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
-from visionlora.visualize import draw_keypoints
+from visionlora.tasks.pose.deeplabcut_output import DLC_CSV, DLC_H5
 
 CONTEXT = 1.5  # training crops are cached with this much context, for scale and rotation changes
 SCALE_RANGE = (0.75, 1.25)

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 from visionlora.artifacts import atomic_write_bytes, atomic_write_with
+from visionlora.deploy.outputs import OutputWriter
 from visionlora.errors import VisionLoraError
-from visionlora.outputs import OutputWriter
 
 SCORER = "visionlora"
 H5_KEY = "df_with_missing"  # the key DeepLabCut writes and reads

@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from visionlora.artifacts import INFO_FILE, RunPaths, find_run, read_json
-from visionlora.builtin_models import is_builtin
 from visionlora.data.images import UnreadableImage, is_image_file, load_rgb
+from visionlora.deploy.outputs import per_image_values
 from visionlora.errors import VisionLoraError
-from visionlora.models import check_base_unchanged, check_weight_files, current_policy, loading_policy
-from visionlora.outputs import per_image_values
+from visionlora.modeling.builtin import is_builtin
+from visionlora.modeling.loading import check_base_unchanged, check_weight_files, current_policy, loading_policy
 from visionlora.tasks import get_task
 from visionlora.tasks.base import ModelInfo, Task
 
@@ -44,7 +44,7 @@ class LoadedRun:
 
         ``outputs`` maps the names of the task's writers (``output``, ``save_images``, ...)
         to where each writes; per-image options may map file names to values. A pose run
-        given a ``box_finder`` (see :mod:`visionlora.detector`) predicts in the boxes it finds.
+        given a ``box_finder`` (see :mod:`visionlora.tasks.pose.topdown`) predicts in the boxes it finds.
         """
         opened, names, skipped = [], [], []
         for path in files:
@@ -72,7 +72,7 @@ class LoadedRun:
 
     def evaluate(self, data: str | None = None, batch_size: int = 16, split: str = "val") -> dict[str, Any]:
         """Metrics on ``data`` (default: the run's own validation split, or ``split="test"``, read alone)."""
-        from visionlora.runtime import new_accelerator
+        from visionlora.training.runtime import new_accelerator
 
         if data is None:
             if self.paths.mode == "export":
@@ -117,7 +117,7 @@ def load_run(
 def _load_model(paths: RunPaths, task: Task, info: ModelInfo, allow_base_change: bool = False) -> torch.nn.Module:
     """The full model, or the base with the adapter; a mismatch or damaged file is one clear line."""
     if paths.mode == "export" and read_json(paths.export_file).get("format") == "onnx":
-        from visionlora.onnx_model import OnnxModel
+        from visionlora.deploy.onnx_model import OnnxModel
 
         return OnnxModel.load(paths.model_dir, read_json(paths.export_file))
     check_weight_files(paths.model_dir)

@@ -21,23 +21,29 @@ from typing import Any
 
 import torch
 
-from visionlora import tracking
-from visionlora.adapters import apply_lora, described_lora, lower_frozen_weights, parameter_counts, restore_weights
 from visionlora.artifacts import RunPaths, new_run_dir, save_model
-from visionlora.builtin_models import is_builtin
-from visionlora.checkpoint import Progress, load_checkpoint, resume_settings, save_checkpoint
 from visionlora.config import TrainConfig
 from visionlora.console import describe_epoch, describe_start, library_messages_to
-from visionlora.continuation import start_from_run
-from visionlora.diagnostics import write_diagnostics
 from visionlora.errors import VisionLoraError
-from visionlora.models import base_revision, loading_policy
-from visionlora.runtime import new_accelerator, resolve_precision, return_freed_memory
-from visionlora.sampling import EpochWeightedSampler
-from visionlora.summary import RunFacts, write_results
+from visionlora.modeling.adapters import (
+    apply_lora,
+    described_lora,
+    lower_frozen_weights,
+    parameter_counts,
+    restore_weights,
+)
+from visionlora.modeling.builtin import is_builtin
+from visionlora.modeling.loading import base_revision, loading_policy
+from visionlora.reporting.diagnostics import write_diagnostics
+from visionlora.reporting.summary import RunFacts, write_results
 from visionlora.tasks import get_task
 from visionlora.tasks.base import Datasets, Evaluation, ModelInfo, Task
-from visionlora.tracking import parse_report_to
+from visionlora.training import tracking
+from visionlora.training.checkpoint import Progress, load_checkpoint, resume_settings, save_checkpoint
+from visionlora.training.continuation import start_from_run
+from visionlora.training.runtime import new_accelerator, resolve_precision, return_freed_memory
+from visionlora.training.sampling import EpochWeightedSampler
+from visionlora.training.tracking import parse_report_to
 
 PROGRESS_EVERY = 10  # batches between progress-bar loss updates (each one reads the loss from the device)
 

@@ -9,8 +9,8 @@ from typing import Any, Sequence
 
 from PIL import Image
 
+from visionlora.deploy.predictor import LoadedRun, load_run
 from visionlora.errors import VisionLoraError
-from visionlora.inference import LoadedRun, load_run
 
 
 @dataclass
@@ -51,7 +51,7 @@ def hub_detector(ref: str, allow_pickle: bool = False, trust_remote_code: bool =
     import torch
 
     from visionlora.data.transforms import processor_size
-    from visionlora.models import load_pretrained, loading_policy
+    from visionlora.modeling.loading import load_pretrained, loading_policy
     from visionlora.tasks import get_task
     from visionlora.tasks.base import ModelInfo
 

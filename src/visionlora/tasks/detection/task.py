@@ -17,19 +17,19 @@ from visionlora.data.cache import CachePlan, StoredImages, default_cache_dir
 from visionlora.data.images import decode_records
 from visionlora.data.records import DetectionRecord, Part, SourceData, clean_box
 from visionlora.data.transforms import Normalizer, processor_pixels
+from visionlora.deploy.outputs import Option, parse_float_between
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.detection import ImageBoxes, detection_curves, detection_metrics
-from visionlora.outputs import Option, parse_float_between
-from visionlora.plots import precision_recall_plot
+from visionlora.reporting.drawing import draw_boxes
+from visionlora.reporting.plots import precision_recall_plot
 from visionlora.tasks.base import Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
-from visionlora.timm_backbones import (
+from visionlora.tasks.detection.timm_backbones import (
     check_backbone_loaded,
     is_converted,
     needs_conversion,
     timm_free_checkpoint,
     train_like_timm,
 )
-from visionlora.visualize import draw_boxes
 
 # Module names of detection heads across DETR-family models (class and box predictors).
 HEAD_PATTERN = re.compile(
@@ -125,7 +125,7 @@ class DetectionTask(Task):
 
     def checkpoint(self, ref: str):
         """A DETR checkpoint with a timm ResNet backbone loads, without timm, from a converted copy
-        whose every backbone tensor must load (see :mod:`visionlora.timm_backbones`)."""
+        whose every backbone tensor must load (see :mod:`visionlora.tasks.detection.timm_backbones`)."""
         config = _config(ref)
         if config is None or not needs_conversion(config):
             return ref, None

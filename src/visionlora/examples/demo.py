@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from visionlora.config import TrainConfig
-from visionlora.synthetic import make_classification_folder, make_detection_dataset, make_pose_dataset
+from visionlora.examples.synthetic import make_classification_folder, make_detection_dataset, make_pose_dataset
 from visionlora.tasks import get_task
 
 # The small pretrained bases learn at higher rates than the presets (tuned for ViT-B-sized
@@ -26,7 +26,7 @@ DEMO_DATA = {
              lambda root: make_pose_dataset(root, "dlc", n_train=40, n_val=8)),
 }
 DEMO_EPOCHS = {"classification": 8, "detection": 30, "pose": 40}
-# Pretrained on procedural shapes and scenes (see visionlora.procedural); RT-DETRv2 converges in
+# Pretrained on procedural shapes and scenes (see visionlora.examples.procedural); RT-DETRv2 converges in
 # tens of epochs where DETR needs hundreds. The pose twin, pretrained on 11-keypoint walkers,
 # does not transfer to this 4-keypoint animal with 40 frames (worse than the mean position;
 # see benchmarks/lora_vs_full.py), so pose starts from the random tiny ViTPose.
@@ -51,7 +51,7 @@ def run_demo(output: Path, tasks: tuple[str, ...] = tuple(DEMO_DATA)) -> list[di
 
 
 def _train_one(task_name: str, data: Path, mode: str, output: Path) -> dict:
-    from visionlora.engine import train
+    from visionlora.training.engine import train
 
     preset = get_task(task_name).preset.settings(mode)
     preset["model"] = DEMO_MODELS[task_name]

@@ -32,7 +32,7 @@ def is_builtin(ref: str) -> bool:
 
 
 PRETRAINED_SUFFIX = "-pretrained"
-PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+PRETRAINED_DIR = Path(__file__).parents[1] / "pretrained"
 
 
 def pretrained_folder(task: str, name: str) -> Path | None:

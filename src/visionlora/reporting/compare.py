@@ -18,7 +18,7 @@ import yaml
 
 from visionlora.artifacts import atomic_write_bytes, atomic_write_json, find_run, read_json
 from visionlora.errors import VisionLoraError
-from visionlora.report import write_comparison_report, write_run_report
+from visionlora.reporting.report import write_comparison_report, write_run_report
 
 MB = 1024 * 1024
 

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 from visionlora.artifacts import RunPaths, atomic_write_bytes, rows_csv
 from visionlora.data.images import UnreadableImage, load_rgb
 from visionlora.data.records import image_source
-from visionlora.outputs import png_bytes
+from visionlora.deploy.outputs import png_bytes
 from visionlora.tasks.base import Evaluation, ModelInfo, Task
 
 GRID_IMAGES = 16

@@ -3,7 +3,7 @@ held-out targets to fine-tune them on.
 
 Shapes, textures and articulated figures are drawn with seeded randomness. The shapes and
 skeletons of the pretraining corpus (``PRETRAIN_SHAPES``, ``PRETRAIN_SKELETON``) never appear
-in the targets (``TARGET_SHAPES``, the four-keypoint animal of :mod:`visionlora.synthetic`),
+in the targets (``TARGET_SHAPES``, the four-keypoint animal of :mod:`visionlora.examples.synthetic`),
 so a fine-tuning result on a target measures transfer, not memory.
 """
 

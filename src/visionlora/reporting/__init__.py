@@ -1,0 +1,1 @@
+"""What a run reports: the summary, plots, diagnostics, report page, model card and comparisons."""

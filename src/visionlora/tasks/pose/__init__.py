@@ -1,0 +1,1 @@
+"""Pose estimation: keypoints, top-down with a detector, DeepLabCut outputs."""

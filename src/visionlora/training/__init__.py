@@ -1,0 +1,1 @@
+"""Training: the loop, its checkpoints, continuation, trackers and process settings."""
