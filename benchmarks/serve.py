@@ -37,8 +37,8 @@ def make_runs(root: Path, base: str, count: int, image_size: int) -> list[Path]:
 
     from visionlora.artifacts import RunPaths, atomic_write_json, save_model
     from visionlora.modeling.adapters import apply_lora
-    from visionlora.modeling.builtin import tiny_vit
     from visionlora.tasks import get_task
+    from visionlora.tasks.classification.builtin import tiny_vit
 
     task = get_task("classification")
     labels = [f"class{i}" for i in range(10)]

@@ -77,7 +77,7 @@ def fill_hub_cache(hf_home: Path, repo_id: str, model, processor, revision: str 
 @pytest.fixture(scope="session")
 def vit_hub_home(tmp_path_factory) -> Path:
     """An HF_HOME whose cache holds a small ViT under the classification preset's hub id."""
-    from visionlora.modeling.builtin import tiny_vit
+    from visionlora.tasks.classification.builtin import tiny_vit
 
     home = tmp_path_factory.mktemp("hf_home")
     model, processor = tiny_vit(["a", "b"], 32)

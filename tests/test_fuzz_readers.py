@@ -15,10 +15,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from tests.conftest import read_data
-from visionlora.data.formats import read_part
 from visionlora.data.images import UnreadableImage, load_rgb
 from visionlora.errors import VisionLoraError
+from visionlora.tasks import get_task
 
+DETECTION = get_task("detection")
 EXAMPLES = int(os.environ.get("VISIONLORA_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
@@ -71,7 +72,7 @@ def test_coco_reader(document, raw, text):
     with _folder_with_images() as tmp:
         path = Path(tmp) / "annotations.json"
         path.write_text(text if raw else json.dumps(document, allow_nan=True))
-        _only_clear_errors(lambda: read_part("detection", path))
+        _only_clear_errors(lambda: DETECTION.read_part(path))
         _only_clear_errors(lambda: read_data("pose", str(path), None, 0, None))
 
 
@@ -93,7 +94,7 @@ def test_voc_reader(filename, objects, size, garbage):
         xml = (f"<annotation><filename>{filename}</filename><size><width>{size[0]}</width>"
                f"<height>{size[1]}</height></size>{''.join(objects)}</annotation>")
         (Path(tmp) / "annotations" / "a.xml").write_text(xml[: len(xml) // 2] if garbage else xml)
-        _only_clear_errors(lambda: read_part("detection", Path(tmp)))
+        _only_clear_errors(lambda: DETECTION.read_part(Path(tmp)))
 
 
 @FUZZ
@@ -107,7 +108,7 @@ def test_yolo_reader(lines, names, names_file, stem):
         (root / "labels").mkdir()
         (root / names_file).write_text(names)
         (root / "labels" / f"{stem}.txt").write_text("\n".join(" ".join(map(str, line)) for line in lines))
-        _only_clear_errors(lambda: read_part("detection", root))
+        _only_clear_errors(lambda: DETECTION.read_part(root))
 
 
 @FUZZ

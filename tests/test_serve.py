@@ -181,6 +181,11 @@ def test_pose_with_a_served_detector_gives_one_instance_per_box(server, served_r
     assert len(instances) == len(boxes) > 1
     expected = visionlora.load(served_runs["pose"]).predict([frame], boxes=[[b["box"] for b in boxes]])[0]
     assert_nested_close(instances, expected["instances"])
+    status, body, _ = server.post_files("/v1/models/pose/predict", [(frame.name, _png(frame))],
+                                        {**fields, "max_instances": "1"})
+    assert status == 200, body
+    best = max(boxes, key=lambda box: box["score"])["box"]
+    assert [i["box"] for i in json.loads(body)["predictions"][0]["instances"]] == [pytest.approx(best, abs=0.01)]
 
 
 def test_draw_returns_a_png(server, class_folder):
@@ -209,7 +214,7 @@ def _bomb() -> bytes:
     ("option of another task", 400, "take no option 'threshold'"),
     ("not multipart", 400, "expected a multipart/form-data upload"),
     ("detector not a detection model", 400, "detector 'ants' is a classification model, not a detection model"),
-    ("detector for a classification model", 400, "'detector' is for pose models"),
+    ("detector for a classification model", 400, "take no option 'detector'"),
     ("unknown detector label", 400, "finds no label 'cat'"),
 ])
 def test_bad_requests_get_a_clear_4xx(server, class_folder, case, expected_status, message):

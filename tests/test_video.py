@@ -11,9 +11,9 @@ from PIL import Image
 
 from tests.conftest import tiny_config
 from visionlora.cli import main
+from visionlora.deploy.predictor import box_finder, load_run
 from visionlora.deploy.video import open_video
 from visionlora.examples.synthetic import POSE_KEYPOINTS, make_detection_dataset, make_pose_dataset, make_pose_video
-from visionlora.tasks.pose.topdown import load_detector
 from visionlora.training.engine import train
 
 FRAMES = 30
@@ -75,12 +75,12 @@ def test_detector_gives_one_pose_instance_per_box(runs, tmp_path, capsys):
                                "--detector-threshold", "0.0", "--csv", csv_file], capsys)
     assert code == 0, err
     frames = json.loads(out)["frames"]
-    finder = load_detector(str(runs["detection"]), threshold=0.0)
+    finder = box_finder(load_run(runs["pose"]), {"detector": str(runs["detection"]), "detector_threshold": 0.0})
     capture, facts = open_video(runs["video"])
     for frame in frames:
         capture.set(cv2.CAP_PROP_POS_FRAMES, frame["frame"])
         image = cv2.cvtColor(capture.read()[1], cv2.COLOR_BGR2RGB)
-        boxes = finder.boxes([Image.fromarray(image)])[0]
+        boxes = finder([Image.fromarray(image)])[0]
         assert len(frame["instances"]) == len(boxes)
         for instance, box in zip(frame["instances"], boxes):
             assert instance["box"] == pytest.approx(box, abs=0.01)
@@ -100,9 +100,9 @@ def test_bad_video_inputs_are_one_line(runs, tmp_path, capsys):
         ([runs["pose"], broken], f"{broken}: cannot read this video"),
         ([runs["pose"], empty], f"{empty}: "),
         ([runs["pose"], runs["video"], "--detector", runs["classification"]],
-         "not a detection model (it is a classification run)"),
+         "is a classification model, not a detection model"),
         ([runs["classification"], runs["video"], "--csv", tmp_path / "x.csv"], "--csv is a pose option"),
-        ([runs["classification"], runs["video"], "--detector", runs["detection"]], "--detector is for pose runs"),
+        ([runs["classification"], runs["video"], "--detector", runs["detection"]], "--detector is a pose option"),
         ([runs["pose"], runs["video"], "--every", "0"], "--every must be 1 or more"),
     ]
     for args, message in cases:
@@ -119,7 +119,7 @@ def test_a_merged_export_or_a_hub_detector_finds_the_boxes(runs, tmp_path, capsy
 
     from tests.conftest import fill_hub_cache
     from visionlora.deploy.export import export_run
-    from visionlora.modeling.builtin import tiny_rtdetr
+    from visionlora.tasks.detection.builtin import tiny_rtdetr
 
     frame = next((runs["root"] / "pose-data" / "labeled-data").rglob("*.png"))
     merged = tmp_path / "merged-detector"

@@ -121,13 +121,6 @@ def _predict_parser(commands, common, help_text: str) -> None:
     videos.add_argument("--end", type=float, default=None, metavar="SECONDS", help="last time to predict")
     videos.add_argument("--save-video", metavar="OUT.mp4", help="write the video with the predictions drawn "
                         "(H.264, at the source frame rate divided by --every)")
-    detector = predict.add_argument_group("pose with a detector (top-down)")
-    detector.add_argument("--detector", metavar="RUN_OR_ID", help="a detection run, merged export or hub detector "
-                          "whose boxes pose runs on (one instance per box)")
-    detector.add_argument("--detector-threshold", type=float, default=0.5, metavar="SCORE",
-                          help="keep detections scoring at least this (default 0.5)")
-    detector.add_argument("--detector-label", metavar="LABEL", help="keep only detections of this label")
-    detector.add_argument("--max-instances", type=int, metavar="N", help="keep the N highest-scoring boxes per image")
     seen: set[str] = set()
     for name in task_names():
         task = get_task(name)
@@ -136,6 +129,12 @@ def _predict_parser(commands, common, help_text: str) -> None:
                 seen.add(item.flag)
                 predict.add_argument(item.flag, dest=item.name, metavar=item.metavar, default=None,
                                      help=item.help if item in task.writers else f"{name}: {item.help}")
+        if task.box_options:
+            group = predict.add_argument_group(f"{name} in the boxes another model finds (top-down)")
+            for item in task.box_options:
+                if item.flag not in seen:
+                    seen.add(item.flag)
+                    group.add_argument(item.flag, dest=item.name, metavar=item.metavar, default=None, help=item.help)
     predict.set_defaults(handler=_cmd_predict)
 
 
@@ -268,20 +267,13 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from visionlora.deploy.predictor import image_files, load_run
+    from visionlora.deploy.predictor import box_finder, image_files, load_run
     from visionlora.deploy.video import is_video
 
     loading = dict(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     run = load_run(args.run_dir, allow_base_change=args.allow_base_change, **loading)
-    options, outputs = _task_arguments(args, run.task, run.paths.root)
-    finder = None
-    if args.detector:
-        from visionlora.tasks.pose.topdown import load_detector
-
-        if run.info.task != "pose":
-            raise VisionLoraError(f"--detector is for pose runs; {run.paths.root} is a {run.info.task} run")
-        finder = load_detector(args.detector, args.detector_threshold, args.detector_label, args.max_instances,
-                               **loading)
+    options, box_values, outputs = _task_arguments(args, run.task, run.paths.root)
+    finder = box_finder(run, box_values, **loading)
     videos = [item for item in args.images if is_video(item)]
     if videos:
         return _predict_videos(args, run, videos, options, outputs, finder)
@@ -305,15 +297,13 @@ def _predict_videos(args, run, videos: list[str], options: dict[str, Any], outpu
     """Predict each video's frames; JSON and DeepLabCut tables cover one video at a time."""
     from visionlora.artifacts import atomic_write_json
     from visionlora.deploy.video import predict_video
-    from visionlora.tasks.pose.topdown import topdown
-
     if len(videos) != len(args.images):
         raise VisionLoraError("predict either images or videos in one call, not both")
     if len(videos) > 1 and (args.save_video or set(outputs) - {"output"}):
         raise VisionLoraError("--save-video, --csv and --h5 take one video at a time")
     if "save_images" in outputs:
         raise VisionLoraError("--save-images is for images; for a video, use --save-video OUT.mp4")
-    predict = topdown(run, finder, options) if finder is not None else (lambda images: run.predict(images, **options))
+    predict = run.predictor(options, finder)
     results = []
     for video in videos:
         results.append(predict_video(video, predict, run.draw, args.every, args.start, args.end,
@@ -334,22 +324,28 @@ def _predict_videos(args, run, videos: list[str], options: dict[str, Any], outpu
     return 0
 
 
-def _task_arguments(args, task, run_root: Path) -> tuple[dict[str, Any], dict[str, Path]]:
-    """The run's task options (parsed by the task) and writer targets given on the command line.
+def _task_arguments(args, task, run_root: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Path]]:
+    """The run's task options (parsed by the task), its box options' values and the writer
+    targets given on the command line.
 
     An option or writer that another task declares is a clear error for this run.
     """
     from visionlora.tasks import get_task, task_names
 
-    own = {item.name for item in (*task.writers, *task.predict_options)}
+    def declared(t):
+        return (*t.writers, *t.predict_options, *t.box_options)
+
+    own = {item.name for item in declared(task)}
     for name in task_names():
-        for item in (*get_task(name).writers, *get_task(name).predict_options):
+        for item in declared(get_task(name)):
             if item.name not in own and getattr(args, item.name, None) is not None:
                 raise VisionLoraError(f"{item.flag} is a {name} option; {run_root} is a {task.name} run")
-    options = {o.name: o.parse(getattr(args, o.name)) for o in task.predict_options
-               if getattr(args, o.name) is not None}
+
+    def given(items):
+        return {o.name: o.parse(getattr(args, o.name)) for o in items if getattr(args, o.name) is not None}
+
     outputs = {w.name: Path(getattr(args, w.name)) for w in task.writers if getattr(args, w.name) is not None}
-    return options, outputs
+    return given(task.predict_options), given(task.box_options), outputs
 
 
 def _cmd_compare(args) -> int:

@@ -209,14 +209,12 @@ def _skeleton(path: Path, category: dict, count: int) -> list[list[int]]:
 
 DETECTION = DataFormat(
     name="coco",
-    task="detection",
     expected="a COCO .json file",
     finds=lambda path: coco_file(path) is not None,
     read=read_coco_detection,
 )
 KEYPOINTS = DataFormat(
     name="coco-keypoints",
-    task="pose",
     expected="a COCO keypoints .json file",
     finds=lambda path: coco_file(path) is not None,
     read=read_coco_keypoints,

@@ -127,7 +127,6 @@ def _number(row: list[str], column: int, where: str) -> float:
 
 FORMAT = DataFormat(
     name="deeplabcut",
-    task="pose",
     expected="a DeepLabCut project with config.yaml and labeled-data/",
     finds=is_deeplabcut_project,
     read=read_deeplabcut,

@@ -1,21 +1,21 @@
-"""Find each task's data in whatever format it is, and apply the train/validation rule.
+"""Find a task's data in whatever format it is, and apply the train/validation rule.
 
-Formats are tried in order; the first that finds its files in a part reads it. A new
-format is a reader module declaring a :class:`~visionlora.data.records.DataFormat`,
-added to ``FORMATS``.
+A task names the formats it reads (``Task.data_formats``); they are tried in that order, and
+the first that finds its files in a part reads it. A new format is a reader module declaring
+a :class:`~visionlora.data.records.DataFormat`, added to ``FORMATS``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Sequence
 
 from visionlora.data import coco, deeplabcut, hf_datasets, imagefolder, voc, yolo
 from visionlora.data.records import DataFormat, Part, SourceData
 from visionlora.data.splits import evaluation_part, holdout_fraction, locate_parts, seeded_split
 from visionlora.errors import VisionLoraError
 
-FORMATS: list[DataFormat] = [
+FORMATS: dict[str, DataFormat] = {f.name: f for f in (
     hf_datasets.FORMAT,
     imagefolder.FORMAT,
     coco.DETECTION,
@@ -23,23 +23,23 @@ FORMATS: list[DataFormat] = [
     yolo.FORMAT,
     deeplabcut.FORMAT,
     coco.KEYPOINTS,
-]
+)}
 
 
-def read_part(task: str, path: Path) -> Part:
-    """Read one part with the first of the task's formats that finds its files there."""
-    candidates = [f for f in FORMATS if f.task == task]
+def read_part(formats: Sequence[str], path: Path) -> Part:
+    """Read one part with the first of ``formats`` that finds its files there."""
+    candidates = [FORMATS[name] for name in formats]
     for data_format in candidates:
         if data_format.finds(path):
             return data_format.read(path)
     if not path.exists():
         raise VisionLoraError(f"{path}: no such folder or file")
     expected = "; or ".join(f.expected for f in candidates)
-    raise VisionLoraError(f"{path}: no annotations found for {task} (expected {expected})")
+    raise VisionLoraError(f"{path}: no annotations found (expected {expected})")
 
 
 def read_source(
-    task: str,
+    formats: Sequence[str],
     data: str,
     val_data: str | None,
     seed: int,
@@ -53,9 +53,9 @@ def read_source(
     against training's labels.
     """
     layout = locate_parts(data, val_data, test_data)
-    train = read_part(task, layout.train)
-    val = read_part(task, layout.val) if layout.val else None
-    test = read_part(task, layout.test) if layout.test else None
+    train = read_part(formats, layout.train)
+    val = read_part(formats, layout.val) if layout.val else None
+    test = read_part(formats, layout.test) if layout.test else None
     train_records, val = _validation(train, val, seed, val_fraction, group)
     held_out = [val] + ([test] if test else [])
     source = SourceData(
@@ -76,7 +76,7 @@ def read_source(
 
 
 def read_validation(
-    task: str,
+    formats: Sequence[str],
     description: dict[str, Any],
     data: str,
     seed: int,
@@ -89,16 +89,16 @@ def read_validation(
     if split == "test":
         if not description.get("test_part"):
             raise VisionLoraError(f"{data}: the run had no test part (a test/ folder or --test-data)")
-        return read_part(task, Path(description["test_part"]))
+        return read_part(formats, Path(description["test_part"]))
     if description.get("val_part"):
-        return read_part(task, Path(description["val_part"]))
-    train = read_part(task, locate_parts(data).train)
+        return read_part(formats, Path(description["val_part"]))
+    train = read_part(formats, locate_parts(data).train)
     return _validation(train, None, seed, val_fraction, group)[1]
 
 
-def read_evaluation_part(task: str, data: str) -> Part:
+def read_evaluation_part(formats: Sequence[str], data: str) -> Part:
     """The records to evaluate on in ``data``: its validation part, else all of it."""
-    part = read_part(task, evaluation_part(data))
+    part = read_part(formats, evaluation_part(data))
     return part.own_val or part
 
 

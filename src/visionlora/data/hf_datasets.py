@@ -92,7 +92,6 @@ def read_hf_classification(path: Path) -> Part:
 
 FORMAT = DataFormat(
     name="huggingface",
-    task="classification",
     expected="a saved Hugging Face dataset folder or a hub dataset id",
     finds=is_dataset_reference,
     read=read_hf_classification,

@@ -30,7 +30,6 @@ def read_class_folders(root: Path) -> Part:
 
 FORMAT = DataFormat(
     name="imagefolder",
-    task="classification",
     expected="an ImageFolder (<class>/<image> folders)",
     finds=lambda path: path.is_dir(),
     read=read_class_folders,

@@ -88,13 +88,13 @@ class SourceData:
 
 @dataclass(frozen=True)
 class DataFormat:
-    """A data format a reader understands: which task it serves, how to spot it, how to read it.
+    """A data format a reader understands: how it looks, how to spot it, how to read it.
 
-    A new format is a new reader module declaring one of these, listed in ``formats.FORMATS``.
+    A new format is a new reader module declaring one of these, listed in ``formats.FORMATS``;
+    a task names the formats it reads (``Task.data_formats``).
     """
 
     name: str
-    task: str
     expected: str  # how the format looks, for "no data found" messages
     finds: Callable[[Path], bool]
     read: Callable[[Path], Part]

@@ -75,7 +75,6 @@ def _box(obj, where: str) -> list[float]:
 
 FORMAT = DataFormat(
     name="voc",
-    task="detection",
     expected="an annotations/ folder of Pascal VOC .xml files",
     finds=lambda path: path.is_dir() and bool(find_voc_xml(path)),
     read=read_voc,

@@ -102,7 +102,6 @@ def _read_names(path: Path) -> list[str]:
 
 FORMAT = DataFormat(
     name="yolo",
-    task="detection",
     expected="a labels/ folder of YOLO .txt files",
     finds=lambda path: path.is_dir() and bool(find_yolo_labels(path)),
     read=read_yolo,

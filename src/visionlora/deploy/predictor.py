@@ -9,21 +9,21 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from PIL import Image
 
-from visionlora.artifacts import INFO_FILE, RunPaths, find_run, read_json
+from visionlora.artifacts import RunPaths, read_json
 from visionlora.data.images import UnreadableImage, is_image_file, load_rgb
 from visionlora.deploy.outputs import per_image_values
+from visionlora.deploy.runs import load_hub_model, load_model, open_run
 from visionlora.errors import VisionLoraError
-from visionlora.modeling.builtin import is_builtin
-from visionlora.modeling.loading import check_base_unchanged, check_weight_files, current_policy, loading_policy
+from visionlora.modeling.loading import loading_policy
 from visionlora.tasks import get_task
-from visionlora.tasks.base import ModelInfo, Task
+from visionlora.tasks.base import BoxRequest, ModelInfo, Task
 
 
 @dataclass
 class LoadedRun:
     """A trained model ready for use: ``predict(images)`` and ``evaluate(data)``."""
 
-    paths: RunPaths
+    paths: RunPaths | None  # None for a hub model used as it is
     task: Task
     model: torch.nn.Module
     processor: Any
@@ -38,13 +38,14 @@ class LoadedRun:
         return self.task.predict(self.model, self.processor, opened, self.info, **options)
 
     def predict_files(
-        self, files: Sequence[Path], outputs: Mapping[str, Path] | None = None, box_finder=None, **options: Any
+        self, files: Sequence[Path], outputs: Mapping[str, Path] | None = None, box_finder: BoxFinder | None = None,
+        **options: Any
     ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
         """Predict image files, skipping (and listing) the unreadable ones.
 
         ``outputs`` maps the names of the task's writers (``output``, ``save_images``, ...)
-        to where each writes; per-image options may map file names to values. A pose run
-        given a ``box_finder`` (see :mod:`visionlora.tasks.pose.topdown`) predicts in the boxes it finds.
+        to where each writes; per-image options may map file names to values. Given a
+        :class:`BoxFinder` (top-down), the run predicts in the boxes it finds.
         """
         opened, names, skipped = [], [], []
         for path in files:
@@ -56,15 +57,21 @@ class LoadedRun:
         for option in self.task.predict_options:
             if option.per_image and isinstance(options.get(option.name), Mapping):
                 options[option.name] = per_image_values(options[option.name], names)
-        if box_finder is not None:
-            options["boxes"] = box_finder.boxes(opened)
-        predictions = self.task.predict(self.model, self.processor, opened, self.info, **options)
+        predictions = self.predictor(options, box_finder)(opened)
         named = [{"image": name, **p} for name, p in zip(names, predictions)]
         for writer in self.task.writers:
             target = (outputs or {}).get(writer.name)
             if target is not None:
                 writer.write(Path(target), named, opened, self.draw)
         return named, skipped
+
+    def predictor(self, options: dict[str, Any], boxes: BoxFinder | None = None):
+        """A function from opened images to their predictions with ``options`` (in ``boxes``' boxes when given)."""
+        def predict(images: list[Image.Image]) -> list[dict[str, Any]]:
+            found = {boxes.request.option: boxes(images)} if boxes is not None else {}
+            return self.task.predict(self.model, self.processor, images, self.info, **options, **found)
+
+        return predict
 
     def draw(self, image: Image.Image, prediction: dict) -> Image.Image:
         """A copy of ``image`` with ``prediction`` drawn on it."""
@@ -98,55 +105,51 @@ def load_run(
     A LoRA run's base is loaded at the revision recorded at training; a local base whose
     content changed since is refused unless ``allow_base_change``.
     """
-    paths = find_run(run_dir)
-    if not paths.completed() or (paths.mode != "export" and not read_json(paths.summary).get("completed")):
-        raise VisionLoraError(f"{paths.root}: the run did not complete (no finished training summary)")
-    info = ModelInfo.from_dict(read_json(paths.model_dir / INFO_FILE))
-    task = get_task(info.task)
+    run = open_run(run_dir)
     with loading_policy(allow_pickle, trust_remote_code):
-        model = _load_model(paths, task, info, allow_base_change)
-        from transformers import AutoImageProcessor
+        model = load_model(run, allow_base_change)
+        processor = run.load_processor(trust_remote_code)
+    return LoadedRun(run.paths, run.task, _to_device(model, device), processor, run.info)
 
-        processor = AutoImageProcessor.from_pretrained(paths.model_dir, backend="pil",
-                                                       trust_remote_code=trust_remote_code)
-    if isinstance(model, torch.nn.Module):
+
+def load_model_or_hub(ref: str, task_name: str, device: str | None = None, allow_pickle: bool = False,
+                      trust_remote_code: bool = False, **_: Any) -> LoadedRun:
+    """A run folder or export of ``task_name``, or a hub checkpoint of that task used as it is (its own labels)."""
+    if Path(ref).exists():
+        run = load_run(ref, device, allow_pickle, trust_remote_code)
+    else:
+        task = get_task(task_name)
+        with loading_policy(allow_pickle, trust_remote_code):
+            model, processor, info = load_hub_model(ref, task)
+        run = LoadedRun(None, task, _to_device(model, device), processor, info)
+    return run
+
+
+@dataclass
+class BoxFinder:
+    """Top-down: the boxes a model of another task finds in images, as ``request`` asks and keeps them."""
+
+    model: LoadedRun
+    request: BoxRequest
+
+    def __call__(self, images: list[Image.Image]) -> list[list[list[float]]]:
+        return self.request.keep(self.model.predict(images, **self.request.model_options()))
+
+
+def box_finder(run: LoadedRun, values: dict[str, Any], **loading: Any) -> BoxFinder | None:
+    """The box finder ``run``'s task asks for with its ``box_options`` ``values``; None when no box model is named."""
+    request = run.task.box_request(values)
+    if request is None:
+        return None
+    model = load_model_or_hub(request.model, request.model_task, **loading)
+    request.check(model.info, request.model)
+    return BoxFinder(model, request)
+
+
+def _to_device(model, device: str | None):
+    if isinstance(model, torch.nn.Module):  # an ONNX session stays where onnxruntime put it
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    return LoadedRun(paths, task, model, processor, info)
-
-
-def _load_model(paths: RunPaths, task: Task, info: ModelInfo, allow_base_change: bool = False) -> torch.nn.Module:
-    """The full model, or the base with the adapter; a mismatch or damaged file is one clear line."""
-    if paths.mode == "export" and read_json(paths.export_file).get("format") == "onnx":
-        from visionlora.deploy.onnx_model import OnnxModel
-
-        return OnnxModel.load(paths.model_dir, read_json(paths.export_file))
-    check_weight_files(paths.model_dir)
-    if info.mode != "lora":
-        return guarded_load(lambda: task.load_model(str(paths.model_dir), info), paths.model_dir, "the saved model")
-    from peft import PeftModel
-
-    base_ref = str(paths.base_dir) if is_builtin(info.base_model) else info.base_model
-    pinned = check_base_unchanged(base_ref, info.base_revision, allow_base_change)
-    with loading_policy(current_policy().allow_pickle, current_policy().trust_remote_code, pinned):
-        base = task.load_model(base_ref, info)
-    return guarded_load(lambda: PeftModel.from_pretrained(base, paths.model_dir), paths.model_dir,
-                        f"base model {base_ref}")
-
-
-def guarded_load(load, folder: Path, what: str):
-    try:
-        return load()
-    except VisionLoraError:
-        raise
-    except Exception as err:  # safetensors, torch and peft raise many types for damaged or mismatched weights
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "size mismatch" in str(err) or "Error(s) in loading state_dict" in str(err):
-            reason = "its weights do not fit " + what + " (other labels or architecture?)"
-        elif "deserializ" in first.lower() or "header" in first.lower() or "incomplete" in first.lower():
-            reason = "its weights file is truncated or damaged"
-        else:
-            reason = f"cannot load it onto {what}"
-        raise VisionLoraError(f"{folder}: {reason}: {first[:200]}") from None
+    return model
 
 
 def image_files(items: Iterable[str]) -> Iterator[Path]:

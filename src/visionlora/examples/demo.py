@@ -1,5 +1,5 @@
 """The built-in example: generated images, LoRA and full fine-tuning of the small pretrained
-built-in models, a table."""
+built-in models, a table. Each task declares its part (``Task.demo``)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import shutil
 from pathlib import Path
 
 from visionlora.config import TrainConfig
-from visionlora.examples.synthetic import make_classification_folder, make_detection_dataset, make_pose_dataset
-from visionlora.tasks import get_task
+from visionlora.tasks import get_task, task_names
 
 # The small pretrained bases learn at higher rates than the presets (tuned for ViT-B-sized
 # checkpoints); full fine-tuning takes a lower one than LoRA, as usual. A random base learns
@@ -17,32 +16,21 @@ DEMO_LR = {"lora": 1e-3, "full": 2e-4}
 RANDOM_BASE_LR = 1e-3
 
 
-DEMO_DATA = {
-    "classification": ("4 colour classes, 160 train / 48 val images",
-                       lambda root: make_classification_folder(root, per_class_train=40, per_class_val=12)),
-    "detection": ("2 box classes, COCO JSON, 40 train / 12 val images",
-                  lambda root: make_detection_dataset(root, "coco", n_train=40, n_val=12)),
-    "pose": ("4 keypoints, DeepLabCut project, 48 frames",
-             lambda root: make_pose_dataset(root, "dlc", n_train=40, n_val=8)),
-}
-DEMO_EPOCHS = {"classification": 8, "detection": 30, "pose": 40}
-# Pretrained on procedural shapes and scenes (see visionlora.examples.procedural); RT-DETRv2 converges in
-# tens of epochs where DETR needs hundreds. The pose twin, pretrained on 11-keypoint walkers,
-# does not transfer to this 4-keypoint animal with 40 frames (worse than the mean position;
-# see benchmarks/lora_vs_full.py), so pose starts from the random tiny ViTPose.
-DEMO_MODELS = {"classification": "tiny-pretrained", "detection": "tiny-rtdetr-pretrained", "pose": "tiny"}
+def demo_tasks() -> tuple[str, ...]:
+    """The tasks that declare a demo (``Task.demo``), in the registry's order."""
+    return tuple(name for name in task_names() if get_task(name).demo is not None)
 
 
-def run_demo(output: Path, tasks: tuple[str, ...] = tuple(DEMO_DATA)) -> list[dict]:
+def run_demo(output: Path, tasks: tuple[str, ...] | None = None) -> list[dict]:
     """Generate each task's data, fine-tune the pretrained tiny models with LoRA and fully, print a table."""
     output = Path(output)
     rows = []
-    for task_name in tasks:
-        description, make = DEMO_DATA[task_name]
+    for task_name in tasks or demo_tasks():
+        recipe = get_task(task_name).demo
         data = output / "data" / task_name
         shutil.rmtree(data, ignore_errors=True)
-        make(data)
-        print(f"generated {data} ({description})")
+        recipe.generate(data)
+        print(f"generated {data} ({recipe.description})")
         for mode in ("lora", "full"):
             rows.append(_train_one(task_name, data, mode, output))
     print()
@@ -53,13 +41,14 @@ def run_demo(output: Path, tasks: tuple[str, ...] = tuple(DEMO_DATA)) -> list[di
 def _train_one(task_name: str, data: Path, mode: str, output: Path) -> dict:
     from visionlora.training.engine import train
 
-    preset = get_task(task_name).preset.settings(mode)
-    preset["model"] = DEMO_MODELS[task_name]
+    task = get_task(task_name)
+    preset = task.preset.settings(mode)
+    preset["model"] = task.demo.model
     cfg = TrainConfig(
         task=task_name,
         data=str(data),
         mode=mode,
-        epochs=DEMO_EPOCHS[task_name],
+        epochs=task.demo.epochs,
         batch_size=16,
         output=str(output / f"{task_name}-{mode}"),
         overwrite=True,

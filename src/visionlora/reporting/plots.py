@@ -1,5 +1,5 @@
-"""The run's plots at 200 dpi: training curves from the history (loss.png, metrics.png) and the
-best epoch's validation diagnostics (confusion matrix, precision-recall curves, keypoint errors, PCK)."""
+"""The run's plots at 200 dpi: training curves from the history (loss.png, metrics.png), the
+confusion matrix, and the helpers each task's own diagnostics plots draw with."""
 
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ def save_training_plots(history: list[dict[str, Any]], loss_path: Path, metrics_
     get a panel of their own. Epochs are whole numbers and legends sit beside the curves.
     With ``test_metrics``, the held-out test result heads the figure and marks the main curve.
     """
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [row["epoch"] for row in history]
     figure, axis = plt.subplots(figsize=(7, 4))
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         axis.plot(epochs, [row.get(key) for row in history], marker="o", label=label)
-    _style(axis, "loss", "Loss")
+    style_axis(axis, "loss", "Loss")
     _save(figure, loss_path)
 
     scalars = [k[4:] for k, v in history[-1].items()
@@ -43,13 +43,13 @@ def save_training_plots(history: list[dict[str, Any]], loss_path: Path, metrics_
         if bounded:
             axis.set_ylim(0.0, 1.0)
         title = f"Validation metrics (main: {main_metric})" if bounded else "Validation errors"
-        _style(axis, "value" if bounded else "pixels", title)
+        style_axis(axis, "value" if bounded else "pixels", title)
     if test_metrics is not None:
         figure.suptitle(f"held-out test {main_metric}: {test_metrics[main_metric]:.4f}", fontweight="bold")
     _save(figure, metrics_path)
 
 
-def _style(axis, ylabel: str, title: str) -> None:
+def style_axis(axis, ylabel: str, title: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     axis.set(xlabel="epoch", ylabel=ylabel, title=title)
@@ -60,10 +60,11 @@ def _style(axis, ylabel: str, title: str) -> None:
 
 
 def _save(figure, path: Path) -> None:
-    atomic_write_bytes(path, _png(figure))
+    atomic_write_bytes(path, figure_png(figure))
 
 
-def _png(figure) -> bytes:
+def figure_png(figure) -> bytes:
+    """The figure as PNG bytes at PLOT_DPI, closed."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
@@ -73,7 +74,8 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,7 +91,7 @@ def confusion_matrix_plot(confusion, names: Sequence[str]) -> bytes:
     counts = np.asarray(confusion, dtype=float)
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     side = max(4.0, 0.45 * len(names) + 2)
-    figure, axes = _pyplot().subplots(1, 2, figsize=(2 * side + 1, side))
+    figure, axes = pyplot().subplots(1, 2, figsize=(2 * side + 1, side))
     for axis, values, title, fmt in ((axes[0], counts, "Confusion matrix (counts)", "{:.0f}"),
                                      (axes[1], shares, "Confusion matrix (share of each true class)", "{:.2f}")):
         image = axis.imshow(values, cmap="Blues", vmin=0, vmax=max(values.max(), 1e-9))
@@ -101,41 +103,4 @@ def confusion_matrix_plot(confusion, names: Sequence[str]) -> bytes:
         axis.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
         axis.set_yticks(range(len(names)), names, fontsize=7)
         axis.set(xlabel="predicted", ylabel="true", title=title)
-    return _png(figure)
-
-
-def precision_recall_plot(recall, per_class: dict, overall, title: str) -> bytes:
-    """One precision-recall curve per class with ground truth, and their mean ("all classes")."""
-    figure, axis = _pyplot().subplots(figsize=(7, 4.5))
-    for name, precision in per_class.items():
-        if precision is not None:
-            axis.plot(recall, precision, linewidth=1, label=f"{name} (AP {precision.mean():.3f})")
-    if overall is not None:
-        axis.plot(recall, overall, color="black", linewidth=2.5, label=f"all classes (AP {overall.mean():.3f})")
-    axis.set(xlim=(0, 1), ylim=(0, 1.02))
-    _style(axis, "precision", title)
-    axis.set_xlabel("recall")
-    return _png(figure)
-
-
-def keypoint_error_plot(names: Sequence[str], errors: Sequence[float | None]) -> bytes:
-    """Mean pixel error of each keypoint as bars (keypoints never labelled are left out)."""
-    shown = [(n, e) for n, e in zip(names, errors) if e is not None]
-    figure, axis = _pyplot().subplots(figsize=(max(5, 0.5 * len(shown) + 2), 4))
-    axis.bar([n for n, _ in shown], [e for _, e in shown], color="tab:blue")
-    axis.set(ylabel="mean error (pixels)", title="Error per keypoint (validation, best epoch)")
-    axis.tick_params(axis="x", rotation=45)
-    axis.grid(alpha=0.3, axis="y")
-    return _png(figure)
-
-
-def pck_curve_plot(thresholds, values) -> bytes:
-    """The share of labelled keypoints within each distance threshold (a fraction of the instance size)."""
-    figure, axis = _pyplot().subplots(figsize=(6, 4))
-    axis.plot(thresholds, values, marker=".")
-    for mark in (0.05, 0.1, 0.2):
-        axis.axvline(mark, color="grey", linestyle=":", linewidth=1)
-    axis.set(xlim=(0, max(thresholds)), ylim=(0, 1.02), xlabel="threshold (fraction of instance size)",
-             ylabel="PCK", title="PCK against threshold (validation, best epoch)")
-    axis.grid(alpha=0.3)
-    return _png(figure)
+    return figure_png(figure)

@@ -3,9 +3,9 @@
     GET  /                             a page to try the models
     GET  /health
     GET  /v1/models
-    POST /v1/models/{name}/predict     multipart ``file`` (one or more) and the task's options; a pose
-                                       model also takes ``detector`` (a served detection model's name),
-                                       ``detector_threshold`` and ``detector_label``: pose in its boxes
+    POST /v1/models/{name}/predict     multipart ``file`` (one or more) and the task's options; a
+                                       top-down task's box options name a served model finding its
+                                       boxes (pose: ``detector``, ``detector_threshold``, ...)
     POST /v1/models/{name}/draw        the first image with its prediction drawn, as PNG
     GET  /metrics                      Prometheus text
     POST /v1/models, DELETE /v1/models/{name}   load / unload runs (with --admin-token)
@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from visionlora.data.images import UnreadableImage, load_rgb
-from visionlora.deploy.outputs import parse_float_between, per_image_values, png_bytes
+from visionlora.deploy.outputs import per_image_values, png_bytes
 from visionlora.errors import VisionLoraError
 from visionlora.serving.batching import Batcher, Job
 from visionlora.serving.models import ModelStore, ServedModel
@@ -50,7 +50,6 @@ class ServeSettings:
         return int(self.max_upload_mb * 1024 * 1024)
 
 
-DETECTOR_FIELDS = ("detector", "detector_threshold", "detector_label")  # top-down pose through a served detector
 DRAIN_FACTOR = 4  # a refused upload is read (and dropped) up to this many times the limit
 
 
@@ -135,12 +134,8 @@ def create_app(store: ModelStore, settings: ServeSettings) -> FastAPI:
         served = lookup(name)
         form = await read_form(request, settings.max_upload_bytes)
         names, images = await read_images(form)
-        options, per_image = parse_options(served, form, names)
-        boxes = await detector_boxes(served, form, images)
-        if boxes is not None:
-            if any(value is not None for value in options.get("boxes", [])):
-                raise ApiError(400, "give either 'boxes' or 'detector', not both")
-            options["boxes"] = boxes
+        options, per_image, box_values = parse_options(served, form, names)
+        options.update(await found_boxes(served, box_values, images, options))
         job = Job(images, options, per_image)
         try:
             predictions = await batcher_for(served).submit(job)
@@ -149,28 +144,24 @@ def create_app(store: ModelStore, settings: ServeSettings) -> FastAPI:
         metrics.images.labels(name).inc(len(images))
         return served, names, images, predictions
 
-    async def detector_boxes(served: ServedModel, form: FormData, images: list) -> list | None:
-        """Boxes per image from the served detection model named in the ``detector`` field (top-down pose)."""
-        given = [field for field in DETECTOR_FIELDS if form.get(field) is not None]
-        if not given:
-            return None
-        if served.task.name != "pose":
-            raise ApiError(400, f"'{given[0]}' is for pose models; {served.name!r} is a {served.task.name} model")
-        if "detector" not in given:
-            raise ApiError(400, f"'{given[0]}' needs a 'detector' field naming a served detection model")
-        detector = lookup(form.get("detector"))
-        if detector.task.name != "detection":
-            raise ApiError(400, f"detector {detector.name!r} is a {detector.task.name} model, not a detection model")
+    async def found_boxes(served: ServedModel, box_values: dict[str, Any], images: list,
+                          options: dict[str, Any]) -> dict[str, Any]:
+        """Top-down: the boxes a served model of another task finds, as the task's predict option."""
         try:
-            threshold = parse_float_between(0.0, 1.0, "detector_threshold")(form.get("detector_threshold", "0.5"))
+            request = served.task.box_request(box_values)
         except VisionLoraError as err:
             raise ApiError(400, str(err)) from None
-        label = form.get("detector_label")
-        if label is not None and label not in detector.info.labels:
-            raise ApiError(400, f"detector {detector.name!r} finds no label {label!r} "
-                                f"(it finds: {', '.join(detector.info.labels)})")
-        found = await batcher_for(detector).submit(Job(images, {"threshold": threshold}, ()))
-        return [[box["box"] for box in p["boxes"] if label is None or box["label"] == label] for p in found]
+        if request is None:
+            return {}
+        if any(value is not None for value in options.get(request.option, [])):
+            raise ApiError(400, f"give either {request.option!r} or a model finding them, not both")
+        box_model = lookup(request.model)
+        try:
+            request.check(box_model.info, box_model.name)
+        except VisionLoraError as err:
+            raise ApiError(400, str(err)) from None
+        found = await batcher_for(box_model).submit(Job(images, request.model_options(), ()))
+        return {request.option: request.keep(found)}
 
     @app.post("/v1/models/{name}/predict")
     async def predict(name: str, request: Request):
@@ -285,13 +276,16 @@ async def read_images(form: FormData) -> tuple[list[str], list[Any]]:
     return names, images
 
 
-def parse_options(served: ServedModel, form: FormData, names: list[str]) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """The task's options from the form fields; unknown fields and bad values are a 400."""
-    known = {option.name: option for option in served.task.predict_options}
-    unknown = sorted(key for key in form.keys() if key not in ("file", *DETECTOR_FIELDS) and key not in known)
+def parse_options(served: ServedModel, form: FormData,
+                  names: list[str]) -> tuple[dict[str, Any], tuple[str, ...], dict[str, Any]]:
+    """(the task's predict options, the per-image ones among them, its box options' values) from the
+    form fields; unknown fields and bad values are a 400."""
+    task = served.task
+    known = {option.name: option for option in (*task.predict_options, *task.box_options)}
+    unknown = sorted(key for key in form.keys() if key != "file" and key not in known)
     if unknown:
         takes = ", ".join(known) or "none"
-        raise ApiError(400, f"{served.task.name} models take no option {unknown[0]!r} (options: {takes})")
+        raise ApiError(400, f"{task.name} models take no option {unknown[0]!r} (options: {takes})")
     options: dict[str, Any] = {}
     per_image = []
     for name, option in known.items():
@@ -306,7 +300,8 @@ def parse_options(served: ServedModel, form: FormData, names: list[str]) -> tupl
             value = per_image_values(value, names) if isinstance(value, dict) else [value] * len(names)
             per_image.append(name)
         options[name] = value
-    for name in [o.name for o in served.task.predict_options if o.per_image and o.name not in options]:
+    for name in [o.name for o in task.predict_options if o.per_image and o.name not in options]:
         options[name] = [None] * len(names)
         per_image.append(name)
-    return options, tuple(per_image)
+    box_values = {option.name: options.pop(option.name, None) for option in task.box_options}
+    return options, tuple(per_image), box_values

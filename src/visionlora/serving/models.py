@@ -18,12 +18,10 @@ from typing import Any
 
 import torch
 
-from visionlora.artifacts import INFO_FILE, RunPaths, find_run, folder_bytes, read_json
-from visionlora.deploy.predictor import guarded_load
+from visionlora.artifacts import RunPaths, folder_bytes
+from visionlora.deploy.runs import RunFolder, open_run
 from visionlora.errors import VisionLoraError
-from visionlora.modeling.builtin import is_builtin
-from visionlora.modeling.loading import base_revision, check_base_unchanged, check_weight_files, loading_policy
-from visionlora.tasks import get_task
+from visionlora.modeling.loading import base_revision, loading_policy
 from visionlora.tasks.base import ModelInfo, Task
 
 
@@ -84,20 +82,12 @@ class ModelStore:
         with self._lock:
             if name in self.models:
                 raise VisionLoraError(f"a model named {name!r} is already served")
-            paths = find_run(run_dir)
-            if not paths.completed():
-                raise VisionLoraError(f"{paths.root}: the run did not complete (no finished training summary)")
-            if paths.mode == "export" and read_json(paths.export_file).get("format") == "onnx":
-                raise VisionLoraError(f"{paths.root}: an ONNX export runs in onnxruntime (visionlora predict); "
-                                      "serve takes runs and merged exports")
-            info = ModelInfo.from_dict(read_json(paths.model_dir / INFO_FILE))
-            task = get_task(info.task)
+            run = open_run(run_dir, onnx_refusal="runs in onnxruntime (visionlora predict); "
+                                                  "serve takes runs and merged exports")
             with loading_policy(False, False):
-                check_weight_files(paths.model_dir)
-                base = self._attach(name, paths, task, info)
-                from transformers import AutoImageProcessor
-
-                processor = AutoImageProcessor.from_pretrained(paths.model_dir, backend="pil")
+                base = self._attach(name, run)
+                processor = run.load_processor()
+            paths, task, info = run.paths, run.task, run.info
             weights = sorted(paths.model_dir.glob("*.safetensors"))
             served = ServedModel(name, paths, task, info, processor, base,
                                  weights[0].stat().st_size if weights else folder_bytes(paths.model_dir))
@@ -118,32 +108,28 @@ class ModelStore:
             if not base.adapters:
                 self.bases.pop(base.key, None)
 
-    def _attach(self, name: str, paths: RunPaths, task: Task, info: ModelInfo) -> SharedBase:
-        if info.mode != "lora":
-            model = guarded_load(lambda: task.load_model(str(paths.model_dir), info), paths.model_dir,
-                                 "the saved model")
-            base = SharedBase(("full", str(paths.model_dir.resolve())), model.to(self.device).eval(), adapters={name})
+    def _attach(self, name: str, run: RunFolder) -> SharedBase:
+        if run.info.mode != "lora":
+            model = run.load_full_model().to(self.device).eval()
+            base = SharedBase(("full", str(run.paths.model_dir.resolve())), model, adapters={name})
             self.bases[base.key] = base
             return base
         from peft import PeftModel
 
-        base_ref = str(paths.base_dir) if is_builtin(info.base_model) else info.base_model
+        base_ref = run.base_ref
         if Path(base_ref).exists():
             base_ref = str(Path(base_ref).resolve())  # one key for every spelling of a local folder
-        peft_type = read_json(paths.model_dir / "adapter_config.json").get("peft_type", "LORA")
-        key = (info.task, base_ref, base_revision(base_ref), len(info.labels), peft_type)
+        key = (run.info.task, base_ref, base_revision(base_ref), len(run.info.labels), run.peft_type)
         shared = self.bases.get(key)
         if shared is None:
-            with loading_policy(False, False, check_base_unchanged(base_ref, info.base_revision, False)):
-                model = task.load_model(base_ref, info)
-            peft_model = guarded_load(lambda: PeftModel.from_pretrained(model, paths.model_dir, adapter_name=name),
-                                  paths.model_dir, f"base model {base_ref}")
+            model = run.load_base()
+            peft_model = run.attach_adapter(lambda: PeftModel.from_pretrained(model, run.paths.model_dir,
+                                                                              adapter_name=name))
             shared = SharedBase(key, peft_model.to(self.device).eval())
             self.bases[key] = shared
         else:
             with shared.lock:
-                guarded_load(lambda: shared.model.load_adapter(paths.model_dir, adapter_name=name),
-                         paths.model_dir, f"base model {base_ref}")
+                run.attach_adapter(lambda: shared.model.load_adapter(run.paths.model_dir, adapter_name=name))
                 shared.model.to(self.device).eval()
         shared.adapters.add(name)
         return shared

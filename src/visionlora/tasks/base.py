@@ -6,10 +6,10 @@ only use this class's methods and declarations, never a concrete task.
 
 A task subclass fills in:
 
-- declarations: ``name``, ``preset``, ``main_metric``, ``auto_class``, ``pipeline_tag``,
+- declarations: ``name``, ``preset``, ``data_formats``, ``main_metric``, ``auto_class``, ``pipeline_tag``,
   ``card_does``, ``output_names``, and when they differ from the defaults ``label_noun``,
-  ``fp16_unsafe``, ``weighs_classes``, ``input_names``,
-  ``predict_options``, ``writers``, ``unbounded_metrics``, ``freeze_batchnorm_in_lora``,
+  ``fp16_unsafe``, ``weighs_classes``, ``input_names``, ``predict_options``, ``writers``,
+  ``box_options`` (with ``box_request``), ``unbounded_metrics``, ``freeze_batchnorm_in_lora``,
   ``split_group``, ``dynamic_image_size``;
 - data: ``train_dataset``, ``eval_dataset`` (and ``check_data`` for the labels, ``count``,
   ``image_bytes`` for the cache estimate, ``sample_weights`` for ``--balanced-sampler``);
@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from PIL import Image
 
 from visionlora.data.cache import CachePlan, CacheReport, plan_cache
-from visionlora.data.formats import read_evaluation_part, read_source, read_validation
+from visionlora.data.formats import read_evaluation_part, read_part, read_source, read_validation
 from visionlora.data.records import Part, SourceData
 from visionlora.data.transforms import processor_output_size, processor_size, set_processor_size
 from visionlora.deploy.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option, OutputWriter
@@ -59,6 +60,23 @@ class Preset:
             "target_modules": list(self.target_modules),
             "lr": self.lr_lora if mode == "lora" else self.lr_full,
         }
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """A task's part of ``visionlora demo``: generated data, the built-in base and how long to train."""
+
+    description: str  # what the generated data is, e.g. "4 colour classes, 160 train / 48 val images"
+    make_data: str  # "module:function" called as function(folder, **arguments)
+    arguments: dict[str, Any]
+    model: str  # a built-in model
+    epochs: int
+
+    def generate(self, folder) -> None:
+        import importlib
+
+        module_name, function_name = self.make_data.split(":")
+        getattr(importlib.import_module(module_name), function_name)(folder, **self.arguments)
 
 
 @dataclass
@@ -150,11 +168,33 @@ class PredictInput:
     meta: Any = None
 
 
+class BoxRequest:
+    """How a top-down task asks another task's model for the boxes it predicts in: which ``model``
+    (of ``model_task``), with what options, which of its boxes to keep and the predict ``option`` they fill."""
+
+    model: str  # a run folder, export or hub id (in the server: a served model's name)
+    model_task: str
+    option: str
+
+    def check(self, info: ModelInfo, name: str) -> None:
+        """Raise a clear error when the model ``name`` (described by ``info``) cannot give these boxes."""
+        raise NotImplementedError
+
+    def model_options(self) -> dict[str, Any]:
+        """The predict options the box model is called with."""
+        raise NotImplementedError
+
+    def keep(self, predictions: list[dict[str, Any]]) -> list[list[list[float]]]:
+        """The boxes to predict in, per image, from the box model's predictions."""
+        raise NotImplementedError
+
+
 class Task:
     """Shared behaviour of every task; subclasses override the hooks listed in the module."""
 
     name: str
     preset: Preset
+    data_formats: tuple[str, ...]  # the formats (``data.formats.FORMATS``) this task reads, tried in order
     main_metric: str
     greater_is_better: bool = True
     auto_class: str  # the transformers Auto class that loads the task's models
@@ -166,6 +206,8 @@ class Task:
     predict_batch: int = 16
     predict_options: tuple[Option, ...] = ()
     writers: tuple[OutputWriter, ...] = (JSON_OUTPUT, DRAWN_IMAGES)
+    demo: DemoRecipe | None = None  # the task's part of ``visionlora demo``
+    box_options: tuple[Option, ...] = ()  # top-down: options naming a model that finds the boxes to predict in
     unbounded_metrics: tuple[str, ...] = ()  # metrics not in [0, 1] (e.g. pixel errors)
     input_names: tuple[str, ...] = ("pixel_values",)  # the model inputs predict feeds (and an export takes)
     output_names: tuple[str, ...] = ()  # the model outputs decode reads (and an export gives)
@@ -176,20 +218,24 @@ class Task:
     # -- data -------------------------------------------------------------------------
     def read_data(self, cfg) -> SourceData:
         """The annotations of ``cfg.data`` (no pixels yet), split into train and validation."""
-        source, held_out = read_source(self.name, cfg.data, cfg.val_data, cfg.seed, cfg.val_fraction,
+        source, held_out = read_source(self.data_formats, cfg.data, cfg.val_data, cfg.seed, cfg.val_fraction,
                                        self.split_group, cfg.test_data)
         self.check_data(source, held_out, cfg.data)
         return source
 
+    def read_part(self, path: str | Path) -> Part:
+        """One folder (or file) of this task's data, read by the first of its formats that finds it there."""
+        return read_part(self.data_formats, Path(path))
+
     def read_validation(self, summary: dict[str, Any], split: str = "val") -> Part:
         """Only the validation (or test) records of a finished run, from its summary (for ``evaluate RUN``)."""
         settings = summary["training"]
-        return read_validation(self.name, summary["data"], settings["data"], settings["seed"],
+        return read_validation(self.data_formats, summary["data"], settings["data"], settings["seed"],
                                settings["val_fraction"], self.split_group, split)
 
     def read_evaluation(self, data: str, info: ModelInfo) -> Part:
         """Labelled records of ``data`` for ``evaluate --data``, checked against the model's labels."""
-        part = read_evaluation_part(self.name, data)
+        part = read_evaluation_part(self.data_formats, data)
         unknown = sorted({name for name in part.labels if name not in info.labels})
         if unknown:
             raise VisionLoraError(f"{data}: labels the model was not trained on: {', '.join(unknown)}")
@@ -252,13 +298,13 @@ class Task:
         """(model, processor, info): a built-in model, or a checkpoint loaded for ``labels``."""
         twin = pretrained_folder(self.name, model_ref) if is_builtin(model_ref) else None
         if twin is not None:
-            model, processor = load_pretrained(self._auto_class(), str(twin), **self.load_kwargs(str(twin), labels))
+            model, processor = load_pretrained(self.model_class(), str(twin), **self.load_kwargs(str(twin), labels))
             self._check_twin_size(model_ref, processor, image_size)
         elif is_builtin(model_ref):
             model, processor = build_builtin(self.name, model_ref, labels, image_size)
         else:
             path, check = self.checkpoint(model_ref)
-            model, processor = load_pretrained(self._auto_class(), path, loading_check=check,
+            model, processor = load_pretrained(self.model_class(), path, loading_check=check,
                                                **self.load_kwargs(model_ref, labels))
             if image_size:
                 self.resize_processor(processor, image_size)
@@ -278,7 +324,7 @@ class Task:
     def load_model(self, path: str, info: ModelInfo) -> torch.nn.Module:
         """A saved base or fully trained model, for ``info``'s labels."""
         checkpoint, check = self.checkpoint(path)
-        model, _ = load_pretrained(self._auto_class(), checkpoint, with_processor=False, loading_check=check,
+        model, _ = load_pretrained(self.model_class(), checkpoint, with_processor=False, loading_check=check,
                                    **self.load_kwargs(path, info.labels))
         return model
 
@@ -312,7 +358,7 @@ class Task:
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                     module.eval()
 
-    def _auto_class(self):
+    def model_class(self):
         import transformers
 
         return getattr(transformers, self.auto_class)
@@ -385,6 +431,10 @@ class Task:
     def default_options(self) -> dict[str, Any]:
         """Each predict option at its default."""
         return {option.name: option.default for option in self.predict_options}
+
+    def box_request(self, values: dict[str, Any]) -> BoxRequest | None:
+        """From ``box_options``' values, what to ask a box-finding model; None when none is named (hook)."""
+        return None
 
     def combine(self, results: list[Any]) -> dict[str, Any]:
         """One image's prediction from the results of its inputs (default: the one result)."""

@@ -26,7 +26,7 @@ from visionlora.errors import VisionLoraError
 from visionlora.metrics.classification import classification_metrics, confusion_matrix, per_class_rows
 from visionlora.reporting.drawing import draw_label
 from visionlora.reporting.plots import confusion_matrix_plot
-from visionlora.tasks.base import Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
+from visionlora.tasks.base import DemoRecipe, Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
 
 TOP_K = 5
 IMBALANCE = 5  # a largest class more than this many times the smallest is reported
@@ -36,6 +36,7 @@ class ClassificationTask(Task):
     """Fine-tune an image classifier; the main metric is validation accuracy."""
 
     name = "classification"
+    data_formats = ("huggingface", "imagefolder")
     preset = Preset(
         model="google/vit-base-patch16-224",
         lora_r=16,
@@ -44,6 +45,9 @@ class ClassificationTask(Task):
         lr_lora=2e-4,
         lr_full=5e-5,
     )
+    demo = DemoRecipe("4 colour classes, 160 train / 48 val images",
+                      "visionlora.examples.synthetic:make_classification_folder",
+                      {"per_class_train": 40, "per_class_val": 12}, model="tiny-pretrained", epochs=8)
     main_metric = "accuracy"
     auto_class = "AutoModelForImageClassification"
     pipeline_tag = "image-classification"

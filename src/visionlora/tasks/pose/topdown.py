@@ -1,76 +1,78 @@
 """Top-down pose with a detector: a detection model finds the instance boxes in each image or
-frame, then the pose model locates the keypoints in each box (``--detector``)."""
+frame, then the pose model locates the keypoints in each box.
+
+The pose task declares these options (``--detector`` and friends on the command line, the
+same names as form fields of the server); ``predict``, videos and the server all ask the
+detector and keep its boxes through :class:`DetectorRequest`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from PIL import Image
-
-from visionlora.deploy.predictor import LoadedRun, load_run
+from visionlora.deploy.outputs import Option, parse_float_between
 from visionlora.errors import VisionLoraError
+from visionlora.tasks.base import BoxRequest, ModelInfo
+
+DETECTOR_TASK = "detection"
 
 
-@dataclass
-class BoxFinder:
+def parse_instance_count(text: str) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise VisionLoraError(f"max_instances must be a whole number, not {text!r}") from None
+    if value < 1:
+        raise VisionLoraError(f"max_instances must be 1 or more, not {value}")
+    return value
+
+
+DETECTOR_OPTIONS = (
+    Option("detector", "a detection run, merged export or hub detector (the server: a served detection model's "
+           "name) whose boxes pose runs in, one instance per box", str, None, "RUN_OR_ID"),
+    Option("detector_threshold", "keep detections scoring at least this (default 0.5)",
+           parse_float_between(0.0, 1.0, "detector_threshold"), 0.5, "SCORE"),
+    Option("detector_label", "keep only detections of this label", str, None, "LABEL"),
+    Option("max_instances", "keep the N highest-scoring boxes per image", parse_instance_count, None, "N"),
+)
+
+
+@dataclass(frozen=True)
+class DetectorRequest(BoxRequest):
     """The boxes a detection model finds, above ``threshold``, of ``label`` when given, and at
     most ``max_instances`` of them (the highest scoring) when given."""
 
-    detector: LoadedRun
+    model: str
     threshold: float = 0.5
     label: str | None = None
     max_instances: int | None = None
+    model_task: str = DETECTOR_TASK
+    option: str = "boxes"
 
-    def boxes(self, images: Sequence[Image.Image]) -> list[list[list[float]]]:
-        found = self.detector.predict(list(images), threshold=self.threshold)
+    @classmethod
+    def from_options(cls, values: dict[str, Any]) -> DetectorRequest | None:
+        """The request the option values given make; None when no detector is named (the others alone are an error)."""
+        given = [name for name, value in values.items() if value is not None]
+        if values.get("detector") is None:
+            if given:
+                raise VisionLoraError(f"'{given[0]}' needs a detector ('detector': a detection model)")
+            return None
+        threshold = values.get("detector_threshold")
+        return cls(values["detector"], 0.5 if threshold is None else threshold, values.get("detector_label"),
+                   values.get("max_instances"))
+
+    def check(self, info: ModelInfo, name: str) -> None:
+        if info.task != DETECTOR_TASK:
+            raise VisionLoraError(f"detector {name!r} is a {info.task} model, not a detection model")
+        if self.label is not None and self.label not in info.labels:
+            raise VisionLoraError(f"detector {name!r} finds no label {self.label!r} "
+                                  f"(it finds: {', '.join(info.labels[:20])})")
+
+    def model_options(self) -> dict[str, Any]:
+        return {"threshold": self.threshold}
+
+    def keep(self, predictions: list[dict[str, Any]]) -> list[list[list[float]]]:
         kept = [sorted((box for box in prediction["boxes"] if self.label is None or box["label"] == self.label),
-                       key=lambda box: -box["score"])[: self.max_instances] for prediction in found]
+                       key=lambda box: -box["score"])[: self.max_instances] for prediction in predictions]
         return [[box["box"] for box in boxes] for boxes in kept]
-
-
-def load_detector(ref: str, threshold: float = 0.5, label: str | None = None, max_instances: int | None = None,
-                  **loading: Any) -> BoxFinder:
-    """A :class:`BoxFinder` over a visionlora detection run or export, or a hub detector."""
-    if not 0.0 <= threshold <= 1.0:
-        raise VisionLoraError(f"--detector-threshold must be between 0 and 1, not {threshold:g}")
-    if max_instances is not None and max_instances < 1:
-        raise VisionLoraError(f"--max-instances must be 1 or more, not {max_instances}")
-    detector = load_run(ref, **loading) if Path(ref).exists() else hub_detector(ref, **loading)
-    if detector.info.task != "detection":
-        raise VisionLoraError(f"--detector {ref}: not a detection model (it is a {detector.info.task} run)")
-    if label is not None and label not in detector.info.labels:
-        known = ", ".join(detector.info.labels[:20])
-        raise VisionLoraError(f"--detector-label {label}: {ref} finds no such label (it finds: {known})")
-    return BoxFinder(detector, threshold, label, max_instances)
-
-
-def hub_detector(ref: str, allow_pickle: bool = False, trust_remote_code: bool = False, **_: Any) -> LoadedRun:
-    """A hub object-detection model (e.g. ``PekingU/rtdetr_v2_r18vd``) as a run, with its own labels."""
-    import torch
-
-    from visionlora.data.transforms import processor_size
-    from visionlora.modeling.loading import load_pretrained, loading_policy
-    from visionlora.tasks import get_task
-    from visionlora.tasks.base import ModelInfo
-
-    task = get_task("detection")
-    with loading_policy(allow_pickle, trust_remote_code):
-        checkpoint, check = task.checkpoint(ref)
-        model, processor = load_pretrained(task._auto_class(), checkpoint, loading_check=check)
-    config = model.config
-    labels = [str(config.id2label[i]) for i in range(len(config.id2label))]
-    info = ModelInfo("detection", "full", ref, labels, processor_size(processor))
-    task.describe_model(model, processor, info)
-    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    return LoadedRun(None, task, model, processor, info)
-
-
-def topdown(pose: LoadedRun, finder: BoxFinder, options: dict[str, Any]):
-    """A predict function for images: the detector's boxes, then pose in each box."""
-
-    def predict(images: list[Image.Image]) -> list[dict[str, Any]]:
-        return pose.predict(images, **{**options, "boxes": finder.boxes(images)})
-
-    return predict
