@@ -78,12 +78,17 @@ def write_drawn_images(folder: Path, predictions: Sequence[dict], images: Sequen
     """Each image with its prediction drawn, as ``<stem>.png`` (numbered when stems repeat)."""
     used: set[str] = set()
     for prediction, image in zip(predictions, images):
-        stem = Path(prediction.get("image", "image")).stem
-        target, number = f"{stem}.png", 2
-        while target in used:
-            target, number = f"{stem}-{number}.png", number + 1
-        used.add(target)
-        atomic_write_bytes(Path(folder) / target, png_bytes(draw(image, prediction)))
+        atomic_write_bytes(Path(folder) / png_name(prediction, used), png_bytes(draw(image, prediction)))
+
+
+def png_name(prediction: dict, used: set[str]) -> str:
+    """``<stem>.png`` for the prediction's image, numbered (``<stem>-2.png``) when ``used`` has it."""
+    stem = Path(prediction.get("image", "image")).stem
+    target, number = f"{stem}.png", 2
+    while target in used:
+        target, number = f"{stem}-{number}.png", number + 1
+    used.add(target)
+    return target
 
 
 def png_bytes(image: Image.Image) -> bytes:
