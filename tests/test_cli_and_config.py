@@ -189,3 +189,21 @@ def test_class_weights_need_a_task_with_a_class_loss(tmp_path):
         TrainConfig(task="detection", data=str(tmp_path), class_weights="auto").validate()
     weighted = TrainConfig(task="classification", data=str(tmp_path), class_weights="auto").validate()
     assert weighted.class_weights == "auto"
+
+
+def test_unwrapping_mixed_precision_gives_the_model_its_own_forward_back():
+    """Accelerate's keep_fp32_wrapper=False strips transformers' forward decorators too (SegFormer
+    then fails); unwrap_in_fp32 restores the forward saved at prepare, decorators and all."""
+    import torch
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    from visionlora.training.runtime import new_accelerator, unwrap_in_fp32
+
+    config = SegformerConfig(num_encoder_blocks=1, depths=[1], sr_ratios=[1], hidden_sizes=[8], patch_sizes=[3],
+                             strides=[2], num_attention_heads=[1], mlp_ratios=[1], decoder_hidden_size=8, num_labels=2)
+    model = SegformerForSemanticSegmentation(config).eval()
+    accelerator = new_accelerator(cpu=True, mixed_precision="bf16")
+    model = unwrap_in_fp32(accelerator, accelerator.prepare(model))
+    assert model.forward.__func__ is type(model).forward
+    logits = model(pixel_values=torch.randn(1, 3, 16, 16)).logits
+    assert logits.dtype == torch.float32 and logits.shape == (1, 2, 8, 8)

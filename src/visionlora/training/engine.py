@@ -41,7 +41,7 @@ from visionlora.tasks.base import Datasets, Evaluation, ModelInfo, Task
 from visionlora.training import tracking
 from visionlora.training.checkpoint import Progress, load_checkpoint, resume_settings, save_checkpoint
 from visionlora.training.continuation import start_from_run
-from visionlora.training.runtime import new_accelerator, resolve_precision, return_freed_memory
+from visionlora.training.runtime import new_accelerator, resolve_precision, return_freed_memory, unwrap_in_fp32
 from visionlora.training.sampling import EpochWeightedSampler
 from visionlora.training.tracking import parse_report_to
 
@@ -162,7 +162,7 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
         loop.restore(progress)
         accelerator.print(f"resumed after epoch {progress.completed_epochs}, batch {progress.batches_done}")
     loop.run()
-    model = accelerator.unwrap_model(loop.model, keep_fp32_wrapper=False)  # predictions and files in fp32
+    model = unwrap_in_fp32(accelerator, loop.model)  # predictions and files in fp32
     _restore_frozen_weights(model, frozen_file)
     final = loop.final_evaluation(model)
     facts.final_metrics = final.metrics

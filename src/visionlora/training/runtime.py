@@ -26,6 +26,20 @@ def new_accelerator(**kwargs):
     return Accelerator(**kwargs)
 
 
+def unwrap_in_fp32(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The prepared model without Accelerate's wrappers, its own ``forward`` back as it was.
+
+    ``unwrap_model(keep_fp32_wrapper=False)`` strips every ``functools.wraps`` layer off a
+    mixed-precision forward, transformers' own decorators included (SegFormer then loses the
+    hidden states its decode head needs); the forward saved at ``prepare`` is restored instead.
+    """
+    model = accelerator.unwrap_model(model)
+    original = model.__dict__.pop("_original_forward", None)
+    if original is not None:
+        model.forward = original
+    return model
+
+
 def resolve_precision(requested: str, fp16_unsafe: str | None = None) -> tuple[str, str]:
     """(precision for Accelerate: no, fp16 or bf16; why) for ``--mixed-precision requested``.
 
