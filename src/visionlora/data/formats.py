@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Hashable, Sequence
 
-from visionlora.data import coco, deeplabcut, hf_datasets, imagefolder, voc, yolo
+from visionlora.data import coco, deeplabcut, hf_datasets, imagefolder, segmentation, voc, yolo
 from visionlora.data.records import DataFormat, Part, SourceData
 from visionlora.data.splits import evaluation_part, holdout_fraction, locate_parts, seeded_split
 from visionlora.errors import VisionLoraError
@@ -23,6 +23,7 @@ FORMATS: dict[str, DataFormat] = {f.name: f for f in (
     yolo.FORMAT,
     deeplabcut.FORMAT,
     coco.KEYPOINTS,
+    *segmentation.FORMATS,
 )}
 
 
