@@ -27,7 +27,14 @@ from typing import Callable, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests import test_classification_e2e, test_detection, test_honest_numbers, test_pose, test_pretrained  # noqa: E402
+from tests import (  # noqa: E402
+    test_classification_e2e,
+    test_detection,
+    test_honest_numbers,
+    test_pose,
+    test_pretrained,
+    test_segmentation,
+)
 from tests.conftest import NATIVE_BF16  # noqa: E402
 from visionlora.examples.synthetic import make_classification_folder  # noqa: E402
 
@@ -72,6 +79,8 @@ CHECKS = [
           lambda tmp, seed: {"error / baseline": test_pose.vitpose_fit_error_ratio(tmp, seed, "bf16")}),
     Check("imbalance", "weights - plain > 0, sampler - plain > 0", range(5), _imbalance),
     Check("twin", "full < 0.95, lora - full >= -0.15, min - scratch >= 0.25", range(7, 12), _twin),
+    Check("segmentation", "mean_iou > 0.7", range(5),
+          lambda tmp, seed: {"mean_iou": test_segmentation.fit_mean_iou(tmp, seed)}),
     Check("pose-twin", "error / baseline < 0.8", range(5, 10),
           lambda tmp, seed: {"error / baseline": test_pretrained.pose_twin_error_ratio(tmp, seed)}),
 ]

@@ -14,6 +14,7 @@ import visionlora
 from tests.conftest import assert_nested_close, tiny_config
 from visionlora.cli import main
 from visionlora.deploy.export import export_run
+from visionlora.examples.segmentation import make_segmentation_dataset
 from visionlora.examples.synthetic import make_detection_dataset, make_pose_dataset
 from visionlora.serving.models import ModelStore
 from visionlora.training.engine import train
@@ -25,9 +26,11 @@ CASES = {
     "detection-full": ("detection", "full", "tiny-rtdetr"),
     "pose-lora": ("pose", "lora", "tiny"),
     "pose-full": ("pose", "full", "tiny"),
+    "segmentation-lora": ("segmentation", "lora", "tiny"),
+    "segmentation-full": ("segmentation", "full", "tiny"),
 }
 AUTO_CLASSES = {"classification": "AutoModelForImageClassification", "detection": "AutoModelForObjectDetection",
-                "pose": "AutoModelForPoseEstimation"}
+                "pose": "AutoModelForPoseEstimation", "segmentation": "AutoModelForSemanticSegmentation"}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,8 @@ def exports(class_folder, tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")
     data = {"classification": class_folder,
             "detection": make_detection_dataset(root / "boxes", "coco", n_train=16, n_val=4),
-            "pose": make_pose_dataset(root / "frames", "dlc", n_train=8, n_val=3)}
+            "pose": make_pose_dataset(root / "frames", "dlc", n_train=8, n_val=3),
+            "segmentation": make_segmentation_dataset(root / "regions", n_train=8, n_val=3, size=32)}
     made = {}
     for case, (task, mode, model) in CASES.items():
         # RT-DETR ranks its queries by score: barely trained, near-tied scores make the ranking fragile
@@ -51,7 +55,8 @@ def exports(class_folder, tmp_path_factory):
 
 
 def _images(task: str, data: Path) -> list[Path]:
-    pattern = {"classification": "val/*/*.png", "detection": "val/images/*.png", "pose": "labeled-data/*/*.png"}[task]
+    pattern = {"classification": "val/*/*.png", "detection": "val/images/*.png", "pose": "labeled-data/*/*.png",
+               "segmentation": "val/images/*.png"}[task]
     return sorted(data.glob(pattern))[:3]
 
 

@@ -15,6 +15,7 @@ from visionlora.tasks import get_task, task_names
 
 PACKAGE = Path(visionlora.__file__).parent
 REGISTRY_CALLS = {"BuiltinModel"}  # modeling/builtin.py: one registry line per built-in model
+NOT_A_TASK = "not a task name"  # a comment marking a data format's field that shares a task's name
 
 
 def task_name_literals(source: str) -> list[int]:
@@ -23,9 +24,10 @@ def task_name_literals(source: str) -> list[int]:
     allowed = {id(node) for call in ast.walk(tree)
                if isinstance(call, ast.Call) and getattr(call.func, "id", None) in REGISTRY_CALLS
                for node in ast.walk(call)}
-    names = set(task_names())
+    names, lines = set(task_names()), source.splitlines()
     return [node.lineno for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and node.value in names and id(node) not in allowed]
+            if isinstance(node, ast.Constant) and node.value in names and id(node) not in allowed
+            and NOT_A_TASK not in lines[node.lineno - 1]]
 
 
 def test_no_task_name_is_written_outside_the_tasks_packages():
@@ -44,6 +46,7 @@ def test_the_literal_check_finds_a_task_name():
     name = task_names()[0]
     assert task_name_literals(f'if task == "{name}":\n    pass\n') == [1]
     assert task_name_literals(f'BuiltinModel("{name}", "tiny", 32, "m:f")\n') == []
+    assert task_name_literals(f'FIELD = "{name}"  # {NOT_A_TASK}\n') == []
 
 
 @pytest.mark.parametrize("name", task_names())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -23,6 +24,7 @@ from PIL import Image
 import visionlora
 from tests.browser import Chromium, free_port
 from tests.conftest import assert_nested_close, tiny_config
+from visionlora.examples.segmentation import make_segmentation_dataset
 from visionlora.examples.synthetic import make_detection_dataset, make_pose_dataset
 from visionlora.training.engine import train
 
@@ -80,7 +82,7 @@ class Server:
         return code
 
 
-SERVED = ("ants", "bees", "wasps", "boxes", "pose")
+SERVED = ("ants", "bees", "wasps", "boxes", "pose", "regions")
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +99,10 @@ def served_runs(class_folder, tmp_path_factory):
     detection = train(tiny_config("detection", boxes, root / "boxes", epochs=1, model="tiny-rtdetr")).paths.root
     frames = make_pose_dataset(root / "pose-data", "dlc", n_train=6, n_val=2)
     pose = train(tiny_config("pose", frames, root / "pose", epochs=1, mode="full")).paths.root
-    return {"ants": first, "bees": second, "wasps": third, "boxes": detection, "pose": pose, "root": root}
+    shapes = make_segmentation_dataset(root / "regions-data", n_train=6, n_val=2, size=32)
+    regions = train(tiny_config("segmentation", shapes, root / "regions", epochs=1, image_size=32)).paths.root
+    return {"ants": first, "bees": second, "wasps": third, "boxes": detection, "pose": pose, "regions": regions,
+            "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +191,17 @@ def test_pose_with_a_served_detector_gives_one_instance_per_box(server, served_r
     assert status == 200, body
     best = max(boxes, key=lambda box: box["score"])["box"]
     assert [i["box"] for i in json.loads(body)["predictions"][0]["instances"]] == [pytest.approx(best, abs=0.01)]
+
+
+def test_segmentation_answers_with_class_areas_and_the_mask(server, served_runs):
+    image = sorted((served_runs["root"] / "regions-data" / "val" / "images").glob("*.png"))[0]
+    status, body, _ = server.post_files("/v1/models/regions/predict", [(image.name, _png(image))])
+    assert status == 200, body
+    answer = json.loads(body)["predictions"][0]
+    assert answer == {"image": image.name, **visionlora.load(served_runs["regions"]).predict([image])[0]}
+    mask = Image.open(io.BytesIO(base64.b64decode(answer["mask"])))
+    assert mask.mode == "P" and mask.size == Image.open(image).size
+    assert sum(answer["areas"].values()) == mask.size[0] * mask.size[1]
 
 
 def test_draw_returns_a_png(server, class_folder):
@@ -289,7 +305,7 @@ def test_the_page_shows_a_drawn_prediction_in_chromium(server, class_folder, tmp
     try:
         browser.call("Page.enable")
         browser.call("Page.navigate", url=server.url + "/")
-        browser.wait_for("document.querySelectorAll('#model option').length === 5")
+        browser.wait_for(f"document.querySelectorAll('#model option').length === {len(SERVED)}")
         browser.evaluate("document.getElementById('model').value = 'bees'")
         root = browser.call("DOM.getDocument")["root"]["nodeId"]
         node = browser.call("DOM.querySelector", nodeId=root, selector="#file")["nodeId"]

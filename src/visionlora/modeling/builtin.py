@@ -82,5 +82,6 @@ BUILTIN: dict[tuple[str, str], BuiltinModel] = {
         BuiltinModel("detection", "tiny", 64, "visionlora.tasks.detection.builtin:tiny_detr"),
         BuiltinModel("detection", "tiny-rtdetr", 64, "visionlora.tasks.detection.builtin:tiny_rtdetr"),
         BuiltinModel("pose", "tiny", 64, "visionlora.tasks.pose.builtin:tiny_vitpose"),
+        BuiltinModel("segmentation", "tiny", 64, "visionlora.tasks.segmentation.builtin:tiny_segformer"),
     )
 }

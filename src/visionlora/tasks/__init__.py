@@ -17,6 +17,7 @@ _REGISTRY = {
     "classification": "visionlora.tasks.classification.task:ClassificationTask",
     "detection": "visionlora.tasks.detection.task:DetectionTask",
     "pose": "visionlora.tasks.pose.task:PoseTask",
+    "segmentation": "visionlora.tasks.segmentation.task:SegmentationTask",
 }
 DEFAULT_TASK = "classification"  # what --task is when not given
 

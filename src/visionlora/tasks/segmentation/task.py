@@ -1,0 +1,246 @@
+"""Semantic segmentation: any transformers semantic-segmentation model (SegFormer by default);
+the main metric is the mean IoU over the validation pixels.
+
+Images and masks are resized to the model's input size once (masks with nearest neighbour)
+and cached together; augmentation moves the mask with the image. Validation metrics are
+computed at that input size. Predictions are upsampled to each image's own size.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any, Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from visionlora.data.cache import CachePlan
+from visionlora.data.images import decode_all, load_rgb
+from visionlora.data.records import Part, SourceData
+from visionlora.data.segmentation import FORMAT_NAMES, IGNORE_INDEX, SegmentationRecord, load_mask, voc_palette
+from visionlora.data.transforms import Normalizer, processor_output_size, processor_pixels
+from visionlora.deploy.outputs import DRAWN_IMAGES, JSON_OUTPUT, OutputWriter
+from visionlora.errors import VisionLoraError
+from visionlora.metrics.segmentation import confusion_matrix, per_class_rows, segmentation_metrics
+from visionlora.reporting.plots import confusion_matrix_plot
+from visionlora.tasks.base import DemoRecipe, Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
+from visionlora.tasks.segmentation.plots import class_iou_plot
+from visionlora.tasks.segmentation.writers import mask_png, write_masks
+
+HEAD_NAMES = ("decode_head", "auxiliary_head", "segmentation_head", "head")  # SegFormer, UperNet/BEiT, MobileViT, DPT
+OVERLAY_OPACITY = 0.5
+MASKS = OutputWriter("save_masks", "also save each predicted mask as a palette PNG (pixel value = class id)", "DIR",
+                     write_masks)
+
+
+class SegmentationTask(Task):
+    """Fine-tune a semantic segmentation model; the main metric is the validation mean IoU."""
+
+    name = "segmentation"
+    data_formats = FORMAT_NAMES
+    preset = Preset(
+        model="nvidia/mit-b0",
+        lora_r=16,
+        lora_alpha=32,
+        target_modules=("query", "value"),
+        lr_lora=2e-4,
+        lr_full=6e-5,
+    )
+    demo = DemoRecipe("discs and squares, images+masks folders, 48 train / 12 val images",
+                      "visionlora.examples.segmentation:make_segmentation_dataset",
+                      {"n_train": 48, "n_val": 12, "size": 64}, model="tiny", epochs=30)
+    main_metric = "mean_iou"
+    auto_class = "AutoModelForSemanticSegmentation"
+    pipeline_tag = "image-segmentation"
+    card_does = "labels every pixel of an image with one of"
+    label_noun = "classes"
+    output_names = ("logits",)
+    writers = (JSON_OUTPUT, DRAWN_IMAGES, MASKS)
+    freeze_batchnorm_in_lora = False  # the decode head's BatchNorm is new and trained with it
+    predict_batch = 8
+
+    # -- data -------------------------------------------------------------------------
+    def check_data(self, source: SourceData, held_out: list[Part], where: str) -> None:
+        if len(source.labels) < 2:
+            raise VisionLoraError(f"{where}: {len(source.labels)} class; segmentation needs at least two "
+                                  "(e.g. background and one more)")
+        for part in held_out:
+            if list(part.labels) != list(source.labels):
+                raise VisionLoraError(f"{part.where}: classes {part.labels} differ from training's {source.labels}")
+        super().check_data(source, held_out, where)
+
+    def read_evaluation(self, data: str, info: ModelInfo) -> Part:
+        part = super().read_evaluation(data, info)
+        if list(part.labels) != info.labels:
+            raise VisionLoraError(f"{data}: classes {part.labels} differ from the model's {info.labels}")
+        return part
+
+    def make_datasets(self, source: SourceData, processor, info: ModelInfo, cfg):
+        """Also records the data's ignore value and palette (for drawing) in the model description."""
+        info.extra["ignore_index"] = int(source.extra.get("ignore_index", IGNORE_INDEX))
+        if source.extra.get("palette"):
+            info.extra["palette"] = [list(colour) for colour in source.extra["palette"]]
+        return super().make_datasets(source, processor, info, cfg)
+
+    def train_dataset(self, source: SourceData, processor, info: ModelInfo, cfg, cache: CachePlan):
+        dataset, skipped = self.eval_dataset(source.train, processor, info, cache)
+        if not cfg.augment:
+            return dataset, skipped
+        augmented = AugmentedMasks(dataset.items, Normalizer(processor), cfg.seed, ignore_index(info))
+        augmented.cache_report = dataset.cache_report
+        return augmented, skipped
+
+    def eval_dataset(self, records: list[SegmentationRecord], processor, info: ModelInfo,
+                     cache: CachePlan | None = None):
+        height, width = processor_output_size(processor)
+        ignore = ignore_index(info)
+
+        def prepare(image: Image.Image, record: SegmentationRecord) -> dict[str, Any]:
+            mask = load_mask(record, len(info.labels), ignore, image.size)
+            resized = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+            return {"pixels": processor_pixels(processor, image), "mask": torch.from_numpy(resized)}
+
+        decoded = decode_all(records, prepare, name_of=lambda record: str(record.image),
+                             opener=lambda record: load_rgb(record.image), cache=cache,
+                             settings=f"segmentation|{len(info.labels)}|{ignore}|{processor.to_json_string()}")
+        dataset = MaskedImages(decoded.items, Normalizer(processor))
+        dataset.cache_report = decoded.report
+        return dataset, decoded.skipped
+
+    def image_bytes(self, processor, info: ModelInfo) -> int:
+        height, width = processor_output_size(processor)
+        return height * width * 4  # RGB and the mask
+
+    # -- model ------------------------------------------------------------------------
+    def head_modules(self, model: torch.nn.Module) -> list[str]:
+        """The decode head (and an auxiliary head where the architecture has one), trained in full."""
+        children = dict(model.named_children())
+        heads = [name for name in HEAD_NAMES if name in children]
+        if not heads:
+            raise VisionLoraError(f"{type(model).__name__}: no segmentation head found (looked for "
+                                  f"{', '.join(HEAD_NAMES)})")
+        return heads
+
+    # -- steps ------------------------------------------------------------------------
+    def loss(self, model, batch, info: ModelInfo) -> torch.Tensor:
+        logits = model(pixel_values=batch["pixel_values"], **info.forward_kwargs).logits
+        return pixel_loss(logits, batch["labels"], ignore_index(info))
+
+    def eval_step(self, model, batch, processor, info: ModelInfo):
+        logits = model(pixel_values=batch["pixel_values"], **info.forward_kwargs).logits
+        labels = batch["labels"]
+        upsampled = upsample(logits, labels.shape[-2:])
+        loss = F.cross_entropy(upsampled, labels, ignore_index=ignore_index(info))
+        predicted = upsampled.argmax(dim=1).cpu()
+        return loss, [confusion_matrix(p, t, len(info.labels), ignore_index(info))
+                      for p, t in zip(predicted, labels.cpu())]
+
+    def metrics(self, dataset, indices, outputs, info: ModelInfo) -> dict[str, Any]:
+        return segmentation_metrics(np.sum(outputs, axis=0), info.labels)
+
+    def diagnostics(self, dataset, indices, outputs, info: ModelInfo) -> Diagnostics:
+        confusion = np.sum(outputs, axis=0)
+        rows = per_class_rows(confusion, info.labels)
+        figures = {"confusion_matrix.png": confusion_matrix_plot(confusion, info.labels),
+                   "class_iou.png": class_iou_plot(rows)}
+        return Diagnostics(rows, figures)
+
+    # -- prediction -------------------------------------------------------------------
+    def ground_truth(self, record: SegmentationRecord, image: Image.Image, info: ModelInfo):
+        mask = load_mask(record, len(info.labels), ignore_index(info), image.size)
+        return describe_mask(mask, info), {}
+
+    def caption(self, prediction: dict[str, Any]) -> str:
+        shares = prediction["shares"]
+        largest = sorted(shares, key=shares.get, reverse=True)[:2]
+        return ", ".join(f"{name} {shares[name]:.0%}" for name in largest)
+
+    def predict_inputs(self, image, image_index, processor, info, options):
+        return [PredictInput(image_index, Normalizer(processor)(processor_pixels(processor, image)))]
+
+    def decode(self, outputs, inputs, images, processor, info: ModelInfo, options) -> list[dict]:
+        results = []
+        for logits, item in zip(outputs.logits.float(), inputs):
+            image = images[item.image_index]
+            mask = upsample(logits[None], (image.height, image.width))[0].argmax(dim=0)
+            results.append(describe_mask(mask.cpu().numpy().astype(np.uint8), info))
+        return results
+
+    def draw(self, image: Image.Image, prediction: dict, info: ModelInfo) -> Image.Image:
+        mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(prediction["mask"]))))
+        colours = np.asarray(palette(info), dtype=np.float32)[np.minimum(mask, len(palette(info)) - 1)]
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+        drawn = np.where((mask == ignore_index(info))[..., None], pixels,
+                         (1 - OVERLAY_OPACITY) * pixels + OVERLAY_OPACITY * colours)
+        return Image.fromarray(drawn.round().clip(0, 255).astype(np.uint8))
+
+
+def ignore_index(info: ModelInfo) -> int:
+    return int(info.extra.get("ignore_index", IGNORE_INDEX))
+
+
+def palette(info: ModelInfo) -> list[tuple[int, int, int]]:
+    """The data's colours (a VOC label map's), else the VOC palette, for every class id."""
+    given = [tuple(colour) for colour in info.extra.get("palette", [])]
+    return given + voc_palette(256)[len(given):]
+
+
+def upsample(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(N, C, h, w) logits -> (N, C, H, W), bilinear, as the Hugging Face segmentation examples do."""
+    return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def pixel_loss(logits: torch.Tensor, labels: torch.Tensor, ignore: int) -> torch.Tensor:
+    """Cross-entropy over the labelled pixels, the logits upsampled to the labels' size."""
+    return F.cross_entropy(upsample(logits, labels.shape[-2:]), labels, ignore_index=ignore)
+
+
+def describe_mask(mask: np.ndarray, info: ModelInfo) -> dict[str, Any]:
+    """JSON-ready: pixels and share of the image per class present, the mask as a base64 palette PNG."""
+    counts = np.bincount(mask.ravel(), minlength=256)[: len(info.labels)]
+    total = max(int(counts.sum()), 1)
+    areas = {info.labels[i]: int(n) for i, n in enumerate(counts) if n}
+    return {"areas": areas, "shares": {name: n / total for name, n in areas.items()},
+            "size": [int(mask.shape[1]), int(mask.shape[0])],
+            "mask": base64.b64encode(mask_png(mask, palette(info))).decode()}
+
+
+class MaskedImages(SeededDataset):
+    """Cached model-sized uint8 images with their masks; normalised on access."""
+
+    def __init__(self, items, normalizer: Normalizer):
+        self.items, self.normalizer = items, normalizer
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        return {"pixel_values": self.normalizer(item["pixels"]), "labels": item["mask"].long(), "index": index}
+
+
+class AugmentedMasks(MaskedImages):
+    """Flip, scale/shift/rotate and colour changes that move the mask with the image (albumentations);
+    pixels moved in from outside the image are ignored in the loss."""
+
+    def __init__(self, items, normalizer: Normalizer, seed: int, ignore: int):
+        super().__init__(items, normalizer)
+        self.seed = seed
+        self.augment = A.Compose([
+            A.HorizontalFlip(p=0.5),
+            A.Affine(scale=(0.8, 1.25), translate_percent=(-0.1, 0.1), rotate=(-10, 10), fill_mask=ignore,
+                     mask_interpolation=cv2.INTER_NEAREST, p=0.5),
+            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5),
+        ], seed=0)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        self.augment.set_random_seed(self.item_seed(index))
+        out = self.augment(image=item["pixels"].permute(1, 2, 0).numpy(), mask=item["mask"].numpy())
+        return {"pixel_values": self.normalizer.from_hwc(out["image"]),
+                "labels": torch.from_numpy(np.ascontiguousarray(out["mask"])).long(), "index": index}
