@@ -133,8 +133,7 @@ def _drop_export_supercategory(path: Path, categories: dict, used: set) -> tuple
         if key in used:
             names.append(name)
             continue
-        others = [c for k, c in categories.items() if k != key]
-        if others and all(str(c.get("supercategory")) == name for c in others):
+        if is_dataset_name(key, name, categories):
             notes.append(f"{path}: category {name!r} has no annotations and is the supercategory of all the "
                          "others (a labelling tool's dataset name): left out")
             continue
@@ -219,3 +218,10 @@ KEYPOINTS = DataFormat(
     finds=lambda path: coco_file(path) is not None,
     read=read_coco_keypoints,
 )
+
+
+def is_dataset_name(key: Any, name: str, categories: dict[Any, dict]) -> bool:
+    """Whether the category ``key`` is every other category's supercategory: a labelling tool's
+    dataset name (Roboflow) rather than a class."""
+    others = [c for k, c in categories.items() if k != key]
+    return bool(others) and all(str(c.get("supercategory")) == name for c in others)

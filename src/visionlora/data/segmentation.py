@@ -27,7 +27,15 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from visionlora.data import hf_datasets
-from visionlora.data.coco import _key, check_annotation, coco_file, index_categories, index_images, load_coco
+from visionlora.data.coco import (
+    _key,
+    check_annotation,
+    coco_file,
+    index_categories,
+    index_images,
+    is_dataset_name,
+    load_coco,
+)
 from visionlora.data.coco_masks import SEGMENTATION_KEY, CocoMask, CocoShape, check_segmentation, rasterise
 from visionlora.data.images import MAX_IMAGE_PIXELS, is_image_file
 from visionlora.data.paths import resolve_image
@@ -511,8 +519,7 @@ def _coco_classes(path: Path, categories: dict, used: set) -> tuple[dict[Any, in
     for key, entry in categories.items():
         name = str(entry["name"])
         if key not in used:
-            others = [c for k, c in categories.items() if k != key]
-            if others and all(str(c.get("supercategory")) == name for c in others):
+            if is_dataset_name(key, name, categories):
                 notes.append(f"{path}: category {name!r} has no annotations and is the supercategory of all the "
                              "others (a labelling tool's dataset name): left out")
                 continue

@@ -201,6 +201,7 @@ class Task:
     pipeline_tag: str  # the Hugging Face pipeline tag of the task, for model cards
     card_does: str  # what a trained model does, for its model card: "This model <card_does> N <label_noun>: ..."
     label_noun: str = "labels"
+    fixed_labels: bool = False  # validation, test and evaluation data must have training's labels, in order
     fp16_unsafe: str | None = None  # why the task's models do not train in fp16, where auto would pick it
     weighs_classes: bool = False  # takes --class-weights auto (a class-weighted loss)
     predict_batch: int = 16
@@ -236,6 +237,8 @@ class Task:
     def read_evaluation(self, data: str, info: ModelInfo) -> Part:
         """Labelled records of ``data`` for ``evaluate --data``, checked against the model's labels."""
         part = read_evaluation_part(self.data_formats, data)
+        if self.fixed_labels and list(part.labels) != info.labels:
+            raise VisionLoraError(f"{data}: {self.label_noun} {part.labels} differ from the model's {info.labels}")
         unknown = sorted({name for name in part.labels if name not in info.labels})
         if unknown:
             raise VisionLoraError(f"{data}: labels the model was not trained on: {', '.join(unknown)}")
@@ -244,6 +247,10 @@ class Task:
     def check_data(self, source: SourceData, held_out: list[Part], where: str) -> None:
         """Raise a clear error when the data cannot train this task; ``held_out`` are the
         validation and test parts as read (hook)."""
+        for part in held_out if self.fixed_labels else []:
+            if list(part.labels) != list(source.labels):
+                raise VisionLoraError(f"{part.where}: {self.label_noun} {part.labels} differ from training's "
+                                      f"{source.labels}")
         if not source.train:
             raise VisionLoraError(f"{where}: no training images")
         if not source.val:

@@ -15,7 +15,7 @@ from PIL import Image
 from visionlora.data.cache import CachePlan, StoredImages
 from visionlora.data.images import decode_records
 from visionlora.data.keypoints import flip_pairs, instance_box, keypoint_sigmas, reference_size
-from visionlora.data.records import Part, PoseRecord, SourceData, mark_unlabelled
+from visionlora.data.records import PoseRecord, SourceData, mark_unlabelled
 from visionlora.data.topdown import (
     CropBox,
     crop_for_box,
@@ -100,6 +100,7 @@ class PoseTask(Task):
     auto_class = "AutoModelForPoseEstimation"
     pipeline_tag = "keypoint-detection"
     card_does = "locates, in each instance box, the keypoints"
+    fixed_labels = True
     label_noun = "keypoints"
     output_names = ("heatmaps",)
     unbounded_metrics = ("pixel_error", "mean_baseline_pixel_error")
@@ -115,18 +116,6 @@ class PoseTask(Task):
         return DetectorRequest.from_options(values)
 
     # -- data -------------------------------------------------------------------------
-    def check_data(self, source: SourceData, held_out: list[Part], where: str) -> None:
-        for part in held_out:
-            if list(part.labels) != list(source.labels):
-                raise VisionLoraError(f"{part.where}: keypoints {part.labels} differ from training's {source.labels}")
-        super().check_data(source, held_out, where)
-
-    def read_evaluation(self, data: str, info: ModelInfo) -> Part:
-        part = super().read_evaluation(data, info)
-        if list(part.labels) != info.labels:
-            raise VisionLoraError(f"{data}: keypoints {part.labels} differ from the model's {info.labels}")
-        return part
-
     def train_dataset(self, source: SourceData, processor, info: ModelInfo, cfg, cache: CachePlan):
         """Every instance cut out once with context; also records the skeleton and mean keypoints in ``info``."""
         input_size = tuple(info.extra["input_size"])

@@ -58,6 +58,7 @@ class SegmentationTask(Task):
     auto_class = "AutoModelForSemanticSegmentation"
     pipeline_tag = "image-segmentation"
     card_does = "labels every pixel of an image with one of"
+    fixed_labels = True
     label_noun = "classes"
     output_names = ("logits",)
     writers = (JSON_OUTPUT, DRAWN_IMAGES, MASKS)
@@ -69,16 +70,7 @@ class SegmentationTask(Task):
         if len(source.labels) < 2:
             raise VisionLoraError(f"{where}: {len(source.labels)} class; segmentation needs at least two "
                                   "(e.g. background and one more)")
-        for part in held_out:
-            if list(part.labels) != list(source.labels):
-                raise VisionLoraError(f"{part.where}: classes {part.labels} differ from training's {source.labels}")
         super().check_data(source, held_out, where)
-
-    def read_evaluation(self, data: str, info: ModelInfo) -> Part:
-        part = super().read_evaluation(data, info)
-        if list(part.labels) != info.labels:
-            raise VisionLoraError(f"{data}: classes {part.labels} differ from the model's {info.labels}")
-        return part
 
     def make_datasets(self, source: SourceData, processor, info: ModelInfo, cfg):
         """Also records the data's ignore value and palette (for drawing) in the model description."""
