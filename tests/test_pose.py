@@ -12,13 +12,13 @@ from transformers import VitPoseImageProcessorPil
 import visionlora
 from tests.conftest import SHARED_DATASETS, assert_nested_close, needs_native_bf16, read_data, tiny_config
 from visionlora.cli import main
-from visionlora.data.keypoints import flip_pairs, keypoint_sigmas
-from visionlora.data.topdown import crop_for_box, decode_heatmaps, encode_heatmaps, warp_matrix, warp_points
 from visionlora.deploy.predictor import LoadedRun
 from visionlora.errors import VisionLoraError
 from visionlora.examples.synthetic import POSE_KEYPOINTS, make_pose_dataset
 from visionlora.metrics.pose import PoseTarget, pose_metrics
 from visionlora.tasks import get_task
+from visionlora.tasks.pose.geometry import crop_for_box, decode_heatmaps, encode_heatmaps, warp_matrix, warp_points
+from visionlora.tasks.pose.keypoints import flip_pairs, keypoint_sigmas
 from visionlora.training.engine import train
 
 

@@ -14,9 +14,15 @@ from PIL import Image
 
 from visionlora.data.cache import CachePlan, StoredImages
 from visionlora.data.images import decode_records
-from visionlora.data.keypoints import flip_pairs, instance_box, keypoint_sigmas, reference_size
 from visionlora.data.records import PoseRecord, SourceData, mark_unlabelled
-from visionlora.data.topdown import (
+from visionlora.data.transforms import Normalizer
+from visionlora.deploy.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option
+from visionlora.errors import VisionLoraError
+from visionlora.metrics.pose import PCK_CURVE, PoseTarget, keypoint_table, pose_metrics
+from visionlora.reporting.drawing import draw_keypoints
+from visionlora.tasks.base import DemoRecipe, Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
+from visionlora.tasks.pose.deeplabcut_output import DLC_CSV, DLC_H5
+from visionlora.tasks.pose.geometry import (
     CropBox,
     crop_for_box,
     decode_heatmaps,
@@ -25,13 +31,7 @@ from visionlora.data.topdown import (
     warp_matrix,
     warp_points,
 )
-from visionlora.data.transforms import Normalizer
-from visionlora.deploy.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option
-from visionlora.errors import VisionLoraError
-from visionlora.metrics.pose import PCK_CURVE, PoseTarget, keypoint_table, pose_metrics
-from visionlora.reporting.drawing import draw_keypoints
-from visionlora.tasks.base import DemoRecipe, Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
-from visionlora.tasks.pose.deeplabcut_output import DLC_CSV, DLC_H5
+from visionlora.tasks.pose.keypoints import flip_pairs, instance_box, keypoint_sigmas, reference_size
 from visionlora.tasks.pose.plots import keypoint_error_plot, pck_curve_plot
 from visionlora.tasks.pose.topdown import DETECTOR_OPTIONS, DetectorRequest
 
