@@ -153,3 +153,17 @@ def test_exports_carry_a_model_card(runs, tmp_path, fmt):
     assert "[More Information Needed]" not in text and str(tmp_path / fmt) in text
     assert json.loads((tmp_path / fmt / "export.json").read_text())["format"] == fmt
     assert os.stat(tmp_path / fmt / "README.md").st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("name", ["classification", "classification-full", "detection", "pose"])
+def test_the_typed_summary_reads_and_writes_the_summary_file_unchanged(runs, name):
+    from visionlora.reporting.run_summary import RunSummary
+
+    written = json.loads(runs[name].paths.summary.read_text())
+    summary = RunSummary.from_dict(written)
+    assert summary.to_dict() == written
+    assert list(summary.to_dict()) == list(written)  # the file's key order too
+    assert summary.method == (written["lora"]["requested"]["method"] if written["lora"] else "full")
+    assert summary.data.counts == written["data"]["counts"] and summary.training.epochs == written["training"]["epochs"]
+    older = {k: v for k, v in written.items() if k not in ("headline", "test_metrics", "base_revision")}
+    assert RunSummary.from_dict(older).headline.value == written["metrics"][written["main_metric"]]

@@ -23,6 +23,7 @@ from visionlora.data.records import image_source
 from visionlora.deploy.predictor import LoadedRun, load_run
 from visionlora.errors import VisionLoraError
 from visionlora.reporting.model_card import model_card
+from visionlora.reporting.run_summary import RunSummary
 
 FORMATS = ("merged", "onnx")
 OPSET = 17
@@ -65,7 +66,8 @@ def export_run(run_dir: str | Path, output: str | Path, fmt: str = "merged", ove
         else:
             record.update(_export_onnx(run, merged, images, tmp, strict))
         atomic_write_json(tmp / "export.json", record)
-        card = model_card(run.task, run.info, read_json(run.paths.summary), export=fmt, folder=str(output))
+        summary = RunSummary.from_dict(read_json(run.paths.summary))
+        card = model_card(run.task, run.info, summary, export=fmt, folder=str(output))
         atomic_write_bytes(tmp / "README.md", card.encode())
     return record
 

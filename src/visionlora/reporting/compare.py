@@ -19,6 +19,7 @@ import yaml
 from visionlora.artifacts import atomic_write_bytes, atomic_write_json, find_run, read_json
 from visionlora.errors import VisionLoraError
 from visionlora.reporting.report import write_comparison_report, write_run_report
+from visionlora.reporting.run_summary import RunSummary
 
 MB = 1024 * 1024
 
@@ -48,11 +49,11 @@ def train_both(settings: dict[str, Any], output: Path) -> dict[str, Any]:
 def compare_runs(run_a: str | Path, run_b: str | Path, output: Path) -> dict[str, Any]:
     """Compare two finished runs (A, B) and write the three comparison files into ``output``."""
     a, b = _summary(run_a), _summary(run_b)
-    if a["task"] != b["task"]:
-        raise VisionLoraError(f"cannot compare a {a['task']} run ({run_a}) with a {b['task']} run ({run_b})")
+    if a.task != b.task:
+        raise VisionLoraError(f"cannot compare a {a.task} run ({run_a}) with a {b.task} run ({run_b})")
     comparison = {
-        "task": a["task"],
-        "main_metric": a["main_metric"],
+        "task": a.task,
+        "main_metric": a.main_metric,
         "runs": {"a": _describe(run_a, a, b), "b": _describe(run_b, b, a)},
         "rows": comparison_rows(a, b),
     }
@@ -66,25 +67,25 @@ def compare_runs(run_a: str | Path, run_b: str | Path, output: Path) -> dict[str
     return comparison
 
 
-def comparison_rows(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+def comparison_rows(a: RunSummary, b: RunSummary) -> list[dict[str, Any]]:
     """One row per figure: name, unit, value in A and B, and A/B."""
-    main = a["main_metric"]
+    main = a.main_metric
     metric_names = [main] + [
-        k for k, v in a["metrics"].items() if k != main and isinstance(v, (int, float)) and k in b["metrics"]
+        k for k, v in a.metrics.items() if k != main and isinstance(v, (int, float)) and k in b.metrics
     ]
-    figures = [(f"metric: {name}", "", lambda s, n=name: s["metrics"].get(n)) for name in metric_names]
+    figures = [(f"metric: {name}", "", lambda s, n=name: s.metrics.get(n)) for name in metric_names]
     figures += [
-        ("weights file", "MB", lambda s: _mb(s["sizes"]["weights_file_bytes"])),
-        ("saved model folder", "MB", lambda s: _mb(s["sizes"]["saved_model_bytes"])),
-        ("trainable parameters", "", lambda s: s["parameters"]["trainable"]),
-        ("trainable", "%", lambda s: s["parameters"]["trainable_percent"]),
-        ("training time", "s", lambda s: s["time"]["train_seconds"]),
-        ("wall time", "s", lambda s: s["time"]["wall_seconds"]),
-        ("training images/s", "", lambda s: s["time"]["train_images_per_second"]),
-        ("peak memory (process RSS)", "MB", lambda s: _mb(s["memory"]["peak_rss_bytes"])),
+        ("weights file", "MB", lambda s: _mb(s.sizes.weights_file_bytes)),
+        ("saved model folder", "MB", lambda s: _mb(s.sizes.saved_model_bytes)),
+        ("trainable parameters", "", lambda s: s.parameters.trainable),
+        ("trainable", "%", lambda s: s.parameters.trainable_percent),
+        ("training time", "s", lambda s: s.time.train_seconds),
+        ("wall time", "s", lambda s: s.time.wall_seconds),
+        ("training images/s", "", lambda s: s.time.train_images_per_second),
+        ("peak memory (process RSS)", "MB", lambda s: _mb(s.memory["peak_rss_bytes"])),
     ]
-    if "peak_accelerator_bytes" in a["memory"] and "peak_accelerator_bytes" in b["memory"]:
-        figures.append(("peak accelerator memory", "MB", lambda s: _mb(s["memory"]["peak_accelerator_bytes"])))
+    if "peak_accelerator_bytes" in a.memory and "peak_accelerator_bytes" in b.memory:
+        figures.append(("peak accelerator memory", "MB", lambda s: _mb(s.memory["peak_accelerator_bytes"])))
     rows = []
     for name, unit, read in figures:
         value_a, value_b = read(a), read(b)
@@ -139,17 +140,17 @@ def comparison_plot(comparison: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def _summary(run: str | Path) -> dict[str, Any]:
+def _summary(run: str | Path) -> RunSummary:
     paths = find_run(run)
     if not paths.summary.is_file():
         raise VisionLoraError(f"{run}: the run did not complete (no training summary)")
-    return read_json(paths.summary)
+    return RunSummary.from_dict(read_json(paths.summary))
 
 
-def _describe(path: str | Path, summary: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+def _describe(path: str | Path, summary: RunSummary, other: RunSummary) -> dict[str, Any]:
     """Runs are labelled by mode, or by folder name when both have the same mode."""
-    label = summary["mode"] if summary["mode"] != other["mode"] else Path(path).name
-    return {"path": str(path), "mode": summary["mode"], "base_model": summary["base_model"], "label": label}
+    label = summary.mode if summary.mode != other.mode else Path(path).name
+    return {"path": str(path), "mode": summary.mode, "base_model": summary.base_model, "label": label}
 
 
 def _mb(value: float | None) -> float | None:

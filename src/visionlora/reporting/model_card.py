@@ -7,24 +7,24 @@ from typing import Any
 import yaml
 
 from visionlora.modeling.builtin import is_builtin
+from visionlora.reporting.run_summary import RunSummary
 from visionlora.tasks.base import ModelInfo, Task
 
 
-def model_card(task: Task, info: ModelInfo, summary: dict[str, Any], export: str | None = None,
+def model_card(task: Task, info: ModelInfo, summary: RunSummary, export: str | None = None,
                folder: str | None = None) -> str:
     """The card's YAML metadata and Markdown body; every figure comes from ``summary``.
 
     ``export`` (merged or onnx) makes it the card of an exported folder (``folder``).
     """
-    adapter = summary["mode"] == "lora" and export is None
-    method = (summary.get("lora") or {}).get("requested", {}).get("method", "lora")
+    adapter = summary.mode == "lora" and export is None
     metadata = {
-        "base_model": summary["base_model"],
+        "base_model": summary.base_model,
         "library_name": "peft" if adapter else "onnx" if export == "onnx" else "transformers",
         "pipeline_tag": task.pipeline_tag,
-        "tags": ["visionlora", task.name, method if summary["mode"] == "lora" else "full-fine-tune"]
+        "tags": ["visionlora", task.name, summary.method if summary.mode == "lora" else "full-fine-tune"]
         + ([f"{export}-export"] if export else []),
-        "model-index": [{"name": summary["run_dir"].rstrip("/").rsplit("/", 1)[-1],
+        "model-index": [{"name": summary.run_dir.rstrip("/").rsplit("/", 1)[-1],
                          "results": _results(task, summary)}],
     }
     lines = ["---", yaml.safe_dump(metadata, sort_keys=False).strip(), "---", ""]
@@ -32,37 +32,36 @@ def model_card(task: Task, info: ModelInfo, summary: dict[str, Any], export: str
     return "\n".join(lines) + "\n"
 
 
-def _results(task: Task, summary: dict[str, Any]) -> list[dict[str, Any]]:
+def _results(task: Task, summary: RunSummary) -> list[dict[str, Any]]:
     results = []
-    for split, metrics in (("validation", summary["metrics"]), ("test", summary.get("test_metrics"))):
+    for split, metrics in (("validation", summary.metrics), ("test", summary.test_metrics)):
         if not metrics:
             continue
         scalars = [{"type": name, "value": value} for name, value in metrics.items() if isinstance(value, (int, float))]
         results.append({"task": {"type": task.pipeline_tag},
-                        "dataset": {"name": str(summary["data"].get(split if split == "test" else "val")),
+                        "dataset": {"name": str(summary.data.source(split if split == "test" else "val")),
                                     "type": "custom", "split": split},
                         "metrics": scalars})
     return results
 
 
-def _body(task: Task, info: ModelInfo, summary: dict[str, Any], lora: bool, export: str | None,
+def _body(task: Task, info: ModelInfo, summary: RunSummary, lora: bool, export: str | None,
           folder: str | None) -> list[str]:
-    main = summary["main_metric"]
-    headline = summary["headline"]
+    main, headline = summary.main_metric, summary.headline
     lines = [
-        f"# {summary['task']} {'LoRA adapter' if lora else 'model'} on {summary['base_model']}"
+        f"# {summary.task} {'LoRA adapter' if lora else 'model'} on {summary.base_model}"
         + (f" ({export} export)" if export else ""),
         "",
         f"This model {task.card_does} {len(info.labels)} {task.label_noun}: "
         + ", ".join(f"`{label}`" for label in info.labels) + ".",
-        f"It was {'fine-tuned in full from' if summary['mode'] == 'full' else 'trained as an adapter on'} "
-        f"`{summary['base_model']}` with [visionlora](https://pypi.org/project/visionlora/) "
-        f"({summary['versions']['visionlora']})"
+        f"It was {'fine-tuned in full from' if summary.mode == 'full' else 'trained as an adapter on'} "
+        f"`{summary.base_model}` with [visionlora](https://pypi.org/project/visionlora/) "
+        f"({summary.versions['visionlora']})"
         + {None: ".", "merged": ", then exported with the adapter merged into the base: a plain transformers model.",
            "onnx": ", then exported to ONNX (adapter merged) and checked against torch in onnxruntime."}[export],
         "",
-        f"**{main}: {headline['value']:.4f}** on the {headline['split']} split"
-        + (f" (validation: {headline['validation_value']:.4f})" if headline.get("validation_value") is not None else "")
+        f"**{main}: {headline.value:.4f}** on the {headline.split} split"
+        + (f" (validation: {headline.validation_value:.4f})" if headline.validation_value is not None else "")
         + ".",
         "",
         "## Results",
@@ -70,63 +69,61 @@ def _body(task: Task, info: ModelInfo, summary: dict[str, Any], lora: bool, expo
         "| metric | validation | test |",
         "|---|---:|---:|",
     ]
-    test = summary.get("test_metrics") or {}
-    for name, value in summary["metrics"].items():
+    test = summary.test_metrics or {}
+    for name, value in summary.metrics.items():
         if isinstance(value, (int, float)):
             other = test.get(name)
             lines.append(f"| {name} | {value:.4f} | {other:.4f} |" if isinstance(other, (int, float))
                          else f"| {name} | {value:.4f} | - |")
-    training = summary["training"]
+    training, parameters = summary.training, summary.parameters
     lines += [
         "",
         "## Training",
         "",
-        f"- epochs: {training['epochs_run']} of {training['epochs']} (best: {summary['best_epoch']}), batch size "
-        f"{training['batch_size']}, learning rate {training['lr']}, seed {training['seed']}",
-        f"- precision: {summary['mixed_precision']} ({summary['mixed_precision_reason']})",
-        f"- trainable parameters: {summary['parameters']['trainable']:,} of {summary['parameters']['total']:,} "
-        f"({summary['parameters']['trainable_percent']:.2f}%)",
+        f"- epochs: {training.epochs_run} of {training.epochs} (best: {summary.best_epoch}), batch size "
+        f"{training.settings['batch_size']}, learning rate {training.settings['lr']}, "
+        f"seed {training.settings['seed']}",
+        f"- precision: {summary.mixed_precision} ({summary.mixed_precision_reason})",
+        f"- trainable parameters: {parameters.trainable:,} of {parameters.total:,} "
+        f"({parameters.trainable_percent:.2f}%)",
     ]
-    if summary.get("lora"):
-        requested, resolved = summary["lora"]["requested"], summary["lora"]["resolved"]
-        lines.append(f"- adapter ({requested.get('method', 'lora')}): r {requested['r']}, alpha {requested['alpha']}, "
+    if summary.lora:
+        requested, resolved = summary.lora.requested, summary.lora.resolved
+        lines.append(f"- adapter ({summary.lora.method}): r {requested['r']}, alpha {requested['alpha']}, "
                      f"dropout {requested['dropout']}, "
                      f"on {', '.join(resolved['target_modules'])} ({resolved['adapted_layers']} layers); "
                      f"trained in full and saved with it: {', '.join(resolved['modules_to_save'])}")
-    sizes = summary["sizes"]
+    sizes, data, counts = summary.sizes, summary.data, summary.data.counts
     lines += [
-        f"- size of the trained run: {sizes['weights_file_bytes'] / 1e6:.2f} MB of weights"
-        + (f" (the base model holds {sizes['base_model_bytes'] / 1e6:.1f} MB)" if summary["mode"] == "lora" else ""),
+        f"- size of the trained run: {sizes.weights_file_bytes / 1e6:.2f} MB of weights"
+        + (f" (the base model holds {sizes.base_model_bytes / 1e6:.1f} MB)" if summary.mode == "lora" else ""),
         "",
         "## Data",
         "",
-        f"- format {summary['data'].get('format')}; training: {summary['data'].get('train')}; "
-        f"validation: {summary['data'].get('val')}"
-        + (f"; test: {summary['data']['test']}" if summary["data"].get("test") else ""),
-        "- counts: " + ", ".join(f"{k} {v}" for k, v in summary["data"]["counts"].items()
-                                 if not isinstance(v, (dict, list))),
-        f"- files skipped as unreadable: {summary['data']['skipped_count']}",
+        f"- format {data.format}; training: {data.source('train')}; validation: {data.source('val')}"
+        + (f"; test: {data.source('test')}" if data.source("test") else ""),
+        "- counts: " + ", ".join(f"{k} {v}" for k, v in counts.items() if not isinstance(v, (dict, list))),
+        f"- files skipped as unreadable: {data.skipped_count}",
     ]
-    lines += [f"- note: {note}" for note in summary["data"].get("notes", [])]
+    lines += [f"- note: {note}" for note in data.notes]
     lines += ["", "## Use", "", "With visionlora:", "", "```python", "import visionlora", "",
-              f'run = visionlora.load("{folder or summary["run_dir"]}")', 'print(run.predict(["image.jpg"]))',
+              f'run = visionlora.load("{folder or summary.run_dir}")', 'print(run.predict(["image.jpg"]))',
               "```", "",
               "With " + ("onnxruntime" if export == "onnx" else "transformers" + (" and peft" if lora else "")) + ":",
               "", "```python",
               *_load_snippet(task, info, summary, lora, export, folder),
               "```", "", "## Limits", "",
-              f"- Trained on {summary['data']['counts'].get('train')} images; the numbers above come from "
-              f"{summary['data']['counts'].get('val')} validation"
-              + (f" and {summary['data']['counts'].get('test')} test" if summary["data"]["counts"].get("test") else "")
+              f"- Trained on {counts.get('train')} images; the numbers above come from {counts.get('val')} validation"
+              + (f" and {counts.get('test')} test" if counts.get("test") else "")
               + " images and carry the uncertainty of that size.",
               "- The model knows only the labels above, and images like those it was trained on."]
     return lines
 
 
-def _load_snippet(task: Task, info: ModelInfo, summary: dict[str, Any], lora: bool, export: str | None,
+def _load_snippet(task: Task, info: ModelInfo, summary: RunSummary, lora: bool, export: str | None,
                   folder: str | None) -> list[str]:
     auto = task.auto_class
-    folder = folder or f"{summary['run_dir']}/{'trained_model_lora' if lora else 'trained_model'}"
+    folder = folder or f"{summary.run_dir}/{'trained_model_lora' if lora else 'trained_model'}"
     if export == "onnx":
         return ["import onnxruntime", "from PIL import Image", "from transformers import AutoImageProcessor", "",
                 f'session = onnxruntime.InferenceSession("{folder}/model.onnx")',
@@ -146,7 +143,7 @@ def _load_snippet(task: Task, info: ModelInfo, summary: dict[str, Any], lora: bo
     return lines
 
 
-def _base_location(summary: dict[str, Any]) -> str:
+def _base_location(summary: RunSummary) -> str:
     """Where plain transformers finds the base: a built-in base is saved in the run's ``base_model/``."""
-    base = summary["base_model"]
-    return f"{summary['run_dir']}/base_model" if is_builtin(base) else base
+    base = summary.base_model
+    return f"{summary.run_dir}/base_model" if is_builtin(base) else base

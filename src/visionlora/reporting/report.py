@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from visionlora.artifacts import atomic_write_bytes, find_run
+from visionlora.reporting.run_summary import RunSummary
 
 # Plots in the order a reader wants them; any other PNG in the results folder follows.
 PLOT_ORDER = ("metrics.png", "loss.png", "confusion_matrix.png", "precision_recall.png", "keypoint_errors.png",
@@ -27,12 +28,12 @@ figcaption { font-size: 0.85rem; color: #555; } .headline { font-size: 1.3rem; f
 """
 
 
-def write_run_report(results_dir: Path, summary: dict[str, Any], comparison: dict[str, Any] | None = None,
+def write_run_report(results_dir: Path, summary: RunSummary, comparison: dict[str, Any] | None = None,
                      comparison_dir: Path | None = None) -> Path:
     """Write ``results_dir/report.html`` for a finished run (with a comparison it took part in)."""
-    sections = [_headline(summary), _table("Validation metrics", _scalars(summary["metrics"]))]
-    if summary.get("test_metrics"):
-        sections.append(_table("Held-out test metrics", _scalars(summary["test_metrics"])))
+    sections = [_headline(summary), _table("Validation metrics", _scalars(summary.metrics))]
+    if summary.test_metrics:
+        sections.append(_table("Held-out test metrics", _scalars(summary.test_metrics)))
     per_class = results_dir / "per_class.csv"
     if per_class.exists():
         sections.append(_csv_table("Per class (validation, best epoch)", per_class))
@@ -41,7 +42,7 @@ def write_run_report(results_dir: Path, summary: dict[str, Any], comparison: dic
     if comparison is not None:
         sections.append(_comparison_section(comparison, comparison_dir))
     sections.append("<h2>Plots</h2>" + "".join(_figure(path) for path in _plots(results_dir)))
-    title = f"visionlora {summary['task']} {_method(summary)} run: {Path(summary['run_dir']).name}"
+    title = f"visionlora {summary.task} {_method(summary)} run: {Path(summary.run_dir).name}"
     return _write(results_dir / "report.html", title, sections)
 
 
@@ -57,39 +58,35 @@ def write_comparison_report(output: Path, comparison: dict[str, Any]) -> Path:
 
 
 # -- sections ----------------------------------------------------------------------------------
-def _headline(summary: dict[str, Any]) -> str:
-    headline = summary.get("headline") or {}
-    value = headline.get("value")
+def _headline(summary: RunSummary) -> str:
+    value = summary.headline.value
     shown = f"{value:.4f}" if isinstance(value, float) else html.escape(str(value))
-    return (f"<p class='headline'>{html.escape(summary['main_metric'])} "
-            f"({html.escape(headline.get('split', 'validation'))}): "
-            f"{shown}</p><p>best epoch {summary.get('best_epoch')} of {summary['training'].get('epochs_run')}</p>")
+    return (f"<p class='headline'>{html.escape(summary.main_metric)} ({html.escape(summary.headline.split)}): "
+            f"{shown}</p><p>best epoch {summary.best_epoch} of {summary.training.epochs_run}</p>")
 
 
-def _run_facts(summary: dict[str, Any]) -> list[tuple[str, Any]]:
-    training, params, sizes = summary["training"], summary["parameters"], summary["sizes"]
-    facts = [("task", summary["task"]), ("mode", _method(summary)), ("base model", summary["base_model"]),
-             ("base revision", summary.get("base_revision")), ("epochs", training.get("epochs")),
-             ("batch size", training.get("batch_size")), ("learning rate", training.get("lr")),
-             ("precision", summary.get("mixed_precision")),
-             ("trainable parameters",
-              f"{params['trainable']:,} of {params['total']:,} ({params['trainable_percent']}%)"),
-             ("saved model", f"{sizes['saved_model_bytes'] / 1e6:.2f} MB"),
-             ("wall time", f"{summary['time']['wall_seconds']:.1f} s"),
-             ("train images / s", summary["time"].get("train_images_per_second"))]
-    lora = summary.get("lora")
+def _run_facts(summary: RunSummary) -> list[tuple[str, Any]]:
+    settings, params = summary.training.settings, summary.parameters
+    facts = [("task", summary.task), ("mode", _method(summary)), ("base model", summary.base_model),
+             ("base revision", summary.base_revision), ("epochs", settings.get("epochs")),
+             ("batch size", settings.get("batch_size")), ("learning rate", settings.get("lr")),
+             ("precision", summary.mixed_precision),
+             ("trainable parameters", f"{params.trainable:,} of {params.total:,} ({params.trainable_percent}%)"),
+             ("saved model", f"{summary.sizes.saved_model_bytes / 1e6:.2f} MB"),
+             ("wall time", f"{summary.time.wall_seconds:.1f} s"),
+             ("train images / s", summary.time.train_images_per_second)]
+    lora = summary.lora
     if lora:
-        facts += [("adapter", f"r {lora['requested']['r']}, alpha {lora['requested']['alpha']}"),
-                  ("adapted modules", ", ".join(lora["resolved"]["target_modules"]))]
+        facts += [("adapter", f"r {lora.requested['r']}, alpha {lora.requested['alpha']}"),
+                  ("adapted modules", ", ".join(lora.resolved["target_modules"]))]
     return facts
 
 
-def _data_facts(summary: dict[str, Any]) -> list[tuple[str, Any]]:
-    data = summary["data"]
-    facts = [(f"{split} images", count) for split, count in data.get("counts", {}).items()
-             if not isinstance(count, dict)]
-    facts += [("skipped files", data.get("skipped_count", 0))]
-    facts += [("note", note) for note in data.get("notes", [])]
+def _data_facts(summary: RunSummary) -> list[tuple[str, Any]]:
+    data = summary.data
+    facts = [(f"{split} images", count) for split, count in data.counts.items() if not isinstance(count, dict)]
+    facts += [("skipped files", data.skipped_count)]
+    facts += [("note", note) for note in data.notes]
     return facts
 
 
@@ -138,9 +135,8 @@ def _scalars(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
     return [(k, v) for k, v in metrics.items() if not isinstance(v, (dict, list))]
 
 
-def _method(summary: dict[str, Any]) -> str:
-    lora = summary.get("lora")
-    return f"{summary['mode']} ({lora['requested'].get('method', 'lora')})" if lora else summary["mode"]
+def _method(summary: RunSummary) -> str:
+    return f"{summary.mode} ({summary.method})" if summary.lora else summary.mode
 
 
 def _fmt(value: Any) -> str:

@@ -17,6 +17,16 @@ from visionlora.modeling.adapters import LoraSetup
 from visionlora.reporting.model_card import model_card
 from visionlora.reporting.plots import save_training_plots
 from visionlora.reporting.report import write_run_report
+from visionlora.reporting.run_summary import (
+    AdapterSummary,
+    DataSummary,
+    Headline,
+    ParameterCounts,
+    RunSummary,
+    Sizes,
+    Timing,
+    TrainingSummary,
+)
 from visionlora.tasks.base import Datasets, ModelInfo, Task
 from visionlora.training.checkpoint import Progress
 from visionlora.training.runtime import peak_memory
@@ -52,64 +62,53 @@ def write_results(paths: RunPaths, task: Task, info: ModelInfo, facts: RunFacts,
     summary = build_summary(paths, task, facts, progress, early_stopped)
     atomic_write_bytes(paths.model_dir / "README.md", model_card(task, info, summary).encode())
     write_run_report(paths.results_dir, summary)
-    atomic_write_json(paths.summary, summary)
-    return summary
+    written = summary.to_dict()
+    atomic_write_json(paths.summary, written)
+    return written
 
 
 def build_summary(paths: RunPaths, task: Task, facts: RunFacts, progress: Progress,
-                  early_stopped: bool) -> dict[str, Any]:
+                  early_stopped: bool) -> RunSummary:
     """The summary of a finished run (see the README's 'What a run writes')."""
     cfg, data = facts.cfg, facts.data
     weights = next(iter(sorted(paths.model_dir.glob("*.safetensors"))), None)
-    return {
-        "completed": True,
-        "task": cfg.task,
-        "mode": cfg.mode,
-        "base_model": cfg.model,
-        "base_revision": facts.base_revision,
-        "init_from": facts.init_from,
-        "initial_metrics": facts.initial_metrics,
-        "run_dir": str(paths.root),
-        "data": {
-            **data.description,
-            "counts": data.counts,
-            "skipped_count": len(data.skipped),
-            "skipped": data.skipped,
-            "cache": dataclasses.asdict(data.cache) if data.cache else None,
-        },
-        "training": {**cfg.to_dict(), "epochs_run": len(progress.history), "early_stopped": early_stopped,
-                     "optimizer_steps": progress.global_step},
-        "lora": None if facts.lora is None else {"requested": facts.lora.requested, "resolved": facts.lora.resolved},
-        "parameters": facts.parameters,
-        "sizes": {
-            "saved_model_bytes": folder_bytes(paths.model_dir),
-            "weights_file_bytes": weights.stat().st_size if weights else None,
-            "base_model_bytes": facts.base_bytes,
-        },
-        "mixed_precision": facts.precision[0].replace("no", "fp32"),
-        "mixed_precision_reason": facts.precision[1],
-        "main_metric": task.main_metric,
-        "best_epoch": progress.best_epoch,
-        "metrics": facts.final_metrics or progress.best_metrics,
-        "test_metrics": facts.test_metrics,
-        "headline": _headline(task.main_metric, facts),
-        "metrics_in_training_precision": progress.best_metrics,
-        "time": {
-            "wall_seconds": round(time.perf_counter() - facts.started, 3),
-            "train_seconds": round(progress.train_seconds, 3),
-            "train_images_per_second": round(progress.images_seen / max(progress.train_seconds, 1e-9), 2),
-        },
-        "memory": peak_memory(),
-        "versions": versions(),
-    }
+    return RunSummary(
+        task=cfg.task,
+        mode=cfg.mode,
+        base_model=cfg.model,
+        base_revision=facts.base_revision,
+        init_from=facts.init_from,
+        initial_metrics=facts.initial_metrics,
+        run_dir=str(paths.root),
+        data=DataSummary(dict(data.description), data.counts, len(data.skipped), data.skipped,
+                         dataclasses.asdict(data.cache) if data.cache else None),
+        training=TrainingSummary(cfg.to_dict(), len(progress.history), early_stopped, progress.global_step),
+        lora=None if facts.lora is None else AdapterSummary(facts.lora.requested, facts.lora.resolved),
+        parameters=ParameterCounts(**facts.parameters),
+        sizes=Sizes(saved_model_bytes=folder_bytes(paths.model_dir),
+                    weights_file_bytes=weights.stat().st_size if weights else None,
+                    base_model_bytes=facts.base_bytes),
+        mixed_precision=facts.precision[0].replace("no", "fp32"),
+        mixed_precision_reason=facts.precision[1],
+        main_metric=task.main_metric,
+        best_epoch=progress.best_epoch,
+        metrics=facts.final_metrics or progress.best_metrics,
+        test_metrics=facts.test_metrics,
+        headline=_headline(task.main_metric, facts),
+        metrics_in_training_precision=progress.best_metrics,
+        time=Timing(wall_seconds=round(time.perf_counter() - facts.started, 3),
+                    train_seconds=round(progress.train_seconds, 3),
+                    train_images_per_second=round(progress.images_seen / max(progress.train_seconds, 1e-9), 2)),
+        memory=peak_memory(),
+        versions=versions(),
+    )
 
 
-def _headline(main_metric: str, facts: RunFacts) -> dict[str, Any]:
+def _headline(main_metric: str, facts: RunFacts) -> Headline:
     """The number to quote: the test part's main metric when there is one, else validation's."""
     if facts.test_metrics is not None:
-        return {"split": "test", "metric": main_metric, "value": facts.test_metrics[main_metric],
-                "validation_value": facts.final_metrics.get(main_metric)}
-    return {"split": "validation", "metric": main_metric, "value": facts.final_metrics.get(main_metric)}
+        return Headline("test", main_metric, facts.test_metrics[main_metric], facts.final_metrics.get(main_metric))
+    return Headline("validation", main_metric, facts.final_metrics.get(main_metric))
 
 
 def versions() -> dict[str, str]:
