@@ -272,6 +272,25 @@ def test_bad_requests_get_a_clear_4xx(server, class_folder, case, expected_statu
     assert server.request("GET", "/health")[0] == 200  # still serving
 
 
+def test_an_adapter_with_only_pickled_weights_is_refused_on_a_shared_base(served_runs, tmp_path):
+    """The pickle refusal holds for a second adapter joining a base already in memory, too."""
+    import torch
+    from safetensors.torch import load_file
+
+    from visionlora.serving.models import ModelStore
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(served_runs["bees"], pickled)  # a DoRA adapter: peft type LORA, sharing ants' base
+    adapter = pickled / "trained_model_lora" / "adapter_model.safetensors"
+    torch.save(load_file(adapter), adapter.with_name("adapter_model.bin"))
+    adapter.unlink()
+    store = ModelStore("cpu")
+    store.add("ants", served_runs["ants"])
+    with pytest.raises(visionlora.VisionLoraError, match="only pickled weights"):
+        store.add("pickled", pickled)
+    assert set(store.models) == {"ants"}
+
+
 def test_admin_loads_and_unloads_runs_only_with_the_token(server, served_runs):
     payload = json.dumps({"name": "ants-again", "path": str(served_runs["ants"])}).encode()
     json_type = {"Content-Type": "application/json"}

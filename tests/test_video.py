@@ -96,8 +96,12 @@ def test_bad_video_inputs_are_one_line(runs, tmp_path, capsys):
     empty = tmp_path / "empty.mp4"
     writer = cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*"mp4v"), 10, (32, 32))
     writer.release()
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"frame.png": [[0, 0, 10, 10]]}))
     cases = [
         ([runs["pose"], broken], f"{broken}: cannot read this video"),
+        ([runs["pose"], runs["video"], "--detector", runs["detection"], "--boxes", boxes],
+         "give either 'boxes' or a model finding them, not both"),
         ([runs["pose"], empty], f"{empty}: "),
         ([runs["pose"], runs["video"], "--detector", runs["classification"]],
          "is a classification model, not a detection model"),

@@ -67,6 +67,9 @@ class LoadedRun:
 
     def predictor(self, options: dict[str, Any], boxes: BoxFinder | None = None):
         """A function from opened images to their predictions with ``options`` (in ``boxes``' boxes when given)."""
+        if boxes is not None:
+            boxes.request.refuse_given_boxes(options)
+
         def predict(images: list[Image.Image]) -> list[dict[str, Any]]:
             found = {boxes.request.option: boxes(images)} if boxes is not None else {}
             return self.task.predict(self.model, self.processor, images, self.info, **options, **found)
@@ -112,17 +115,15 @@ def load_run(
     return LoadedRun(run.paths, run.task, _to_device(model, device), processor, run.info)
 
 
-def load_model_or_hub(ref: str, task_name: str, device: str | None = None, allow_pickle: bool = False,
-                      trust_remote_code: bool = False, **_: Any) -> LoadedRun:
+def load_model_or_hub(ref: str, task_name: str, allow_pickle: bool = False,
+                      trust_remote_code: bool = False) -> LoadedRun:
     """A run folder or export of ``task_name``, or a hub checkpoint of that task used as it is (its own labels)."""
     if Path(ref).exists():
-        run = load_run(ref, device, allow_pickle, trust_remote_code)
-    else:
-        task = get_task(task_name)
-        with loading_policy(allow_pickle, trust_remote_code):
-            model, processor, info = load_hub_model(ref, task)
-        run = LoadedRun(None, task, _to_device(model, device), processor, info)
-    return run
+        return load_run(ref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    task = get_task(task_name)
+    with loading_policy(allow_pickle, trust_remote_code):
+        model, processor, info = load_hub_model(ref, task)
+    return LoadedRun(None, task, _to_device(model, None), processor, info)
 
 
 @dataclass

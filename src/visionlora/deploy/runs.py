@@ -35,29 +35,28 @@ class RunFolder:
     paths: RunPaths
     info: ModelInfo
     task: Task
+    export: dict[str, Any] | None = None  # an export's export.json
 
     @property
     def is_onnx(self) -> bool:
-        return self.paths.mode == "export" and read_json(self.paths.export_file).get("format") == "onnx"
+        return self.export is not None and self.export.get("format") == "onnx"
 
     @property
     def base_ref(self) -> str:
         """What a LoRA run's base loads from: the built-in base saved with the run, else its reference."""
         return str(self.paths.base_dir) if is_builtin(self.info.base_model) else self.info.base_model
 
-    @property
-    def peft_type(self) -> str:
+    def adapter_type(self) -> str:
+        """peft's name of the adapter method (LORA, LOHA, ...), from the adapter's config file."""
         return read_json(self.paths.model_dir / "adapter_config.json").get("peft_type", "LORA")
 
     def load_full_model(self) -> torch.nn.Module:
         """A full run's (or merged export's) model."""
-        check_weight_files(self.paths.model_dir)
         return guarded_load(lambda: self.task.load_model(str(self.paths.model_dir), self.info), self.paths.model_dir,
                             "the saved model")
 
     def load_base(self, allow_base_change: bool = False) -> torch.nn.Module:
         """A LoRA run's base, refused when a local base's content changed since training (unless allowed)."""
-        check_weight_files(self.paths.model_dir)
         pinned = check_base_unchanged(self.base_ref, self.info.base_revision, allow_base_change)
         with loading_policy(current_policy().allow_pickle, current_policy().trust_remote_code, pinned):
             return self.task.load_model(self.base_ref, self.info)
@@ -73,16 +72,13 @@ class RunFolder:
                                                   trust_remote_code=trust_remote_code)
 
 
-def open_run(run_dir: str | Path, onnx_refusal: str | None = None) -> RunFolder:
-    """The checked folder of a finished run or export; ``onnx_refusal`` (a reason) refuses ONNX exports."""
+def open_run(run_dir: str | Path) -> RunFolder:
+    """The checked folder of a finished run or export."""
     paths = find_run(run_dir)
     if not paths.completed() or (paths.mode != "export" and not read_json(paths.summary).get("completed")):
         raise VisionLoraError(f"{paths.root}: the run did not complete (no finished training summary)")
     info = ModelInfo.from_dict(read_json(paths.model_dir / INFO_FILE))
-    run = RunFolder(paths, info, get_task(info.task))
-    if onnx_refusal and run.is_onnx:
-        raise VisionLoraError(f"{paths.root}: an ONNX export {onnx_refusal}")
-    return run
+    return RunFolder(paths, info, get_task(info.task), read_json(paths.export_file) if paths.mode == "export" else None)
 
 
 def load_model(run: RunFolder, allow_base_change: bool = False) -> torch.nn.Module:
@@ -90,7 +86,8 @@ def load_model(run: RunFolder, allow_base_change: bool = False) -> torch.nn.Modu
     if run.is_onnx:
         from visionlora.deploy.onnx_model import OnnxModel
 
-        return OnnxModel.load(run.paths.model_dir, read_json(run.paths.export_file))
+        return OnnxModel.load(run.paths.model_dir, run.export)
+    check_weight_files(run.paths.model_dir)
     if run.info.mode != "lora":
         return run.load_full_model()
     from peft import PeftModel

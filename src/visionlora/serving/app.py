@@ -153,10 +153,9 @@ def create_app(store: ModelStore, settings: ServeSettings) -> FastAPI:
             raise ApiError(400, str(err)) from None
         if request is None:
             return {}
-        if any(value is not None for value in options.get(request.option, [])):
-            raise ApiError(400, f"give either {request.option!r} or a model finding them, not both")
         box_model = lookup(request.model)
         try:
+            request.refuse_given_boxes(options)
             request.check(box_model.info, box_model.name)
         except VisionLoraError as err:
             raise ApiError(400, str(err)) from None

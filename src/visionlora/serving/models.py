@@ -21,7 +21,7 @@ import torch
 from visionlora.artifacts import RunPaths, folder_bytes
 from visionlora.deploy.runs import RunFolder, open_run
 from visionlora.errors import VisionLoraError
-from visionlora.modeling.loading import base_revision, loading_policy
+from visionlora.modeling.loading import base_revision, check_weight_files, loading_policy
 from visionlora.tasks.base import ModelInfo, Task
 
 
@@ -82,9 +82,12 @@ class ModelStore:
         with self._lock:
             if name in self.models:
                 raise VisionLoraError(f"a model named {name!r} is already served")
-            run = open_run(run_dir, onnx_refusal="runs in onnxruntime (visionlora predict); "
-                                                  "serve takes runs and merged exports")
+            run = open_run(run_dir)
+            if run.is_onnx:
+                raise VisionLoraError(f"{run.paths.root}: an ONNX export runs in onnxruntime (visionlora predict); "
+                                      "serve takes runs and merged exports")
             with loading_policy(False, False):
+                check_weight_files(run.paths.model_dir)
                 base = self._attach(name, run)
                 processor = run.load_processor()
             paths, task, info = run.paths, run.task, run.info
@@ -119,7 +122,7 @@ class ModelStore:
         base_ref = run.base_ref
         if Path(base_ref).exists():
             base_ref = str(Path(base_ref).resolve())  # one key for every spelling of a local folder
-        key = (run.info.task, base_ref, base_revision(base_ref), len(run.info.labels), run.peft_type)
+        key = (run.info.task, base_ref, base_revision(base_ref), len(run.info.labels), run.adapter_type())
         shared = self.bases.get(key)
         if shared is None:
             model = run.load_base()

@@ -188,6 +188,12 @@ class BoxRequest:
         """The boxes to predict in, per image, from the box model's predictions."""
         raise NotImplementedError
 
+    def refuse_given_boxes(self, options: dict[str, Any]) -> None:
+        """Boxes given in ``options`` as well as a model to find them are a clear error."""
+        given = options.get(self.option)
+        if given is not None and (not isinstance(given, list) or any(value is not None for value in given)):
+            raise VisionLoraError(f"give either {self.option!r} or a model finding them, not both")
+
 
 class Task:
     """Shared behaviour of every task; subclasses override the hooks listed in the module."""
