@@ -122,19 +122,22 @@ def _predict_parser(commands, common, help_text: str) -> None:
     videos.add_argument("--save-video", metavar="OUT.mp4", help="write the video with the predictions drawn "
                         "(H.264, at the source frame rate divided by --every)")
     seen: set[str] = set()
+
+    def add_once(group, item, help_text: str) -> None:
+        if item.flag not in seen:
+            seen.add(item.flag)
+            group.add_argument(item.flag, dest=item.name, metavar=item.metavar, default=None, help=help_text)
+
     for name in task_names():
         task = get_task(name)
-        for item in (*task.writers, *task.predict_options):
-            if item.flag not in seen:
-                seen.add(item.flag)
-                predict.add_argument(item.flag, dest=item.name, metavar=item.metavar, default=None,
-                                     help=item.help if item in task.writers else f"{name}: {item.help}")
+        for item in task.writers:
+            add_once(predict, item, item.help)
+        for item in task.predict_options:
+            add_once(predict, item, f"{name}: {item.help}")
         if task.box_options:
             group = predict.add_argument_group(f"{name} in the boxes another model finds (top-down)")
             for item in task.box_options:
-                if item.flag not in seen:
-                    seen.add(item.flag)
-                    group.add_argument(item.flag, dest=item.name, metavar=item.metavar, default=None, help=item.help)
+                add_once(group, item, item.help)
     predict.set_defaults(handler=_cmd_predict)
 
 

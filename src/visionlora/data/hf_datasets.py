@@ -72,18 +72,24 @@ def _records(split, split_name: str, image_col: str, label_col: str) -> list[Lab
             for i, y in enumerate(split[label_col])]
 
 
-def read_hf_classification(path: Path) -> Part:
-    """The train split, carrying the first of validation/val/valid/test as its own validation part."""
-    data = str(path)
+def train_and_validation(data: str, validation_names: tuple[str, ...] = ("validation",) + VAL_DIRS):
+    """(the loaded dataset, the name of its validation split or None): the train split is required,
+    validation is the first of ``validation_names`` present."""
     loaded = _load(data)
     if "train" not in loaded:
         raise VisionLoraError(f"{data}: no 'train' split (splits: {', '.join(loaded)})")
+    return loaded, next((name for name in validation_names if name in loaded), None)
+
+
+def read_hf_classification(path: Path) -> Part:
+    """The train split, carrying the first of validation/val/valid/test as its own validation part."""
+    data = str(path)
+    loaded, val_name = train_and_validation(data)
     image_col, label_col = _columns(loaded["train"], data)
     train = _records(loaded["train"], "train", image_col, label_col)
     names = list(loaded["train"].features[label_col].names)
     used = sorted({r.label for r in train}, key=names.index)
     part = Part(train, used, "huggingface", f"{data} (train)")
-    val_name = next((n for n in ("validation",) + VAL_DIRS if n in loaded), None)
     if val_name:
         val = _records(loaded[val_name], val_name, image_col, label_col)
         part.own_val = Part(val, sorted({r.label for r in val}, key=names.index), "huggingface", f"{data} ({val_name})")

@@ -21,7 +21,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -80,6 +80,13 @@ class ColourMask:
 
     def __fspath__(self) -> str:
         return self.path
+
+
+def palette_image(mask: np.ndarray, colours: Sequence[Sequence[int]]) -> Image.Image:
+    """An (H, W) class-id mask as a palette ("P") image: pixel values are class ids, shown in ``colours``."""
+    image = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="P")
+    image.putpalette([int(value) for colour in list(colours)[:256] for value in colour])
+    return image
 
 
 def voc_palette(count: int = 256) -> list[tuple[int, int, int]]:
@@ -422,14 +429,11 @@ def _folder_classes(folder: Path) -> list[str]:
 def read_hf_segmentation(path: Path) -> Part:
     """The train split, carrying the first of validation/val/valid/test as its own validation part."""
     data = str(path)
-    loaded = hf_datasets._load(data)
-    if "train" not in loaded:
-        raise VisionLoraError(f"{data}: no 'train' split (splits: {', '.join(loaded)})")
+    loaded, val_name = hf_datasets.train_and_validation(data, ("validation",) + VAL_DIRS + ("test",))
     image_col, mask_col = _hf_columns(loaded["train"], data)
     names = _hf_class_names(path, loaded["train"], data)
     part = Part(_hf_records(loaded["train"], "train", image_col, mask_col, data), names,
                 "huggingface-segmentation", f"{data} (train)", extra=_extra())
-    val_name = next((n for n in ("validation",) + VAL_DIRS + ("test",) if n in loaded), None)
     if val_name:
         val_image_col, val_mask_col = _hf_columns(loaded[val_name], f"{data} ({val_name})")
         part.own_val = Part(_hf_records(loaded[val_name], val_name, val_image_col, val_mask_col, data), list(names),
@@ -476,8 +480,9 @@ def _hf_records(split, split_name: str, image_col: str, mask_col: str, data: str
             row = nulls.index(True)
             raise VisionLoraError(f"{data} ({split_name}[{row}]): no {what} in column '{column}' "
                                   f"({sum(nulls)} rows of {len(nulls)} have none)")
-    return [SegmentationRecord(hf_datasets.DatasetRow(split, split_name, i, image_col),
-                               hf_datasets.DatasetRow(split, split_name, i, mask_col),
+    images, masks = split.select_columns([image_col]), split.select_columns([mask_col])  # a row decodes one picture
+    return [SegmentationRecord(hf_datasets.DatasetRow(images, split_name, i, image_col),
+                               hf_datasets.DatasetRow(masks, split_name, i, mask_col),
                                source=f"{data} ({split_name}[{i}])")
             for i in range(len(split))]
 

@@ -31,12 +31,10 @@ def segmentation_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray,
 
 
 def palette_mask(mask: np.ndarray) -> Image.Image:
-    """A palette PNG image of class ids (VOC-like colours)."""
-    from visionlora.data.segmentation import voc_palette
+    """A palette PNG image of class ids (VOC colours)."""
+    from visionlora.data.segmentation import palette_image, voc_palette
 
-    image = Image.fromarray(mask, mode="P")
-    image.putpalette([value for colour in voc_palette(256) for value in colour])
-    return image
+    return palette_image(mask, voc_palette(256))
 
 
 def make_segmentation_dataset(root: Path, fmt: str = "masks", n_train: int = 16, n_val: int = 6, size: int = 48,
@@ -47,23 +45,18 @@ def make_segmentation_dataset(root: Path, fmt: str = "masks", n_train: int = 16,
     rng = np.random.default_rng(seed)
     splits = {"train": n_train, "val": n_val}
     for split, count in splits.items():
+        images, masks = ((root / "JPEGImages", root / "SegmentationClass") if fmt == "voc"
+                         else (root / split / "images", root / split / "masks"))
         for i in range(count):
             image, mask = segmentation_scene(rng, size)
-            stem = f"{split}_{i:03d}"
-            if fmt == "voc":
-                _save(Image.fromarray(image), root / "JPEGImages" / f"{stem}.png")
-                _save(palette_mask(mask), root / "SegmentationClass" / f"{stem}.png")
-            else:
-                _save(Image.fromarray(image), root / split / "images" / f"{stem}.png")
-                _save(palette_mask(mask), root / split / "masks" / f"{stem}.png")
+            _save(Image.fromarray(image), images / f"{split}_{i:03d}.png")
+            _save(palette_mask(mask), masks / f"{split}_{i:03d}.png")
     if fmt == "voc":
         lists = root / "ImageSets" / "Segmentation"
         lists.mkdir(parents=True, exist_ok=True)
         for split, count in splits.items():
             (lists / f"{split}.txt").write_text("".join(f"{split}_{i:03d}\n" for i in range(count)))
-        (root / "classes.txt").write_text("\n".join(SEGMENTATION_CLASSES) + "\n")
-    else:
-        (root / "classes.txt").write_text("\n".join(SEGMENTATION_CLASSES) + "\n")
+    (root / "classes.txt").write_text("\n".join(SEGMENTATION_CLASSES) + "\n")
     return root
 
 

@@ -46,16 +46,22 @@ def _per_class(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return true_positive, target, predicted, target + predicted - true_positive
 
 
+def _scores(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(IoU, accuracy) per class: NaN where a class has no union (IoU) or no target pixels (accuracy)."""
+    true_positive, target, _, union = _per_class(confusion)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (np.where(union > 0, true_positive / union, np.nan),
+                np.where(target > 0, true_positive / target, np.nan))
+
+
 def segmentation_metrics(confusion: np.ndarray, class_names: list[str]) -> dict:
     """``mean_iou`` (the main metric), ``pixel_accuracy``, ``mean_accuracy`` and ``per_class_iou``.
 
     ``per_class_iou`` maps every class name to its IoU, or None where the class is in neither
     the target nor the predictions. Means are over the classes that have one (0.0 when none do).
     """
-    true_positive, target, _, union = _per_class(confusion)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, true_positive / union, np.nan)
-        accuracy = np.where(target > 0, true_positive / target, np.nan)
+    true_positive, target, _, _ = _per_class(confusion)
+    iou, accuracy = _scores(confusion)
     total = target.sum()
     return {
         "mean_iou": _nanmean(iou),
@@ -72,13 +78,11 @@ def _nanmean(values: np.ndarray) -> float:
 
 def per_class_rows(confusion: np.ndarray, class_names: list[str]) -> list[dict]:
     """One row per class for a CSV: IoU, accuracy (None where undefined), target and predicted pixels."""
-    true_positive, target, predicted, union = _per_class(confusion)
-    rows = []
-    for index, name in enumerate(class_names):
-        iou = true_positive[index] / union[index] if union[index] else None
-        accuracy = true_positive[index] / target[index] if target[index] else None
-        rows.append({"class": name,
-                     "iou": None if iou is None else round(float(iou), 6),
-                     "accuracy": None if accuracy is None else round(float(accuracy), 6),
-                     "pixels": int(target[index]), "predicted_pixels": int(predicted[index])})
-    return rows
+    _, target, predicted, _ = _per_class(confusion)
+    iou, accuracy = _scores(confusion)
+
+    def rounded(value: float) -> float | None:
+        return None if np.isnan(value) else round(float(value), 6)
+
+    return [{"class": name, "iou": rounded(iou[i]), "accuracy": rounded(accuracy[i]),
+             "pixels": int(target[i]), "predicted_pixels": int(predicted[i])} for i, name in enumerate(class_names)]

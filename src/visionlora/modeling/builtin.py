@@ -9,12 +9,12 @@ They are fixtures, not task logic: a task asks this registry for ``(task, name)`
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from visionlora.errors import VisionLoraError
+from visionlora.lazy import import_object
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,7 @@ class BuiltinModel:
     builder: str
 
     def build(self, labels: list[str], image_size: int) -> tuple[Any, Any]:
-        module_name, function_name = self.builder.split(":")
-        return getattr(importlib.import_module(module_name), function_name)(labels, image_size)
+        return import_object(self.builder)(labels, image_size)
 
 
 def label_maps(labels: list[str]) -> dict[str, Any]:

@@ -104,3 +104,17 @@ def confusion_matrix_plot(confusion, names: Sequence[str]) -> bytes:
         axis.set_yticks(range(len(names)), names, fontsize=7)
         axis.set(xlabel="predicted", ylabel="true", title=title)
     return figure_png(figure)
+
+
+def bar_plot(names: Sequence[str], values: Sequence[float | None], ylabel: str, title: str,
+             ylim: tuple[float, float] | None = None) -> bytes:
+    """One bar per name with a value (names whose value is None are left out)."""
+    shown = [(name, value) for name, value in zip(names, values) if value is not None]
+    figure, axis = pyplot().subplots(figsize=(max(5, 0.5 * len(shown) + 2), 4))
+    axis.bar([name for name, _ in shown], [value for _, value in shown], color="tab:blue")
+    axis.set(ylabel=ylabel, title=title)
+    if ylim is not None:
+        axis.set_ylim(*ylim)
+    axis.tick_params(axis="x", rotation=45)
+    axis.grid(alpha=0.3, axis="y")
+    return figure_png(figure)

@@ -5,10 +5,10 @@ Importing this package is cheap: a task's module (and torch) loads when the task
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
 from visionlora.errors import VisionLoraError
+from visionlora.lazy import import_object
 
 if TYPE_CHECKING:
     from visionlora.tasks.base import Task
@@ -32,5 +32,4 @@ def get_task(name: str) -> Task:
         target = _REGISTRY[name]
     except KeyError:
         raise VisionLoraError(f"unknown task {name!r}; choose one of: {', '.join(_REGISTRY)}") from None
-    module_name, class_name = target.split(":")
-    return getattr(importlib.import_module(module_name), class_name)()
+    return import_object(target)()

@@ -36,6 +36,7 @@ from visionlora.data.records import Part, SourceData
 from visionlora.data.transforms import processor_output_size, processor_size, set_processor_size
 from visionlora.deploy.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option, OutputWriter
 from visionlora.errors import VisionLoraError
+from visionlora.lazy import import_object
 from visionlora.modeling.builtin import build_builtin, is_builtin, pretrained_folder
 from visionlora.modeling.loading import base_revision, current_policy, load_pretrained
 
@@ -73,10 +74,7 @@ class DemoRecipe:
     epochs: int
 
     def generate(self, folder) -> None:
-        import importlib
-
-        module_name, function_name = self.make_data.split(":")
-        getattr(importlib.import_module(module_name), function_name)(folder, **self.arguments)
+        import_object(self.make_data)(folder, **self.arguments)
 
 
 @dataclass

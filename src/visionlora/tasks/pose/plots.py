@@ -4,18 +4,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from visionlora.reporting.plots import figure_png, pyplot
+from visionlora.reporting.plots import bar_plot, figure_png, pyplot
 
 
 def keypoint_error_plot(names: Sequence[str], errors: Sequence[float | None]) -> bytes:
     """Mean pixel error of each keypoint as bars (keypoints never labelled are left out)."""
-    shown = [(n, e) for n, e in zip(names, errors) if e is not None]
-    figure, axis = pyplot().subplots(figsize=(max(5, 0.5 * len(shown) + 2), 4))
-    axis.bar([n for n, _ in shown], [e for _, e in shown], color="tab:blue")
-    axis.set(ylabel="mean error (pixels)", title="Error per keypoint (validation, best epoch)")
-    axis.tick_params(axis="x", rotation=45)
-    axis.grid(alpha=0.3, axis="y")
-    return figure_png(figure)
+    return bar_plot(names, errors, "mean error (pixels)", "Error per keypoint (validation, best epoch)")
 
 
 def pck_curve_plot(thresholds, values) -> bytes:

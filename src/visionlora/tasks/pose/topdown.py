@@ -58,9 +58,9 @@ class DetectorRequest(BoxRequest):
             if given:
                 raise VisionLoraError(f"'{given[0]}' needs a detector ('detector': a detection model)")
             return None
-        threshold = values.get("detector_threshold")
-        return cls(values["detector"], 0.5 if threshold is None else threshold, values.get("detector_label"),
-                   values.get("max_instances"))
+        fields = {"detector_threshold": "threshold", "detector_label": "label", "max_instances": "max_instances"}
+        return cls(values["detector"], **{field: values[name] for name, field in fields.items()
+                                          if values.get(name) is not None})
 
     def check(self, info: ModelInfo, name: str) -> None:
         if info.task != DETECTOR_TASK:

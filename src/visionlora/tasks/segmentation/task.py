@@ -34,6 +34,7 @@ from visionlora.tasks.segmentation.writers import mask_png, write_masks
 
 HEAD_NAMES = ("decode_head", "auxiliary_head", "segmentation_head", "head")  # SegFormer, UperNet/BEiT, MobileViT, DPT
 OVERLAY_OPACITY = 0.5
+VOC_COLOURS = voc_palette(256)  # every class id's colour where the data gives none
 MASKS = OutputWriter("save_masks", "also save each predicted mask as a palette PNG (pixel value = class id)", "DIR",
                      write_masks)
 
@@ -165,7 +166,7 @@ class SegmentationTask(Task):
 
     def draw(self, image: Image.Image, prediction: dict, info: ModelInfo) -> Image.Image:
         mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(prediction["mask"]))))
-        colours = np.asarray(palette(info), dtype=np.float32)[np.minimum(mask, len(palette(info)) - 1)]
+        colours = np.asarray(palette(info), dtype=np.float32)[mask]  # 256 colours, one per uint8 value
         pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
         drawn = np.where((mask == ignore_index(info))[..., None], pixels,
                          (1 - OVERLAY_OPACITY) * pixels + OVERLAY_OPACITY * colours)
@@ -179,7 +180,7 @@ def ignore_index(info: ModelInfo) -> int:
 def palette(info: ModelInfo) -> list[tuple[int, int, int]]:
     """The data's colours (a VOC label map's), else the VOC palette, for every class id."""
     given = [tuple(colour) for colour in info.extra.get("palette", [])]
-    return given + voc_palette(256)[len(given):]
+    return given + VOC_COLOURS[len(given):]
 
 
 def upsample(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

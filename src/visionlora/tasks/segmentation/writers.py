@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import base64
-import io
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 
 from visionlora.artifacts import atomic_write_bytes
-from visionlora.deploy.outputs import png_name
+from visionlora.data.segmentation import palette_image
+from visionlora.deploy.outputs import png_bytes, png_name
 
 
 def mask_png(mask: np.ndarray, colours: Sequence[Sequence[int]]) -> bytes:
     """An (H, W) class-id mask as palette PNG bytes: pixel values are class ids, shown in ``colours``."""
-    image = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="P")
-    image.putpalette([int(v) for colour in list(colours)[:256] for v in colour])
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png_bytes(palette_image(mask, colours))
 
 
 def write_masks(folder: Path, predictions: Sequence[dict], images, draw) -> None:
