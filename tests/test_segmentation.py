@@ -131,3 +131,19 @@ def test_bad_segmentation_data_is_one_line(mask_folder, tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "train_001.png" in lines[0] and "20x20" in lines[0], lines
     assert not (tmp_path / "run" / "trained_model_lora").exists()
+
+
+def test_another_architecture_trains_every_module_beside_its_backbone(mask_folder, tmp_path):
+    """Any AutoModelForSemanticSegmentation: a BEiT with an FPN, a decode and an auxiliary head."""
+    from transformers import BeitConfig, BeitForSemanticSegmentation, BeitImageProcessorPil
+
+    config = BeitConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                        intermediate_size=64, out_indices=[1, 2, 3, 4], use_auxiliary_head=True, pool_scales=[1, 2],
+                        auxiliary_channels=16, num_labels=3)
+    BeitForSemanticSegmentation(config).save_pretrained(tmp_path / "beit")
+    BeitImageProcessorPil(size={"height": 32, "width": 32}, do_center_crop=False).save_pretrained(tmp_path / "beit")
+    result = train(tiny_config(TASK, mask_folder, tmp_path / "run", model=str(tmp_path / "beit"), epochs=1))
+    assert result.summary["lora"]["resolved"]["modules_to_save"] == ["fpn", "decode_head", "auxiliary_head"]
+    images = _val_images(mask_folder)
+    assert visionlora.load(result.paths.root).predict(images) == LoadedRun(
+        result.paths, get_task(TASK), result.model.eval(), result.processor, result.info).predict(images)

@@ -32,7 +32,6 @@ from visionlora.tasks.base import DemoRecipe, Diagnostics, ModelInfo, PredictInp
 from visionlora.tasks.segmentation.plots import class_iou_plot
 from visionlora.tasks.segmentation.writers import mask_png, write_masks
 
-HEAD_NAMES = ("decode_head", "auxiliary_head", "segmentation_head", "head")  # SegFormer, UperNet/BEiT, MobileViT, DPT
 OVERLAY_OPACITY = 0.5
 VOC_COLOURS = voc_palette(256)  # every class id's colour where the data gives none
 MASKS = OutputWriter("save_masks", "also save each predicted mask as a palette PNG (pixel value = class id)", "DIR",
@@ -111,12 +110,13 @@ class SegmentationTask(Task):
 
     # -- model ------------------------------------------------------------------------
     def head_modules(self, model: torch.nn.Module) -> list[str]:
-        """The decode head (and an auxiliary head where the architecture has one), trained in full."""
-        children = dict(model.named_children())
-        heads = [name for name in HEAD_NAMES if name in children]
+        """Everything beside the backbone, trained in full: the decode head, and the auxiliary head, neck
+        or FPN where the architecture has them (SegFormer, UperNet, BEiT, DPT, MobileViT)."""
+        backbones = {getattr(model, "base_model_prefix", ""), "backbone"}
+        heads = [name for name, module in model.named_children()
+                 if name not in backbones and any(True for _ in module.parameters())]
         if not heads:
-            raise VisionLoraError(f"{type(model).__name__}: no segmentation head found (looked for "
-                                  f"{', '.join(HEAD_NAMES)})")
+            raise VisionLoraError(f"{type(model).__name__}: no segmentation head beside its backbone")
         return heads
 
     # -- steps ------------------------------------------------------------------------
