@@ -8,8 +8,8 @@
 For each target, 3 training-set sizes x 3 seeds x {LoRA, full} on the ``*-pretrained`` twin
 and full training of the random ``tiny`` ("scratch"); on the classification targets also
 DoRA, LoHa, LoKr and OFT. Targets are kept out of the pretraining corpus: new shapes
-(``procedural.TARGET_SHAPES``, solid), new object classes in scenes (the same shapes), a new
-skeleton (the four-keypoint animal), and the real sets
+(``procedural.TARGET_SHAPES``, solid), new object classes in scenes and in segmentation masks
+(the same shapes), a new skeleton (the four-keypoint animal), and the real sets
 in ``../shared/datasets`` when present. ``sweep`` measures LoRA rank, alpha and learning rate,
 full fine-tuning's learning rate, and on detection which layers LoRA adapts, on the
 ``--sweep-on`` targets (default ``shapes``); ``--sweep-kind`` picks some of these.
@@ -72,11 +72,15 @@ def _generated(kind: str):
                 procedural.write_shape_folder(full, solid, 100, 40, seed=100)
             elif kind == "scenes":
                 procedural.write_shape_scenes(full, procedural.TARGET_SHAPES, 200, 60, seed=100)
+            elif kind == "regions":
+                procedural.write_shape_segmentation(full, procedural.TARGET_SHAPES, 200, 60, seed=100)
             else:
                 synthetic.make_pose_dataset(full, "coco", n_train=200, n_val=60, seed=100)
         subset = work / f"{kind}-{size}-{seed}"
         if kind == "shapes":
             _subset_class_folders(full / "train", subset, size, seed)
+        elif kind == "regions":
+            _subset_mask_folders(full, subset, size, seed)
         else:
             _subset_coco(full / "train", subset, size, seed)
         return subset, full / "val"
@@ -93,6 +97,21 @@ def _subset_class_folders(source: Path, target: Path, per_class: int | None, see
         (target / folder.name).mkdir(parents=True)
         for file in files[:per_class]:
             _place(file, target / folder.name / file.name)
+
+
+def _subset_mask_folders(full: Path, target: Path, count: int | None, seed: int) -> None:
+    """``count`` training images with their masks, and the class list."""
+    import random
+
+    shutil.rmtree(target, ignore_errors=True)
+    images = sorted((full / "train" / "images").iterdir())
+    random.Random(seed).shuffle(images)
+    for folder in ("images", "masks"):
+        (target / folder).mkdir(parents=True)
+    for image in images[:count]:
+        _place(image, target / "images" / image.name)
+        _place(full / "train" / "masks" / image.name, target / "masks" / image.name)
+    _place(full / "classes.txt", target / "classes.txt")
 
 
 def _place(source: Path, target: Path) -> None:
@@ -176,12 +195,14 @@ TARGETS = {
     "shapes": Target("classification", (5, 20, 100), "images per class", _generated("shapes")),
     "scenes": Target("detection", (10, 50, 200), "images", _generated("scenes")),
     "animal": Target("pose", (10, 50, 200), "images", _generated("animal")),
+    "regions": Target("segmentation", (10, 50, 200), "images", _generated("regions")),
     "hymenoptera": Target("classification", (5, 20, None), "images per class", _hymenoptera, real=True),
     "raccoon": Target("detection", (10, 50, None), "images", _raccoon, real=True),
     "openfield": Target("pose", (10, 50, None), "frames", _openfield, real=True),
 }
-TWINS = {"classification": "tiny-pretrained", "detection": "tiny-rtdetr-pretrained", "pose": "tiny-pretrained"}
-SCRATCH = {"classification": "tiny", "detection": "tiny-rtdetr", "pose": "tiny"}
+TWINS = {"classification": "tiny-pretrained", "detection": "tiny-rtdetr-pretrained", "pose": "tiny-pretrained",
+         "segmentation": "tiny-pretrained"}
+SCRATCH = {"classification": "tiny", "detection": "tiny-rtdetr", "pose": "tiny", "segmentation": "tiny"}
 
 
 # -- one run (worker process) ----------------------------------------------------------------
@@ -239,6 +260,8 @@ def _count_items(train_data: Path, task: str) -> int:
         return sum(1 for p in train_data.rglob("*") if p.is_file() or p.is_symlink())
     if (train_data / "annotations.json").exists():
         return len(json.loads((train_data / "annotations.json").read_text())["images"])
+    if (train_data / "images").is_dir() and (train_data / "masks").is_dir():
+        return len(list((train_data / "images").iterdir()))
     if (train_data / "annotations").exists():
         return len(list((train_data / "annotations").iterdir()))
     return len(next(train_data.glob("labeled-data/*/CollectedData_*.csv")).read_text().splitlines()) - 3

@@ -42,6 +42,12 @@ PLANS = {
         describe=lambda n: f"{n[0]} train / {n[1]} val 64 px walkers with 11 keypoints, COCO keypoints",
         make=lambda root, n, seed: procedural.write_walkers(root, *n, seed=seed),
     ),
+    "segmentation": dict(
+        builtin="tiny", epochs=80, batch_size=32, lr=2e-3, per_item=(4000, 200),
+        describe=lambda n: f"{n[0]} train / {n[1]} val 64 px scenes of 1-5 of 12 shapes, images+masks",
+        make=lambda root, n, seed: procedural.write_shape_segmentation(root, procedural.PRETRAIN_SHAPES, *n,
+                                                                       seed=seed),
+    ),
 }
 KEPT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 

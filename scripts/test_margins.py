@@ -81,6 +81,9 @@ CHECKS = [
     Check("twin", "full < 0.95, lora - full >= -0.15, min - scratch >= 0.25", range(7, 12), _twin),
     Check("segmentation", "mean_iou > 0.7", range(5),
           lambda tmp, seed: {"mean_iou": test_segmentation.fit_mean_iou(tmp, seed)}),
+    Check("segmentation-twin", "lora - scratch >= 0.05", range(5),
+          lambda tmp, seed: {"lora - scratch": (lambda r: r["lora"] - r["scratch"])(
+              test_pretrained.segmentation_twin_gain(tmp, seed))}),
     Check("pose-twin", "error / baseline < 0.8", range(5, 10),
           lambda tmp, seed: {"error / baseline": test_pretrained.pose_twin_error_ratio(tmp, seed)}),
 ]

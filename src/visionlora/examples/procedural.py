@@ -90,8 +90,10 @@ def _texture(kind: str, colour: np.ndarray, rng: np.random.Generator, size: int)
 
 
 def draw_shape(image: Image.Image, shape: str, texture: str, rng: np.random.Generator,
-               centre: tuple[float, float], radius: float) -> tuple[float, float, float, float]:
-    """Paint ``shape`` in ``texture`` (random colour and rotation) on ``image``; return its box."""
+               centre: tuple[float, float], radius: float, class_mask: np.ndarray | None = None,
+               class_id: int = 0) -> tuple[float, float, float, float]:
+    """Paint ``shape`` in ``texture`` (random colour and rotation) on ``image``; return its box.
+    Given a ``class_mask``, its pixels under the shape become ``class_id``."""
     outline = SHAPES[shape]()
     angle = rng.uniform(-0.3, 0.3)  # upright, give or take: orientation is part of some shapes' identity
     rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
@@ -101,6 +103,8 @@ def draw_shape(image: Image.Image, shape: str, texture: str, rng: np.random.Gene
     ImageDraw.Draw(mask).polygon([tuple(p) for p in points], fill=255)
     colour = rng.integers(30, 256, size=3)
     image.paste(_texture(texture, colour, rng, image.size[0]), (0, 0), mask)
+    if class_mask is not None:
+        class_mask[np.asarray(mask) > 0] = class_id
     x0, y0 = np.clip(points.min(axis=0), 0, image.size[0])
     x1, y1 = np.clip(points.max(axis=0), 0, image.size[0])
     return float(x0), float(y0), float(x1), float(y1)
@@ -170,6 +174,31 @@ def write_shape_scenes(root: Path, shapes: list[str], n_train: int, n_val: int, 
                                     "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
         (folder / "annotations.json").write_text(
             json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return Path(root)
+
+
+# -- segmentation --------------------------------------------------------------------------
+def write_shape_segmentation(root: Path, shapes: list[str], n_train: int, n_val: int, seed: int = 0,
+                             size: int = 64, max_objects: int = 5) -> Path:
+    """Write ``root/train`` and ``root/val`` as images+masks folders of shape scenes (class 0 is the
+    background, then ``shapes``; later shapes cover earlier ones), with ``root/classes.txt``."""
+    from visionlora.examples.segmentation import palette_mask
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n_train), ("val", n_val)):
+        for folder in ("images", "masks"):
+            (Path(root) / split / folder).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            image, mask = _background(rng, size), np.zeros((size, size), dtype=np.uint8)
+            for _ in range(int(rng.integers(1, max_objects + 1))):
+                shape = str(rng.choice(shapes))
+                radius = rng.uniform(0.1, 0.25) * size
+                centre = rng.uniform(radius, size - radius, size=2)
+                draw_shape(image, shape, str(rng.choice(TEXTURES)), rng, tuple(centre), radius, mask,
+                           shapes.index(shape) + 1)
+            image.save(Path(root) / split / "images" / f"{index:05d}.png")
+            palette_mask(mask).save(Path(root) / split / "masks" / f"{index:05d}.png")
+    (Path(root) / "classes.txt").write_text("\n".join(["background", *shapes]) + "\n")
     return Path(root)
 
 
