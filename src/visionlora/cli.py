@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 from visionlora import __version__
 from visionlora.errors import VisionLoraError
+from visionlora.serving import DEFAULT_MAX_LOADED
 
 COMMANDS = {
     "train": "train a LoRA adapter or a full model",
@@ -157,8 +158,17 @@ def _serve_parser(commands, common, help_text: str) -> None:
     serve = commands.add_parser("serve", parents=[common], help=help_text,
                                 description="Serve runs over HTTP: GET / for a page to try them, "
                                             "/v1/models for the API.")
-    serve.add_argument("runs", nargs="+", metavar="[NAME=]RUN",
-                       help="run folders; a model's name is its folder's name or NAME")
+    serve.add_argument("runs", nargs="*", metavar="[NAME=]RUN",
+                       help="run folders, loaded at start and kept; a model's name is its folder's name or NAME")
+    serve.add_argument("--runs-dir", metavar="DIR",
+                       help="also serve every finished run in DIR by its folder name, each loaded on its first "
+                            "request (runs added later included)")
+    serve.add_argument("--max-loaded-adapters", type=int, default=DEFAULT_MAX_LOADED, metavar="N",
+                       help="runs held at once; the least recently used run from --runs-dir is unloaded to load "
+                            f"another (default {DEFAULT_MAX_LOADED})")
+    serve.add_argument("--no-mixed-batches", dest="mixed_batches", action="store_false",
+                       help="batch each adapter's requests apart (by default requests for different LoRA "
+                            "adapters of one base share forwards)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--max-batch-size", type=int, default=16, help="images per batched forward (default 16)")
@@ -383,17 +393,22 @@ def _cmd_serve(args) -> int:
     from visionlora.serving.app import ServeSettings, create_app
     from visionlora.serving.models import ModelStore
 
-    store = ModelStore()
+    if not args.runs and not args.runs_dir:
+        raise VisionLoraError("serve needs run folders, --runs-dir DIR, or both")
+    store = ModelStore(runs_dir=args.runs_dir, max_loaded=args.max_loaded_adapters)
     for item in args.runs:
         name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
         store.add(name or Path(path).resolve().name, path)
     settings = ServeSettings(args.max_batch_size, args.max_wait_ms, args.max_upload_mb, args.admin_token,
-                             args.precision)
+                             args.precision, args.mixed_batches)
     for served in store.models.values():
         others = served.describe()["shares_base_with"]
         shared = f", sharing its base with {', '.join(others)}" if others else ""
         print(f"serving {served.name}: {served.task.name} {served.info.mode} run {served.paths.root}{shared}",
               flush=True)
+    if store.runs_dir:
+        print(f"serving the {len(store.available())} finished runs in {store.runs_dir} (and any added later) on "
+              f"demand, at most {store.max_loaded} loaded", flush=True)
     print(f"listening on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(create_app(store, settings), host=args.host, port=args.port, log_level="warning")
     return 0

@@ -2,7 +2,7 @@
 
     GET  /                             a page to try the models
     GET  /health
-    GET  /v1/models
+    GET  /v1/models                    served runs (loaded or loadable from --runs-dir), which mix
     POST /v1/models/{name}/predict     multipart ``file`` (one or more) and the task's options; a
                                        top-down task's box options name a served model finding its
                                        boxes (pose: ``detector``, ``detector_threshold``, ...)
@@ -10,11 +10,14 @@
     GET  /metrics                      Prometheus text
     POST /v1/models, DELETE /v1/models/{name}   load / unload runs (with --admin-token)
 
-Every bad request gets a 4xx answer with ``{"error": "..."}``.
+Every bad request gets a 4xx answer with ``{"error": "..."}``. A run under ``--runs-dir`` loads on
+its first request; the batcher of a base's mixing LoRA adapters lets requests for different
+adapters share one forward.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +28,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -34,7 +37,7 @@ from visionlora.data.images import UnreadableImage, load_rgb
 from visionlora.deploy.outputs import per_image_values, png_bytes
 from visionlora.errors import VisionLoraError
 from visionlora.serving.batching import Batcher, Job
-from visionlora.serving.models import ModelStore, ServedModel
+from visionlora.serving.models import ModelStore, ServedModel, StoreEvents, UnknownModel, predict_together
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class ServeSettings:
     max_upload_mb: float = 20.0
     admin_token: str | None = None
     precision: str = "fp32"
+    mixed_batches: bool = True  # requests for different LoRA adapters of one base share forwards
 
     @property
     def max_upload_bytes(self) -> int:
@@ -61,10 +65,10 @@ class ApiError(Exception):
         self.status, self.message = status, message
 
 
-class Metrics:
-    """Prometheus counters and histograms of one server."""
+class Metrics(StoreEvents):
+    """Prometheus counters and histograms of one server, counting its store's loads and unloads too."""
 
-    def __init__(self):
+    def __init__(self, store: ModelStore):
         self.registry = CollectorRegistry()
         self.requests = Counter("visionlora_requests", "HTTP requests", ["endpoint", "model", "status"],
                                 registry=self.registry)
@@ -72,28 +76,77 @@ class Metrics:
         self.batch_size = Histogram("visionlora_batch_images", "images per model forward", ["model"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
         self.images = Counter("visionlora_images", "images predicted", ["model"], registry=self.registry)
+        self.forward_images = Histogram("visionlora_forward_images",
+                                        "images per forward, by how many adapters it mixed", ["adapters"],
+                                        buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        Gauge("visionlora_loaded_adapters", "runs loaded now (an adapter each; a full run counts as one)",
+              registry=self.registry).set_function(lambda: len(store.models))
+        self.loads = Counter("visionlora_adapter_loads", "runs loaded on demand", registry=self.registry)
+        self.evictions = Counter("visionlora_adapter_evictions", "runs unloaded to stay within --max-loaded-adapters",
+                                 registry=self.registry)
+        self.load_seconds = Histogram("visionlora_adapter_load_seconds", "time to load a run on its first request",
+                                      buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+                                      registry=self.registry)
+
+    def loaded(self, name: str, seconds: float) -> None:
+        self.loads.inc()
+        self.load_seconds.observe(seconds)
+
+    def evicted(self, name: str) -> None:
+        self.evictions.inc()
+
+    def forward(self, models: list[ServedModel]) -> None:
+        self.forward_images.labels(str(len(set(map(id, models))))).observe(len(models))
+        for name in {served.name for served in models}:
+            self.batch_size.labels(name).observe(len(models))
 
 
 def create_app(store: ModelStore, settings: ServeSettings) -> FastAPI:
     """The FastAPI application serving ``store``."""
     app = FastAPI(title="visionlora", docs_url=None, redoc_url=None)
-    metrics = Metrics()
+    metrics = Metrics(store)
+    store.events = metrics
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="visionlora-forward")
-    batchers: dict[str, Batcher] = {}
+    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="visionlora-load")
+    batchers: dict[tuple, Batcher] = {}
+    loading: dict[str, asyncio.Future] = {}
+
+    def forward(images, models, **options):
+        return predict_together(models, images, settings.precision, **options)
 
     def batcher_for(served: ServedModel) -> Batcher:
-        if served.name not in batchers:
-            batchers[served.name] = Batcher(
-                lambda images, **options: served.predict(images, settings.precision, **options), executor,
-                settings.max_batch_size, settings.max_wait_ms,
-                on_batch=lambda n: metrics.batch_size.labels(served.name).observe(n))
-        return batchers[served.name]
+        group = served.batch_group(settings.mixed_batches)
+        if group not in batchers:
+            batchers[group] = Batcher(forward, executor, settings.max_batch_size, settings.max_wait_ms,
+                                      on_batch=metrics.forward)
+        return batchers[group]
 
-    def lookup(name: str) -> ServedModel:
-        served = store.models.get(name)
-        if served is None:
-            raise ApiError(404, f"no model named {name!r} (served: {', '.join(sorted(store.models)) or 'none'})")
-        return served
+    async def hold(name: str) -> ServedModel:
+        """The run ``name``, loaded on first need and counted in flight (release it after use)."""
+        for _ in range(3):  # a run unloaded between its load and this request's hold is loaded again
+            served = store.acquire(name)
+            if served is not None:
+                return served
+            await load_once(name)
+        raise ApiError(503, f"model {name!r} is being unloaded and loaded again under load; try again")
+
+    def let_go(served: ServedModel) -> None:
+        """The end of a hold; runs beyond the bound (all in flight when others loaded) are unloaded now."""
+        if store.release(served):
+            asyncio.get_running_loop().run_in_executor(loader, store.unload_beyond_bound)
+
+    async def load_once(name: str) -> None:
+        pending = loading.get(name)
+        if pending is None:
+            pending = loading[name] = asyncio.get_running_loop().run_in_executor(loader, store.load, name)
+            pending.add_done_callback(lambda _: loading.pop(name, None))
+        try:
+            await asyncio.shield(pending)
+        except UnknownModel as err:
+            served = ", ".join(sorted(store.models)) or "none loaded"
+            raise ApiError(404, f"{err} (served: {served})") from None
+        except VisionLoraError as err:
+            raise ApiError(500, str(err)) from None
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
@@ -128,21 +181,26 @@ def create_app(store: ModelStore, settings: ServeSettings) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models():
-        return {"models": [served.describe() for served in store.models.values()]}
+        return {"models": await _in_thread(loader, store.catalogue) if store.runs_dir else store.catalogue()}
 
     async def run_prediction(name: str, request: Request):
-        served = lookup(name)
-        form = await read_form(request, settings.max_upload_bytes)
-        names, images = await read_images(form)
-        options, per_image, box_values = parse_options(served, form, names)
-        options.update(await found_boxes(served, box_values, images, options))
-        job = Job(images, options, per_image)
+        served = await hold(name)
         try:
-            predictions = await batcher_for(served).submit(job)
-        except VisionLoraError as err:
-            raise ApiError(400, str(err)) from None
+            form = await read_form(request, settings.max_upload_bytes)
+            names, images = await read_images(form)
+            options, per_image, box_values = parse_options(served, form, names)
+            options.update(await found_boxes(served, box_values, images, options))
+            predictions = await predicted(served, Job(images, options, per_image, served))
+        finally:
+            let_go(served)
         metrics.images.labels(name).inc(len(images))
         return served, names, images, predictions
+
+    async def predicted(served: ServedModel, job: Job) -> list[dict]:
+        try:
+            return await batcher_for(served).submit(job)
+        except VisionLoraError as err:
+            raise ApiError(400, str(err)) from None
 
     async def found_boxes(served: ServedModel, box_values: dict[str, Any], images: list,
                           options: dict[str, Any]) -> dict[str, Any]:
@@ -153,13 +211,15 @@ def create_app(store: ModelStore, settings: ServeSettings) -> FastAPI:
             raise ApiError(400, str(err)) from None
         if request is None:
             return {}
-        box_model = lookup(request.model)
+        box_model = await hold(request.model)
         try:
             request.refuse_given_boxes(options)
             request.check(box_model.info, box_model.name)
+            found = await predicted(box_model, Job(images, request.model_options(), (), box_model))
         except VisionLoraError as err:
             raise ApiError(400, str(err)) from None
-        found = await batcher_for(box_model).submit(Job(images, request.model_options(), ()))
+        finally:
+            let_go(box_model)
         return {request.option: request.keep(found)}
 
     @app.post("/v1/models/{name}/predict")
@@ -194,7 +254,7 @@ def create_app(store: ModelStore, settings: ServeSettings) -> FastAPI:
         if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not isinstance(body.get("path"), str):
             raise ApiError(400, 'expected a JSON body {"name": ..., "path": ...}')
         try:
-            served = await _in_thread(executor, store.add, body["name"], body["path"])
+            served = await _in_thread(loader, store.add, body["name"], body["path"])
         except VisionLoraError as err:
             raise ApiError(409 if "already served" in str(err) else 400, str(err)) from None
         return JSONResponse(served.describe(), status_code=201)
@@ -202,19 +262,16 @@ def create_app(store: ModelStore, settings: ServeSettings) -> FastAPI:
     @app.delete("/v1/models/{name}")
     async def unload_model(name: str, request: Request):
         check_admin(request)
-        lookup(name)
-        await _in_thread(executor, store.remove, name)
-        batcher = batchers.pop(name, None)
-        if batcher is not None:
-            await batcher.close()
+        try:
+            await _in_thread(loader, store.remove, name)
+        except KeyError:
+            raise ApiError(404, f"no model named {name!r} is loaded") from None
         return {"unloaded": name}
 
     return app
 
 
 async def _in_thread(executor, function, *args):
-    import asyncio
-
     return await asyncio.get_running_loop().run_in_executor(executor, function, *args)
 
 

@@ -1,4 +1,8 @@
-"""Micro-batching: requests for one model arriving within a short wait share one forward."""
+"""Micro-batching: requests arriving within a short wait share one forward.
+
+A batcher serves one model, or every mixing adapter of one base: then requests for different
+adapters share a forward, each image with its own adapter.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ class Job:
     images: list[Image.Image]
     options: dict[str, Any]  # shared options; per-image ones are lists aligned with ``images``
     per_image: tuple[str, ...]
+    model: Any = None  # what predicts the images (a served run), handed to ``predict`` once per image
     future: asyncio.Future = field(default=None)
 
     def batch_key(self) -> str:
@@ -27,11 +32,12 @@ class Job:
 
 
 class Batcher:
-    """Collects jobs for one model for up to ``max_wait_ms``, ``max_batch_size`` images at a
-    time, and runs ``predict(images, **options)`` for the batch in a worker thread."""
+    """Collects jobs for up to ``max_wait_ms``, ``max_batch_size`` images at a time, and runs
+    ``predict(images, models, **options)`` (``models``: each image's job's model) for the batch
+    in a worker thread. The worker ends when no job waits, and starts again with the next one."""
 
     def __init__(self, predict: Callable[..., list[dict]], executor: ThreadPoolExecutor,
-                 max_batch_size: int, max_wait_ms: float, on_batch: Callable[[int], None] = lambda n: None):
+                 max_batch_size: int, max_wait_ms: float, on_batch: Callable[[list], None] = lambda models: None):
         self.predict, self.executor, self.on_batch = predict, executor, on_batch
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
@@ -44,14 +50,10 @@ class Batcher:
         await self.queue.put(job)
         return await job.future
 
-    async def close(self) -> None:
-        if self.worker is not None:
-            self.worker.cancel()
-
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            first = await self.queue.get()
+        while not self.queue.empty():
+            first = self.queue.get_nowait()
             jobs, size = [first], len(first.images)
             deadline = loop.time() + self.max_wait
             while size < self.max_batch_size:
@@ -69,12 +71,13 @@ class Batcher:
 
     async def _forward(self, loop, jobs: list[Job]) -> None:
         images = [image for job in jobs for image in job.images]
+        models = [job.model for job in jobs for _ in job.images]
         options = dict(jobs[0].options)
         for name in jobs[0].per_image:
             options[name] = [value for job in jobs for value in job.options[name]]
-        self.on_batch(len(images))
+        self.on_batch(models)
         try:
-            predictions = await loop.run_in_executor(self.executor, lambda: self.predict(images, **options))
+            predictions = await loop.run_in_executor(self.executor, lambda: self.predict(images, models, **options))
         except Exception as err:  # handed to each waiting request
             for job in jobs:
                 if not job.future.done():

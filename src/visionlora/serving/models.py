@@ -1,20 +1,24 @@
 """The runs a server holds: each distinct base model once, every LoRA run an adapter on it.
 
-A LoRA run's base is keyed by its resolved location (hub id, or the folder of a built-in
-model's saved base) plus the revision of its weights, its head size and the adapter's peft
-type, so a changed base is never silently shared and adapters of other peft types get a
-base copy of their own (peft cannot hold two types in one model). Full-mode runs are
-models of their own. Forwards on one base are serialised by that base's lock, with its
-adapter switched in first, so requests for different adapters never see each other's
-weights.
+A LoRA run's base is keyed by its task, the revision of its weights recorded at training (else
+its resolved location), its head size and the adapter's peft type, so a changed base is never
+silently shared and adapters of other peft types get a base copy of their own (peft cannot
+hold two types in one model). Full-mode runs are models of their own. Forwards on one base are
+serialised by that base's lock, so requests never see another adapter's weights.
+
+Runs named at start (or loaded by an admin call) stay loaded. Runs under ``runs_dir`` are
+loaded on their first request, one load at a time, and the least recently used of them is
+unloaded when more than ``max_loaded`` runs are held, never while one of its requests is in
+flight.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -22,7 +26,13 @@ from visionlora.artifacts import RunPaths, folder_bytes
 from visionlora.deploy.runs import RunFolder, open_run
 from visionlora.errors import VisionLoraError
 from visionlora.modeling.loading import base_revision, check_weight_files, loading_policy
-from visionlora.tasks.base import ModelInfo, Task
+from visionlora.modeling.mixed_batches import allow_any_head, mixing_refusal
+from visionlora.serving import DEFAULT_MAX_LOADED
+from visionlora.tasks.base import ModelInfo, PredictView, Task
+
+
+class UnknownModel(VisionLoraError):
+    """No model of that name is served or can be loaded."""
 
 
 @dataclass
@@ -35,7 +45,7 @@ class SharedBase:
     adapters: set[str] = field(default_factory=set)
 
 
-@dataclass
+@dataclass(eq=False)
 class ServedModel:
     """A run as the server offers it."""
 
@@ -46,16 +56,37 @@ class ServedModel:
     processor: Any
     base: SharedBase
     adapter_bytes: int
+    refuses_mixing: str | None  # why its requests cannot share a forward with other adapters' (None: they can)
+    pinned: bool = False  # named at start or by an admin call: never unloaded to make room
+    last_used: float = field(default_factory=time.time)
+    in_flight: int = 0
+
+    def __post_init__(self):
+        adapter = self.name if self.info.mode == "lora" else None
+        # views with equal keys preprocess alike (input size, normalisation) and so stack in one forward
+        batch_key = repr((self.processor.to_dict(), sorted(self.info.forward_kwargs.items())))
+        self.view = PredictView(adapter, self.processor, self.info, batch_key)
+
+    def batch_group(self, mixing: bool) -> tuple:
+        """Runs with the same group share batches: mixing LoRA adapters of one base, else each run alone."""
+        if mixing and self.refuses_mixing is None:
+            return ("base",) + self.base.key
+        return ("run", self.name)
 
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "loaded": True,
             "task": self.task.name,
             "mode": self.info.mode,
             "base_model": self.info.base_model,
             "labels": self.info.labels,
             "adapter_bytes": self.adapter_bytes,
             "shares_base_with": sorted(self.base.adapters - {self.name}),
+            "mixes": self.refuses_mixing is None,
+            "mixing": self.refuses_mixing or "shares forwards with the other mixing adapters of its base",
+            "pinned": self.pinned,
+            "last_used": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.last_used)),
             "options": [o.name for o in self.task.predict_options],
         }
 
@@ -68,47 +99,164 @@ class ServedModel:
                 return self.task.predict(self.base.model, self.processor, images, self.info, **options)
 
 
+def predict_together(members: Sequence[ServedModel], images, precision: str = "fp32", **options: Any) -> list[dict]:
+    """Each image predicted by its own run: one run as usual, several adapters of one base in mixed forwards."""
+    first = members[0]
+    if all(member is first for member in members):
+        return first.predict(images, precision, **options)
+    with first.base.lock, _precision(precision, first.base.model):
+        return first.task.predict_mixed(first.base.model, images, [member.view for member in members], **options)
+
+
+class StoreEvents:
+    """What a store reports as it loads and unloads runs (the server counts them)."""
+
+    def loaded(self, name: str, seconds: float) -> None:
+        pass
+
+    def evicted(self, name: str) -> None:
+        pass
+
+
 class ModelStore:
     """Named runs, loading each base once; safe to change while serving."""
 
-    def __init__(self, device: str | None = None):
+    def __init__(self, device: str | None = None, runs_dir: str | Path | None = None,
+                 max_loaded: int = DEFAULT_MAX_LOADED, events: StoreEvents | None = None):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.runs_dir = Path(runs_dir).resolve() if runs_dir is not None else None
+        if self.runs_dir is not None and not self.runs_dir.is_dir():
+            raise VisionLoraError(f"{runs_dir}: no such folder of runs")
+        if max_loaded < 1:
+            raise VisionLoraError(f"--max-loaded-adapters must be at least 1, got {max_loaded}")
+        self.max_loaded = max_loaded
+        self.events = events or StoreEvents()
         self.models: dict[str, ServedModel] = {}
         self.bases: dict[tuple, SharedBase] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the two dicts and the in-flight counts
+        self._loading = threading.Lock()  # one load (or unload) at a time
 
-    def add(self, name: str, run_dir: str | Path) -> ServedModel:
-        """Load the run in ``run_dir`` as ``name`` (safetensors only, no checkpoint code)."""
+    # -- names --------------------------------------------------------------------------
+    def run_under_dir(self, name: str) -> Path:
+        """The finished run ``name`` under ``runs_dir``; a name that is not one (or leads out of it) is unknown."""
+        unknown = UnknownModel(f"no model named {name!r}" + (f" (and no finished run of that name under "
+                                                               f"{self.runs_dir})" if self.runs_dir else ""))
+        if self.runs_dir is None or not _plain_folder_name(name):
+            raise unknown
+        folder = self.runs_dir / name
+        if folder.resolve().parent != self.runs_dir or not _finished(folder):
+            raise unknown
+        return folder
+
+    def available(self) -> list[str]:
+        """Names of the finished runs under ``runs_dir`` (loaded or not)."""
+        if self.runs_dir is None:
+            return []
+        return sorted(child.name for child in self.runs_dir.iterdir()
+                      if _plain_folder_name(child.name) and child.resolve().parent == self.runs_dir
+                      and _finished(child))
+
+    def catalogue(self) -> list[dict[str, Any]]:
+        """Every loaded run described, then the runs under ``runs_dir`` not loaded now."""
         with self._lock:
+            loaded = [served.describe() for served in self.models.values()]
+        names = {entry["name"] for entry in loaded}
+        return loaded + [{"name": name, "loaded": False} for name in self.available() if name not in names]
+
+    # -- holding runs while they are used ---------------------------------------------------
+    def acquire(self, name: str) -> ServedModel | None:
+        """The loaded run ``name``, counted in flight until :meth:`release`; None when not loaded."""
+        with self._lock:
+            served = self.models.get(name)
+            if served is not None:
+                served.in_flight += 1
+                served.last_used = time.time()
+            return served
+
+    def release(self, served: ServedModel) -> bool:
+        """Count a use of ``served`` done; True when more runs than the bound are loaded (to unload some)."""
+        with self._lock:
+            served.in_flight -= 1
+            return len(self.models) > self.max_loaded
+
+    def unload_beyond_bound(self) -> None:
+        """Unload the least recently used idle runs beyond ``max_loaded`` (kept while in flight at their load)."""
+        with self._loading:
+            self._unload_beyond_bound(keep=None)
+
+    def load(self, name: str) -> ServedModel:
+        """Load the run ``name`` from ``runs_dir`` unless loaded; the least recently used idle runs
+        beyond ``max_loaded`` are unloaded after it."""
+        with self._loading:
+            served = self.models.get(name)
+            if served is not None:
+                return served
+            folder = self.run_under_dir(name)
+            started = time.perf_counter()
+            try:
+                served = self._load(name, folder, pinned=False)
+            except VisionLoraError as err:
+                raise VisionLoraError(f"model {name!r} could not be loaded: {err}") from None
+            self.events.loaded(name, time.perf_counter() - started)
+            self._unload_beyond_bound(keep=name)
+            return served
+
+    # -- runs named explicitly ------------------------------------------------------------------
+    def add(self, name: str, run_dir: str | Path) -> ServedModel:
+        """Load the run in ``run_dir`` as ``name`` (safetensors only, no checkpoint code), kept loaded."""
+        with self._loading:
             if name in self.models:
                 raise VisionLoraError(f"a model named {name!r} is already served")
-            run = open_run(run_dir)
-            if run.is_onnx:
-                raise VisionLoraError(f"{run.paths.root}: an ONNX export runs in onnxruntime (visionlora predict); "
-                                      "serve takes runs and merged exports")
-            with loading_policy(False, False):
-                check_weight_files(run.paths.model_dir)
-                base = self._attach(name, run)
-                processor = run.load_processor()
-            paths, task, info = run.paths, run.task, run.info
-            weights = sorted(paths.model_dir.glob("*.safetensors"))
-            served = ServedModel(name, paths, task, info, processor, base,
-                                 weights[0].stat().st_size if weights else folder_bytes(paths.model_dir))
-            self.models[name] = served
-            return served
+            return self._load(name, run_dir, pinned=True)
 
     def remove(self, name: str) -> None:
         """Unload ``name``; a base is freed when its last adapter goes."""
-        with self._lock:
-            served = self.models.pop(name, None)
+        with self._loading:
+            with self._lock:
+                served = self.models.pop(name, None)
             if served is None:
                 raise KeyError(name)
-            base = served.base
-            with base.lock:
-                if served.info.mode == "lora":
-                    base.model.delete_adapter(name)
-                base.adapters.discard(name)
-            if not base.adapters:
+            self._detach(served)
+
+    # -- loading and unloading ----------------------------------------------------------------
+    def _load(self, name: str, run_dir: str | Path, pinned: bool) -> ServedModel:
+        run = open_run(run_dir)
+        if run.is_onnx:
+            raise VisionLoraError(f"{run.paths.root}: an ONNX export runs in onnxruntime (visionlora predict); "
+                                  "serve takes runs and merged exports")
+        with loading_policy(False, False):
+            check_weight_files(run.paths.model_dir)
+            base = self._attach(name, run)
+            processor = run.load_processor()
+        paths, task, info = run.paths, run.task, run.info
+        weights = sorted(paths.model_dir.glob("*.safetensors"))
+        refusal = mixing_refusal(base.model, name) if info.mode == "lora" else "a full model has no adapter to mix"
+        served = ServedModel(name, paths, task, info, processor, base,
+                             weights[0].stat().st_size if weights else folder_bytes(paths.model_dir), refusal, pinned)
+        with self._lock:
+            self.models[name] = served
+        return served
+
+    def _unload_beyond_bound(self, keep: str | None) -> None:
+        with self._lock:
+            idle = sorted((served for served in self.models.values()
+                           if not served.pinned and served.in_flight == 0 and served.name != keep),
+                          key=lambda served: served.last_used)
+            victims = idle[: max(0, len(self.models) - self.max_loaded)]
+            for served in victims:
+                del self.models[served.name]
+        for served in victims:
+            self._detach(served)
+            self.events.evicted(served.name)
+
+    def _detach(self, served: ServedModel) -> None:
+        base = served.base
+        with base.lock:
+            if served.info.mode == "lora":
+                base.model.delete_adapter(served.name)
+            base.adapters.discard(served.name)
+        if not base.adapters:
+            with self._lock:
                 self.bases.pop(base.key, None)
 
     def _attach(self, name: str, run: RunFolder) -> SharedBase:
@@ -122,20 +270,36 @@ class ModelStore:
         base_ref = run.base_ref
         if Path(base_ref).exists():
             base_ref = str(Path(base_ref).resolve())  # one key for every spelling of a local folder
-        key = (run.info.task, base_ref, base_revision(base_ref), len(run.info.labels), run.adapter_type())
+        weights = run.info.base_revision or base_revision(base_ref) or base_ref
+        key = (run.info.task, weights, len(run.info.labels), run.adapter_type())
         shared = self.bases.get(key)
         if shared is None:
             model = run.load_base()
             peft_model = run.attach_adapter(lambda: PeftModel.from_pretrained(model, run.paths.model_dir,
                                                                               adapter_name=name))
             shared = SharedBase(key, peft_model.to(self.device).eval())
-            self.bases[key] = shared
+            with self._lock:
+                self.bases[key] = shared
         else:
             with shared.lock:
                 run.attach_adapter(lambda: shared.model.load_adapter(run.paths.model_dir, adapter_name=name))
                 shared.model.to(self.device).eval()
+        allow_any_head(shared.model)
         shared.adapters.add(name)
         return shared
+
+
+def _plain_folder_name(name: str) -> bool:
+    """A single path component naming a folder inside another (no '..', separators or hidden names)."""
+    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
+
+
+def _finished(folder: Path) -> bool:
+    try:
+        open_run(folder)
+    except (VisionLoraError, OSError, ValueError):
+        return False
+    return True
 
 
 class _precision:

@@ -39,6 +39,7 @@ from visionlora.errors import VisionLoraError
 from visionlora.lazy import import_object
 from visionlora.modeling.builtin import build_builtin, is_builtin, pretrained_folder
 from visionlora.modeling.loading import base_revision, current_policy, load_pretrained
+from visionlora.modeling.mixed_batches import select_rows
 
 
 @dataclass(frozen=True)
@@ -451,21 +452,34 @@ class Task:
         """One image's prediction from the results of its inputs (default: the one result)."""
         return results[0]
 
-    @torch.inference_mode()
     def predict(self, model, processor, images: Sequence[Image.Image], info: ModelInfo, **options: Any) -> list[dict]:
         """JSON-ready predictions for RGB images, batched ``predict_batch`` inputs at a time."""
+        return self.predict_mixed(model, images, [PredictView(None, processor, info)] * len(images), **options)
+
+    @torch.inference_mode()
+    def predict_mixed(self, model, images: Sequence[Image.Image], views: Sequence[PredictView],
+                      **options: Any) -> list[dict]:
+        """Predictions for ``images``, each by its own view (adapter, processor, labels) of one model.
+
+        Inputs whose views preprocess alike share forwards; views naming adapters run them as
+        a mixed-adapter batch (``adapter_names``), and each view's rows decode with its own labels.
+        """
         model.eval()
         options = {**self.default_options(), **options}
-        device = model.device
-        inputs = [item for index, image in enumerate(images)
-                  for item in self.predict_inputs(image, index, processor, info, options)]
+        inputs = [item for index, (image, view) in enumerate(zip(images, views))
+                  for item in self.predict_inputs(image, index, view.processor, view.info, options)]
         per_image: list[list[Any]] = [[] for _ in images]
-        for start in range(0, len(inputs), self.predict_batch):
-            chunk = inputs[start : start + self.predict_batch]
-            batch = {k: v.to(device) for k, v in self.model_inputs([item.pixel_values for item in chunk]).items()}
-            outputs = model(**batch, **info.forward_kwargs)
-            for item, result in zip(chunk, self.decode(outputs, chunk, images, processor, info, options)):
-                per_image[item.image_index].append(result)
+        for chunk in _chunks(inputs, views, self.predict_batch):
+            chunk_views = [views[item.image_index] for item in chunk]
+            batch = {k: v.to(model.device) for k, v in self.model_inputs([item.pixel_values for item in chunk]).items()}
+            adapters = [view.adapter for view in chunk_views]
+            mixed = {"adapter_names": adapters} if adapters[0] is not None else {}
+            outputs = model(**batch, **chunk_views[0].info.forward_kwargs, **mixed)
+            for view, rows in _rows_by_view(chunk_views):
+                part = outputs if len(rows) == len(chunk) else select_rows(outputs, torch.tensor(rows), len(chunk))
+                items = [chunk[row] for row in rows]
+                for item, result in zip(items, self.decode(part, items, images, view.processor, view.info, options)):
+                    per_image[item.image_index].append(result)
         return [self.combine(results) for results in per_image]
 
     def draw(self, image: Image.Image, prediction: dict, info: ModelInfo) -> Image.Image:
@@ -484,3 +498,29 @@ def dataset_behind(loader) -> torch.utils.data.Dataset:
     while isinstance(dataset, torch.utils.data.Subset):
         dataset = dataset.dataset
     return dataset
+
+
+@dataclass(frozen=True, eq=False)
+class PredictView:
+    """How one image is predicted in a mixed batch: the adapter (None: the model as it is), the
+    processor preparing it and the run description decoding it."""
+
+    adapter: str | None
+    processor: Any
+    info: ModelInfo
+    batch_key: str = ""  # views with equal keys preprocess alike (same input size) and share forwards
+
+
+def _chunks(inputs: list[PredictInput], views: Sequence[PredictView], size: int) -> list[list[PredictInput]]:
+    """Inputs in order, grouped by their view's batch key, at most ``size`` a chunk."""
+    groups: dict[str, list[PredictInput]] = {}
+    for item in inputs:
+        groups.setdefault(views[item.image_index].batch_key, []).append(item)
+    return [group[start : start + size] for group in groups.values() for start in range(0, len(group), size)]
+
+
+def _rows_by_view(views: list[PredictView]) -> list[tuple[PredictView, list[int]]]:
+    rows: dict[int, tuple[PredictView, list[int]]] = {}
+    for row, view in enumerate(views):
+        rows.setdefault(id(view), (view, []))[1].append(row)
+    return list(rows.values())

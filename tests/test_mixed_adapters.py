@@ -1,0 +1,79 @@
+"""Mixed-adapter batches: one forward over a shared base, each image with its own adapter and head,
+answering as each adapter does alone."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import assert_nested_close
+from visionlora.modeling.adapters import adapter_config, resolve_target_modules
+from visionlora.modeling.mixed_batches import allow_any_head, mixing_refusal
+from visionlora.tasks import get_task
+from visionlora.tasks.base import PredictView
+
+MODELS = {"classification": "tiny", "detection": "tiny-rtdetr", "pose": "tiny", "segmentation": "tiny"}
+OPTIONS = {"detection": {"threshold": 0.0}, "pose": {"boxes": [[[4, 6, 50, 60]], [[0, 0, 63, 63]]] * 3}}
+
+
+def _adapters(task_name: str, count: int, method: str = "lora"):
+    """A tiny base of the task carrying ``count`` adapters with random (non-zero) LoRA and head weights."""
+    from peft import get_peft_model
+
+    task = get_task(task_name)
+    labels = ["a", "b", "c"]
+    model, processor, info = task.build_model(MODELS[task_name], labels, 64, "lora")
+    heads = task.head_modules(model)
+    targets = resolve_target_modules(model, list(task.preset.target_modules), exclude=heads)
+    config = adapter_config(method, model, 4, 8, 0.0, targets, heads)
+    peft_model = get_peft_model(model, config, adapter_name="run0")
+    for index in range(1, count):
+        peft_model.add_adapter(f"run{index}", adapter_config(method, model, 4, 8, 0.0, targets, heads))
+    generator = torch.Generator().manual_seed(0)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name or ".modules_to_save." in name:
+            with torch.no_grad():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    peft_model.eval()
+    views = [PredictView(f"run{index}", processor, dataclasses.replace(info, labels=[f"{x}{index}" for x in labels]))
+             for index in range(count)]
+    return task, peft_model, views
+
+
+def _images(count: int) -> list[Image.Image]:
+    rng = np.random.default_rng(1)
+    return [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("task_name", sorted(MODELS))
+def test_a_mixed_batch_answers_as_each_adapter_alone(task_name):
+    task, model, views = _adapters(task_name, 3)
+    allow_any_head(model)
+    images = _images(6)
+    per_image = [views[i % 3] for i in range(6)]  # run0, run1, run2, run0, ...
+    mixed = task.predict_mixed(model, images, per_image, **OPTIONS.get(task_name, {}))
+    answers = {}
+    for index, view in enumerate(views):
+        model.set_adapter(view.adapter)
+        rows = [i for i in range(6) if i % 3 == index]
+        options = {k: [v[i] for i in rows] if k == "boxes" else v for k, v in OPTIONS.get(task_name, {}).items()}
+        for row, answer in zip(rows, task.predict(model, view.processor, [images[i] for i in rows], view.info,
+                                                  **options)):
+            answers[row] = answer
+    for row in range(6):
+        assert_nested_close(mixed[row], answers[row], where=f"image {row}")
+    # the adapters differ, so a mix-up of adapters (or labels) would show
+    assert len({str(answers[row]) for row in range(3)}) == 3
+
+
+def test_dora_and_other_methods_are_refused_mixing_with_a_reason():
+    _, lora, _ = _adapters("classification", 1)
+    _, dora, _ = _adapters("classification", 1, method="dora")
+    _, loha, _ = _adapters("classification", 1, method="loha")
+    assert mixing_refusal(lora, "run0") is None
+    assert "DoRA" in mixing_refusal(dora, "run0")
+    assert "LOHA" in mixing_refusal(loha, "run0")
