@@ -153,15 +153,21 @@ def free_port() -> int:
 
 
 def start_server(run: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    process, url = start_serve([f"m={run}", *extra])
+    return process, f"{url}/v1/models/m/predict"
+
+
+def start_serve(arguments: list[str]) -> tuple[subprocess.Popen, str]:
+    """``visionlora serve ARGUMENTS`` on a free loopback port, once it answers; (process, base URL)."""
     import urllib.request
 
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "visionlora", "serve", f"m={run}", "--port", str(port), *extra],
+    process = subprocess.Popen([sys.executable, "-m", "visionlora", "serve", *arguments, "--port", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-            return process, f"http://127.0.0.1:{port}/v1/models/m/predict"
+            return process, f"http://127.0.0.1:{port}"
         except OSError:
             time.sleep(0.2)
     raise RuntimeError("server did not start")

@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.conftest import assert_nested_close
 from visionlora.modeling.adapters import adapter_config, resolve_target_modules
-from visionlora.modeling.mixed_batches import allow_any_head, mixing_refusal
+from visionlora.modeling.mixed_batches import mixing_refusal, prepare_mixed_batches
 from visionlora.tasks import get_task
 from visionlora.tasks.base import PredictView
 
@@ -52,7 +52,7 @@ def _images(count: int) -> list[Image.Image]:
 @pytest.mark.parametrize("task_name", sorted(MODELS))
 def test_a_mixed_batch_answers_as_each_adapter_alone(task_name):
     task, model, views = _adapters(task_name, 3)
-    allow_any_head(model)
+    prepare_mixed_batches(model)
     images = _images(6)
     per_image = [views[i % 3] for i in range(6)]  # run0, run1, run2, run0, ...
     mixed = task.predict_mixed(model, images, per_image, **OPTIONS.get(task_name, {}))

@@ -164,3 +164,19 @@ def test_a_damaged_run_answers_one_clear_error_and_the_others_keep_answering(ser
     assert status == 500 and "model 'damaged' could not be loaded" in answer["error"]
     assert "truncated or damaged" in answer["error"] and "\n" not in answer["error"]
     assert results["first"][0] == 200
+
+
+def test_unloaded_runs_free_adapter_slots_that_later_runs_reuse(runs_dir, class_folder):
+    from visionlora.data.images import load_rgb
+    from visionlora.serving.models import ModelStore, predict_together
+
+    store = ModelStore("cpu", runs_dir / "runs", max_loaded=2)
+    images = sorted((class_folder / "val").rglob("*.png"))[:2]
+    pixels = [load_rgb(path.read_bytes()) for path in images]
+    for name in ("second", "variant0", "variant1", "variant2", "second"):
+        served = store.load(name)
+        assert_nested_close(predict_together([served] * 2, pixels), visionlora.load(runs_dir / "runs" / name).predict(
+            images), where=name)
+    (base,) = store.bases.values()
+    assert len(base.slots.tensors) == 3  # two held, one made while both were held; the rest reused them
+    assert len(store.models) == 2

@@ -1,10 +1,16 @@
 """Mixed-adapter batches: one forward over a shared base, each row with its own LoRA adapter and head.
 
 peft runs the base once for a batch given ``adapter_names`` (one per row) and adds each row's
-own LoRA update. Its trained-head wrapper (``ModulesToSaveWrapper``) mixes only plain Linear,
-Embedding and Conv heads and expects one batch-first tensor; here every wrapped head mixes:
-its inputs are split by adapter (any batch-first tensors, also inside lists and tuples), each
-adapter's own head runs on its rows, and the outputs are put back in row order.
+own LoRA update, one adapter after another. Here two of its steps are replaced:
+
+- a LoRA linear layer gathers each row's A and B matrices and applies them all in two batched
+  matrix products (as Punica's BGMV kernel does), so a forward costs the same whether its rows
+  use 1 adapter or 32; layers it cannot gather for (other ranks, a variant, a bias on B) keep
+  peft's loop;
+- a trained head of any kind mixes (peft's wrapper mixes only plain Linear, Embedding and Conv
+  heads fed one tensor): its inputs are split by adapter (any batch-first tensors, also inside
+  lists and tuples), each adapter's own head runs on its rows, and the outputs are put back in
+  row order.
 """
 
 from __future__ import annotations
@@ -28,13 +34,48 @@ def mixing_refusal(peft_model, adapter: str) -> str | None:
     return None
 
 
-def allow_any_head(peft_model) -> None:
-    """Let every trained head of ``peft_model`` take part in mixed-adapter forwards (idempotent)."""
+def prepare_mixed_batches(peft_model) -> None:
+    """Let every LoRA layer and trained head of ``peft_model`` take mixed-adapter batches (idempotent)."""
+    from peft.tuners.lora import Linear as LoraLinear
     from peft.utils.other import ModulesToSaveWrapper
 
     for module in peft_model.modules():
         if isinstance(module, ModulesToSaveWrapper) and "forward" not in vars(module):
             module.forward = MethodType(_forward_by_adapter(type(module).forward), module)
+        elif isinstance(module, LoraLinear) and "_mixed_batch_forward" not in vars(module):
+            module._mixed_batch_forward = MethodType(_gathered_lora(type(module)._mixed_batch_forward), module)
+
+
+def _gathered_lora(peft_loop):
+    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS  # per-variant arguments peft does not give the base layer
+
+    def mixed_batch_forward(layer, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+        adapters = list(dict.fromkeys(adapter_names))
+        used = [name for name in adapters if name != BASE_ROWS]
+        if not _gatherable(layer, used):
+            return peft_loop(layer, x, *args, adapter_names=adapter_names, **kwargs)
+        result = layer.base_layer(x, *args, **{k: v for k, v in kwargs.items() if k not in VARIANT_KWARG_KEYS})
+        first_a = layer.lora_A[used[0]].weight
+        zero_a, zero_b = torch.zeros_like(first_a), torch.zeros_like(layer.lora_B[used[0]].weight)
+        a = torch.stack([layer.lora_A[n].weight if n != BASE_ROWS else zero_a for n in adapters])  # (n, r, in)
+        b = torch.stack([layer.lora_B[n].weight if n != BASE_ROWS else zero_b for n in adapters])  # (n, out, r)
+        scaling = torch.tensor([float(layer.scaling.get(n, 0.0)) for n in adapters], dtype=first_a.dtype,
+                               device=first_a.device)
+        rows = torch.tensor([adapters.index(n) for n in adapter_names], device=first_a.device)
+        flat = x.to(first_a.dtype).reshape(x.shape[0], -1, x.shape[-1])
+        update = torch.bmm(torch.bmm(flat, a[rows].transpose(1, 2)), b[rows].transpose(1, 2))
+        update = update * scaling[rows].view(-1, 1, 1)
+        return result + update.reshape(result.shape).to(result.dtype)
+
+    return mixed_batch_forward
+
+
+def _gatherable(layer, adapters: list[str]) -> bool:
+    """Whether these adapters' updates of ``layer`` stack: plain LoRA, one rank, no bias on B."""
+    if not adapters or any(name not in layer.lora_A or name in layer.lora_variant for name in adapters):
+        return False
+    shapes = {(layer.lora_A[n].weight.shape, layer.lora_B[n].weight.shape) for n in adapters}
+    return len(shapes) == 1 and all(layer.lora_B[n].bias is None for n in adapters)
 
 
 def _forward_by_adapter(plain_forward):

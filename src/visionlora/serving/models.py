@@ -26,8 +26,9 @@ from visionlora.artifacts import RunPaths, folder_bytes
 from visionlora.deploy.runs import RunFolder, open_run
 from visionlora.errors import VisionLoraError
 from visionlora.modeling.loading import base_revision, check_weight_files, loading_policy
-from visionlora.modeling.mixed_batches import allow_any_head, mixing_refusal
+from visionlora.modeling.mixed_batches import mixing_refusal, prepare_mixed_batches
 from visionlora.serving import DEFAULT_MAX_LOADED
+from visionlora.serving.slots import AdapterSlots
 from visionlora.tasks.base import ModelInfo, PredictView, Task
 
 
@@ -42,7 +43,8 @@ class SharedBase:
     key: tuple
     model: torch.nn.Module
     lock: threading.Lock = field(default_factory=threading.Lock)
-    adapters: set[str] = field(default_factory=set)
+    adapters: set[str] = field(default_factory=set)  # the names of the runs on it
+    slots: AdapterSlots = field(default_factory=AdapterSlots)
 
 
 @dataclass(eq=False)
@@ -56,16 +58,16 @@ class ServedModel:
     processor: Any
     base: SharedBase
     adapter_bytes: int
+    adapter: str | None  # the base's adapter slot holding this run (None for a full model)
     refuses_mixing: str | None  # why its requests cannot share a forward with other adapters' (None: they can)
     pinned: bool = False  # named at start or by an admin call: never unloaded to make room
     last_used: float = field(default_factory=time.time)
     in_flight: int = 0
 
     def __post_init__(self):
-        adapter = self.name if self.info.mode == "lora" else None
         # views with equal keys preprocess alike (input size, normalisation) and so stack in one forward
         batch_key = repr((self.processor.to_dict(), sorted(self.info.forward_kwargs.items())))
-        self.view = PredictView(adapter, self.processor, self.info, batch_key)
+        self.view = PredictView(self.adapter, self.processor, self.info, batch_key)
 
     def batch_group(self, mixing: bool) -> tuple:
         """Runs with the same group share batches: mixing LoRA adapters of one base, else each run alone."""
@@ -93,8 +95,8 @@ class ServedModel:
     def predict(self, images, precision: str = "fp32", **options: Any) -> list[dict]:
         """The task's predictions with this run's weights active (thread-safe)."""
         with self.base.lock:
-            if self.info.mode == "lora":
-                self.base.model.set_adapter(self.name)
+            if self.adapter is not None:
+                self.base.model.set_adapter(self.adapter)
             with _precision(precision, self.base.model):
                 return self.task.predict(self.base.model, self.processor, images, self.info, **options)
 
@@ -135,6 +137,7 @@ class ModelStore:
         self.bases: dict[tuple, SharedBase] = {}
         self._lock = threading.Lock()  # the two dicts and the in-flight counts
         self._loading = threading.Lock()  # one load (or unload) at a time
+        self._processors: dict[bytes, Any] = {}
 
     # -- names --------------------------------------------------------------------------
     def run_under_dir(self, name: str) -> Path:
@@ -226,13 +229,14 @@ class ModelStore:
                                   "serve takes runs and merged exports")
         with loading_policy(False, False):
             check_weight_files(run.paths.model_dir)
-            base = self._attach(name, run)
-            processor = run.load_processor()
+            base, slot = self._attach(name, run)
+            processor = self._processor(run)
         paths, task, info = run.paths, run.task, run.info
         weights = sorted(paths.model_dir.glob("*.safetensors"))
-        refusal = mixing_refusal(base.model, name) if info.mode == "lora" else "a full model has no adapter to mix"
+        refusal = mixing_refusal(base.model, slot) if slot else "a full model has no adapter to mix"
         served = ServedModel(name, paths, task, info, processor, base,
-                             weights[0].stat().st_size if weights else folder_bytes(paths.model_dir), refusal, pinned)
+                             weights[0].stat().st_size if weights else folder_bytes(paths.model_dir), slot, refusal,
+                             pinned)
         with self._lock:
             self.models[name] = served
         return served
@@ -252,19 +256,28 @@ class ModelStore:
     def _detach(self, served: ServedModel) -> None:
         base = served.base
         with base.lock:
-            if served.info.mode == "lora":
-                base.model.delete_adapter(served.name)
+            if served.adapter is not None:
+                base.slots.release(served.adapter)
             base.adapters.discard(served.name)
         if not base.adapters:
             with self._lock:
                 self.bases.pop(base.key, None)
 
-    def _attach(self, name: str, run: RunFolder) -> SharedBase:
+    def _processor(self, run: RunFolder):
+        """The run's image processor; runs with the same processor settings share one (it is only read)."""
+        settings = (run.paths.model_dir / "preprocessor_config.json").read_bytes()
+        if settings not in self._processors:
+            self._processors[settings] = run.load_processor()
+        return self._processors[settings]
+
+    def _attach(self, name: str, run: RunFolder) -> tuple[SharedBase, str | None]:
+        """The base ``run`` predicts with (loaded on first need), and the adapter slot holding its adapter."""
         if run.info.mode != "lora":
             model = run.load_full_model().to(self.device).eval()
             base = SharedBase(("full", str(run.paths.model_dir.resolve())), model, adapters={name})
-            self.bases[base.key] = base
-            return base
+            with self._lock:
+                self.bases[base.key] = base
+            return base, None
         from peft import PeftModel
 
         base_ref = run.base_ref
@@ -274,19 +287,20 @@ class ModelStore:
         key = (run.info.task, weights, len(run.info.labels), run.adapter_type())
         shared = self.bases.get(key)
         if shared is None:
-            model = run.load_base()
-            peft_model = run.attach_adapter(lambda: PeftModel.from_pretrained(model, run.paths.model_dir,
-                                                                              adapter_name=name))
-            shared = SharedBase(key, peft_model.to(self.device).eval())
+            base, slots = run.load_base(), AdapterSlots()
+            slot = run.attach_adapter(lambda: slots.fill(run.paths.model_dir, lambda first: PeftModel.from_pretrained(
+                base, run.paths.model_dir, adapter_name=first).to(self.device).eval()))
+            shared = SharedBase(key, slots.model, slots=slots)
             with self._lock:
                 self.bases[key] = shared
         else:
-            with shared.lock:
-                run.attach_adapter(lambda: shared.model.load_adapter(run.paths.model_dir, adapter_name=name))
-                shared.model.to(self.device).eval()
-        allow_any_head(shared.model)
+            with shared.lock:  # peft creates the adapter on the model's device and leaves the model in eval mode
+                slot = run.attach_adapter(lambda: shared.slots.fill(run.paths.model_dir, lambda new: (
+                    shared.model.load_adapter(run.paths.model_dir, adapter_name=new, torch_device=self.device,
+                                              low_cpu_mem_usage=True), shared.model)[1]))
+        prepare_mixed_batches(shared.model)
         shared.adapters.add(name)
-        return shared
+        return shared, slot
 
 
 def _plain_folder_name(name: str) -> bool:

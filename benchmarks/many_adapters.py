@@ -1,0 +1,185 @@
+"""Many adapters on one server: mixed-adapter batches, runs loaded on demand, memory with a bound.
+
+    python benchmarks/many_adapters.py [--requests 320] [--skip-vit-base]
+
+Every figure comes from real ``visionlora serve --runs-dir`` processes on loopback, over LoRA
+runs of one saved base (random adapters and heads, no training: speed and memory do not
+depend on what the weights learned).
+
+1. Throughput: requests/s at concurrency 32, one image per request, with the traffic on one
+   adapter and spread round-robin over 10 and over 100 adapters, with mixed batches on and off
+   (--no-mixed-batches). Every adapter is loaded before the clock starts.
+2. Memory: resident memory (VmRSS) of the server with 1, 100 and 1,000 runs under --runs-dir and
+   --max-loaded-adapters 64, after a request to every run.
+3. Cold loads: latency of an adapter's first request (p50/p99) against a warm request, the
+   server's own load time (visionlora_adapter_load_seconds) and the time to read the adapter file.
+
+A tiny ViT (48 px) shows the batching where it matters on a CPU; a ViT-Base row (224 px,
+config-built) shows the same at full size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import table  # noqa: E402
+from serve import make_runs, png, post, start_serve  # noqa: E402
+
+CONCURRENCY = 32
+
+
+def clone_adapters(run: Path, folder: Path, count: int) -> list[str]:
+    """``count`` copies of ``run`` in ``folder``, each with its adapter and head weights moved a little."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(run / "trained_model_lora" / "adapter_model.safetensors")
+    names = []
+    for index in range(count):
+        copy = folder / f"adapter{index:04d}"
+        shutil.copytree(run, copy)
+        generator = torch.Generator().manual_seed(index)
+        save_file({name: tensor + 0.02 * torch.randn(tensor.shape, generator=generator)
+                   for name, tensor in tensors.items()}, copy / "trained_model_lora" / "adapter_model.safetensors")
+        names.append(copy.name)
+    return names
+
+
+def spread_load(url: str, names: list[str], image: bytes, requests: int) -> float:
+    """requests/s of ``requests`` requests round-robin over ``names`` at concurrency 32."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=CONCURRENCY) as pool:
+        list(pool.map(lambda i: post(f"{url}/v1/models/{names[i % len(names)]}/predict", image), range(requests)))
+    return requests / (time.perf_counter() - started)
+
+
+def touch(url: str, names: list[str], image: bytes, concurrency: int = 1) -> list[float]:
+    """One request to each of ``names``; their latencies."""
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        return list(pool.map(lambda name: post(f"{url}/v1/models/{name}/predict", image), names))
+
+
+def server_metric(url: str, name: str) -> float:
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=60).read().decode()
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})?\s+(\S+)$", text, re.M))
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) / 1024
+
+
+def stop(process) -> None:
+    process.terminate()
+    process.wait(timeout=60)
+
+
+def throughput_rows(label: str, runs_dir: Path, names: list[str], image: bytes, requests: int,
+                    spreads=(1, 10, 100)) -> list[dict]:
+    rows = []
+    for mixed in (True, False):
+        extra = [] if mixed else ["--no-mixed-batches"]
+        process, url = start_serve(["--runs-dir", str(runs_dir), "--max-loaded-adapters", "128", *extra])
+        try:
+            single = None
+            for spread in spreads:
+                touch(url, names[:spread], image, concurrency=4)  # every adapter loaded before the clock starts
+                rate = spread_load(url, names[:spread], image, requests)
+                single = single or rate
+                rows.append({"model": label, "adapters": spread, "mixed batches": "on" if mixed else "off",
+                             "requests": requests, "requests/s": rate, "vs 1 adapter": rate / single})
+        finally:
+            stop(process)
+    return rows
+
+
+def memory_rows(label: str, run: Path, root: Path, image: bytes, counts=(1, 100, 1000)) -> tuple[list[dict], dict]:
+    rows, cold = [], {}
+    for count in counts:
+        folder = root / f"memory{count}"
+        folder.mkdir()
+        names = clone_adapters(run, folder, count)
+        process, url = start_serve(["--runs-dir", str(folder), "--max-loaded-adapters", "64"])
+        try:
+            first = touch(url, names, image)  # each run's first request: a cold load (and evictions past 64)
+            warm = touch(url, names[-8:], image)
+            rows.append({"model": label, "runs": count, "max loaded": 64,
+                         "loaded": server_metric(url, "visionlora_loaded_adapters"),
+                         "evictions": server_metric(url, "visionlora_adapter_evictions_total"),
+                         "rss MB": rss_mb(process.pid)})
+            if count == max(counts):
+                loads = server_metric(url, "visionlora_adapter_load_seconds_sum") / server_metric(
+                    url, "visionlora_adapter_load_seconds_count")
+                cold = cold_row(label, run, first, warm, loads)
+        finally:
+            stop(process)
+        shutil.rmtree(folder)
+    base = rows[0]["rss MB"]
+    for row in rows:
+        row["vs 1 run"] = row["rss MB"] / base
+    return rows, cold
+
+
+def cold_row(label: str, run: Path, first: list[float], warm: list[float], mean_load: float) -> dict:
+    from safetensors.torch import load_file
+
+    weights = run / "trained_model_lora" / "adapter_model.safetensors"
+    started = time.perf_counter()
+    for _ in range(10):
+        load_file(weights)
+    read = (time.perf_counter() - started) / 10
+    first = sorted(first)
+    return {"model": label, "adapter KB": weights.stat().st_size / 1024,
+            "first request p50 ms": 1000 * statistics.median(first),
+            "first request p99 ms": 1000 * first[min(len(first) - 1, round(0.99 * (len(first) - 1)))],
+            "warm request p50 ms": 1000 * statistics.median(warm), "server load mean ms": 1000 * mean_load,
+            "read adapter file ms": 1000 * read}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=320, help="requests per throughput row (tiny ViT)")
+    parser.add_argument("--skip-vit-base", action="store_true", help="only the tiny ViT (fast)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tiny = make_runs(tmp / "tiny", "tiny", 1, 48)[0]
+        (tmp / "tiny" / "runs").mkdir()
+        names = clone_adapters(tiny, tmp / "tiny" / "runs", 100)
+        image = png(48)
+        throughput = throughput_rows("tiny ViT 48px", tmp / "tiny" / "runs", names, image, args.requests)
+        memory, cold = memory_rows("tiny ViT 48px", tiny, tmp / "tiny", image)
+        colds = [cold]
+        if not args.skip_vit_base:
+            vit = make_runs(tmp / "vitb", "vit-base", 1, 224)[0]
+            (tmp / "vitb" / "runs").mkdir()
+            vit_names = clone_adapters(vit, tmp / "vitb" / "runs", 10)
+            throughput += throughput_rows("ViT-Base 224px", tmp / "vitb" / "runs", vit_names, png(224),
+                                          max(32, args.requests // 5), spreads=(1, 10))
+            vit_memory, vit_cold = memory_rows("ViT-Base 224px", vit, tmp / "vitb", png(224), counts=(1, 100))
+            memory += vit_memory
+            colds.append(vit_cold)
+    print(f"requests/s at concurrency {CONCURRENCY}, one image per request, spread round-robin over the adapters")
+    print(table(throughput, ["model", "adapters", "mixed batches", "requests", "requests/s", "vs 1 adapter"]))
+    print()
+    print("resident memory of the server after a request to every run under --runs-dir")
+    print(table(memory, ["model", "runs", "max loaded", "loaded", "evictions", "rss MB", "vs 1 run"]))
+    print()
+    print("an adapter's first request (a cold load) against a warm one")
+    print(table(colds, ["model", "adapter KB", "first request p50 ms", "first request p99 ms", "warm request p50 ms",
+                        "server load mean ms", "read adapter file ms"]))
+
+
+if __name__ == "__main__":
+    main()
