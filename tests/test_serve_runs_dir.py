@@ -174,9 +174,10 @@ def test_unloaded_runs_free_adapter_slots_that_later_runs_reuse(runs_dir, class_
     images = sorted((class_folder / "val").rglob("*.png"))[:2]
     pixels = [load_rgb(path.read_bytes()) for path in images]
     for name in ("second", "variant0", "variant1", "variant2", "second"):
-        served = store.load(name)
+        served = store.load(name)  # held until released
         assert_nested_close(predict_together([served] * 2, pixels), visionlora.load(runs_dir / "runs" / name).predict(
             images), where=name)
+        store.release(served)
     (base,) = store.bases.values()
     assert len(base.slots.tensors) == 3  # two held, one made while both were held; the rest reused them
     assert len(store.models) == 2

@@ -15,6 +15,7 @@ own LoRA update, one adapter after another. Here two of its steps are replaced:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from types import MethodType
 from typing import Any
 
@@ -35,15 +36,45 @@ def mixing_refusal(peft_model, adapter: str) -> str | None:
 
 
 def prepare_mixed_batches(peft_model) -> None:
-    """Let every LoRA layer and trained head of ``peft_model`` take mixed-adapter batches (idempotent)."""
+    """Let every LoRA layer and trained head of ``peft_model`` take mixed-adapter batches; call it
+    again after adding adapters that adapt other layers (idempotent)."""
     from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
     from peft.utils.other import ModulesToSaveWrapper
 
+    layers = []
     for module in peft_model.modules():
-        if isinstance(module, ModulesToSaveWrapper) and "forward" not in vars(module):
-            module.forward = MethodType(_forward_by_adapter(type(module).forward), module)
-        elif isinstance(module, LoraLinear) and "_mixed_batch_forward" not in vars(module):
-            module._mixed_batch_forward = MethodType(_gathered_lora(type(module)._mixed_batch_forward), module)
+        if isinstance(module, ModulesToSaveWrapper):
+            if "forward" not in vars(module):
+                module.forward = MethodType(_forward_by_adapter(type(module).forward), module)
+            layers.append(module)
+        elif isinstance(module, LoraLayer):
+            if isinstance(module, LoraLinear) and "_mixed_batch_forward" not in vars(module):
+                module._mixed_batch_forward = MethodType(_gathered_lora(type(module)._mixed_batch_forward), module)
+            layers.append(module)
+    peft_model.mixing_layers = layers
+
+
+@contextmanager
+def mixed_rows(peft_model, adapter_names: list[str]):
+    """Within it, a forward of ``peft_model`` gives row i adapter ``adapter_names[i]``.
+
+    As peft's ``adapter_names`` argument does, but with the layers found once by
+    :func:`prepare_mixed_batches` rather than by two walks over the model (and every adapter
+    in it) per forward.
+    """
+    if not hasattr(peft_model, "mixing_layers"):
+        prepare_mixed_batches(peft_model)
+
+    def give_rows(module, args, kwargs):
+        return args, {**kwargs, "adapter_names": adapter_names}
+
+    handles = [layer.register_forward_pre_hook(give_rows, with_kwargs=True) for layer in peft_model.mixing_layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _gathered_lora(peft_loop):

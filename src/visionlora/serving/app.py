@@ -127,26 +127,31 @@ def create_app(store: ModelStore, settings: ServeSettings) -> FastAPI:
             served = store.acquire(name)
             if served is not None:
                 return served
-            await load_once(name)
+            pending = loading.get(name)
+            if pending is None:  # this request loads it, and the load holds it for this request
+                pending = loading[name] = asyncio.get_running_loop().run_in_executor(loader, store.load, name)
+                pending.add_done_callback(lambda _: loading.pop(name, None))
+                return await loaded(name, pending)
+            await loaded(name, pending, hold=False)
         raise ApiError(503, f"model {name!r} is being unloaded and loaded again under load; try again")
 
-    def let_go(served: ServedModel) -> None:
-        """The end of a hold; runs beyond the bound (all in flight when others loaded) are unloaded now."""
-        if store.release(served):
-            asyncio.get_running_loop().run_in_executor(loader, store.unload_beyond_bound)
-
-    async def load_once(name: str) -> None:
-        pending = loading.get(name)
-        if pending is None:
-            pending = loading[name] = asyncio.get_running_loop().run_in_executor(loader, store.load, name)
-            pending.add_done_callback(lambda _: loading.pop(name, None))
+    async def loaded(name: str, pending: asyncio.Future, hold: bool = True) -> ServedModel | None:
         try:
-            await asyncio.shield(pending)
+            return await asyncio.shield(pending)
+        except asyncio.CancelledError:  # the client went away: the hold taken for it ends with the load
+            if hold:
+                pending.add_done_callback(lambda done: done.exception() or store.release(done.result()))
+            raise
         except UnknownModel as err:
             served = ", ".join(sorted(store.models)) or "none loaded"
             raise ApiError(404, f"{err} (served: {served})") from None
         except VisionLoraError as err:
             raise ApiError(500, str(err)) from None
+
+    def let_go(served: ServedModel) -> None:
+        """The end of a hold; runs beyond the bound (all in flight when others loaded) are unloaded now."""
+        if store.release(served):
+            asyncio.get_running_loop().run_in_executor(loader, store.unload_beyond_bound)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):

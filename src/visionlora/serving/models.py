@@ -95,8 +95,8 @@ class ServedModel:
     def predict(self, images, precision: str = "fp32", **options: Any) -> list[dict]:
         """The task's predictions with this run's weights active (thread-safe)."""
         with self.base.lock:
-            if self.adapter is not None:
-                self.base.model.set_adapter(self.adapter)
+            if self.adapter is not None and self.base.model.active_adapter != self.adapter:
+                self.base.model.set_adapter(self.adapter)  # walks the whole model: only when another was active
             with _precision(precision, self.base.model):
                 return self.task.predict(self.base.model, self.processor, images, self.info, **options)
 
@@ -188,10 +188,10 @@ class ModelStore:
             self._unload_beyond_bound(keep=None)
 
     def load(self, name: str) -> ServedModel:
-        """Load the run ``name`` from ``runs_dir`` unless loaded; the least recently used idle runs
-        beyond ``max_loaded`` are unloaded after it."""
+        """The run ``name``, loaded from ``runs_dir`` unless loaded, and counted in flight (as by
+        :meth:`acquire`); the least recently used idle runs beyond ``max_loaded`` are unloaded after it."""
         with self._loading:
-            served = self.models.get(name)
+            served = self.acquire(name)
             if served is not None:
                 return served
             folder = self.run_under_dir(name)
@@ -201,6 +201,7 @@ class ModelStore:
             except VisionLoraError as err:
                 raise VisionLoraError(f"model {name!r} could not be loaded: {err}") from None
             self.events.loaded(name, time.perf_counter() - started)
+            self.acquire(name)
             self._unload_beyond_bound(keep=name)
             return served
 
@@ -288,8 +289,8 @@ class ModelStore:
         shared = self.bases.get(key)
         if shared is None:
             base, slots = run.load_base(), AdapterSlots()
-            slot = run.attach_adapter(lambda: slots.fill(run.paths.model_dir, lambda first: PeftModel.from_pretrained(
-                base, run.paths.model_dir, adapter_name=first).to(self.device).eval()))
+            slot = run.attach_adapter(lambda: slots.fill(run.paths.model_dir, lambda first: _mixing(
+                PeftModel.from_pretrained(base, run.paths.model_dir, adapter_name=first).to(self.device).eval())))
             shared = SharedBase(key, slots.model, slots=slots)
             with self._lock:
                 self.bases[key] = shared
@@ -297,10 +298,15 @@ class ModelStore:
             with shared.lock:  # peft creates the adapter on the model's device and leaves the model in eval mode
                 slot = run.attach_adapter(lambda: shared.slots.fill(run.paths.model_dir, lambda new: (
                     shared.model.load_adapter(run.paths.model_dir, adapter_name=new, torch_device=self.device,
-                                              low_cpu_mem_usage=True), shared.model)[1]))
-        prepare_mixed_batches(shared.model)
+                                              low_cpu_mem_usage=True), _mixing(shared.model))[1]))
         shared.adapters.add(name)
         return shared, slot
+
+
+def _mixing(peft_model):
+    """``peft_model``, its layers (new ones too) ready for mixed-adapter batches."""
+    prepare_mixed_batches(peft_model)
+    return peft_model
 
 
 def _plain_folder_name(name: str) -> bool:

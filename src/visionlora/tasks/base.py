@@ -23,6 +23,7 @@ A task subclass fills in:
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,7 +40,7 @@ from visionlora.errors import VisionLoraError
 from visionlora.lazy import import_object
 from visionlora.modeling.builtin import build_builtin, is_builtin, pretrained_folder
 from visionlora.modeling.loading import base_revision, current_policy, load_pretrained
-from visionlora.modeling.mixed_batches import select_rows
+from visionlora.modeling.mixed_batches import mixed_rows, select_rows
 
 
 @dataclass(frozen=True)
@@ -464,7 +465,8 @@ class Task:
         Inputs whose views preprocess alike share forwards; views naming adapters run them as
         a mixed-adapter batch (``adapter_names``), and each view's rows decode with its own labels.
         """
-        model.eval()
+        if model.training:
+            model.eval()
         options = {**self.default_options(), **options}
         inputs = [item for index, (image, view) in enumerate(zip(images, views))
                   for item in self.predict_inputs(image, index, view.processor, view.info, options)]
@@ -473,8 +475,8 @@ class Task:
             chunk_views = [views[item.image_index] for item in chunk]
             batch = {k: v.to(model.device) for k, v in self.model_inputs([item.pixel_values for item in chunk]).items()}
             adapters = [view.adapter for view in chunk_views]
-            mixed = {"adapter_names": adapters} if adapters[0] is not None else {}
-            outputs = model(**batch, **chunk_views[0].info.forward_kwargs, **mixed)
+            with mixed_rows(model, adapters) if adapters[0] is not None else nullcontext():
+                outputs = model(**batch, **chunk_views[0].info.forward_kwargs)
             for view, rows in _rows_by_view(chunk_views):
                 part = outputs if len(rows) == len(chunk) else select_rows(outputs, torch.tensor(rows), len(chunk))
                 items = [chunk[row] for row in rows]
