@@ -77,3 +77,20 @@ def test_dora_and_other_methods_are_refused_mixing_with_a_reason():
     assert mixing_refusal(lora, "run0") is None
     assert "DoRA" in mixing_refusal(dora, "run0")
     assert "LOHA" in mixing_refusal(loha, "run0")
+
+
+def test_lora_layers_gather_every_rows_adapter_in_two_batched_products():
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from visionlora.modeling.mixed_batches import _gatherable
+
+    _, model, _ = _adapters("classification", 3)
+    prepare_mixed_batches(model)
+    layer = next(module for module in model.modules() if isinstance(module, LoraLinear))
+    rows = ["run2", "run0", "__base__", "run2", "run1"]
+    assert _gatherable(layer, ["run0", "run1", "run2"])
+    x = torch.randn(5, 7, layer.in_features)
+    gathered = layer(x, adapter_names=rows)
+    peft_loop = type(layer)._mixed_batch_forward(layer, x, adapter_names=rows)
+    assert torch.allclose(gathered, peft_loop, atol=1e-5)
+    assert torch.allclose(gathered[2], layer.base_layer(x[2]), atol=1e-6)  # the base rows take no adapter

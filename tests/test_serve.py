@@ -146,6 +146,9 @@ def test_models_are_listed_and_adapters_share_their_base(server):
     # LoRA and DoRA adapters share one peft model; peft holds one adapter type per model, so LoHa has its own
     assert models["ants"]["shares_base_with"] == ["bees"] and models["bees"]["shares_base_with"] == ["ants"]
     assert models["wasps"]["shares_base_with"] == []
+    # LoRA adapters share forwards with the other LoRA adapters of their base; DoRA and LoHa ones run alone
+    assert models["ants"]["mixes"] and not models["bees"]["mixes"] and not models["wasps"]["mixes"]
+    assert "DoRA" in models["bees"]["mixing"] and "LOHA" in models["wasps"]["mixing"]
     assert models["boxes"]["task"] == "detection" and models["pose"]["options"] == ["boxes"]
 
 
@@ -334,9 +337,13 @@ def test_the_page_shows_a_drawn_prediction_in_chromium(server, class_folder, tmp
                                 " return !i.hidden && i.complete && i.naturalWidth"
                                 " ? [i.naturalWidth, i.naturalHeight] : null })()")
         shown = json.loads(browser.evaluate("document.getElementById('json').textContent"))
+        table = browser.evaluate("Array.from(document.querySelectorAll('#models tbody tr'), "
+                                 "r => Array.from(r.cells, c => c.textContent))")
     finally:
         browser.close()
     assert size == list(Image.open(image).size)
+    rows = {cells[0]: cells for cells in table}
+    assert set(rows) == set(SERVED) and rows["bees"][2] == "loaded, kept" and "DoRA" in rows["bees"][4]
     assert shown["predictions"][0]["image"] == image.name and "label" in shown["predictions"][0]
 
 
