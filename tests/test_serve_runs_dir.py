@@ -181,3 +181,7 @@ def test_unloaded_runs_free_adapter_slots_that_later_runs_reuse(runs_dir, class_
     (base,) = store.bases.values()
     assert len(base.slots.tensors) == 3  # two held, one made while both were held; the rest reused them
     assert len(store.models) == 2
+    store.release(store.load("three"))  # a 3-class head: a base of its own, sharing the 4-class base's weights
+    four, three = (next(b for b in store.bases.values() if b.key[2] == size) for size in (4, 3))
+    shared = [name for name, weight in three.weights.items() if four.weights.get(name) is weight]
+    assert len(shared) == len(three.weights) - 2  # all but the head's weight and bias

@@ -45,6 +45,7 @@ class SharedBase:
     lock: threading.Lock = field(default_factory=threading.Lock)
     adapters: set[str] = field(default_factory=set)  # the names of the runs on it
     slots: AdapterSlots = field(default_factory=AdapterSlots)
+    weights: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # the base's own, by name (before peft)
 
 
 @dataclass(eq=False)
@@ -289,9 +290,13 @@ class ModelStore:
         shared = self.bases.get(key)
         if shared is None:
             base, slots = run.load_base(), AdapterSlots()
+            sibling = next((other for other in self.bases.values() if other.key[:2] == key[:2]), None)
+            if sibling is not None:  # the same base with a head of another size: one copy of the weights
+                _share_equal_weights(base, sibling.weights)
+            weights = dict(base.named_parameters())
             slot = run.attach_adapter(lambda: slots.fill(run.paths.model_dir, lambda first: _mixing(
                 PeftModel.from_pretrained(base, run.paths.model_dir, adapter_name=first).to(self.device).eval())))
-            shared = SharedBase(key, slots.model, slots=slots)
+            shared = SharedBase(key, slots.model, slots=slots, weights=weights)
             with self._lock:
                 self.bases[key] = shared
         else:
@@ -301,6 +306,16 @@ class ModelStore:
                                               low_cpu_mem_usage=True), _mixing(shared.model))[1]))
         shared.adapters.add(name)
         return shared, slot
+
+
+def _share_equal_weights(model: torch.nn.Module, weights: dict[str, torch.nn.Parameter]) -> None:
+    """Point ``model``'s parameters at the equal ones in ``weights`` (same name, shape and values)."""
+    for module_name, module in model.named_modules():
+        for name, parameter in list(module._parameters.items()):
+            other = weights.get(f"{module_name}.{name}" if module_name else name)
+            if parameter is not None and other is not None and other.shape == parameter.shape \
+                    and other.device == parameter.device and torch.equal(other, parameter):
+                module._parameters[name] = other
 
 
 def _mixing(peft_model):
