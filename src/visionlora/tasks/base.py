@@ -465,7 +465,7 @@ class Task:
         Inputs whose views preprocess alike share forwards; views naming adapters run them as
         a mixed-adapter batch (``adapter_names``), and each view's rows decode with its own labels.
         """
-        if model.training:
+        if getattr(model, "training", True):  # eval() walks every module: only when needed
             model.eval()
         options = {**self.default_options(), **options}
         inputs = [item for index, (image, view) in enumerate(zip(images, views))
