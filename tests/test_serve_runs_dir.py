@@ -109,7 +109,9 @@ def test_interleaved_requests_over_six_adapters_answer_as_predict_and_share_forw
     assert mixed_forwards > 0, "no forward mixed adapters"
 
 
-def test_at_most_n_runs_stay_loaded_and_unloads_are_counted(server):
+def test_at_most_n_runs_stay_loaded_and_unloads_are_counted(server, class_folder):
+    image = sorted((class_folder / "val").rglob("*.png"))[0]
+    assert all(_ask(server, name, image)[0] == 200 for name in RUNS)
     models = _models(server)
     assert sum(model["loaded"] for model in models.values()) <= MAX_LOADED
     assert _metric(server, "visionlora_loaded_adapters") <= MAX_LOADED
