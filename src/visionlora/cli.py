@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -122,6 +124,19 @@ def _predict_parser(commands, common, help_text: str) -> None:
     videos.add_argument("--end", type=float, default=None, metavar="SECONDS", help="last time to predict")
     videos.add_argument("--save-video", metavar="OUT.mp4", help="write the video with the predictions drawn "
                         "(H.264, at the source frame rate divided by --every)")
+    scale = predict.add_argument_group("many images on a Ray cluster (pip install 'visionlora[ray]')")
+    scale.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="ray: Ray Data decodes images in CPU tasks and an actor pool predicts; needs --output "
+                            "FILE.jsonl or .parquet, and skips the images a stopped job already wrote")
+    scale.add_argument("--runs", nargs="+", default=[], metavar="RUN",
+                       help="with --engine ray: more runs predicting every image (a CSV list with a 'run' column "
+                            "names each image's run); each row says its run")
+    scale.add_argument("--actors", type=int, default=1, help="with --engine ray: predicting actors (default 1)")
+    scale.add_argument("--batch-size", type=int, default=16, help="with --engine ray: images per batch (default 16)")
+    scale.add_argument("--gpus-per-actor", type=float, default=None,
+                       help="with --engine ray: GPUs per actor (default 1 where the machine has one, else 0)")
+    scale.add_argument("--ray-address", metavar="ADDRESS",
+                       help="with --engine ray: the cluster (e.g. auto, or HOST:6379); default: a local one")
     seen: set[str] = set()
 
     def add_once(group, item, help_text: str) -> None:
@@ -166,6 +181,17 @@ def _serve_parser(commands, common, help_text: str) -> None:
     serve.add_argument("--max-loaded-adapters", type=int, default=DEFAULT_MAX_LOADED, metavar="N",
                        help="runs held at once; the least recently used run from --runs-dir is unloaded to load "
                             f"another (default {DEFAULT_MAX_LOADED})")
+    serve.add_argument("--ray", action="store_true",
+                       help="serve --runs-dir on Ray Serve: replicas, each model routed to one holding it "
+                            "(pip install 'visionlora[ray]')")
+    serve.add_argument("--ray-address", metavar="ADDRESS",
+                       help="the Ray cluster to deploy on (e.g. auto, or HOST:6379); default: a local one")
+    serve.add_argument("--replicas", type=int, default=1, help="with --ray: replicas (default 1)")
+    serve.add_argument("--replica-cpus", type=float, default=1.0, help="with --ray: CPUs per replica (default 1)")
+    serve.add_argument("--replica-gpus", type=float, default=0.0, help="with --ray: GPUs per replica (default 0)")
+    serve.add_argument("--autoscaling", metavar="JSON",
+                       help="with --ray: Ray Serve's autoscaling_config, e.g. "
+                            "'{\"min_replicas\": 1, \"max_replicas\": 4}' (instead of --replicas)")
     serve.add_argument("--no-mixed-batches", dest="mixed_batches", action="store_false",
                        help="batch each adapter's requests apart (by default requests for different LoRA "
                             "adapters of one base share forwards)")
@@ -283,6 +309,10 @@ def _cmd_predict(args) -> int:
     from visionlora.deploy.predictor import box_finder, image_files, load_run
     from visionlora.deploy.video import is_video
 
+    if args.engine == "ray":
+        return _predict_on_ray(args)
+    if args.runs:
+        raise VisionLoraError("--runs takes effect with --engine ray")
     loading = dict(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     run = load_run(args.run_dir, allow_base_change=args.allow_base_change, **loading)
     options, box_values, outputs = _task_arguments(args, run.task, run.paths.root)
@@ -304,6 +334,53 @@ def _cmd_predict(args) -> int:
     else:
         print(json.dumps(predictions, indent=2))
     return 0
+
+
+def _predict_on_ray(args) -> int:
+    from visionlora.deploy.runs import open_run
+
+    try:
+        import ray
+
+        from visionlora.deploy.ray_batch import needed_resources, plan_job, run_job
+    except ImportError as err:
+        raise VisionLoraError(f"--engine ray needs Ray Data ({err.name} is missing): "
+                              "pip install 'visionlora[ray]'") from None
+    runs = [args.run_dir, *args.runs]
+    tasks = {open_run(run).task.name for run in runs}
+    if len(tasks) != 1:
+        raise VisionLoraError(f"--runs: the runs are of different tasks ({', '.join(sorted(tasks))})")
+    task = open_run(args.run_dir).task
+    options, box_values, outputs = _task_arguments(args, task, Path(args.run_dir))
+    if any(value is not None for value in box_values.values()) or set(outputs) - {"output"}:
+        raise VisionLoraError("--engine ray writes --output FILE.jsonl or .parquet only (no boxes from a "
+                              "detector, no drawn images or tables)")
+    if "output" not in outputs:
+        raise VisionLoraError("--engine ray needs --output FILE.jsonl or FILE.parquet")
+    job = plan_job(runs, args.images, outputs["output"], options)
+    gpus = args.gpus_per_actor if args.gpus_per_actor is not None else float(_has_cuda())
+    ray.init(address=args.ray_address, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             **_local_cluster_size(args.ray_address, needed_resources(args.actors, gpus)))
+    try:
+        counts = run_job(job, args.actors, args.batch_size, gpus)
+    finally:
+        ray.shutdown()
+    print(f"wrote {counts['written']} rows to {job.output} ({counts['already_done']} already there, "
+          f"{counts['errors']} unreadable images as rows with an error)", file=sys.stderr)
+    return 0
+
+
+def _local_cluster_size(address: str | None, needed: dict[str, float]) -> dict[str, int]:
+    """A cluster started here holds at least what the job needs (Ray's CPUs are places to run, not cores)."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return {}
+    return {"num_cpus": max(os.cpu_count() or 1, math.ceil(needed["CPU"]))}
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _predict_videos(args, run, videos: list[str], options: dict[str, Any], outputs: dict[str, Path], finder) -> int:
@@ -395,12 +472,14 @@ def _cmd_serve(args) -> int:
 
     if not args.runs and not args.runs_dir:
         raise VisionLoraError("serve needs run folders, --runs-dir DIR, or both")
+    settings = ServeSettings(args.max_batch_size, args.max_wait_ms, args.max_upload_mb, args.admin_token,
+                             args.precision, args.mixed_batches)
+    if args.ray:
+        return _serve_on_ray(args, settings)
     store = ModelStore(runs_dir=args.runs_dir, max_loaded=args.max_loaded_adapters)
     for item in args.runs:
         name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
         store.add(name or Path(path).resolve().name, path)
-    settings = ServeSettings(args.max_batch_size, args.max_wait_ms, args.max_upload_mb, args.admin_token,
-                             args.precision, args.mixed_batches)
     for served in store.models.values():
         others = served.describe()["shares_base_with"]
         shared = f", sharing its base with {', '.join(others)}" if others else ""
@@ -411,6 +490,30 @@ def _cmd_serve(args) -> int:
               f"demand, at most {store.max_loaded} loaded", flush=True)
     print(f"listening on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(create_app(store, settings), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _serve_on_ray(args, settings) -> int:
+    from dataclasses import asdict
+
+    try:
+        from visionlora.serving.ray import RaySettings, run_on_ray
+    except ImportError as err:
+        raise VisionLoraError(f"--ray needs Ray Serve ({err.name} is missing): pip install 'visionlora[ray]'") from None
+    if args.runs or not args.runs_dir:
+        raise VisionLoraError("--ray serves --runs-dir DIR (on storage every node sees), not run folders named "
+                              "one by one")
+    if not Path(args.runs_dir).is_dir():
+        raise VisionLoraError(f"{args.runs_dir}: no such folder of runs")
+    if args.admin_token:
+        raise VisionLoraError("--admin-token is not taken with --ray: add runs to --runs-dir instead")
+    try:
+        autoscaling = json.loads(args.autoscaling) if args.autoscaling else None
+    except ValueError as err:
+        raise VisionLoraError(f"--autoscaling: not JSON ({err})") from None
+    ray_settings = RaySettings(str(Path(args.runs_dir).resolve()), args.max_loaded_adapters, args.replicas,
+                               args.replica_cpus, args.replica_gpus, autoscaling, asdict(settings))
+    run_on_ray(ray_settings, args.host, args.port, args.ray_address)
     return 0
 
 

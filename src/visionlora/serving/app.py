@@ -101,8 +101,8 @@ class Metrics(StoreEvents):
             self.batch_size.labels(name).observe(len(models))
 
 
-def create_app(store: ModelStore, settings: ServeSettings) -> FastAPI:
-    """The FastAPI application serving ``store``."""
+def create_app(store: ModelStore, settings: ServeSettings, identity: dict[str, Any] | None = None) -> FastAPI:
+    """The FastAPI application serving ``store``; ``identity`` is added to ``/health`` (e.g. a replica's pid)."""
     app = FastAPI(title="visionlora", docs_url=None, redoc_url=None)
     metrics = Metrics(store)
     store.events = metrics
@@ -182,7 +182,7 @@ def create_app(store: ModelStore, settings: ServeSettings) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": len(store.models)}
+        return {"status": "ok", "models": len(store.models), **(identity or {})}
 
     @app.get("/v1/models")
     async def list_models():

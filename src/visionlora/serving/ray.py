@@ -1,0 +1,172 @@
+"""The server on Ray Serve: replicas of ``visionlora serve`` over a folder of runs, each model's
+requests routed to a replica that holds it.
+
+    visionlora serve --ray --runs-dir DIR [--replicas N] [--replica-cpus C] [--replica-gpus G]
+    serve run visionlora.serving.ray:app runs_dir=DIR replicas=2           # Ray's own command
+
+A ``Gateway`` deployment takes every HTTP request. For ``/v1/models/{name}/...`` it calls the
+``Replica`` deployment with ``name`` as the multiplexed model id, so Ray routes it to a replica
+that already holds that run; other paths go to any replica. Each replica is the single-machine
+server (its FastAPI app, ModelStore, mixed-adapter batcher and metrics) with runs loaded on
+demand and at most ``max_loaded`` held, the same bound Ray's per-replica LRU of model ids uses.
+The answers, bad-request answers and Prometheus names are those of ``visionlora serve``;
+``/metrics`` gives the metrics of the replica that answers, beside Ray's own.
+
+Run folders must be on storage every node of the cluster sees, at the same path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import Response
+
+from visionlora.serving import DEFAULT_MAX_LOADED
+
+MODEL_PATH = re.compile(r"^/v1/models/([^/]+)/(?:predict|draw)$")
+
+
+@dataclass
+class RaySettings:
+    """What ``visionlora serve --ray`` (or ``serve run ... key=value``) sets."""
+
+    runs_dir: str
+    max_loaded: int = DEFAULT_MAX_LOADED
+    replicas: int = 1
+    replica_cpus: float = 1.0
+    replica_gpus: float = 0.0
+    autoscaling: dict[str, Any] | None = None  # Ray's autoscaling_config, passed through (replaces replicas)
+    serve: dict[str, Any] = field(default_factory=dict)  # ServeSettings fields: max_batch_size, max_wait_ms, ...
+
+    @classmethod
+    def from_args(cls, args: dict[str, str]) -> RaySettings:
+        """From ``serve run`` arguments (all strings); the ServeSettings fields are taken by name."""
+        import json
+
+        from visionlora.serving.app import ServeSettings
+
+        known = {f: args[f] for f in ("runs_dir", "max_loaded", "replicas", "replica_cpus", "replica_gpus")
+                 if f in args}
+        serve_fields = set(ServeSettings.__dataclass_fields__)
+        unknown = set(args) - set(known) - serve_fields - {"autoscaling"}
+        if unknown or "runs_dir" not in args:
+            raise ValueError(f"visionlora.serving.ray:app takes runs_dir=DIR and max_loaded, replicas, "
+                             f"replica_cpus, replica_gpus, autoscaling (JSON), {', '.join(sorted(serve_fields))}; "
+                             f"got {', '.join(sorted(args))}")
+        return cls(runs_dir=known["runs_dir"], max_loaded=int(known.get("max_loaded", DEFAULT_MAX_LOADED)),
+                   replicas=int(known.get("replicas", 1)), replica_cpus=float(known.get("replica_cpus", 1)),
+                   replica_gpus=float(known.get("replica_gpus", 0)),
+                   autoscaling=json.loads(args["autoscaling"]) if "autoscaling" in args else None,
+                   serve={k: _typed(ServeSettings, k, v) for k, v in args.items() if k in serve_fields})
+
+
+@serve.deployment
+class Replica:
+    """One ``visionlora serve``: a ModelStore over the runs folder behind the same FastAPI app."""
+
+    def __init__(self, settings: dict[str, Any]):
+        import httpx
+
+        from visionlora.serving.app import ServeSettings, create_app
+        from visionlora.serving.models import ModelStore
+
+        config = RaySettings(**settings)
+        self.store = ModelStore(runs_dir=config.runs_dir, max_loaded=config.max_loaded)
+        app = create_app(self.store, ServeSettings(**config.serve), identity={"replica_pid": os.getpid()})
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://replica",
+                                        timeout=None)
+
+        async def model_id(name: str) -> str:
+            """Ray's record that this replica serves ``name`` (the store loads and unloads the run itself)."""
+            return name
+
+        self.get_model = serve.multiplexed(max_num_models_per_replica=config.max_loaded)(model_id)
+
+    async def handle(self, method: str, path: str, query: bytes, headers: list[tuple[str, str]],
+                     body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        model = serve.get_multiplexed_model_id()
+        if model:
+            await self.get_model(model)
+        answer = await self.client.request(method, path + ("?" + query.decode() if query else ""),
+                                           headers=headers, content=body)
+        return answer.status_code, list(answer.headers.items()), answer.content
+
+
+@serve.deployment
+class Gateway:
+    """The HTTP entry: each model request goes to a replica holding that model."""
+
+    def __init__(self, replicas):
+        self.replicas = replicas
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path
+        match = MODEL_PATH.match(path)
+        handle = self.replicas.options(multiplexed_model_id=match.group(1)) if match else self.replicas
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in ("host", "content-length")]
+        status, answer_headers, body = await handle.handle.remote(request.method, path, request.url.query.encode(),
+                                                                  headers, await request.body())
+        kept = {k: v for k, v in answer_headers if k.lower() not in ("content-length", "transfer-encoding")}
+        return Response(body, status_code=status, headers=kept)
+
+
+def build(settings: RaySettings):
+    """The Serve application: the gateway in front of the replicas."""
+    options: dict[str, Any] = {"ray_actor_options": {"num_cpus": settings.replica_cpus,
+                                                     "num_gpus": settings.replica_gpus}}
+    if settings.autoscaling:
+        options["autoscaling_config"] = settings.autoscaling
+    else:
+        options["num_replicas"] = settings.replicas
+    replicas = Replica.options(**options).bind(asdict(settings))
+    return Gateway.options(ray_actor_options={"num_cpus": 0}).bind(replicas)
+
+
+def app(args: dict[str, str]):
+    """``serve run visionlora.serving.ray:app runs_dir=DIR [replicas=N ...]``."""
+    return build(RaySettings.from_args(args))
+
+
+def run_on_ray(settings: RaySettings, host: str, port: int, address: str | None = None) -> None:
+    """Deploy on the Ray cluster at ``address`` (none: a local one, stopped on exit) and serve until
+    SIGTERM or Ctrl-C, then take the application down."""
+    import signal
+    import threading
+
+    import ray
+
+    ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    stop = threading.Event()
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build(settings), name="visionlora", route_prefix="/")
+        for signum in (signal.SIGTERM, signal.SIGINT):  # after Ray's own handlers are in place
+            signal.signal(signum, lambda *_: stop.set())
+        print(f"listening on http://{host}:{port} (Ray Serve: {_replica_text(settings)}, runs in "
+              f"{settings.runs_dir}, at most {settings.max_loaded} loaded per replica)", flush=True)
+        while not stop.wait(timeout=0.5):
+            pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _replica_text(settings: RaySettings) -> str:
+    count = f"autoscaling {settings.autoscaling}" if settings.autoscaling else f"{settings.replicas} replica(s)"
+    return f"{count}, {settings.replica_cpus:g} CPU and {settings.replica_gpus:g} GPU each"
+
+
+def _typed(settings_class, name: str, text: str):
+    kind = settings_class.__dataclass_fields__[name].type
+    if "bool" in str(kind):
+        return text.lower() in ("1", "true", "yes")
+    if "int" in str(kind):
+        return int(text)
+    if "float" in str(kind):
+        return float(text)
+    return text

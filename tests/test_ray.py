@@ -1,0 +1,250 @@
+"""Ray: the Serve deployment and batch prediction with Ray Data, on a real local Ray cluster that the
+test starts on loopback (4 CPUs: two half-CPU replicas, two one-CPU actors and decoding fit at once)
+and stops by its process id."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray", reason="Ray is not installed (pip install 'visionlora[ray]')")
+
+import visionlora  # noqa: E402
+from tests.browser import free_port  # noqa: E402
+from tests.conftest import assert_nested_close, tiny_config  # noqa: E402
+from tests.test_serve import Server  # noqa: E402
+from tests.test_serve_runs_dir import _variant  # noqa: E402
+from visionlora.examples.synthetic import make_classification_folder  # noqa: E402
+from visionlora.training.engine import train  # noqa: E402
+
+CLUSTER_CPUS = 4
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A Ray head on loopback in the foreground (``--block``): stopping its process stops the cluster."""
+    root = tmp_path_factory.mktemp("ray")
+    port = free_port()
+    log = (root / "head.log").open("w")
+    # a loopback cluster of the test's own: no token authentication (``ray start`` turns it on by default)
+    # and nothing to drain at the end: the tests have stopped their work by then
+    environment = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+                   "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port",
+                             str(port), "--num-cpus", str(CLUSTER_CPUS), "--include-dashboard", "false",
+                             "--disable-usage-stats", "--temp-dir", str(root / "tmp")],
+                            stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while subprocess.run(["ray", "status", "--address", address], capture_output=True).returncode != 0:
+            assert head.poll() is None and time.monotonic() < deadline, (root / "head.log").read_text()[-2000:]
+            time.sleep(1)
+        yield address
+    finally:
+        started = time.monotonic()
+        head.terminate()  # the head drains and stops its processes (a signal to the whole group takes a minute)
+        try:
+            head.wait(timeout=60)
+        finally:
+            _kill_group(head.pid)
+            log.close()
+            print(f"cluster stopped in {time.monotonic() - started:.1f} s")
+
+
+def _kill_group(pid: int) -> None:
+    """Whatever the cluster left in its process group."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def runs(class_folder, tmp_path_factory):
+    """Two LoRA runs of one base in one folder."""
+    root = tmp_path_factory.mktemp("ray-runs")
+    first = train(tiny_config("classification", class_folder, root / "runs" / "ants", epochs=1)).paths.root
+    _variant(first, root / "runs" / "bees", seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ray_server(cluster, runs):
+    server = Server([], runs / "ray-serve.log", "--ray", "--ray-address", cluster, "--runs-dir",
+                    str(runs / "runs"), "--replicas", "2", "--replica-cpus", "0.5", "--max-wait-ms", "20")
+    yield server
+    started = time.monotonic()
+    assert server.stop() in (0, -signal.SIGTERM)
+    print(f"serve stopped in {time.monotonic() - started:.1f} s")
+
+
+def _ask(server: Server, name: str, image: Path, retries: int = 0) -> tuple[int, dict, int]:
+    """(status, answer, retries used): a failed connection or a 5xx is retried up to ``retries`` times."""
+    for attempt in range(retries + 1):
+        try:
+            status, body, _ = server.post_files(f"/v1/models/{name}/predict", [(image.name, image.read_bytes())])
+        except OSError:
+            status, body = 599, b'{"error": "connection failed"}'
+        if status < 500 or attempt == retries:
+            return status, json.loads(body), attempt
+    raise AssertionError("unreachable")
+
+
+def test_the_deployment_answers_interleaved_adapters_as_predict(ray_server, runs, class_folder):
+    images = sorted((class_folder / "val").rglob("*.png"))[:4]
+    jobs = [(name, image) for image in images for name in ("ants", "bees")]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda job: _ask(ray_server, *job), jobs))
+    expected = {name: visionlora.load(runs / "runs" / name).predict(images) for name in ("ants", "bees")}
+    for (name, image), (status, answer, _) in zip(jobs, answers):
+        assert status == 200, answer
+        prediction = answer["predictions"][0]
+        assert_nested_close({k: prediction[k] for k in expected[name][0]}, expected[name][images.index(image)])
+    assert expected["ants"] != expected["bees"]
+
+
+@pytest.mark.parametrize("name, fields, files, status, message", [
+    ("nope", {}, [("a.png", None)], 404, "no model named 'nope'"),
+    ("ants", {}, [], 400, "no 'file' field"),
+    ("ants", {}, [("a.txt", b"not an image")], 400, "file 'a.txt'"),
+    ("ants", {"threshold": "0.5"}, [("a.png", None)], 400, "no option 'threshold'"),
+])
+def test_bad_requests_get_the_same_answers_as_visionlora_serve(ray_server, class_folder, name, fields, files,
+                                                               status, message):
+    image = sorted((class_folder / "val").rglob("*.png"))[0].read_bytes()
+    files = [(filename, data if data is not None else image) for filename, data in files]
+    got, body, _ = ray_server.post_files(f"/v1/models/{name}/predict", files, fields)
+    assert got == status and message in json.loads(body)["error"]
+
+
+def test_killing_a_replica_loses_no_request_retried_once_and_the_deployment_recovers(ray_server, class_folder):
+    """Four clients send requests for 1 s, a replica's process is killed, and they go on for 3 s more
+    (at most 400 requests in all); each failed request is retried once."""
+    image = sorted((class_folder / "val").rglob("*.png"))[0]
+    replicas = _replica_pids(ray_server, 2)
+    kill_at = time.monotonic() + 1.0
+    stop_at, budget = kill_at + 3.0, iter(range(400))
+
+    def client(number: int) -> list[tuple[int, dict, int, float]]:
+        answers = []
+        while time.monotonic() < stop_at and next(budget, None) is not None:
+            sent = time.monotonic()
+            answers.append((*_ask(ray_server, ("ants", "bees")[number % 2], image, retries=1), sent))
+        return answers
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        clients = [pool.submit(client, number) for number in range(4)]
+        time.sleep(max(0.0, kill_at - time.monotonic()))
+        os.kill(replicas[0], signal.SIGKILL)
+        answers = [answer for future in clients for answer in future.result(timeout=120)]
+    assert all(status == 200 for status, _, _, _ in answers), [a for a in answers if a[0] != 200][:2]
+    after_kill = sum(sent >= kill_at for _, _, _, sent in answers)
+    assert after_kill >= 4, f"only {after_kill} requests were sent after the kill"
+    retried = sum(used for _, _, used, _ in answers)
+    print(f"{len(answers)} requests, {after_kill} sent after the kill, {retried} needed their one retry")
+    recovered = _replica_pids(ray_server, 2, seconds=120)
+    assert replicas[0] not in recovered
+
+
+def _replica_pids(server: Server, count: int, seconds: float = 60) -> list[int]:
+    """The pids of ``count`` live replicas, asking /health (answered by any replica) until that many answer."""
+    seen: dict[int, float] = {}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            status, body, _ = server.request("GET", "/health")
+        except OSError:
+            status = 0
+        if status == 200:
+            pid = json.loads(body)["replica_pid"]
+            if _alive(pid):
+                seen[pid] = time.monotonic()
+        live = [pid for pid in seen if _alive(pid)]
+        if len(live) >= count:
+            return live
+        time.sleep(0.2)
+    raise AssertionError(f"fewer than {count} replicas answered within {seconds} s: {sorted(seen)}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory):
+    """A few hundred generated images in one folder, one of them damaged."""
+    folder = make_classification_folder(tmp_path_factory.mktemp("many"), per_class_train=50, per_class_val=0)
+    images = folder / "train"
+    (images / "red_disc" / "damaged.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return images
+
+
+def _predict_with_ray(cluster: str, runs: Path, images: Path, output: Path, *extra: str):
+    command = [sys.executable, "-m", "visionlora", "predict", str(runs / "runs" / "ants"), str(images), "--engine",
+               "ray", "--ray-address", cluster, "--output", str(output), "--actors", "2", "--batch-size", "32",
+               *extra]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def ray_rows(cluster, runs, many_images, tmp_path_factory):
+    """Both runs over the generated folder with Ray Data: the output file and the command's last line."""
+    output = tmp_path_factory.mktemp("ray-data") / "results.jsonl"
+    summary = _predict_with_ray(cluster, runs, many_images, output, "--runs", str(runs / "runs" / "bees"))
+    return output, summary
+
+
+def test_ray_data_prediction_equals_local_predict_row_for_row(ray_rows, runs, many_images):
+    output, summary = ray_rows
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    files = sorted(p for p in many_images.rglob("*.png"))
+    assert len(files) >= 200 and len(rows) == 2 * len(files)
+    assert summary.endswith("(0 already there, 2 unreadable images as rows with an error)")
+    errors = [row for row in rows if "error" in row]
+    assert {(Path(row["image"]).name, row["run"]) for row in errors} == {("damaged.png", "ants"),
+                                                                          ("damaged.png", "bees")}
+    for name in ("ants", "bees"):
+        local, skipped = visionlora.load(runs / "runs" / name).predict_files(files)
+        assert [s["file"] for s in skipped] == [str(many_images / "red_disc" / "damaged.png")]
+        by_image = {row["image"]: row for row in rows if row["run"] == name and "error" not in row}
+        assert len(by_image) == len(local)
+        for expected in local:
+            got = by_image[expected["image"]]
+            assert_nested_close({k: got[k] for k in expected}, expected, where=expected["image"])
+
+
+def test_a_stopped_job_started_again_predicts_only_what_is_missing(ray_rows, cluster, runs, many_images, tmp_path):
+    """A Parquet job stopped after 100 rows, its last line cut short, is started again twice."""
+    full, _ = ray_rows
+    lines = full.read_text().splitlines()
+    parquet = tmp_path / "results.parquet"
+    (tmp_path / "results.parquet.partial.jsonl").write_text("\n".join(lines[:100]) + "\n" + lines[100][:20])
+    bees = ("--runs", str(runs / "runs" / "bees"))
+    summary = _predict_with_ray(cluster, runs, many_images, parquet, *bees)
+    assert summary.startswith(f"wrote {len(lines) - 100} rows") and "(100 already there" in summary
+    assert not (tmp_path / "results.parquet.partial.jsonl").exists()
+    written = parquet.read_bytes()
+    summary = _predict_with_ray(cluster, runs, many_images, parquet, *bees)
+    assert summary.startswith("wrote 0 rows") and parquet.read_bytes() == written
+    import pyarrow.parquet as pq
+
+    table = {(row["image"], row["run"]): row for row in pq.read_table(parquet).to_pylist()}
+    expected = {(row["image"], row["run"]): row for row in map(json.loads, lines)}
+    assert table.keys() == expected.keys() and len(table) == len(lines)
+    for key, row in expected.items():
+        assert table[key]["error"] == row.get("error") and table[key]["label"] == row.get("label"), key
