@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +34,8 @@ CLUSTER_CPUS = 4
 def cluster(tmp_path_factory):
     """A Ray head on loopback in the foreground (``--block``): stopping its process stops the cluster."""
     root = tmp_path_factory.mktemp("ray")
+    # Ray's socket paths must stay under 107 bytes, which pytest's temporary folders can exceed
+    sessions = Path(tempfile.mkdtemp(prefix="vlray-"))
     port = free_port()
     log = (root / "head.log").open("w")
     # a loopback cluster of the test's own: no token authentication (``ray start`` turns it on by default)
@@ -40,7 +44,7 @@ def cluster(tmp_path_factory):
                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port",
                              str(port), "--num-cpus", str(CLUSTER_CPUS), "--include-dashboard", "false",
-                             "--disable-usage-stats", "--temp-dir", str(root / "tmp")],
+                             "--disable-usage-stats", "--temp-dir", str(sessions)],
                             stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
     address = f"127.0.0.1:{port}"
     try:
@@ -57,6 +61,7 @@ def cluster(tmp_path_factory):
         finally:
             _kill_group(head.pid)
             log.close()
+            shutil.rmtree(sessions, ignore_errors=True)
             print(f"cluster stopped in {time.monotonic() - started:.1f} s")
 
 
