@@ -234,13 +234,15 @@ def test_ray_data_prediction_equals_local_predict_row_for_row(ray_rows, runs, ma
 
 
 def test_a_stopped_job_started_again_predicts_only_what_is_missing(ray_rows, cluster, runs, many_images, tmp_path):
-    """A Parquet job stopped after 100 rows, its last line cut short, is started again twice."""
+    """A Parquet job stopped after 100 rows, its last line cut short, is started again twice; the rows
+    equal the first job's."""
     full, _ = ray_rows
     lines = full.read_text().splitlines()
     parquet = tmp_path / "results.parquet"
     (tmp_path / "results.parquet.partial.jsonl").write_text("\n".join(lines[:100]) + "\n" + lines[100][:20])
     bees = ("--runs", str(runs / "runs" / "bees"))
-    summary = _predict_with_ray(cluster, runs, many_images, parquet, *bees)
+    # decoding in CPU tasks of their own, as for actors on GPUs (the first job decoded in the actors)
+    summary = _predict_with_ray(cluster, runs, many_images, parquet, *bees, "--decode", "tasks")
     assert summary.startswith(f"wrote {len(lines) - 100} rows") and "(100 already there" in summary
     assert not (tmp_path / "results.parquet.partial.jsonl").exists()
     written = parquet.read_bytes()
@@ -253,3 +255,45 @@ def test_a_stopped_job_started_again_predicts_only_what_is_missing(ray_rows, clu
     assert table.keys() == expected.keys() and len(table) == len(lines)
     for key, row in expected.items():
         assert table[key]["error"] == row.get("error") and table[key]["label"] == row.get("label"), key
+
+
+def test_a_list_file_names_the_run_for_each_image_and_a_wrong_name_is_one_line(tmp_path):
+    from visionlora.deploy.ray_batch import plan_job
+    from visionlora.errors import VisionLoraError
+
+    ants, bees = tmp_path / "runs" / "ants" / "lora", tmp_path / "runs" / "bees" / "lora"
+    listing = tmp_path / "list.csv"
+    listing.write_text("image,run\na.png,ants/lora\nb.png,\nc.png,bees/lora\n")
+    job = plan_job([str(ants), str(bees)], [str(listing)], tmp_path / "out.jsonl", {})
+    assert job.runs == {"ants/lora": str(ants), "bees/lora": str(bees)}
+    assert job.items == [("a.png", "ants/lora"), ("b.png", "ants/lora"), ("b.png", "bees/lora"),
+                         ("c.png", "bees/lora")]
+    listing.write_text("image,run\na.png,wasps\n")
+    with pytest.raises(VisionLoraError, match=r"list.csv, line 2: run 'wasps' is not one of the runs given "
+                                              r"\(ants/lora, bees/lora\)"):
+        plan_job([str(ants), str(bees)], [str(listing)], tmp_path / "out.jsonl", {})
+    with pytest.raises(VisionLoraError, match="writes .jsonl or .parquet"):
+        plan_job([str(ants)], [str(listing)], tmp_path / "out.csv", {})
+
+
+@pytest.mark.parametrize("command, message", [
+    (["serve", "--ray", "RUN"], "--ray serves --runs-dir DIR"),
+    (["serve", "--ray", "--runs-dir", "RUNS", "--autoscaling", '{"max_replica": 4}'],
+     "max_replica is not a field of Ray Serve's autoscaling_config"),
+    (["serve", "--ray", "--runs-dir", "RUNS", "--autoscaling", '{"min_replicas": 3, "max_replicas": 2}'],
+     "max_replicas (2) must be greater than or equal to min_replicas (3)"),
+    (["serve", "--ray", "--runs-dir", "RUNS", "--replicas", "0"], "--replicas, --max-loaded-adapters"),
+    (["predict", "RUN", "IMAGES", "--engine", "ray"], "--engine ray needs --output FILE.jsonl or FILE.parquet"),
+    (["predict", "RUN", "IMAGES", "--engine", "ray", "--output", "x.csv"], "writes .jsonl or .parquet"),
+    (["predict", "RUN", "IMAGES", "--engine", "ray", "--output", "x.jsonl", "--actors", "0"], "--actors"),
+    (["predict", "RUN", "IMAGES", "--runs", "RUN"], "--runs takes effect with --engine ray"),
+])
+def test_ray_commands_refuse_bad_settings_in_one_line(runs, class_folder, tmp_path, capsys, command, message):
+    from visionlora.cli import main
+
+    places = {"RUN": str(runs / "runs" / "ants"), "RUNS": str(runs / "runs"), "IMAGES": str(class_folder / "val"),
+              "x.csv": str(tmp_path / "x.csv"), "x.jsonl": str(tmp_path / "x.jsonl")}
+    assert main([places.get(word, word) for word in command]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -132,7 +130,12 @@ def _predict_parser(commands, common, help_text: str) -> None:
                        help="with --engine ray: more runs predicting every image (a CSV list with a 'run' column "
                             "names each image's run); each row says its run")
     scale.add_argument("--actors", type=int, default=1, help="with --engine ray: predicting actors (default 1)")
-    scale.add_argument("--batch-size", type=int, default=16, help="with --engine ray: images per batch (default 16)")
+    scale.add_argument("--batch-size", type=int, default=64, help="with --engine ray: images per batch (default 64)")
+    scale.add_argument("--decode", choices=("auto", "tasks", "actors"), default="auto",
+                       help="with --engine ray: where images are decoded; auto: in CPU tasks of their own for "
+                            "actors on GPUs, in the actors otherwise")
+    scale.add_argument("--cpus-per-actor", type=float, default=1.0,
+                       help="with --engine ray: CPUs per actor, which are its torch threads (default 1)")
     scale.add_argument("--gpus-per-actor", type=float, default=None,
                        help="with --engine ray: GPUs per actor (default 1 where the machine has one, else 0)")
     scale.add_argument("--ray-address", metavar="ADDRESS",
@@ -189,6 +192,9 @@ def _serve_parser(commands, common, help_text: str) -> None:
     serve.add_argument("--replicas", type=int, default=1, help="with --ray: replicas (default 1)")
     serve.add_argument("--replica-cpus", type=float, default=1.0, help="with --ray: CPUs per replica (default 1)")
     serve.add_argument("--replica-gpus", type=float, default=0.0, help="with --ray: GPUs per replica (default 0)")
+    serve.add_argument("--max-ongoing-requests", type=int, metavar="N",
+                       help="with --ray: requests a replica takes at once, the rest wait in Ray's router "
+                            "(default 4 x --max-batch-size)")
     serve.add_argument("--autoscaling", metavar="JSON",
                        help="with --ray: Ray Serve's autoscaling_config, e.g. "
                             "'{\"min_replicas\": 1, \"max_replicas\": 4}' (instead of --replicas)")
@@ -342,10 +348,13 @@ def _predict_on_ray(args) -> int:
     try:
         import ray
 
-        from visionlora.deploy.ray_batch import needed_resources, plan_job, run_job
+        from visionlora.deploy.ray_batch import ActorPool, plan_job, run_job
+        from visionlora.ray_cluster import join_cluster
     except ImportError as err:
         raise VisionLoraError(f"--engine ray needs Ray Data ({err.name} is missing): "
                               "pip install 'visionlora[ray]'") from None
+    if min(args.actors, args.batch_size) < 1 or args.cpus_per_actor <= 0:
+        raise VisionLoraError("--actors and --batch-size must be at least 1, --cpus-per-actor above 0")
     runs = [args.run_dir, *args.runs]
     tasks = {open_run(run).task.name for run in runs}
     if len(tasks) != 1:
@@ -359,22 +368,15 @@ def _predict_on_ray(args) -> int:
         raise VisionLoraError("--engine ray needs --output FILE.jsonl or FILE.parquet")
     job = plan_job(runs, args.images, outputs["output"], options)
     gpus = args.gpus_per_actor if args.gpus_per_actor is not None else float(_has_cuda())
-    ray.init(address=args.ray_address, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             **_local_cluster_size(args.ray_address, needed_resources(args.actors, gpus)))
+    pool = ActorPool(args.actors, args.cpus_per_actor, gpus, args.batch_size, args.decode)
+    join_cluster(args.ray_address, **pool.needed())
     try:
-        counts = run_job(job, args.actors, args.batch_size, gpus)
+        counts = run_job(job, pool)
     finally:
         ray.shutdown()
     print(f"wrote {counts['written']} rows to {job.output} ({counts['already_done']} already there, "
           f"{counts['errors']} unreadable images as rows with an error)", file=sys.stderr)
     return 0
-
-
-def _local_cluster_size(address: str | None, needed: dict[str, float]) -> dict[str, int]:
-    """A cluster started here holds at least what the job needs (Ray's CPUs are places to run, not cores)."""
-    if address or os.environ.get("RAY_ADDRESS"):
-        return {}
-    return {"num_cpus": max(os.cpu_count() or 1, math.ceil(needed["CPU"]))}
 
 
 def _has_cuda() -> bool:
@@ -507,14 +509,36 @@ def _serve_on_ray(args, settings) -> int:
         raise VisionLoraError(f"{args.runs_dir}: no such folder of runs")
     if args.admin_token:
         raise VisionLoraError("--admin-token is not taken with --ray: add runs to --runs-dir instead")
-    try:
-        autoscaling = json.loads(args.autoscaling) if args.autoscaling else None
-    except ValueError as err:
-        raise VisionLoraError(f"--autoscaling: not JSON ({err})") from None
+    autoscaling = _autoscaling_config(args.autoscaling) if args.autoscaling else None
+    if min(args.replicas, args.max_loaded_adapters, args.max_ongoing_requests or 1) < 1:
+        raise VisionLoraError("--replicas, --max-loaded-adapters and --max-ongoing-requests must be at least 1")
     ray_settings = RaySettings(str(Path(args.runs_dir).resolve()), args.max_loaded_adapters, args.replicas,
-                               args.replica_cpus, args.replica_gpus, autoscaling, asdict(settings))
+                               args.replica_cpus, args.replica_gpus, args.max_ongoing_requests, autoscaling,
+                               asdict(settings))
     run_on_ray(ray_settings, args.host, args.port, args.ray_address)
     return 0
+
+
+def _autoscaling_config(text: str) -> dict[str, Any]:
+    """``--autoscaling`` checked by Ray Serve's own AutoscalingConfig, so a typo is one line here."""
+    from ray.serve.config import AutoscalingConfig
+
+    try:
+        config = json.loads(text)
+    except ValueError as err:
+        raise VisionLoraError(f"--autoscaling: not JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise VisionLoraError("--autoscaling: a JSON object of Ray Serve's autoscaling_config fields")
+    unknown = set(config) - set(AutoscalingConfig.model_fields)
+    if unknown:
+        raise VisionLoraError(f"--autoscaling: {', '.join(sorted(unknown))} is not a field of Ray Serve's "
+                              f"autoscaling_config ({', '.join(sorted(AutoscalingConfig.model_fields))})")
+    try:
+        AutoscalingConfig(**config)
+    except ValueError as err:  # pydantic's ValidationError
+        message = err.errors()[0]["msg"] if hasattr(err, "errors") else str(err)
+        raise VisionLoraError(f"--autoscaling: {message}") from None
+    return config
 
 
 def _cmd_export(args) -> int:

@@ -26,8 +26,10 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
+from visionlora.ray_cluster import join_cluster
 from visionlora.serving import DEFAULT_MAX_LOADED
 
+GATEWAY_MAX_ONGOING = 10_000
 MODEL_PATH = re.compile(r"^/v1/models/([^/]+)/(?:predict|draw)$")
 
 
@@ -40,6 +42,8 @@ class RaySettings:
     replicas: int = 1
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0
+    # requests a replica takes at once; more wait in Ray's router. None: 4 batches' worth, so the batcher fills
+    max_ongoing_requests: int | None = None
     autoscaling: dict[str, Any] | None = None  # Ray's autoscaling_config, passed through (replaces replicas)
     serve: dict[str, Any] = field(default_factory=dict)  # ServeSettings fields: max_batch_size, max_wait_ms, ...
 
@@ -50,17 +54,20 @@ class RaySettings:
 
         from visionlora.serving.app import ServeSettings
 
-        known = {f: args[f] for f in ("runs_dir", "max_loaded", "replicas", "replica_cpus", "replica_gpus")
-                 if f in args}
+        known = {f: args[f] for f in ("runs_dir", "max_loaded", "replicas", "replica_cpus", "replica_gpus",
+                                      "max_ongoing_requests") if f in args}
         serve_fields = set(ServeSettings.__dataclass_fields__)
         unknown = set(args) - set(known) - serve_fields - {"autoscaling"}
         if unknown or "runs_dir" not in args:
             raise ValueError(f"visionlora.serving.ray:app takes runs_dir=DIR and max_loaded, replicas, "
-                             f"replica_cpus, replica_gpus, autoscaling (JSON), {', '.join(sorted(serve_fields))}; "
+                             f"replica_cpus, replica_gpus, max_ongoing_requests, autoscaling (JSON), "
+                             f"{', '.join(sorted(serve_fields))}; "
                              f"got {', '.join(sorted(args))}")
         return cls(runs_dir=known["runs_dir"], max_loaded=int(known.get("max_loaded", DEFAULT_MAX_LOADED)),
                    replicas=int(known.get("replicas", 1)), replica_cpus=float(known.get("replica_cpus", 1)),
                    replica_gpus=float(known.get("replica_gpus", 0)),
+                   max_ongoing_requests=int(known["max_ongoing_requests"]) if "max_ongoing_requests" in known
+                   else None,
                    autoscaling=json.loads(args["autoscaling"]) if "autoscaling" in args else None,
                    serve={k: _typed(ServeSettings, k, v) for k, v in args.items() if k in serve_fields})
 
@@ -117,14 +124,19 @@ class Gateway:
 
 def build(settings: RaySettings):
     """The Serve application: the gateway in front of the replicas."""
+    from visionlora.serving.app import ServeSettings
+
+    batch = settings.serve.get("max_batch_size", ServeSettings.max_batch_size)
     options: dict[str, Any] = {"ray_actor_options": {"num_cpus": settings.replica_cpus,
-                                                     "num_gpus": settings.replica_gpus}}
+                                                     "num_gpus": settings.replica_gpus},
+                               "max_ongoing_requests": settings.max_ongoing_requests or 4 * batch}
     if settings.autoscaling:
         options["autoscaling_config"] = settings.autoscaling
     else:
         options["num_replicas"] = settings.replicas
     replicas = Replica.options(**options).bind(asdict(settings))
-    return Gateway.options(ray_actor_options={"num_cpus": 0}).bind(replicas)
+    # the gateway only forwards, so it never holds requests back: Ray's router queues them for the replicas
+    return Gateway.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=GATEWAY_MAX_ONGOING).bind(replicas)
 
 
 def app(args: dict[str, str]):
@@ -140,7 +152,7 @@ def run_on_ray(settings: RaySettings, host: str, port: int, address: str | None 
 
     import ray
 
-    ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    join_cluster(address, *_needed(settings))
     stop = threading.Event()
     try:
         serve.start(http_options={"host": host, "port": port})
@@ -154,6 +166,14 @@ def run_on_ray(settings: RaySettings, host: str, port: int, address: str | None 
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _needed(settings: RaySettings) -> tuple[float, float]:
+    """The CPUs and GPUs the replicas hold at once (at the autoscaling minimum when it scales)."""
+    count = settings.replicas
+    if settings.autoscaling:
+        count = settings.autoscaling.get("min_replicas", settings.autoscaling.get("initial_replicas", 1)) or 1
+    return count * settings.replica_cpus, count * settings.replica_gpus
 
 
 def _replica_text(settings: RaySettings) -> str:
