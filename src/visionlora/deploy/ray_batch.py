@@ -137,8 +137,8 @@ def run_job(job: BatchJob, pool: ActorPool) -> dict[str, int]:
                                           num_cpus=DECODE_CPUS)
         predicted = decoded.map_batches(
             RunPredictor, fn_constructor_kwargs={"runs": job.runs, "options": job.options},
-            batch_size=pool.batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=pool.actors),
-            num_cpus=pool.cpus, num_gpus=pool.gpus)
+            batch_size=pool.batch_size, batch_format="pandas",
+            compute=ray.data.ActorPoolStrategy(size=pool.actors), num_cpus=pool.cpus, num_gpus=pool.gpus)
         journal = _journal(job.output) if job.output.suffix == ".parquet" else job.output
         journal.parent.mkdir(parents=True, exist_ok=True)
         _drop_cut_line(journal)
@@ -221,12 +221,12 @@ class RunPredictor:
 
 
 def _quiet(context) -> None:
-    """Ray Data's progress bars and execution logs off: the command prints one line at the end."""
+    """Ray Data's progress bars, execution logs and warnings off: the command prints one line at the end."""
     import logging
 
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 def _journal(output: Path) -> Path:
