@@ -42,6 +42,7 @@ from many_adapters import CONCURRENCY, Client, clone_adapters, spread_load, stop
 from serve import free_port, make_runs, png, start_serve  # noqa: E402
 
 ADAPTERS = 4
+RAY = str(Path(sys.executable).with_name("ray"))  # the command beside this Python, venv or not
 RAY_ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 
@@ -69,14 +70,14 @@ def write_images(folder: Path, count: int) -> Path:
 def start_head(cpus: int, sessions: Path) -> tuple[subprocess.Popen, str]:
     """A Ray head on loopback with ``cpus`` CPUs; (process, address) once it answers."""
     port = free_port()
-    head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port",
+    head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port",
                              str(port), "--num-cpus", str(cpus), "--include-dashboard", "false",
                              "--disable-usage-stats", "--temp-dir", str(sessions)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, **RAY_ENVIRONMENT})
     address = f"127.0.0.1:{port}"
     for _ in range(120):
-        if subprocess.run(["ray", "status", "--address", address], capture_output=True).returncode == 0:
+        if subprocess.run([RAY, "status", "--address", address], capture_output=True).returncode == 0:
             return head, address
         time.sleep(1)
     raise RuntimeError("the Ray head did not start")

@@ -28,6 +28,7 @@ from visionlora.examples.synthetic import make_classification_folder  # noqa: E4
 from visionlora.training.engine import train  # noqa: E402
 
 CLUSTER_CPUS = 4
+RAY = str(Path(sys.executable).with_name("ray"))  # the command beside this Python, venv or not
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +43,14 @@ def cluster(tmp_path_factory):
     # and nothing to drain at the end: the tests have stopped their work by then
     environment = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-    head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port",
+    head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port",
                              str(port), "--num-cpus", str(CLUSTER_CPUS), "--include-dashboard", "false",
                              "--disable-usage-stats", "--temp-dir", str(sessions)],
                             stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
-        while subprocess.run(["ray", "status", "--address", address], capture_output=True).returncode != 0:
+        while subprocess.run([RAY, "status", "--address", address], capture_output=True).returncode != 0:
             assert head.poll() is None and time.monotonic() < deadline, (root / "head.log").read_text()[-2000:]
             time.sleep(1)
         yield address
