@@ -300,3 +300,18 @@ def test_ray_commands_refuse_bad_settings_in_one_line(runs, class_folder, tmp_pa
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
     assert not list(tmp_path.iterdir())
+
+
+def test_serve_run_arguments_are_typed_and_unknown_ones_named(tmp_path, monkeypatch):
+    """``serve run visionlora.serving.ray:app key=value ...`` hands the builder strings."""
+    from visionlora.serving.ray import RaySettings, app
+
+    monkeypatch.chdir(tmp_path)
+    settings = RaySettings.from_args({"runs_dir": "runs", "replicas": "2", "replica_cpus": "0.5",
+                                      "max_batch_size": "8", "mixed_batches": "false",
+                                      "autoscaling": '{"min_replicas": 1, "max_replicas": 3}'})
+    assert settings.runs_dir == str(tmp_path / "runs") and settings.replicas == 2 and settings.replica_cpus == 0.5
+    assert settings.serve == {"max_batch_size": 8, "mixed_batches": False}
+    assert settings.autoscaling == {"min_replicas": 1, "max_replicas": 3}
+    with pytest.raises(ValueError, match="got replica, runs_dir"):
+        app({"runs_dir": "runs", "replica": "2"})

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -63,7 +64,8 @@ class RaySettings:
                              f"replica_cpus, replica_gpus, max_ongoing_requests, autoscaling (JSON), "
                              f"{', '.join(sorted(serve_fields))}; "
                              f"got {', '.join(sorted(args))}")
-        return cls(runs_dir=known["runs_dir"], max_loaded=int(known.get("max_loaded", DEFAULT_MAX_LOADED)),
+        return cls(runs_dir=str(Path(known["runs_dir"]).resolve()),  # replicas may run in another folder
+                   max_loaded=int(known.get("max_loaded", DEFAULT_MAX_LOADED)),
                    replicas=int(known.get("replicas", 1)), replica_cpus=float(known.get("replica_cpus", 1)),
                    replica_gpus=float(known.get("replica_gpus", 0)),
                    max_ongoing_requests=int(known["max_ongoing_requests"]) if "max_ongoing_requests" in known
