@@ -260,17 +260,19 @@ def test_a_stopped_job_started_again_predicts_only_what_is_missing(ray_rows, clu
         assert table[key]["error"] == row.get("error") and table[key]["label"] == row.get("label"), key
 
 
-def test_a_list_file_names_the_run_for_each_image_and_a_wrong_name_is_one_line(tmp_path):
+def test_a_list_file_names_the_run_for_each_image_and_a_wrong_name_is_one_line(tmp_path, monkeypatch):
     from visionlora.deploy.ray_batch import plan_job
     from visionlora.errors import VisionLoraError
+
+    monkeypatch.chdir(tmp_path)  # relative paths in a list are taken from here, and the rows' paths are absolute
 
     ants, bees = tmp_path / "runs" / "ants" / "lora", tmp_path / "runs" / "bees" / "lora"
     listing = tmp_path / "list.csv"
     listing.write_text("image,run\na.png,ants/lora\nb.png,\nc.png,bees/lora\n")
     job = plan_job([str(ants), str(bees)], [str(listing)], tmp_path / "out.jsonl", {})
     assert job.runs == {"ants/lora": str(ants), "bees/lora": str(bees)}
-    assert job.items == [("a.png", "ants/lora"), ("b.png", "ants/lora"), ("b.png", "bees/lora"),
-                         ("c.png", "bees/lora")]
+    assert job.items == [(str(tmp_path / "a.png"), "ants/lora"), (str(tmp_path / "b.png"), "ants/lora"),
+                         (str(tmp_path / "b.png"), "bees/lora"), (str(tmp_path / "c.png"), "bees/lora")]
     listing.write_text("image,run\na.png,wasps\n")
     with pytest.raises(VisionLoraError, match=r"list.csv, line 2: run 'wasps' is not one of the runs given "
                                               r"\(ants/lora, bees/lora\)"):

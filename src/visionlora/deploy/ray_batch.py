@@ -64,7 +64,8 @@ class BatchJob:
 
 
 def plan_job(runs: list[str], images: list[str], output: str | Path, options: dict[str, Any]) -> BatchJob:
-    """Every image by every run, or by the run named in a list file's ``run`` column."""
+    """Every image by every run, or by the run named in a list file's ``run`` column; image paths made
+    absolute (a list file's relative paths are taken from the current folder)."""
     named = run_labels([Path(run).resolve() for run in runs])
     output = Path(output)
     if output.suffix not in (".jsonl", ".parquet"):
@@ -79,6 +80,8 @@ def plan_job(runs: list[str], images: list[str], output: str | Path, options: di
             items += [(str(path), name) for path in image_files([source]) for name in named]
     if not items:
         raise VisionLoraError(f"no image files found in: {' '.join(images)}")
+    # absolute, so that actors on any node (in any working folder) find the files on shared storage
+    items = [(str(Path(image).resolve()), run) for image, run in items]
     return BatchJob(items, named, output, options)
 
 
