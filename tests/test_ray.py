@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,35 +34,31 @@ RAY = str(Path(sys.executable).with_name("ray"))  # the command beside this Pyth
 def cluster(tmp_path_factory):
     """A Ray head on loopback in the foreground (``--block``): stopping its process stops the cluster."""
     root = tmp_path_factory.mktemp("ray")
-    # Ray's socket paths must stay under 107 bytes, which pytest's temporary folders can exceed
-    sessions = Path(tempfile.mkdtemp(prefix="vlray-"))
     port = free_port()
-    log = (root / "head.log").open("w")
     # a loopback cluster of the test's own: no token authentication (``ray start`` turns it on by default)
     # and nothing to drain at the end: the tests have stopped their work by then
     environment = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-    head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port",
-                             str(port), "--num-cpus", str(CLUSTER_CPUS), "--include-dashboard", "false",
-                             "--disable-usage-stats", "--temp-dir", str(sessions)],
-                            stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
-    address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while subprocess.run([RAY, "status", "--address", address], capture_output=True).returncode != 0:
-            assert head.poll() is None and time.monotonic() < deadline, (root / "head.log").read_text()[-2000:]
-            time.sleep(1)
-        yield address
-    finally:
-        started = time.monotonic()
-        head.terminate()  # the head drains and stops its processes (a signal to the whole group takes a minute)
+    # Ray's socket paths must stay under 107 bytes, which pytest's temporary folders can exceed
+    with tempfile.TemporaryDirectory(prefix="vlray-", ignore_cleanup_errors=True) as sessions, \
+            (root / "head.log").open("w") as log:
+        head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port",
+                                 str(port), "--num-cpus", str(CLUSTER_CPUS), "--include-dashboard", "false",
+                                 "--disable-usage-stats", "--temp-dir", sessions],
+                                stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
+        address = f"127.0.0.1:{port}"
         try:
-            head.wait(timeout=60)
+            deadline = time.monotonic() + 90
+            while subprocess.run([RAY, "status", "--address", address], capture_output=True).returncode != 0:
+                assert head.poll() is None and time.monotonic() < deadline, (root / "head.log").read_text()[-2000:]
+                time.sleep(1)
+            yield address
         finally:
-            _kill_group(head.pid)
-            log.close()
-            shutil.rmtree(sessions, ignore_errors=True)
-            print(f"cluster stopped in {time.monotonic() - started:.1f} s")
+            head.terminate()  # the head drains and stops its processes (a signal to the whole group takes a minute)
+            try:
+                head.wait(timeout=60)
+            finally:
+                _kill_group(head.pid)
 
 
 def _kill_group(pid: int) -> None:
@@ -88,9 +83,7 @@ def ray_server(cluster, runs):
     server = Server([], runs / "ray-serve.log", "--ray", "--ray-address", cluster, "--runs-dir",
                     str(runs / "runs"), "--replicas", "2", "--replica-cpus", "0.5", "--max-wait-ms", "20")
     yield server
-    started = time.monotonic()
     assert server.stop() in (0, -signal.SIGTERM)
-    print(f"serve stopped in {time.monotonic() - started:.1f} s")
 
 
 def _ask(server: Server, name: str, image: Path, retries: int = 0) -> tuple[int, dict, int]:
