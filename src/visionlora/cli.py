@@ -137,7 +137,7 @@ def _predict_parser(commands, common, help_text: str) -> None:
     scale.add_argument("--cpus-per-actor", type=float, default=1.0,
                        help="with --engine ray: CPUs per actor, which are its torch threads (default 1)")
     scale.add_argument("--gpus-per-actor", type=float, default=None,
-                       help="with --engine ray: GPUs per actor (default 1 where the machine has one, else 0)")
+                       help="with --engine ray: GPUs per actor (default 1 where the Ray cluster has GPUs, else 0)")
     scale.add_argument("--ray-address", metavar="ADDRESS",
                        help="with --engine ray: the cluster (e.g. auto, or HOST:6379); default: a local one")
     seen: set[str] = set()
@@ -348,7 +348,7 @@ def _predict_on_ray(args) -> int:
     try:
         import ray
 
-        from visionlora.deploy.ray_batch import ActorPool, plan_job, run_job
+        from visionlora.deploy.ray_batch import DECODE_CPUS, ActorPool, plan_job, run_job
         from visionlora.ray_cluster import join_cluster
     except ImportError as err:
         raise VisionLoraError(f"--engine ray needs Ray Data ({err.name} is missing): "
@@ -356,10 +356,10 @@ def _predict_on_ray(args) -> int:
     if min(args.actors, args.batch_size) < 1 or args.cpus_per_actor <= 0:
         raise VisionLoraError("--actors and --batch-size must be at least 1, --cpus-per-actor above 0")
     runs = [args.run_dir, *args.runs]
-    tasks = {open_run(run).task.name for run in runs}
+    tasks = {task.name: task for task in (open_run(run).task for run in runs)}
     if len(tasks) != 1:
         raise VisionLoraError(f"--runs: the runs are of different tasks ({', '.join(sorted(tasks))})")
-    task = open_run(args.run_dir).task
+    task = next(iter(tasks.values()))
     options, box_values, outputs = _task_arguments(args, task, Path(args.run_dir))
     if any(value is not None for value in box_values.values()) or set(outputs) - {"output"}:
         raise VisionLoraError("--engine ray writes --output FILE.jsonl or .parquet only (no boxes from a "
@@ -367,9 +367,10 @@ def _predict_on_ray(args) -> int:
     if "output" not in outputs:
         raise VisionLoraError("--engine ray needs --output FILE.jsonl or FILE.parquet")
     job = plan_job(runs, args.images, outputs["output"], options)
-    gpus = args.gpus_per_actor if args.gpus_per_actor is not None else float(_has_cuda())
-    pool = ActorPool(args.actors, args.cpus_per_actor, gpus, args.batch_size, args.decode)
-    join_cluster(args.ray_address, **pool.needed())
+    pool = ActorPool(args.actors, args.cpus_per_actor, args.gpus_per_actor or 0.0, args.batch_size, args.decode)
+    join_cluster(args.ray_address, pool.actors * pool.cpus + DECODE_CPUS)
+    if args.gpus_per_actor is None and ray.cluster_resources().get("GPU", 0) > 0:
+        pool.gpus = 1.0  # the cluster's GPUs, not this machine's: the actors may run elsewhere
     try:
         counts = run_job(job, pool)
     finally:
@@ -377,12 +378,6 @@ def _predict_on_ray(args) -> int:
     print(f"wrote {counts['written']} rows to {job.output} ({counts['already_done']} already there, "
           f"{counts['errors']} unreadable images as rows with an error)", file=sys.stderr)
     return 0
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _predict_videos(args, run, videos: list[str], options: dict[str, Any], outputs: dict[str, Path], finder) -> int:

@@ -6,12 +6,12 @@ import math
 import os
 
 
-def join_cluster(address: str | None, cpus_needed: float, gpus_needed: float = 0.0) -> None:
+def join_cluster(address: str | None, cpus_needed: float) -> None:
     """Connect to the cluster at ``address`` (or ``RAY_ADDRESS``), or start one on this machine.
 
     Without an address a new local cluster is always started, never one found through a file that
     an earlier, killed cluster left behind. It holds at least what the job needs: Ray's CPUs are
-    places to run, not cores.
+    places to run, not cores; its GPUs are the ones Ray finds.
     """
     import ray
 
@@ -19,7 +19,5 @@ def join_cluster(address: str | None, cpus_needed: float, gpus_needed: float = 0
     sizes = {}
     if not address:
         sizes = {"num_cpus": max(os.cpu_count() or 1, math.ceil(cpus_needed))}
-        if gpus_needed:
-            sizes["num_gpus"] = math.ceil(gpus_needed)
     ray.init(address=address or "local", include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              **sizes)

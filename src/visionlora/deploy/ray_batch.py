@@ -147,10 +147,9 @@ def run_job(job: BatchJob, pool: ActorPool) -> dict[str, int]:
         _drop_cut_line(journal)
         with journal.open("a") as handle:
             for batch in predicted.iter_batches(batch_format="pandas", batch_size=None):
-                for text in batch["row"]:
-                    handle.write(text + "\n")
-                    counts["written"] += 1
-                    counts["errors"] += '"error":' in text
+                handle.writelines(text + "\n" for text in batch["row"])
+                counts["written"] += len(batch)
+                counts["errors"] += int((batch["error"] != "").sum())
                 handle.flush()
     if job.output.suffix == ".parquet" and _journal(job.output).is_file():
         _write_parquet(job.output)
@@ -212,7 +211,7 @@ class RunPredictor:
             members = [self.served[batch["run"].iloc[i]] for i in group]
             for i, prediction in zip(group, predict_together(members, images, **self.options)):
                 rows[i] = json.dumps({"image": batch["image"].iloc[i], "run": batch["run"].iloc[i], **prediction})
-        return {"row": rows}
+        return {"row": rows, "error": list(batch["error"])}
 
     def _groups(self, batch, rows: list[int]) -> Iterator[list[int]]:
         """Rows whose runs share a forward: mixing adapters of one base together, any other run alone."""

@@ -55,23 +55,18 @@ class RaySettings:
 
         from visionlora.serving.app import ServeSettings
 
-        known = {f: args[f] for f in ("runs_dir", "max_loaded", "replicas", "replica_cpus", "replica_gpus",
-                                      "max_ongoing_requests") if f in args}
+        own = set(cls.__dataclass_fields__) - {"autoscaling", "serve"}
         serve_fields = set(ServeSettings.__dataclass_fields__)
-        unknown = set(args) - set(known) - serve_fields - {"autoscaling"}
+        unknown = set(args) - own - serve_fields - {"autoscaling"}
         if unknown or "runs_dir" not in args:
-            raise ValueError(f"visionlora.serving.ray:app takes runs_dir=DIR and max_loaded, replicas, "
-                             f"replica_cpus, replica_gpus, max_ongoing_requests, autoscaling (JSON), "
-                             f"{', '.join(sorted(serve_fields))}; "
-                             f"got {', '.join(sorted(args))}")
-        return cls(runs_dir=str(Path(known["runs_dir"]).resolve()),  # replicas may run in another folder
-                   max_loaded=int(known.get("max_loaded", DEFAULT_MAX_LOADED)),
-                   replicas=int(known.get("replicas", 1)), replica_cpus=float(known.get("replica_cpus", 1)),
-                   replica_gpus=float(known.get("replica_gpus", 0)),
-                   max_ongoing_requests=int(known["max_ongoing_requests"]) if "max_ongoing_requests" in known
-                   else None,
-                   autoscaling=json.loads(args["autoscaling"]) if "autoscaling" in args else None,
-                   serve={k: _typed(ServeSettings, k, v) for k, v in args.items() if k in serve_fields})
+            takes = ", ".join(sorted(own - {"runs_dir"}))
+            raise ValueError(f"visionlora.serving.ray:app takes runs_dir=DIR and {takes}, autoscaling (JSON), "
+                             f"{', '.join(sorted(serve_fields))}; got {', '.join(sorted(args))}")
+        settings = cls(**{k: _typed(cls, k, v) for k, v in args.items() if k in own},
+                       autoscaling=json.loads(args["autoscaling"]) if "autoscaling" in args else None,
+                       serve={k: _typed(ServeSettings, k, v) for k, v in args.items() if k in serve_fields})
+        settings.runs_dir = str(Path(settings.runs_dir).resolve())  # replicas may run in another folder
+        return settings
 
 
 @serve.deployment
@@ -154,7 +149,7 @@ def run_on_ray(settings: RaySettings, host: str, port: int, address: str | None 
 
     import ray
 
-    join_cluster(address, *_needed(settings))
+    join_cluster(address, _cpus_needed(settings))
     stop = threading.Event()
     try:
         serve.start(http_options={"host": host, "port": port})
@@ -170,12 +165,12 @@ def run_on_ray(settings: RaySettings, host: str, port: int, address: str | None 
         ray.shutdown()
 
 
-def _needed(settings: RaySettings) -> tuple[float, float]:
-    """The CPUs and GPUs the replicas hold at once (at the autoscaling minimum when it scales)."""
+def _cpus_needed(settings: RaySettings) -> float:
+    """The CPUs the replicas hold at once (at the autoscaling minimum when it scales)."""
     count = settings.replicas
     if settings.autoscaling:
         count = settings.autoscaling.get("min_replicas", settings.autoscaling.get("initial_replicas", 1)) or 1
-    return count * settings.replica_cpus, count * settings.replica_gpus
+    return count * settings.replica_cpus
 
 
 def _replica_text(settings: RaySettings) -> str:
