@@ -15,13 +15,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RESULT_PREFIX = "BENCHMARK_RESULT "
 
 
-def run_isolated(script: str, args: Sequence[str], timeout: int = 3600) -> dict[str, Any]:
-    """Run ``python script --worker args...`` and return the JSON result it prints.
+def run_isolated(script: str, args: Sequence[str], timeout: int = 3600,
+                 env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``python script --worker args...`` (with ``env`` added to the environment) and return
+    the JSON result it prints.
 
     A fresh process per configuration keeps each peak-memory figure its own.
     """
     completed = subprocess.run([sys.executable, script, "--worker", *args], capture_output=True, text=True,
-                               timeout=timeout)
+                               timeout=timeout, env={**os.environ, **(env or {})})
     for line in completed.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX):])

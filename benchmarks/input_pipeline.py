@@ -1,13 +1,19 @@
 """The training input pipeline without a model: images/s per core that each task's training
 dataset and collate deliver through a plain DataLoader, at its default base's input size.
 
-    python benchmarks/input_pipeline.py [--epochs 3] [--batch-size 32] [--tasks classification detection ...]
+    python benchmarks/input_pipeline.py [--before REV] [--epochs 3] [--batch-size 32] [--tasks classification ...]
 
 Each task reads its real dataset from ../shared/datasets where it is there (hymenoptera,
 raccoon, dlc-openfield), or generated images of photo size otherwise (segmentation, and every
 task on a clone without that folder). Images are decoded once into RAM first (as ``--cache
-ram`` does) and that time is not counted: the figures are the per-epoch augmentation, the
-normalisation and the collate that a GPU waits for, with ``--num-workers`` 0 and 2.
+ram`` does) and that time is not counted: the figures are the per-epoch augmentation and
+collate that a GPU waits for, with ``--num-workers`` 0 and 2, in the steady state: a set smaller
+than 1,024 items is repeated to that many per epoch. (Each epoch's start waits for the workers'
+first batches; on a few hundred images that costs a share of the epoch these figures leave out.)
+Batches carry uint8 pixels; the normalisation runs on the model's device, outside these figures.
+
+``--before REV`` measures the same with the code of git revision REV too (checked out into a
+temporary worktree and imported from there), and prints the two side by side.
 
 Input sizes: classification 224 (ViT-B/16), detection 640 (RT-DETRv2), pose 256x192
 (ViTPose-B), segmentation 512 (SegFormer).
@@ -21,10 +27,13 @@ images/s to feed.
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,6 +45,7 @@ REAL = {"classification": SHARED / "hymenoptera", "detection": SHARED / "raccoon
 MODELS = {"classification": ("tiny", 224), "detection": ("tiny-rtdetr", 640), "pose": ("tiny", 256),
           "segmentation": ("tiny", 512)}
 GPU_IMAGES_PER_S = 0.4 * 989e12 / 35e9
+MIN_EPOCH_ITEMS = 1024  # small sets are repeated to this many items per epoch
 
 
 def generated(task: str, root: Path) -> Path:
@@ -50,6 +60,23 @@ def generated(task: str, root: Path) -> Path:
     if task == "pose":
         return make_pose_dataset(root, n_train=120, n_val=4)
     return make_segmentation_dataset(root, n_train=120, n_val=4, size=512)
+
+
+class Repeated:
+    """``dataset`` ``times`` over, one epoch: the steady state that epoch starts do not interrupt."""
+
+    def __init__(self, dataset, times: int):
+        self.dataset, self.times = dataset, times
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.times
+
+    def __getitem__(self, index: int):
+        return self.dataset[index % len(self.dataset)]
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
 
 
 def worker(task_name: str, workers: int, epochs: int, batch_size: int) -> None:
@@ -74,14 +101,20 @@ def worker(task_name: str, workers: int, epochs: int, batch_size: int) -> None:
         _, processor, info = task.build_model(model, source.labels, size, "lora")
         plan = plan_cache("ram", None, len(source.train), task.image_bytes(processor, info))
         dataset, _ = task.train_dataset(source, processor, info, cfg, plan)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=task.collate,
-                            num_workers=workers, persistent_workers=workers > 0)
+        dataset = Repeated(dataset, math.ceil(MIN_EPOCH_ITEMS / len(dataset)))
+        try:  # training's own loader: workers hand batches over in reused shared memory
+            from visionlora.training.loading import plan_loading
+
+            loader = plan_loading(workers, torch.device("cpu")).loader(dataset, task.collate, batch_size=batch_size,
+                                                                       shuffle=True)
+        except ImportError:  # a revision from before it
+            loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=task.collate,
+                                num_workers=workers, persistent_workers=workers > 0)
         for _ in loader:  # one warm-up epoch: workers started, pages touched
             break
         images, started = 0, time.perf_counter()
         for epoch in range(epochs):
-            if hasattr(dataset, "set_epoch"):
-                dataset.set_epoch(epoch)
+            dataset.set_epoch(epoch)
             for batch in loader:
                 images += len(batch["pixel_values"])
         seconds = time.perf_counter() - started
@@ -99,9 +132,37 @@ def _input_size(processor, info) -> str:
     return f"{size['height']}x{size['width']}" if "height" in size else str(dict(size))
 
 
+@contextmanager
+def checkout(revision: str):
+    """The ``src`` folder of ``revision`` in a temporary git worktree, removed afterwards."""
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="vl-before-") as folder:
+        tree = Path(folder) / "tree"
+        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tree), revision], check=True,
+                       capture_output=True)
+        try:
+            yield tree / "src"
+        finally:
+            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tree)], capture_output=True)
+
+
+def measure(tasks: list[str], epochs: int, batch_size: int, src: Path | None = None) -> list[dict]:
+    """One row per task and worker count, with the code in ``src`` (default: this tree's)."""
+    env = {"PYTHONPATH": str(src)} if src else None
+    rows = []
+    for task in tasks:
+        single = None
+        for workers in (0, 2):
+            row = run_isolated(__file__, [task, str(workers), str(epochs), str(batch_size)], env=env)
+            single = single or row["images/s"]
+            rows.append({**row, "vs 0 workers": row["images/s"] / single})
+    return rows
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", nargs=4, metavar=("TASK", "WORKERS", "EPOCHS", "BATCH"))
+    parser.add_argument("--before", metavar="REV", help="also measure git revision REV, side by side")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--tasks", nargs="+", default=list(MODELS))
@@ -109,17 +170,19 @@ def main() -> None:
     if args.worker:
         task, workers, epochs, batch = args.worker
         return worker(task, int(workers), int(epochs), int(batch))
-    rows = []
-    for task in args.tasks:
-        single = None
-        for workers in (0, 2):
-            row = run_isolated(__file__, [task, str(workers), str(args.epochs), str(args.batch_size)])
-            single = single or row["images/s"]
-            rows.append({**row, "vs 0 workers": row["images/s"] / single})
+    rows = measure(args.tasks, args.epochs, args.batch_size)
+    columns = ["task", "data", "input", "workers", "images", "images/s", "images/s per core", "vs 0 workers"]
+    if args.before:
+        with checkout(args.before) as src:
+            before = measure(args.tasks, args.epochs, args.batch_size, src)
+        for row, old in zip(rows, before):
+            row["before per core"] = old["images/s per core"]
+            row["after/before"] = row["images/s"] / old["images/s"]
+        columns[6:6] = ["before per core"]
+        columns.append("after/before")
     print(f"training input pipeline, no model: batch {args.batch_size}, {args.epochs} epochs, images in RAM, "
-          f"{os.cpu_count()} cores")
-    print(table(rows, ["task", "data", "input", "workers", "images", "images/s", "images/s per core",
-                       "vs 0 workers"]))
+          f"{os.cpu_count()} cores" + (f"; before = {args.before}" if args.before else ""))
+    print(table(rows, columns))
     print(f"\nfor scale: ViT-B/16 LoRA at 224 px on an H200 at 40% of its dense bf16 peak consumes about "
           f"{GPU_IMAGES_PER_S:,.0f} images/s (35 GFLOP per image)")
 

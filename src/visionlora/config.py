@@ -71,7 +71,9 @@ class TrainConfig:
     save_every: int = _opt(200, "also checkpoint every N optimizer steps (0 = only at epoch ends), for --resume")
     patience: int = _opt(0, "stop after this many epochs without a better validation metric (0 = off)")
     seed: int = _opt(42, "random seed for splits, initialisation, augmentation and order")
-    num_workers: int = _opt(0, "data-loading worker processes")
+    num_workers: str = _opt("auto", "data-loading worker processes, or auto: on CUDA one per core less one (at most "
+                            "8, with pinned memory and non-blocking copies); on a CPU none, as the model uses "
+                            "every core")
     cache: str = _opt("auto", "where decoded images are kept: auto (RAM if they fit a quarter of the available "
                       "memory, else disk), ram, disk (reused by later runs) or none (decoded for every batch)",
                       choices=CACHE_MODES)
@@ -110,7 +112,8 @@ class TrainConfig:
             (self.image_size is None or self.image_size >= 8, "--image-size must be at least 8"),
             (self.patience >= 0, "--patience must be 0 (off) or more"),
             (self.save_every >= 0, "--save-every must be 0 (epoch ends only) or more"),
-            (self.num_workers >= 0, "--num-workers must be 0 or more"),
+            (str(self.num_workers) == "auto" or str(self.num_workers).isdigit(),
+             f"--num-workers must be auto or a number of processes, not {self.num_workers!r}"),
             (self.cache in CACHE_MODES, f"--cache must be one of {', '.join(CACHE_MODES)}"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
             (self.class_weights in ("auto", "none"), "--class-weights must be auto or none"),

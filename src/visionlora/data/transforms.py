@@ -1,8 +1,10 @@
 """Glue between RGB images, an image processor, and cached uint8 pixels.
 
-Images are decoded once and kept as uint8 arrays; normalisation happens per batch
-with the processor's own mean, std and rescale factor, so evaluation and prediction
-go through the same two steps: :func:`processor_pixels`, then :class:`Normalizer`.
+Images are decoded once and kept as uint8 arrays. Training and evaluation batches carry
+them as uint8 through the data loader (a quarter of float32's bytes between processes and
+to the device) and are normalised where the model is, one batch at a time. Prediction
+normalises each image itself. Both use the processor's own mean, std and rescale factor
+through the same two steps: :func:`processor_pixels`, then :class:`Normalizer`.
 """
 
 from __future__ import annotations
@@ -75,14 +77,29 @@ class Normalizer:
         # (x * scale - mean) / std as x * (scale / std) + (-mean / std), in place on the float copy
         self.multiplier = (float(scale) / std_).view(-1, 1, 1)
         self.offset = (-torch.tensor(mean, dtype=torch.float32) / std_).view(-1, 1, 1)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (3, H, W) -> normalised float (3, H, W)."""
-        return pixels.float().mul_(self.multiplier).add_(self.offset)
+        """uint8 (3, H, W) or (N, 3, H, W) -> normalised float32 of that shape, on the pixels' device.
 
-    def from_hwc(self, image: np.ndarray) -> torch.Tensor:
-        """uint8 (H, W, 3) array -> normalised float (3, H, W), contiguous."""
-        return self(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))))
+        Per element this is the same two float32 operations for one image or a batch, on any
+        device, so a batch normalised on the device equals its images normalised one by one.
+        """
+        multiplier, offset = self._constants(pixels.device)
+        return pixels.float().mul_(multiplier).add_(offset)
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._on_device:
+            self._on_device[device] = (self.multiplier.to(device), self.offset.to(device))
+        return self._on_device[device]
+
+
+def chw(image: np.ndarray) -> torch.Tensor:
+    """A uint8 (H, W, 3) array as a (3, H, W) tensor view, without copying (the batch's stack copies once)
+    unless the array is read-only or flipped by negative strides."""
+    if not image.flags.writeable or min(image.strides) < 0:
+        image = np.array(image)
+    return torch.from_numpy(image).permute(2, 0, 1)
 
 
 def resize_for_training(image: Image.Image, output_size: tuple[int, int]) -> np.ndarray:
@@ -112,7 +129,7 @@ class RandomResizedCropFlip:
         top, left, height, width = self._box(image.shape[0], image.shape[1], rng)
         crop = cv2.resize(image[top : top + height, left : left + width], (self.width, self.height),
                           interpolation=cv2.INTER_LINEAR)
-        return crop[:, ::-1] if rng.random() < 0.5 else crop
+        return cv2.flip(crop, 1) if rng.random() < 0.5 else crop
 
     def _box(self, height: int, width: int, rng: random.Random) -> tuple[int, int, int, int]:
         area = height * width

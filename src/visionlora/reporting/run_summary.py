@@ -53,20 +53,22 @@ class TrainingSummary:
     epochs_run: int
     early_stopped: bool
     optimizer_steps: int
+    data_loading: dict[str, Any] | None = None  # workers, pinning, prefetch and why (absent in older runs)
 
     @property
     def epochs(self) -> int:
         return self.settings["epochs"]
 
     def to_dict(self) -> dict[str, Any]:
+        loading = {"data_loading": self.data_loading} if self.data_loading is not None else {}
         return {**self.settings, "epochs_run": self.epochs_run, "early_stopped": self.early_stopped,
-                "optimizer_steps": self.optimizer_steps}
+                "optimizer_steps": self.optimizer_steps, **loading}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingSummary:
-        loop = {"epochs_run", "early_stopped", "optimizer_steps"}
+        loop = {"epochs_run", "early_stopped", "optimizer_steps", "data_loading"}
         return cls({k: v for k, v in data.items() if k not in loop}, data.get("epochs_run", 0),
-                   data.get("early_stopped", False), data.get("optimizer_steps", 0))
+                   data.get("early_stopped", False), data.get("optimizer_steps", 0), data.get("data_loading"))
 
 
 @dataclass

@@ -48,6 +48,7 @@ class RunFacts:
     init_from: dict[str, Any] | None = None  # the run this one started from (--init-from)
     initial_metrics: dict[str, Any] | None = None  # the starting weights', before training
     base_revision: str | None = None
+    data_loading: dict[str, Any] | None = None  # the loader the run used (workers, pinning, why)
 
 
 def write_results(paths: RunPaths, task: Task, info: ModelInfo, facts: RunFacts, progress: Progress,
@@ -82,7 +83,8 @@ def build_summary(paths: RunPaths, task: Task, facts: RunFacts, progress: Progre
         run_dir=str(paths.root),
         data=DataSummary(dict(data.description), data.counts, len(data.skipped), data.skipped,
                          dataclasses.asdict(data.cache) if data.cache else None),
-        training=TrainingSummary(cfg.to_dict(), len(progress.history), early_stopped, progress.global_step),
+        training=TrainingSummary(cfg.to_dict(), len(progress.history), early_stopped, progress.global_step,
+                                 facts.data_loading),
         lora=None if facts.lora is None else AdapterSummary(facts.lora.requested, facts.lora.resolved),
         parameters=ParameterCounts(**facts.parameters),
         sizes=Sizes(saved_model_bytes=folder_bytes(paths.model_dir),

@@ -14,7 +14,8 @@ A task subclass fills in:
 - data: ``train_dataset``, ``eval_dataset`` (and ``check_data`` for the labels, ``count``,
   ``image_bytes`` for the cache estimate, ``sample_weights`` for ``--balanced-sampler``);
 - model: ``head_modules`` (and ``load_kwargs``, ``checkpoint``, ``describe_model`` where needed);
-- steps: ``loss``, ``eval_step``, ``metrics``;
+- steps: ``loss``, ``eval_step``, ``metrics`` (and ``collate``, ``device_batch`` for batches whose
+  compact loader types widen on the device);
 - prediction: ``predict_inputs``, ``decode``, ``draw`` (and ``model_inputs`` for padded
   batches, ``combine`` for several inputs per image, ``exact_outputs`` for export checks);
 - reports: ``diagnostics`` (per-class rows and plots), ``ground_truth`` and ``caption`` (for the grid).
@@ -31,10 +32,11 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from visionlora.data.batches import stacked
 from visionlora.data.cache import CachePlan, CacheReport, plan_cache
 from visionlora.data.formats import read_evaluation_part, read_part, read_source, read_validation
 from visionlora.data.records import Part, SourceData
-from visionlora.data.transforms import processor_output_size, processor_size, set_processor_size
+from visionlora.data.transforms import Normalizer, processor_output_size, processor_size, set_processor_size
 from visionlora.deploy.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option, OutputWriter
 from visionlora.errors import VisionLoraError
 from visionlora.lazy import import_object
@@ -146,14 +148,25 @@ class Datasets:
 
 class SeededDataset(torch.utils.data.Dataset):
     """A dataset whose random augmentation of item ``i`` in epoch ``e`` depends only on
-    (seed, e, i): runs repeat whatever the number of workers, and a resumed run matches."""
+    (seed, e, i): runs repeat whatever the number of workers, and a resumed run matches.
+
+    The epoch lives in shared memory, so loader workers that persist between epochs see it change.
+    """
 
     seed: int = 0
-    epoch: int = 0
     cache_report: CacheReport | None = None
 
+    def __new__(cls, *args, **kwargs):
+        dataset = super().__new__(cls)
+        dataset._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        return dataset
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch[0] = epoch
 
     def item_seed(self, index: int) -> int:
         return hash((self.seed, self.epoch, index)) & 0x7FFFFFFF
@@ -378,11 +391,18 @@ class Task:
 
     # -- steps ------------------------------------------------------------------------
     def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """Stack dataset items into a batch (hook; default: stack every field)."""
-        return {key: torch.stack([torch.as_tensor(item[key]) for item in items]) for key in items[0]}
+        """Stack dataset items into a batch (hook; default: stack every field with ``stacked``, which
+        in a loader worker stacks into reused shared memory)."""
+        return {key: stacked([torch.as_tensor(item[key]) for item in items], key) for key in items[0]}
+
+    def device_batch(self, batch: dict[str, Any], normalizer: Normalizer) -> dict[str, Any]:
+        """A loader batch, now on the model's device, made model-ready: its uint8 ``pixel_values``
+        normalised in float32 (hook: tasks with other compact fields widen them too)."""
+        batch["pixel_values"] = normalizer(batch["pixel_values"])
+        return batch
 
     def loss(self, model, batch: dict[str, Any], info: ModelInfo) -> torch.Tensor:
-        """The training loss of one batch (hook)."""
+        """The training loss of one (``device_batch``-ready) batch (hook)."""
         raise NotImplementedError
 
     def eval_step(self, model, batch: dict[str, Any], processor, info: ModelInfo) -> tuple[torch.Tensor, list[Any]]:
@@ -401,9 +421,10 @@ class Task:
     def evaluate_outputs(self, model, processor, loader, accelerator, info: ModelInfo) -> Evaluation:
         """``evaluate``'s metrics with the outputs behind them, in dataset order, in every process."""
         model.eval()
+        normalizer = Normalizer(processor)
         found: dict[int, tuple[Any, float]] = {}
         for batch in loader:
-            loss, outputs = self.eval_step(model, batch, processor, info)
+            loss, outputs = self.eval_step(model, self.device_batch(batch, normalizer), processor, info)
             rows = [(int(i), out, float(loss)) for i, out in zip(batch["index"].tolist(), outputs)]
             for index, output, batch_loss in accelerator.gather_for_metrics(rows, use_gather_object=True):
                 found[index] = (output, batch_loss)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import torch
 from visionlora.artifacts import RunPaths, new_run_dir, save_model
 from visionlora.config import TrainConfig
 from visionlora.console import describe_epoch, describe_start, library_messages_to
+from visionlora.data.transforms import Normalizer
 from visionlora.errors import VisionLoraError
 from visionlora.modeling.adapters import (
     apply_lora,
@@ -41,6 +43,7 @@ from visionlora.tasks.base import Datasets, Evaluation, ModelInfo, Task
 from visionlora.training import tracking
 from visionlora.training.checkpoint import Progress, load_checkpoint, resume_settings, save_checkpoint
 from visionlora.training.continuation import start_from_run
+from visionlora.training.loading import plan_loading
 from visionlora.training.runtime import new_accelerator, resolve_precision, return_freed_memory, unwrap_in_fp32
 from visionlora.training.sampling import EpochWeightedSampler
 from visionlora.training.tracking import parse_report_to
@@ -158,6 +161,8 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
 
     # -- loop ---------------------------------------------------------------------------
     loop = TrainingLoop(cfg, task, info, processor, accelerator, model, data, paths)
+    accelerator.print(loop.loading.describe())
+    facts.data_loading = loop.loading.to_dict()
     if progress is not None:
         loop.restore(progress)
         accelerator.print(f"resumed after epoch {progress.completed_epochs}, batch {progress.batches_done}")
@@ -222,18 +227,20 @@ class TrainingLoop:
     def __init__(self, cfg: TrainConfig, task: Task, info: ModelInfo, processor, accelerator, model, data: Datasets,
                  paths: RunPaths):
         self.cfg, self.task, self.info, self.processor = cfg, task, info, processor
+        self.normalizer = Normalizer(processor)
         self.accelerator, self.data, self.paths = accelerator, data, paths
         # Loaders draw their worker seeds from their own generators, not the global RNG that
         # dropout uses, so a resumed run sees the same random numbers as an uninterrupted one.
-        loader_args = dict(batch_size=cfg.batch_size, collate_fn=task.collate, num_workers=cfg.num_workers)
+        self.loading = plan_loading(cfg.num_workers, accelerator.device,
+                                    int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+        accelerator.dataloader_config.non_blocking = self.loading.non_blocking  # read by prepare() below
         sampler = EpochWeightedSampler(task.sample_weights(data.train), cfg.seed) if cfg.balanced_sampler else None
-        train_loader = torch.utils.data.DataLoader(
-            data.train, shuffle=sampler is None, sampler=sampler, drop_last=False,
-            generator=torch.Generator().manual_seed(cfg.seed), **loader_args
-        )
-        val_loader = torch.utils.data.DataLoader(
-            data.val, shuffle=False, generator=torch.Generator().manual_seed(cfg.seed), **loader_args
-        )
+        train_loader = self.loading.loader(
+            data.train, task.collate, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+            drop_last=False, generator=torch.Generator().manual_seed(cfg.seed))
+        val_loader = self.loading.loader(
+            data.val, task.collate, batch_size=cfg.batch_size, shuffle=False,
+            generator=torch.Generator().manual_seed(cfg.seed))
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.kept_names = {n for n, p in model.named_parameters() if p.requires_grad}
         self.kept_names |= {n for n, _ in model.named_buffers()}
@@ -306,6 +313,7 @@ class TrainingLoop:
         bar = tqdm(loader, desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False, disable=not show,
                    initial=skipped, total=len(self.train_loader))
         for batch in bar:
+            batch = self.task.device_batch(batch, self.normalizer)
             with self.accelerator.accumulate(self.model):
                 loss = self.task.loss(self.model, batch, self.info)
                 self.accelerator.backward(loss)

@@ -18,6 +18,7 @@ from visionlora.data.transforms import (
     TRAIN_CACHE_SCALE,
     Normalizer,
     RandomResizedCropFlip,
+    chw,
     processor_output_size,
     processor_pixels,
     resize_for_training,
@@ -80,7 +81,7 @@ class ClassificationTask(Task):
         decoded = decode_all([r.source for r in source.train], lambda im, _: resize_for_training(im, output_size),
                              cache=cache, settings=f"classification-train|{output_size}")
         labels = [info.label2id[source.train[i].label] for i in decoded.kept]
-        dataset = AugmentedImages(decoded.items, labels, Normalizer(processor), output_size, cfg.seed)
+        dataset = AugmentedImages(decoded.items, labels, output_size, cfg.seed)
         dataset.cache_report = decoded.report
         return dataset, decoded.skipped
 
@@ -88,7 +89,7 @@ class ClassificationTask(Task):
         decoded = decode_all([r.source for r in records], lambda im, _: processor_pixels(processor, im),
                              cache=cache, settings=f"classification-eval|{processor.to_json_string()}")
         labels = [info.label2id[records[i].label] for i in decoded.kept]
-        dataset = CachedImages(decoded.items, labels, Normalizer(processor))
+        dataset = CachedImages(decoded.items, labels)
         dataset.cache_report = decoded.report
         return dataset, decoded.skipped
 
@@ -187,23 +188,23 @@ class ClassificationTask(Task):
 
 
 class CachedImages(SeededDataset):
-    """Decoded, already-resized uint8 pixels and labels; normalised on access."""
+    """Decoded, already-resized uint8 pixels (3, H, W) and labels."""
 
-    def __init__(self, pixels: list[torch.Tensor], labels: list[int], normalizer: Normalizer):
-        self.pixels, self.labels, self.normalizer = pixels, labels, normalizer
+    def __init__(self, pixels: list[torch.Tensor], labels: list[int]):
+        self.pixels, self.labels = pixels, labels
 
     def __len__(self) -> int:
         return len(self.pixels)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"pixel_values": self.normalizer(self.pixels[index]), "labels": self.labels[index], "index": index}
+        return {"pixel_values": self.pixels[index], "labels": self.labels[index], "index": index}
 
 
 class AugmentedImages(SeededDataset):
     """Cached uint8 images with a random resized crop and flip, seeded per (epoch, item)."""
 
-    def __init__(self, images: Sequence[np.ndarray], labels: list[int], normalizer: Normalizer, output_size, seed: int):
-        self.images, self.labels, self.normalizer = images, labels, normalizer
+    def __init__(self, images: Sequence[np.ndarray], labels: list[int], output_size, seed: int):
+        self.images, self.labels = images, labels
         self.augment = RandomResizedCropFlip(output_size)
         self.seed = seed
 
@@ -212,4 +213,4 @@ class AugmentedImages(SeededDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         crop = self.augment(self.images[index], rng=random.Random(self.item_seed(index)))
-        return {"pixel_values": self.normalizer.from_hwc(crop), "labels": self.labels[index], "index": index}
+        return {"pixel_values": chw(crop), "labels": self.labels[index], "index": index}

@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 from transformers.image_transforms import corners_to_center_format
 
+from visionlora.data.batches import batch_buffer, stacked
 from visionlora.data.cache import CachePlan, StoredImages, default_cache_dir
 from visionlora.data.images import decode_records
 from visionlora.data.records import DetectionRecord, Part, SourceData, clean_box
-from visionlora.data.transforms import Normalizer, processor_pixels
+from visionlora.data.transforms import Normalizer, chw, processor_pixels
 from visionlora.deploy.outputs import Option, parse_float_between
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.detection import ImageBoxes, detection_curves, detection_metrics
@@ -167,21 +168,32 @@ class DetectionTask(Task):
     # -- steps ------------------------------------------------------------------------
     def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Pad images to the largest in the batch (bottom/right) with a pixel mask, as DETR expects."""
-        batch = self.model_inputs([item["pixel_values"] for item in items])
+        batch = self.model_inputs([item["pixel_values"] for item in items], mask_dtype=torch.uint8)
         batch["labels"] = [item["labels"] for item in items]
         batch["index"] = torch.tensor([item["index"] for item in items])
         return batch
 
-    def model_inputs(self, pixels: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def model_inputs(self, pixels: list[torch.Tensor], mask_dtype=torch.long) -> dict[str, torch.Tensor]:
+        """Pixels of any type padded with zeros to the largest (bottom/right), and the mask of the real ones."""
         height = max(p.shape[1] for p in pixels)
         width = max(p.shape[2] for p in pixels)
-        padded = torch.zeros(len(pixels), 3, height, width)
-        mask = torch.zeros(len(pixels), height, width, dtype=torch.long)
+        if all(p.shape[1:] == (height, width) for p in pixels):
+            mask = batch_buffer("pixel_mask", (len(pixels), height, width), mask_dtype).fill_(1)
+            return {"pixel_values": stacked(pixels, "pixel_values"), "pixel_mask": mask}
+        padded = batch_buffer("pixel_values", (len(pixels), 3, height, width), pixels[0].dtype)
+        mask = batch_buffer("pixel_mask", (len(pixels), height, width), mask_dtype)
         for index, image in enumerate(pixels):
             _, h, w = image.shape
             padded[index, :, :h, :w] = image
             mask[index, :h, :w] = 1
         return {"pixel_values": padded, "pixel_mask": mask}
+
+    def device_batch(self, batch: dict[str, Any], normalizer: Normalizer) -> dict[str, Any]:
+        """Pixels normalised with the padding at 0 (as predict pads normalised pixels); the mask widened."""
+        mask = batch["pixel_mask"]
+        batch["pixel_values"] = normalizer(batch["pixel_values"]).masked_fill_(mask.unsqueeze(1) == 0, 0.0)
+        batch["pixel_mask"] = mask.long()
+        return batch
 
     def loss(self, model, batch, info: ModelInfo) -> torch.Tensor:
         return model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"]).loss
@@ -243,12 +255,11 @@ def _boxes_and_sizes(dataset, indices, outputs, info: ModelInfo):
 
 # -- datasets ---------------------------------------------------------------------------
 class DetectionImages(SeededDataset):
-    """Images at model scale (from the cache) with their boxes; targets normalised (cx, cy, w, h)."""
+    """Images at model scale (uint8 (H, W, 3) in the cache) with their boxes; targets normalised (cx, cy, w, h)."""
 
-    def __init__(self, images: StoredImages, records: list[DetectionRecord], label2id: dict[str, int], normalizer,
+    def __init__(self, images: StoredImages, records: list[DetectionRecord], label2id: dict[str, int],
                  seed: int = 0):
-        self.images, self.records, self.label2id, self.normalizer, self.seed = (
-            images, records, label2id, normalizer, seed)
+        self.images, self.records, self.label2id, self.seed = images, records, label2id, seed
         self.dropped: list[dict[str, str]] = []
 
     def __len__(self) -> int:
@@ -267,8 +278,7 @@ class DetectionImages(SeededDataset):
         return [self.label2id[name] for name in self.records[index].labels]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        pixels = self.images[index]["pixels"]
-        return self._item(self.normalizer(pixels), self.scaled_boxes(index), self.labels_of(index), index)
+        return self._item(chw(self.images[index]["pixels"]), self.scaled_boxes(index), self.labels_of(index), index)
 
     def _item(self, pixel_values: torch.Tensor, boxes_xyxy, labels: list[int], index: int) -> dict[str, Any]:
         """DETR targets: (cx, cy, w, h) relative to the unpadded image, and the original size."""
@@ -286,8 +296,8 @@ class DetectionImages(SeededDataset):
 class AugmentedDetection(DetectionImages):
     """Flip, scale/shift and colour changes that move the boxes with the image."""
 
-    def __init__(self, cached, records, label2id, normalizer, seed: int):
-        super().__init__(cached, records, label2id, normalizer, seed)
+    def __init__(self, cached, records, label2id, seed: int):
+        super().__init__(cached, records, label2id, seed)
         self.augment = A.Compose(
             [
                 A.HorizontalFlip(p=0.5),
@@ -300,13 +310,11 @@ class AugmentedDetection(DetectionImages):
         )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = self.images[index]["pixels"].permute(1, 2, 0).numpy()
         self.augment.set_random_seed(self.item_seed(index))
         boxes = np.asarray(self.scaled_boxes(index), dtype=np.float32).reshape(-1, 4)
-        out = self.augment(image=image, bboxes=boxes, labels=self.labels_of(index))
-        pixels = torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1)
+        out = self.augment(image=self.images[index]["pixels"], bboxes=boxes, labels=self.labels_of(index))
         labels = [int(v) for v in out["labels"]]
-        return self._item(self.normalizer(pixels), np.asarray(out["bboxes"]).reshape(-1, 4), labels, index)
+        return self._item(chw(out["image"]), np.asarray(out["bboxes"]).reshape(-1, 4), labels, index)
 
 
 def _config(ref: str):
@@ -326,19 +334,20 @@ def _decoded_dataset(kind: type, records: list[DetectionRecord], processor, info
     The boxes dropped while fitting are listed in the dataset's ``dropped``.
     """
     decoded = decode_records(records, lambda image, _: _model_scale(processor, image), cache=cache,
-                             settings=f"detection|{processor.to_json_string()}")
+                             settings=f"detection|hwc|{processor.to_json_string()}")
     fitted, dropped = _fit_boxes([records[i] for i in decoded.kept], decoded.items)
-    dataset = kind(decoded.items, fitted, info.label2id, Normalizer(processor), seed)
+    dataset = kind(decoded.items, fitted, info.label2id, seed)
     dataset.dropped, dataset.cache_report = dropped, decoded.report
     return dataset, decoded.skipped
 
 
 def _model_scale(processor, image: Image.Image) -> dict[str, Any]:
-    """The processor's resize of ``image`` (uint8, CHW) and the scale from original pixels."""
+    """The processor's resize of ``image`` (uint8, (H, W, 3): what augmentation reads) and the scale
+    from original pixels."""
     pixels = processor_pixels(processor, image)
     _, height, width = pixels.shape
-    return {"pixels": pixels, "scale": (width / image.width, height / image.height),
-            "original_size": (image.height, image.width)}
+    return {"pixels": np.ascontiguousarray(pixels.permute(1, 2, 0).numpy()),
+            "scale": (width / image.width, height / image.height), "original_size": (image.height, image.width)}
 
 
 def _fit_boxes(records: list[DetectionRecord], images: StoredImages) -> tuple[list[DetectionRecord], list[dict]]:

@@ -15,7 +15,7 @@ from PIL import Image
 from visionlora.data.cache import CachePlan, StoredImages
 from visionlora.data.images import decode_records
 from visionlora.data.records import PoseRecord, SourceData, mark_unlabelled
-from visionlora.data.transforms import Normalizer
+from visionlora.data.transforms import Normalizer, chw
 from visionlora.deploy.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.pose import PCK_CURVE, PoseTarget, keypoint_table, pose_metrics
@@ -126,7 +126,7 @@ class PoseTask(Task):
         if len(crops):
             info.extra["mean_points"] = _mean_points(crops.instances, input_size).round(3).tolist()
         pairs = [tuple(p) for p in info.extra["flip_pairs"]]
-        dataset = TrainingCrops(crops, Normalizer(processor), input_size, tuple(info.extra["heatmap_size"]),
+        dataset = TrainingCrops(crops, input_size, tuple(info.extra["heatmap_size"]),
                                 pairs, cfg.seed, cfg.augment)
         dataset.cache_report = decoded.report
         return dataset, decoded.skipped
@@ -136,8 +136,7 @@ class PoseTask(Task):
         decoded = decode_records(records, lambda im, rec: _eval_crops(im, rec, input_size), cache=cache,
                                  settings=f"pose-eval|{input_size}")
         mean = np.asarray(info.extra["mean_points"]) if info.extra.get("mean_points") else None
-        dataset = EvalCrops(Crops(decoded.items), Normalizer(processor), input_size, tuple(info.extra["heatmap_size"]),
-                            mean)
+        dataset = EvalCrops(Crops(decoded.items), input_size, tuple(info.extra["heatmap_size"]), mean)
         dataset.cache_report = decoded.report
         return dataset, decoded.skipped
 
@@ -353,8 +352,8 @@ class Crops:
 class EvalCrops(SeededDataset):
     """Model-ready crops with target heatmaps (for the validation loss) and their crop boxes."""
 
-    def __init__(self, crops: Crops, normalizer, input_size, heatmap_wh, mean_points=None):
-        self.crops, self.instances, self.normalizer = crops, crops.instances, normalizer
+    def __init__(self, crops: Crops, input_size, heatmap_wh, mean_points=None):
+        self.crops, self.instances = crops, crops.instances
         self.input_size, self.heatmap_wh, self.mean_points = input_size, heatmap_wh, mean_points
 
     def __len__(self) -> int:
@@ -369,8 +368,8 @@ class EvalCrops(SeededDataset):
 class TrainingCrops(EvalCrops):
     """Random scale, rotation and flip (swapping left/right keypoints) from the cached context."""
 
-    def __init__(self, crops: Crops, normalizer, input_size, heatmap_wh, pairs, seed: int, augment: bool = True):
-        super().__init__(crops, normalizer, input_size, heatmap_wh)
+    def __init__(self, crops: Crops, input_size, heatmap_wh, pairs, seed: int, augment: bool = True):
+        super().__init__(crops, input_size, heatmap_wh)
         self.pairs, self.seed, self.augment = pairs, seed, augment
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -398,10 +397,9 @@ class TrainingCrops(EvalCrops):
 def _item(pixels: np.ndarray, points: np.ndarray, labelled: np.ndarray, dataset: EvalCrops,
           index: int) -> dict[str, Any]:
     target, weight = encode_heatmaps(points, labelled, dataset.input_size, dataset.heatmap_wh)
-    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
     crop = dataset.instances[index].crop
     return {
-        "pixel_values": dataset.normalizer(tensor),
+        "pixel_values": chw(pixels),
         "target": torch.from_numpy(target),
         "weight": torch.from_numpy(weight),
         "center": torch.from_numpy(np.asarray(crop.center, dtype=np.float32)),

@@ -23,7 +23,7 @@ from visionlora.data.cache import CachePlan
 from visionlora.data.images import decode_all, load_rgb
 from visionlora.data.records import Part, SourceData
 from visionlora.data.segmentation import FORMAT_NAMES, IGNORE_INDEX, SegmentationRecord, load_mask, voc_palette
-from visionlora.data.transforms import Normalizer, processor_output_size, processor_pixels
+from visionlora.data.transforms import Normalizer, chw, processor_output_size, processor_pixels
 from visionlora.deploy.outputs import DRAWN_IMAGES, JSON_OUTPUT, OutputWriter
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.segmentation import confusion_matrix, per_class_rows, segmentation_metrics
@@ -83,7 +83,7 @@ class SegmentationTask(Task):
         dataset, skipped = self.eval_dataset(source.train, processor, info, cache)
         if not cfg.augment:
             return dataset, skipped
-        augmented = AugmentedMasks(dataset.items, Normalizer(processor), cfg.seed, ignore_index(info))
+        augmented = AugmentedMasks(dataset.items, cfg.seed, ignore_index(info))
         augmented.cache_report = dataset.cache_report
         return augmented, skipped
 
@@ -95,12 +95,13 @@ class SegmentationTask(Task):
         def prepare(image: Image.Image, record: SegmentationRecord) -> dict[str, Any]:
             mask = load_mask(record, len(info.labels), ignore, image.size)
             resized = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
-            return {"pixels": processor_pixels(processor, image), "mask": torch.from_numpy(resized)}
+            pixels = processor_pixels(processor, image).permute(1, 2, 0).numpy()
+            return {"pixels": np.ascontiguousarray(pixels), "mask": resized}
 
         decoded = decode_all(records, prepare, name_of=lambda record: str(record.image),
                              opener=lambda record: load_rgb(record.image), cache=cache,
-                             settings=f"segmentation|{len(info.labels)}|{ignore}|{processor.to_json_string()}")
-        dataset = MaskedImages(decoded.items, Normalizer(processor))
+                             settings=f"segmentation|hwc|{len(info.labels)}|{ignore}|{processor.to_json_string()}")
+        dataset = MaskedImages(decoded.items)
         dataset.cache_report = decoded.report
         return dataset, decoded.skipped
 
@@ -120,6 +121,12 @@ class SegmentationTask(Task):
         return heads
 
     # -- steps ------------------------------------------------------------------------
+    def device_batch(self, batch: dict[str, Any], normalizer: Normalizer) -> dict[str, Any]:
+        """Pixels normalised, and the uint8 class maps widened to the loss's int64."""
+        batch = super().device_batch(batch, normalizer)
+        batch["labels"] = batch["labels"].long()
+        return batch
+
     def loss(self, model, batch, info: ModelInfo) -> torch.Tensor:
         logits = model(pixel_values=batch["pixel_values"], **info.forward_kwargs).logits
         return pixel_loss(logits, batch["labels"], ignore_index(info))
@@ -204,25 +211,25 @@ def describe_mask(mask: np.ndarray, info: ModelInfo) -> dict[str, Any]:
 
 
 class MaskedImages(SeededDataset):
-    """Cached model-sized uint8 images with their masks; normalised on access."""
+    """Cached model-sized uint8 images (H, W, 3) with their uint8 masks (widened on the device)."""
 
-    def __init__(self, items, normalizer: Normalizer):
-        self.items, self.normalizer = items, normalizer
+    def __init__(self, items):
+        self.items = items
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
-        return {"pixel_values": self.normalizer(item["pixels"]), "labels": item["mask"].long(), "index": index}
+        return _item(item["pixels"], item["mask"], index)
 
 
 class AugmentedMasks(MaskedImages):
     """Flip, scale/shift/rotate and colour changes that move the mask with the image (albumentations);
     pixels moved in from outside the image are ignored in the loss."""
 
-    def __init__(self, items, normalizer: Normalizer, seed: int, ignore: int):
-        super().__init__(items, normalizer)
+    def __init__(self, items, seed: int, ignore: int):
+        super().__init__(items)
         self.seed = seed
         self.augment = A.Compose([
             A.HorizontalFlip(p=0.5),
@@ -234,6 +241,11 @@ class AugmentedMasks(MaskedImages):
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
         self.augment.set_random_seed(self.item_seed(index))
-        out = self.augment(image=item["pixels"].permute(1, 2, 0).numpy(), mask=item["mask"].numpy())
-        return {"pixel_values": self.normalizer.from_hwc(out["image"]),
-                "labels": torch.from_numpy(np.ascontiguousarray(out["mask"])).long(), "index": index}
+        out = self.augment(image=item["pixels"], mask=item["mask"])
+        return _item(out["image"], out["mask"], index)
+
+
+def _item(pixels: np.ndarray, mask: np.ndarray, index: int) -> dict[str, Any]:
+    """uint8 pixels (3, H, W) and class map (H, W), as views where the arrays allow."""
+    labels = torch.from_numpy(mask if mask.flags.writeable and min(mask.strides) > 0 else np.array(mask))
+    return {"pixel_values": chw(pixels), "labels": labels, "index": index}
