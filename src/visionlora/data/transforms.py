@@ -94,12 +94,17 @@ class Normalizer:
         return self._on_device[device]
 
 
+def tensor_view(array: np.ndarray) -> torch.Tensor:
+    """The array as a tensor without copying (a batch's stack copies once), unless it is read-only
+    or flipped by negative strides."""
+    if not array.flags.writeable or min(array.strides) < 0:
+        array = np.array(array)
+    return torch.from_numpy(array)
+
+
 def chw(image: np.ndarray) -> torch.Tensor:
-    """A uint8 (H, W, 3) array as a (3, H, W) tensor view, without copying (the batch's stack copies once)
-    unless the array is read-only or flipped by negative strides."""
-    if not image.flags.writeable or min(image.strides) < 0:
-        image = np.array(image)
-    return torch.from_numpy(image).permute(2, 0, 1)
+    """A uint8 (H, W, 3) array as a (3, H, W) tensor view."""
+    return tensor_view(image).permute(2, 0, 1)
 
 
 def resize_for_training(image: Image.Image, output_size: tuple[int, int]) -> np.ndarray:

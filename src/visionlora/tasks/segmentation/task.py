@@ -23,7 +23,7 @@ from visionlora.data.cache import CachePlan
 from visionlora.data.images import decode_all, load_rgb
 from visionlora.data.records import Part, SourceData
 from visionlora.data.segmentation import FORMAT_NAMES, IGNORE_INDEX, SegmentationRecord, load_mask, voc_palette
-from visionlora.data.transforms import Normalizer, chw, processor_output_size, processor_pixels
+from visionlora.data.transforms import Normalizer, chw, processor_output_size, processor_pixels, tensor_view
 from visionlora.deploy.outputs import DRAWN_IMAGES, JSON_OUTPUT, OutputWriter
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.segmentation import confusion_matrix, per_class_rows, segmentation_metrics
@@ -247,5 +247,4 @@ class AugmentedMasks(MaskedImages):
 
 def _item(pixels: np.ndarray, mask: np.ndarray, index: int) -> dict[str, Any]:
     """uint8 pixels (3, H, W) and class map (H, W), as views where the arrays allow."""
-    labels = torch.from_numpy(mask if mask.flags.writeable and min(mask.strides) > 0 else np.array(mask))
-    return {"pixel_values": chw(pixels), "labels": labels, "index": index}
+    return {"pixel_values": chw(pixels), "labels": tensor_view(mask), "index": index}
