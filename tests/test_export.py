@@ -124,8 +124,62 @@ def test_merged_export_evaluates_and_serves(exports, class_folder, capsys):
     served = store.add("merged", merged)
     image = Image.open(exports["classification-lora"]["images"][0]).convert("RGB")
     _close(served.predict([image]), visionlora.load(merged).predict([image]))
-    with pytest.raises(visionlora.VisionLoraError, match="an ONNX export runs in onnxruntime"):
-        store.add("onnx", exports["classification-lora"]["onnx"])
+
+
+def test_onnx_exports_serve_with_the_same_answers_as_predict(exports, tmp_path, capsys):
+    """Every task's ONNX export through the server's HTTP API (batched, requests in parallel) answers
+    what ``visionlora predict`` gives for the same export, and the server counts them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from visionlora.serving.app import ServeSettings, create_app
+
+    store = ModelStore("cpu")
+    for case in CASES:
+        store.add(case, exports[case]["onnx"])
+    options = {"pose": {"boxes": "[[2, 3, 60, 70]]"}, "detection": {"threshold": "0.0"}}
+    jobs = [(case, path) for case in CASES for path in exports[case]["images"]]
+    with TestClient(create_app(store, ServeSettings(max_batch_size=4, max_wait_ms=20))) as client:
+        def ask(job):
+            case, path = job
+            answer = client.post(f"/v1/models/{case}/predict", files={"file": (path.name, path.read_bytes())},
+                                 data=options.get(CASES[case][0], {}))
+            assert answer.status_code == 200, answer.text
+            return answer.json()["predictions"][0]
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(ask, jobs[::2] + jobs[1::2]))
+        listed = {model["name"]: model for model in client.get("/v1/models").json()["models"]}
+        metrics = client.get("/metrics").text
+    assert listed["classification-lora"]["mixing"] == "an ONNX model has no adapter to mix"
+    served = len(exports["pose-full"]["images"])
+    assert f'visionlora_requests_total{{endpoint="predict",model="pose-full",status="200"}} {served}.0' in metrics
+    assert 'visionlora_batch_images_count{model="pose-full"}' in metrics
+    for (case, path), answer in zip(jobs[::2] + jobs[1::2], answers):
+        boxes = tmp_path / "boxes.json"
+        boxes.write_text(json.dumps({path.name: [[2, 3, 60, 70]]}))
+        flags = {"pose": ["--boxes", str(boxes)], "detection": ["--threshold", "0"]}
+        assert main(["predict", str(exports[case]["onnx"]), str(path), *flags.get(CASES[case][0], [])]) == 0
+        expected = {k: v for k, v in json.loads(capsys.readouterr().out)[0].items() if k != "image"}
+        assert_nested_close({key: answer.get(key) for key in expected}, expected, 1e-5)
+
+
+def test_onnx_export_predicts_a_video_with_set_threads(exports, tmp_path, capsys):
+    from visionlora.examples.synthetic import make_pose_video
+
+    video = make_pose_video(tmp_path / "clip.mp4", frames=6, fps=10)
+    threads = torch.get_num_threads()
+    assert main(["predict", str(exports["pose-lora"]["onnx"]), str(video), "--threads", "1"]) == 0
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(threads)
+    onnx = json.loads(capsys.readouterr().out)
+    assert main(["predict", str(exports["pose-lora"]["run"]), str(video)]) == 0
+    run = json.loads(capsys.readouterr().out)
+    assert len(onnx["frames"]) == 6
+    _close(onnx["frames"], run["frames"], tolerance=1e-3)
+    assert main(["predict", str(exports["pose-lora"]["onnx"]), str(video), "--threads", "0"]) == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_bad_exports_are_one_line_and_leave_nothing(exports, tmp_path, capsys, monkeypatch):

@@ -97,6 +97,24 @@ def _loading_flags() -> argparse.ArgumentParser:
     return loading
 
 
+def _threads_flag() -> argparse.ArgumentParser:
+    threads = argparse.ArgumentParser(add_help=False)
+    threads.add_argument("--threads", type=int, metavar="N",
+                         help="CPU threads of each forward, torch's and onnxruntime's (default: one per core)")
+    return threads
+
+
+def _use_threads(args) -> None:
+    """Apply --threads (read by onnxruntime sessions as they are made, and by torch)."""
+    if args.threads is None:
+        return
+    if args.threads < 1:
+        raise VisionLoraError(f"--threads must be at least 1, got {args.threads}")
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+
 def _evaluate_parser(commands, common, help_text: str) -> None:
     evaluate = commands.add_parser("evaluate", parents=[common, _loading_flags()], help=help_text)
     evaluate.add_argument("run_dir", metavar="RUN_DIR",
@@ -112,7 +130,7 @@ def _predict_parser(commands, common, help_text: str) -> None:
     """Generic arguments, then each task's options and writers (a flag shared by tasks is added once)."""
     from visionlora.tasks import get_task, task_names
 
-    predict = commands.add_parser("predict", parents=[common, _loading_flags()], help=help_text)
+    predict = commands.add_parser("predict", parents=[common, _loading_flags(), _threads_flag()], help=help_text)
     predict.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
     predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER_OR_VIDEO",
                          help="image files, folders of images, or videos (mp4, avi, mov, mkv)")
@@ -173,7 +191,7 @@ def _compare_parser(commands, common, help_text: str) -> None:
 
 
 def _serve_parser(commands, common, help_text: str) -> None:
-    serve = commands.add_parser("serve", parents=[common], help=help_text,
+    serve = commands.add_parser("serve", parents=[common, _threads_flag()], help=help_text,
                                 description="Serve runs over HTTP: GET / for a page to try them, "
                                             "/v1/models for the API.")
     serve.add_argument("runs", nargs="*", metavar="[NAME=]RUN",
@@ -317,6 +335,7 @@ def _cmd_predict(args) -> int:
 
     if args.engine == "ray":
         return _predict_on_ray(args)
+    _use_threads(args)
     if args.runs:
         raise VisionLoraError("--runs takes effect with --engine ray")
     loading = dict(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
@@ -469,6 +488,7 @@ def _cmd_serve(args) -> int:
 
     if not args.runs and not args.runs_dir:
         raise VisionLoraError("serve needs run folders, --runs-dir DIR, or both")
+    _use_threads(args)
     settings = ServeSettings(args.max_batch_size, args.max_wait_ms, args.max_upload_mb, args.admin_token,
                              args.precision, args.mixed_batches)
     if args.ray:

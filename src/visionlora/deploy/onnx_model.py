@@ -14,7 +14,9 @@ from visionlora.errors import VisionLoraError
 
 class OnnxModel:
     """``model(pixel_values=..., ...)`` -> an object with the exported outputs as torch tensors,
-    so that the task's own decoding (box post-processing, heatmap decoding) runs unchanged."""
+    so that the task's own decoding (box post-processing, heatmap decoding) runs unchanged.
+
+    The session runs on the CPU with as many intra-op threads as torch uses (``--threads``)."""
 
     device = torch.device("cpu")
 
@@ -30,8 +32,11 @@ class OnnxModel:
         except ImportError:
             raise VisionLoraError("onnxruntime is not installed: pip install onnxruntime") from None
         path = Path(folder) / export["file"]
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # one thread setting (--threads) for both engines
+        options.inter_op_num_threads = 1
         try:
-            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own types for missing or damaged files
             raise VisionLoraError(f"{path}: cannot load the ONNX model: {str(err).splitlines()[0][:200]}") from None
         return cls(session, export["inputs"], export["outputs"])

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from visionlora.artifacts import RunPaths, folder_bytes
-from visionlora.deploy.runs import RunFolder, open_run
+from visionlora.deploy.runs import RunFolder, load_model, open_run
 from visionlora.errors import VisionLoraError
 from visionlora.modeling.loading import base_revision, check_weight_files, loading_policy
 from visionlora.modeling.mixed_batches import mixing_refusal, prepare_mixed_batches
@@ -226,16 +226,16 @@ class ModelStore:
     # -- loading and unloading ----------------------------------------------------------------
     def _load(self, name: str, run_dir: str | Path, pinned: bool) -> ServedModel:
         run = open_run(run_dir)
-        if run.is_onnx:
-            raise VisionLoraError(f"{run.paths.root}: an ONNX export runs in onnxruntime (visionlora predict); "
-                                  "serve takes runs and merged exports")
         with loading_policy(False, False):
-            check_weight_files(run.paths.model_dir)
-            base, slot = self._attach(name, run)
+            if run.is_onnx:
+                base, slot = self._attach_onnx(name, run), None
+            else:
+                check_weight_files(run.paths.model_dir)
+                base, slot = self._attach(name, run)
             processor = self._processor(run)
         paths, task, info = run.paths, run.task, run.info
         weights = sorted(paths.model_dir.glob("*.safetensors"))
-        refusal = mixing_refusal(base.model, slot) if slot else "a full model has no adapter to mix"
+        refusal = mixing_refusal(base.model, slot) if slot else f"{_kind(run)} has no adapter to mix"
         served = ServedModel(name, paths, task, info, processor, base,
                              weights[0].stat().st_size if weights else folder_bytes(paths.model_dir), slot, refusal,
                              pinned)
@@ -271,6 +271,13 @@ class ModelStore:
         if settings not in self._processors:
             self._processors[settings] = run.load_processor()
         return self._processors[settings]
+
+    def _attach_onnx(self, name: str, run: RunFolder) -> SharedBase:
+        """An ONNX export's own onnxruntime session (on the CPU)."""
+        base = SharedBase(("onnx", str(run.paths.model_dir.resolve())), load_model(run), adapters={name})
+        with self._lock:
+            self.bases[base.key] = base
+        return base
 
     def _attach(self, name: str, run: RunFolder) -> tuple[SharedBase, str | None]:
         """The base ``run`` predicts with (loaded on first need), and the adapter slot holding its adapter."""
@@ -337,12 +344,17 @@ def _finished(folder: Path) -> bool:
     return True
 
 
+def _kind(run: RunFolder) -> str:
+    return "an ONNX model" if run.is_onnx else "a full model"
+
+
 class _precision:
     """fp32 by default (answers equal ``visionlora predict``); bf16 autocast when asked."""
 
-    def __init__(self, precision: str, model: torch.nn.Module):
-        device = next(model.parameters()).device.type
-        self.context = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else None
+    def __init__(self, precision: str, model):
+        torch_model = isinstance(model, torch.nn.Module)  # an onnxruntime session runs as it was exported
+        device = next(model.parameters()).device.type if torch_model else "cpu"
+        self.context = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" and torch_model else None
 
     def __enter__(self):
         return self.context.__enter__() if self.context else None
