@@ -197,6 +197,10 @@ def test_bad_exports_are_one_line_and_leave_nothing(exports, tmp_path, capsys, m
     (tmp_path / "unfinished" / "checkpoint").mkdir(parents=True)
     (tmp_path / "unfinished" / "checkpoint" / "progress.json").write_text('{"completed_epochs": 1, "batches_done": 0}')
     one_line(["export", str(tmp_path / "unfinished"), "--output", str(tmp_path / "b")], "the run did not complete")
+    one_line(["export", run, "--output", str(tmp_path / "b"), "--quantize", "int8"],
+             "--quantize int8 quantizes an ONNX model: add --format onnx")
+    one_line(["export", run, "--output", str(tmp_path / "b"), "--format", "onnx", "--quantize", "int8",
+              "--max-metric-drop", "-1"], "--max-metric-drop must be 0 or more, got -1.0")
 
     def refuses(*args, **kwargs):
         raise RuntimeError("Exporting the operator 'aten::fancy_op' to ONNX opset version 17 is not supported.")
@@ -206,3 +210,46 @@ def test_bad_exports_are_one_line_and_leave_nothing(exports, tmp_path, capsys, m
              "ViTForImageClassification: the ONNX exporter cannot handle this model: "
              "Exporting the operator 'aten::fancy_op'")
     assert not (tmp_path / "c").exists() and not list(tmp_path.glob(".c*"))
+
+
+def test_int8_export_is_measured_against_fp32_and_served(exports, tmp_path, capsys):
+    run, target = exports["classification-lora"]["run"], tmp_path / "int8"
+    assert main(["export", str(run), "--format", "onnx", "--quantize", "int8", "--output", str(target)]) == 0
+    assert "int8: validation accuracy" in capsys.readouterr().out
+    record = json.loads((target / "export.json").read_text())["quantization"]
+    summary = json.loads(next(run.glob("training_results_*/training_summary.json")).read_text())
+    assert record["fp32"] == summary["metrics"]["accuracy"]  # the fp32 model's own validation figure
+    assert record["metric_drop"] == record["fp32"] - record["int8"] <= record["max_metric_drop"] == 0.01
+    assert 0 < record["max_abs_diff"] < 0.1 and 0.5 <= record["top1_agreement"] <= 1
+    assert record["int8_bytes"] < record["fp32_bytes"] and not (target / "model.int8.onnx").exists()
+    image = Image.open(exports["classification-lora"]["images"][0]).convert("RGB")
+    served = ModelStore("cpu").add("int8", target)
+    _close(served.predict([image]), visionlora.load(target).predict([image]), tolerance=1e-6)
+
+
+def test_an_int8_model_that_loses_accuracy_is_refused_and_leaves_nothing(exports, tmp_path, monkeypatch, capsys):
+    """A quantization that wrecks the classifier (its weights zeroed after quantizing) falls below the
+    limit: one line naming both figures, exit 2, no folder."""
+    import onnx
+    import onnxruntime.quantization as quantization
+    from onnx import numpy_helper
+
+    real = quantization.quantize_dynamic
+
+    def wrecked(source, target, **kwargs):
+        real(source, target, **kwargs)
+        model = onnx.load(target)
+        for weight in model.graph.initializer:
+            if "classifier" in weight.name and weight.data_type == onnx.TensorProto.INT8:
+                weight.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(weight)), weight.name))
+        onnx.save(model, target)
+
+    monkeypatch.setattr(quantization, "quantize_dynamic", wrecked)
+    target = tmp_path / "int8"
+    argv = ["export", str(exports["classification-lora"]["run"]), "--format", "onnx", "--quantize", "int8",
+            "--output", str(target)]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "int8 accuracy 0.2" in lines[0] and "against fp32" in lines[0], lines
+    assert "more than --max-metric-drop 0.01" in lines[0]
+    assert not target.exists() and not list(tmp_path.glob(".int8*"))

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from visionlora import __version__
+from visionlora.deploy import MAX_METRIC_DROP
 from visionlora.errors import VisionLoraError
 from visionlora.serving import DEFAULT_MAX_LOADED
 
@@ -240,6 +241,12 @@ def _export_parser(commands, common, help_text: str) -> None:
     export.add_argument("--output", required=True, metavar="DIR", help="the export folder")
     export.add_argument("--format", default="merged", metavar="merged|onnx", help="merged (default) or onnx")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    export.add_argument("--quantize", choices=("int8",),
+                        help="with --format onnx: int8 weights (onnxruntime's dynamic quantization), evaluated on "
+                             "the run's validation split beside fp32")
+    export.add_argument("--max-metric-drop", type=float, default=MAX_METRIC_DROP, metavar="X",
+                        help="with --quantize: refuse when the main metric falls by more than X, in its own units "
+                             f"(default {MAX_METRIC_DROP}; pose's pixel error rises)")
     export.set_defaults(handler=_cmd_export)
 
 
@@ -559,12 +566,18 @@ def _autoscaling_config(text: str) -> dict[str, Any]:
 def _cmd_export(args) -> int:
     from visionlora.deploy.export import export_run
 
-    record = export_run(args.run_dir, args.output, args.format, args.overwrite)
+    record = export_run(args.run_dir, args.output, args.format, args.overwrite, quantize=args.quantize,
+                        max_metric_drop=args.max_metric_drop)
     checks = f"merged vs adapter max |diff| {record['merged_max_abs_diff']:.2e}"
     if record["format"] == "onnx":
         checks += f"; onnxruntime vs torch max |diff| {record['onnx_max_abs_diff']:.2e}, opset {record['opset']}"
     print(f"exported {args.run_dir} as {record['format']} to {args.output} "
           f"({checks}, {record['checked_images']} images)")
+    if "quantization" in record:
+        q = record["quantization"]
+        print(f"int8: validation {q['main_metric']} {q['int8']:.4f} (fp32 {q['fp32']:.4f}, limit "
+              f"{q['max_metric_drop']:g}); outputs max |diff| {q['max_abs_diff']:.3g}, top-1 agreement "
+              f"{q['top1_agreement']:.1%}; {q['int8_bytes'] / 1e6:.1f} MB (fp32 {q['fp32_bytes'] / 1e6:.1f} MB)")
     return 0
 
 

@@ -3,7 +3,11 @@
     merged   the adapter merged into its base (peft's merge_and_unload): a plain transformers
              folder that ``AutoModelFor<Task>.from_pretrained`` loads without peft
     onnx     the merged model through ``torch.onnx.export``, with a dynamic batch axis (and
-             height and width for models that take padded images); verified against torch
+             height and width for models that take padded images); verified against torch.
+             With ``quantize="int8"``: onnxruntime's dynamic quantization of the MatMul and Gemm
+             weights (activations quantized per batch at run time, so no calibration set), then
+             evaluated on the run's validation split beside the fp32 model; a main metric that
+             falls by more than ``max_metric_drop`` refuses the export
 
 Both keep the processor and visionlora.json beside the weights, record what was done in
 export.json and carry a model card (README.md); the folder is written under a temporary name and renamed when complete.
@@ -20,12 +24,14 @@ import torch
 from visionlora.artifacts import INFO_FILE, atomic_dir, atomic_write_bytes, atomic_write_json, read_json
 from visionlora.data.images import UnreadableImage, load_rgb
 from visionlora.data.records import image_source
+from visionlora.deploy import MAX_METRIC_DROP
 from visionlora.deploy.predictor import LoadedRun, load_run
 from visionlora.errors import VisionLoraError
 from visionlora.reporting.model_card import model_card
 from visionlora.reporting.run_summary import RunSummary
 
 FORMATS = ("merged", "onnx")
+QUANTIZATIONS = ("int8",)
 OPSET = 17
 TOLERANCE = 1e-3  # largest difference allowed between onnxruntime and torch outputs (fp32)
 MERGE_TOLERANCE = 1e-4  # between the merged model and the adapter
@@ -33,13 +39,21 @@ CHECK_IMAGES = 8
 
 
 def export_run(run_dir: str | Path, output: str | Path, fmt: str = "merged", overwrite: bool = False,
-               strict: bool = True) -> dict[str, Any]:
+               strict: bool = True, quantize: str | None = None,
+               max_metric_drop: float = MAX_METRIC_DROP) -> dict[str, Any]:
     """Export the finished run in ``run_dir`` to ``output``; returns what export.json records.
 
-    ``strict=False`` records a failed ONNX check instead of refusing (for timing untrained models).
+    ``strict=False`` records a failed ONNX check (or int8 metric drop) instead of refusing (for
+    timing untrained models).
     """
     if fmt not in FORMATS:
         raise VisionLoraError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise VisionLoraError(f"--quantize {quantize!r}: choose {', '.join(QUANTIZATIONS)}")
+    if quantize is not None and fmt != "onnx":
+        raise VisionLoraError(f"--quantize {quantize} quantizes an ONNX model: add --format onnx")
+    if max_metric_drop < 0:
+        raise VisionLoraError(f"--max-metric-drop must be 0 or more, got {max_metric_drop}")
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise VisionLoraError(f"{output}: output folder exists and is not empty; pass --overwrite to replace it")
@@ -65,6 +79,8 @@ def export_run(run_dir: str | Path, output: str | Path, fmt: str = "merged", ove
             merged.save_pretrained(tmp, safe_serialization=True)
         else:
             record.update(_export_onnx(run, merged, images, tmp, strict))
+            if quantize:
+                record["quantization"] = _quantize_int8(run, images, tmp, record, max_metric_drop, strict)
         atomic_write_json(tmp / "export.json", record)
         summary = RunSummary.from_dict(read_json(run.paths.summary))
         card = model_card(run.task, run.info, summary, export=fmt, folder=str(output))
@@ -171,3 +187,48 @@ def _same_predictions(a: Any, b: Any, tolerance: float = 1e-3) -> bool:
     if isinstance(a, float):
         return isinstance(b, (int, float)) and abs(a - b) <= max(tolerance, 0.05 if abs(a) > 1 else 0.0)
     return a == b
+
+
+def _quantize_int8(run: LoadedRun, images: list, folder: Path, export: dict[str, Any], max_drop: float,
+                   strict: bool) -> dict[str, Any]:
+    """Replace model.onnx by its int8 quantization, measured against the fp32 model on the run's
+    validation split; refused (nothing written) when the main metric falls by more than ``max_drop``."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from visionlora.deploy.onnx_model import OnnxModel
+
+    fp32_file, int8_file = folder / export["file"], folder / "model.int8.onnx"
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.ERROR)  # its advice to pre-process is printed on the root logger
+    try:
+        quantize_dynamic(str(fp32_file), str(int8_file), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+    finally:
+        root_logger.setLevel(level)
+    fp32 = OnnxModel.load(folder, export)
+    int8 = OnnxModel.load(folder, {**export, "file": int8_file.name})
+    task, metric = run.task, run.task.main_metric
+    figures = {name: _validation_metrics(run, model)[metric] for name, model in (("fp32", fp32), ("int8", int8))}
+    reference, quantized = _raw_outputs(run, fp32, images), _raw_outputs(run, int8, images)
+    drop = figures["fp32"] - figures["int8"] if task.greater_is_better else figures["int8"] - figures["fp32"]
+    record = {"method": "onnxruntime dynamic quantization: int8 MatMul/Gemm weights, activations per batch",
+              "main_metric": metric, "fp32": figures["fp32"], "int8": figures["int8"], "metric_drop": drop,
+              "max_metric_drop": max_drop, "max_abs_diff": _max_difference(reference, quantized),
+              "top1_agreement": float(torch.cat([(task.top1(a) == task.top1(b)).flatten().float()
+                                                 for a, b in zip(reference[:1], quantized[:1])]).mean()),
+              "fp32_bytes": fp32_file.stat().st_size, "int8_bytes": int8_file.stat().st_size}
+    if strict and drop > max_drop:
+        raise VisionLoraError(
+            f"{run.paths.root}: int8 {metric} {figures['int8']:.4f} against fp32 {figures['fp32']:.4f} on the "
+            f"validation split falls by {drop:.4f}, more than --max-metric-drop {max_drop:g}; export fp32 or "
+            "raise the limit")
+    int8_file.replace(fp32_file)
+    return record
+
+
+def _validation_metrics(run: LoadedRun, model) -> dict[str, Any]:
+    """``model``'s metrics on the run's validation split, as ``visionlora evaluate RUN`` computes them."""
+    return LoadedRun(run.paths, run.task, model, run.processor, run.info).evaluate()["metrics"]

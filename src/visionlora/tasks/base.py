@@ -406,7 +406,7 @@ class Task:
         raise NotImplementedError
 
     def eval_step(self, model, batch: dict[str, Any], processor, info: ModelInfo) -> tuple[torch.Tensor, list[Any]]:
-        """(mean loss of the batch, one output per item) (hook)."""
+        """(mean loss of the batch, or None for a model that computes none, one output per item) (hook)."""
         raise NotImplementedError
 
     def metrics(self, dataset, indices: list[int], outputs: list[Any], info: ModelInfo) -> dict[str, Any]:
@@ -425,14 +425,21 @@ class Task:
         found: dict[int, tuple[Any, float]] = {}
         for batch in loader:
             loss, outputs = self.eval_step(model, self.device_batch(batch, normalizer), processor, info)
-            rows = [(int(i), out, float(loss)) for i, out in zip(batch["index"].tolist(), outputs)]
+            batch_loss = None if loss is None else float(loss)  # an exported model computes no loss
+            rows = [(int(i), out, batch_loss) for i, out in zip(batch["index"].tolist(), outputs)]
             for index, output, batch_loss in accelerator.gather_for_metrics(rows, use_gather_object=True):
                 found[index] = (output, batch_loss)
         indices = sorted(found)
         outputs = [found[i][0] for i in indices]
-        metrics = {"loss": sum(found[i][1] for i in indices) / max(len(indices), 1)}
+        losses = [found[i][1] for i in indices]
+        metrics = {} if None in losses else {"loss": sum(losses) / max(len(indices), 1)}
         metrics.update(self.metrics(dataset_behind(loader), indices, outputs, info))
         return Evaluation(metrics, indices, outputs)
+
+    def top1(self, output: torch.Tensor) -> torch.Tensor:
+        """The discrete choices in a model output (the first of ``output_names``), to count how often two
+        models agree (hook; default: the largest entry along the last axis, the class per image or query)."""
+        return output.argmax(dim=-1)
 
     def diagnostics(self, dataset, indices: list[int], outputs: list[Any], info: ModelInfo) -> Diagnostics:
         """Per-class rows and plots of validation outputs, as ``metrics`` gets them (hook)."""

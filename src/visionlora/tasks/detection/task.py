@@ -202,7 +202,7 @@ class DetectionTask(Task):
         outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
         sizes = [label["orig_size"].tolist() for label in batch["labels"]]  # (height, width) before resizing
         found = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes)
-        return outputs.loss, [_to_lists(f) for f in found]
+        return getattr(outputs, "loss", None), [_to_lists(f) for f in found]
 
     def metrics(self, dataset, indices, outputs, info: ModelInfo) -> dict[str, Any]:
         return detection_metrics(*_boxes_and_sizes(dataset, indices, outputs, info))

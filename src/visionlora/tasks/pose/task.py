@@ -184,6 +184,10 @@ class PoseTask(Task):
         points, scores = decode_heatmaps(processor, heatmaps.cpu().numpy(), crops)
         return loss, list(zip(points, scores))
 
+    def top1(self, output: torch.Tensor) -> torch.Tensor:
+        """The peak cell of each keypoint's heatmap (heatmaps are (N, keypoints, H, W))."""
+        return output.flatten(2).argmax(dim=-1)
+
     def metrics(self, dataset, indices, outputs, info: ModelInfo) -> dict[str, Any]:
         crops = [dataset.instances[i] for i in indices]
         points = np.stack([o[0] for o in outputs])

@@ -140,6 +140,10 @@ class SegmentationTask(Task):
         return loss, [confusion_matrix(p, t, len(info.labels), ignore_index(info))
                       for p, t in zip(predicted, labels.cpu())]
 
+    def top1(self, output: torch.Tensor) -> torch.Tensor:
+        """The class of each pixel (logits are (N, classes, H, W))."""
+        return output.argmax(dim=1)
+
     def metrics(self, dataset, indices, outputs, info: ModelInfo) -> dict[str, Any]:
         return segmentation_metrics(np.sum(outputs, axis=0), info.labels)
 
