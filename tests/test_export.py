@@ -253,3 +253,57 @@ def test_an_int8_model_that_loses_accuracy_is_refused_and_leaves_nothing(exports
     assert len(lines) == 1 and "int8 accuracy 0.2" in lines[0] and "against fp32" in lines[0], lines
     assert "more than --max-metric-drop 0.01" in lines[0]
     assert not target.exists() and not list(tmp_path.glob(".int8*"))
+
+
+def test_adapters_over_one_onnx_base_answer_as_peft_and_serve_from_one_session(exports, class_folder, tmp_path,
+                                                                                capsys):
+    """Two LoRA runs of one base (other alpha, same rank) share an ONNX base; a pose run gets its own;
+    a full run falls back to a merged ONNX model with one line. Served together, each answers as itself."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from visionlora.deploy.export import check_images, max_difference, raw_outputs
+
+    other = train(tiny_config("classification", class_folder, tmp_path / "other", epochs=1, lora_alpha=8)).paths.root
+    runs = [exports["classification-lora"]["run"], other, exports["pose-lora"]["run"],
+            exports["classification-full"]["run"]]
+    target = tmp_path / "adapters"
+    assert main(["export", *map(str, runs), "--format", "onnx-adapters", "--output", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert "classification-full: a fully fine-tuned model has no adapter; exported as a merged ONNX model" in out
+    record = json.loads((target / "export.json").read_text())
+    assert [base["runs"] for base in record["bases"]] == [["classification-lora", "other"], ["pose-lora"]]
+    assert record["runs"]["classification-full"]["format"] == "onnx"
+    for label in ("classification-lora", "other", "pose-lora"):
+        part = record["runs"][label]
+        assert part["format"] == "onnx-adapter" and part["onnx_max_abs_diff"] <= 1e-4
+        assert part["adapter_bytes"] < (target / part["base"].removeprefix("../")).joinpath("model.onnx").stat().st_size
+    for label, run in (("classification-lora", runs[0]), ("other", other), ("pose-lora", runs[2])):
+        torch_run, onnx_run = visionlora.load(run), visionlora.load(target / label)
+        images = check_images(torch_run)
+        assert max_difference(raw_outputs(torch_run, torch_run.model, images),
+                              raw_outputs(torch_run, onnx_run.model, images)) <= 1e-4
+
+    store = ModelStore("cpu")
+    for label in ("classification-lora", "other", "classification-full"):
+        store.add(label, target / label)
+    assert len([key for key in store.bases if key[0] == "onnx-adapters"]) == 1
+    assert store.models["other"].describe()["shares_base_with"] == ["classification-lora"]
+    images = [Image.open(p).convert("RGB") for p in sorted((class_folder / "val").rglob("*.png"))[:4]]
+    jobs = [(label, image) for image in images for label in ("classification-lora", "other", "classification-full")]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(pool.map(lambda job: store.models[job[0]].predict([job[1]])[0], jobs))
+    expected = {label: visionlora.load(run) for label, run in
+                (("classification-lora", runs[0]), ("other", other), ("classification-full", runs[3]))}
+    for (label, image), answer in zip(jobs, answers):
+        _close(answer, expected[label].predict([image])[0], tolerance=1e-4)
+
+    def one_line(argv, text):
+        assert main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and text in lines[0], lines
+
+    one_line(["export", *map(str, runs[:2]), "--format", "onnx", "--output", str(tmp_path / "x")],
+             "--format onnx exports one run; several runs go to --format onnx-adapters")
+    one_line(["export", str(runs[0]), "--format", "onnx-adapters", "--quantize", "int8", "--output",
+              str(tmp_path / "x")], "--quantize int8 applies to --format onnx, not to onnx-adapters")
+    assert not (tmp_path / "x").exists()

@@ -236,10 +236,14 @@ def _export_parser(commands, common, help_text: str) -> None:
     export = commands.add_parser(
         "export", parents=[common], help=help_text,
         description="merged: the adapter merged into its base, a folder plain transformers loads; "
-        "onnx: that model as model.onnx, checked in onnxruntime against torch on the run's validation images.")
-    export.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
+        "onnx: that model as model.onnx, checked in onnxruntime against torch on the run's validation images; "
+        "onnx-adapters: several LoRA runs as one ONNX base per shared base model and an onnxruntime adapter "
+        "file per run.")
+    export.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="a finished run folder (several with --format onnx-adapters)")
     export.add_argument("--output", required=True, metavar="DIR", help="the export folder")
-    export.add_argument("--format", default="merged", metavar="merged|onnx", help="merged (default) or onnx")
+    export.add_argument("--format", default="merged", metavar="merged|onnx|onnx-adapters",
+                        help="merged (default), onnx or onnx-adapters")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     export.add_argument("--quantize", choices=("int8",),
                         help="with --format onnx: int8 weights (onnxruntime's dynamic quantization), evaluated on "
@@ -566,6 +570,11 @@ def _autoscaling_config(text: str) -> dict[str, Any]:
 def _cmd_export(args) -> int:
     from visionlora.deploy.export import export_run
 
+    if args.format == "onnx-adapters":
+        return _export_adapters(args)
+    if len(args.run_dirs) > 1:
+        raise VisionLoraError(f"--format {args.format} exports one run; several runs go to --format onnx-adapters")
+    args.run_dir = args.run_dirs[0]
     record = export_run(args.run_dir, args.output, args.format, args.overwrite, quantize=args.quantize,
                         max_metric_drop=args.max_metric_drop)
     checks = f"merged vs adapter max |diff| {record['merged_max_abs_diff']:.2e}"
@@ -578,6 +587,22 @@ def _cmd_export(args) -> int:
         print(f"int8: validation {q['main_metric']} {q['int8']:.4f} (fp32 {q['fp32']:.4f}, limit "
               f"{q['max_metric_drop']:g}); outputs max |diff| {q['max_abs_diff']:.3g}, top-1 agreement "
               f"{q['top1_agreement']:.1%}; {q['int8_bytes'] / 1e6:.1f} MB (fp32 {q['fp32_bytes'] / 1e6:.1f} MB)")
+    return 0
+
+
+def _export_adapters(args) -> int:
+    from visionlora.deploy.onnx_adapters import export_adapters
+
+    if args.quantize:
+        raise VisionLoraError("--quantize int8 applies to --format onnx, not to onnx-adapters")
+    record = export_adapters(args.run_dirs, args.output, args.overwrite)
+    for label, run in record["runs"].items():
+        if run["format"] == "onnx-adapter":
+            print(f"{label}: adapter {run['adapter_bytes'] / 1e6:.2f} MB over {run['base']}, logits max |diff| "
+                  f"{run['onnx_max_abs_diff']:.2e} against peft")
+    sizes = ", ".join(f"{base['folder']} {base['bytes'] / 1e6:.1f} MB" for base in record["bases"])
+    print(f"exported {len(record['runs'])} runs to {args.output} "
+          f"({len(record['bases'])} ONNX bases: {sizes or 'none'})")
     return 0
 
 

@@ -55,16 +55,15 @@ def export_run(run_dir: str | Path, output: str | Path, fmt: str = "merged", ove
     if max_metric_drop < 0:
         raise VisionLoraError(f"--max-metric-drop must be 0 or more, got {max_metric_drop}")
     output = Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise VisionLoraError(f"{output}: output folder exists and is not empty; pass --overwrite to replace it")
+    check_output_free(output, overwrite)
     run = load_run(run_dir, device="cpu")
     if run.paths.mode == "export":
         raise VisionLoraError(f"{run.paths.root}: already an export; export the run it came from")
-    images = _check_images(run)
-    reference = _raw_outputs(run, run.model, images)
+    images = check_images(run)
+    reference = raw_outputs(run, run.model, images)
     merged = run.model.merge_and_unload() if run.info.mode == "lora" else run.model
     merged.eval()
-    merge_diff = _max_difference(reference, _raw_outputs(run, merged, images))
+    merge_diff = max_difference(reference, raw_outputs(run, merged, images))
     if merge_diff > MERGE_TOLERANCE:
         raise VisionLoraError(f"{run.paths.root}: the merged model differs from the adapter by {merge_diff:.2e}")
     record = {"format": fmt, "source_run": str(run.paths.root.resolve()), "task": run.info.task,
@@ -88,7 +87,12 @@ def export_run(run_dir: str | Path, output: str | Path, fmt: str = "merged", ove
     return record
 
 
-def _check_images(run: LoadedRun) -> list:
+def check_output_free(output: Path, overwrite: bool) -> None:
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise VisionLoraError(f"{output}: output folder exists and is not empty; pass --overwrite to replace it")
+
+
+def check_images(run: LoadedRun) -> list:
     """Up to CHECK_IMAGES readable images of the run's validation data."""
     part = run.task.read_validation(read_json(run.paths.summary))
     images = []
@@ -104,7 +108,7 @@ def _check_images(run: LoadedRun) -> list:
     return images
 
 
-def _model_inputs(run: LoadedRun, images: list) -> dict[str, torch.Tensor]:
+def model_inputs(run: LoadedRun, images: list) -> dict[str, torch.Tensor]:
     """The task's model inputs for ``images``, as predict makes them (one per image)."""
     inputs = [item for index, image in enumerate(images)
               for item in run.task.predict_inputs(image, index, run.processor, run.info, run.task.default_options())]
@@ -112,16 +116,16 @@ def _model_inputs(run: LoadedRun, images: list) -> dict[str, torch.Tensor]:
 
 
 @torch.inference_mode()
-def _raw_outputs(run: LoadedRun, model, images: list) -> list[torch.Tensor]:
-    outputs = model(**_model_inputs(run, images), **run.info.forward_kwargs)
+def raw_outputs(run: LoadedRun, model, images: list) -> list[torch.Tensor]:
+    outputs = model(**model_inputs(run, images), **run.info.forward_kwargs)
     return [getattr(outputs, name).float() for name in run.task.output_names]
 
 
-def _max_difference(a: list, b: list) -> float:
+def max_difference(a: list, b: list) -> float:
     return max(float((x - torch.as_tensor(y).float()).abs().max()) for x, y in zip(a, b))
 
 
-class _PlainOutputs(torch.nn.Module):
+class PlainOutputs(torch.nn.Module):
     """The model with positional tensor inputs and a tuple of the task's outputs, for the exporter."""
 
     def __init__(self, model, input_names, output_names, forward_kwargs):
@@ -134,18 +138,24 @@ class _PlainOutputs(torch.nn.Module):
         return tuple(getattr(outputs, name) for name in self.output_names)
 
 
-def _export_onnx(run: LoadedRun, merged, images: list, folder: Path, strict: bool) -> dict[str, Any]:
-    """Write model.onnx, then check onnxruntime against torch on ``images``."""
-    from visionlora.deploy.onnx_model import OnnxModel
-
-    task = run.task
-    inputs = _model_inputs(run, images[:2])
+def onnx_axes(task) -> dict[str, dict[int, str]]:
+    """The dynamic axes of the task's inputs and outputs: the batch, and height and width of padded inputs."""
     axes = {name: {0: "batch"} for name in task.input_names + task.output_names}
     if task.dynamic_image_size:
         axes["pixel_values"] = {0: "batch", 2: "height", 3: "width"}
         if "pixel_mask" in axes:
             axes["pixel_mask"] = {0: "batch", 1: "height", 2: "width"}
-    wrapper = _PlainOutputs(merged, task.input_names, task.output_names, run.info.forward_kwargs).eval()
+    return axes
+
+
+def _export_onnx(run: LoadedRun, merged, images: list, folder: Path, strict: bool) -> dict[str, Any]:
+    """Write model.onnx, then check onnxruntime against torch on ``images``."""
+    from visionlora.deploy.onnx_model import OnnxModel
+
+    task = run.task
+    inputs = model_inputs(run, images[:2])
+    axes = onnx_axes(task)
+    wrapper = PlainOutputs(merged, task.input_names, task.output_names, run.info.forward_kwargs).eval()
     path = folder / "model.onnx"
     try:
         with warnings.catch_warnings():
@@ -161,7 +171,7 @@ def _export_onnx(run: LoadedRun, merged, images: list, folder: Path, strict: boo
               "dynamic_axes": axes}
     onnx_model = OnnxModel.load(folder, export)
     export["inputs"] = onnx_model.input_names
-    difference = _max_difference(_raw_outputs(run, merged, images), _raw_outputs(run, onnx_model, images))
+    difference = max_difference(raw_outputs(run, merged, images), raw_outputs(run, onnx_model, images))
     export["onnx_max_abs_diff"] = difference
     agree = _same_predictions(task.predict(merged, run.processor, images, run.info),
                               task.predict(onnx_model, run.processor, images, run.info))
@@ -212,11 +222,11 @@ def _quantize_int8(run: LoadedRun, images: list, folder: Path, export: dict[str,
     int8 = OnnxModel.load(folder, {**export, "file": int8_file.name})
     task, metric = run.task, run.task.main_metric
     figures = {name: _validation_metrics(run, model)[metric] for name, model in (("fp32", fp32), ("int8", int8))}
-    reference, quantized = _raw_outputs(run, fp32, images), _raw_outputs(run, int8, images)
+    reference, quantized = raw_outputs(run, fp32, images), raw_outputs(run, int8, images)
     drop = figures["fp32"] - figures["int8"] if task.greater_is_better else figures["int8"] - figures["fp32"]
     record = {"method": "onnxruntime dynamic quantization: int8 MatMul/Gemm weights, activations per batch",
               "main_metric": metric, "fp32": figures["fp32"], "int8": figures["int8"], "metric_drop": drop,
-              "max_metric_drop": max_drop, "max_abs_diff": _max_difference(reference, quantized),
+              "max_metric_drop": max_drop, "max_abs_diff": max_difference(reference, quantized),
               "top1_agreement": float(torch.cat([(task.top1(a) == task.top1(b)).flatten().float()
                                                  for a, b in zip(reference[:1], quantized[:1])]).mean()),
               "fp32_bytes": fp32_file.stat().st_size, "int8_bytes": int8_file.stat().st_size}

@@ -35,6 +35,7 @@ class OnnxModel:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()  # one thread setting (--threads) for both engines
         options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: an adapter base's overridable weights draw a warning each
         try:
             session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own types for missing or damaged files
@@ -44,9 +45,13 @@ class OnnxModel:
     def eval(self) -> OnnxModel:
         return self
 
+    def run_options(self):
+        """onnxruntime's options of each forward (None: its defaults)."""
+        return None
+
     def __call__(self, **inputs: Any) -> SimpleNamespace:
         feeds = {name: _array(inputs[name]) for name in self.input_names}
-        outputs = self.session.run(self.output_names, feeds)
+        outputs = self.session.run(self.output_names, feeds, self.run_options())
         return SimpleNamespace(**{name: torch.from_numpy(np.asarray(value))
                                   for name, value in zip(self.output_names, outputs)})
 

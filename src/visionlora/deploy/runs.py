@@ -39,7 +39,15 @@ class RunFolder:
 
     @property
     def is_onnx(self) -> bool:
-        return self.export is not None and self.export.get("format") == "onnx"
+        """An ONNX export, merged or an adapter over an ONNX base."""
+        return self.export is not None and self.export.get("format") in ("onnx", "onnx-adapter")
+
+    @property
+    def onnx_base(self) -> Path | None:
+        """The ONNX base folder of an adapter export (None for any other run)."""
+        if self.export is None or self.export.get("format") != "onnx-adapter":
+            return None
+        return (self.paths.root / self.export["base"]).resolve()
 
     @property
     def base_ref(self) -> str:
@@ -83,6 +91,10 @@ def open_run(run_dir: str | Path) -> RunFolder:
 
 def load_model(run: RunFolder, allow_base_change: bool = False) -> torch.nn.Module:
     """The run's model for inference: an ONNX session, the full model, or the base with the adapter."""
+    if run.onnx_base is not None:
+        from visionlora.deploy.onnx_adapters import load_adapter_run
+
+        return load_adapter_run(run.paths.root, run.export, run.paths.root.name)
     if run.is_onnx:
         from visionlora.deploy.onnx_model import OnnxModel
 

@@ -227,7 +227,9 @@ class ModelStore:
     def _load(self, name: str, run_dir: str | Path, pinned: bool) -> ServedModel:
         run = open_run(run_dir)
         with loading_policy(False, False):
-            if run.is_onnx:
+            if run.onnx_base is not None:
+                base, slot = self._attach_onnx_adapter(name, run), name
+            elif run.is_onnx:
                 base, slot = self._attach_onnx(name, run), None
             else:
                 check_weight_files(run.paths.model_dir)
@@ -235,7 +237,10 @@ class ModelStore:
             processor = self._processor(run)
         paths, task, info = run.paths, run.task, run.info
         weights = sorted(paths.model_dir.glob("*.safetensors"))
-        refusal = mixing_refusal(base.model, slot) if slot else f"{_kind(run)} has no adapter to mix"
+        if run.onnx_base is not None:
+            refusal = "onnxruntime applies one adapter per forward"
+        else:
+            refusal = mixing_refusal(base.model, slot) if slot else f"{_kind(run)} has no adapter to mix"
         served = ServedModel(name, paths, task, info, processor, base,
                              weights[0].stat().st_size if weights else folder_bytes(paths.model_dir), slot, refusal,
                              pinned)
@@ -278,6 +283,24 @@ class ModelStore:
         with self._lock:
             self.bases[base.key] = base
         return base
+
+    def _attach_onnx_adapter(self, name: str, run: RunFolder) -> SharedBase:
+        """One onnxruntime session per ONNX base, holding the adapters of the runs served on it."""
+        from visionlora.deploy.onnx_adapters import load_adapter_run
+
+        key = ("onnx-adapters", str(run.onnx_base))
+        with self._lock:
+            shared = self.bases.get(key)
+        if shared is None:
+            model = load_adapter_run(run.paths.root, run.export, name)
+            shared = SharedBase(key, model, slots=model)  # the model forgets an adapter as slots release one
+            with self._lock:
+                self.bases[key] = shared
+        else:
+            with shared.lock:
+                shared.model.add_adapter(name, run.paths.root / run.export["adapter"])
+        shared.adapters.add(name)
+        return shared
 
     def _attach(self, name: str, run: RunFolder) -> tuple[SharedBase, str | None]:
         """The base ``run`` predicts with (loaded on first need), and the adapter slot holding its adapter."""
