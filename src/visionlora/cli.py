@@ -19,7 +19,7 @@ COMMANDS = {
     "predict": "predict images with a finished run",
     "compare": "LoRA vs full: train both on --data, or compare two finished runs",
     "serve": "serve finished runs over HTTP, LoRA adapters sharing one base",
-    "export": "export a run: a merged transformers checkpoint, or an ONNX model",
+    "export": "export runs: a merged transformers checkpoint, an ONNX model (int8 too), or adapters over an ONNX base",
     "demo": "train LoRA and full on a generated image set (offline, minutes on a CPU)",
 }
 
