@@ -10,7 +10,7 @@ from PIL import Image
 
 from tests.conftest import tiny_config
 from visionlora.config import TrainConfig
-from visionlora.data.batches import PooledCollate, stacked
+from visionlora.data.batches import PooledCollate, batch_buffer, stacked
 from visionlora.data.cache import CachePlan
 from visionlora.data.transforms import Normalizer
 from visionlora.errors import VisionLoraError
@@ -20,8 +20,8 @@ from visionlora.training.loading import MAX_WORKERS, plan_loading, usable_cores
 
 
 class Images(torch.utils.data.Dataset):
-    """Random uint8 images (large enough per batch to be pooled) and small fields (sent by value),
-    the same for an index every time."""
+    """Random uint8 images and float targets (large enough per batch to be pooled) and small fields
+    (sent by value), the same for an index every time."""
 
     def __len__(self) -> int:
         return 40
@@ -29,7 +29,7 @@ class Images(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         generator = torch.Generator().manual_seed(index)
         return {"pixel_values": torch.randint(0, 256, (3, 96, 96), dtype=torch.uint8, generator=generator),
-                "target": torch.rand(5, 24, 20, generator=generator), "labels": index % 3, "index": index}
+                "target": torch.rand(5, 64, 64, generator=generator), "labels": index % 3, "index": index}
 
 
 def collate(items):
@@ -54,6 +54,60 @@ def test_worker_batches_equal_in_process_ones_even_when_every_batch_is_held():
         assert int((pooled.claims != 0).sum()) == 6  # every slot claimed while the batches are held
         del held, got
     assert int((pooled.claims != 0).sum()) == 0  # all handed back once dropped
+
+
+class Sizes(torch.utils.data.Dataset):
+    """Images whose size changes with the batch, so workers replace their buffers by larger and smaller ones."""
+
+    def __len__(self) -> int:
+        return 400
+
+    def __getitem__(self, index: int):
+        side = 40 + 37 * ((index // 4) * 7 % 11)
+        generator = torch.Generator().manual_seed(index)
+        return {"pixel_values": torch.randint(0, 256, (3, side, side), dtype=torch.uint8, generator=generator),
+                "index": index}
+
+
+def padded(items):
+    side = max(item["pixel_values"].shape[-1] for item in items)
+    out = batch_buffer("pixel_values", (len(items), 3, side, side), torch.uint8)
+    for row, item in enumerate(items):
+        out[row, :, : item["pixel_values"].shape[1], : item["pixel_values"].shape[2]] = item["pixel_values"]
+    return {"pixel_values": out, "index": torch.tensor([item["index"] for item in items])}
+
+
+def test_buffers_replaced_by_larger_ones_never_deliver_old_contents():
+    """Each buffer has an id of its own (an address may be reused), and a replaced one's descriptor is closed."""
+    from visionlora.data.batches import _descriptors
+
+    dataset = Sizes()
+    expected = list(torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=padded))
+    pooled = PooledCollate(padded, 1, 3)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=pooled, num_workers=1,
+                                         persistent_workers=True)
+    for _ in range(2):
+        for got, want in zip(loader, expected):
+            assert torch.equal(got["pixel_values"], want["pixel_values"]), int(want["index"][0])
+    assert 1 <= len([key for key in _descriptors if key[0] == pooled.key]) <= 3  # one buffer per slot is open
+
+
+def test_a_slot_is_kept_while_any_field_of_its_batch_is_in_use():
+    """As a training step does: the pixels replaced (normalised), the next batch fetched, then the target read."""
+    import time
+
+    dataset = Images()
+    expected = list(torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=PooledCollate(collate, 1, 1),
+                                         num_workers=1, persistent_workers=True, prefetch_factor=1)
+    batches = iter(loader)
+    current = next(batches)
+    for index in range(1, len(expected)):
+        current["pixel_values"] = current["pixel_values"].float()
+        upcoming = next(batches)  # asks the worker for the batch after it, which wants the one slot
+        time.sleep(0.2)  # time to make it
+        assert torch.equal(current["target"], expected[index - 1]["target"]), index - 1
+        current = upcoming
 
 
 def test_a_batch_normalised_on_the_device_equals_its_images_normalised_one_by_one():

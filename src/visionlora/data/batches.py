@@ -31,7 +31,8 @@ import torch
 SMALL_BYTES = 64 * 1024  # tensors up to this size are pickled by value
 
 _pools: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()  # main: key -> claims
-_descriptors: dict[tuple[str, int, int], int] = {}  # main: (pool, worker pid, buffer) -> its file descriptor
+_descriptors: dict[tuple[str, int, int], int] = {}  # main: (pool, worker pid, buffer id) -> its file descriptor
+_live: dict[tuple, int] = {}  # main: a batch's claim -> how many of its pooled tensors are still in use
 _claiming: SlotClaim | None = None  # in a worker, while a pooled collate runs
 
 
@@ -70,75 +71,91 @@ class PooledCollate:
         info = torch.utils.data.get_worker_info()
         if info is None:
             return self.collate(items)
-        if self._worker is None:
+        if self._worker is None:  # this worker's first batch: its row is its own now (a restarted worker's too)
             self._worker = _WorkerBuffers(self.claims[info.id].numpy(), self.slots)
         claim = self._worker.claim()
         _claiming = claim
         try:
             batch = self.collate(items)
+        except BaseException:
+            if claim is not None:
+                self._worker.claims[claim.slot] = 0
+            raise
         finally:
             _claiming = None
         if claim is not None and not claim.used:  # all of it small: nothing to hand back later
             self._worker.claims[claim.slot] = 0
-        return _for_sending(batch, claim, _Sender(self.key, info.id, self._worker.sent))
+        return _for_sending(batch, claim, _Sender(self.key, info.id, self._worker))
 
 
 class _WorkerBuffers:
-    """One worker's slots: the buffers of each, and its row of the shared claim tokens."""
+    """One worker's slots: the buffers of each (with an id each, never reused), its row of the
+    shared claim tokens, and which buffers the main process has the descriptor of."""
 
     def __init__(self, claims: np.ndarray, slots: int):
         self.claims = claims  # token of the batch holding each slot, 0 when free
-        self.buffers: list[dict[str, torch.Tensor]] = [{} for _ in range(slots)]
-        self.sent: set[int] = set()  # buffers whose file descriptor the main process holds
+        self.claims[:] = 0
+        self.buffers: list[dict[str, tuple[torch.Tensor, int]]] = [{} for _ in range(slots)]
+        self.ids = itertools.count()
+        self.sent: set[int] = set()  # ids of the buffers whose file descriptor the main process holds
+        self.retired: list[int] = []  # ids of replaced buffers whose descriptor the main process should close
         self.tokens = itertools.count((os.getpid() & 0xFFFFF) << 32 | 1)
 
     def claim(self) -> SlotClaim | None:
         for slot, token in enumerate(self.claims):
             if token == 0:
                 self.claims[slot] = next(self.tokens)
-                return SlotClaim(slot, int(self.claims[slot]), self.buffers[slot])
+                return SlotClaim(slot, int(self.claims[slot]), self)
         return None
 
 
 class SlotClaim:
     """A slot claimed for one batch; its buffers are made (in shared memory) on first use and kept."""
 
-    def __init__(self, slot: int, token: int, buffers: dict[str, torch.Tensor]):
-        self.slot, self.token, self.buffers = slot, token, buffers
-        self.used: set[int] = set()  # data pointers of the buffers this batch was stacked into
+    def __init__(self, slot: int, token: int, worker: _WorkerBuffers):
+        self.slot, self.token, self.worker = slot, token, worker
+        self.used: dict[int, int] = {}  # data pointer -> id of each buffer this batch was stacked into
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        kept = self.buffers.get(name)
+        buffers = self.worker.buffers[self.slot]
+        kept, number = buffers.get(name, (None, -1))
         numel = int(np.prod(shape))
         if kept is None or kept.dtype != dtype or kept.numel() < numel:
-            kept = self.buffers[name] = torch.empty(numel, dtype=dtype).share_memory_()
-        self.used.add(kept.untyped_storage().data_ptr())
+            if kept is not None and number in self.worker.sent:
+                self.worker.retired.append(number)
+            kept, number = torch.empty(numel, dtype=dtype).share_memory_(), next(self.worker.ids)
+            buffers[name] = (kept, number)
+        self.used[kept.untyped_storage().data_ptr()] = number
         return kept[:numel].view(shape)
 
 
 class _Sender:
-    """Where a worker's batch goes: its pool, the worker, and the buffers already announced."""
+    """Where a worker's batch goes: its pool, the worker and its buffers' bookkeeping."""
 
-    def __init__(self, pool: str, worker: int, sent: set[int]):
-        self.pool, self.worker, self.pid, self.sent = pool, worker, os.getpid(), sent
+    def __init__(self, pool: str, worker: int, buffers: _WorkerBuffers):
+        self.pool, self.worker, self.pid, self.buffers = pool, worker, os.getpid(), buffers
 
 
 class _Leased:
     """A pooled tensor on its way to the main process: where it lies in its buffer, the buffer's
-    file descriptor the first time, and the claim the main process hands back when done with it."""
+    file descriptor the first time, the descriptors to close, and the claim to hand back when done."""
 
     def __init__(self, tensor: torch.Tensor, sender: _Sender, claim: SlotClaim):
         storage = tensor.untyped_storage()
-        buffer = storage.data_ptr()
+        number = claim.used[storage.data_ptr()]
         fd, self.nbytes = storage._share_fd_cpu_()
-        self.descriptor = None if buffer in sender.sent else DupFd(fd)
-        sender.sent.add(buffer)
-        self.buffer_key = (sender.pool, sender.pid, buffer)
+        self.descriptor = None if number in sender.buffers.sent else DupFd(fd)
+        sender.buffers.sent.add(number)
+        self.retired = [(sender.pool, sender.pid, old) for old in sender.buffers.retired]
+        sender.buffers.sent.difference_update(sender.buffers.retired)
+        sender.buffers.retired.clear()
+        self.buffer_key = (sender.pool, sender.pid, number)
         self.layout = (tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
         self.claim = (sender.pool, sender.worker, claim.slot, claim.token)
 
     def __reduce__(self):
-        return _receive_leased, (self.descriptor, self.buffer_key, self.nbytes, self.layout, self.claim)
+        return _receive_leased, (self.descriptor, self.retired, self.buffer_key, self.nbytes, self.layout,
+                                 self.claim)
 
 
 class _ByValue:
@@ -166,9 +183,12 @@ def _for_sending(value: Any, claim: SlotClaim | None, sender: _Sender) -> Any:
     return value
 
 
-def _receive_leased(descriptor, buffer_key, nbytes: int, layout, claim) -> torch.Tensor:
-    """In the main process: the tensor, mapped from its buffer, with its slot handed back once
-    its storage is no longer used."""
+def _receive_leased(descriptor, retired, buffer_key, nbytes: int, layout, claim) -> torch.Tensor:
+    """In the main process: the tensor, mapped from its buffer. Its batch's slot is handed back once
+    the storages of all the batch's pooled tensors are no longer used."""
+    for old in retired:  # buffers the worker replaced by larger ones
+        if old in _descriptors:
+            os.close(_descriptors.pop(old))
     if descriptor is not None:
         _descriptors[buffer_key] = descriptor.detach()
     dtype, shape, stride, offset = layout
@@ -176,11 +196,18 @@ def _receive_leased(descriptor, buffer_key, nbytes: int, layout, claim) -> torch
     tensor = torch.empty(0, dtype=dtype).set_(storage, offset, shape, stride)
     claims = _pools.get(claim[0])
     if claims is not None:
-        weakref.finalize(tensor.untyped_storage(), _release, claims, *claim[1:])
+        _live[claim] = _live.get(claim, 0) + 1  # a batch's tensors are all unpickled before any can die
+        weakref.finalize(tensor.untyped_storage(), _release, claims, claim)
     return tensor
 
 
-def _release(claims: torch.Tensor, worker: int, slot: int, token: int) -> None:
+def _release(claims: torch.Tensor, claim: tuple) -> None:
+    """One more of the claim's tensors is no longer used; the last one hands the slot back."""
+    _live[claim] -= 1
+    if _live[claim]:
+        return
+    del _live[claim]
+    _, worker, slot, token = claim
     if int(claims[worker, slot]) == token:  # not already taken by a later batch (a restarted worker)
         claims[worker, slot] = 0
 

@@ -70,8 +70,11 @@ class OnnxAdapters(OnnxModel):
     def run_options(self):
         import onnxruntime
 
+        adapter = self.adapters.get(self.active_adapter)
+        if adapter is None:  # its run was unloaded while a request for it waited
+            raise VisionLoraError(f"the adapter of {self.active_adapter!r} is no longer loaded")
         options = onnxruntime.RunOptions()
-        options.add_active_adapter(self.adapters[self.active_adapter])
+        options.add_active_adapter(adapter)
         return options
 
 
