@@ -35,8 +35,6 @@ class OnnxModel:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()  # one thread setting (--threads) for both engines
         options.inter_op_num_threads = 1
-        # Idle threads sleep rather than spin: a server's threads (requests, decoding) share the cores
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only: an adapter base's overridable weights draw a warning each
         try:
             session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
