@@ -28,63 +28,14 @@ import numpy as np
 import torch
 
 from visionlora.artifacts import INFO_FILE, atomic_dir, atomic_write_json
-from visionlora.deploy.onnx_model import OnnxModel
+from visionlora.deploy.onnx_model import load_adapter_run
 from visionlora.deploy.predictor import LoadedRun, load_run
 from visionlora.errors import VisionLoraError
 
-ADAPTER_FILE = "adapter.onnx_adapter"
+ADAPTER_FILE = "adapter.onnx_adapter"  # a run's weights, as onnxruntime's AdapterFormat writes them
 TOLERANCE = 1e-4  # largest difference between a run's logits through its ONNX adapter and through peft
 ADAPTED = re.compile(r"\.(lora_A|lora_B|modules_to_save)\.")  # the weights an adapter file carries
 GRAPH_PREFIX = "model."  # the export wrapper holds the model as ``model``
-
-
-class OnnxAdapters(OnnxModel):
-    """An ONNX base and the adapters loaded onto it; forwards run with the active adapter's weights.
-
-    ``set_adapter``/``active_adapter`` are peft's names, so the server switches them alike.
-    """
-
-    def __init__(self, session, input_names: list[str], output_names: list[str]):
-        super().__init__(session, input_names, output_names)
-        self.adapters: dict[str, Any] = {}
-        self.active_adapter: str | None = None
-
-    def add_adapter(self, name: str, file: Path) -> None:
-        import onnxruntime
-
-        adapter = onnxruntime.LoraAdapter()
-        try:
-            adapter.Load(str(file))
-        except Exception as err:  # onnxruntime raises its own types for missing or damaged files
-            raise VisionLoraError(f"{file}: cannot load the ONNX adapter: {str(err).splitlines()[0][:200]}") from None
-        self.adapters[name] = adapter
-        self.active_adapter = self.active_adapter or name
-
-    def set_adapter(self, name: str) -> None:
-        self.active_adapter = name
-
-    def release(self, name: str) -> None:
-        """Forget adapter ``name`` (the server unloading its run)."""
-        self.adapters.pop(name, None)
-
-    def run_options(self):
-        import onnxruntime
-
-        adapter = self.adapters.get(self.active_adapter)
-        if adapter is None:  # its run was unloaded while a request for it waited
-            raise VisionLoraError(f"the adapter of {self.active_adapter!r} is no longer loaded")
-        options = onnxruntime.RunOptions()
-        options.add_active_adapter(adapter)
-        return options
-
-
-def load_adapter_run(root: Path, export: dict[str, Any], name: str) -> OnnxAdapters:
-    """The base of an adapter export's run, with the run's adapter loaded and active."""
-    base = (root / export["base"]).resolve()
-    base_export = json.loads((base / "export.json").read_text())
-    model = OnnxAdapters.load(base, base_export)
-    model.add_adapter(name, root / export["adapter"])
-    return model
 
 
 @dataclass

@@ -1,7 +1,9 @@
-"""An exported ONNX model run by onnxruntime, called like a transformers model by the tasks."""
+"""Exported ONNX models run by onnxruntime, called like transformers models by the tasks: a merged
+model, or an ONNX base with the LoRA adapters of several runs (see ``deploy.onnx_adapters``)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -54,6 +56,55 @@ class OnnxModel:
         outputs = self.session.run(self.output_names, feeds, self.run_options())
         return SimpleNamespace(**{name: torch.from_numpy(np.asarray(value))
                                   for name, value in zip(self.output_names, outputs)})
+
+
+class OnnxAdapters(OnnxModel):
+    """An ONNX base and the adapters loaded onto it; forwards run with the active adapter's weights.
+
+    ``set_adapter``/``active_adapter`` are peft's names, so the server switches them alike.
+    """
+
+    def __init__(self, session, input_names: list[str], output_names: list[str]):
+        super().__init__(session, input_names, output_names)
+        self.adapters: dict[str, Any] = {}
+        self.active_adapter: str | None = None
+
+    def add_adapter(self, name: str, file: Path) -> None:
+        import onnxruntime
+
+        adapter = onnxruntime.LoraAdapter()
+        try:
+            adapter.Load(str(file))
+        except Exception as err:  # onnxruntime raises its own types for missing or damaged files
+            raise VisionLoraError(f"{file}: cannot load the ONNX adapter: {str(err).splitlines()[0][:200]}") from None
+        self.adapters[name] = adapter
+        self.active_adapter = self.active_adapter or name
+
+    def set_adapter(self, name: str) -> None:
+        self.active_adapter = name
+
+    def release(self, name: str) -> None:
+        """Forget adapter ``name`` (the server unloading its run)."""
+        self.adapters.pop(name, None)
+
+    def run_options(self):
+        import onnxruntime
+
+        adapter = self.adapters.get(self.active_adapter)
+        if adapter is None:  # its run was unloaded while a request for it waited
+            raise VisionLoraError(f"the adapter of {self.active_adapter!r} is no longer loaded")
+        options = onnxruntime.RunOptions()
+        options.add_active_adapter(adapter)
+        return options
+
+
+def load_adapter_run(root: Path, export: dict[str, Any], name: str) -> OnnxAdapters:
+    """The base of an adapter export's run, with the run's adapter loaded and active."""
+    base = (root / export["base"]).resolve()
+    base_export = json.loads((base / "export.json").read_text())
+    model = OnnxAdapters.load(base, base_export)
+    model.add_adapter(name, root / export["adapter"])
+    return model
 
 
 def _array(tensor: torch.Tensor) -> np.ndarray:

@@ -92,7 +92,7 @@ def open_run(run_dir: str | Path) -> RunFolder:
 def load_model(run: RunFolder, allow_base_change: bool = False) -> torch.nn.Module:
     """The run's model for inference: an ONNX session, the full model, or the base with the adapter."""
     if run.onnx_base is not None:
-        from visionlora.deploy.onnx_adapters import load_adapter_run
+        from visionlora.deploy.onnx_model import load_adapter_run
 
         return load_adapter_run(run.paths.root, run.export, run.paths.root.name)
     if run.is_onnx:

@@ -286,7 +286,7 @@ class ModelStore:
 
     def _attach_onnx_adapter(self, name: str, run: RunFolder) -> SharedBase:
         """One onnxruntime session per ONNX base, holding the adapters of the runs served on it."""
-        from visionlora.deploy.onnx_adapters import load_adapter_run
+        from visionlora.deploy.onnx_model import load_adapter_run
 
         key = ("onnx-adapters", str(run.onnx_base))
         with self._lock:
