@@ -134,7 +134,7 @@ def _write_base(members: list[AdapterRun], folder: Path) -> dict[str, Any]:
     from visionlora.deploy.export import PlainOutputs, check_images, model_inputs, onnx_axes
 
     first = members[0]
-    model, task = first.run.model, first.run.task
+    model, task = load_run(first.run.paths.root, device="cpu").model, first.run.task  # a copy to rescale
     for module in model.modules():
         if isinstance(module, LoraLayer):
             module.scaling["default"] = 1.0
@@ -186,11 +186,9 @@ def _write_run(item: AdapterRun, folder: Path, base: str) -> dict[str, Any]:
               "task": run.info.task, "adapter_bytes": (folder / ADAPTER_FILE).stat().st_size}
     onnx_model = load_adapter_run(folder, export, item.label)
     images = check_images(run)
-    reference = load_run(run.paths.root, device="cpu")  # unscaled, as trained
-    difference = max_difference(raw_outputs(reference, reference.model, images),
-                                raw_outputs(reference, onnx_model, images))
+    difference = max_difference(raw_outputs(run, run.model, images), raw_outputs(run, onnx_model, images))
     export["onnx_max_abs_diff"] = difference
-    if difference > TOLERANCE and run.task.exact_outputs(reference.model):
+    if difference > TOLERANCE and run.task.exact_outputs(run.model):
         raise VisionLoraError(f"{run.paths.root}: through its ONNX adapter it differs from peft by "
                               f"{difference:.2e} (limit {TOLERANCE:g})")
     atomic_write_json(folder / "export.json", export)
