@@ -27,11 +27,11 @@ def worker(source: str, data: str, epochs: int, image_size: int) -> None:
 
     from visionlora.artifacts import RunPaths
     from visionlora.config import TrainConfig
+    from visionlora.runtime import new_accelerator
     from visionlora.tasks import get_task
     from visionlora.tasks.base import Datasets
     from visionlora.tasks.classification.task import AugmentedImages, CachedImages
     from visionlora.training.engine import TrainingLoop
-    from visionlora.training.runtime import new_accelerator
 
     cfg = TrainConfig(task="classification", data=data, model="tiny", epochs=epochs, batch_size=16, lr=1e-3,
                       image_size=image_size, progress=False, save_every=0).validate()

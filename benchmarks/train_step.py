@@ -63,7 +63,7 @@ def worker(task_name: str, mode: str, steps: int, low_memory: bool, precision: s
     import torch
 
     if low_memory:
-        from visionlora.training.runtime import return_freed_memory
+        from visionlora.runtime import return_freed_memory
 
         return_freed_memory()
     from visionlora.modeling.adapters import apply_lora, lower_frozen_weights, parameter_counts

@@ -17,8 +17,8 @@ import torch  # noqa: E402
 
 from visionlora.config import TrainConfig  # noqa: E402
 from visionlora.examples.synthetic import make_classification_folder  # noqa: E402
+from visionlora.runtime import resolve_precision  # noqa: E402
 from visionlora.tasks import get_task  # noqa: E402
-from visionlora.training.runtime import resolve_precision  # noqa: E402
 
 
 def pytest_configure(config):

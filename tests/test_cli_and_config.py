@@ -127,7 +127,7 @@ def test_config_validation_needs_data():
 
 
 def _resolve(requested: str, task: str) -> tuple[str, str]:
-    from visionlora.training import runtime
+    from visionlora import runtime
 
     return runtime.resolve_precision(requested, get_task(task).fp16_unsafe)
 
@@ -135,7 +135,7 @@ def _resolve(requested: str, task: str) -> tuple[str, str]:
 def test_auto_precision_picks_native_bf16_and_says_why(monkeypatch):
     import torch
 
-    from visionlora.training import runtime
+    from visionlora import runtime
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(runtime, "cpu_bf16_feature", lambda: "AVX512-BF16")
@@ -157,7 +157,7 @@ def test_auto_precision_picks_native_bf16_and_says_why(monkeypatch):
 def test_a_onednn_cap_below_bf16_means_no_native_bf16(monkeypatch):
     import torch
 
-    from visionlora.training import runtime
+    from visionlora import runtime
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
@@ -197,7 +197,7 @@ def test_unwrapping_mixed_precision_gives_the_model_its_own_forward_back():
     import torch
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
-    from visionlora.training.runtime import new_accelerator, unwrap_in_fp32
+    from visionlora.runtime import new_accelerator, unwrap_in_fp32
 
     config = SegformerConfig(num_encoder_blocks=1, depths=[1], sr_ratios=[1], hidden_sizes=[8], patch_sizes=[3],
                              strides=[2], num_attention_heads=[1], mlp_ratios=[1], decoder_hidden_size=8, num_labels=2)

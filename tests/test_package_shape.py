@@ -10,24 +10,18 @@ import pytest
 
 import visionlora
 from visionlora.data.formats import FORMATS
-from visionlora.modeling.builtin import BUILTIN
 from visionlora.tasks import get_task, task_names
 
 PACKAGE = Path(visionlora.__file__).parent
-REGISTRY_CALLS = {"BuiltinModel"}  # modeling/builtin.py: one registry line per built-in model
 NOT_A_TASK = "not a task name"  # a comment marking a data format's field that shares a task's name
 
 
 def task_name_literals(source: str) -> list[int]:
-    """Lines of ``source`` holding a task's name as a string literal, outside registry calls."""
+    """Lines of ``source`` holding a task's name as a string literal."""
     tree = ast.parse(source)
-    allowed = {id(node) for call in ast.walk(tree)
-               if isinstance(call, ast.Call) and getattr(call.func, "id", None) in REGISTRY_CALLS
-               for node in ast.walk(call)}
     names, lines = set(task_names()), source.splitlines()
     return [node.lineno for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and node.value in names and id(node) not in allowed
-            and NOT_A_TASK not in lines[node.lineno - 1]]
+            if isinstance(node, ast.Constant) and node.value in names and NOT_A_TASK not in lines[node.lineno - 1]]
 
 
 def test_no_task_name_is_written_outside_the_tasks_packages():
@@ -45,7 +39,6 @@ def test_no_task_name_is_written_outside_the_tasks_packages():
 def test_the_literal_check_finds_a_task_name():
     name = task_names()[0]
     assert task_name_literals(f'if task == "{name}":\n    pass\n') == [1]
-    assert task_name_literals(f'BuiltinModel("{name}", "tiny", 32, "m:f")\n') == []
     assert task_name_literals(f'FIELD = "{name}"  # {NOT_A_TASK}\n') == []
 
 
@@ -56,7 +49,7 @@ def test_each_task_declares_what_the_shared_modules_read(name, tmp_path):
     assert task.data_formats and all(fmt in FORMATS for fmt in task.data_formats)
     for declared in ("main_metric", "auto_class", "pipeline_tag", "card_does", "output_names"):
         assert getattr(task, declared), f"{name} declares no {declared}"
-    assert any(task_name == name for task_name, _ in BUILTIN), f"{name} has no built-in model"
+    assert task.builtin_models, f"{name} has no built-in model"
     assert type(task).__module__.startswith(f"visionlora.tasks.{name}.")
     if task.demo is not None:  # the demo's generated data is data the task reads
         task.demo.generate(tmp_path / "demo")

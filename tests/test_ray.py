@@ -254,8 +254,8 @@ def test_a_stopped_job_started_again_predicts_only_what_is_missing(ray_rows, clu
 
 
 def test_a_list_file_names_the_run_for_each_image_and_a_wrong_name_is_one_line(tmp_path, monkeypatch):
-    from visionlora.deploy.ray_batch import plan_job
     from visionlora.errors import VisionLoraError
+    from visionlora.serving.ray_batch import plan_job
 
     monkeypatch.chdir(tmp_path)  # relative paths in a list are taken from here, and the rows' paths are absolute
 

@@ -16,12 +16,12 @@ from PIL import Image
 from tests.browser import Chromium
 from tests.conftest import tiny_config
 from visionlora.cli import main
+from visionlora.config import parse_report_to
 from visionlora.deploy.export import export_run
 from visionlora.errors import VisionLoraError
 from visionlora.examples.synthetic import POSE_KEYPOINTS, make_detection_dataset, make_pose_dataset
 from visionlora.reporting.compare import compare_runs
 from visionlora.training.engine import train
-from visionlora.training.tracking import parse_report_to
 
 PLOTS = {
     "classification": ["confusion_matrix.png"],

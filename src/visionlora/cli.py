@@ -378,8 +378,8 @@ def _predict_on_ray(args) -> int:
     try:
         import ray
 
-        from visionlora.deploy.ray_batch import DECODE_CPUS, ActorPool, plan_job, run_job
         from visionlora.ray_cluster import join_cluster
+        from visionlora.serving.ray_batch import DECODE_CPUS, ActorPool, plan_job, run_job
     except ImportError as err:
         raise VisionLoraError(f"--engine ray needs Ray Data ({err.name} is missing): "
                               "pip install 'visionlora[ray]'") from None
@@ -607,7 +607,7 @@ def _export_adapters(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from visionlora.examples.demo import run_demo
+    from visionlora.demo import run_demo
 
     run_demo(Path(args.output))
     return 0

@@ -8,6 +8,7 @@ field defaults, the task's preset, the YAML file, then the flags.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,12 @@ from typing import Any
 import yaml
 
 from visionlora.errors import VisionLoraError
+from visionlora.modeling.adapters import METHODS
 from visionlora.tasks import DEFAULT_TASK, get_task
-from visionlora.training.tracking import parse_report_to
 
+# tracker name -> (module it needs, pip package to install)
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
 MODES = ("lora", "full")
-METHODS = ("lora", "dora", "loha", "lokr", "oft")  # adapter kinds of --mode lora (peft)
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 DEFAULT_VAL_FRACTION = 0.2
 CACHE_MODES = ("auto", "ram", "disk", "none")
@@ -204,3 +206,17 @@ def build_config(yaml_values: dict[str, Any], flag_values: dict[str, Any], prese
             if value is not None:
                 merged[name] = coerce(name, value)
     return TrainConfig(**merged).validate()
+
+
+def parse_report_to(value: str | list[str] | None) -> list[str]:
+    """The trackers named by ``--report-to`` (comma-separated, or none); unknown or uninstalled
+    ones are a one-line error."""
+    names = value if isinstance(value, list) else [v.strip() for v in str(value or "none").split(",") if v.strip()]
+    names = [name for name in names if name != "none"]
+    for name in names:
+        if name not in TRACKERS:
+            raise VisionLoraError(f"--report-to {name}: unknown tracker (choose from {', '.join(TRACKERS)}, or none)")
+        module, package = TRACKERS[name]
+        if importlib.util.find_spec(module) is None:
+            raise VisionLoraError(f"--report-to {name}: {module} is not installed (pip install {package})")
+    return names

@@ -91,7 +91,7 @@ def export_adapters(run_dirs: list[str | Path], output: str | Path, overwrite: b
 
 def _labels(run_dirs: list[str | Path]) -> dict[str, str]:
     """Each run's folder name in the export: the fewest trailing parts of its path that tell the runs apart."""
-    from visionlora.deploy.ray_batch import run_labels
+    from visionlora.deploy.runs import run_labels
 
     labelled = run_labels([Path(run_dir).resolve() for run_dir in run_dirs])
     return {label.replace("/", "-"): run_dir for label, run_dir in labelled.items()}

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from visionlora.artifacts import RunPaths, read_json
+from visionlora.core.outputs import per_image_values
 from visionlora.data.images import UnreadableImage, is_image_file, load_rgb
-from visionlora.deploy.outputs import per_image_values
 from visionlora.deploy.runs import load_hub_model, load_model, open_run
 from visionlora.errors import VisionLoraError
 from visionlora.modeling.loading import loading_policy
@@ -82,7 +82,7 @@ class LoadedRun:
 
     def evaluate(self, data: str | None = None, batch_size: int = 16, split: str = "val") -> dict[str, Any]:
         """Metrics on ``data`` (default: the run's own validation split, or ``split="test"``, read alone)."""
-        from visionlora.training.runtime import new_accelerator
+        from visionlora.runtime import new_accelerator
 
         if data is None:
             if self.paths.mode == "export":

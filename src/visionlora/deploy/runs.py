@@ -136,3 +136,14 @@ def guarded_load(load: Callable[[], Any], folder: Path, what: str):
         else:
             reason = f"cannot load it onto {what}"
         raise VisionLoraError(f"{folder}: {reason}: {first[:200]}") from None
+
+
+def run_labels(folders: list[Path]) -> dict[str, str]:
+    """Each run by the fewest trailing parts of its path that tell the runs apart: ``runs/ants/lora``
+    and ``runs/bees/lora`` are ``ants/lora`` and ``bees/lora``; a lone run is its folder name."""
+    folders = list(dict.fromkeys(folders))
+    for depth in range(1, max(len(folder.parts) for folder in folders) + 1):
+        labels = ["/".join(folder.parts[-depth:]) for folder in folders]
+        if len(set(labels)) == len(labels):
+            return {label: str(folder) for label, folder in zip(labels, folders)}
+    raise AssertionError("distinct paths always differ in some trailing parts")

@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from visionlora.config import METHODS
 from visionlora.errors import VisionLoraError
 
 # Seed names used by presets and older ViT checkpoints, and their transformers 5 names.
@@ -21,6 +20,8 @@ ALIASES = {
     "v_proj": ("value",),
 }
 ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d)
+
+METHODS = ("lora", "dora", "loha", "lokr", "oft")  # adapter kinds of --mode lora (peft)
 
 
 def adaptable_names(model: torch.nn.Module, exclude: list[str] = ()) -> dict[str, int]:

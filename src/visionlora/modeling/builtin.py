@@ -4,14 +4,14 @@
 image processor. Each has a ``-pretrained`` twin: the same architecture after visionlora's
 own full training on a procedural corpus (``scripts/pretrain_builtins.py``), shipped as a
 small checkpoint folder under ``visionlora/pretrained/`` and loaded like any checkpoint.
-They are fixtures, not task logic: a task asks this registry for ``(task, name)``.
+They are fixtures, not task logic: each task declares its own, and this module builds them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from visionlora.errors import VisionLoraError
 from visionlora.lazy import import_object
@@ -20,9 +20,9 @@ from visionlora.lazy import import_object
 @dataclass(frozen=True)
 class BuiltinModel:
     """A named small model of one task: ``builder`` ("module:function") builds
-    ``(model, processor)`` from ``(labels, image_size)``; its module is imported when asked for."""
+    ``(model, processor)`` from ``(labels, image_size)``; its module is imported when asked for.
+    Each task declares its own (``Task.builtin_models``)."""
 
-    task: str
     name: str
     default_size: int
     builder: str
@@ -31,7 +31,7 @@ class BuiltinModel:
         return import_object(self.builder)(labels, image_size)
 
 
-def label_maps(labels: list[str]) -> dict[str, Any]:
+def label_maps(labels: Sequence[str]) -> dict[str, Any]:
     """A config's ``id2label`` and ``label2id`` for ``labels``."""
     return {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
 
@@ -45,42 +45,37 @@ PRETRAINED_SUFFIX = "-pretrained"
 PRETRAINED_DIR = Path(__file__).parents[1] / "pretrained"
 
 
-def pretrained_folder(task: str, name: str) -> Path | None:
-    """The checkpoint folder of the pretrained twin ``name`` (``<built-in>-pretrained``) of
-    ``task``, or None when ``name`` is not a twin; a twin that is missing is an error."""
+def twin_folder(task: str, name: str) -> Path:
+    """Where the pretrained twin of the built-in ``name`` of ``task`` is shipped."""
+    return PRETRAINED_DIR / f"{task}-{name}"
+
+
+def known_builtins(task: str, models: Sequence[BuiltinModel]) -> list[str]:
+    """Every name that ``--model`` accepts as a built-in of ``task``, twins included."""
+    names = [model.name for model in models]
+    return names + [name + PRETRAINED_SUFFIX for name in names if (twin_folder(task, name) / "config.json").exists()]
+
+
+def pretrained_folder(task: str, models: Sequence[BuiltinModel], name: str) -> Path | None:
+    """The checkpoint folder of the pretrained twin ``name`` (``<built-in>-pretrained``) among
+    ``task``'s ``models``, or None when ``name`` is not a twin; a twin that is missing is an error."""
     if not name.endswith(PRETRAINED_SUFFIX):
         return None
     twin = name[: -len(PRETRAINED_SUFFIX)]
-    folder = PRETRAINED_DIR / f"{task}-{twin}"
-    if (task, twin) not in BUILTIN or not (folder / "config.json").exists():
-        known = ", ".join(n for t, n in known_builtins() if t == task)
-        raise VisionLoraError(f"--model {name}: no such built-in {task} model (built-in: {known})")
+    folder = twin_folder(task, twin)
+    if twin not in {model.name for model in models} or not (folder / "config.json").exists():
+        raise _unknown(task, models, name)
     return folder
 
 
-def known_builtins() -> list[tuple[str, str]]:
-    """Every (task, name) that ``--model`` accepts as a built-in, twins included."""
-    twins = [(task, name + PRETRAINED_SUFFIX) for task, name in BUILTIN
-             if (PRETRAINED_DIR / f"{task}-{name}" / "config.json").exists()]
-    return list(BUILTIN) + twins
-
-
-def build_builtin(task: str, name: str, labels: list[str], image_size: int | None):
-    """(model, processor) of the built-in ``name`` for ``task``, or a clear error listing them."""
-    model = BUILTIN.get((task, name))
+def build_builtin(task: str, models: Sequence[BuiltinModel], name: str, labels: list[str], image_size: int | None):
+    """(model, processor) of the built-in ``name`` among ``task``'s ``models``, or a clear error listing them."""
+    model = next((model for model in models if model.name == name), None)
     if model is None:
-        known = ", ".join(n for t, n in known_builtins() if t == task)
-        raise VisionLoraError(f"--model {name}: no such built-in {task} model (built-in: {known})")
+        raise _unknown(task, models, name)
     return model.build(list(labels), image_size or model.default_size)
 
 
-BUILTIN: dict[tuple[str, str], BuiltinModel] = {
-    (m.task, m.name): m
-    for m in (
-        BuiltinModel("classification", "tiny", 32, "visionlora.tasks.classification.builtin:tiny_vit"),
-        BuiltinModel("detection", "tiny", 64, "visionlora.tasks.detection.builtin:tiny_detr"),
-        BuiltinModel("detection", "tiny-rtdetr", 64, "visionlora.tasks.detection.builtin:tiny_rtdetr"),
-        BuiltinModel("pose", "tiny", 64, "visionlora.tasks.pose.builtin:tiny_vitpose"),
-        BuiltinModel("segmentation", "tiny", 64, "visionlora.tasks.segmentation.builtin:tiny_segformer"),
-    )
-}
+def _unknown(task: str, models: Sequence[BuiltinModel], name: str) -> VisionLoraError:
+    known = ", ".join(known_builtins(task, models))
+    return VisionLoraError(f"--model {name}: no such built-in {task} model (built-in: {known})")

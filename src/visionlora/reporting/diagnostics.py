@@ -8,9 +8,9 @@ from typing import Any, Sequence
 from PIL import Image, ImageDraw
 
 from visionlora.artifacts import RunPaths, atomic_write_bytes, rows_csv
+from visionlora.core.outputs import png_bytes
 from visionlora.data.images import UnreadableImage, load_rgb
 from visionlora.data.records import image_source
-from visionlora.deploy.outputs import png_bytes
 from visionlora.tasks.base import Evaluation, ModelInfo, Task
 
 GRID_IMAGES = 16

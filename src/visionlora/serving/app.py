@@ -33,8 +33,8 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from visionlora.core.outputs import per_image_values, png_bytes
 from visionlora.data.images import UnreadableImage, load_rgb
-from visionlora.deploy.outputs import per_image_values, png_bytes
 from visionlora.errors import VisionLoraError
 from visionlora.serving.batching import Batcher, Job
 from visionlora.serving.models import ModelStore, ServedModel, StoreEvents, UnknownModel, predict_together

@@ -32,15 +32,15 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from visionlora.core.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option, OutputWriter
 from visionlora.data.batches import stacked
 from visionlora.data.cache import CachePlan, CacheReport, plan_cache
 from visionlora.data.formats import read_evaluation_part, read_part, read_source, read_validation
 from visionlora.data.records import Part, SourceData
 from visionlora.data.transforms import Normalizer, processor_output_size, processor_size, set_processor_size
-from visionlora.deploy.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option, OutputWriter
 from visionlora.errors import VisionLoraError
 from visionlora.lazy import import_object
-from visionlora.modeling.builtin import build_builtin, is_builtin, pretrained_folder
+from visionlora.modeling.builtin import BuiltinModel, build_builtin, is_builtin, label_maps, pretrained_folder
 from visionlora.modeling.loading import base_revision, current_policy, load_pretrained
 from visionlora.modeling.mixed_batches import mixed_rows, select_rows
 
@@ -97,11 +97,11 @@ class ModelInfo:
 
     @property
     def id2label(self) -> dict[int, str]:
-        return dict(enumerate(self.labels))
+        return label_maps(self.labels)["id2label"]
 
     @property
     def label2id(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.labels)}
+        return label_maps(self.labels)["label2id"]
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -227,6 +227,7 @@ class Task:
     predict_options: tuple[Option, ...] = ()
     writers: tuple[OutputWriter, ...] = (JSON_OUTPUT, DRAWN_IMAGES)
     demo: DemoRecipe | None = None  # the task's part of ``visionlora demo``
+    builtin_models: tuple[BuiltinModel, ...] = ()  # ``--model tiny`` and friends, built offline
     box_options: tuple[Option, ...] = ()  # top-down: options naming a model that finds the boxes to predict in
     unbounded_metrics: tuple[str, ...] = ()  # metrics not in [0, 1] (e.g. pixel errors)
     input_names: tuple[str, ...] = ("pixel_values",)  # the model inputs predict feeds (and an export takes)
@@ -322,12 +323,12 @@ class Task:
     # -- model ------------------------------------------------------------------------
     def build_model(self, model_ref: str, labels: list[str], image_size: int | None, mode: str):
         """(model, processor, info): a built-in model, or a checkpoint loaded for ``labels``."""
-        twin = pretrained_folder(self.name, model_ref) if is_builtin(model_ref) else None
+        twin = pretrained_folder(self.name, self.builtin_models, model_ref) if is_builtin(model_ref) else None
         if twin is not None:
             model, processor = load_pretrained(self.model_class(), str(twin), **self.load_kwargs(str(twin), labels))
             self._check_twin_size(model_ref, processor, image_size)
         elif is_builtin(model_ref):
-            model, processor = build_builtin(self.name, model_ref, labels, image_size)
+            model, processor = build_builtin(self.name, self.builtin_models, model_ref, labels, image_size)
         else:
             path, check = self.checkpoint(model_ref)
             model, processor = load_pretrained(self.model_class(), path, loading_check=check,
@@ -360,11 +361,7 @@ class Task:
 
     def load_kwargs(self, ref: str, labels: list[str]) -> dict[str, Any]:
         """``from_pretrained`` arguments that size the head for ``labels`` (hook)."""
-        return {
-            "num_labels": len(labels),
-            "id2label": dict(enumerate(labels)),
-            "label2id": {name: i for i, name in enumerate(labels)},
-        }
+        return {"num_labels": len(labels), **label_maps(labels)}
 
     def resize_processor(self, processor, image_size: int) -> None:
         """Make the processor produce ``image_size`` inputs (hook)."""

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from visionlora.artifacts import RunPaths, new_run_dir, save_model
-from visionlora.config import TrainConfig
+from visionlora.config import TrainConfig, parse_report_to
 from visionlora.console import describe_epoch, describe_start, library_messages_to
 from visionlora.data.transforms import Normalizer
 from visionlora.errors import VisionLoraError
@@ -37,16 +37,15 @@ from visionlora.modeling.adapters import (
 from visionlora.modeling.builtin import is_builtin
 from visionlora.modeling.loading import base_revision, loading_policy
 from visionlora.reporting.diagnostics import write_diagnostics
-from visionlora.reporting.summary import RunFacts, write_results
+from visionlora.runtime import new_accelerator, resolve_precision, return_freed_memory, unwrap_in_fp32
 from visionlora.tasks import get_task
 from visionlora.tasks.base import Datasets, Evaluation, ModelInfo, Task
 from visionlora.training import tracking
 from visionlora.training.checkpoint import Progress, load_checkpoint, resume_settings, save_checkpoint
 from visionlora.training.continuation import start_from_run
 from visionlora.training.loading import plan_loading
-from visionlora.training.runtime import new_accelerator, resolve_precision, return_freed_memory, unwrap_in_fp32
+from visionlora.training.results import RunFacts, write_results
 from visionlora.training.sampling import EpochWeightedSampler
-from visionlora.training.tracking import parse_report_to
 
 PROGRESS_EVERY = 10  # batches between progress-bar loss updates (each one reads the loss from the device)
 

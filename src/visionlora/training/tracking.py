@@ -8,30 +8,13 @@ unless their own environment variables (``MLFLOW_TRACKING_URI``, ``WANDB_DIR``) 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
 
 from visionlora.errors import VisionLoraError
 
-# tracker name -> (module it needs, pip package to install)
-TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
 PROJECT = "visionlora"
-
-
-def parse_report_to(value: str | list[str] | None) -> list[str]:
-    """The trackers named by ``--report-to`` (comma-separated, or none); unknown or uninstalled
-    ones are a one-line error."""
-    names = value if isinstance(value, list) else [v.strip() for v in str(value or "none").split(",") if v.strip()]
-    names = [name for name in names if name != "none"]
-    for name in names:
-        if name not in TRACKERS:
-            raise VisionLoraError(f"--report-to {name}: unknown tracker (choose from {', '.join(TRACKERS)}, or none)")
-        module, package = TRACKERS[name]
-        if importlib.util.find_spec(module) is None:
-            raise VisionLoraError(f"--report-to {name}: {module} is not installed (pip install {package})")
-    return names
 
 
 def hyperparameters(settings: dict[str, Any]) -> dict[str, Any]:

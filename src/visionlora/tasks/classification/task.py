@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from visionlora.core.drawing import draw_label
+from visionlora.core.plots import confusion_matrix_plot
 from visionlora.data.cache import CachePlan
 from visionlora.data.images import decode_all
 from visionlora.data.records import LabelledImage, Part, SourceData
@@ -25,8 +27,7 @@ from visionlora.data.transforms import (
 )
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.classification import classification_metrics, confusion_matrix, per_class_rows
-from visionlora.reporting.drawing import draw_label
-from visionlora.reporting.plots import confusion_matrix_plot
+from visionlora.modeling.builtin import BuiltinModel
 from visionlora.tasks.base import DemoRecipe, Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
 
 TOP_K = 5
@@ -46,6 +47,7 @@ class ClassificationTask(Task):
         lr_lora=2e-4,
         lr_full=5e-5,
     )
+    builtin_models = (BuiltinModel("tiny", 32, "visionlora.tasks.classification.builtin:tiny_vit"),)
     demo = DemoRecipe("4 colour classes, 160 train / 48 val images",
                       "visionlora.examples.synthetic:make_classification_folder",
                       {"per_class_train": 40, "per_class_val": 12}, model="tiny-pretrained", epochs=8)

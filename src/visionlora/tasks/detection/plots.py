@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from visionlora.reporting.plots import figure_png, pyplot, style_axis
+from visionlora.core.plots import figure_png, pyplot, style_axis
 
 
 def precision_recall_plot(recall, per_class: dict, overall, title: str) -> bytes:

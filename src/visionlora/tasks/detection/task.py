@@ -13,15 +13,16 @@ import torch
 from PIL import Image
 from transformers.image_transforms import corners_to_center_format
 
+from visionlora.core.drawing import draw_boxes
+from visionlora.core.outputs import Option, parse_float_between
 from visionlora.data.batches import batch_buffer, stacked
 from visionlora.data.cache import CachePlan, StoredImages, default_cache_dir
 from visionlora.data.images import decode_records
 from visionlora.data.records import DetectionRecord, Part, SourceData, clean_box
 from visionlora.data.transforms import Normalizer, chw, processor_pixels
-from visionlora.deploy.outputs import Option, parse_float_between
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.detection import ImageBoxes, detection_curves, detection_metrics
-from visionlora.reporting.drawing import draw_boxes
+from visionlora.modeling.builtin import BuiltinModel
 from visionlora.tasks.base import DemoRecipe, Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
 from visionlora.tasks.detection.plots import precision_recall_plot
 from visionlora.tasks.detection.timm_backbones import (
@@ -56,6 +57,10 @@ class DetectionTask(Task):
     )
     # Pretrained on procedural scenes (see visionlora.examples.procedural); RT-DETRv2 converges in
     # tens of epochs where DETR needs hundreds.
+    builtin_models = (
+        BuiltinModel("tiny", 64, "visionlora.tasks.detection.builtin:tiny_detr"),
+        BuiltinModel("tiny-rtdetr", 64, "visionlora.tasks.detection.builtin:tiny_rtdetr"),
+    )
     demo = DemoRecipe("2 box classes, COCO JSON, 40 train / 12 val images",
                       "visionlora.examples.synthetic:make_detection_dataset",
                       {"fmt": "coco", "n_train": 40, "n_val": 12}, model="tiny-rtdetr-pretrained", epochs=30)

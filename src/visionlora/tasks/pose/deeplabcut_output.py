@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from visionlora.artifacts import atomic_write_bytes, atomic_write_with
-from visionlora.deploy.outputs import OutputWriter
+from visionlora.core.outputs import OutputWriter
 from visionlora.errors import VisionLoraError
 
 SCORER = "visionlora"

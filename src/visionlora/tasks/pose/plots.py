@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from visionlora.reporting.plots import bar_plot, figure_png, pyplot
+from visionlora.core.plots import bar_plot, figure_png, pyplot
 
 
 def keypoint_error_plot(names: Sequence[str], errors: Sequence[float | None]) -> bytes:

@@ -12,14 +12,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from visionlora.core.drawing import draw_keypoints
+from visionlora.core.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option
 from visionlora.data.cache import CachePlan, StoredImages
 from visionlora.data.images import decode_records
 from visionlora.data.records import PoseRecord, SourceData, mark_unlabelled
 from visionlora.data.transforms import Normalizer, chw
-from visionlora.deploy.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.pose import PCK_CURVE, PoseTarget, keypoint_table, pose_metrics
-from visionlora.reporting.drawing import draw_keypoints
+from visionlora.modeling.builtin import BuiltinModel
 from visionlora.tasks.base import DemoRecipe, Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
 from visionlora.tasks.pose.deeplabcut_output import DLC_CSV, DLC_H5
 from visionlora.tasks.pose.geometry import (
@@ -93,6 +94,7 @@ class PoseTask(Task):
     # The pose twin, pretrained on 11-keypoint walkers, does not transfer to this 4-keypoint animal
     # with 40 frames (worse than the mean position; see benchmarks/lora_vs_full.py), so the demo
     # starts from the random tiny ViTPose.
+    builtin_models = (BuiltinModel("tiny", 64, "visionlora.tasks.pose.builtin:tiny_vitpose"),)
     demo = DemoRecipe("4 keypoints, DeepLabCut project, 48 frames", "visionlora.examples.synthetic:make_pose_dataset",
                       {"fmt": "dlc", "n_train": 40, "n_val": 8}, model="tiny", epochs=40)
     main_metric = "pixel_error"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from visionlora.deploy.outputs import Option, parse_float_between
+from visionlora.core.outputs import Option, parse_float_between
 from visionlora.errors import VisionLoraError
 from visionlora.tasks.base import BoxRequest, ModelInfo
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from visionlora.reporting.plots import bar_plot
+from visionlora.core.plots import bar_plot
 
 
 def class_iou_plot(rows: Sequence[dict[str, Any]]) -> bytes:

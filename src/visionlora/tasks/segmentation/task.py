@@ -19,15 +19,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from visionlora.core.outputs import DRAWN_IMAGES, JSON_OUTPUT, OutputWriter
+from visionlora.core.plots import confusion_matrix_plot
 from visionlora.data.cache import CachePlan
 from visionlora.data.images import decode_all, load_rgb
 from visionlora.data.records import Part, SourceData
 from visionlora.data.segmentation import FORMAT_NAMES, IGNORE_INDEX, SegmentationRecord, load_mask, voc_palette
 from visionlora.data.transforms import Normalizer, chw, processor_output_size, processor_pixels, tensor_view
-from visionlora.deploy.outputs import DRAWN_IMAGES, JSON_OUTPUT, OutputWriter
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.segmentation import confusion_matrix, per_class_rows, segmentation_metrics
-from visionlora.reporting.plots import confusion_matrix_plot
+from visionlora.modeling.builtin import BuiltinModel
 from visionlora.tasks.base import DemoRecipe, Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
 from visionlora.tasks.segmentation.plots import class_iou_plot
 from visionlora.tasks.segmentation.writers import mask_png, write_masks
@@ -51,6 +52,7 @@ class SegmentationTask(Task):
         lr_lora=2e-4,
         lr_full=6e-5,
     )
+    builtin_models = (BuiltinModel("tiny", 64, "visionlora.tasks.segmentation.builtin:tiny_segformer"),)
     demo = DemoRecipe("discs and squares, images+masks folders, 48 train / 12 val images",
                       "visionlora.examples.segmentation:make_segmentation_dataset",
                       {"n_train": 48, "n_val": 12, "size": 64}, model="tiny", epochs=30)

@@ -9,8 +9,8 @@ from typing import Sequence
 import numpy as np
 
 from visionlora.artifacts import atomic_write_bytes
+from visionlora.core.outputs import png_bytes, png_name
 from visionlora.data.segmentation import palette_image
-from visionlora.deploy.outputs import png_bytes, png_name
 
 
 def mask_png(mask: np.ndarray, colours: Sequence[Sequence[int]]) -> bytes:

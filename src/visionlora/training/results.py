@@ -27,9 +27,9 @@ from visionlora.reporting.run_summary import (
     Timing,
     TrainingSummary,
 )
+from visionlora.runtime import peak_memory
 from visionlora.tasks.base import Datasets, ModelInfo, Task
 from visionlora.training.checkpoint import Progress
-from visionlora.training.runtime import peak_memory
 
 
 @dataclass

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from visionlora.deploy.runs import run_labels
 from visionlora.errors import VisionLoraError
 
 DECODE_CPUS = 0.5  # less than an actor's, so Ray runs decoding in tasks of its own, not fused into the actors
@@ -84,16 +85,6 @@ def plan_job(runs: list[str], images: list[str], output: str | Path, options: di
     items = [(str(Path(image).resolve()), run) for image, run in items]
     return BatchJob(items, named, output, options)
 
-
-def run_labels(folders: list[Path]) -> dict[str, str]:
-    """Each run by the fewest trailing parts of its path that tell the runs apart: ``runs/ants/lora``
-    and ``runs/bees/lora`` are ``ants/lora`` and ``bees/lora``; a lone run is its folder name."""
-    folders = list(dict.fromkeys(folders))
-    for depth in range(1, max(len(folder.parts) for folder in folders) + 1):
-        labels = ["/".join(folder.parts[-depth:]) for folder in folders]
-        if len(set(labels)) == len(labels):
-            return {label: str(folder) for label, folder in zip(labels, folders)}
-    raise AssertionError("distinct paths always differ in some trailing parts")
 
 
 def _listed(path: Path, runs: dict[str, str]) -> list[tuple[str, str]]:

@@ -1,0 +1,1 @@
+"""Shared primitives below the tasks: prediction options and writers, drawing and plots."""
