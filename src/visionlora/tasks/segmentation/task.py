@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from visionlora.data.cache import CachePlan
+from visionlora.data.formats import SEGMENTATION_FORMAT_NAMES as FORMAT_NAMES
 from visionlora.data.images import decode_all, load_rgb
+from visionlora.data.masks import IGNORE_INDEX, SegmentationRecord, load_mask, voc_palette
 from visionlora.data.records import Part, SourceData
-from visionlora.data.segmentation import FORMAT_NAMES, IGNORE_INDEX, SegmentationRecord, load_mask, voc_palette
 from visionlora.data.transforms import Normalizer, chw, processor_output_size, processor_pixels, tensor_view
 from visionlora.deploy.outputs import DRAWN_IMAGES, JSON_OUTPUT, OutputWriter
 from visionlora.errors import VisionLoraError

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from visionlora.artifacts import atomic_write_bytes
-from visionlora.data.segmentation import palette_image
+from visionlora.data.masks import palette_image
 from visionlora.deploy.outputs import png_bytes, png_name
 
 
