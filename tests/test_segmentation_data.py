@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from visionlora.data.coco_masks import CocoMask
-from visionlora.data.formats import read_part, read_source
+from visionlora.data.formats import SEGMENTATION_FORMAT_NAMES, read_part, read_source
 from visionlora.data.images import load_rgb
-from visionlora.data.segmentation import FORMAT_NAMES, VOC_CLASSES, load_mask, voc_palette
+from visionlora.data.masks import load_mask, voc_palette
+from visionlora.data.voc_segmentation import VOC_CLASSES
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.segmentation import confusion_matrix, per_class_rows, segmentation_metrics
 
@@ -50,7 +51,7 @@ def _grey_png(path: Path, array: np.ndarray) -> Path:
 
 
 def _read(folder: Path):
-    return read_part(FORMAT_NAMES, folder)
+    return read_part(SEGMENTATION_FORMAT_NAMES, folder)
 
 
 # -- Pascal VOC ---------------------------------------------------------------------------------
@@ -85,7 +86,7 @@ def test_voc_image_sets_give_train_and_its_own_validation(tmp_path):
     (lists / "train.txt").write_text("a\nc\ne\n")
     (lists / "val.txt").write_text("b\nd\n")
     (lists / "test.txt").write_text("f\n")  # VOC's test images have no masks: not read
-    source, _ = read_source(FORMAT_NAMES, str(root), None, seed=0, val_fraction=0.25)
+    source, _ = read_source(SEGMENTATION_FORMAT_NAMES, str(root), None, seed=0, val_fraction=0.25)
     assert [Path(r.image).stem for r in source.train] == ["a", "c", "e"]
     assert [Path(r.image).stem for r in source.val] == ["b", "d"]
     assert source.description["val"].endswith("(val.txt)")
@@ -148,7 +149,7 @@ def test_train_and_val_folders_share_one_class_list(tmp_path):
     _mask_folders(root / "train", 4, class_list=False)
     _mask_folders(root / "val", 2, class_list=False, seed=10)
     (root / "classes.txt").write_text("background\nroad\ncar\n")
-    source, held_out = read_source(FORMAT_NAMES, str(root), None, seed=0, val_fraction=0.25)
+    source, held_out = read_source(SEGMENTATION_FORMAT_NAMES, str(root), None, seed=0, val_fraction=0.25)
     assert len(source.train) == 4 and len(source.val) == 2
     assert source.labels == held_out[0].labels == ["background", "road", "car"]
     assert source.extra["ignore_index"] == 255
@@ -159,7 +160,7 @@ def test_a_flat_folder_is_split_by_seed(tmp_path):
     _mask_folders(tmp_path / "d", 8)
 
     def val_images(seed):
-        source, _ = read_source(FORMAT_NAMES, str(tmp_path / "d"), None, seed=seed, val_fraction=0.25)
+        source, _ = read_source(SEGMENTATION_FORMAT_NAMES, str(tmp_path / "d"), None, seed=seed, val_fraction=0.25)
         assert len(source.train) == 6 and len(source.val) == 2
         assert not {r.image for r in source.train} & {r.image for r in source.val}
         return [r.image for r in source.val]
@@ -192,7 +193,7 @@ def _hf_dataset(root: Path, id2label: dict | None = None, column: str = "annotat
 
 def test_saved_hugging_face_dataset(tmp_path):
     root, arrays = _hf_dataset(tmp_path / "hf", {"0": "background", "1": "road", "2": "car"})
-    source, _ = read_source(FORMAT_NAMES, str(root), None, seed=0, val_fraction=0.25)
+    source, _ = read_source(SEGMENTATION_FORMAT_NAMES, str(root), None, seed=0, val_fraction=0.25)
     assert source.labels == ["background", "road", "car"] and source.description["format"] == "huggingface-segmentation"
     assert len(source.train) == 4 and len(source.val) == 2
     for records, split in ((source.train, "train"), (source.val, "validation")):

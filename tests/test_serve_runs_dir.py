@@ -133,7 +133,8 @@ def test_a_run_added_later_is_served_and_many_first_requests_load_it_once(server
     with ThreadPoolExecutor(max_workers=8) as pool:
         answers = list(pool.map(lambda _: _ask(server, "spare", image), range(8)))
     assert all(status == 200 for status, _ in answers)
-    assert len({json.dumps(answer) for _, answer in answers}) == 1
+    for _, answer in answers[1:]:  # the requests land in batches of other sizes, which round differently
+        assert_nested_close(answer, answers[0][1])
     assert _metric(server, "visionlora_adapter_loads_total") == loads + 1
 
 

@@ -10,10 +10,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Hashable, Sequence
 
-from visionlora.data import coco, deeplabcut, hf_datasets, imagefolder, segmentation, voc, yolo
+from visionlora.data import (
+    coco,
+    coco_segmentation,
+    deeplabcut,
+    hf_datasets,
+    hf_segmentation,
+    imagefolder,
+    mask_folders,
+    voc,
+    voc_segmentation,
+    yolo,
+)
 from visionlora.data.records import DataFormat, Part, SourceData
 from visionlora.data.splits import evaluation_part, holdout_fraction, locate_parts, seeded_split
 from visionlora.errors import VisionLoraError
+
+SEGMENTATION_FORMATS = (  # mask formats, in the order they are tried
+    voc_segmentation.FORMAT,
+    mask_folders.FORMAT,
+    hf_segmentation.FORMAT,
+    coco_segmentation.FORMAT,
+)
+SEGMENTATION_FORMAT_NAMES = tuple(f.name for f in SEGMENTATION_FORMATS)  # a segmentation task's ``data_formats``
 
 FORMATS: dict[str, DataFormat] = {f.name: f for f in (
     hf_datasets.FORMAT,
@@ -23,7 +42,7 @@ FORMATS: dict[str, DataFormat] = {f.name: f for f in (
     yolo.FORMAT,
     deeplabcut.FORMAT,
     coco.KEYPOINTS,
-    *segmentation.FORMATS,
+    *SEGMENTATION_FORMATS,
 )}
 
 

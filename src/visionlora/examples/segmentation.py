@@ -32,7 +32,7 @@ def segmentation_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray,
 
 def palette_mask(mask: np.ndarray) -> Image.Image:
     """A palette PNG image of class ids (VOC colours)."""
-    from visionlora.data.segmentation import palette_image, voc_palette
+    from visionlora.data.masks import palette_image, voc_palette
 
     return palette_image(mask, voc_palette(256))
 

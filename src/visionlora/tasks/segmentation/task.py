@@ -22,9 +22,10 @@ from PIL import Image
 from visionlora.core.outputs import DRAWN_IMAGES, JSON_OUTPUT, OutputWriter
 from visionlora.core.plots import confusion_matrix_plot
 from visionlora.data.cache import CachePlan
+from visionlora.data.formats import SEGMENTATION_FORMAT_NAMES as FORMAT_NAMES
 from visionlora.data.images import decode_all, load_rgb
+from visionlora.data.masks import IGNORE_INDEX, SegmentationRecord, load_mask, voc_palette
 from visionlora.data.records import Part, SourceData
-from visionlora.data.segmentation import FORMAT_NAMES, IGNORE_INDEX, SegmentationRecord, load_mask, voc_palette
 from visionlora.data.transforms import Normalizer, chw, processor_output_size, processor_pixels, tensor_view
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.segmentation import confusion_matrix, per_class_rows, segmentation_metrics

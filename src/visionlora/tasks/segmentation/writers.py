@@ -10,7 +10,7 @@ import numpy as np
 
 from visionlora.artifacts import atomic_write_bytes
 from visionlora.core.outputs import png_bytes, png_name
-from visionlora.data.segmentation import palette_image
+from visionlora.data.masks import palette_image
 
 
 def mask_png(mask: np.ndarray, colours: Sequence[Sequence[int]]) -> bytes:
