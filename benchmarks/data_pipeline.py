@@ -37,10 +37,10 @@ def worker(source: str, data: str, epochs: int, image_size: int) -> None:
                       image_size=image_size, progress=False, save_every=0).validate()
     task = get_task("classification")
     torch.manual_seed(0)
-    records = task.read_data(cfg)
-    model, processor, info = task.build_model("tiny", records.labels, image_size, "full")
+    records = task.data.read_data(cfg)
+    model, processor, info = task.model.build_model("tiny", records.labels, image_size, "full")
     started = time.perf_counter()
-    datasets = task.make_datasets(records, processor, info, cfg)
+    datasets = task.data.make_datasets(records, processor, info, cfg)
     decode_seconds = time.perf_counter() - started
     if source != "files":
         count, val_count = len(datasets.train), len(datasets.val)

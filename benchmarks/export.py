@@ -112,9 +112,9 @@ def measure(name: str, repeats: int) -> list[dict]:
         image = Image.new("RGB", (640, 480), (90, 140, 200))
         for batch in (1, 8):
             items = [item for i in range(batch) for item in
-                     reference.task.predict_inputs(image, i, reference.processor, reference.info,
-                                                   reference.task.default_options())]
-            inputs = reference.task.model_inputs([item.pixel_values for item in items])
+                     reference.task.prediction.predict_inputs(image, i, reference.processor, reference.info,
+                                                   reference.task.prediction.default_options())]
+            inputs = reference.task.prediction.model_inputs([item.pixel_values for item in items])
             adapter_seconds = None
             for setup, run in loaded.items():
                 seconds = median_forward(run.model, inputs, repeats, run.info.forward_kwargs)

@@ -97,18 +97,18 @@ def worker(task_name: str, workers: int, epochs: int, batch_size: int) -> None:
             data = generated(task_name, Path(tmp) / "data")
         cfg = TrainConfig(task=task_name, data=str(data), model=model, image_size=size, epochs=epochs,
                           progress=False).validate()
-        source = task.read_data(cfg)
-        _, processor, info = task.build_model(model, source.labels, size, "lora")
-        plan = plan_cache("ram", None, len(source.train), task.image_bytes(processor, info))
-        dataset, _ = task.train_dataset(source, processor, info, cfg, plan)
+        source = task.data.read_data(cfg)
+        _, processor, info = task.model.build_model(model, source.labels, size, "lora")
+        plan = plan_cache("ram", None, len(source.train), task.data.image_bytes(processor, info))
+        dataset, _ = task.data.train_dataset(source, processor, info, cfg, plan)
         dataset = Repeated(dataset, math.ceil(MIN_EPOCH_ITEMS / len(dataset)))
         try:  # training's own loader: workers hand batches over in reused shared memory
             from visionlora.training.loading import plan_loading
 
-            loader = plan_loading(workers, torch.device("cpu")).loader(dataset, task.collate, batch_size=batch_size,
-                                                                       shuffle=True)
+            plan = plan_loading(workers, torch.device("cpu"))
+            loader = plan.loader(dataset, task.steps.collate, batch_size=batch_size, shuffle=True)
         except ImportError:  # a revision from before it
-            loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=task.collate,
+            loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=task.steps.collate,
                                 num_workers=workers, persistent_workers=workers > 0)
         for _ in loader:  # one warm-up epoch: workers started, pages touched
             break
@@ -125,8 +125,9 @@ def worker(task_name: str, workers: int, epochs: int, batch_size: int) -> None:
 
 def _input_size(processor, info) -> str:
     """The model input as HxW: the pose crop, or the processor's resize."""
-    if "input_size" in info.extra:
-        width, height = info.extra["input_size"]
+    input_size = getattr(info.state, "input_size", None)
+    if input_size:
+        width, height = input_size
         return f"{height}x{width}"
     size = processor.size
     return f"{size['height']}x{size['width']}" if "height" in size else str(dict(size))

@@ -57,8 +57,8 @@ def make_runs(root: Path, base: str, count: int, image_size: int) -> list[Path]:
     for index in range(count):
         torch.manual_seed(index)
         fresh = type(model).from_pretrained(base_dir)
-        _, _, info = task.build_model(str(base_dir), labels, None, "lora")
-        peft_model, _ = apply_lora(fresh, 16, 32, 0.0, ["query", "value"], task.head_modules(fresh))
+        _, _, info = task.model.build_model(str(base_dir), labels, None, "lora")
+        peft_model, _ = apply_lora(fresh, 16, 32, 0.0, ["query", "value"], task.model.head_modules(fresh))
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.02)  # a trained adapter is not zero
@@ -100,7 +100,7 @@ def save_full_run(root: Path) -> None:
     from visionlora.tasks import get_task
 
     labels = [f"class{i}" for i in range(10)]
-    _, processor, info = get_task("classification").build_model(str(root / "base"), labels, None, "full")
+    _, processor, info = get_task("classification").model.build_model(str(root / "base"), labels, None, "full")
     model = ViTForImageClassification.from_pretrained(root / "base")
     for index in range(10):
         paths = RunPaths(root / f"full{index}", "full")

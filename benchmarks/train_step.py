@@ -74,7 +74,7 @@ def worker(task_name: str, mode: str, steps: int, low_memory: bool, precision: s
     if mode == "lora":
         preset = task.preset
         model, _ = apply_lora(model, preset.lora_r, preset.lora_alpha, 0.0, list(preset.target_modules),
-                              task.head_modules(model))
+                              task.model.head_modules(model))
         if precision == "bf16":  # as training does: frozen layer weights stored in bf16 under bf16 autocast
             lower_frozen_weights(model, torch.bfloat16)
     model.train()
@@ -84,7 +84,7 @@ def worker(task_name: str, mode: str, steps: int, low_memory: bool, precision: s
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = task.loss(model, batch, info)
+            loss = task.steps.loss(model, batch, info)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()

@@ -54,7 +54,7 @@ def tiny_config(task: str, data: Path, output: Path, mode: str = "lora", **overr
 def read_data(task: str, data: str, val_data: str | None = None, seed: int = 0, val_fraction: float | None = None):
     """A task's training and validation records of ``data`` (annotations only), as training reads them."""
     cfg = TrainConfig(task=task, data=data, val_data=val_data, seed=seed, val_fraction=val_fraction)
-    return get_task(task).read_data(cfg)
+    return get_task(task).data.read_data(cfg)
 
 
 def hub_snapshot(hf_home: Path, repo_id: str, revision: str = "0" * 40) -> Path:

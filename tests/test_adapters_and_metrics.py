@@ -13,7 +13,7 @@ from visionlora.tasks import get_task
 
 @pytest.fixture
 def tiny_vit():
-    model, _, _ = get_task("classification").build_model("tiny", ["a", "b", "c"], None, "lora")
+    model, _, _ = get_task("classification").model.build_model("tiny", ["a", "b", "c"], None, "lora")
     return model
 
 

@@ -255,7 +255,7 @@ def adapter_label_count_mismatch(run: Path):
 def adapter_on_another_architecture(run: Path):
     from visionlora.tasks import get_task
 
-    model, processor, _ = get_task("pose").build_model("tiny", ["a", "b", "c", "d"], None, "full")
+    model, processor, _ = get_task("pose").model.build_model("tiny", ["a", "b", "c", "d"], None, "full")
     shutil.rmtree(run / "base_model")
     model.save_pretrained(run / "base_model")
     return "base_model: the base model changed since the adapter was trained"

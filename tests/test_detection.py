@@ -273,4 +273,4 @@ def test_a_timm_backbone_visionlora_cannot_convert_is_a_clear_error(tmp_path):
     DetrConfig(use_timm_backbone=True, backbone="efficientnet_b0",
                use_pretrained_backbone=False).save_pretrained(tmp_path)
     with pytest.raises(VisionLoraError, match="needs timm .pip install timm.; without timm, visionlora loads DETR"):
-        get_task("detection").checkpoint(str(tmp_path))
+        get_task("detection").model.checkpoint(str(tmp_path))

@@ -102,7 +102,8 @@ def _reference_resnet18(x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> to
 
 def test_the_timm_checkpoint_loads_with_every_backbone_weight_and_the_same_features(hub_layout, tmp_path, monkeypatch):
     monkeypatch.setenv("VISIONLORA_CACHE", str(tmp_path / "cache"))
-    model, _, info = get_task("detection").build_model(str(hub_layout["folder"]), ["red_box", "blue_box"], None, "full")
+    model, _, info = get_task("detection").model.build_model(str(hub_layout["folder"]), ["red_box", "blue_box"], None,
+                                                             "full")
     state = model.state_dict()
     backbone = {k: v for k, v in state.items() if k.startswith("model.backbone.model.")}
     originals = hub_layout["original"].state_dict()

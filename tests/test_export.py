@@ -77,8 +77,8 @@ def test_merged_export_loads_with_plain_transformers_and_predicts_alike(exports,
     reloaded = visionlora.load(merged)
     images = [Image.open(p).convert("RGB") for p in exports[case]["images"]]
     with torch.no_grad():
-        batch = run.task.model_inputs([item.pixel_values for i, im in enumerate(images)
-                                       for item in run.task.predict_inputs(im, i, run.processor, run.info,
+        batch = run.task.prediction.model_inputs([item.pixel_values for i, im in enumerate(images)
+                                       for item in run.task.prediction.predict_inputs(im, i, run.processor, run.info,
                                                                            {"boxes": None, "threshold": 0.5})])
         plain = model(**batch, **run.info.forward_kwargs)
         adapter = run.model(**batch, **run.info.forward_kwargs)

@@ -128,8 +128,8 @@ def test_detection_pads_uint8_batches_to_exactly_what_predict_feeds():
     normalizer = Normalizer(processor)
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((20, 30), (26, 18), (20, 18))]
     items = [{"pixel_values": image, "labels": {}, "index": i} for i, image in enumerate(images)]
-    trained = task.device_batch(task.collate(items), normalizer)
-    predicted = task.model_inputs([normalizer(image) for image in images])
+    trained = task.steps.device_batch(task.steps.collate(items), normalizer)
+    predicted = task.prediction.model_inputs([normalizer(image) for image in images])
     assert torch.equal(trained["pixel_values"], predicted["pixel_values"])
     assert trained["pixel_mask"].dtype == torch.long
     assert torch.equal(trained["pixel_mask"], predicted["pixel_mask"])
@@ -174,9 +174,9 @@ def test_cached_images_are_not_changed_by_augmentation(tmp_path):
     data = make_detection_dataset(tmp_path / "data", n_train=4, n_val=2)
     task = get_task("detection")
     cfg = TrainConfig(task="detection", data=str(data), model="tiny", epochs=1).validate()
-    source = task.read_data(cfg)
-    _, processor, info = task.build_model("tiny", source.labels, None, "lora")
-    dataset, _ = task.train_dataset(source, processor, info, cfg, CachePlan())
+    source = task.data.read_data(cfg)
+    _, processor, info = task.model.build_model("tiny", source.labels, None, "lora")
+    dataset, _ = task.data.train_dataset(source, processor, info, cfg, CachePlan())
     before = [np.array(dataset.images[i]["pixels"]) for i in range(len(dataset))]
     for epoch in range(4):
         dataset.set_epoch(epoch)

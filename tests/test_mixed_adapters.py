@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from tests.conftest import assert_nested_close
+from visionlora.deploy.prediction import PredictView, predict, predict_mixed
 from visionlora.modeling.adapters import adapter_config, resolve_target_modules
 from visionlora.modeling.mixed_batches import mixing_refusal, prepare_mixed_batches
 from visionlora.tasks import get_task
-from visionlora.tasks.base import PredictView
 
 MODELS = {"classification": "tiny", "detection": "tiny-rtdetr", "pose": "tiny", "segmentation": "tiny"}
 OPTIONS = {"detection": {"threshold": 0.0}, "pose": {"boxes": [[[4, 6, 50, 60]], [[0, 0, 63, 63]]] * 3}}
@@ -26,8 +26,8 @@ def _adapters(task_name: str, count: int, method: str = "lora"):
 
     task = get_task(task_name)
     labels = ["a", "b", "c"]
-    model, processor, info = task.build_model(MODELS[task_name], labels, 64, "lora")
-    heads = task.head_modules(model)
+    model, processor, info = task.model.build_model(MODELS[task_name], labels, 64, "lora")
+    heads = task.model.head_modules(model)
     targets = resolve_target_modules(model, list(task.preset.target_modules), exclude=heads)
     config = adapter_config(method, model, 4, 8, 0.0, targets, heads)
     peft_model = get_peft_model(model, config, adapter_name="run0")
@@ -55,13 +55,13 @@ def test_a_mixed_batch_answers_as_each_adapter_alone(task_name):
     prepare_mixed_batches(model)
     images = _images(6)
     per_image = [views[i % 3] for i in range(6)]  # run0, run1, run2, run0, ...
-    mixed = task.predict_mixed(model, images, per_image, **OPTIONS.get(task_name, {}))
+    mixed = predict_mixed(task, model, images, per_image, **OPTIONS.get(task_name, {}))
     answers = {}
     for index, view in enumerate(views):
         model.set_adapter(view.adapter)
         rows = [i for i in range(6) if i % 3 == index]
         options = {k: [v[i] for i in rows] if k == "boxes" else v for k, v in OPTIONS.get(task_name, {}).items()}
-        for row, answer in zip(rows, task.predict(model, view.processor, [images[i] for i in rows], view.info,
+        for row, answer in zip(rows, predict(task, model, view.processor, [images[i] for i in rows], view.info,
                                                   **options)):
             answers[row] = answer
     for row in range(6):

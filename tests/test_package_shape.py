@@ -53,5 +53,5 @@ def test_each_task_declares_what_the_shared_modules_read(name, tmp_path):
     assert type(task).__module__.startswith(f"visionlora.tasks.{name}.")
     if task.demo is not None:  # the demo's generated data is data the task reads
         task.demo.generate(tmp_path / "demo")
-        assert task.read_part(tmp_path / "demo" / "train" if (tmp_path / "demo" / "train").is_dir()
+        assert task.data.read_part(tmp_path / "demo" / "train" if (tmp_path / "demo" / "train").is_dir()
                               else tmp_path / "demo").records

@@ -25,6 +25,7 @@ from visionlora.artifacts import INFO_FILE, atomic_dir, atomic_write_bytes, atom
 from visionlora.data.images import UnreadableImage, load_rgb
 from visionlora.data.records import image_source
 from visionlora.deploy import MAX_METRIC_DROP
+from visionlora.deploy.prediction import predict
 from visionlora.deploy.predictor import LoadedRun, load_run
 from visionlora.errors import VisionLoraError
 from visionlora.reporting.model_card import model_card
@@ -94,7 +95,7 @@ def check_output_free(output: Path, overwrite: bool) -> None:
 
 def check_images(run: LoadedRun) -> list:
     """Up to CHECK_IMAGES readable images of the run's validation data."""
-    part = run.task.read_validation(read_json(run.paths.summary))
+    part = run.task.data.read_validation(read_json(run.paths.summary))
     images = []
     for record in part.records:
         try:
@@ -110,9 +111,10 @@ def check_images(run: LoadedRun) -> list:
 
 def model_inputs(run: LoadedRun, images: list) -> dict[str, torch.Tensor]:
     """The task's model inputs for ``images``, as predict makes them (one per image)."""
+    options = run.task.prediction.default_options()
     inputs = [item for index, image in enumerate(images)
-              for item in run.task.predict_inputs(image, index, run.processor, run.info, run.task.default_options())]
-    return run.task.model_inputs([item.pixel_values for item in inputs])
+              for item in run.task.prediction.predict_inputs(image, index, run.processor, run.info, options)]
+    return run.task.prediction.model_inputs([item.pixel_values for item in inputs])
 
 
 @torch.inference_mode()
@@ -173,10 +175,10 @@ def _export_onnx(run: LoadedRun, merged, images: list, folder: Path, strict: boo
     export["inputs"] = onnx_model.input_names
     difference = max_difference(raw_outputs(run, merged, images), raw_outputs(run, onnx_model, images))
     export["onnx_max_abs_diff"] = difference
-    agree = _same_predictions(task.predict(merged, run.processor, images, run.info),
-                              task.predict(onnx_model, run.processor, images, run.info))
+    agree = _same_predictions(predict(task, merged, run.processor, images, run.info),
+                              predict(task, onnx_model, run.processor, images, run.info))
     export["predictions_agree"] = agree
-    exact = task.exact_outputs(merged)
+    exact = task.prediction.exact_outputs(merged)
     export["verified"] = agree and (difference <= TOLERANCE or not exact)
     if strict and not export["verified"]:
         raise VisionLoraError(
@@ -227,7 +229,7 @@ def _quantize_int8(run: LoadedRun, images: list, folder: Path, export: dict[str,
     record = {"method": "onnxruntime dynamic quantization: int8 MatMul/Gemm weights, activations per batch",
               "main_metric": metric, "fp32": figures["fp32"], "int8": figures["int8"], "metric_drop": drop,
               "max_metric_drop": max_drop, "max_abs_diff": max_difference(reference, quantized),
-              "top1_agreement": float(torch.cat([(task.top1(a) == task.top1(b)).flatten().float()
+              "top1_agreement": float(torch.cat([(task.steps.top1(a) == task.steps.top1(b)).flatten().float()
                                                  for a, b in zip(reference[:1], quantized[:1])]).mean()),
               "fp32_bytes": fp32_file.stat().st_size, "int8_bytes": int8_file.stat().st_size}
     if strict and drop > max_drop:

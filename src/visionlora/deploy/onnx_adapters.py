@@ -188,7 +188,7 @@ def _write_run(item: AdapterRun, folder: Path, base: str) -> dict[str, Any]:
     images = check_images(run)
     difference = max_difference(raw_outputs(run, run.model, images), raw_outputs(run, onnx_model, images))
     export["onnx_max_abs_diff"] = difference
-    if difference > TOLERANCE and run.task.exact_outputs(run.model):
+    if difference > TOLERANCE and run.task.prediction.exact_outputs(run.model):
         raise VisionLoraError(f"{run.paths.root}: through its ONNX adapter it differs from peft by "
                               f"{difference:.2e} (limit {TOLERANCE:g})")
     atomic_write_json(folder / "export.json", export)

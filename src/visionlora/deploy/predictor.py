@@ -12,6 +12,8 @@ from PIL import Image
 from visionlora.artifacts import RunPaths, read_json
 from visionlora.core.outputs import per_image_values
 from visionlora.data.images import UnreadableImage, is_image_file, load_rgb
+from visionlora.deploy.evaluation import evaluate
+from visionlora.deploy.prediction import predict
 from visionlora.deploy.runs import load_hub_model, load_model, open_run
 from visionlora.errors import VisionLoraError
 from visionlora.modeling.loading import loading_policy
@@ -35,7 +37,7 @@ class LoadedRun:
         ``options`` are the task's predict options, e.g. ``threshold=0.5`` for detection.
         """
         opened = [_open(image) for image in images]
-        return self.task.predict(self.model, self.processor, opened, self.info, **options)
+        return predict(self.task, self.model, self.processor, opened, self.info, **options)
 
     def predict_files(
         self, files: Sequence[Path], outputs: Mapping[str, Path] | None = None, box_finder: BoxFinder | None = None,
@@ -72,13 +74,13 @@ class LoadedRun:
 
         def predict(images: list[Image.Image]) -> list[dict[str, Any]]:
             found = {boxes.request.option: boxes(images)} if boxes is not None else {}
-            return self.task.predict(self.model, self.processor, images, self.info, **options, **found)
+            return predict(self.task, self.model, self.processor, images, self.info, **options, **found)
 
         return predict
 
     def draw(self, image: Image.Image, prediction: dict) -> Image.Image:
         """A copy of ``image`` with ``prediction`` drawn on it."""
-        return self.task.draw(image, prediction, self.info)
+        return self.task.prediction.draw(image, prediction, self.info)
 
     def evaluate(self, data: str | None = None, batch_size: int = 16, split: str = "val") -> dict[str, Any]:
         """Metrics on ``data`` (default: the run's own validation split, or ``split="test"``, read alone)."""
@@ -87,15 +89,15 @@ class LoadedRun:
         if data is None:
             if self.paths.mode == "export":
                 raise VisionLoraError(f"{self.paths.root}: an export has no validation split of its own; pass --data")
-            part = self.task.read_validation(read_json(self.paths.summary), split)
+            part = self.task.data.read_validation(read_json(self.paths.summary), split)
         else:
-            part = self.task.read_evaluation(data, self.info)
-        dataset, skipped = self.task.eval_dataset(part.records, self.processor, self.info)
+            part = self.task.data.read_evaluation(data, self.info)
+        dataset, skipped = self.task.data.eval_dataset(part.records, self.processor, self.info)
         if len(dataset) == 0:
             raise VisionLoraError(f"{data or self.paths.root}: no readable labelled images to evaluate on")
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=self.task.collate)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=self.task.steps.collate)
         accelerator = new_accelerator(cpu=self.model.device.type == "cpu")
-        metrics = self.task.evaluate(self.model, self.processor, accelerator.prepare(loader), accelerator, self.info)
+        metrics = evaluate(self.task, self.model, self.processor, accelerator.prepare(loader), accelerator, self.info)
         return {"metrics": metrics, "images": len(dataset), "skipped": part.skipped + skipped}
 
 
@@ -139,7 +141,7 @@ class BoxFinder:
 
 def box_finder(run: LoadedRun, values: dict[str, Any], **loading: Any) -> BoxFinder | None:
     """The box finder ``run``'s task asks for with its ``box_options`` ``values``; None when no box model is named."""
-    request = run.task.box_request(values)
+    request = run.task.prediction.box_request(values)
     if request is None:
         return None
     model = load_model_or_hub(request.model, request.model_task, **loading)

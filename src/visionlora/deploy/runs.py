@@ -60,14 +60,14 @@ class RunFolder:
 
     def load_full_model(self) -> torch.nn.Module:
         """A full run's (or merged export's) model."""
-        return guarded_load(lambda: self.task.load_model(str(self.paths.model_dir), self.info), self.paths.model_dir,
-                            "the saved model")
+        folder = self.paths.model_dir
+        return guarded_load(lambda: self.task.model.load_model(str(folder), self.info), folder, "the saved model")
 
     def load_base(self, allow_base_change: bool = False) -> torch.nn.Module:
         """A LoRA run's base, refused when a local base's content changed since training (unless allowed)."""
         pinned = check_base_unchanged(self.base_ref, self.info.base_revision, allow_base_change)
         with loading_policy(current_policy().allow_pickle, current_policy().trust_remote_code, pinned):
-            return self.task.load_model(self.base_ref, self.info)
+            return self.task.model.load_model(self.base_ref, self.info)
 
     def attach_adapter(self, load: Callable[[], Any]) -> Any:
         """Run ``load`` (a peft call loading this run's adapter), damaged or mismatched weights as one line."""
@@ -112,12 +112,12 @@ def load_hub_model(ref: str, task: Task) -> tuple[torch.nn.Module, Any, ModelInf
     """(model, processor, info) of a hub (or local) checkpoint of ``task`` used as it is, with its own labels."""
     from visionlora.data.transforms import processor_size
 
-    checkpoint, check = task.checkpoint(ref)
-    model, processor = load_pretrained(task.model_class(), checkpoint, loading_check=check)
+    checkpoint, check = task.model.checkpoint(ref)
+    model, processor = load_pretrained(task.model.model_class(), checkpoint, loading_check=check)
     config = model.config
     labels = [str(config.id2label[i]) for i in range(len(config.id2label))]
-    info = ModelInfo(task.name, "full", ref, labels, processor_size(processor))
-    task.describe_model(model, processor, info)
+    facts = task.model.describe_model(model, processor, labels)
+    info = ModelInfo(task.name, "full", ref, labels, processor_size(processor), facts.forward_kwargs, facts.state)
     return model, processor, info
 
 

@@ -211,7 +211,7 @@ def create_app(store: ModelStore, settings: ServeSettings, identity: dict[str, A
                           options: dict[str, Any]) -> dict[str, Any]:
         """Top-down: the boxes a served model of another task finds, as the task's predict option."""
         try:
-            request = served.task.box_request(box_values)
+            request = served.task.prediction.box_request(box_values)
         except VisionLoraError as err:
             raise ApiError(400, str(err)) from None
         if request is None:
@@ -235,7 +235,7 @@ def create_app(store: ModelStore, settings: ServeSettings, identity: dict[str, A
     @app.post("/v1/models/{name}/draw")
     async def draw(name: str, request: Request):
         served, names, images, predictions = await run_prediction(name, request)
-        drawn = served.task.draw(images[0], predictions[0], served.info)
+        drawn = served.task.prediction.draw(images[0], predictions[0], served.info)
         return Response(png_bytes(drawn), media_type="image/png")
 
     @app.get("/metrics")

@@ -23,13 +23,14 @@ from typing import Any, Sequence
 import torch
 
 from visionlora.artifacts import RunPaths, folder_bytes
+from visionlora.deploy.prediction import PredictView, predict, predict_mixed
 from visionlora.deploy.runs import RunFolder, load_model, open_run
 from visionlora.errors import VisionLoraError
 from visionlora.modeling.loading import base_revision, check_weight_files, loading_policy
 from visionlora.modeling.mixed_batches import mixing_refusal, prepare_mixed_batches
 from visionlora.serving import DEFAULT_MAX_LOADED
 from visionlora.serving.slots import AdapterSlots
-from visionlora.tasks.base import ModelInfo, PredictView, Task
+from visionlora.tasks.base import ModelInfo, Task
 
 
 class UnknownModel(VisionLoraError):
@@ -99,7 +100,7 @@ class ServedModel:
             if self.adapter is not None and self.base.model.active_adapter != self.adapter:
                 self.base.model.set_adapter(self.adapter)  # walks the whole model: only when another was active
             with _precision(precision, self.base.model):
-                return self.task.predict(self.base.model, self.processor, images, self.info, **options)
+                return predict(self.task, self.base.model, self.processor, images, self.info, **options)
 
 
 def predict_together(members: Sequence[ServedModel], images, precision: str = "fp32", **options: Any) -> list[dict]:
@@ -108,7 +109,7 @@ def predict_together(members: Sequence[ServedModel], images, precision: str = "f
     if all(member is first for member in members):
         return first.predict(images, precision, **options)
     with first.base.lock, _precision(precision, first.base.model):
-        return first.task.predict_mixed(first.base.model, images, [member.view for member in members], **options)
+        return predict_mixed(first.task, first.base.model, images, [member.view for member in members], **options)
 
 
 class StoreEvents:

@@ -29,11 +29,11 @@ def start_from_run(run_dir: str, task: Task, labels: list[str], mode: str):
               "labels_changed": source.info.labels != labels}
     if source.info.mode == "lora":
         return _continue_adapter(source, labels, mode, run_dir) + (origin,)
-    model, processor, info = task.build_model(str(source.paths.model_dir), labels, None, mode)
+    model, processor, info = task.model.build_model(str(source.paths.model_dir), labels, None, mode)
     info.image_size, info.forward_kwargs = source.info.image_size, source.info.forward_kwargs
-    info.extra = {**source.info.extra, **{k: v for k, v in info.extra.items() if k not in source.info.extra}}
+    info.state = source.info.state  # what the finished run learnt of its data (its sizes, its mean keypoints)
     if origin["labels_changed"]:
-        _reset_heads(model, task.head_modules(model))
+        _reset_heads(model, task.model.head_modules(model))
     return model, source.processor, info, origin
 
 

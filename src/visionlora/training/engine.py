@@ -26,6 +26,7 @@ from visionlora.artifacts import RunPaths, new_run_dir, save_model
 from visionlora.config import TrainConfig, parse_report_to
 from visionlora.console import describe_epoch, describe_start, library_messages_to
 from visionlora.data.transforms import Normalizer
+from visionlora.deploy.evaluation import evaluate, evaluate_outputs
 from visionlora.errors import VisionLoraError
 from visionlora.modeling.adapters import (
     apply_lora,
@@ -36,13 +37,13 @@ from visionlora.modeling.adapters import (
 )
 from visionlora.modeling.builtin import is_builtin
 from visionlora.modeling.loading import base_revision, loading_policy
-from visionlora.reporting.diagnostics import write_diagnostics
 from visionlora.runtime import new_accelerator, resolve_precision, return_freed_memory, unwrap_in_fp32
 from visionlora.tasks import get_task
 from visionlora.tasks.base import Datasets, Evaluation, ModelInfo, Task
 from visionlora.training import tracking
 from visionlora.training.checkpoint import Progress, load_checkpoint, resume_settings, save_checkpoint
 from visionlora.training.continuation import start_from_run
+from visionlora.training.diagnostics import write_diagnostics
 from visionlora.training.loading import plan_loading
 from visionlora.training.results import RunFacts, write_results
 from visionlora.training.sampling import EpochWeightedSampler
@@ -120,14 +121,14 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
 
     # -- data and model -----------------------------------------------------------------
     set_seed(cfg.seed)
-    source = task.read_data(cfg)
+    source = task.data.read_data(cfg)
     if cfg.init_from:
         model, processor, info, facts.init_from = start_from_run(cfg.init_from, task, source.labels, cfg.mode)
         cfg.model = info.base_model if cfg.mode == "lora" else str(Path(cfg.init_from) / "trained_model")
     else:
-        model, processor, info = task.build_model(cfg.model, source.labels, cfg.image_size, cfg.mode)
+        model, processor, info = task.model.build_model(cfg.model, source.labels, cfg.image_size, cfg.mode)
     facts.base_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    data = facts.data = task.make_datasets(source, processor, info, cfg)
+    data = facts.data = task.data.make_datasets(source, processor, info, cfg)
     if data.cache.mode != cfg.cache and cfg.cache == "auto" and data.cache.mode == "disk":
         accelerator.print(data.cache.reason)
     lora = None
@@ -140,7 +141,7 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
             accelerator.wait_for_everyone()
             info.base_revision = base_revision(str(paths.base_dir))
         model, lora = apply_lora(
-            model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, task.head_modules(model),
+            model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, task.model.head_modules(model),
             cfg.method,
         )
     facts.parameters, facts.lora = parameter_counts(model), lora
@@ -207,8 +208,8 @@ def _restore_frozen_weights(model, file: Path) -> None:
 
 def _evaluate_once(task: Task, model, processor, dataset, accelerator, info: ModelInfo, batch_size: int):
     """Metrics of ``model`` as it is (fp32, before any training step)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=task.collate)
-    return task.evaluate(model, processor, loader, accelerator, info)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=task.steps.collate)
+    return evaluate(task, model, processor, loader, accelerator, info)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -233,12 +234,12 @@ class TrainingLoop:
         self.loading = plan_loading(cfg.num_workers, accelerator.device,
                                     int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
         accelerator.dataloader_config.non_blocking = self.loading.non_blocking  # read by prepare() below
-        sampler = EpochWeightedSampler(task.sample_weights(data.train), cfg.seed) if cfg.balanced_sampler else None
+        sampler = EpochWeightedSampler(task.data.sample_weights(data.train), cfg.seed) if cfg.balanced_sampler else None
         train_loader = self.loading.loader(
-            data.train, task.collate, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+            data.train, task.steps.collate, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
             drop_last=False, generator=torch.Generator().manual_seed(cfg.seed))
         val_loader = self.loading.loader(
-            data.val, task.collate, batch_size=cfg.batch_size, shuffle=False,
+            data.val, task.steps.collate, batch_size=cfg.batch_size, shuffle=False,
             generator=torch.Generator().manual_seed(cfg.seed))
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.kept_names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -267,7 +268,7 @@ class TrainingLoop:
         state = self.state
         for epoch in range(state.completed_epochs + 1, self.cfg.epochs + 1):
             row = {"epoch": epoch, "train_loss": self._train_epoch(epoch), "lr": self.scheduler.get_last_lr()[0]}
-            metrics = self.task.evaluate(self.model, self.processor, self.val_loader, self.accelerator, self.info)
+            metrics = evaluate(self.task, self.model, self.processor, self.val_loader, self.accelerator, self.info)
             row.update({f"val_{k}": v for k, v in metrics.items()})
             row["seconds"] = round(time.perf_counter() - self._epoch_started, 3)
             state.history.append(row)
@@ -297,7 +298,7 @@ class TrainingLoop:
         state, device = self.state, self.accelerator.device
         self._epoch_started = time.perf_counter()
         self.model.train()
-        self.task.prepare_for_training(self.model, self.cfg.mode)
+        self.task.model.prepare_for_training(self.model, self.cfg.mode)
         if hasattr(self.data.train, "set_epoch"):
             self.data.train.set_epoch(epoch)
         self.train_loader.set_epoch(epoch)
@@ -312,9 +313,9 @@ class TrainingLoop:
         bar = tqdm(loader, desc=f"epoch {epoch}/{self.cfg.epochs}", leave=False, disable=not show,
                    initial=skipped, total=len(self.train_loader))
         for batch in bar:
-            batch = self.task.device_batch(batch, self.normalizer)
+            batch = self.task.steps.device_batch(batch, self.normalizer)
             with self.accelerator.accumulate(self.model):
-                loss = self.task.loss(self.model, batch, self.info)
+                loss = self.task.steps.loss(self.model, batch, self.info)
                 self.accelerator.backward(loss)
                 if self.accelerator.sync_gradients and self.cfg.grad_clip > 0:
                     self.accelerator.clip_grad_norm_(self.trainable, self.cfg.grad_clip)
@@ -385,15 +386,15 @@ class TrainingLoop:
     def final_evaluation(self, model) -> Evaluation:
         """The best weights' validation pass in fp32 (what ``evaluate`` and ``predict`` reproduce);
         its outputs feed the diagnostics too."""
-        return self.task.evaluate_outputs(model, self.processor, self.val_loader, self.accelerator, self.info)
+        return evaluate_outputs(self.task, model, self.processor, self.val_loader, self.accelerator, self.info)
 
     def test_metrics(self, model) -> dict[str, Any] | None:
         """The best weights' metrics on the held-out test part, in fp32: one pass, at the end."""
         if self.data.test is None:
             return None
         loader = torch.utils.data.DataLoader(self.data.test, batch_size=self.cfg.batch_size,
-                                             collate_fn=self.task.collate)
-        metrics = self.task.evaluate(model, self.processor, self.accelerator.prepare(loader), self.accelerator,
+                                             collate_fn=self.task.steps.collate)
+        metrics = evaluate(self.task, model, self.processor, self.accelerator.prepare(loader), self.accelerator,
                                      self.info)
         self.accelerator.print(f"test {self.task.main_metric} {metrics[self.task.main_metric]:.4f} "
                                f"(best epoch {self.state.best_epoch}, chosen on validation)")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import random
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,42 +30,32 @@ from visionlora.data.transforms import (
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.classification import classification_metrics, confusion_matrix, per_class_rows
 from visionlora.modeling.builtin import BuiltinModel
-from visionlora.tasks.base import DemoRecipe, Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
+from visionlora.tasks.base import (
+    Datasets,
+    DemoRecipe,
+    Diagnostics,
+    ModelFacts,
+    ModelInfo,
+    PredictInput,
+    Preset,
+    SeededDataset,
+    Task,
+    TaskState,
+)
+from visionlora.tasks.roles import TaskData, TaskModel, TaskPrediction, TaskReport, TaskSteps
 
 TOP_K = 5
 IMBALANCE = 5  # a largest class more than this many times the smallest is reported
 
 
-class ClassificationTask(Task):
-    """Fine-tune an image classifier; the main metric is validation accuracy."""
+@dataclass
+class ClassificationState(TaskState):
+    """``--class-weights auto``: inverse class frequencies of the training set, n / (classes x n_class)."""
 
-    name = "classification"
-    data_formats = ("huggingface", "imagefolder")
-    preset = Preset(
-        model="google/vit-base-patch16-224",
-        lora_r=16,
-        lora_alpha=32,
-        target_modules=("query", "value"),
-        lr_lora=2e-4,
-        lr_full=5e-5,
-    )
-    builtin_models = (BuiltinModel("tiny", 32, "visionlora.tasks.classification.builtin:tiny_vit"),)
-    demo = DemoRecipe("4 colour classes, 160 train / 48 val images",
-                      "visionlora.examples.synthetic:make_classification_folder",
-                      {"per_class_train": 40, "per_class_val": 12}, model="tiny-pretrained", epochs=8)
-    main_metric = "accuracy"
-    auto_class = "AutoModelForImageClassification"
-    pipeline_tag = "image-classification"
-    card_does = "classifies an image into one of"
-    weighs_classes = True
-    output_names = ("logits",)
-    predict_batch = 32
+    class_weights: list[float] | None = None
 
-    @staticmethod
-    def split_group(record: LabelledImage) -> str:
-        return record.label
 
-    # -- data -------------------------------------------------------------------------
+class ClassificationData(TaskData):
     def check_data(self, source: SourceData, held_out: list[Part], where: str) -> None:
         """At least two classes, every validation and test class known from training, no empty split."""
         if len(source.labels) < 2:
@@ -99,22 +91,27 @@ class ClassificationTask(Task):
         height, width = processor_output_size(processor)
         return int(height * width * 3 * TRAIN_CACHE_SCALE**2)
 
-    def make_datasets(self, source: SourceData, processor, info: ModelInfo, cfg):
-        """Also notes a class imbalance (largest class over IMBALANCE times the smallest), and sets
-        ``--class-weights auto``: inverse class frequencies, n / (classes x n_class)."""
+    def make_datasets(self, source: SourceData, processor, info: ModelInfo, cfg) -> Datasets:
+        """Also notes a class imbalance (largest class over IMBALANCE times the smallest)."""
         data = super().make_datasets(source, processor, info, cfg)
         per_class = data.counts["train_per_class"]
         present = {name: n for name, n in per_class.items() if n}
-        largest, smallest = max(present, key=present.get), min(present, key=present.get)
+        largest, smallest = max(present, key=present.__getitem__), min(present, key=present.__getitem__)
         if present[largest] > IMBALANCE * present[smallest]:
             data.description.setdefault("notes", []).append(
                 f"class imbalance: the largest class {largest!r} has {present[largest]} training images, the smallest "
                 f"{smallest!r} {present[smallest]} ({present[largest] / present[smallest]:.1f}x); consider "
                 "--class-weights auto or --balanced-sampler")
-        if cfg.class_weights == "auto":
-            total = sum(per_class.values())
-            info.extra["class_weights"] = [total / (len(per_class) * n) if n else 0.0 for n in per_class.values()]
         return data
+
+    def state_from_training_set(self, train, info: ModelInfo, cfg) -> ClassificationState:
+        """With ``--class-weights auto``, the training set's inverse class frequencies."""
+        if cfg.class_weights != "auto":
+            return self.task.state_of(info)
+        per_class = self.count(train, "train", info)["train_per_class"]
+        total = sum(per_class.values())
+        weights = [total / (len(per_class) * n) if n else 0.0 for n in per_class.values()]
+        return ClassificationState(class_weights=weights)
 
     def sample_weights(self, dataset) -> list[float]:
         counts = torch.bincount(torch.tensor(dataset.labels, dtype=torch.long)).double()
@@ -124,13 +121,14 @@ class ClassificationTask(Task):
         per_class = torch.bincount(torch.tensor(dataset.labels, dtype=torch.long), minlength=len(info.labels))
         return {split: len(dataset), f"{split}_per_class": dict(zip(info.labels, per_class.tolist()))}
 
-    # -- model ------------------------------------------------------------------------
-    def describe_model(self, model, processor, info: ModelInfo) -> None:
+
+class ClassificationModel(TaskModel):
+    def describe_model(self, model, processor, labels: list[str]) -> ModelFacts:
         """Ask ViT-like models to interpolate position embeddings when the input size changed."""
         native = getattr(model.config, "image_size", None)
         accepts = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
-        if accepts and native and list(processor_output_size(processor)) != [native, native]:
-            info.forward_kwargs = {"interpolate_pos_encoding": True}
+        interpolate = accepts and native and list(processor_output_size(processor)) != [native, native]
+        return ModelFacts({"interpolate_pos_encoding": True} if interpolate else {}, ClassificationState())
 
     def head_modules(self, model: torch.nn.Module) -> list[str]:
         """The linear layer(s) producing the class logits (``classifier`` on ViT)."""
@@ -144,13 +142,14 @@ class ClassificationTask(Task):
             raise VisionLoraError(f"{type(model).__name__}: no linear classification head with {num_labels} outputs")
         return heads[-1:]
 
-    # -- steps ------------------------------------------------------------------------
+
+class ClassificationSteps(TaskSteps):
     def loss(self, model, batch, info: ModelInfo) -> torch.Tensor:
-        if not info.extra.get("class_weights"):
+        weights = self.task.state_of(info).class_weights
+        if not weights:
             return model(pixel_values=batch["pixel_values"], labels=batch["labels"], **info.forward_kwargs).loss
         logits = model(pixel_values=batch["pixel_values"], **info.forward_kwargs).logits
-        weights = torch.tensor(info.extra["class_weights"], dtype=torch.float32, device=logits.device)
-        return F.cross_entropy(logits.float(), batch["labels"], weight=weights)
+        return F.cross_entropy(logits.float(), batch["labels"], weight=_weights_on(weights, logits.device))
 
     def eval_step(self, model, batch, processor, info: ModelInfo):
         logits = model(pixel_values=batch["pixel_values"], **info.forward_kwargs).logits.float()
@@ -160,19 +159,8 @@ class ClassificationTask(Task):
         labels = torch.tensor([dataset.labels[i] for i in indices], dtype=torch.long)
         return classification_metrics(torch.stack(outputs), labels, info.labels)
 
-    def diagnostics(self, dataset, indices, outputs, info: ModelInfo) -> Diagnostics:
-        labels = torch.tensor([dataset.labels[i] for i in indices], dtype=torch.long)
-        confusion = confusion_matrix(torch.stack(outputs).argmax(dim=1), labels, len(info.labels))
-        return Diagnostics(per_class_rows(confusion, info.labels),
-                           {"confusion_matrix.png": confusion_matrix_plot(confusion.numpy(), info.labels)})
 
-    # -- prediction -------------------------------------------------------------------
-    def ground_truth(self, record: LabelledImage, image, info: ModelInfo):
-        return {"label": record.label, "score": 1.0}, {}
-
-    def caption(self, prediction: dict[str, Any]) -> str:
-        return f"{prediction['label']} {prediction['score']:.2f}"
-
+class ClassificationPrediction(TaskPrediction):
     def predict_inputs(self, image, image_index, processor, info, options):
         return [PredictInput(image_index, Normalizer(processor)(processor_pixels(processor, image)))]
 
@@ -187,6 +175,64 @@ class ClassificationTask(Task):
 
     def draw(self, image: Image.Image, prediction: dict, info: ModelInfo) -> Image.Image:
         return draw_label(image, f"{prediction['label']} {prediction['score']:.2f}")
+
+
+class ClassificationReport(TaskReport):
+    def diagnostics(self, dataset, indices, outputs, info: ModelInfo) -> Diagnostics:
+        labels = torch.tensor([dataset.labels[i] for i in indices], dtype=torch.long)
+        confusion = confusion_matrix(torch.stack(outputs).argmax(dim=1), labels, len(info.labels))
+        return Diagnostics(per_class_rows(confusion, info.labels),
+                           {"confusion_matrix.png": confusion_matrix_plot(confusion.numpy(), info.labels)})
+
+    def ground_truth(self, record: LabelledImage, image, info: ModelInfo):
+        return {"label": record.label, "score": 1.0}, {}
+
+    def caption(self, prediction: dict[str, Any]) -> str:
+        return f"{prediction['label']} {prediction['score']:.2f}"
+
+
+@functools.lru_cache(maxsize=8)
+def _weights_on_cached(weights: tuple[float, ...], device: str) -> torch.Tensor:
+    return torch.tensor(weights, dtype=torch.float32, device=device)
+
+
+def _weights_on(weights: list[float], device: torch.device) -> torch.Tensor:
+    """The class weights as a tensor on ``device``, made once per device rather than every step."""
+    return _weights_on_cached(tuple(weights), str(device))
+
+
+class ClassificationTask(Task):
+    """Fine-tune an image classifier; the main metric is validation accuracy."""
+
+    name = "classification"
+    data_formats = ("huggingface", "imagefolder")
+    preset = Preset(
+        model="google/vit-base-patch16-224",
+        lora_r=16,
+        lora_alpha=32,
+        target_modules=("query", "value"),
+        lr_lora=2e-4,
+        lr_full=5e-5,
+    )
+    builtin_models = (BuiltinModel("tiny", 32, "visionlora.tasks.classification.builtin:tiny_vit"),)
+    demo = DemoRecipe("4 colour classes, 160 train / 48 val images",
+                      "visionlora.examples.synthetic:make_classification_folder",
+                      {"per_class_train": 40, "per_class_val": 12}, model="tiny-pretrained", epochs=8)
+    main_metric = "accuracy"
+    auto_class = "AutoModelForImageClassification"
+    pipeline_tag = "image-classification"
+    card_does = "classifies an image into one of"
+    weighs_classes = True
+    output_names = ("logits",)
+    predict_batch = 32
+
+    state_type = ClassificationState
+    split_group = staticmethod(lambda record: record.label)  # a stratified validation split
+    data_role = ClassificationData
+    model_role = ClassificationModel
+    steps_role = ClassificationSteps
+    prediction_role = ClassificationPrediction
+    report_role = ClassificationReport
 
 
 class CachedImages(SeededDataset):

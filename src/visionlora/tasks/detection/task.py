@@ -32,6 +32,7 @@ from visionlora.tasks.detection.timm_backbones import (
     timm_free_checkpoint,
     train_like_timm,
 )
+from visionlora.tasks.roles import TaskData, TaskModel, TaskPrediction, TaskReport, TaskSteps
 
 # Module names of detection heads across DETR-family models (class and box predictors).
 HEAD_PATTERN = re.compile(
@@ -42,43 +43,7 @@ REPEAT_THRESHOLD = 0.3  # categories in fewer than this share of the images are 
 TIED_HEAD_TYPES = ("rt_detr", "d_fine", "deimv2")
 
 
-class DetectionTask(Task):
-    """Fine-tune an object detector; the main metric is COCO mAP@[.5:.95] on validation."""
-
-    name = "detection"
-    data_formats = ("coco", "voc", "yolo")
-    preset = Preset(
-        model="facebook/detr-resnet-50",
-        lora_r=8,
-        lora_alpha=16,
-        target_modules=("q_proj", "v_proj"),
-        lr_lora=2e-4,
-        lr_full=1e-4,
-    )
-    # Pretrained on procedural scenes (see visionlora.examples.procedural); RT-DETRv2 converges in
-    # tens of epochs where DETR needs hundreds.
-    builtin_models = (
-        BuiltinModel("tiny", 64, "visionlora.tasks.detection.builtin:tiny_detr"),
-        BuiltinModel("tiny-rtdetr", 64, "visionlora.tasks.detection.builtin:tiny_rtdetr"),
-    )
-    demo = DemoRecipe("2 box classes, COCO JSON, 40 train / 12 val images",
-                      "visionlora.examples.synthetic:make_detection_dataset",
-                      {"fmt": "coco", "n_train": 40, "n_val": 12}, model="tiny-rtdetr-pretrained", epochs=30)
-    main_metric = "map"
-    auto_class = "AutoModelForObjectDetection"
-    pipeline_tag = "object-detection"
-    card_does = "finds boxes of"
-    fp16_unsafe = "DETR-family losses overflow in fp16"
-    input_names = ("pixel_values", "pixel_mask")
-    output_names = ("logits", "pred_boxes")
-    dynamic_image_size = True
-    predict_batch = 8
-    predict_options = (
-        Option("threshold", "lowest score of a box kept (default 0.5)", parse_float_between(0, 1, "threshold"), 0.5,
-               "SCORE"),
-    )
-
-    # -- data -------------------------------------------------------------------------
+class DetectionData(TaskData):
     def check_data(self, source: SourceData, held_out: list[Part], where: str) -> None:
         """Categories of every part, and boxes in training and validation (mAP needs validation boxes)."""
         source.labels = list(dict.fromkeys(source.labels + [n for part in held_out for n in part.labels]))
@@ -126,7 +91,8 @@ class DetectionTask(Task):
             counts["train_negatives"] = sum(not r.boxes for r in dataset.records)
         return counts
 
-    # -- model ------------------------------------------------------------------------
+
+class DetectionModel(TaskModel):
     def load_kwargs(self, ref: str, labels: list[str]) -> dict[str, Any]:
         """Label maps, and RT-DETR's tied heads untied (peft cannot wrap tied heads)."""
         kwargs = super().load_kwargs(ref, labels)
@@ -170,28 +136,14 @@ class DetectionTask(Task):
             raise VisionLoraError(f"{type(model).__name__}: no class/box prediction heads found")
         return heads
 
-    # -- steps ------------------------------------------------------------------------
+
+class DetectionSteps(TaskSteps):
     def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Pad images to the largest in the batch (bottom/right) with a pixel mask, as DETR expects."""
-        batch = self.model_inputs([item["pixel_values"] for item in items], mask_dtype=torch.uint8)
+        batch = self.task.prediction.model_inputs([item["pixel_values"] for item in items], mask_dtype=torch.uint8)
         batch["labels"] = [item["labels"] for item in items]
         batch["index"] = torch.tensor([item["index"] for item in items])
         return batch
-
-    def model_inputs(self, pixels: list[torch.Tensor], mask_dtype=torch.long) -> dict[str, torch.Tensor]:
-        """Pixels of any type padded with zeros to the largest (bottom/right), and the mask of the real ones."""
-        height = max(p.shape[1] for p in pixels)
-        width = max(p.shape[2] for p in pixels)
-        if all(p.shape[1:] == (height, width) for p in pixels):
-            mask = batch_buffer("pixel_mask", (len(pixels), height, width), mask_dtype).fill_(1)
-            return {"pixel_values": stacked(pixels, "pixel_values"), "pixel_mask": mask}
-        padded = batch_buffer("pixel_values", (len(pixels), 3, height, width), pixels[0].dtype)
-        mask = batch_buffer("pixel_mask", (len(pixels), height, width), mask_dtype)
-        for index, image in enumerate(pixels):
-            _, h, w = image.shape
-            padded[index, :, :h, :w] = image
-            mask[index, :h, :w] = 1
-        return {"pixel_values": padded, "pixel_mask": mask}
 
     def device_batch(self, batch: dict[str, Any], normalizer: Normalizer) -> dict[str, Any]:
         """Pixels normalised with the padding at 0 (as predict pads normalised pixels); the mask widened."""
@@ -212,19 +164,23 @@ class DetectionTask(Task):
     def metrics(self, dataset, indices, outputs, info: ModelInfo) -> dict[str, Any]:
         return detection_metrics(*_boxes_and_sizes(dataset, indices, outputs, info))
 
-    def diagnostics(self, dataset, indices, outputs, info: ModelInfo) -> Diagnostics:
-        curves = detection_curves(*_boxes_and_sizes(dataset, indices, outputs, info))
-        defined = [c for c in curves.precision50.values() if c is not None]
-        overall = np.mean(defined, axis=0) if defined else None
-        plot = precision_recall_plot(curves.recall, curves.precision50, overall,
-                                     "Precision-recall at IoU 0.5 (validation, best epoch)")
-        return Diagnostics(curves.rows, {"precision_recall.png": plot})
 
-    def ground_truth(self, record: DetectionRecord, image, info: ModelInfo):
-        boxes = [{"label": label, "score": 1.0, "box": box} for box, label in zip(record.boxes, record.labels)]
-        return {"boxes": boxes}, {}
+class DetectionPrediction(TaskPrediction):
+    def model_inputs(self, pixels: list[torch.Tensor], mask_dtype=torch.long) -> dict[str, torch.Tensor]:
+        """Pixels of any type padded with zeros to the largest (bottom/right), and the mask of the real ones."""
+        height = max(p.shape[1] for p in pixels)
+        width = max(p.shape[2] for p in pixels)
+        if all(p.shape[1:] == (height, width) for p in pixels):
+            mask = batch_buffer("pixel_mask", (len(pixels), height, width), mask_dtype).fill_(1)
+            return {"pixel_values": stacked(pixels, "pixel_values"), "pixel_mask": mask}
+        padded = batch_buffer("pixel_values", (len(pixels), 3, height, width), pixels[0].dtype)
+        mask = batch_buffer("pixel_mask", (len(pixels), height, width), mask_dtype)
+        for index, image in enumerate(pixels):
+            _, h, w = image.shape
+            padded[index, :, :h, :w] = image
+            mask[index, :h, :w] = 1
+        return {"pixel_values": padded, "pixel_mask": mask}
 
-    # -- prediction -------------------------------------------------------------------
     def predict_inputs(self, image, image_index, processor, info, options):
         pixels = Normalizer(processor)(processor_pixels(processor, image))
         return [PredictInput(image_index, pixels, (image.height, image.width))]
@@ -248,6 +204,62 @@ class DetectionTask(Task):
     def exact_outputs(self, model) -> bool:
         """RT-DETR-style models pick their queries by top-k over near-tied scores when barely trained."""
         return not getattr(model.config, "model_type", "").startswith(TIED_HEAD_TYPES)
+
+
+class DetectionReport(TaskReport):
+    def diagnostics(self, dataset, indices, outputs, info: ModelInfo) -> Diagnostics:
+        curves = detection_curves(*_boxes_and_sizes(dataset, indices, outputs, info))
+        defined = [c for c in curves.precision50.values() if c is not None]
+        overall = np.mean(defined, axis=0) if defined else None
+        plot = precision_recall_plot(curves.recall, curves.precision50, overall,
+                                     "Precision-recall at IoU 0.5 (validation, best epoch)")
+        return Diagnostics(curves.rows, {"precision_recall.png": plot})
+
+    def ground_truth(self, record: DetectionRecord, image, info: ModelInfo):
+        boxes = [{"label": label, "score": 1.0, "box": box} for box, label in zip(record.boxes, record.labels)]
+        return {"boxes": boxes}, {}
+
+
+class DetectionTask(Task):
+    """Fine-tune an object detector; the main metric is COCO mAP@[.5:.95] on validation."""
+
+    name = "detection"
+    data_formats = ("coco", "voc", "yolo")
+    preset = Preset(
+        model="facebook/detr-resnet-50",
+        lora_r=8,
+        lora_alpha=16,
+        target_modules=("q_proj", "v_proj"),
+        lr_lora=2e-4,
+        lr_full=1e-4,
+    )
+    # Pretrained on procedural scenes (see visionlora.examples.procedural); RT-DETRv2 converges in
+    # tens of epochs where DETR needs hundreds.
+    builtin_models = (
+        BuiltinModel("tiny", 64, "visionlora.tasks.detection.builtin:tiny_detr"),
+        BuiltinModel("tiny-rtdetr", 64, "visionlora.tasks.detection.builtin:tiny_rtdetr"),
+    )
+    demo = DemoRecipe("2 box classes, COCO JSON, 40 train / 12 val images",
+                      "visionlora.examples.synthetic:make_detection_dataset",
+                      {"fmt": "coco", "n_train": 40, "n_val": 12}, model="tiny-rtdetr-pretrained", epochs=30)
+    main_metric = "map"
+    auto_class = "AutoModelForObjectDetection"
+    pipeline_tag = "object-detection"
+    card_does = "finds boxes of"
+    fp16_unsafe = "DETR-family losses overflow in fp16"
+    input_names = ("pixel_values", "pixel_mask")
+    output_names = ("logits", "pred_boxes")
+    dynamic_image_size = True
+    predict_batch = 8
+    predict_options = (
+        Option("threshold", "lowest score of a box kept (default 0.5)", parse_float_between(0, 1, "threshold"), 0.5,
+               "SCORE"),
+    )
+    data_role = DetectionData
+    model_role = DetectionModel
+    steps_role = DetectionSteps
+    prediction_role = DetectionPrediction
+    report_role = DetectionReport
 
 
 def _boxes_and_sizes(dataset, indices, outputs, info: ModelInfo):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,17 @@ from visionlora.data.transforms import Normalizer, chw
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.pose import PCK_CURVE, PoseTarget, keypoint_table, pose_metrics
 from visionlora.modeling.builtin import BuiltinModel
-from visionlora.tasks.base import DemoRecipe, Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
+from visionlora.tasks.base import (
+    DemoRecipe,
+    Diagnostics,
+    ModelFacts,
+    ModelInfo,
+    PredictInput,
+    Preset,
+    SeededDataset,
+    Task,
+    TaskState,
+)
 from visionlora.tasks.pose.deeplabcut_output import DLC_CSV, DLC_H5
 from visionlora.tasks.pose.geometry import (
     CropBox,
@@ -35,6 +46,7 @@ from visionlora.tasks.pose.geometry import (
 from visionlora.tasks.pose.keypoints import flip_pairs, instance_box, keypoint_sigmas, reference_size
 from visionlora.tasks.pose.plots import keypoint_error_plot, pck_curve_plot
 from visionlora.tasks.pose.topdown import DETECTOR_OPTIONS, DetectorRequest
+from visionlora.tasks.roles import TaskData, TaskModel, TaskPrediction, TaskReport, TaskSteps
 
 CONTEXT = 1.5  # training crops are cached with this much context, for scale and rotation changes
 SCALE_RANGE = (0.75, 1.25)
@@ -78,6 +90,188 @@ def check_boxes(boxes: Any, where: str) -> list[list[float]]:
     return boxes
 
 
+@dataclass
+class PoseState(TaskState):
+    """A pose run's own facts: the crop and heatmap sizes, which keypoints swap in a flip, their
+    OKS sigmas, the skeleton drawn between them, and the mean keypoints of the training crops."""
+
+    input_size: list[int] = field(default_factory=list)  # (width, height) of the model input
+    heatmap_size: list[int] = field(default_factory=list)  # (width, height)
+    flip_pairs: list[list[int]] = field(default_factory=list)
+    sigmas: list[float] = field(default_factory=list)
+    skeleton: list[list[int]] = field(default_factory=list)
+    mean_points: list[list[float]] | None = None
+
+
+def pose_state(info: ModelInfo) -> PoseState:
+    if not isinstance(info.state, PoseState):
+        raise VisionLoraError(f"a {info.task} run has no pose state")
+    return info.state
+
+
+class PoseData(TaskData):
+    def state_from_data(self, source: SourceData, info: ModelInfo, cfg) -> PoseState:
+        """The skeleton the annotations draw between keypoints."""
+        return dataclasses.replace(pose_state(info), skeleton=source.extra.get("skeleton", []))
+
+    def train_dataset(self, source: SourceData, processor, info: ModelInfo, cfg, cache: CachePlan):
+        """Every instance cut out once with context."""
+        state = pose_state(info)
+        input_size = tuple(state.input_size)
+        decoded = decode_records(source.train, lambda im, rec: _training_crops(im, rec, input_size), cache=cache,
+                                 settings=f"pose-train|{input_size}|{CONTEXT}")
+        pairs = [tuple(p) for p in state.flip_pairs]
+        dataset = TrainingCrops(Crops(decoded.items), input_size, tuple(state.heatmap_size), pairs, cfg.seed,
+                                cfg.augment)
+        dataset.cache_report = decoded.report
+        return dataset, decoded.skipped
+
+    def state_from_training_set(self, train, info: ModelInfo, cfg) -> PoseState:
+        """The mean keypoint positions in the input (the baseline the metrics compare against)."""
+        state = pose_state(info)
+        if not len(train):
+            return state
+        mean_points = _mean_points(train.instances, tuple(state.input_size)).round(3).tolist()
+        return dataclasses.replace(state, mean_points=mean_points)
+
+    def eval_dataset(self, records: list[PoseRecord], processor, info: ModelInfo, cache: CachePlan | None = None):
+        state = pose_state(info)
+        input_size = tuple(state.input_size)
+        decoded = decode_records(records, lambda im, rec: _eval_crops(im, rec, input_size), cache=cache,
+                                 settings=f"pose-eval|{input_size}")
+        mean = np.asarray(state.mean_points) if state.mean_points else None
+        dataset = EvalCrops(Crops(decoded.items), input_size, tuple(state.heatmap_size), mean)
+        dataset.cache_report = decoded.report
+        return dataset, decoded.skipped
+
+    def image_bytes(self, processor, info: ModelInfo) -> int:
+        width, height = pose_state(info).input_size
+        return int(width * height * 3 * CONTEXT**2)
+
+    def count(self, dataset, split: str, info: ModelInfo) -> dict[str, Any]:
+        return {
+            split: len(dataset.crops.images),
+            f"{split}_instances": len(dataset),
+            f"labelled_keypoints_{split}": int(sum(c.keypoints[:, 2].sum() for c in dataset.instances)),
+        }
+
+
+class PoseModel(TaskModel):
+    def load_kwargs(self, ref: str, labels: list[str]) -> dict[str, Any]:
+        return {"num_labels": len(labels)}
+
+    def resize_processor(self, processor, image_size: int) -> None:
+        """ViTPose inputs keep their 4:3 shape: ``image_size`` high, 3/4 of it wide (16-pixel steps)."""
+        processor.size = {"height": image_size, "width": round(image_size * 3 / 4 / 16) * 16}
+
+    def describe_model(self, model, processor, labels: list[str]) -> ModelFacts:
+        input_size = (int(processor.size["width"]), int(processor.size["height"]))
+        return ModelFacts(state=PoseState(
+            input_size=list(input_size),
+            heatmap_size=list(_heatmap_size(model, input_size)),
+            flip_pairs=[list(p) for p in flip_pairs(labels)],
+            sigmas=keypoint_sigmas(labels),
+        ))
+
+    def head_modules(self, model: torch.nn.Module) -> list[str]:
+        return ["head"]
+
+
+class PoseSteps(TaskSteps):
+    def loss(self, model, batch, info: ModelInfo) -> torch.Tensor:
+        heatmaps = model(pixel_values=batch["pixel_values"]).heatmaps
+        return heatmap_loss(heatmaps, batch["target"], batch["weight"])
+
+    def eval_step(self, model, batch, processor, info: ModelInfo):
+        heatmaps = model(pixel_values=batch["pixel_values"]).heatmaps.float()
+        loss = heatmap_loss(heatmaps, batch["target"], batch["weight"])
+        crops = [CropBox(c.numpy(), s.numpy()) for c, s in zip(batch["center"].cpu(), batch["scale"].cpu())]
+        points, scores = decode_heatmaps(processor, heatmaps.cpu().numpy(), crops)
+        return loss, list(zip(points, scores))
+
+    def top1(self, output: torch.Tensor) -> torch.Tensor:
+        """The peak cell of each keypoint's heatmap (heatmaps are (N, keypoints, H, W))."""
+        return output.flatten(2).argmax(dim=-1)
+
+    def metrics(self, dataset, indices, outputs, info: ModelInfo) -> dict[str, Any]:
+        crops = [dataset.instances[i] for i in indices]
+        points = np.stack([o[0] for o in outputs])
+        scores = np.stack([o[1] for o in outputs])
+        metrics = pose_metrics([c.target() for c in crops], points, scores, info.labels, pose_state(info).sigmas)
+        if dataset.mean_points is not None:
+            baseline = np.stack([c.from_input(dataset.mean_points) for c in crops])
+            truth = np.stack([c.keypoints for c in crops])
+            labelled = truth[..., 2] > 0
+            metrics["mean_baseline_pixel_error"] = float(
+                np.linalg.norm(baseline - truth[..., :2], axis=-1)[labelled].mean())
+        return metrics
+
+
+class PosePrediction(TaskPrediction):
+    def box_request(self, values: dict[str, Any]) -> DetectorRequest | None:
+        return DetectorRequest.from_options(values)
+
+    def predict_inputs(self, image, image_index, processor, info, options):
+        """One input per box (``boxes[i]``: x0, y0, x1, y1 lists for image i), or the whole image."""
+        input_size = tuple(pose_state(info).input_size)
+        boxes = options.get("boxes")
+        image_boxes = boxes[image_index] if boxes is not None else None
+        if image_boxes is None:  # no boxes given for this image: the whole image is one instance
+            image_boxes = [[0, 0, image.width, image.height]]
+        normalizer = Normalizer(processor)
+        array = np.asarray(image)
+        inputs = []
+        for box in image_boxes:
+            crop = crop_for_box(box, input_size)
+            pixels = torch.from_numpy(warp_image(array, warp_matrix(crop, input_size), input_size)).permute(2, 0, 1)
+            inputs.append(PredictInput(image_index, normalizer(pixels), ([float(v) for v in box], crop)))
+        return inputs
+
+    def decode(self, outputs, inputs, images, processor, info: ModelInfo, options) -> list[dict]:
+        heatmaps = outputs.heatmaps.float().cpu().numpy()
+        points, scores = decode_heatmaps(processor, heatmaps, [item.meta[1] for item in inputs])
+        return [
+            {
+                "box": [round(v, 2) for v in item.meta[0]],
+                "keypoints": [
+                    {"name": name, "x": round(float(x), 2), "y": round(float(y), 2), "score": float(s)}
+                    for name, (x, y), s in zip(info.labels, instance_points, instance_scores)
+                ],
+            }
+            for item, instance_points, instance_scores in zip(inputs, points, scores)
+        ]
+
+    def combine(self, results: list[dict]) -> dict[str, Any]:
+        return {"instances": results}
+
+    def draw(self, image: Image.Image, prediction: dict, info: ModelInfo) -> Image.Image:
+        skeleton = pose_state(info).skeleton
+        for instance in prediction["instances"]:
+            points = [(k["x"], k["y"]) for k in instance["keypoints"]]
+            image = draw_keypoints(image, points, [k["score"] for k in instance["keypoints"]], skeleton)
+        return image
+
+
+class PoseReport(TaskReport):
+    def diagnostics(self, dataset, indices, outputs, info: ModelInfo) -> Diagnostics:
+        targets = [dataset.instances[i].target() for i in indices]
+        rows, curve = keypoint_table(targets, np.stack([o[0] for o in outputs]), info.labels)
+        return Diagnostics(rows, {
+            "keypoint_errors.png": keypoint_error_plot(info.labels, [row["pixel_error"] for row in rows]),
+            "pck_curve.png": pck_curve_plot(PCK_CURVE, curve),
+        })
+
+    def ground_truth(self, record: PoseRecord, image: Image.Image, info: ModelInfo):
+        """The labelled instances, and their boxes as the ``boxes`` option (top-down on the same boxes)."""
+        instances, boxes = [], []
+        for keypoints, box, _, _ in _instances(image, record):
+            boxes.append(box)
+            instances.append({"box": box, "keypoints": [
+                {"name": name, "x": float(x), "y": float(y), "score": 1.0 if labelled > 0 else -1.0}  # -1: not drawn
+                for name, (x, y, labelled) in zip(info.labels, keypoints)]})
+        return {"instances": instances}, {"boxes": [boxes]}
+
+
 class PoseTask(Task):
     """Fine-tune ViTPose on keypoint-labelled images (people or animals)."""
 
@@ -113,154 +307,12 @@ class PoseTask(Task):
     )
     writers = (JSON_OUTPUT, DRAWN_IMAGES, DLC_CSV, DLC_H5)
     box_options = DETECTOR_OPTIONS
-
-    def box_request(self, values: dict[str, Any]) -> DetectorRequest | None:
-        return DetectorRequest.from_options(values)
-
-    # -- data -------------------------------------------------------------------------
-    def train_dataset(self, source: SourceData, processor, info: ModelInfo, cfg, cache: CachePlan):
-        """Every instance cut out once with context; also records the skeleton and mean keypoints in ``info``."""
-        input_size = tuple(info.extra["input_size"])
-        decoded = decode_records(source.train, lambda im, rec: _training_crops(im, rec, input_size), cache=cache,
-                                 settings=f"pose-train|{input_size}|{CONTEXT}")
-        crops = Crops(decoded.items)
-        info.extra["skeleton"] = source.extra.get("skeleton", [])
-        if len(crops):
-            info.extra["mean_points"] = _mean_points(crops.instances, input_size).round(3).tolist()
-        pairs = [tuple(p) for p in info.extra["flip_pairs"]]
-        dataset = TrainingCrops(crops, input_size, tuple(info.extra["heatmap_size"]),
-                                pairs, cfg.seed, cfg.augment)
-        dataset.cache_report = decoded.report
-        return dataset, decoded.skipped
-
-    def eval_dataset(self, records: list[PoseRecord], processor, info: ModelInfo, cache: CachePlan | None = None):
-        input_size = tuple(info.extra["input_size"])
-        decoded = decode_records(records, lambda im, rec: _eval_crops(im, rec, input_size), cache=cache,
-                                 settings=f"pose-eval|{input_size}")
-        mean = np.asarray(info.extra["mean_points"]) if info.extra.get("mean_points") else None
-        dataset = EvalCrops(Crops(decoded.items), input_size, tuple(info.extra["heatmap_size"]), mean)
-        dataset.cache_report = decoded.report
-        return dataset, decoded.skipped
-
-    def image_bytes(self, processor, info: ModelInfo) -> int:
-        width, height = info.extra["input_size"]
-        return int(width * height * 3 * CONTEXT**2)
-
-    def count(self, dataset, split: str, info: ModelInfo) -> dict[str, Any]:
-        return {
-            split: len(dataset.crops.images),
-            f"{split}_instances": len(dataset),
-            f"labelled_keypoints_{split}": int(sum(c.keypoints[:, 2].sum() for c in dataset.instances)),
-        }
-
-    # -- model ------------------------------------------------------------------------
-    def load_kwargs(self, ref: str, labels: list[str]) -> dict[str, Any]:
-        return {"num_labels": len(labels)}
-
-    def resize_processor(self, processor, image_size: int) -> None:
-        """ViTPose inputs keep their 4:3 shape: ``image_size`` high, 3/4 of it wide (16-pixel steps)."""
-        processor.size = {"height": image_size, "width": round(image_size * 3 / 4 / 16) * 16}
-
-    def describe_model(self, model, processor, info: ModelInfo) -> None:
-        input_size = (int(processor.size["width"]), int(processor.size["height"]))
-        info.extra = {
-            "input_size": list(input_size),
-            "heatmap_size": list(_heatmap_size(model, input_size)),
-            "flip_pairs": [list(p) for p in flip_pairs(info.labels)],
-            "sigmas": keypoint_sigmas(info.labels),
-            "skeleton": [],
-        }
-
-    def head_modules(self, model: torch.nn.Module) -> list[str]:
-        return ["head"]
-
-    # -- steps ------------------------------------------------------------------------
-    def loss(self, model, batch, info: ModelInfo) -> torch.Tensor:
-        heatmaps = model(pixel_values=batch["pixel_values"]).heatmaps
-        return heatmap_loss(heatmaps, batch["target"], batch["weight"])
-
-    def eval_step(self, model, batch, processor, info: ModelInfo):
-        heatmaps = model(pixel_values=batch["pixel_values"]).heatmaps.float()
-        loss = heatmap_loss(heatmaps, batch["target"], batch["weight"])
-        crops = [CropBox(c.numpy(), s.numpy()) for c, s in zip(batch["center"].cpu(), batch["scale"].cpu())]
-        points, scores = decode_heatmaps(processor, heatmaps.cpu().numpy(), crops)
-        return loss, list(zip(points, scores))
-
-    def top1(self, output: torch.Tensor) -> torch.Tensor:
-        """The peak cell of each keypoint's heatmap (heatmaps are (N, keypoints, H, W))."""
-        return output.flatten(2).argmax(dim=-1)
-
-    def metrics(self, dataset, indices, outputs, info: ModelInfo) -> dict[str, Any]:
-        crops = [dataset.instances[i] for i in indices]
-        points = np.stack([o[0] for o in outputs])
-        scores = np.stack([o[1] for o in outputs])
-        metrics = pose_metrics([c.target() for c in crops], points, scores, info.labels, info.extra["sigmas"])
-        if dataset.mean_points is not None:
-            baseline = np.stack([c.from_input(dataset.mean_points) for c in crops])
-            truth = np.stack([c.keypoints for c in crops])
-            labelled = truth[..., 2] > 0
-            metrics["mean_baseline_pixel_error"] = float(
-                np.linalg.norm(baseline - truth[..., :2], axis=-1)[labelled].mean())
-        return metrics
-
-    def diagnostics(self, dataset, indices, outputs, info: ModelInfo) -> Diagnostics:
-        targets = [dataset.instances[i].target() for i in indices]
-        rows, curve = keypoint_table(targets, np.stack([o[0] for o in outputs]), info.labels)
-        return Diagnostics(rows, {
-            "keypoint_errors.png": keypoint_error_plot(info.labels, [row["pixel_error"] for row in rows]),
-            "pck_curve.png": pck_curve_plot(PCK_CURVE, curve),
-        })
-
-    # -- prediction -------------------------------------------------------------------
-    def ground_truth(self, record: PoseRecord, image: Image.Image, info: ModelInfo):
-        """The labelled instances, and their boxes as the ``boxes`` option (top-down on the same boxes)."""
-        instances, boxes = [], []
-        for keypoints, box, _, _ in _instances(image, record):
-            boxes.append(box)
-            instances.append({"box": box, "keypoints": [
-                {"name": name, "x": float(x), "y": float(y), "score": 1.0 if labelled > 0 else -1.0}  # -1: not drawn
-                for name, (x, y, labelled) in zip(info.labels, keypoints)]})
-        return {"instances": instances}, {"boxes": [boxes]}
-
-    def predict_inputs(self, image, image_index, processor, info, options):
-        """One input per box (``boxes[i]``: x0, y0, x1, y1 lists for image i), or the whole image."""
-        input_size = tuple(info.extra["input_size"])
-        boxes = options.get("boxes")
-        image_boxes = boxes[image_index] if boxes is not None else None
-        if image_boxes is None:  # no boxes given for this image: the whole image is one instance
-            image_boxes = [[0, 0, image.width, image.height]]
-        normalizer = Normalizer(processor)
-        array = np.asarray(image)
-        inputs = []
-        for box in image_boxes:
-            crop = crop_for_box(box, input_size)
-            pixels = torch.from_numpy(warp_image(array, warp_matrix(crop, input_size), input_size)).permute(2, 0, 1)
-            inputs.append(PredictInput(image_index, normalizer(pixels), ([float(v) for v in box], crop)))
-        return inputs
-
-    def decode(self, outputs, inputs, images, processor, info: ModelInfo, options) -> list[dict]:
-        heatmaps = outputs.heatmaps.float().cpu().numpy()
-        points, scores = decode_heatmaps(processor, heatmaps, [item.meta[1] for item in inputs])
-        return [
-            {
-                "box": [round(v, 2) for v in item.meta[0]],
-                "keypoints": [
-                    {"name": name, "x": round(float(x), 2), "y": round(float(y), 2), "score": float(s)}
-                    for name, (x, y), s in zip(info.labels, instance_points, instance_scores)
-                ],
-            }
-            for item, instance_points, instance_scores in zip(inputs, points, scores)
-        ]
-
-    def combine(self, results: list[dict]) -> dict[str, Any]:
-        return {"instances": results}
-
-    def draw(self, image: Image.Image, prediction: dict, info: ModelInfo) -> Image.Image:
-        skeleton = info.extra.get("skeleton", [])
-        for instance in prediction["instances"]:
-            points = [(k["x"], k["y"]) for k in instance["keypoints"]]
-            image = draw_keypoints(image, points, [k["score"] for k in instance["keypoints"]], skeleton)
-        return image
+    state_type = PoseState
+    data_role = PoseData
+    model_role = PoseModel
+    steps_role = PoseSteps
+    prediction_role = PosePrediction
+    report_role = PoseReport
 
 
 def heatmap_loss(predicted: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

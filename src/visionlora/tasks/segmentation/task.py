@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import albumentations as A
@@ -30,7 +31,17 @@ from visionlora.data.transforms import Normalizer, chw, processor_output_size, p
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.segmentation import confusion_matrix, per_class_rows, segmentation_metrics
 from visionlora.modeling.builtin import BuiltinModel
-from visionlora.tasks.base import DemoRecipe, Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
+from visionlora.tasks.base import (
+    DemoRecipe,
+    Diagnostics,
+    ModelInfo,
+    PredictInput,
+    Preset,
+    SeededDataset,
+    Task,
+    TaskState,
+)
+from visionlora.tasks.roles import TaskData, TaskModel, TaskPrediction, TaskReport, TaskSteps
 from visionlora.tasks.segmentation.plots import class_iou_plot
 from visionlora.tasks.segmentation.writers import mask_png, write_masks
 
@@ -40,47 +51,27 @@ MASKS = OutputWriter("save_masks", "also save each predicted mask as a palette P
                      write_masks)
 
 
-class SegmentationTask(Task):
-    """Fine-tune a semantic segmentation model; the main metric is the validation mean IoU."""
+@dataclass
+class SegmentationState(TaskState):
+    """A segmentation run's own facts: the mask value ignored by the loss and metrics, and the
+    data's colours per class (a VOC label map's), for drawing."""
 
-    name = "segmentation"
-    data_formats = FORMAT_NAMES
-    preset = Preset(
-        model="nvidia/mit-b0",
-        lora_r=16,
-        lora_alpha=32,
-        target_modules=("query", "value"),
-        lr_lora=2e-4,
-        lr_full=6e-5,
-    )
-    builtin_models = (BuiltinModel("tiny", 64, "visionlora.tasks.segmentation.builtin:tiny_segformer"),)
-    demo = DemoRecipe("discs and squares, images+masks folders, 48 train / 12 val images",
-                      "visionlora.examples.segmentation:make_segmentation_dataset",
-                      {"n_train": 48, "n_val": 12, "size": 64}, model="tiny", epochs=30)
-    main_metric = "mean_iou"
-    auto_class = "AutoModelForSemanticSegmentation"
-    pipeline_tag = "image-segmentation"
-    card_does = "labels every pixel of an image with one of"
-    fixed_labels = True
-    label_noun = "classes"
-    output_names = ("logits",)
-    writers = (JSON_OUTPUT, DRAWN_IMAGES, MASKS)
-    freeze_batchnorm_in_lora = False  # the decode head's BatchNorm is new and trained with it
-    predict_batch = 8
+    ignore_index: int = IGNORE_INDEX
+    palette: list[list[int]] | None = None
 
-    # -- data -------------------------------------------------------------------------
+
+class SegmentationData(TaskData):
     def check_data(self, source: SourceData, held_out: list[Part], where: str) -> None:
         if len(source.labels) < 2:
             raise VisionLoraError(f"{where}: {len(source.labels)} class; segmentation needs at least two "
                                   "(e.g. background and one more)")
         super().check_data(source, held_out, where)
 
-    def make_datasets(self, source: SourceData, processor, info: ModelInfo, cfg):
-        """Also records the data's ignore value and palette (for drawing) in the model description."""
-        info.extra["ignore_index"] = int(source.extra.get("ignore_index", IGNORE_INDEX))
-        if source.extra.get("palette"):
-            info.extra["palette"] = [list(colour) for colour in source.extra["palette"]]
-        return super().make_datasets(source, processor, info, cfg)
+    def state_from_data(self, source: SourceData, info: ModelInfo, cfg) -> SegmentationState:
+        """The data's ignore value, and its palette (for drawing) where it has one."""
+        given = source.extra.get("palette")
+        return SegmentationState(int(source.extra.get("ignore_index", IGNORE_INDEX)),
+                                 [list(colour) for colour in given] if given else None)
 
     def train_dataset(self, source: SourceData, processor, info: ModelInfo, cfg, cache: CachePlan):
         dataset, skipped = self.eval_dataset(source.train, processor, info, cache)
@@ -112,7 +103,8 @@ class SegmentationTask(Task):
         height, width = processor_output_size(processor)
         return height * width * 4  # RGB and the mask
 
-    # -- model ------------------------------------------------------------------------
+
+class SegmentationModel(TaskModel):
     def head_modules(self, model: torch.nn.Module) -> list[str]:
         """Everything beside the backbone, trained in full: the decode head, and the auxiliary head, neck
         or FPN where the architecture has them (SegFormer, UperNet, BEiT, DPT, MobileViT)."""
@@ -123,7 +115,8 @@ class SegmentationTask(Task):
             raise VisionLoraError(f"{type(model).__name__}: no segmentation head beside its backbone")
         return heads
 
-    # -- steps ------------------------------------------------------------------------
+
+class SegmentationSteps(TaskSteps):
     def device_batch(self, batch: dict[str, Any], normalizer: Normalizer) -> dict[str, Any]:
         """Pixels normalised, and the uint8 class maps widened to the loss's int64."""
         batch = super().device_batch(batch, normalizer)
@@ -150,23 +143,8 @@ class SegmentationTask(Task):
     def metrics(self, dataset, indices, outputs, info: ModelInfo) -> dict[str, Any]:
         return segmentation_metrics(np.sum(outputs, axis=0), info.labels)
 
-    def diagnostics(self, dataset, indices, outputs, info: ModelInfo) -> Diagnostics:
-        confusion = np.sum(outputs, axis=0)
-        rows = per_class_rows(confusion, info.labels)
-        figures = {"confusion_matrix.png": confusion_matrix_plot(confusion, info.labels),
-                   "class_iou.png": class_iou_plot(rows)}
-        return Diagnostics(rows, figures)
 
-    # -- prediction -------------------------------------------------------------------
-    def ground_truth(self, record: SegmentationRecord, image: Image.Image, info: ModelInfo):
-        mask = load_mask(record, len(info.labels), ignore_index(info), image.size)
-        return describe_mask(mask, info), {}
-
-    def caption(self, prediction: dict[str, Any]) -> str:
-        shares = prediction["shares"]
-        largest = sorted(shares, key=shares.get, reverse=True)[:2]
-        return ", ".join(f"{name} {shares[name]:.0%}" for name in largest)
-
+class SegmentationPrediction(TaskPrediction):
     def predict_inputs(self, image, image_index, processor, info, options):
         return [PredictInput(image_index, Normalizer(processor)(processor_pixels(processor, image)))]
 
@@ -187,13 +165,72 @@ class SegmentationTask(Task):
         return Image.fromarray(drawn.round().clip(0, 255).astype(np.uint8))
 
 
+class SegmentationReport(TaskReport):
+    def diagnostics(self, dataset, indices, outputs, info: ModelInfo) -> Diagnostics:
+        confusion = np.sum(outputs, axis=0)
+        rows = per_class_rows(confusion, info.labels)
+        figures = {"confusion_matrix.png": confusion_matrix_plot(confusion, info.labels),
+                   "class_iou.png": class_iou_plot(rows)}
+        return Diagnostics(rows, figures)
+
+    def ground_truth(self, record: SegmentationRecord, image: Image.Image, info: ModelInfo):
+        mask = load_mask(record, len(info.labels), ignore_index(info), image.size)
+        return describe_mask(mask, info), {}
+
+    def caption(self, prediction: dict[str, Any]) -> str:
+        shares = prediction["shares"]
+        largest = sorted(shares, key=shares.get, reverse=True)[:2]
+        return ", ".join(f"{name} {shares[name]:.0%}" for name in largest)
+
+
+class SegmentationTask(Task):
+    """Fine-tune a semantic segmentation model; the main metric is the validation mean IoU."""
+
+    name = "segmentation"
+    data_formats = FORMAT_NAMES
+    preset = Preset(
+        model="nvidia/mit-b0",
+        lora_r=16,
+        lora_alpha=32,
+        target_modules=("query", "value"),
+        lr_lora=2e-4,
+        lr_full=6e-5,
+    )
+    builtin_models = (BuiltinModel("tiny", 64, "visionlora.tasks.segmentation.builtin:tiny_segformer"),)
+    demo = DemoRecipe("discs and squares, images+masks folders, 48 train / 12 val images",
+                      "visionlora.examples.segmentation:make_segmentation_dataset",
+                      {"n_train": 48, "n_val": 12, "size": 64}, model="tiny", epochs=30)
+    main_metric = "mean_iou"
+    auto_class = "AutoModelForSemanticSegmentation"
+    pipeline_tag = "image-segmentation"
+    card_does = "labels every pixel of an image with one of"
+    fixed_labels = True
+    label_noun = "classes"
+    output_names = ("logits",)
+    writers = (JSON_OUTPUT, DRAWN_IMAGES, MASKS)
+    freeze_batchnorm_in_lora = False  # the decode head's BatchNorm is new and trained with it
+    predict_batch = 8
+    state_type = SegmentationState
+    data_role = SegmentationData
+    model_role = SegmentationModel
+    steps_role = SegmentationSteps
+    prediction_role = SegmentationPrediction
+    report_role = SegmentationReport
+
+
+def segmentation_state(info: ModelInfo) -> SegmentationState:
+    if not isinstance(info.state, SegmentationState):
+        raise VisionLoraError(f"a {info.task} run has no segmentation state")
+    return info.state
+
+
 def ignore_index(info: ModelInfo) -> int:
-    return int(info.extra.get("ignore_index", IGNORE_INDEX))
+    return int(segmentation_state(info).ignore_index)
 
 
 def palette(info: ModelInfo) -> list[tuple[int, int, int]]:
     """The data's colours (a VOC label map's), else the VOC palette, for every class id."""
-    given = [tuple(colour) for colour in info.extra.get("palette", [])]
+    given = [(int(r), int(g), int(b)) for r, g, b in segmentation_state(info).palette or []]
     return given + VOC_COLOURS[len(given):]
 
 

@@ -11,6 +11,7 @@ from visionlora.artifacts import RunPaths, atomic_write_bytes, rows_csv
 from visionlora.core.outputs import png_bytes
 from visionlora.data.images import UnreadableImage, load_rgb
 from visionlora.data.records import image_source
+from visionlora.deploy.prediction import predict
 from visionlora.tasks.base import Evaluation, ModelInfo, Task
 
 GRID_IMAGES = 16
@@ -21,7 +22,7 @@ def write_diagnostics(task: Task, model, processor, dataset, records: Sequence[A
                       paths: RunPaths, evaluation: Evaluation) -> list[str]:
     """Write per_class.csv, the task's plots (from ``evaluation``, the final pass over
     ``dataset``) and predictions.png; return the file names written."""
-    found = task.diagnostics(dataset, evaluation.indices, evaluation.outputs, info)
+    found = task.report.diagnostics(dataset, evaluation.indices, evaluation.outputs, info)
     written = []
     if found.per_class:
         atomic_write_bytes(paths.per_class, rows_csv(found.per_class).encode())
@@ -44,10 +45,11 @@ def prediction_grid(task: Task, model, processor, records: Sequence[Any], info: 
             image = load_rgb(image_source(record))
         except UnreadableImage:
             continue
-        truth, options = task.ground_truth(record, image, info)
-        prediction = task.predict(model, processor, [image], info, **{**task.default_options(), **options})[0]
-        tiles.append((_tile(task.draw(image, truth, info), " ".join(("truth", task.caption(truth)))),
-                      _tile(task.draw(image, prediction, info), " ".join(("prediction", task.caption(prediction))))))
+        truth, options = task.report.ground_truth(record, image, info)
+        prediction = predict(task, model, processor, [image], info, **options)[0]
+        tiles.append((_tile(task.prediction.draw(image, truth, info), f"truth {task.report.caption(truth)}"),
+                      _tile(task.prediction.draw(image, prediction, info),
+                            f"prediction {task.report.caption(prediction)}")))
     if not tiles:
         return None
     columns = min(4, len(tiles))

@@ -1,0 +1,83 @@
+"""The prediction loop: images to model inputs, batched forwards (adapters mixed where views name
+them), decoded per view, combined per image."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from visionlora.modeling.mixed_batches import mixed_rows, select_rows
+from visionlora.tasks.base import ModelInfo, PredictInput, Task
+
+
+@dataclass(frozen=True, eq=False)
+class PredictView:
+    """How one image is predicted in a mixed batch: the adapter (None: the model as it is), the
+    processor preparing it and the run description decoding it."""
+
+    adapter: str | None
+    processor: Any
+    info: ModelInfo
+    batch_key: str = ""  # views with equal keys preprocess alike (same input size) and share forwards
+
+
+def predict(task: Task, model: Any, processor: Any, images: Sequence[Image.Image], info: ModelInfo,
+            **options: Any) -> list[dict]:
+    """JSON-ready predictions for RGB images, batched ``predict_batch`` inputs at a time."""
+    return predict_mixed(task, model, images, [PredictView(None, processor, info)] * len(images), **options)
+
+
+@torch.inference_mode()
+def predict_mixed(task: Task, model: Any, images: Sequence[Image.Image], views: Sequence[PredictView],
+                  **options: Any) -> list[dict]:
+    """Predictions for ``images``, each by its own view (adapter, processor, labels) of one model.
+
+    Inputs whose views preprocess alike share forwards; views naming adapters run them as
+    a mixed-adapter batch (``adapter_names``), and each view's rows decode with its own labels.
+    """
+    if getattr(model, "training", True):  # eval() walks every module: only when needed
+        model.eval()
+    options = {**task.prediction.default_options(), **options}
+    inputs = [item for index, (image, view) in enumerate(zip(images, views))
+              for item in task.prediction.predict_inputs(image, index, view.processor, view.info, options)]
+    per_image: list[list[Any]] = [[] for _ in images]
+    for chunk in _chunks(inputs, views, task.predict_batch):
+        for item, result in _predict_chunk(task, model, chunk, views, images, options):
+            per_image[item.image_index].append(result)
+    return [task.prediction.combine(results) for results in per_image]
+
+
+def _predict_chunk(task: Task, model: Any, chunk: list[PredictInput], views: Sequence[PredictView],
+                   images: Sequence[Image.Image], options: dict[str, Any]) -> list[tuple[PredictInput, Any]]:
+    """(input, result) for one batched forward of ``chunk``, decoded by each input's view."""
+    chunk_views = [views[item.image_index] for item in chunk]
+    pixels = task.prediction.model_inputs([item.pixel_values for item in chunk])
+    batch = {key: value.to(model.device) for key, value in pixels.items()}
+    adapters = [view.adapter for view in chunk_views]
+    with mixed_rows(model, adapters) if adapters[0] is not None else nullcontext():
+        outputs = model(**batch, **chunk_views[0].info.forward_kwargs)
+    results = []
+    for view, rows in _rows_by_view(chunk_views):
+        part = outputs if len(rows) == len(chunk) else select_rows(outputs, torch.tensor(rows), len(chunk))
+        items = [chunk[row] for row in rows]
+        results += list(zip(items, task.prediction.decode(part, items, images, view.processor, view.info, options)))
+    return results
+
+
+def _chunks(inputs: list[PredictInput], views: Sequence[PredictView], size: int) -> list[list[PredictInput]]:
+    """Inputs in order, grouped by their view's batch key, at most ``size`` a chunk."""
+    groups: dict[str, list[PredictInput]] = {}
+    for item in inputs:
+        groups.setdefault(views[item.image_index].batch_key, []).append(item)
+    return [group[start : start + size] for group in groups.values() for start in range(0, len(group), size)]
+
+
+def _rows_by_view(views: list[PredictView]) -> list[tuple[PredictView, list[int]]]:
+    rows: dict[int, tuple[PredictView, list[int]]] = {}
+    for row, view in enumerate(views):
+        rows.setdefault(id(view), (view, []))[1].append(row)
+    return list(rows.values())

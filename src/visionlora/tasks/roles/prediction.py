@@ -1,0 +1,57 @@
+"""The prediction role: the model inputs an image gives, decoding outputs into JSON-ready
+results, combining them per image, and drawing them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from PIL import Image
+
+from visionlora.tasks.base import BoxRequest, ModelInfo, PredictInput
+
+if TYPE_CHECKING:
+    from visionlora.tasks.base import Task
+
+
+class TaskPrediction:
+    """Hooks: ``predict_inputs``, ``decode``, ``draw`` (required); ``model_inputs``, ``combine``,
+    ``box_request``, ``exact_outputs`` (defaults)."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+
+    def predict_inputs(self, image: Image.Image, image_index: int, processor: Any, info: ModelInfo,
+                       options: dict[str, Any]) -> list[PredictInput]:
+        """The model inputs one image gives (hook)."""
+        raise NotImplementedError
+
+    def model_inputs(self, pixels: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Batch the inputs' pixels for the model (hook; default: stack them)."""
+        return {"pixel_values": torch.stack(pixels)}
+
+    def decode(self, outputs: Any, inputs: list[PredictInput], images: Sequence[Image.Image], processor: Any,
+               info: ModelInfo, options: dict[str, Any]) -> list[Any]:
+        """JSON-ready results, one per input (hook)."""
+        raise NotImplementedError
+
+    def combine(self, results: list[Any]) -> dict[str, Any]:
+        """One image's prediction from the results of its inputs (hook; default: the one result)."""
+        return results[0]
+
+    def default_options(self) -> dict[str, Any]:
+        """Each predict option at its default."""
+        return {option.name: option.default for option in self.task.predict_options}
+
+    def box_request(self, values: dict[str, Any]) -> BoxRequest | None:
+        """From ``box_options``' values, what to ask a box-finding model; None when none is named (hook)."""
+        return None
+
+    def draw(self, image: Image.Image, prediction: dict[str, Any], info: ModelInfo) -> Image.Image:
+        """A copy of ``image`` with ``prediction`` drawn on it (hook)."""
+        raise NotImplementedError
+
+    def exact_outputs(self, model: Any) -> bool:
+        """Whether an exported model's raw outputs must equal torch's (hook; False where near-tied
+        scores may pick other queries, so only the decoded predictions can agree)."""
+        return True

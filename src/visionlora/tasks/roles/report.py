@@ -1,0 +1,33 @@
+"""The report role: what a run's validation outputs show (per-class rows and plots), and the
+ground truth shaped like a prediction for the grid of examples."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from visionlora.tasks.base import Diagnostics, ModelInfo
+
+if TYPE_CHECKING:
+    from visionlora.tasks.base import Task
+
+
+class TaskReport:
+    """Hooks: ``ground_truth`` (required); ``diagnostics``, ``caption`` (defaults)."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+
+    def diagnostics(self, dataset: Any, indices: list[int], outputs: list[Any], info: ModelInfo) -> Diagnostics:
+        """Per-class rows and plots of validation outputs, as ``metrics`` gets them (hook)."""
+        return Diagnostics()
+
+    def ground_truth(self, record: Any, image: Image.Image, info: ModelInfo) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(a record's labels shaped like a prediction, so ``draw`` shows them; the predict
+        options that ask about the same instances) (hook)."""
+        raise NotImplementedError
+
+    def caption(self, prediction: dict[str, Any]) -> str:
+        """A short text for a prediction under its drawing in the grid (hook; default none)."""
+        return ""
