@@ -8,11 +8,11 @@ import signal
 import sys
 
 from visionlora.cli import main
-from visionlora.tasks.classification.task import ClassificationTask
+from visionlora.tasks.classification.task import ClassificationSteps
 
 kill_at = int(sys.argv[1])
 calls = 0
-original_loss = ClassificationTask.loss
+original_loss = ClassificationSteps.loss
 
 
 def loss_then_maybe_die(self, *args, **kwargs):
@@ -23,5 +23,5 @@ def loss_then_maybe_die(self, *args, **kwargs):
     return original_loss(self, *args, **kwargs)
 
 
-ClassificationTask.loss = loss_then_maybe_die
+ClassificationSteps.loss = loss_then_maybe_die
 sys.exit(main(sys.argv[2:]))

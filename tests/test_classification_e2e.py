@@ -158,9 +158,9 @@ def test_early_stopping_ends_a_run_that_stops_improving(class_folder, tmp_path):
 
 def _linear_output_dtypes_while_training(monkeypatch) -> set:
     """The dtypes of every Linear layer's output in the training steps' forward passes, as they run."""
-    from visionlora.tasks.classification.task import ClassificationTask
+    from visionlora.tasks.classification.task import ClassificationSteps
 
-    seen, original = set(), ClassificationTask.loss
+    seen, original = set(), ClassificationSteps.loss
 
     def observed(self, model, batch, info):
         layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -171,7 +171,7 @@ def _linear_output_dtypes_while_training(monkeypatch) -> set:
             for hook in hooks:
                 hook.remove()
 
-    monkeypatch.setattr(ClassificationTask, "loss", observed)
+    monkeypatch.setattr(ClassificationSteps, "loss", observed)
     return seen
 
 

@@ -199,7 +199,7 @@ def test_boxes_are_clipped_dropped_and_negatives_kept(tmp_path):
         {"id": 3, "image_id": 1, "category_id": 1, "bbox": [10, 10, -4, 5]},    # negative: dropped
         {"id": 4, "image_id": 1, "category_id": 1, "bbox": [70, 50, 10, 10]},   # wholly outside: dropped
     ])
-    split = DETECTION.read_part(folder)
+    split = DETECTION.data.read_part(folder)
     by_name = {Path(r.image).name: r for r in split.records}
     assert by_name["a.png"].boxes == [[0.0, 5.0, 20.0, 25.0]]
     assert by_name["empty.png"].boxes == []
@@ -223,7 +223,7 @@ def test_boxes_are_clipped_dropped_and_negatives_kept(tmp_path):
 def test_coco_mistakes_are_clear_errors(tmp_path, images, annotations, message):
     folder = _coco(tmp_path, images, annotations)
     with pytest.raises(VisionLoraError, match=message) as info:
-        DETECTION.read_part(folder)
+        DETECTION.data.read_part(folder)
     assert "annotations.json" in str(info.value)
 
 
@@ -232,21 +232,21 @@ def test_voc_and_yolo_mistakes_are_clear_errors(tmp_path):
     xml = next((voc / "train" / "annotations").glob("*.xml"))
     xml.write_text(xml.read_text().replace("<xmin>", "<xmin>abc"))
     with pytest.raises(VisionLoraError, match=r"object 1: <bndbox><xmin> is 'abc"):
-        DETECTION.read_part(voc / "train")
+        DETECTION.data.read_part(voc / "train")
     yolo = make_detection_dataset(tmp_path / "yolo", "yolo", n_train=2, n_val=1)
     label = next((yolo / "train" / "labels").glob("*.txt"))
     label.write_text("7 0.5 0.5 0.2 0.2\n")
     with pytest.raises(VisionLoraError, match=r":1: class 7 is not in the 2 class names"):
-        DETECTION.read_part(yolo / "train")
+        DETECTION.data.read_part(yolo / "train")
     (yolo / "train" / "labels" / "stray.txt").write_text("0 0.5 0.5 0.1 0.1\n")
     with pytest.raises(VisionLoraError, match=r"stray.txt: no image named stray"):
-        DETECTION.read_part(yolo / "train")
+        DETECTION.data.read_part(yolo / "train")
 
 
 def test_a_folder_without_annotations_is_a_clear_error(tmp_path):
     (tmp_path / "photos").mkdir()
     with pytest.raises(VisionLoraError, match="no annotations found"):
-        DETECTION.read_part(tmp_path / "photos")
+        DETECTION.data.read_part(tmp_path / "photos")
 
 
 RACCOON = SHARED_DATASETS / "raccoon"

@@ -72,7 +72,7 @@ def test_coco_reader(document, raw, text):
     with _folder_with_images() as tmp:
         path = Path(tmp) / "annotations.json"
         path.write_text(text if raw else json.dumps(document, allow_nan=True))
-        _only_clear_errors(lambda: DETECTION.read_part(path))
+        _only_clear_errors(lambda: DETECTION.data.read_part(path))
         _only_clear_errors(lambda: read_data("pose", str(path), None, 0, None))
 
 
@@ -94,7 +94,7 @@ def test_voc_reader(filename, objects, size, garbage):
         xml = (f"<annotation><filename>{filename}</filename><size><width>{size[0]}</width>"
                f"<height>{size[1]}</height></size>{''.join(objects)}</annotation>")
         (Path(tmp) / "annotations" / "a.xml").write_text(xml[: len(xml) // 2] if garbage else xml)
-        _only_clear_errors(lambda: DETECTION.read_part(Path(tmp)))
+        _only_clear_errors(lambda: DETECTION.data.read_part(Path(tmp)))
 
 
 @FUZZ
@@ -108,7 +108,7 @@ def test_yolo_reader(lines, names, names_file, stem):
         (root / "labels").mkdir()
         (root / names_file).write_text(names)
         (root / "labels" / f"{stem}.txt").write_text("\n".join(" ".join(map(str, line)) for line in lines))
-        _only_clear_errors(lambda: DETECTION.read_part(root))
+        _only_clear_errors(lambda: DETECTION.data.read_part(root))
 
 
 @FUZZ

@@ -72,11 +72,11 @@ class LoadedRun:
         if boxes is not None:
             boxes.request.refuse_given_boxes(options)
 
-        def predict(images: list[Image.Image]) -> list[dict[str, Any]]:
+        def predict_images(images: list[Image.Image]) -> list[dict[str, Any]]:
             found = {boxes.request.option: boxes(images)} if boxes is not None else {}
             return predict(self.task, self.model, self.processor, images, self.info, **options, **found)
 
-        return predict
+        return predict_images
 
     def draw(self, image: Image.Image, prediction: dict) -> Image.Image:
         """A copy of ``image`` with ``prediction`` drawn on it."""
