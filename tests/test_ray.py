@@ -310,3 +310,27 @@ def test_serve_run_arguments_are_typed_and_unknown_ones_named(tmp_path, monkeypa
     assert settings.autoscaling == {"min_replicas": 1, "max_replicas": 3}
     with pytest.raises(ValueError, match="got replica, runs_dir"):
         app({"runs_dir": "runs", "replica": "2"})
+
+
+def test_a_replica_runs_its_server_until_ray_serve_shuts_it_down(tmp_path):
+    """No lifespan runs behind the replica's ASGI transport: the replica starts its server, and Ray
+    Serve's shutdown call (``__del__``) stops its pools."""
+    import asyncio
+
+    from visionlora.serving.ray import Replica
+
+    (tmp_path / "runs").mkdir()
+    replica = Replica.func_or_class({"runs_dir": str(tmp_path / "runs"), "max_loaded": 2})
+    server = replica.server
+    pool = server.load_pool
+
+    async def listed_then_shut_down():
+        answer = await replica.client.get("/v1/models")  # listed in the load thread
+        replica.__del__()
+        return answer
+
+    answer = asyncio.run(listed_then_shut_down())
+    assert answer.status_code == 200 and answer.json() == {"models": []}
+    assert server.load_pool is None and server.forward_pool is None
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(print)

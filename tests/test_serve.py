@@ -360,3 +360,122 @@ def test_sigterm_lets_an_in_flight_request_finish(served_runs, class_folder):
         status, body, _ = pending.result(timeout=60)
     assert status == 200 and json.loads(body)["predictions"][0]["image"] == path.name
     assert code in (0, -signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def runs_folder(served_runs, tmp_path_factory):
+    """A folder of runs to serve with ``--runs-dir``: a mixing LoRA adapter, a DoRA one on its base, a detector."""
+    folder = tmp_path_factory.mktemp("runs-folder")
+    for name in ("ants", "bees", "boxes"):
+        shutil.copytree(served_runs[name], folder / name)
+    return folder
+
+
+def _ask_in_process(client, name: str, image: Path):
+    return client.post(f"/v1/models/{name}/predict", files={"file": (image.name, image.read_bytes())})
+
+
+def _groups_of_loaded_runs(store) -> set[tuple]:
+    return {served.batch_group(True) for served in store.models.values()}
+
+
+def test_an_evicted_runs_batcher_is_dropped_and_a_new_request_loads_it_again(runs_folder, class_folder):
+    from fastapi.testclient import TestClient
+
+    from visionlora.serving.app import ServeSettings, create_app
+    from visionlora.serving.models import ModelStore
+
+    image = next((class_folder / "val").rglob("*.png"))
+    store = ModelStore("cpu", runs_folder, max_loaded=1)
+    app = create_app(store, ServeSettings(max_wait_ms=1))
+    server, groups, first = app.state.server, {}, {}
+    with TestClient(app) as client:
+        for name, evicted in (("ants", None), ("boxes", "ants"), ("bees", "boxes"), ("ants", "bees")):
+            answer = _ask_in_process(client, name, image)
+            assert answer.status_code == 200, answer.text
+            first.setdefault(name, answer.json())
+            groups[name] = store.models[name].batch_group(True)
+            assert set(store.models) == {name}
+            assert set(server.batchers) == _groups_of_loaded_runs(store) == {groups[name]}
+            if evicted is not None:
+                assert groups[evicted] not in server.batchers, f"{evicted}'s batcher outlived its run"
+        assert_nested_close(answer.json(), first["ants"], where="ants loaded again")
+        metrics = client.get("/metrics").text
+    assert groups["ants"][0] == "base" and groups["bees"] == ("run", "bees")
+    assert "visionlora_adapter_evictions_total 3.0" in metrics
+
+
+def test_an_admin_unload_drops_the_batchers_only_that_run_used(served_runs, class_folder):
+    from fastapi.testclient import TestClient
+
+    from visionlora.serving.app import ServeSettings, create_app
+    from visionlora.serving.models import ModelStore
+
+    image = next((class_folder / "val").rglob("*.png"))
+    store = ModelStore("cpu")
+    for name, run in (("ants", "ants"), ("ants-again", "ants"), ("bees", "bees")):
+        store.add(name, served_runs[run])
+    app = create_app(store, ServeSettings(max_wait_ms=1, admin_token=TOKEN))
+    server, admin = app.state.server, {"Authorization": f"Bearer {TOKEN}"}
+    with TestClient(app) as client:
+        assert all(_ask_in_process(client, name, image).status_code == 200 for name in list(store.models))
+        mixing = store.models["ants"].batch_group(True)
+        assert set(server.batchers) == {mixing, ("run", "bees")}
+        steps = (("bees", {mixing}), ("ants-again", {mixing}), ("ants", set()))
+        for name, batchers_left in steps:  # the base's batcher goes with the last run on the base
+            assert client.delete(f"/v1/models/{name}", headers=admin).status_code == 200
+            assert set(server.batchers) == batchers_left, name
+        assert _ask_in_process(client, "ants", image).status_code == 404
+
+
+def test_the_lifespan_starts_the_pools_and_its_end_shuts_them_down(runs_folder, class_folder):
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from visionlora.serving.app import ServeSettings, create_app
+    from visionlora.serving.models import ModelStore
+
+    image = next((class_folder / "val").rglob("*.png"))
+    app = create_app(ModelStore("cpu", runs_folder), ServeSettings(max_wait_ms=1))
+    server = app.state.server
+    assert server.forward_pool is None and server.load_pool is None
+    with TestClient(app) as client:
+        pools = [server.forward_pool, server.load_pool]
+        assert _ask_in_process(client, "ants", image).status_code == 200  # a load, then a forward
+        assert client.get("/v1/models").status_code == 200
+        threads = [t for t in threading.enumerate() if t.name.startswith(("visionlora-forward", "visionlora-load"))]
+        (batcher,) = server.batchers.values()
+    assert {t.name.split("_")[0] for t in threads} == {"visionlora-forward", "visionlora-load"}
+    assert not any(thread.is_alive() for thread in threads)
+    for pool in pools:
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            pool.submit(print)
+    assert server.forward_pool is None and server.batchers == {} and batcher.stopped
+    answer = TestClient(app).get("/v1/models")  # no lifespan: the server is not running
+    assert answer.status_code == 503 and "not running" in answer.json()["error"]
+
+
+def test_a_stopped_batcher_fails_the_jobs_it_holds_and_those_waiting():
+    import asyncio
+
+    from visionlora.serving.batching import Batcher, BatcherStopped, Job
+
+    def slow_predict(images, models, **options):
+        time.sleep(0.3)
+        return [{} for _ in images]
+
+    async def scenario():
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            batcher = Batcher(slow_predict, pool, max_batch_size=1, max_wait_ms=0)
+            requests = [asyncio.create_task(batcher.submit(Job([None], {}, ()))) for _ in range(3)]
+            await asyncio.sleep(0.1)  # the first job is in its forward, the others wait
+            batcher.stop()
+            results = await asyncio.gather(*requests, return_exceptions=True)
+            with pytest.raises(BatcherStopped):
+                await batcher.submit(Job([None], {}, ()))
+        return results, batcher.worker
+
+    results, worker = asyncio.run(scenario())
+    assert [type(result) for result in results] == [BatcherStopped] * 3
+    assert worker.done()

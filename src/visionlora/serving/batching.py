@@ -31,10 +31,15 @@ class Job:
         return json.dumps(shared, sort_keys=True, default=str)
 
 
+class BatcherStopped(RuntimeError):
+    """The batcher was stopped (the server is shutting down) before the job's forward ended."""
+
+
 class Batcher:
     """Collects jobs for up to ``max_wait_ms``, ``max_batch_size`` images at a time, and runs
     ``predict(images, models, **options)`` (``models``: each image's job's model) for the batch
-    in a worker thread. The worker ends when no job waits, and starts again with the next one."""
+    in a worker thread. The worker ends when no job waits, and starts again with the next one;
+    :meth:`stop` ends it for good."""
 
     def __init__(self, predict: Callable[..., list[dict]], executor: ThreadPoolExecutor,
                  max_batch_size: int, max_wait_ms: float, on_batch: Callable[[list], None] = lambda models: None):
@@ -42,32 +47,55 @@ class Batcher:
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
         self.worker: asyncio.Task | None = None
+        self.stopped = False
 
     async def submit(self, job: Job) -> list[dict]:
+        if self.stopped:
+            raise BatcherStopped("the server is stopping")
         job.future = asyncio.get_running_loop().create_future()
         if self.worker is None or self.worker.done():
             self.worker = asyncio.create_task(self._run())
         await self.queue.put(job)
         return await job.future
 
+    def stop(self) -> None:
+        """Cancel the worker; the jobs it holds and those still queued fail with :class:`BatcherStopped`."""
+        self.stopped = True
+        if self.worker is not None and not self.worker.done():
+            self.worker.cancel()
+        waiting = []
+        while not self.queue.empty():
+            waiting.append(self.queue.get_nowait())
+        _fail(waiting, BatcherStopped("the server is stopping"))
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while not self.queue.empty():
-            first = self.queue.get_nowait()
-            jobs, size = [first], len(first.images)
-            deadline = loop.time() + self.max_wait
-            while size < self.max_batch_size:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    job = await asyncio.wait_for(self.queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    break
-                jobs.append(job)
-                size += len(job.images)
-            for group in _groups(jobs, self.max_batch_size):
-                await self._forward(loop, group)
+            jobs: list[Job] = []
+            try:
+                await self._collect(loop, jobs)
+                for group in _groups(jobs, self.max_batch_size):
+                    await self._forward(loop, group)
+            except asyncio.CancelledError:
+                _fail(jobs, BatcherStopped("the server is stopping"))
+                raise
+
+    async def _collect(self, loop: asyncio.AbstractEventLoop, jobs: list[Job]) -> None:
+        """Into ``jobs``: the first waiting job, then those arriving within the wait, up to the batch size."""
+        first = self.queue.get_nowait()
+        jobs.append(first)
+        size = len(first.images)
+        deadline = loop.time() + self.max_wait
+        while size < self.max_batch_size:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                job = await asyncio.wait_for(self.queue.get(), remaining)
+            except asyncio.TimeoutError:
+                break
+            jobs.append(job)
+            size += len(job.images)
 
     async def _forward(self, loop, jobs: list[Job]) -> None:
         images = [image for job in jobs for image in job.images]
@@ -79,15 +107,20 @@ class Batcher:
         try:
             predictions = await loop.run_in_executor(self.executor, lambda: self.predict(images, models, **options))
         except Exception as err:  # handed to each waiting request
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(err)
+            _fail(jobs, err)
             return
         start = 0
         for job in jobs:
             if not job.future.done():
                 job.future.set_result(predictions[start : start + len(job.images)])
             start += len(job.images)
+
+
+def _fail(jobs: list[Job], error: Exception) -> None:
+    """Answer each job not answered yet with ``error``."""
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(error)
 
 
 def _groups(jobs: list[Job], max_images: int) -> list[list[Job]]:

@@ -113,13 +113,17 @@ def predict_together(members: Sequence[ServedModel], images, precision: str = "f
 
 
 class StoreEvents:
-    """What a store reports as it loads and unloads runs (the server counts them)."""
+    """What a store reports as it loads and unloads runs (the server counts them and lets go of what
+    served an unloaded run)."""
 
     def loaded(self, name: str, seconds: float) -> None:
-        pass
+        """``name`` was loaded on its first request, in ``seconds``."""
 
     def evicted(self, name: str) -> None:
-        pass
+        """``name`` was unloaded to stay within ``max_loaded`` (:meth:`unloaded` follows)."""
+
+    def unloaded(self, served: ServedModel) -> None:
+        """``served`` is no longer served (evicted or removed); its base is freed when it held no other run."""
 
 
 class ModelStore:
@@ -223,6 +227,7 @@ class ModelStore:
             if served is None:
                 raise KeyError(name)
             self._detach(served)
+            self.events.unloaded(served)
 
     # -- loading and unloading ----------------------------------------------------------------
     def _load(self, name: str, run_dir: str | Path, pinned: bool) -> ServedModel:
@@ -260,6 +265,7 @@ class ModelStore:
         for served in victims:
             self._detach(served)
             self.events.evicted(served.name)
+            self.events.unloaded(served)
 
     def _detach(self, served: ServedModel) -> None:
         base = served.base

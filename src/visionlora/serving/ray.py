@@ -76,20 +76,27 @@ class Replica:
     def __init__(self, settings: dict[str, Any]):
         import httpx
 
-        from visionlora.serving.app import ServeSettings, create_app
+        from visionlora.serving.app import ServeSettings, VisionServer
         from visionlora.serving.models import ModelStore
 
         config = RaySettings(**settings)
         self.store = ModelStore(runs_dir=config.runs_dir, max_loaded=config.max_loaded)
-        app = create_app(self.store, ServeSettings(**config.serve), identity={"replica_pid": os.getpid()})
-        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://replica",
-                                        timeout=None)
+        self.server = VisionServer(self.store, ServeSettings(**config.serve), identity={"replica_pid": os.getpid()})
+        self.server.start()  # an ASGI transport runs no lifespan: the replica starts and stops the server
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.server.app()),
+                                        base_url="http://replica", timeout=None)
 
         async def model_id(name: str) -> str:
             """Ray's record that this replica serves ``name`` (the store loads and unloads the run itself)."""
             return name
 
         self.get_model = serve.multiplexed(max_num_models_per_replica=config.max_loaded)(model_id)
+
+    def __del__(self) -> None:
+        """Ray Serve's shutdown of the replica: the server's batchers and thread pools stopped."""
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.stop()
 
     async def handle(self, method: str, path: str, query: bytes, headers: list[tuple[str, str]],
                      body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:

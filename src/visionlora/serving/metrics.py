@@ -1,0 +1,43 @@
+"""The Prometheus metrics of one server: requests, latency, batches, images and its store's loads."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from visionlora.serving.models import ModelStore, ServedModel, StoreEvents
+
+
+class Metrics(StoreEvents):
+    """Prometheus counters and histograms of one server, counting its store's loads and unloads too."""
+
+    def __init__(self, store: ModelStore):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("visionlora_requests", "HTTP requests", ["endpoint", "model", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("visionlora_request_seconds", "request latency", ["endpoint"], registry=self.registry)
+        self.batch_size = Histogram("visionlora_batch_images", "images per model forward", ["model"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.images = Counter("visionlora_images", "images predicted", ["model"], registry=self.registry)
+        self.forward_images = Histogram("visionlora_forward_images",
+                                        "images per forward, by how many adapters it mixed", ["adapters"],
+                                        buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        Gauge("visionlora_loaded_adapters", "runs loaded now (an adapter each; a full run counts as one)",
+              registry=self.registry).set_function(lambda: len(store.models))
+        self.loads = Counter("visionlora_adapter_loads", "runs loaded on demand", registry=self.registry)
+        self.evictions = Counter("visionlora_adapter_evictions", "runs unloaded to stay within --max-loaded-adapters",
+                                 registry=self.registry)
+        self.load_seconds = Histogram("visionlora_adapter_load_seconds", "time to load a run on its first request",
+                                      buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+                                      registry=self.registry)
+
+    def loaded(self, name: str, seconds: float) -> None:
+        self.loads.inc()
+        self.load_seconds.observe(seconds)
+
+    def evicted(self, name: str) -> None:
+        self.evictions.inc()
+
+    def forward(self, models: list[ServedModel]) -> None:
+        self.forward_images.labels(str(len(set(map(id, models))))).observe(len(models))
+        for name in {served.name for served in models}:
+            self.batch_size.labels(name).observe(len(models))
