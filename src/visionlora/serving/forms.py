@@ -11,8 +11,8 @@ from fastapi import Request
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from visionlora.data.images import UnreadableImage, load_rgb
 from visionlora.core.outputs import per_image_values
+from visionlora.data.images import UnreadableImage, load_rgb
 from visionlora.errors import VisionLoraError
 from visionlora.serving.models import ServedModel
 
