@@ -33,6 +33,7 @@ LAYERS: list[set[str]] = [
     {"ray_cluster"},
     {"serving"},
     {"demo"},
+    {"cli_parsers"},  # the arguments of each command
     {"cli"},
     {"__init__", "__main__", "reference"},  # the package's own face: visionlora.load
 ]

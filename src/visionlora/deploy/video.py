@@ -10,13 +10,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
-from visionlora.artifacts import current_umask
+from visionlora.artifacts import atomic_write_json, current_umask
 from visionlora.errors import VisionLoraError
+
+if TYPE_CHECKING:
+    from visionlora.deploy.predictor import BoxFinder, LoadedRun
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm")
 FRAME_BATCH = 16
@@ -189,6 +192,38 @@ def predict_video(path: str | Path, predict: Predict, draw: Draw, every: int = 1
     answer = {"video": str(path), "fps": facts.fps, "every": every, "frames": results}
     if writer is not None:
         answer["drawn_video"] = {"path": str(save_video), "codec": writer.codec, "fps": facts.fps / every}
+    return answer
+
+
+def predict_videos(run: LoadedRun, videos: Sequence[str | Path], options: dict[str, Any], outputs: Mapping[str, Path],
+                   finder: BoxFinder | None = None, every: int = 1, start: float = 0.0, end: float | None = None,
+                   save_video: Path | None = None,
+                   tell: Callable[[str], None] = lambda line: None) -> dict[str, Any] | list[dict[str, Any]]:
+    """Predict each video's frames with ``run`` and write the ``outputs`` its task's writers name;
+    the answer is one video's result (see :func:`predict_video`), or a list of them.
+
+    JSON and DeepLabCut tables cover one video at a time, and so does ``save_video``.
+    ``tell`` hears one line for each file written.
+    """
+    if len(videos) > 1 and (save_video or set(outputs) - {"output"}):
+        raise VisionLoraError("--save-video, --csv and --h5 take one video at a time")
+    if "save_images" in outputs:
+        raise VisionLoraError("--save-images is for images; for a video, use --save-video OUT.mp4")
+    predict = run.predictor(options, finder)
+    results = []
+    for video in videos:
+        results.append(predict_video(video, predict, run.draw, every, start, end, save_video, progress=True))
+        if save_video:
+            drawn = results[-1]["drawn_video"]
+            tell(f"wrote {drawn['path']} ({drawn['codec']}, {drawn['fps']:g} fps)")
+    for writer in run.task.writers:
+        if writer.name in outputs and writer.name != "output":
+            writer.write(outputs[writer.name], results[0]["frames"], [], run.draw)
+            tell(f"wrote {outputs[writer.name]}")
+    answer = results[0] if len(results) == 1 else results
+    if "output" in outputs:
+        atomic_write_json(outputs["output"], answer)
+        tell(f"wrote {outputs['output']}")
     return answer
 
 

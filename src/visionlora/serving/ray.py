@@ -21,14 +21,18 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
+from visionlora.errors import VisionLoraError
 from visionlora.ray_cluster import join_cluster
 from visionlora.serving import DEFAULT_MAX_LOADED
+
+if TYPE_CHECKING:
+    from visionlora.serving.app import ServeSettings
 
 GATEWAY_MAX_ONGOING = 10_000
 MODEL_PATH = re.compile(r"^/v1/models/([^/]+)/(?:predict|draw)$")
@@ -170,6 +174,52 @@ def run_on_ray(settings: RaySettings, host: str, port: int, address: str | None 
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def command_settings(runs_dir: str | None, run_folders: Sequence[str], serve_settings: ServeSettings, *,
+                     max_loaded: int, replicas: int, replica_cpus: float, replica_gpus: float,
+                     max_ongoing_requests: int | None, autoscaling: str | None) -> RaySettings:
+    """The settings of ``visionlora serve --ray``, checked with a one-line error naming the flag.
+
+    Ray Serve serves ``runs_dir`` only: run folders named one by one and an admin token are
+    refused. ``autoscaling`` is the JSON text of Ray Serve's autoscaling_config.
+    """
+    if run_folders or not runs_dir:
+        raise VisionLoraError("--ray serves --runs-dir DIR (on storage every node sees), not run folders named "
+                              "one by one")
+    if not Path(runs_dir).is_dir():
+        raise VisionLoraError(f"{runs_dir}: no such folder of runs")
+    if serve_settings.admin_token:
+        raise VisionLoraError("--admin-token is not taken with --ray: add runs to --runs-dir instead")
+    scaling = autoscaling_config(autoscaling) if autoscaling else None
+    if min(replicas, max_loaded, max_ongoing_requests or 1) < 1:
+        raise VisionLoraError("--replicas, --max-loaded-adapters and --max-ongoing-requests must be at least 1")
+    return RaySettings(str(Path(runs_dir).resolve()), max_loaded, replicas, replica_cpus, replica_gpus,
+                       max_ongoing_requests, scaling, asdict(serve_settings))
+
+
+def autoscaling_config(text: str) -> dict[str, Any]:
+    """``--autoscaling`` checked by Ray Serve's own AutoscalingConfig, so a typo is one line."""
+    import json
+
+    from ray.serve.config import AutoscalingConfig
+
+    try:
+        config = json.loads(text)
+    except ValueError as err:
+        raise VisionLoraError(f"--autoscaling: not JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise VisionLoraError("--autoscaling: a JSON object of Ray Serve's autoscaling_config fields")
+    unknown = set(config) - set(AutoscalingConfig.model_fields)
+    if unknown:
+        raise VisionLoraError(f"--autoscaling: {', '.join(sorted(unknown))} is not a field of Ray Serve's "
+                              f"autoscaling_config ({', '.join(sorted(AutoscalingConfig.model_fields))})")
+    try:
+        AutoscalingConfig(**config)
+    except ValueError as err:  # pydantic's ValidationError
+        message = err.errors()[0]["msg"] if hasattr(err, "errors") else str(err)
+        raise VisionLoraError(f"--autoscaling: {message}") from None
+    return config
 
 
 def _cpus_needed(settings: RaySettings) -> float:

@@ -21,12 +21,13 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from visionlora.deploy.runs import run_labels
+from visionlora.deploy.runs import open_run, run_labels
 from visionlora.errors import VisionLoraError
+from visionlora.ray_cluster import join_cluster
 
 DECODE_CPUS = 0.5  # less than an actor's, so Ray runs decoding in tasks of its own, not fused into the actors
 
@@ -84,6 +85,50 @@ def plan_job(runs: list[str], images: list[str], output: str | Path, options: di
     # absolute, so that actors on any node (in any working folder) find the files on shared storage
     items = [(str(Path(image).resolve()), run) for image, run in items]
     return BatchJob(items, named, output, options)
+
+
+def predict_on_ray(runs: Sequence[str], images: Sequence[str], given: Mapping[str, Any], actors: int = 1,
+                   cpus_per_actor: float = 1.0, gpus_per_actor: float | None = None, batch_size: int = 64,
+                   decode: str = "auto", address: str | None = None) -> tuple[Path, dict[str, int]]:
+    """``visionlora predict RUN IMAGES --engine ray``: every image by the ``runs`` (all of one task) on the
+    Ray cluster at ``address`` (none: a local one, stopped at the end); (the output, :func:`run_job`'s counts).
+
+    ``given`` holds the values of the task's declared options and writers, as the command line has
+    them; of the writers only ``output`` is taken. ``gpus_per_actor`` None: 1 where the cluster has GPUs.
+    """
+    try:
+        import ray
+    except ImportError as err:
+        raise VisionLoraError(f"--engine ray needs Ray Data ({err.name} is missing): "
+                              "pip install 'visionlora[ray]'") from None
+    if min(actors, batch_size) < 1 or cpus_per_actor <= 0:
+        raise VisionLoraError("--actors and --batch-size must be at least 1, --cpus-per-actor above 0")
+    job = _planned_job(list(runs), images, given)
+    pool = ActorPool(actors, cpus_per_actor, gpus_per_actor or 0.0, batch_size, decode)
+    join_cluster(address, pool.actors * pool.cpus + DECODE_CPUS)
+    if gpus_per_actor is None and ray.cluster_resources().get("GPU", 0) > 0:
+        pool.gpus = 1.0  # the cluster's GPUs, not this machine's: the actors may run elsewhere
+    try:
+        counts = run_job(job, pool)
+    finally:
+        ray.shutdown()
+    return job.output, counts
+
+
+def _planned_job(runs: list[str], images: Sequence[str], given: Mapping[str, Any]) -> BatchJob:
+    """The job, once the runs are found to be of one task and only ``--output`` is asked for."""
+    from visionlora.deploy.options import task_arguments
+
+    tasks = {task.name: task for task in (open_run(run).task for run in runs)}
+    if len(tasks) != 1:
+        raise VisionLoraError(f"--runs: the runs are of different tasks ({', '.join(sorted(tasks))})")
+    arguments = task_arguments(given, next(iter(tasks.values())), Path(runs[0]))
+    if any(value is not None for value in arguments.box_values.values()) or set(arguments.outputs) - {"output"}:
+        raise VisionLoraError("--engine ray writes --output FILE.jsonl or .parquet only (no boxes from a "
+                              "detector, no drawn images or tables)")
+    if "output" not in arguments.outputs:
+        raise VisionLoraError("--engine ray needs --output FILE.jsonl or FILE.parquet")
+    return plan_job(runs, list(images), arguments.outputs["output"], arguments.options)
 
 
 

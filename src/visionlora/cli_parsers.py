@@ -1,0 +1,246 @@
+"""The arguments of each ``visionlora`` command, and the training settings they give.
+
+Each builder adds one command's parser to the subcommands and returns it; ``visionlora.cli``
+sets the function each command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any, Callable
+
+from visionlora.deploy import MAX_METRIC_DROP
+from visionlora.serving import DEFAULT_MAX_LOADED
+
+if TYPE_CHECKING:
+    from visionlora.config import TrainConfig
+
+Parser = argparse.ArgumentParser
+Subcommands = argparse._SubParsersAction
+
+
+def train_parser(commands: Subcommands, common: Parser, help_text: str) -> Parser:
+    train = commands.add_parser("train", parents=[common], help=help_text, description=_train_description())
+    train.add_argument("--config", metavar="FILE", help="YAML file of settings (flags given here win)")
+    train.add_argument(
+        "--resume", nargs="?", const=True, metavar="RUN_DIR",
+        help="continue an interrupted run from its last checkpoint (RUN_DIR, or the --output folder)",
+    )
+    add_config_flags(train)
+    return train
+
+
+def loading_flags() -> Parser:
+    """The flags that allow what loading a run refuses by default."""
+    loading = argparse.ArgumentParser(add_help=False)
+    loading.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (they can run code)")
+    loading.add_argument("--trust-remote-code", action="store_true", help="allow the base model to run its own code")
+    loading.add_argument("--allow-base-change", action="store_true",
+                         help="load an adapter even if its base model changed since it was trained")
+    return loading
+
+
+def threads_flag() -> Parser:
+    """``--threads``, applied by the commands that predict."""
+    threads = argparse.ArgumentParser(add_help=False)
+    threads.add_argument("--threads", type=int, metavar="N",
+                         help="CPU threads of each forward, torch's and onnxruntime's (default: one per core)")
+    return threads
+
+
+def evaluate_parser(commands: Subcommands, common: Parser, help_text: str) -> Parser:
+    evaluate = commands.add_parser("evaluate", parents=[common, loading_flags()], help=help_text)
+    evaluate.add_argument("run_dir", metavar="RUN_DIR",
+                          help="the run folder (holding trained_model_lora/ or trained_model/)")
+    evaluate.add_argument("--data", help="labelled data to evaluate on (default: the run's validation split)")
+    evaluate.add_argument("--split", choices=("val", "test"), default="val",
+                          help="without --data: the run's validation (default) or held-out test part")
+    evaluate.add_argument("--output", metavar="FILE.json", help="also write the metrics here")
+    return evaluate
+
+
+def predict_parser(commands: Subcommands, common: Parser, help_text: str) -> Parser:
+    """Generic arguments, then each task's options and writers (a flag shared by tasks is added once)."""
+    from visionlora.tasks import get_task, task_names
+
+    predict = commands.add_parser("predict", parents=[common, loading_flags(), threads_flag()], help=help_text)
+    predict.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
+    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER_OR_VIDEO",
+                         help="image files, folders of images, or videos (mp4, avi, mov, mkv)")
+    videos = predict.add_argument_group("videos")
+    videos.add_argument("--every", type=int, default=1, metavar="N", help="predict every N-th frame (default 1)")
+    videos.add_argument("--start", type=float, default=0.0, metavar="SECONDS", help="first time to predict")
+    videos.add_argument("--end", type=float, default=None, metavar="SECONDS", help="last time to predict")
+    videos.add_argument("--save-video", metavar="OUT.mp4", help="write the video with the predictions drawn "
+                        "(H.264, at the source frame rate divided by --every)")
+    scale = predict.add_argument_group("many images on a Ray cluster (pip install 'visionlora[ray]')")
+    scale.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="ray: Ray Data decodes images in CPU tasks and an actor pool predicts; needs --output "
+                            "FILE.jsonl or .parquet, and skips the images a stopped job already wrote")
+    scale.add_argument("--runs", nargs="+", default=[], metavar="RUN",
+                       help="with --engine ray: more runs predicting every image (a CSV list with a 'run' column "
+                            "names each image's run); each row says its run")
+    scale.add_argument("--actors", type=int, default=1, help="with --engine ray: predicting actors (default 1)")
+    scale.add_argument("--batch-size", type=int, default=64, help="with --engine ray: images per batch (default 64)")
+    scale.add_argument("--decode", choices=("auto", "tasks", "actors"), default="auto",
+                       help="with --engine ray: where images are decoded; auto: in CPU tasks of their own for "
+                            "actors on GPUs, in the actors otherwise")
+    scale.add_argument("--cpus-per-actor", type=float, default=1.0,
+                       help="with --engine ray: CPUs per actor, which are its torch threads (default 1)")
+    scale.add_argument("--gpus-per-actor", type=float, default=None,
+                       help="with --engine ray: GPUs per actor (default 1 where the Ray cluster has GPUs, else 0)")
+    scale.add_argument("--ray-address", metavar="ADDRESS",
+                       help="with --engine ray: the cluster (e.g. auto, or HOST:6379); default: a local one")
+    seen: set[str] = set()
+
+    def add_once(group, item, help_text: str) -> None:
+        if item.flag not in seen:
+            seen.add(item.flag)
+            group.add_argument(item.flag, dest=item.name, metavar=item.metavar, default=None, help=help_text)
+
+    for name in task_names():
+        task = get_task(name)
+        for item in task.writers:
+            add_once(predict, item, item.help)
+        for item in task.predict_options:
+            add_once(predict, item, f"{name}: {item.help}")
+        if task.box_options:
+            group = predict.add_argument_group(f"{name} in the boxes another model finds (top-down)")
+            for item in task.box_options:
+                add_once(group, item, item.help)
+    return predict
+
+
+def compare_parser(commands: Subcommands, common: Parser, help_text: str) -> Parser:
+    compare = commands.add_parser(
+        "compare", parents=[common], help=help_text,
+        description="visionlora compare --task T --data PATH [training flags]   trains both modes alike; "
+        "visionlora compare RUN_A RUN_B   compares two finished runs. Writes comparison.md/.json/.png.",
+    )
+    compare.add_argument("runs", nargs="*", metavar="RUN", help="two finished run folders (or none, with --data)")
+    compare.add_argument("--config", metavar="FILE", help="YAML file of training settings (flags given here win)")
+    add_config_flags(compare)
+    return compare
+
+
+def serve_parser(commands: Subcommands, common: Parser, help_text: str) -> Parser:
+    serve = commands.add_parser("serve", parents=[common, threads_flag()], help=help_text,
+                                description="Serve runs over HTTP: GET / for a page to try them, "
+                                            "/v1/models for the API.")
+    serve.add_argument("runs", nargs="*", metavar="[NAME=]RUN",
+                       help="run folders, loaded at start and kept; a model's name is its folder's name or NAME")
+    serve.add_argument("--runs-dir", metavar="DIR",
+                       help="also serve every finished run in DIR by its folder name, each loaded on its first "
+                            "request (runs added later included)")
+    serve.add_argument("--max-loaded-adapters", type=int, default=DEFAULT_MAX_LOADED, metavar="N",
+                       help="runs held at once; the least recently used run from --runs-dir is unloaded to load "
+                            f"another (default {DEFAULT_MAX_LOADED})")
+    serve.add_argument("--ray", action="store_true",
+                       help="serve --runs-dir on Ray Serve: replicas, each model routed to one holding it "
+                            "(pip install 'visionlora[ray]')")
+    serve.add_argument("--ray-address", metavar="ADDRESS",
+                       help="the Ray cluster to deploy on (e.g. auto, or HOST:6379); default: a local one")
+    serve.add_argument("--replicas", type=int, default=1, help="with --ray: replicas (default 1)")
+    serve.add_argument("--replica-cpus", type=float, default=1.0, help="with --ray: CPUs per replica (default 1)")
+    serve.add_argument("--replica-gpus", type=float, default=0.0, help="with --ray: GPUs per replica (default 0)")
+    serve.add_argument("--max-ongoing-requests", type=int, metavar="N",
+                       help="with --ray: requests a replica takes at once, the rest wait in Ray's router "
+                            "(default 4 x --max-batch-size)")
+    serve.add_argument("--autoscaling", metavar="JSON",
+                       help="with --ray: Ray Serve's autoscaling_config, e.g. "
+                            "'{\"min_replicas\": 1, \"max_replicas\": 4}' (instead of --replicas)")
+    serve.add_argument("--no-mixed-batches", dest="mixed_batches", action="store_false",
+                       help="batch each adapter's requests apart (by default requests for different LoRA "
+                            "adapters of one base share forwards)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--max-batch-size", type=int, default=16, help="images per batched forward (default 16)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0,
+                       help="how long a request waits for others to batch with")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20 MB)")
+    serve.add_argument("--admin-token", help="enable POST/DELETE /v1/models, with 'Authorization: Bearer TOKEN'")
+    serve.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                       help="inference precision (fp32 answers equal visionlora predict)")
+    return serve
+
+
+def export_parser(commands: Subcommands, common: Parser, help_text: str) -> Parser:
+    export = commands.add_parser(
+        "export", parents=[common], help=help_text,
+        description="merged: the adapter merged into its base, a folder plain transformers loads; "
+        "onnx: that model as model.onnx, checked in onnxruntime against torch on the run's validation images; "
+        "onnx-adapters: several LoRA runs as one ONNX base per shared base model and an onnxruntime adapter "
+        "file per run.")
+    export.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="a finished run folder (several with --format onnx-adapters)")
+    export.add_argument("--output", required=True, metavar="DIR", help="the export folder")
+    export.add_argument("--format", default="merged", metavar="merged|onnx|onnx-adapters",
+                        help="merged (default), onnx or onnx-adapters")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    export.add_argument("--quantize", choices=("int8",),
+                        help="with --format onnx: int8 weights (onnxruntime's dynamic quantization), evaluated on "
+                             "the run's validation split beside fp32")
+    export.add_argument("--max-metric-drop", type=float, default=MAX_METRIC_DROP, metavar="X",
+                        help="with --quantize: refuse when the main metric falls by more than X, in its own units "
+                             f"(default {MAX_METRIC_DROP}; pose's pixel error rises)")
+    return export
+
+
+def demo_parser(commands: Subcommands, common: Parser, help_text: str) -> Parser:
+    demo = commands.add_parser("demo", parents=[common], help=help_text)
+    demo.add_argument("--output", default="runs/demo", metavar="DIR", help="where the demo data and runs go")
+    return demo
+
+
+def _train_description() -> str:
+    from visionlora.tasks import task_names
+
+    return (
+        "Train on --data and write runs/<task>/<name>/ (or --output). "
+        f"Tasks: {', '.join(task_names())}. Every flag can also be set in the --config YAML file."
+    )
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; unset flags stay absent so YAML and presets apply."""
+    from visionlora.config import config_fields
+
+    for fld in config_fields():
+        flag = "--" + fld.name.replace("_", "-")
+        kind = str(fld.type)
+        extra: dict[str, Any] = {"default": argparse.SUPPRESS, "help": fld.metadata["help"], "dest": fld.name}
+        if "bool" in kind:
+            extra["action"] = argparse.BooleanOptionalAction
+        else:
+            extra["metavar"] = fld.name.upper()
+            if "choices" in fld.metadata:
+                extra["choices"] = fld.metadata["choices"]
+        parser.add_argument(flag, **extra)
+
+
+def given_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(YAML values, flag values): only the settings the user actually gave."""
+    from visionlora.config import config_fields, load_yaml
+
+    names = {f.name for f in config_fields()}
+    flags = {k: v for k, v in vars(args).items() if k in names}
+    yaml_values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    return yaml_values, flags
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Merge preset < YAML < flags into a TrainConfig."""
+    from visionlora.config import build_config
+    from visionlora.tasks import DEFAULT_TASK, get_task
+
+    yaml_values, flags = given_settings(args)
+    task_name = flags.get("task", yaml_values.get("task", DEFAULT_TASK))
+    mode = flags.get("mode", yaml_values.get("mode", "lora"))
+    preset = get_task(task_name).preset.settings(mode)
+    return build_config(yaml_values, flags, preset)
+
+
+BUILDERS: dict[str, Callable[[Subcommands, Parser, str], Parser]] = {
+    "train": train_parser, "evaluate": evaluate_parser, "predict": predict_parser, "compare": compare_parser,
+    "serve": serve_parser, "export": export_parser, "demo": demo_parser,
+}
