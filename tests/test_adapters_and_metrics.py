@@ -7,7 +7,7 @@ import torch
 
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.classification import classification_metrics
-from visionlora.modeling.adapters import apply_lora, parameter_counts, resolve_target_modules
+from visionlora.modeling.adapters import apply_adapter, parameter_counts, resolve_target_modules
 from visionlora.tasks import get_task
 
 
@@ -44,7 +44,7 @@ def test_head_is_not_a_lora_target(tiny_vit):
 
 def test_apply_lora_trains_adapters_and_head_only(tiny_vit):
     total_before = sum(p.numel() for p in tiny_vit.parameters())
-    model, setup = apply_lora(tiny_vit, r=4, alpha=8, dropout=0.0, targets=["query", "value"], heads=["classifier"])
+    model, setup = apply_adapter(tiny_vit, r=4, alpha=8, dropout=0.0, targets=["query", "value"], heads=["classifier"])
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name or "classifier.modules_to_save" in name for name in trainable)
     assert setup.resolved == {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["classifier"],

@@ -21,18 +21,19 @@ from typing import Any
 
 import torch
 
+from visionlora.modeling.adapters import adapter_method, is_plain_lora, peft_type
+
 BASE_ROWS = "__base__"  # peft's name for rows that take no adapter
 
 
 def mixing_refusal(peft_model, adapter: str) -> str | None:
     """Why ``adapter`` of ``peft_model`` cannot share a forward with other adapters, or None."""
     config = peft_model.peft_config[adapter]
-    kind = str(getattr(config.peft_type, "value", config.peft_type))
-    if kind != "LORA":
-        return f"{kind} adapters run one adapter per forward (peft mixes LoRA adapters only)"
-    if getattr(config, "use_dora", False):
+    if is_plain_lora(config):
+        return None
+    if adapter_method(config) == "dora":
         return "DoRA adapters run one adapter per forward (peft cannot mix DoRA)"
-    return None
+    return f"{peft_type(config)} adapters run one adapter per forward (peft mixes LoRA adapters only)"
 
 
 def prepare_mixed_batches(peft_model) -> None:
