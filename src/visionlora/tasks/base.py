@@ -378,7 +378,8 @@ class Task:
         """Called after ``model.train()`` each epoch: keeps BatchNorm statistics fixed in LoRA mode."""
         if mode == "lora" and self.freeze_batchnorm_in_lora:
             for module in model.modules():
-                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+                                       torch.nn.SyncBatchNorm)):
                     module.eval()
 
     def model_class(self):
