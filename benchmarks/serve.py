@@ -36,7 +36,7 @@ def make_runs(root: Path, base: str, count: int, image_size: int) -> list[Path]:
     import torch
 
     from visionlora.artifacts import RunPaths, atomic_write_json, save_model
-    from visionlora.modeling.adapters import apply_lora
+    from visionlora.modeling.adapters import apply_adapter
     from visionlora.tasks import get_task
     from visionlora.tasks.classification.builtin import tiny_vit
 
@@ -58,7 +58,7 @@ def make_runs(root: Path, base: str, count: int, image_size: int) -> list[Path]:
         torch.manual_seed(index)
         fresh = type(model).from_pretrained(base_dir)
         _, _, info = task.model.build_model(str(base_dir), labels, None, "lora")
-        peft_model, _ = apply_lora(fresh, 16, 32, 0.0, ["query", "value"], task.model.head_modules(fresh))
+        peft_model, _ = apply_adapter(fresh, 16, 32, 0.0, ["query", "value"], task.model.head_modules(fresh))
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.02)  # a trained adapter is not zero

@@ -66,14 +66,14 @@ def worker(task_name: str, mode: str, steps: int, low_memory: bool, precision: s
         from visionlora.runtime import return_freed_memory
 
         return_freed_memory()
-    from visionlora.modeling.adapters import apply_lora, lower_frozen_weights, parameter_counts
+    from visionlora.modeling.adapters import apply_adapter, lower_frozen_weights, parameter_counts
     from visionlora.tasks.base import ModelInfo
 
     torch.manual_seed(0)
     model, batch, task = build(task_name)
     if mode == "lora":
         preset = task.preset
-        model, _ = apply_lora(model, preset.lora_r, preset.lora_alpha, 0.0, list(preset.target_modules),
+        model, _ = apply_adapter(model, preset.lora_r, preset.lora_alpha, 0.0, list(preset.target_modules),
                               task.model.head_modules(model))
         if precision == "bf16":  # as training does: frozen layer weights stored in bf16 under bf16 autocast
             lower_frozen_weights(model, torch.bfloat16)

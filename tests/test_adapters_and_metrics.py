@@ -7,7 +7,7 @@ import torch
 
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.classification import classification_metrics
-from visionlora.modeling.adapters import apply_lora, parameter_counts, resolve_target_modules
+from visionlora.modeling.adapters import apply_adapter, parameter_counts, resolve_target_modules
 from visionlora.tasks import get_task
 
 
@@ -44,7 +44,7 @@ def test_head_is_not_a_lora_target(tiny_vit):
 
 def test_apply_lora_trains_adapters_and_head_only(tiny_vit):
     total_before = sum(p.numel() for p in tiny_vit.parameters())
-    model, setup = apply_lora(tiny_vit, r=4, alpha=8, dropout=0.0, targets=["query", "value"], heads=["classifier"])
+    model, setup = apply_adapter(tiny_vit, r=4, alpha=8, dropout=0.0, targets=["query", "value"], heads=["classifier"])
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name or "classifier.modules_to_save" in name for name in trainable)
     assert setup.resolved == {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["classifier"],
@@ -71,3 +71,20 @@ def test_top5_with_more_than_five_classes():
     logits = torch.arange(7.0).repeat(2, 1)  # ranks class 6 first, then 5, 4, 3, 2
     metrics = classification_metrics(logits, torch.tensor([2, 0]), list("abcdefg"))
     assert metrics["accuracy"] == 0.0 and metrics["top5_accuracy"] == 0.5
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "loha", "lokr", "oft"])
+def test_the_method_and_plain_lora_read_the_same_from_a_config_and_its_saved_file(tiny_vit, method, tmp_path):
+    import json
+
+    from visionlora.modeling.adapters import adapter_method, is_plain_lora, peft_type
+
+    model, _ = apply_adapter(tiny_vit, r=4, alpha=8, dropout=0.0, targets=["query", "value"], heads=["classifier"],
+                             method=method)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    config = model.peft_config["default"]
+    assert adapter_method(config) == adapter_method(saved) == method
+    assert is_plain_lora(config) is is_plain_lora(saved) is (method == "lora")
+    assert peft_type(config) == peft_type(saved) == {"dora": "LORA"}.get(method, method.upper())
+    assert peft_type({}) == "LORA" and is_plain_lora({})  # files of older peft versions name no type

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from visionlora.cli import build_parser, config_from_args, main
-from visionlora.config import TrainConfig
+from visionlora.config import TrainConfig, with_preset
 from visionlora.errors import VisionLoraError
 from visionlora.tasks import get_task
 
@@ -207,3 +207,11 @@ def test_unwrapping_mixed_precision_gives_the_model_its_own_forward_back():
     assert model.forward.__func__ is type(model).forward
     logits = model(pixel_values=torch.randn(1, 3, 16, 16)).logits
     assert logits.dtype == torch.float32 and logits.shape == (1, 2, 8, 8)
+
+
+def test_the_preset_fills_what_a_config_leaves_unset_in_both_ways_of_building_one():
+    built = _config(["--data", "x", "--mode", "full", "--lora-r", "4"])
+    direct = with_preset(TrainConfig(data="x", mode="full", lora_r=4))
+    assert built == direct
+    assert (direct.lora_r, direct.lora_alpha, direct.lr) == (4, 32.0, get_task("classification").preset.lr_full)
+    assert isinstance(direct.lora_alpha, float) and direct.target_modules == ["query", "value"]

@@ -19,7 +19,7 @@ PACKAGE = "visionlora"
 
 # Lowest first. A part may import the parts of the layers before its own, and none after or beside it.
 LAYERS: list[set[str]] = [
-    {"errors", "lazy", "console"},
+    {"errors", "lazy", "console", "compat"},  # compat: private APIs of torch, accelerate and peft
     {"artifacts", "runtime"},
     {"core"},  # prediction options and writers, drawing and plot primitives
     {"data", "metrics"},

@@ -231,13 +231,9 @@ def given_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Merge preset < YAML < flags into a TrainConfig."""
     from visionlora.config import build_config
-    from visionlora.tasks import DEFAULT_TASK, get_task
 
     yaml_values, flags = given_settings(args)
-    task_name = flags.get("task", yaml_values.get("task", DEFAULT_TASK))
-    mode = flags.get("mode", yaml_values.get("mode", "lora"))
-    preset = get_task(task_name).preset.settings(mode)
-    return build_config(yaml_values, flags, preset)
+    return build_config(yaml_values, flags)
 
 
 BUILDERS: dict[str, Callable[[Subcommands, Parser, str], Parser]] = {

@@ -198,14 +198,21 @@ def coerce(name: str, value: Any) -> Any:
         raise VisionLoraError(f"setting {name!r}: {value!r} is not a valid {kind}") from None
 
 
-def build_config(yaml_values: dict[str, Any], flag_values: dict[str, Any], preset: dict[str, Any]) -> TrainConfig:
+def build_config(yaml_values: dict[str, Any], flag_values: dict[str, Any]) -> TrainConfig:
     """Merge defaults < task preset < YAML < flags into a validated config."""
     merged: dict[str, Any] = {}
-    for source in (preset, yaml_values, flag_values):
+    for source in (yaml_values, flag_values):
         for name, value in source.items():
             if value is not None:
                 merged[name] = coerce(name, value)
-    return TrainConfig(**merged).validate()
+    return with_preset(TrainConfig(**merged)).validate()
+
+
+def with_preset(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the settings it leaves unset (None) taken from its task's preset for its mode."""
+    preset = get_task(cfg.task).preset.settings(cfg.mode)
+    return dataclasses.replace(cfg, **{name: coerce(name, value) for name, value in preset.items()
+                                       if getattr(cfg, name) is None})
 
 
 def parse_report_to(value: str | list[str] | None) -> list[str]:

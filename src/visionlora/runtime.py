@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from visionlora.compat import pop_original_forward, reset_accelerate_state
+
 
 def new_accelerator(**kwargs):
     """An Accelerator with these settings, even if another run in this process used others.
@@ -17,10 +19,8 @@ def new_accelerator(**kwargs):
     one another, as in ``demo`` or ``compare``.
     """
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
+    reset_accelerate_state()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         kwargs.setdefault("cpu", True)  # several CPU processes (torchrun): Accelerate's gloo backend
     return Accelerator(**kwargs)
@@ -34,7 +34,7 @@ def unwrap_in_fp32(accelerator, model: torch.nn.Module) -> torch.nn.Module:
     hidden states its decode head needs); the forward saved at ``prepare`` is restored instead.
     """
     model = accelerator.unwrap_model(model)
-    original = model.__dict__.pop("_original_forward", None)
+    original = pop_original_forward(model)
     if original is not None:
         model.forward = original
     return model

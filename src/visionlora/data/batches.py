@@ -28,6 +28,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from visionlora.compat import shared_memory_fd, storage_from_shared_fd
+
 SMALL_BYTES = 64 * 1024  # tensors up to this size are pickled by value
 
 _pools: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueDictionary()  # main: key -> claims
@@ -143,7 +145,7 @@ class _Leased:
     def __init__(self, tensor: torch.Tensor, sender: _Sender, claim: SlotClaim):
         storage = tensor.untyped_storage()
         number = claim.used[storage.data_ptr()]
-        fd, self.nbytes = storage._share_fd_cpu_()
+        fd, self.nbytes = shared_memory_fd(storage)
         self.descriptor = None if number in sender.buffers.sent else DupFd(fd)
         sender.buffers.sent.add(number)
         self.retired = [(sender.pool, sender.pid, old) for old in sender.buffers.retired]
@@ -192,7 +194,7 @@ def _receive_leased(descriptor, retired, buffer_key, nbytes: int, layout, claim)
     if descriptor is not None:
         _descriptors[buffer_key] = descriptor.detach()
     dtype, shape, stride, offset = layout
-    storage = torch.UntypedStorage._new_shared_fd_cpu(_descriptors[buffer_key], nbytes)
+    storage = storage_from_shared_fd(_descriptors[buffer_key], nbytes)
     tensor = torch.empty(0, dtype=dtype).set_(storage, offset, shape, stride)
     claims = _pools.get(claim[0])
     if claims is not None:

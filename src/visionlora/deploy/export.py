@@ -150,21 +150,30 @@ def onnx_axes(task) -> dict[str, dict[int, str]]:
     return axes
 
 
+def write_onnx(run: LoadedRun, model, images: list, path: Path,
+               fold_constants: bool = True) -> dict[str, dict[int, str]]:
+    """Write ``model`` to ``path`` with ``torch.onnx.export`` (TorchScript, opset ``OPSET``), traced on
+    the first two of ``images``, its task's inputs and outputs named; returns the dynamic axes."""
+    task = run.task
+    inputs = model_inputs(run, images[:2])
+    axes = onnx_axes(task)
+    wrapper = PlainOutputs(model, task.input_names, task.output_names, run.info.forward_kwargs).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, tuple(inputs[name] for name in task.input_names), str(path),
+                          input_names=list(task.input_names), output_names=list(task.output_names),
+                          dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=fold_constants)
+    return axes
+
+
 def _export_onnx(run: LoadedRun, merged, images: list, folder: Path, strict: bool) -> dict[str, Any]:
     """Write model.onnx, then check onnxruntime against torch on ``images``."""
     from visionlora.deploy.onnx_model import OnnxModel
 
     task = run.task
-    inputs = model_inputs(run, images[:2])
-    axes = onnx_axes(task)
-    wrapper = PlainOutputs(merged, task.input_names, task.output_names, run.info.forward_kwargs).eval()
     path = folder / "model.onnx"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, tuple(inputs[name] for name in task.input_names), str(path),
-                              input_names=list(task.input_names), output_names=list(task.output_names),
-                              dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+        axes = write_onnx(run, merged, images, path)
     except Exception as err:  # the exporter raises many types; name the model and the operator it stopped at
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise VisionLoraError(f"{type(merged).__name__}: the ONNX exporter cannot handle this model: {first}") from None

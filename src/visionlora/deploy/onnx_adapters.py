@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -27,10 +26,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from visionlora.artifacts import INFO_FILE, atomic_dir, atomic_write_json
+from visionlora.artifacts import INFO_FILE, atomic_dir, atomic_write_json, read_json
 from visionlora.deploy.onnx_model import load_adapter_run
 from visionlora.deploy.predictor import LoadedRun, load_run
 from visionlora.errors import VisionLoraError
+from visionlora.modeling.adapters import adapter_method, is_plain_lora, peft_type
 
 ADAPTER_FILE = "adapter.onnx_adapter"  # a run's weights, as onnxruntime's AdapterFormat writes them
 TOLERANCE = 1e-4  # largest difference between a run's logits through its ONNX adapter and through peft
@@ -65,7 +65,7 @@ def export_adapters(run_dirs: list[str | Path], output: str | Path, overwrite: b
     adapters, fallbacks = [], []
     for label, run_dir in _labels(run_dirs).items():
         run = load_run(run_dir, device="cpu")
-        refusal = _not_lora(run)
+        refusal = _onnx_adapter_refusal(run)
         if refusal:
             fallbacks.append((label, run_dir))
             say(f"{label}: {refusal}; exported as a merged ONNX model instead ({label}/model.onnx)")
@@ -97,16 +97,16 @@ def _labels(run_dirs: list[str | Path]) -> dict[str, str]:
     return {label.replace("/", "-"): run_dir for label, run_dir in labelled.items()}
 
 
-def _not_lora(run: LoadedRun) -> str | None:
+def _onnx_adapter_refusal(run: LoadedRun) -> str | None:
     """Why onnxruntime's LoRA adapters cannot carry this run (None: they can)."""
     if run.info.mode != "lora":
         return "a fully fine-tuned model has no adapter"
-    config = json.loads((run.paths.model_dir / "adapter_config.json").read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        return f"onnxruntime's adapters are LoRA's A and B weights, not {config['peft_type']}"
-    if config.get("use_dora"):
+    config = read_json(run.paths.model_dir / "adapter_config.json")
+    if is_plain_lora(config):
+        return None
+    if adapter_method(config) == "dora":
         return "DoRA rescales the adapted weights, which onnxruntime's adapters cannot"
-    return None
+    return f"onnxruntime's adapters are LoRA's A and B weights, not {peft_type(config)}"
 
 
 def _adapter_weights(model) -> dict[str, np.ndarray]:
@@ -131,7 +131,7 @@ def _write_base(members: list[AdapterRun], folder: Path) -> dict[str, Any]:
     import onnx
     from peft.tuners.lora import LoraLayer
 
-    from visionlora.deploy.export import PlainOutputs, check_images, model_inputs, onnx_axes
+    from visionlora.deploy.export import check_images, write_onnx
 
     first = members[0]
     model, task = load_run(first.run.paths.root, device="cpu").model, first.run.task  # a copy to rescale
@@ -144,13 +144,8 @@ def _write_base(members: list[AdapterRun], folder: Path) -> dict[str, Any]:
                 parameter.copy_(torch.from_numpy(first.weights[GRAPH_PREFIX + name]))
     folder.mkdir(parents=True)
     path = folder / "model.onnx"
-    inputs = model_inputs(first.run, check_images(first.run)[:2])
-    wrapper = PlainOutputs(model, task.input_names, task.output_names, first.run.info.forward_kwargs).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(wrapper, tuple(inputs[name] for name in task.input_names), str(path),
-                          input_names=list(task.input_names), output_names=list(task.output_names),
-                          dynamic_axes=onnx_axes(task), opset_version=17, dynamo=False, do_constant_folding=False)
+    # unfolded, so that each adapted weight stays an initializer of its own, overridable below
+    write_onnx(first.run, model, check_images(first.run), path, fold_constants=False)
     graph = onnx.load(str(path))
     initializers = {item.name: item for item in graph.graph.initializer}
     for item in members:  # weights inference never reads (e.g. RT-DETR's denoising embedding) are not in the graph

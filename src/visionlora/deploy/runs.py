@@ -16,6 +16,7 @@ import torch
 
 from visionlora.artifacts import INFO_FILE, RunPaths, find_run, read_json
 from visionlora.errors import VisionLoraError
+from visionlora.modeling.adapters import peft_type
 from visionlora.modeling.builtin import is_builtin
 from visionlora.modeling.loading import (
     check_base_unchanged,
@@ -56,7 +57,7 @@ class RunFolder:
 
     def adapter_type(self) -> str:
         """peft's name of the adapter method (LORA, LOHA, ...), from the adapter's config file."""
-        return read_json(self.paths.model_dir / "adapter_config.json").get("peft_type", "LORA")
+        return peft_type(read_json(self.paths.model_dir / "adapter_config.json"))
 
     def load_full_model(self) -> torch.nn.Module:
         """A full run's (or merged export's) model."""

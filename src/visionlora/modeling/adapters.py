@@ -25,7 +25,7 @@ METHODS = ("lora", "dora", "loha", "lokr", "oft")  # adapter kinds of --mode lor
 
 
 def adaptable_names(model: torch.nn.Module, exclude: list[str] = ()) -> dict[str, int]:
-    """Last name component of each LoRA-adaptable layer -> how many layers carry it."""
+    """Last name component of each adaptable layer -> how many layers carry it."""
     counts: dict[str, int] = {}
     for full_name, module in model.named_modules():
         if isinstance(module, ADAPTABLE) and not any(_within(full_name, head) for head in exclude):
@@ -55,7 +55,7 @@ def resolve_target_modules(model: torch.nn.Module, requested: list[str], exclude
 
 
 @dataclass
-class LoraSetup:
+class AdapterSetup:
     """The adapter as asked for and as applied."""
 
     requested: dict[str, Any]
@@ -90,7 +90,7 @@ def adapter_config(method: str, model: torch.nn.Module, r: int, alpha: float, dr
     raise VisionLoraError(f"--method {method}: unknown (choose from {', '.join(METHODS)})")
 
 
-def apply_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float, targets: list[str], heads: list[str],
+def apply_adapter(model: torch.nn.Module, r: int, alpha: float, dropout: float, targets: list[str], heads: list[str],
                method: str = "lora"):
     """Wrap ``model`` with an adapter of ``method`` (LoRA by default); the heads are trained in
     full and saved with it."""
@@ -98,17 +98,31 @@ def apply_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float, tar
 
     resolved = resolve_target_modules(model, targets, exclude=heads)
     peft_model = get_peft_model(model, adapter_config(method, model, r, alpha, dropout, resolved, heads))
-    setup = LoraSetup(
+    setup = AdapterSetup(
         requested={"method": method, "r": r, "alpha": alpha, "dropout": dropout, "target_modules": list(targets)},
         resolved={"target_modules": resolved, "modules_to_save": heads, "adapted_layers": adapted_layers(peft_model)},
     )
     return peft_model, setup
 
 
-def adapter_method(config) -> str:
-    """The ``--method`` name of a peft config."""
-    kind = str(getattr(config.peft_type, "value", config.peft_type)).lower()
-    return "dora" if kind == "lora" and getattr(config, "use_dora", False) else kind
+def peft_type(config: Any) -> str:
+    """peft's name of the adapter method (LORA, LOHA, ...) of a peft config, or of the dict of its
+    saved ``adapter_config.json``."""
+    kind = config.get("peft_type", "LORA") if isinstance(config, dict) else config.peft_type
+    return str(getattr(kind, "value", kind))
+
+
+def adapter_method(config: Any) -> str:
+    """The ``--method`` name (lora, dora, loha, lokr, oft) of a peft config or its saved dict."""
+    uses_dora = config.get("use_dora") if isinstance(config, dict) else getattr(config, "use_dora", False)
+    kind = peft_type(config).lower()
+    return "dora" if kind == "lora" and uses_dora else kind
+
+
+def is_plain_lora(config: Any) -> bool:
+    """Whether a peft config (or its saved dict) is plain LoRA: its update is A and B weights times
+    alpha/r alone, so it mixes with other adapters in one batch and exports as onnxruntime adapters."""
+    return adapter_method(config) == "lora"
 
 
 def adapted_layers(model: torch.nn.Module) -> int:
@@ -119,15 +133,15 @@ def adapted_layers(model: torch.nn.Module) -> int:
                and not type(module).__name__.endswith("Wrapper"))
 
 
-def described_lora(model) -> LoraSetup:
-    """The LoraSetup of a model that already carries its (default) adapter."""
+def described_adapter(model) -> AdapterSetup:
+    """The AdapterSetup of a model that already carries its (default) adapter."""
     config = model.peft_config["default"]
     targets = (sorted(config.target_modules) if isinstance(config.target_modules, (set, list))
                else [config.target_modules])
     method = adapter_method(config)
     r = config.oft_block_size if method == "oft" else config.r
     alpha = getattr(config, "lora_alpha", getattr(config, "alpha", None))
-    return LoraSetup(
+    return AdapterSetup(
         requested={"method": method, "r": r, "alpha": alpha, "dropout": getattr(config, "lora_dropout", 0.0),
                    "target_modules": targets},
         resolved={"target_modules": targets, "modules_to_save": sorted(config.modules_to_save or []),

@@ -21,18 +21,20 @@ from typing import Any
 
 import torch
 
+from visionlora.compat import lora_variant_kwarg_keys, replace_mixed_batch_forward
+from visionlora.modeling.adapters import adapter_method, is_plain_lora, peft_type
+
 BASE_ROWS = "__base__"  # peft's name for rows that take no adapter
 
 
 def mixing_refusal(peft_model, adapter: str) -> str | None:
     """Why ``adapter`` of ``peft_model`` cannot share a forward with other adapters, or None."""
     config = peft_model.peft_config[adapter]
-    kind = str(getattr(config.peft_type, "value", config.peft_type))
-    if kind != "LORA":
-        return f"{kind} adapters run one adapter per forward (peft mixes LoRA adapters only)"
-    if getattr(config, "use_dora", False):
+    if is_plain_lora(config):
+        return None
+    if adapter_method(config) == "dora":
         return "DoRA adapters run one adapter per forward (peft cannot mix DoRA)"
-    return None
+    return f"{peft_type(config)} adapters run one adapter per forward (peft mixes LoRA adapters only)"
 
 
 def prepare_mixed_batches(peft_model) -> None:
@@ -49,8 +51,8 @@ def prepare_mixed_batches(peft_model) -> None:
                 module.forward = MethodType(_forward_by_adapter(type(module).forward), module)
             layers.append(module)
         elif isinstance(module, LoraLayer):
-            if isinstance(module, LoraLinear) and "_mixed_batch_forward" not in vars(module):
-                module._mixed_batch_forward = MethodType(_gathered_lora(type(module)._mixed_batch_forward), module)
+            if isinstance(module, LoraLinear):
+                replace_mixed_batch_forward(module, _gathered_lora)
             layers.append(module)
     peft_model.mixing_layers = layers
 
@@ -78,14 +80,14 @@ def mixed_rows(peft_model, adapter_names: list[str]):
 
 
 def _gathered_lora(peft_loop):
-    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS  # per-variant arguments peft does not give the base layer
+    variant_keys = lora_variant_kwarg_keys()  # per-variant arguments peft does not give the base layer
 
     def mixed_batch_forward(layer, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
         adapters = list(dict.fromkeys(adapter_names))
         used = [name for name in adapters if name != BASE_ROWS]
         if not _gatherable(layer, used):
             return peft_loop(layer, x, *args, adapter_names=adapter_names, **kwargs)
-        result = layer.base_layer(x, *args, **{k: v for k, v in kwargs.items() if k not in VARIANT_KWARG_KEYS})
+        result = layer.base_layer(x, *args, **{k: v for k, v in kwargs.items() if k not in variant_keys})
         first_a = layer.lora_A[used[0]].weight
         zero_a, zero_b = torch.zeros_like(first_a), torch.zeros_like(layer.lora_B[used[0]].weight)
         a = torch.stack([layer.lora_A[n].weight if n != BASE_ROWS else zero_a for n in adapters])  # (n, r, in)

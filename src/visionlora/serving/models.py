@@ -352,7 +352,7 @@ def _share_equal_weights(model: torch.nn.Module, weights: dict[str, torch.nn.Par
             other = weights.get(f"{module_name}.{name}" if module_name else name)
             if parameter is not None and other is not None and other.shape == parameter.shape \
                     and other.device == parameter.device and torch.equal(other, parameter):
-                module._parameters[name] = other
+                module.register_parameter(name, other)
 
 
 def _mixing(peft_model):

@@ -11,7 +11,6 @@ before every checkpoint and at every epoch's end, so no checkpoint holds diverge
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shutil
@@ -23,14 +22,14 @@ from typing import Any
 import torch
 
 from visionlora.artifacts import RunPaths, new_run_dir, save_model
-from visionlora.config import TrainConfig, parse_report_to
+from visionlora.config import TrainConfig, parse_report_to, with_preset
 from visionlora.console import describe_epoch, describe_start, library_messages_to
 from visionlora.data.transforms import Normalizer
 from visionlora.deploy.evaluation import evaluate, evaluate_outputs
 from visionlora.errors import VisionLoraError
 from visionlora.modeling.adapters import (
-    apply_lora,
-    described_lora,
+    apply_adapter,
+    described_adapter,
     lower_frozen_weights,
     parameter_counts,
     restore_weights,
@@ -65,9 +64,7 @@ class RunResult:
 def train(cfg: TrainConfig) -> RunResult:
     """Train one model as ``cfg`` says and write its run folder; settings left unset take the
     task's preset."""
-    preset = get_task(cfg.task).preset.settings(cfg.mode)
-    cfg = dataclasses.replace(cfg, **{key: value for key, value in preset.items() if getattr(cfg, key) is None})
-    return _run(cfg.validate(), None)
+    return _run(with_preset(cfg).validate(), None)
 
 
 def resume(run_dir: str | Path, settings: dict[str, Any] | None = None) -> RunResult:
@@ -131,21 +128,21 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
     data = facts.data = task.data.make_datasets(source, processor, info, cfg)
     if data.cache.mode != cfg.cache and cfg.cache == "auto" and data.cache.mode == "disk":
         accelerator.print(data.cache.reason)
-    lora = None
+    adapter = None
     if cfg.mode == "lora" and hasattr(model, "peft_config"):  # an adapter continued from --init-from
-        lora = described_lora(model)
+        adapter = described_adapter(model)
     elif cfg.mode == "lora":
         if is_builtin(cfg.model):
             if accelerator.is_main_process and not paths.base_dir.exists():
                 save_model(model, processor, info.to_dict(), paths.base_dir)
             accelerator.wait_for_everyone()
             info.base_revision = base_revision(str(paths.base_dir))
-        model, lora = apply_lora(
+        model, adapter = apply_adapter(
             model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, task.model.head_modules(model),
             cfg.method,
         )
-    facts.parameters, facts.lora = parameter_counts(model), lora
-    targets = lora.resolved["target_modules"] if lora else None
+    facts.parameters, facts.adapter = parameter_counts(model), adapter
+    targets = adapter.resolved["target_modules"] if adapter else None
     accelerator.print(describe_start(cfg, data.counts, len(data.skipped), facts.parameters, targets, paths.root))
     accelerator.print(f"precision {facts.precision[0].replace('no', 'fp32')} ({facts.precision[1]})")
     for note in data.description.get("notes", []):
@@ -156,7 +153,7 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
         accelerator.print(f"starting from {cfg.init_from}: {task.main_metric} "
                           f"{facts.initial_metrics[task.main_metric]:.4f} before training")
     frozen_file = paths.frozen_weights(accelerator.process_index)
-    if lora is not None and facts.precision[0] == "bf16":
+    if adapter is not None and facts.precision[0] == "bf16":
         _offload_frozen_weights(model, frozen_file)
 
     # -- loop ---------------------------------------------------------------------------

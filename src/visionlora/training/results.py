@@ -13,7 +13,7 @@ import torch
 from visionlora import __version__
 from visionlora.artifacts import RunPaths, atomic_write_bytes, atomic_write_json, folder_bytes, rows_csv
 from visionlora.config import TrainConfig
-from visionlora.modeling.adapters import LoraSetup
+from visionlora.modeling.adapters import AdapterSetup
 from visionlora.reporting.model_card import model_card
 from visionlora.reporting.plots import save_training_plots
 from visionlora.reporting.report import write_run_report
@@ -41,7 +41,7 @@ class RunFacts:
     started: float
     data: Datasets | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
-    lora: LoraSetup | None = None
+    adapter: AdapterSetup | None = None
     base_bytes: int = 0
     final_metrics: dict[str, Any] = field(default_factory=dict)  # the best weights', in fp32
     test_metrics: dict[str, Any] | None = None  # the best weights' on the held-out test part
@@ -85,7 +85,7 @@ def build_summary(paths: RunPaths, task: Task, facts: RunFacts, progress: Progre
                          dataclasses.asdict(data.cache) if data.cache else None),
         training=TrainingSummary(cfg.to_dict(), len(progress.history), early_stopped, progress.global_step,
                                  facts.data_loading),
-        lora=None if facts.lora is None else AdapterSummary(facts.lora.requested, facts.lora.resolved),
+        lora=None if facts.adapter is None else AdapterSummary(facts.adapter.requested, facts.adapter.resolved),
         parameters=ParameterCounts(**facts.parameters),
         sizes=Sizes(saved_model_bytes=folder_bytes(paths.model_dir),
                     weights_file_bytes=weights.stat().st_size if weights else None,
