@@ -47,8 +47,15 @@ def _results(task: Task, summary: RunSummary) -> list[dict[str, Any]]:
 
 def _body(task: Task, info: ModelInfo, summary: RunSummary, lora: bool, export: str | None,
           folder: str | None) -> list[str]:
-    main, headline = summary.main_metric, summary.headline
-    lines = [
+    return (_introduction(task, info, summary, lora, export) + _results(summary) + _training(summary)
+            + _data(summary) + _use(task, info, summary, lora, export, folder) + _limits(summary))
+
+
+def _introduction(task: Task, info: ModelInfo, summary: RunSummary, lora: bool, export: str | None) -> list[str]:
+    headline = summary.headline
+    exported = {None: ".", "merged": ", then exported with the adapter merged into the base: a plain transformers "
+                "model.", "onnx": ", then exported to ONNX (adapter merged) and checked against torch in onnxruntime."}
+    return [
         f"# {summary.task} {'LoRA adapter' if lora else 'model'} on {summary.base_model}"
         + (f" ({export} export)" if export else ""),
         "",
@@ -56,27 +63,29 @@ def _body(task: Task, info: ModelInfo, summary: RunSummary, lora: bool, export: 
         + ", ".join(f"`{label}`" for label in info.labels) + ".",
         f"It was {'fine-tuned in full from' if summary.mode == 'full' else 'trained as an adapter on'} "
         f"`{summary.base_model}` with [visionlora](https://pypi.org/project/visionlora/) "
-        f"({summary.versions['visionlora']})"
-        + {None: ".", "merged": ", then exported with the adapter merged into the base: a plain transformers model.",
-           "onnx": ", then exported to ONNX (adapter merged) and checked against torch in onnxruntime."}[export],
+        f"({summary.versions['visionlora']})" + exported[export],
         "",
-        f"**{main}: {headline.value:.4f}** on the {headline.split} split"
+        f"**{summary.main_metric}: {headline.value:.4f}** on the {headline.split} split"
         + (f" (validation: {headline.validation_value:.4f})" if headline.validation_value is not None else "")
         + ".",
         "",
-        "## Results",
-        "",
-        "| metric | validation | test |",
-        "|---|---:|---:|",
     ]
+
+
+def _results(summary: RunSummary) -> list[str]:
+    lines = ["## Results", "", "| metric | validation | test |", "|---|---:|---:|"]
     test = summary.test_metrics or {}
     for name, value in summary.metrics.items():
         if isinstance(value, (int, float)):
             other = test.get(name)
             lines.append(f"| {name} | {value:.4f} | {other:.4f} |" if isinstance(other, (int, float))
                          else f"| {name} | {value:.4f} | - |")
-    training, parameters = summary.training, summary.parameters
-    lines += [
+    return lines
+
+
+def _training(summary: RunSummary) -> list[str]:
+    training, parameters, sizes = summary.training, summary.parameters, summary.sizes
+    lines = [
         "",
         "## Training",
         "",
@@ -93,10 +102,14 @@ def _body(task: Task, info: ModelInfo, summary: RunSummary, lora: bool, export: 
                      f"dropout {requested['dropout']}, "
                      f"on {', '.join(resolved['target_modules'])} ({resolved['adapted_layers']} layers); "
                      f"trained in full and saved with it: {', '.join(resolved['modules_to_save'])}")
-    sizes, data, counts = summary.sizes, summary.data, summary.data.counts
-    lines += [
-        f"- size of the trained run: {sizes.weights_file_bytes / 1e6:.2f} MB of weights"
-        + (f" (the base model holds {sizes.base_model_bytes / 1e6:.1f} MB)" if summary.mode == "lora" else ""),
+    lines.append(f"- size of the trained run: {sizes.weights_file_bytes / 1e6:.2f} MB of weights"
+                 + (f" (the base model holds {sizes.base_model_bytes / 1e6:.1f} MB)" if summary.mode == "lora" else ""))
+    return lines
+
+
+def _data(summary: RunSummary) -> list[str]:
+    data, counts = summary.data, summary.data.counts
+    return [
         "",
         "## Data",
         "",
@@ -104,20 +117,26 @@ def _body(task: Task, info: ModelInfo, summary: RunSummary, lora: bool, export: 
         + (f"; test: {data.source('test')}" if data.source("test") else ""),
         "- counts: " + ", ".join(f"{k} {v}" for k, v in counts.items() if not isinstance(v, (dict, list))),
         f"- files skipped as unreadable: {data.skipped_count}",
+        *[f"- note: {note}" for note in data.notes],
     ]
-    lines += [f"- note: {note}" for note in data.notes]
-    lines += ["", "## Use", "", "With visionlora:", "", "```python", "import visionlora", "",
-              f'run = visionlora.load("{folder or summary.run_dir}")', 'print(run.predict(["image.jpg"]))',
-              "```", "",
-              "With " + ("onnxruntime" if export == "onnx" else "transformers" + (" and peft" if lora else "")) + ":",
-              "", "```python",
-              *_load_snippet(task, info, summary, lora, export, folder),
-              "```", "", "## Limits", "",
-              f"- Trained on {counts.get('train')} images; the numbers above come from {counts.get('val')} validation"
-              + (f" and {counts.get('test')} test" if counts.get("test") else "")
-              + " images and carry the uncertainty of that size.",
-              "- The model knows only the labels above, and images like those it was trained on."]
-    return lines
+
+
+def _use(task: Task, info: ModelInfo, summary: RunSummary, lora: bool, export: str | None,
+         folder: str | None) -> list[str]:
+    library = "onnxruntime" if export == "onnx" else "transformers" + (" and peft" if lora else "")
+    return ["", "## Use", "", "With visionlora:", "", "```python", "import visionlora", "",
+            f'run = visionlora.load("{folder or summary.run_dir}")', 'print(run.predict(["image.jpg"]))',
+            "```", "", f"With {library}:", "", "```python",
+            *_load_snippet(task, info, summary, lora, export, folder), "```"]
+
+
+def _limits(summary: RunSummary) -> list[str]:
+    counts = summary.data.counts
+    return ["", "## Limits", "",
+            f"- Trained on {counts.get('train')} images; the numbers above come from {counts.get('val')} validation"
+            + (f" and {counts.get('test')} test" if counts.get("test") else "")
+            + " images and carry the uncertainty of that size.",
+            "- The model knows only the labels above, and images like those it was trained on."]
 
 
 def _load_snippet(task: Task, info: ModelInfo, summary: RunSummary, lora: bool, export: str | None,

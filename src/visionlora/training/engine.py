@@ -119,35 +119,13 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
     # -- data and model -----------------------------------------------------------------
     set_seed(cfg.seed)
     source = task.data.read_data(cfg)
-    if cfg.init_from:
-        model, processor, info, facts.init_from = start_from_run(cfg.init_from, task, source.labels, cfg.mode)
-        cfg.model = info.base_model if cfg.mode == "lora" else str(Path(cfg.init_from) / "trained_model")
-    else:
-        model, processor, info = task.model.build_model(cfg.model, source.labels, cfg.image_size, cfg.mode)
-    facts.base_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    model, processor, info = _starting_model(cfg, task, source.labels, facts)
     data = facts.data = task.data.make_datasets(source, processor, info, cfg)
     if data.cache.mode != cfg.cache and cfg.cache == "auto" and data.cache.mode == "disk":
         accelerator.print(data.cache.reason)
-    adapter = None
-    if cfg.mode == "lora" and hasattr(model, "peft_config"):  # an adapter continued from --init-from
-        adapter = described_adapter(model)
-    elif cfg.mode == "lora":
-        if is_builtin(cfg.model):
-            if accelerator.is_main_process and not paths.base_dir.exists():
-                save_model(model, processor, info.to_dict(), paths.base_dir)
-            accelerator.wait_for_everyone()
-            info.base_revision = base_revision(str(paths.base_dir))
-        model, adapter = apply_adapter(
-            model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, task.model.head_modules(model),
-            cfg.method,
-        )
+    model, adapter = _with_adapter(model, processor, info, cfg, task, accelerator, paths)
     facts.parameters, facts.adapter = parameter_counts(model), adapter
-    targets = adapter.resolved["target_modules"] if adapter else None
-    accelerator.print(describe_start(cfg, data.counts, len(data.skipped), facts.parameters, targets, paths.root))
-    accelerator.print(f"precision {facts.precision[0].replace('no', 'fp32')} ({facts.precision[1]})")
-    for note in data.description.get("notes", []):
-        accelerator.print(f"note: {note}")
-
+    _announce(cfg, data, facts, adapter, accelerator, paths)
     if cfg.init_from and progress is None:
         facts.initial_metrics = _evaluate_once(task, model, processor, data.val, accelerator, info, cfg.batch_size)
         accelerator.print(f"starting from {cfg.init_from}: {task.main_metric} "
@@ -174,15 +152,58 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
     # -- artifacts ----------------------------------------------------------------------
     summary = None
     if accelerator.is_main_process:
-        if cfg.mode == "lora" and is_builtin(cfg.model):
-            model.peft_config["default"].base_model_name_or_path = str(paths.base_dir.resolve())
-        save_model(model, processor, info.to_dict(), paths.model_dir)
-        write_diagnostics(task, model, processor, data.val, source.val, info, paths, final)
-        summary = write_results(paths, task, info, facts, loop.state, loop.early_stopped)
-        shutil.rmtree(paths.checkpoint_dir, ignore_errors=True)
+        summary = _save_run(paths, cfg, task, model, processor, info, source, facts, loop, final)
         accelerator.print(f"saved {paths.model_dir} and {paths.results_dir}")
     accelerator.wait_for_everyone()
     return RunResult(paths, summary, model, processor, info)
+
+
+def _starting_model(cfg: TrainConfig, task: Task, labels: list[str], facts: RunFacts):
+    """(model, processor, info) to train: the finished run of ``--init-from``, or ``--model`` for ``labels``."""
+    if cfg.init_from:
+        model, processor, info, facts.init_from = start_from_run(cfg.init_from, task, labels, cfg.mode)
+        cfg.model = info.base_model if cfg.mode == "lora" else str(Path(cfg.init_from) / "trained_model")
+    else:
+        model, processor, info = task.model.build_model(cfg.model, labels, cfg.image_size, cfg.mode)
+    facts.base_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return model, processor, info
+
+
+def _with_adapter(model, processor, info: ModelInfo, cfg: TrainConfig, task: Task, accelerator, paths: RunPaths):
+    """(model, its adapter's setup or None): in LoRA mode the model with a fresh adapter (a built-in
+    base saved with the run first), or the adapter an ``--init-from`` run continues."""
+    if cfg.mode != "lora":
+        return model, None
+    if hasattr(model, "peft_config"):  # an adapter continued from --init-from
+        return model, described_adapter(model)
+    if is_builtin(cfg.model):
+        if accelerator.is_main_process and not paths.base_dir.exists():
+            save_model(model, processor, info.to_dict(), paths.base_dir)
+        accelerator.wait_for_everyone()
+        info.base_revision = base_revision(str(paths.base_dir))
+    return apply_adapter(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
+                         task.model.head_modules(model), cfg.method)
+
+
+def _announce(cfg: TrainConfig, data: Datasets, facts: RunFacts, adapter, accelerator, paths: RunPaths) -> None:
+    """The run's first lines: data, parameters and targets, precision, and the data's notes."""
+    targets = adapter.resolved["target_modules"] if adapter else None
+    accelerator.print(describe_start(cfg, data.counts, len(data.skipped), facts.parameters, targets, paths.root))
+    accelerator.print(f"precision {facts.precision[0].replace('no', 'fp32')} ({facts.precision[1]})")
+    for note in data.description.get("notes", []):
+        accelerator.print(f"note: {note}")
+
+
+def _save_run(paths: RunPaths, cfg: TrainConfig, task: Task, model, processor, info: ModelInfo, source,
+              facts: RunFacts, loop: TrainingLoop, final: Evaluation) -> dict:
+    """Write the trained model, the diagnostics and the results (summary last); drop the checkpoints."""
+    if cfg.mode == "lora" and is_builtin(cfg.model):
+        model.peft_config["default"].base_model_name_or_path = str(paths.base_dir.resolve())
+    save_model(model, processor, info.to_dict(), paths.model_dir)
+    write_diagnostics(task, model, processor, loop.data.val, source.val, info, paths, final)
+    summary = write_results(paths, task, info, facts, loop.state, loop.early_stopped)
+    shutil.rmtree(paths.checkpoint_dir, ignore_errors=True)
+    return summary
 
 
 def _offload_frozen_weights(model, file: Path) -> None:
