@@ -23,7 +23,7 @@ from PIL import Image
 from visionlora.core.outputs import DRAWN_IMAGES, JSON_OUTPUT, OutputWriter
 from visionlora.core.plots import confusion_matrix_plot
 from visionlora.data.cache import CachePlan
-from visionlora.data.formats import SEGMENTATION_FORMAT_NAMES as FORMAT_NAMES
+from visionlora.data.formats import SEGMENTATION_FORMAT_NAMES
 from visionlora.data.images import decode_all, load_rgb
 from visionlora.data.masks import IGNORE_INDEX, SegmentationRecord, load_mask, voc_palette
 from visionlora.data.records import Part, SourceData
@@ -187,7 +187,7 @@ class SegmentationTask(Task):
     """Fine-tune a semantic segmentation model; the main metric is the validation mean IoU."""
 
     name = "segmentation"
-    data_formats = FORMAT_NAMES
+    data_formats = SEGMENTATION_FORMAT_NAMES
     preset = Preset(
         model="nvidia/mit-b0",
         lora_r=16,
