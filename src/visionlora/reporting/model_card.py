@@ -94,8 +94,10 @@ def _body(task: Task, info: ModelInfo, summary: RunSummary, lora: bool, export: 
                      f"on {', '.join(resolved['target_modules'])} ({resolved['adapted_layers']} layers); "
                      f"trained in full and saved with it: {', '.join(resolved['modules_to_save'])}")
     sizes, data, counts = summary.sizes, summary.data, summary.data.counts
+    weights = ("no weights file" if sizes.weights_file_bytes is None
+               else f"{sizes.weights_file_bytes / 1e6:.2f} MB of weights")
     lines += [
-        f"- size of the trained run: {sizes.weights_file_bytes / 1e6:.2f} MB of weights"
+        f"- size of the trained run: {weights}"
         + (f" (the base model holds {sizes.base_model_bytes / 1e6:.1f} MB)" if summary.mode == "lora" else ""),
         "",
         "## Data",
