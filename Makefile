@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.visionlora-installed
 
-.PHONY: setup demo test lint docs clean
+.PHONY: setup demo test lint typecheck docs clean
 
 setup: $(STAMP)
 
@@ -25,10 +25,15 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	$(MAKE) --no-print-directory typecheck
+
+# mypy over src/visionlora (settings in pyproject.toml)
+typecheck: setup
+	$(BIN)/mypy
 
 # the documentation site, with broken links, missing pages and unresolved references as errors
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) runs site .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache .mypy_cache

@@ -22,6 +22,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Callable
 
 from visionlora.errors import VisionLoraError
@@ -213,7 +214,8 @@ class atomic_dir:
         self.tmp.mkdir(parents=True)
         return self.tmp
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
@@ -232,7 +234,7 @@ def _readable_as_umask(folder: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
-def save_model(model, processor, info_dict: dict[str, Any], target: Path) -> None:
+def save_model(model: Any, processor: Any, info_dict: dict[str, Any], target: Path) -> None:
     """``model.save_pretrained`` (full weights, or the adapter of a peft model), the processor
     and visionlora.json, written together into ``target``."""
     with atomic_dir(target) as tmp:

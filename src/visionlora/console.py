@@ -6,7 +6,7 @@ import contextlib
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 LIBRARY_LOGGERS = ("transformers", "peft", "accelerate", "datasets", "huggingface_hub", "py.warnings")
 
@@ -54,8 +54,8 @@ def library_messages_to(log_file: Path) -> Iterator[None]:
 METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr", "oft": "OFT"}
 
 
-def describe_start(cfg, counts: dict[str, Any], skipped: int, params: dict[str, Any], resolved_targets,
-                   root: Path) -> str:
+def describe_start(cfg: Any, counts: dict[str, Any], skipped: int, params: dict[str, Any],
+                   resolved_targets: Sequence[str] | None, root: Path) -> str:
     """One line: task, mode and adapter, model, data counts, trainable parameters, run folder."""
     adapter = (f", {METHOD_NAMES[cfg.method]} r={cfg.lora_r} on {', '.join(resolved_targets)}"
                if resolved_targets else "")

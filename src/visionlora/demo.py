@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from visionlora.config import TrainConfig
+from visionlora.errors import VisionLoraError
 from visionlora.tasks import get_task, task_names
 
 # The small pretrained bases learn at higher rates than the presets (tuned for ViT-B-sized
@@ -27,28 +28,29 @@ def run_demo(output: Path, tasks: tuple[str, ...] | None = None) -> list[dict]:
     rows = []
     for task_name in tasks or demo_tasks():
         recipe = get_task(task_name).demo
+        if recipe is None:
+            raise VisionLoraError(f"the {task_name} task has no demo")
         data = output / "data" / task_name
         shutil.rmtree(data, ignore_errors=True)
         recipe.generate(data)
         print(f"generated {data} ({recipe.description})")
         for mode in ("lora", "full"):
-            rows.append(_train_one(task_name, data, mode, output))
+            rows.append(_train_one(task_name, recipe.model, recipe.epochs, data, mode, output))
     print()
     print(format_table(rows))
     return rows
 
 
-def _train_one(task_name: str, data: Path, mode: str, output: Path) -> dict:
+def _train_one(task_name: str, model: str, epochs: int, data: Path, mode: str, output: Path) -> dict:
     from visionlora.training.engine import train
 
-    task = get_task(task_name)
-    preset = task.preset.settings(mode)
-    preset["model"] = task.demo.model
+    preset = get_task(task_name).preset.settings(mode)
+    preset["model"] = model
     cfg = TrainConfig(
         task=task_name,
         data=str(data),
         mode=mode,
-        epochs=task.demo.epochs,
+        epochs=epochs,
         batch_size=16,
         output=str(output / f"{task_name}-{mode}"),
         overwrite=True,

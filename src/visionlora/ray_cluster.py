@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -16,8 +17,6 @@ def join_cluster(address: str | None, cpus_needed: float) -> None:
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
-    sizes = {}
-    if not address:
-        sizes = {"num_cpus": max(os.cpu_count() or 1, math.ceil(cpus_needed))}
-    ray.init(address=address or "local", include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             **sizes)
+    num_cpus = None if address else max(os.cpu_count() or 1, math.ceil(cpus_needed))
+    ray.init(address=address or "local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR,
+             log_to_driver=False)

@@ -4,12 +4,18 @@ a confusion matrix and a bar plot, at 200 dpi."""
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from numpy.typing import ArrayLike
 
 PLOT_DPI = 200
 
 
-def style_axis(axis, ylabel: str, title: str) -> None:
+def style_axis(axis: Axes, ylabel: str, title: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     axis.set(xlabel="epoch", ylabel=ylabel, title=title)
@@ -19,7 +25,7 @@ def style_axis(axis, ylabel: str, title: str) -> None:
         axis.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
 
 
-def figure_png(figure) -> bytes:
+def figure_png(figure: Figure) -> bytes:
     """The figure as PNG bytes at PLOT_DPI, closed."""
     import matplotlib.pyplot as plt
 
@@ -30,7 +36,7 @@ def figure_png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def pyplot():
+def pyplot() -> ModuleType:
     """matplotlib's pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
@@ -40,7 +46,7 @@ def pyplot():
     return plt
 
 
-def confusion_matrix_plot(confusion, names: Sequence[str]) -> bytes:
+def confusion_matrix_plot(confusion: ArrayLike, names: Sequence[str]) -> bytes:
     """Counts and row-normalised shares side by side; rows are true classes."""
     import numpy as np
 

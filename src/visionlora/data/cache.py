@@ -20,7 +20,7 @@ import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, overload
 
 import numpy as np
 import torch
@@ -110,7 +110,7 @@ def source_key(source: Any, settings: str) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-class StoredImages(Sequence):
+class StoredImages(Sequence[Any]):
     """Prepared images in one of the cache modes; ``meta(i)`` is item ``i`` without its large
     arrays (None in their place), known without reading pixels, for building datasets."""
 
@@ -119,6 +119,21 @@ class StoredImages(Sequence):
 
     def __len__(self) -> int:
         return len(self.metas)
+
+    @overload
+    def __getitem__(self, index: int) -> Any: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Any]: ...
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [self.item(i) for i in range(len(self))[index]]
+        return self.item(index)
+
+    def item(self, index: int) -> Any:
+        """Prepared image ``index``."""
+        raise NotImplementedError
 
     def meta(self, index: int) -> Any:
         return self.metas[index]
@@ -130,7 +145,7 @@ class RamImages(StoredImages):
     def __init__(self, items: list[Any]):
         super().__init__(items)
 
-    def __getitem__(self, index: int) -> Any:
+    def item(self, index: int) -> Any:
         return self.metas[index]
 
 
@@ -141,7 +156,7 @@ class LazyImages(StoredImages):
         super().__init__(metas)
         self.sources, self.prepare = list(sources), prepare
 
-    def __getitem__(self, index: int) -> Any:
+    def item(self, index: int) -> Any:
         return self.prepare(self.sources[index])
 
 
@@ -153,7 +168,7 @@ class DiskImages(StoredImages):
         super().__init__(metas)
         self.paths, self.sources, self.prepare = list(paths), list(sources), prepare
 
-    def __getitem__(self, index: int) -> Any:
+    def item(self, index: int) -> Any:
         item = read_entry(self.paths[index])
         if item is None:
             item = self.prepare(self.sources[index])
@@ -248,9 +263,9 @@ def _encode(value: Any, arrays: dict[str, np.ndarray]) -> Any:
         arrays[str(len(arrays))] = array
         return {kind: str(len(arrays) - 1)}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        kind = type(value)
+        cls = type(value)
         fields = {f.name: _encode(getattr(value, f.name), arrays) for f in dataclasses.fields(value)}
-        return {"__dataclass__": f"{kind.__module__}:{kind.__qualname__}", "fields": fields}
+        return {"__dataclass__": f"{cls.__module__}:{cls.__qualname__}", "fields": fields}
     if isinstance(value, (list, tuple)):
         return {"__list__": [_encode(v, arrays) for v in value], "tuple": isinstance(value, tuple)}
     if isinstance(value, dict):

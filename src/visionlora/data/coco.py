@@ -90,9 +90,17 @@ def coco_file(path: Path) -> Path | None:
     return find_coco_json(path) if path.is_dir() else None
 
 
+def require_coco_file(path: Path) -> Path:
+    """``coco_file(path)``, or a :class:`VisionLoraError` when there is none."""
+    found = coco_file(path)
+    if found is None:
+        raise VisionLoraError(f"{path}: no COCO .json file (the file itself, or one in the folder or its annotations/)")
+    return found
+
+
 def read_coco_detection(path: Path) -> Part:
     """Read a COCO detection file; images sit beside it, in ``images/``, or one folder up."""
-    path = coco_file(path)
+    path = require_coco_file(path)
     data = load_coco(path)
     images = index_images(path, data)
     categories = index_categories(path, data)
@@ -160,7 +168,7 @@ def read_coco_keypoints(path: Path) -> Part:
     The first category that names ``keypoints`` is used; instances without one labelled
     keypoint are skipped and counted. Images without instances are left out.
     """
-    path = coco_file(path)
+    path = require_coco_file(path)
     data = load_coco(path)
     images = index_images(path, data)
     categories = index_categories(path, data)

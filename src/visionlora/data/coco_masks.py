@@ -77,7 +77,7 @@ def _check_rle(rle: dict, height: int | None, width: int | None, where: str) -> 
     size, counts = rle.get("size"), rle.get("counts")
     if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(v) and v > 0 for v in size)):
         raise VisionLoraError(f"{where}: RLE 'size' must be [height, width], got {_short(size)}")
-    if size[0] * size[1] > MAX_IMAGE_PIXELS:
+    if MAX_IMAGE_PIXELS is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
         raise VisionLoraError(f"{where}: RLE size {list(size)} is larger than the {MAX_IMAGE_PIXELS} pixel limit")
     if height is not None and width is not None and list(size) != [height, width]:
         raise VisionLoraError(f"{where}: RLE size {list(size)} (height, width) differs from the image's "
@@ -128,12 +128,15 @@ def rasterise(mask: CocoMask, ignore_index: int = 255, image_size: tuple[int, in
     """(H, W) uint8 class ids for ``mask``; ``image_size`` (width, height) is needed when the file gave no size."""
     from pycocotools import mask as coco_mask
 
-    height, width = mask.height, mask.width
-    if height is None or width is None:
-        if image_size is None:
-            raise VisionLoraError(f"{mask.where}: the COCO file gives no width and height for this image")
+    height: int
+    width: int
+    if mask.height is not None and mask.width is not None:
+        height, width = mask.height, mask.width
+    elif image_size is None:
+        raise VisionLoraError(f"{mask.where}: the COCO file gives no width and height for this image")
+    else:
         width, height = image_size
-    if height * width > MAX_IMAGE_PIXELS:
+    if MAX_IMAGE_PIXELS is not None and height * width > MAX_IMAGE_PIXELS:
         raise VisionLoraError(f"{mask.where}: {width}x{height} is larger than the {MAX_IMAGE_PIXELS} pixel limit")
     drawn = []
     for shape in mask.shapes:

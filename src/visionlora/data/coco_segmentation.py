@@ -17,6 +17,7 @@ from visionlora.data.coco import (
     index_images,
     is_dataset_name,
     load_coco,
+    require_coco_file,
 )
 from visionlora.data.coco_masks import SEGMENTATION_KEY, CocoMask, CocoShape, check_segmentation
 from visionlora.data.masks import SegmentationRecord, part_extra
@@ -26,7 +27,7 @@ from visionlora.data.records import DataFormat, Part
 
 def read_coco_segmentation(path: Path) -> Part:
     """Every image of a COCO file with its segmentations: class 0 is background, then the categories by id."""
-    path = coco_file(path)
+    path = require_coco_file(path)
     data = load_coco(path)
     images = index_images(path, data)
     categories = index_categories(path, data)
@@ -75,10 +76,10 @@ def _coco_classes(path: Path, categories: dict, used: set) -> tuple[dict[Any, in
 
 def _image_size(entry: dict) -> tuple[int | None, int | None]:
     """(height, width) of a COCO image entry, None when not given as positive whole numbers."""
-    height, width = entry.get("height"), entry.get("width")
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and float(v).is_integer()
-           for v in (height, width)):
-        return int(height), int(width)
+    sizes = [v for v in (entry.get("height"), entry.get("width"))
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and float(v).is_integer()]
+    if len(sizes) == 2:
+        return int(sizes[0]), int(sizes[1])
     return None, None
 
 

@@ -122,7 +122,8 @@ def read_evaluation_part(formats: Sequence[str], data: str) -> Part:
     return part.own_val or part
 
 
-def _validation(train: Part, val: Part | None, seed: int, val_fraction: float | None, group) -> tuple[list[Any], Part]:
+def _validation(train: Part, val: Part | None, seed: int, val_fraction: float | None,
+                group: Callable[[Any], Hashable] | None) -> tuple[list[Any], Part]:
     """(training records, validation part): the given part, the format's own, or a seeded share."""
     val = val or train.own_val
     if val is not None:

@@ -38,7 +38,7 @@ def is_dataset_reference(path: Path) -> bool:
     return not path.exists() and 1 <= len(parts) <= 2 and all(parts) and not text.startswith((".", "~"))
 
 
-def _load(data: str):
+def _load(data: str) -> Any:
     import datasets
 
     path = Path(data)
@@ -52,7 +52,7 @@ def _load(data: str):
     return loaded
 
 
-def _columns(split, data: str) -> tuple[str, str]:
+def _columns(split: Any, data: str) -> tuple[str, str]:
     import datasets
 
     features = split.features
@@ -66,13 +66,14 @@ def _columns(split, data: str) -> tuple[str, str]:
     return image_cols[0], (preferred or label_cols)[0]
 
 
-def _records(split, split_name: str, image_col: str, label_col: str) -> list[LabelledImage]:
+def _records(split: Any, split_name: str, image_col: str, label_col: str) -> list[LabelledImage]:
     names = split.features[label_col].names
     return [LabelledImage(DatasetRow(split, split_name, i, image_col), names[y])
             for i, y in enumerate(split[label_col])]
 
 
-def train_and_validation(data: str, validation_names: tuple[str, ...] = ("validation",) + VAL_DIRS):
+def train_and_validation(data: str,
+                         validation_names: tuple[str, ...] = ("validation",) + VAL_DIRS) -> tuple[Any, str | None]:
     """(the loaded dataset, the name of its validation split or None): the train split is required,
     validation is the first of ``validation_names`` present."""
     loaded = _load(data)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from visionlora.data import hf_datasets
 from visionlora.data.masks import SegmentationRecord, class_file, id2label_names, part_extra, read_id2label
@@ -34,7 +35,7 @@ def read_hf_segmentation(path: Path) -> Part:
     return part
 
 
-def _hf_columns(split, data: str) -> tuple[str, str]:
+def _hf_columns(split: Any, data: str) -> tuple[str, str]:
     """(image column, annotation column): the annotation is the Image column named like one, else the second."""
     import datasets
 
@@ -48,7 +49,7 @@ def _hf_columns(split, data: str) -> tuple[str, str]:
     return next(c for c in image_cols if c != mask_col), mask_col
 
 
-def _hf_class_names(path: Path, split, data: str) -> list[str]:
+def _hf_class_names(path: Path, split: Any, data: str) -> list[str]:
     """id2label.json in the dataset folder (or beside a saved split's folder), else an id2label mapping
     in the dataset's description."""
     found = class_file(path, "id2label.json") if path.is_dir() else None
@@ -64,7 +65,7 @@ def _hf_class_names(path: Path, split, data: str) -> list[str]:
                           "to the dataset folder")
 
 
-def _hf_records(split, split_name: str, image_col: str, mask_col: str, data: str) -> list[SegmentationRecord]:
+def _hf_records(split: Any, split_name: str, image_col: str, mask_col: str, data: str) -> list[SegmentationRecord]:
     """A lazy record per row; a row without an image or an annotation is an error naming it."""
     columns = split.with_format("arrow")
     for column, what in ((image_col, "image"), (mask_col, "annotation")):

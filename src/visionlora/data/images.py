@@ -8,7 +8,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import IO, Any, Callable, Sequence, cast
 
 import numpy as np
 import torch
@@ -74,7 +74,8 @@ def load_rgb(source: str | Path | Image.Image | Any) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             if isinstance(source, Image.Image):
                 return _to_rgb(ImageOps.exif_transpose(source))
-            with Image.open(source) as opened:
+            # by here a path, or a binary file object (bytes wrapped, or what source.open() gave)
+            with Image.open(cast("str | Path | IO[bytes]", source)) as opened:
                 opened.load()
                 return _to_rgb(ImageOps.exif_transpose(opened))
     except FileNotFoundError:
@@ -87,6 +88,10 @@ def load_rgb(source: str | Path | Image.Image | Any) -> Image.Image:
         raise UnreadableImage("not a readable image (unknown format or empty file)") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise UnreadableImage(f"cannot decode: {err}") from None
+
+
+# ("ok", prepared item or its meta, cache entry, reused) or ("skipped", reason, cache entry, reused)
+Outcome = tuple[str, Any, Path | None, bool]
 
 
 @dataclass
@@ -116,16 +121,19 @@ def decode_all(
     names everything besides the source that the prepared image depends on, for the disk cache.
     """
     plan = cache or CachePlan()
+    disk_folder = plan.folder if plan.mode == "disk" else None
+    if plan.mode == "disk" and disk_folder is None:
+        raise ValueError("a disk cache plan needs a folder")
     started = time.perf_counter()
 
-    def make(source):
+    def make(source: Any) -> Any:
         return prepare(opener(source), source)
 
-    def work(source):
+    def work(source: Any) -> Outcome:
         path = None
-        if plan.mode == "disk":
+        if disk_folder is not None:
             key = source_key(source, settings)
-            path = entry_path(plan.folder, key) if key else None
+            path = entry_path(disk_folder, key) if key else None
             reused = _reuse(path) if path else None
             if reused is not None:
                 return reused
@@ -153,9 +161,11 @@ def decode_all(
         kept.append(index)
         paths.append(path)
     kept_sources = [sources[i] for i in kept]
-    if plan.mode == "disk" and all(p is not None for p in paths):
-        store = DiskImages(items, paths, kept_sources, make)
-        report.bytes = sum(p.stat().st_size for p in paths if p.is_file())
+    store: StoredImages
+    entries = [p for p in paths if p is not None]
+    if plan.mode == "disk" and len(entries) == len(paths):
+        store = DiskImages(items, entries, kept_sources, make)
+        report.bytes = sum(p.stat().st_size for p in entries if p.is_file())
     elif plan.mode == "none":
         store = LazyImages(items, kept_sources, make)
     else:
@@ -165,7 +175,7 @@ def decode_all(
     return DecodeResult(store, kept, skipped, report)
 
 
-def _reuse(path):
+def _reuse(path: Path) -> Outcome | None:
     """("ok", meta, path, True) for a usable cache entry, ("skipped", reason, ...) for a known-bad image."""
     skip = read_skip(path)
     if skip is not None:

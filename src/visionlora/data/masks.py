@@ -219,7 +219,9 @@ def id2label_names(data: Any, where: str) -> list[str]:
 
 def read_labelmap(path: Path) -> tuple[list[str], list[tuple[int, int, int]] | None]:
     """CVAT/Datumaro ``labelmap.txt``: ``name:r,g,b:parts:actions`` lines; the colours when every line has one."""
-    names, colours = [], []
+    names: list[str] = []
+    colours: list[tuple[int, int, int]] = []
+    every_line_coloured = True
     for number, line in enumerate(read_text(path).splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -228,7 +230,7 @@ def read_labelmap(path: Path) -> tuple[list[str], list[tuple[int, int, int]] | N
         names.append(fields[0].strip())
         colour = fields[1].strip() if len(fields) > 1 else ""
         if not colour:
-            colours.append(None)
+            every_line_coloured = False
             continue
         try:
             rgb = tuple(int(v) for v in colour.split(","))
@@ -236,9 +238,9 @@ def read_labelmap(path: Path) -> tuple[list[str], list[tuple[int, int, int]] | N
             rgb = ()
         if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
             raise VisionLoraError(f"{path}: line {number}: colour {colour!r} must be r,g,b with values 0-255")
-        colours.append(rgb)
+        colours.append((rgb[0], rgb[1], rgb[2]))
     names = _unique_names(path, names)
-    return names, (colours if all(c is not None for c in colours) else None)
+    return names, (colours if every_line_coloured else None)
 
 
 def _unique_names(path: Path, names: list[str]) -> list[str]:

@@ -116,7 +116,8 @@ def clean_box(box: list[float], width: float | None, height: float | None) -> li
     return [x0, y0, x1, y1]
 
 
-def keypoint_array(values: list[Any], names: list[str], where: str, width=None, height=None) -> np.ndarray:
+def keypoint_array(values: list[Any], names: list[str], where: str, width: float | None = None,
+                   height: float | None = None) -> np.ndarray:
     """(K, 3) from flat x, y, v values; NaN, v == 0 and points outside the image become unlabelled."""
     if len(values) != 3 * len(names):
         raise VisionLoraError(
@@ -130,7 +131,7 @@ def keypoint_array(values: list[Any], names: list[str], where: str, width=None, 
     return mark_unlabelled(array, width, height)
 
 
-def mark_unlabelled(array: np.ndarray, width=None, height=None) -> np.ndarray:
+def mark_unlabelled(array: np.ndarray, width: float | None = None, height: float | None = None) -> np.ndarray:
     """Set v = 0 (and x = y = 0) where a point is NaN, marked unlabelled or outside the image."""
     array = array.astype(np.float64).copy()
     labelled = np.isfinite(array[:, 0]) & np.isfinite(array[:, 1]) & (array[:, 2] > 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import cv2
 import numpy as np
@@ -24,7 +25,7 @@ cv2.setNumThreads(0)  # OpenCV runs on the calling thread; its own pool would co
 TRAIN_CACHE_SCALE = 256 / 224
 
 
-def processor_output_size(processor) -> tuple[int, int]:
+def processor_output_size(processor: Any) -> tuple[int, int]:
     """(height, width) of the pixel_values the processor produces."""
     if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
         crop = processor.crop_size
@@ -36,7 +37,7 @@ def processor_output_size(processor) -> tuple[int, int]:
     return int(edge), int(edge)
 
 
-def processor_size(processor) -> dict[str, int]:
+def processor_size(processor: Any) -> dict[str, int]:
     """The processor's resize rule as a plain dict (fixed size, or shortest/longest edge)."""
     if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
         height, width = processor_output_size(processor)
@@ -46,7 +47,7 @@ def processor_size(processor) -> dict[str, int]:
     return {key: int(size.get(key)) for key in keys if size.get(key)}
 
 
-def set_processor_size(processor, image_size: int) -> None:
+def set_processor_size(processor: Any, image_size: int) -> None:
     """Make the processor's output ``image_size`` pixels: the square side, or the shortest edge."""
     size = processor.size
     if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
@@ -59,7 +60,7 @@ def set_processor_size(processor, image_size: int) -> None:
         processor.size = {"height": image_size, "width": image_size}
 
 
-def processor_pixels(processor, image: Image.Image) -> torch.Tensor:
+def processor_pixels(processor: Any, image: Image.Image) -> torch.Tensor:
     """The processor's resize and crop, without rescale or normalisation: uint8 (3, H, W)."""
     out = processor(image, do_rescale=False, do_normalize=False)["pixel_values"][0]
     return torch.from_numpy(np.ascontiguousarray(np.asarray(out).round().clip(0, 255).astype(np.uint8)))
@@ -68,7 +69,7 @@ def processor_pixels(processor, image: Image.Image) -> torch.Tensor:
 class Normalizer:
     """The processor's rescale and normalise steps, applied to uint8 tensors in torch."""
 
-    def __init__(self, processor):
+    def __init__(self, processor: Any) -> None:
         scale = processor.rescale_factor if getattr(processor, "do_rescale", True) else 1.0
         normalize = getattr(processor, "do_normalize", True)
         mean = processor.image_mean if normalize else [0.0, 0.0, 0.0]
@@ -114,7 +115,7 @@ def resize_for_training(image: Image.Image, output_size: tuple[int, int]) -> np.
     shorter = min(width, height)
     if shorter > target:
         factor = target / shorter
-        image = image.resize((max(1, round(width * factor)), max(1, round(height * factor))), Image.BILINEAR)
+        image = image.resize((max(1, round(width * factor)), max(1, round(height * factor))), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8)
 
 
@@ -126,7 +127,8 @@ class RandomResizedCropFlip:
     pipeline, and the randomness comes only from the generator it is given.
     """
 
-    def __init__(self, output_size: tuple[int, int], scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    def __init__(self, output_size: tuple[int, int], scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
         self.height, self.width = output_size
         self.scale, self.log_ratio = scale, (math.log(ratio[0]), math.log(ratio[1]))
 

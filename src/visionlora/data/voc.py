@@ -54,21 +54,24 @@ def _read_one(root: Path, xml_path: Path) -> tuple[DetectionRecord, list[str], l
     return record, labels, dropped
 
 
-def _size(tree) -> tuple[float | None, float | None]:
-    try:
-        width, height = float(tree.findtext("size/width")), float(tree.findtext("size/height"))
-        return (width, height) if width > 0 and height > 0 else (None, None)
-    except (TypeError, ValueError):
+def _size(tree: ET.Element) -> tuple[float | None, float | None]:
+    width_text, height_text = tree.findtext("size/width"), tree.findtext("size/height")
+    if width_text is None or height_text is None:
         return None, None
+    try:
+        width, height = float(width_text), float(height_text)
+    except ValueError:
+        return None, None
+    return (width, height) if width > 0 and height > 0 else (None, None)
 
 
-def _box(obj, where: str) -> list[float]:
+def _box(obj: ET.Element, where: str) -> list[float]:
     values = []
     for tag in ("xmin", "ymin", "xmax", "ymax"):
         text = obj.findtext(f"bndbox/{tag}")
         try:
-            values.append(float(text))
-        except (TypeError, ValueError):
+            values.append(float(text if text is not None else ""))
+        except ValueError:
             raise VisionLoraError(f"{where}: <bndbox><{tag}> is {text!r}, not a number") from None
     return values
 

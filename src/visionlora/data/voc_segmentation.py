@@ -8,7 +8,7 @@ names others.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from visionlora.data.masks import (
     ColourMask,
@@ -64,11 +64,12 @@ def _voc_classes(folder: Path) -> tuple[list[str], list[tuple[int, int, int]] | 
     return list(VOC_CLASSES), voc_palette(len(VOC_CLASSES))
 
 
-def _voc_mask(path: Path, colours) -> Any:
+def _voc_mask(path: Path, colours: Sequence[tuple[int, int, int]] | None) -> Any:
     return ColourMask(str(path), tuple(colours)) if colours else str(path)
 
 
-def _voc_listed(folder: Path, list_file: Path, images: dict[str, Path], colours) -> tuple[list, list[str]]:
+def _voc_listed(folder: Path, list_file: Path, images: dict[str, Path],
+                colours: Sequence[tuple[int, int, int]] | None) -> tuple[list, list[str]]:
     records = []
     for line in read_text(list_file).splitlines():
         if not line.strip():
@@ -85,7 +86,8 @@ def _voc_listed(folder: Path, list_file: Path, images: dict[str, Path], colours)
     return records, []
 
 
-def _voc_all(folder: Path, images: dict[str, Path], colours) -> tuple[list, list[str]]:
+def _voc_all(folder: Path, images: dict[str, Path],
+             colours: Sequence[tuple[int, int, int]] | None) -> tuple[list, list[str]]:
     masks_dir = folder / "SegmentationClass"
     records = [SegmentationRecord(str(image), _voc_mask(masks_dir / f"{stem}.png", colours),
                                   source=str(masks_dir / f"{stem}.png"))

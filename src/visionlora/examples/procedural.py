@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -139,7 +139,8 @@ def write_shape_folder(root: Path, classes: list[str], per_class_train: int, per
 
 
 # -- detection -----------------------------------------------------------------------------
-def shape_scene(shapes: list[str], rng: np.random.Generator, size: int = 64, max_objects: int = 5):
+def shape_scene(shapes: list[str], rng: np.random.Generator, size: int = 64,
+                max_objects: int = 5) -> tuple[Image.Image, list[list[float]], list[str]]:
     """An image with 1..max_objects shapes: (image, [[x0, y0, x1, y1]], [shape])."""
     image = _background(rng, size)
     boxes, labels = [], []
@@ -162,7 +163,8 @@ def write_shape_scenes(root: Path, shapes: list[str], n_train: int, n_val: int, 
     for split, count in (("train", n_train), ("val", n_val)):
         folder = Path(root) / split
         (folder / "images").mkdir(parents=True, exist_ok=True)
-        images, annotations = [], []
+        images: list[dict[str, Any]] = []
+        annotations: list[dict[str, Any]] = []
         for index in range(count):
             image, boxes, labels = shape_scene(shapes, rng, size, max_objects)
             name = f"{index:05d}.png"
@@ -216,7 +218,7 @@ def walker_points(rng: np.random.Generator, size: int) -> np.ndarray:
     unit = size * rng.uniform(0.13, 0.18)
     lean = rng.uniform(-0.5, 0.5)
     pelvis = np.array([size / 2, size * 0.58]) + rng.uniform(-0.06, 0.06, size=2) * size
-    def step(start, angle, length):
+    def step(start: np.ndarray, angle: float, length: float) -> np.ndarray:
         return start + length * unit * np.array([np.sin(angle), -np.cos(angle)])
     neck = step(pelvis, lean, 1.8)
     head = step(neck, lean + rng.uniform(-0.4, 0.4), 0.8)
@@ -265,7 +267,7 @@ def write_walkers(root: Path, n_train: int, n_val: int, seed: int = 0, size: int
             image, points = walker_image(rng, size)
             name = f"{index:05d}.png"
             image.save(folder / "images" / name)
-            inside = (points >= 0).all(axis=1) & (points < size).all(axis=1)
+            inside = np.all((points >= 0) & (points < size), axis=1)
             flat = [v for (x, y), ok in zip(points, inside) for v in ((float(x), float(y), 2) if ok else (0, 0, 0))]
             x0, y0 = np.clip(points.min(axis=0) - 4, 0, size)
             x1, y1 = np.clip(points.max(axis=0) + 4, 0, size)

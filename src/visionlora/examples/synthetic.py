@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -45,9 +46,12 @@ def make_classification_folder(
 # -- detection ---------------------------------------------------------------------------
 DETECTION_COLOURS = {"red_box": (220, 40, 40), "blue_box": (50, 80, 230)}
 DETECTION_FORMATS = ("coco", "voc", "yolo")
+# file name, (width, height), boxes (x0, y0, x1, y1) and their labels
+DetectionScene = tuple[str, tuple[int, int], list[list[int]], list[str]]
 
 
-def detection_scene(rng: np.random.Generator, size: int = 64, max_objects: int = 2):
+def detection_scene(rng: np.random.Generator, size: int = 64,
+                    max_objects: int = 2) -> tuple[Image.Image, list[list[int]], list[str]]:
     """An image with 1..max_objects coloured rectangles: (image, [[x0, y0, x1, y1]], [label])."""
     background = rng.integers(90, 160, size=(size, size, 1)).repeat(3, axis=2)
     image = Image.fromarray(np.clip(background + rng.integers(-15, 15, size=(size, size, 3)), 0, 255).astype(np.uint8))
@@ -82,10 +86,11 @@ def make_detection_dataset(
     return Path(root)
 
 
-def _write_coco(folder: Path, scenes, names) -> None:
+def _write_coco(folder: Path, scenes: list[DetectionScene], names: list[str]) -> None:
     import json
 
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for image_id, (file_name, (w, h), boxes, labels) in enumerate(scenes, start=1):
         images.append({"id": image_id, "file_name": file_name, "width": w, "height": h})
         for (x0, y0, x1, y1), label in zip(boxes, labels):
@@ -98,7 +103,7 @@ def _write_coco(folder: Path, scenes, names) -> None:
                                                          "categories": categories}))
 
 
-def _write_voc(folder: Path, scenes, names) -> None:
+def _write_voc(folder: Path, scenes: list[DetectionScene], names: list[str]) -> None:
     (folder / "annotations").mkdir(exist_ok=True)
     for file_name, (w, h), boxes, labels in scenes:
         objects = "".join(
@@ -111,7 +116,7 @@ def _write_voc(folder: Path, scenes, names) -> None:
         (folder / "annotations" / f"{Path(file_name).stem}.xml").write_text(xml)
 
 
-def _write_yolo(folder: Path, scenes, names) -> None:
+def _write_yolo(folder: Path, scenes: list[DetectionScene], names: list[str]) -> None:
     (folder / "labels").mkdir(exist_ok=True)
     (folder / "classes.txt").write_text("\n".join(names) + "\n")
     for file_name, (w, h), boxes, labels in scenes:
@@ -130,7 +135,7 @@ POSE_COLOURS = {"snout": (230, 40, 40), "leftear": (240, 220, 40), "rightear": (
                 "tailbase": (40, 90, 230)}
 
 
-def pose_scene(rng: np.random.Generator, size: int = 96):
+def pose_scene(rng: np.random.Generator, size: int = 96) -> tuple[Image.Image, np.ndarray]:
     """A grey 'animal' seen from above with coloured marks at its keypoints: (image, (4, 2) points)."""
     background = rng.integers(70, 150, size=(size, size, 1)).repeat(3, axis=2)
     image = Image.fromarray(np.clip(background + rng.integers(-12, 12, size=(size, size, 3)), 0, 255).astype(np.uint8))
@@ -169,7 +174,8 @@ def make_pose_dataset(root: Path, fmt: str = "coco", n_train: int = 12, n_val: i
     return root
 
 
-def _write_coco_keypoints(folder: Path, scenes, offset: int, unlabelled) -> None:
+def _write_coco_keypoints(folder: Path, scenes: list[tuple[Image.Image, np.ndarray]], offset: int,
+                          unlabelled: tuple[int, int] | None) -> None:
     import json
 
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -177,7 +183,7 @@ def _write_coco_keypoints(folder: Path, scenes, offset: int, unlabelled) -> None
     for index, (image, points) in enumerate(scenes):
         name = f"frame_{offset + index:03d}.png"
         image.save(folder / "images" / name)
-        flat = []
+        flat: list[float] = []
         for k, (x, y) in enumerate(points):
             hidden = unlabelled == (offset + index, k)
             flat += [0, 0, 0] if hidden else [float(x), float(y), 2]
@@ -194,7 +200,8 @@ def _write_coco_keypoints(folder: Path, scenes, offset: int, unlabelled) -> None
                                                          "categories": categories}))
 
 
-def _write_deeplabcut(root: Path, scenes, training_fraction: float, unlabelled) -> None:
+def _write_deeplabcut(root: Path, scenes: list[tuple[Image.Image, np.ndarray]], training_fraction: float,
+                      unlabelled: tuple[int, int] | None) -> None:
     import yaml
 
     frames = root / "labeled-data" / "video1"
@@ -224,7 +231,7 @@ def make_pose_video(path: Path, frames: int = 30, fps: float = 10.0, size: int =
     rng = np.random.default_rng(seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (size, size))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), fps, (size, size))
     for _ in range(frames):
         image, _ = pose_scene(rng, size)
         writer.write(cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 
 def run_cocoeval(ground_truth: dict, results: list[dict], iou_type: str,
-                 keypoint_sigmas: Sequence[float] | None = None):
+                 keypoint_sigmas: Sequence[float] | None = None) -> Any:
     """Evaluate, accumulate and summarise ``results`` against ``ground_truth`` (a COCO dataset dict).
 
     Returns the COCOeval object (``stats``, ``eval["precision"]``); its printout is swallowed.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -23,7 +23,7 @@ def coco_ground_truth(targets: Sequence[ImageBoxes], label_names: Sequence[str],
                       sizes: Sequence[tuple[int, int]]) -> dict:
     """A COCO dataset dict (image ids 1..N, category ids 1..K) for the ground truth."""
     images = [{"id": i + 1, "height": int(h), "width": int(w)} for i, (h, w) in enumerate(sizes)]
-    annotations = []
+    annotations: list[dict[str, Any]] = []
     for image_id, target in enumerate(targets, start=1):
         for box, label in zip(target.boxes, target.labels):
             x0, y0, x1, y1 = (float(v) for v in box)
@@ -39,6 +39,8 @@ def coco_detections(predictions: Sequence[ImageBoxes]) -> list[dict]:
     """COCO result entries for the predictions (same image and category ids as the ground truth)."""
     results = []
     for image_id, prediction in enumerate(predictions, start=1):
+        if prediction.scores is None:
+            raise ValueError(f"prediction {image_id} has no scores")
         for box, label, score in zip(prediction.boxes, prediction.labels, prediction.scores):
             x0, y0, x1, y1 = (float(v) for v in box)
             results.append({"image_id": image_id, "category_id": int(label) + 1,
@@ -62,7 +64,7 @@ def detection_metrics(
         return {**{k: 0.0 for k in keys}, "per_class_ap": {name: 0.0 for name in label_names}}
     evaluation = run_cocoeval(coco_ground_truth(targets, label_names, sizes), detections, "bbox")
     stats = [float(v) for v in evaluation.stats]
-    metrics = {key: defined(stats[i]) for i, key in enumerate(keys)}
+    metrics: dict[str, Any] = {key: defined(stats[i]) for i, key in enumerate(keys)}
     precision = evaluation.eval["precision"]  # (iou, recall, class, area, max dets)
     per_class = {}
     for index, name in enumerate(label_names):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -33,7 +33,7 @@ def pose_metrics(
     truth = np.stack([t.keypoints for t in targets])
     labelled = truth[..., 2] > 0
     distance = np.linalg.norm(points - truth[..., :2], axis=-1)
-    metrics = {"pixel_error": float(distance[labelled].mean()) if labelled.any() else None}
+    metrics: dict[str, Any] = {"pixel_error": float(distance[labelled].mean()) if labelled.any() else None}
     metrics["per_keypoint_error"] = {
         name: (float(distance[:, k][labelled[:, k]].mean()) if labelled[:, k].any() else None)
         for k, name in enumerate(names)
@@ -46,9 +46,12 @@ def pose_metrics(
     return metrics
 
 
-def oks_average_precision(targets, points, scores, names, sigmas) -> dict:
+def oks_average_precision(targets: Sequence[PoseTarget], points: np.ndarray, scores: np.ndarray, names: Sequence[str],
+                          sigmas: Sequence[float]) -> dict:
     """COCO keypoint AP with one detection per ground-truth instance (top-down, given boxes)."""
-    images, annotations, detections = [], [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    detections: list[dict[str, Any]] = []
     for index, (target, found, found_scores) in enumerate(zip(targets, points, scores), start=1):
         x0, y0, x1, y1 = (float(v) for v in target.box)
         visible = target.keypoints[:, 2] > 0

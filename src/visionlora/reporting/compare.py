@@ -12,7 +12,7 @@ import io
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -73,7 +73,9 @@ def comparison_rows(a: RunSummary, b: RunSummary) -> list[dict[str, Any]]:
     metric_names = [main] + [
         k for k, v in a.metrics.items() if k != main and isinstance(v, (int, float)) and k in b.metrics
     ]
-    figures = [(f"metric: {name}", "", lambda s, n=name: s.metrics.get(n)) for name in metric_names]
+    figures: list[tuple[str, str, Callable[[RunSummary], Any]]] = [
+        (f"metric: {name}", "", _metric(name)) for name in metric_names
+    ]
     figures += [
         ("weights file", "MB", lambda s: _mb(s.sizes.weights_file_bytes)),
         ("saved model folder", "MB", lambda s: _mb(s.sizes.saved_model_bytes)),
@@ -151,6 +153,11 @@ def _describe(path: str | Path, summary: RunSummary, other: RunSummary) -> dict[
     """Runs are labelled by mode, or by folder name when both have the same mode."""
     label = summary.mode if summary.mode != other.mode else Path(path).name
     return {"path": str(path), "mode": summary.mode, "base_model": summary.base_model, "label": label}
+
+
+def _metric(name: str) -> Callable[[RunSummary], Any]:
+    """Reads metric ``name`` of a run summary (None where it has none)."""
+    return lambda summary: summary.metrics.get(name)
 
 
 def _mb(value: float | None) -> float | None:

@@ -102,7 +102,9 @@ def _training(summary: RunSummary) -> list[str]:
                      f"dropout {requested['dropout']}, "
                      f"on {', '.join(resolved['target_modules'])} ({resolved['adapted_layers']} layers); "
                      f"trained in full and saved with it: {', '.join(resolved['modules_to_save'])}")
-    lines.append(f"- size of the trained run: {sizes.weights_file_bytes / 1e6:.2f} MB of weights"
+    weights = ("no weights file" if sizes.weights_file_bytes is None
+               else f"{sizes.weights_file_bytes / 1e6:.2f} MB of weights")
+    lines.append(f"- size of the trained run: {weights}"
                  + (f" (the base model holds {sizes.base_model_bytes / 1e6:.1f} MB)" if summary.mode == "lora" else ""))
     return lines
 

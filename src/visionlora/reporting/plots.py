@@ -4,10 +4,13 @@ primitives of :mod:`visionlora.core.plots`."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from visionlora.artifacts import atomic_write_bytes
 from visionlora.core.plots import figure_png, pyplot, style_axis
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def save_training_plots(history: list[dict[str, Any]], loss_path: Path, metrics_path: Path, main_metric: str,
@@ -47,5 +50,5 @@ def save_training_plots(history: list[dict[str, Any]], loss_path: Path, metrics_
     _save(figure, metrics_path)
 
 
-def _save(figure, path: Path) -> None:
+def _save(figure: Figure, path: Path) -> None:
     atomic_write_bytes(path, figure_png(figure))

@@ -18,7 +18,7 @@ GRID_IMAGES = 16
 TILE = 256  # pixels of the longer side of each drawn image
 
 
-def write_diagnostics(task: Task, model, processor, dataset, records: Sequence[Any], info: ModelInfo,
+def write_diagnostics(task: Task, model: Any, processor: Any, dataset: Any, records: Sequence[Any], info: ModelInfo,
                       paths: RunPaths, evaluation: Evaluation) -> list[str]:
     """Write per_class.csv, the task's plots (from ``evaluation``, the final pass over
     ``dataset``) and predictions.png; return the file names written."""
@@ -37,9 +37,10 @@ def write_diagnostics(task: Task, model, processor, dataset, records: Sequence[A
     return written
 
 
-def prediction_grid(task: Task, model, processor, records: Sequence[Any], info: ModelInfo) -> Image.Image | None:
+def prediction_grid(task: Task, model: Any, processor: Any, records: Sequence[Any],
+                    info: ModelInfo) -> Image.Image | None:
     """Pairs of tiles, truth then prediction, four pairs to a row; None without readable images."""
-    tiles = []
+    tiles: list[tuple[Image.Image, Image.Image]] = []
     for record in records:
         try:
             image = load_rgb(image_source(record))
@@ -57,10 +58,10 @@ def prediction_grid(task: Task, model, processor, records: Sequence[Any], info: 
     width = max(a.width + b.width for a, b in tiles)
     height = max(max(a.height, b.height) for a, b in tiles)
     grid = Image.new("RGB", (columns * (width + 8), rows * (height + 8)), (255, 255, 255))
-    for index, (truth, prediction) in enumerate(tiles):
+    for index, (truth_tile, prediction_tile) in enumerate(tiles):
         x, y = (index % columns) * (width + 8), (index // columns) * (height + 8)
-        grid.paste(truth, (x, y))
-        grid.paste(prediction, (x + truth.width, y))
+        grid.paste(truth_tile, (x, y))
+        grid.paste(prediction_tile, (x + truth_tile.width, y))
     return grid
 
 
