@@ -86,17 +86,17 @@ def test_a_failed_start_leaves_no_run_folder(tmp_path):
 
 
 def test_diverging_training_stops_with_a_message_and_keeps_the_checkpoint(class_folder, tmp_path, monkeypatch):
-    from visionlora.tasks.classification.task import ClassificationTask
+    from visionlora.tasks.classification.task import ClassificationSteps
 
     calls = {"n": 0}
-    original = ClassificationTask.loss
+    original = ClassificationSteps.loss
 
     def nan_after_first_epoch(self, model, batch, info):
         calls["n"] += 1
         loss = original(self, model, batch, info)
         return loss * float("nan") if calls["n"] > 9 else loss
 
-    monkeypatch.setattr(ClassificationTask, "loss", nan_after_first_epoch)
+    monkeypatch.setattr(ClassificationSteps, "loss", nan_after_first_epoch)
     with pytest.raises(VisionLoraError,
                        match=r"training diverged: loss is nan at epoch 2, batch 2; "
                              r"the last good checkpoint is kept in"):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 
@@ -178,6 +178,7 @@ class SeededDataset(torch.utils.data.Dataset):
 
     seed: int = 0
     cache_report: CacheReport | None = None
+    _epoch: torch.Tensor  # one int64 in shared memory
 
     def __new__(cls, *args, **kwargs):
         dataset = super().__new__(cls)
@@ -258,7 +259,6 @@ class Task:
     dynamic_image_size: ClassVar[bool] = False  # inputs keep their aspect ratio (padded): exports take any size
     freeze_batchnorm_in_lora: ClassVar[bool] = True  # BatchNorm statistics belong to the frozen base
     state_type: ClassVar[type[TaskState]] = TaskState  # the task's own facts about a run
-    split_group: ClassVar[Callable[[Any], Any] | None] = None  # key of a stratified validation split (the class)
 
     # the role classes; a task names its own subclasses where it differs from the defaults
     data_role: ClassVar[type[TaskData] | None] = None

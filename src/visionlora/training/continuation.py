@@ -21,7 +21,7 @@ def start_from_run(run_dir: str, task: Task, labels: list[str], mode: str):
     from visionlora.deploy.predictor import load_run
 
     source = load_run(run_dir, device="cpu")
-    if source.paths.mode == "export":
+    if source.paths is None or source.paths.mode == "export":
         raise VisionLoraError(f"{run_dir}: --init-from takes a run folder, not an export")
     if source.info.task != task.name:
         raise VisionLoraError(f"{run_dir}: a {source.info.task} run cannot start a {task.name} run")

@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -55,7 +55,7 @@ class RunResult:
     """What a finished run produced: its folder, summary and the trained model in memory."""
 
     paths: RunPaths
-    summary: dict[str, Any]
+    summary: dict[str, Any] | None  # None in the processes besides the main one
     model: torch.nn.Module
     processor: Any
     info: ModelInfo
@@ -94,10 +94,13 @@ def _run(cfg: TrainConfig, progress: Progress | None) -> RunResult:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
     if progress is None:
-        root = [new_run_dir(cfg.task, cfg.mode, cfg.output, cfg.overwrite) if accelerator.is_main_process else None]
+        root: list[Path | str | None] = [new_run_dir(cfg.task, cfg.mode, cfg.output, cfg.overwrite)
+                                         if accelerator.is_main_process else None]
         broadcast_object_list(root)
     else:
         root = [cfg.output]
+    if root[0] is None:
+        raise VisionLoraError("the run folder was not named")
     paths = RunPaths(Path(root[0]), cfg.mode)
     try:
         with loading_policy(cfg.allow_pickle, cfg.trust_remote_code, cfg.revision), library_messages_to(paths.log_file):
@@ -113,6 +116,16 @@ def _run(cfg: TrainConfig, progress: Progress | None) -> RunResult:
             accelerator.end_training()
 
 
+Setting = TypeVar("Setting")
+
+
+def preset_filled(value: Setting | None, name: str) -> Setting:
+    """A setting the task's preset fills when the user leaves it out (``config.with_preset``)."""
+    if value is None:
+        raise VisionLoraError(f"{name} is not set, and the task's preset gives none")
+    return value
+
+
 def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progress: Progress | None, facts: RunFacts):
     from accelerate.utils import set_seed
 
@@ -121,7 +134,7 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
     source = task.data.read_data(cfg)
     model, processor, info = _starting_model(cfg, task, source.labels, facts)
     data = facts.data = task.data.make_datasets(source, processor, info, cfg)
-    if data.cache.mode != cfg.cache and cfg.cache == "auto" and data.cache.mode == "disk":
+    if data.cache is not None and cfg.cache == "auto" and data.cache.mode == "disk":
         accelerator.print(data.cache.reason)
     model, adapter = _with_adapter(model, processor, info, cfg, task, accelerator, paths)
     facts.parameters, facts.adapter = parameter_counts(model), adapter
@@ -164,7 +177,8 @@ def _starting_model(cfg: TrainConfig, task: Task, labels: list[str], facts: RunF
         model, processor, info, facts.init_from = start_from_run(cfg.init_from, task, labels, cfg.mode)
         cfg.model = info.base_model if cfg.mode == "lora" else str(Path(cfg.init_from) / "trained_model")
     else:
-        model, processor, info = task.model.build_model(cfg.model, labels, cfg.image_size, cfg.mode)
+        model, processor, info = task.model.build_model(preset_filled(cfg.model, "--model"), labels, cfg.image_size,
+                                                        cfg.mode)
     facts.base_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return model, processor, info
 
@@ -176,12 +190,13 @@ def _with_adapter(model, processor, info: ModelInfo, cfg: TrainConfig, task: Tas
         return model, None
     if hasattr(model, "peft_config"):  # an adapter continued from --init-from
         return model, described_adapter(model)
-    if is_builtin(cfg.model):
+    if is_builtin(preset_filled(cfg.model, "--model")):
         if accelerator.is_main_process and not paths.base_dir.exists():
             save_model(model, processor, info.to_dict(), paths.base_dir)
         accelerator.wait_for_everyone()
         info.base_revision = base_revision(str(paths.base_dir))
-    return apply_adapter(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
+    return apply_adapter(model, preset_filled(cfg.lora_r, "--lora-r"), preset_filled(cfg.lora_alpha, "--lora-alpha"),
+                         cfg.lora_dropout, preset_filled(cfg.target_modules, "--target-modules"),
                          task.model.head_modules(model), cfg.method)
 
 
@@ -197,7 +212,7 @@ def _announce(cfg: TrainConfig, data: Datasets, facts: RunFacts, adapter, accele
 def _save_run(paths: RunPaths, cfg: TrainConfig, task: Task, model, processor, info: ModelInfo, source,
               facts: RunFacts, loop: TrainingLoop, final: Evaluation) -> dict:
     """Write the trained model, the diagnostics and the results (summary last); drop the checkpoints."""
-    if cfg.mode == "lora" and is_builtin(cfg.model):
+    if cfg.mode == "lora" and is_builtin(preset_filled(cfg.model, "--model")):
         model.peft_config["default"].base_model_name_or_path = str(paths.base_dir.resolve())
     save_model(model, processor, info.to_dict(), paths.model_dir)
     write_diagnostics(task, model, processor, loop.data.val, source.val, info, paths, final)
@@ -262,7 +277,7 @@ class TrainingLoop:
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.kept_names = {n for n, p in model.named_parameters() if p.requires_grad}
         self.kept_names |= {n for n, _ in model.named_buffers()}
-        optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr)
+        optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=preset_filled(cfg.lr, "--lr"))
         self.model, self.optimizer, self.train_loader, self.val_loader = accelerator.prepare(
             model, optimizer, train_loader, val_loader
         )
@@ -364,7 +379,7 @@ class TrainingLoop:
 
     def _steps_done(self) -> bool:
         """Whether --max-steps optimizer steps have been taken."""
-        return bool(self.cfg.max_steps) and self.state.global_step >= self.cfg.max_steps
+        return self.cfg.max_steps is not None and 0 < self.cfg.max_steps <= self.state.global_step
 
     def _note_loss(self, loss: torch.Tensor) -> None:
         """Add the batch's loss to the epoch's sum and remember the first non-finite one, without a host sync."""

@@ -72,6 +72,8 @@ def build_summary(paths: RunPaths, task: Task, facts: RunFacts, progress: Progre
                   early_stopped: bool) -> RunSummary:
     """The summary of a finished run (see the README's 'What a run writes')."""
     cfg, data = facts.cfg, facts.data
+    if data is None or cfg.model is None:
+        raise ValueError("a run's summary needs its data and its model, known once training started")
     weights = next(iter(sorted(paths.model_dir.glob("*.safetensors"))), None)
     return RunSummary(
         task=cfg.task,

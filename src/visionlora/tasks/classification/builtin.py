@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from visionlora.errors import VisionLoraError
 from visionlora.modeling.builtin import label_maps
 
@@ -12,8 +14,10 @@ def tiny_vit(labels: list[str], image_size: int):
 
     if image_size % 8:
         raise VisionLoraError(f"--image-size {image_size}: the tiny ViT needs a multiple of 8")
+    # transformers configs take these through **kwargs, which their typed signatures leave out
+    head: dict[str, Any] = {"num_labels": len(labels), **label_maps(labels)}
     config = ViTConfig(
-        num_labels=len(labels), **label_maps(labels), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        **head, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=128, image_size=image_size, patch_size=image_size // 8,  # an 8x8 grid at any size
     )
     processor = ViTImageProcessorPil(

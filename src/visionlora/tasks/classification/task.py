@@ -6,7 +6,7 @@ import functools
 import inspect
 import random
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import numpy as np
 import torch
@@ -56,6 +56,9 @@ class ClassificationState(TaskState):
 
 
 class ClassificationData(TaskData):
+    def split_group(self) -> Callable[[LabelledImage], str]:
+        """Each class keeps its share in the validation split."""
+        return _label_of
     def check_data(self, source: SourceData, held_out: list[Part], where: str) -> None:
         """At least two classes, every validation and test class known from training, no empty split."""
         if len(source.labels) < 2:
@@ -132,7 +135,7 @@ class ClassificationModel(TaskModel):
 
     def head_modules(self, model: torch.nn.Module) -> list[str]:
         """The linear layer(s) producing the class logits (``classifier`` on ViT)."""
-        num_labels = model.config.num_labels
+        num_labels = cast(Any, model).config.num_labels
         heads = [
             name
             for name, module in model.named_modules()
@@ -191,6 +194,10 @@ class ClassificationReport(TaskReport):
         return f"{prediction['label']} {prediction['score']:.2f}"
 
 
+def _label_of(record: LabelledImage) -> str:
+    return record.label
+
+
 @functools.lru_cache(maxsize=8)
 def _weights_on_cached(weights: tuple[float, ...], device: str) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32, device=device)
@@ -227,7 +234,6 @@ class ClassificationTask(Task):
     predict_batch = 32
 
     state_type = ClassificationState
-    split_group = staticmethod(lambda record: record.label)  # a stratified validation split
     data_role = ClassificationData
     model_role = ClassificationModel
     steps_role = ClassificationSteps
@@ -238,7 +244,7 @@ class ClassificationTask(Task):
 class CachedImages(SeededDataset):
     """Decoded, already-resized uint8 pixels (3, H, W) and labels."""
 
-    def __init__(self, pixels: list[torch.Tensor], labels: list[int]):
+    def __init__(self, pixels: Sequence[torch.Tensor], labels: list[int]):
         self.pixels, self.labels = pixels, labels
 
     def __len__(self) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import albumentations as A
 import numpy as np
@@ -59,7 +59,8 @@ class DetectionData(TaskData):
     def make_datasets(self, source: SourceData, processor, info: ModelInfo, cfg):
         """Also counts and lists the boxes dropped while reading and fitting them to the images."""
         data = super().make_datasets(source, processor, info, cfg)
-        dropped = source.dropped + data.train.dropped + data.val.dropped
+        train, val = cast(DetectionImages, data.train), cast(DetectionImages, data.val)
+        dropped = source.dropped + train.dropped + val.dropped
         data.counts["dropped_boxes"] = len(dropped)
         data.description["dropped_boxes"] = dropped
         return data
@@ -140,7 +141,7 @@ class DetectionModel(TaskModel):
 class DetectionSteps(TaskSteps):
     def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Pad images to the largest in the batch (bottom/right) with a pixel mask, as DETR expects."""
-        batch = self.task.prediction.model_inputs([item["pixel_values"] for item in items], mask_dtype=torch.uint8)
+        batch: dict[str, Any] = padded_batch([item["pixel_values"] for item in items], torch.uint8)
         batch["labels"] = [item["labels"] for item in items]
         batch["index"] = torch.tensor([item["index"] for item in items])
         return batch
@@ -166,20 +167,8 @@ class DetectionSteps(TaskSteps):
 
 
 class DetectionPrediction(TaskPrediction):
-    def model_inputs(self, pixels: list[torch.Tensor], mask_dtype=torch.long) -> dict[str, torch.Tensor]:
-        """Pixels of any type padded with zeros to the largest (bottom/right), and the mask of the real ones."""
-        height = max(p.shape[1] for p in pixels)
-        width = max(p.shape[2] for p in pixels)
-        if all(p.shape[1:] == (height, width) for p in pixels):
-            mask = batch_buffer("pixel_mask", (len(pixels), height, width), mask_dtype).fill_(1)
-            return {"pixel_values": stacked(pixels, "pixel_values"), "pixel_mask": mask}
-        padded = batch_buffer("pixel_values", (len(pixels), 3, height, width), pixels[0].dtype)
-        mask = batch_buffer("pixel_mask", (len(pixels), height, width), mask_dtype)
-        for index, image in enumerate(pixels):
-            _, h, w = image.shape
-            padded[index, :, :h, :w] = image
-            mask[index, :h, :w] = 1
-        return {"pixel_values": padded, "pixel_mask": mask}
+    def model_inputs(self, pixels: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return padded_batch(pixels, torch.long)
 
     def predict_inputs(self, image, image_index, processor, info, options):
         pixels = Normalizer(processor)(processor_pixels(processor, image))
@@ -262,6 +251,22 @@ class DetectionTask(Task):
     report_role = DetectionReport
 
 
+def padded_batch(pixels: list[torch.Tensor], mask_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Pixels of any type padded with zeros to the largest (bottom/right), and the mask of the real ones."""
+    height = max(p.shape[1] for p in pixels)
+    width = max(p.shape[2] for p in pixels)
+    if all(p.shape[1:] == (height, width) for p in pixels):
+        mask = batch_buffer("pixel_mask", (len(pixels), height, width), mask_dtype).fill_(1)
+        return {"pixel_values": stacked(pixels, "pixel_values"), "pixel_mask": mask}
+    padded = batch_buffer("pixel_values", (len(pixels), 3, height, width), pixels[0].dtype)
+    mask = batch_buffer("pixel_mask", (len(pixels), height, width), mask_dtype)
+    for index, image in enumerate(pixels):
+        _, h, w = image.shape
+        padded[index, :, :h, :w] = image
+        mask[index, :h, :w] = 1
+    return {"pixel_values": padded, "pixel_mask": mask}
+
+
 def _boxes_and_sizes(dataset, indices, outputs, info: ModelInfo):
     """(ground truth, predictions, label names, image sizes) of the evaluated items, for COCOeval."""
     records = [dataset.records[i] for i in indices]
@@ -301,7 +306,7 @@ class DetectionImages(SeededDataset):
         """DETR targets: (cx, cy, w, h) relative to the unpadded image, and the original size."""
         _, height, width = pixel_values.shape
         corners = np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4)
-        centred = corners_to_center_format(corners) / np.array([width, height, width, height], dtype=np.float32)
+        centred = corners_to_center_format(corners) / np.array([width, height, width, height], dtype=np.float32)  # type: ignore[arg-type, operator]  # numpy arrays are among the TensorTypes it takes
         target = {
             "class_labels": torch.tensor(labels, dtype=torch.long),
             "boxes": torch.from_numpy(centred.astype(np.float32)),

@@ -83,9 +83,15 @@ def _checkpoint_file(ref: str) -> str:
     from transformers.utils import cached_file
 
     try:
-        return cached_file(ref, "model.safetensors")
+        found = cached_file(ref, "model.safetensors")
     except OSError as err:
         raise VisionLoraError(f"{ref}: no safetensors weights to convert ({str(err).splitlines()[0]})") from None
+    if found is None:
+        raise VisionLoraError(f"{ref}: no safetensors weights to convert")
+    return found
+
+
+LAST_STAGE: dict[str, Any] = {"out_features": ["stage4"]}  # through **kwargs, which ResNetConfig's signature leaves out
 
 
 def _write_converted(ref: str, config, name: str, weights: Path, folder: Path) -> None:
@@ -97,7 +103,7 @@ def _write_converted(ref: str, config, name: str, weights: Path, folder: Path) -
     data.update(use_timm_backbone=False, backbone=None, use_pretrained_backbone=False, backbone_kwargs=None,
                 **{CONVERTED_MARK: name},
                 backbone_config=ResNetConfig(layer_type=block, depths=depths, hidden_sizes=WIDTHS[block],
-                                             embedding_size=64, out_features=["stage4"]).to_dict())
+                                             embedding_size=64, **LAST_STAGE).to_dict())
     (folder / "config.json").write_text(json.dumps(data, indent=2))
     state = load_file(str(weights))
     save_file({backbone_name(ref, key): tensor.contiguous() for key, tensor in state.items()},

@@ -53,7 +53,10 @@ def instance_box(record: PoseRecord, instance: PoseInstance, width: int, height:
         return [0.0, 0.0, float(width), float(height)]
     if instance.box is not None:
         return list(instance.box)
-    x0, y0, x1, y1 = labelled_extent(instance.keypoints)
+    extent = labelled_extent(instance.keypoints)
+    if extent is None:  # no keypoint labelled: the whole image
+        return [0.0, 0.0, float(width), float(height)]
+    x0, y0, x1, y1 = extent
     pad = margin * max(x1 - x0, y1 - y0, 1.0) + 2.0
     return [max(0.0, x0 - pad), max(0.0, y0 - pad), min(float(width), x1 + pad), min(float(height), y1 + pad)]
 

@@ -4,7 +4,7 @@ training data teaches the run (``TaskState``)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Hashable
 
 import torch
 
@@ -33,7 +33,7 @@ class TaskData:
         """The annotations of ``cfg.data`` (no pixels yet), split into train and validation."""
         task = self.task
         source, held_out = read_source(task.data_formats, cfg.data, cfg.val_data, cfg.seed, cfg.val_fraction,
-                                       task.split_group, cfg.test_data)
+                                       self.split_group(), cfg.test_data)
         self.check_data(source, held_out, cfg.data)
         return source
 
@@ -45,7 +45,7 @@ class TaskData:
         """Only the validation (or test) records of a finished run, from its summary (for ``evaluate RUN``)."""
         settings = summary["training"]
         return read_validation(self.task.data_formats, summary["data"], settings["data"], settings["seed"],
-                               settings["val_fraction"], self.task.split_group, split)
+                               settings["val_fraction"], self.split_group(), split)
 
     def read_evaluation(self, data: str, info: ModelInfo) -> Part:
         """Labelled records of ``data`` for ``evaluate --data``, checked against the model's labels."""
@@ -56,6 +56,11 @@ class TaskData:
         if unknown:
             raise VisionLoraError(f"{data}: labels the model was not trained on: {', '.join(unknown)}")
         return part
+
+    def split_group(self) -> Callable[[Any], Hashable] | None:
+        """The key a stratified validation split keeps in proportion (e.g. a record's class), or None
+        for a plain random split (hook)."""
+        return None
 
     def check_data(self, source: SourceData, held_out: list[Part], where: str) -> None:
         """Raise a clear error when the data cannot train this task; ``held_out`` are the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from visionlora.errors import VisionLoraError
 from visionlora.modeling.builtin import label_maps
 
@@ -12,8 +14,10 @@ def tiny_segformer(labels: list[str], image_size: int):
 
     if image_size % 8:
         raise VisionLoraError(f"--image-size {image_size}: the tiny SegFormer needs a multiple of 8")
+    # transformers configs take these through **kwargs, which their typed signatures leave out
+    head: dict[str, Any] = {"num_labels": len(labels), **label_maps(labels)}
     config = SegformerConfig(
-        num_labels=len(labels), **label_maps(labels), num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
+        **head, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
         hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2],
         decoder_hidden_size=32, semantic_loss_ignore_index=255,
     )
