@@ -149,8 +149,20 @@ def decode_all(
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         results = list(pool.map(work, sources))
-    items, kept, skipped, paths = [], [], [], []
     report = CacheReport(plan.mode, str(plan.folder) if plan.mode == "disk" else None)
+    items, kept, skipped, paths = _sorted_outcomes(sources, results, name_of, report)
+    store = _store(plan, items, paths, [sources[i] for i in kept], make, report)
+    report.decode_seconds = round(time.perf_counter() - started, 3)
+    return DecodeResult(store, kept, skipped, report)
+
+
+def _sorted_outcomes(sources: Sequence[Any], results: list[Outcome], name_of: Callable[[Any], str],
+                     report: CacheReport) -> tuple[list[Any], list[int], list[dict[str, str]], list[Path | None]]:
+    """(items, their source indices, skipped files, cache entries) from each source's outcome, counted in ``report``."""
+    items: list[Any] = []
+    kept: list[int] = []
+    skipped: list[dict[str, str]] = []
+    paths: list[Path | None] = []
     for index, (source, (status, value, path, reused)) in enumerate(zip(sources, results)):
         report.reused += reused
         report.decoded += not reused
@@ -160,19 +172,21 @@ def decode_all(
         items.append(value)
         kept.append(index)
         paths.append(path)
-    kept_sources = [sources[i] for i in kept]
-    store: StoredImages
+    return items, kept, skipped, paths
+
+
+def _store(plan: CachePlan, items: list[Any], paths: list[Path | None], kept_sources: list[Any],
+           make: Callable[[Any], Any], report: CacheReport) -> StoredImages:
+    """Where the prepared images are kept, as the plan says; their bytes counted in ``report``."""
     entries = [p for p in paths if p is not None]
     if plan.mode == "disk" and len(entries) == len(paths):
-        store = DiskImages(items, entries, kept_sources, make)
         report.bytes = sum(p.stat().st_size for p in entries if p.is_file())
-    elif plan.mode == "none":
-        store = LazyImages(items, kept_sources, make)
-    else:
-        store = RamImages(items if plan.mode == "ram" else [make(s) for s in kept_sources])
-        report.bytes = sum(_nbytes(item) for item in store)
-    report.decode_seconds = round(time.perf_counter() - started, 3)
-    return DecodeResult(store, kept, skipped, report)
+        return DiskImages(items, entries, kept_sources, make)
+    if plan.mode == "none":
+        return LazyImages(items, kept_sources, make)
+    store = RamImages(items if plan.mode == "ram" else [make(s) for s in kept_sources])
+    report.bytes = sum(_nbytes(item) for item in store)
+    return store
 
 
 def _reuse(path: Path) -> Outcome | None:
