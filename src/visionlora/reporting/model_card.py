@@ -47,7 +47,7 @@ def _results(task: Task, summary: RunSummary) -> list[dict[str, Any]]:
 
 def _body(task: Task, info: ModelInfo, summary: RunSummary, lora: bool, export: str | None,
           folder: str | None) -> list[str]:
-    return (_introduction(task, info, summary, lora, export) + _results(summary) + _training(summary)
+    return (_introduction(task, info, summary, lora, export) + _results_table(summary) + _training(summary)
             + _data(summary) + _use(task, info, summary, lora, export, folder) + _limits(summary))
 
 
@@ -72,7 +72,7 @@ def _introduction(task: Task, info: ModelInfo, summary: RunSummary, lora: bool, 
     ]
 
 
-def _results(summary: RunSummary) -> list[str]:
+def _results_table(summary: RunSummary) -> list[str]:
     lines = ["## Results", "", "| metric | validation | test |", "|---|---:|---:|"]
     test = summary.test_metrics or {}
     for name, value in summary.metrics.items():
