@@ -100,14 +100,14 @@ def predict_parser(commands: Subcommands, common: Parser, help_text: str) -> Par
 
     for name in task_names():
         task = get_task(name)
-        for item in task.writers:
-            add_once(predict, item, item.help)
-        for item in task.predict_options:
-            add_once(predict, item, f"{name}: {item.help}")
+        for writer in task.writers:
+            add_once(predict, writer, writer.help)
+        for option in task.predict_options:
+            add_once(predict, option, f"{name}: {option.help}")
         if task.box_options:
             group = predict.add_argument_group(f"{name} in the boxes another model finds (top-down)")
-            for item in task.box_options:
-                add_once(group, item, item.help)
+            for option in task.box_options:
+                add_once(group, option, option.help)
     return predict
 
 

@@ -8,9 +8,12 @@ fails when one of them moves or changes what it does.
 from __future__ import annotations
 
 from types import MethodType
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from peft.tuners.lora import Linear as LoraLinear
 
 
 # -- Accelerate ---------------------------------------------------------------------------
@@ -59,7 +62,7 @@ def storage_from_shared_fd(fd: int, nbytes: int) -> torch.UntypedStorage:
     torch's own unpickling of shared tensors (``torch.multiprocessing.reductions.rebuild_storage_fd``)
     calls this private constructor (torch 2.13.0); no public one maps a descriptor.
     """
-    return torch.UntypedStorage._new_shared_fd_cpu(fd, nbytes)
+    return torch.UntypedStorage._new_shared_fd_cpu(fd, nbytes)  # type: ignore[attr-defined]  # private, not in torch's stubs
 
 
 # -- peft ---------------------------------------------------------------------------------
@@ -71,7 +74,7 @@ def lora_variant_kwarg_keys() -> tuple[str, ...]:
     return tuple(VARIANT_KWARG_KEYS)
 
 
-def replace_mixed_batch_forward(layer: torch.nn.Module,
+def replace_mixed_batch_forward(layer: LoraLinear,
                                 make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
     """Have the peft LoRA ``Linear`` ``layer`` compute mixed-adapter batches with ``make(peft's own
     method)`` (called as ``method(layer, x, *args, adapter_names=..., **kwargs)``); once per layer.
@@ -80,4 +83,4 @@ def replace_mixed_batch_forward(layer: torch.nn.Module,
     (peft 0.21.2) and offers no public way to change how such a batch is computed.
     """
     if "_mixed_batch_forward" not in vars(layer):
-        layer._mixed_batch_forward = MethodType(make(type(layer)._mixed_batch_forward), layer)
+        vars(layer)["_mixed_batch_forward"] = MethodType(make(type(layer)._mixed_batch_forward), layer)

@@ -59,6 +59,8 @@ def _train_one(task_name: str, model: str, epochs: int, data: Path, mode: str, o
     )
     cfg.lr = DEMO_LR[mode] if preset["model"].endswith("-pretrained") else RANDOM_BASE_LR
     summary = train(cfg).summary
+    if summary is None:  # only the main process of a distributed run has one; the demo runs in one process
+        raise VisionLoraError("the demo runs in one process (not under accelerate launch or torchrun)")
     return {
         "task": task_name,
         "mode": mode,

@@ -41,8 +41,9 @@ _claiming: SlotClaim | None = None  # in a worker, while a pooled collate runs
 def stacked(tensors: list[torch.Tensor], name: str) -> torch.Tensor:
     """``torch.stack(tensors)``; in a pooled worker, into the claimed slot's buffer ``name``."""
     first = tensors[0]
-    pooled = _claiming is not None and first.nbytes * len(tensors) > SMALL_BYTES
-    out = _claiming.buffer(name, (len(tensors), *first.shape), first.dtype) if pooled else None
+    out = None
+    if _claiming is not None and first.nbytes * len(tensors) > SMALL_BYTES:
+        out = _claiming.buffer(name, (len(tensors), *first.shape), first.dtype)
     return torch.stack(tensors, out=out)
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from visionlora.errors import VisionLoraError
+
+_Model = TypeVar("_Model", bound="OnnxModel")
 
 
 class OnnxModel:
@@ -28,7 +30,7 @@ class OnnxModel:
         self.input_names = [name for name in input_names if name in taken]
 
     @classmethod
-    def load(cls, folder: Path, export: dict[str, Any]) -> OnnxModel:
+    def load(cls: type[_Model], folder: Path, export: dict[str, Any]) -> _Model:
         try:
             import onnxruntime
         except ImportError:

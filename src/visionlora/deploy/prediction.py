@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from visionlora.modeling.mixed_batches import mixed_rows, select_rows
+from visionlora.modeling.mixed_batches import BASE_ROWS, mixed_rows, select_rows
 from visionlora.tasks.base import ModelInfo, PredictInput, Task
 
 
@@ -58,7 +58,8 @@ def _predict_chunk(task: Task, model: Any, chunk: list[PredictInput], views: Seq
     pixels = task.prediction.model_inputs([item.pixel_values for item in chunk])
     batch = {key: value.to(model.device) for key, value in pixels.items()}
     adapters = [view.adapter for view in chunk_views]
-    with mixed_rows(model, adapters) if adapters[0] is not None else nullcontext():
+    names = [adapter if adapter is not None else BASE_ROWS for adapter in adapters]  # None: the model as it is
+    with mixed_rows(model, names) if adapters[0] is not None else nullcontext():
         outputs = model(**batch, **chunk_views[0].info.forward_kwargs)
     results = []
     for view, rows in _rows_by_view(chunk_views):

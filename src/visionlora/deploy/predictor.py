@@ -22,12 +22,13 @@ from visionlora.tasks.base import BoxRequest, ModelInfo, Task
 
 
 @dataclass
-class LoadedRun:
-    """A trained model ready for use: ``predict(images)`` and ``evaluate(data)``."""
+class LoadedModel:
+    """A model ready for use: ``predict(images)`` and ``evaluate(data)``; a finished run, or a hub
+    model used as it is."""
 
     paths: RunPaths | None  # None for a hub model used as it is
     task: Task
-    model: torch.nn.Module
+    model: Any  # a torch model, or an ONNX model called alike (deploy.onnx_model)
     processor: Any
     info: ModelInfo
 
@@ -87,6 +88,8 @@ class LoadedRun:
         from visionlora.runtime import new_accelerator
 
         if data is None:
+            if self.paths is None:
+                raise VisionLoraError(f"{self.info.base_model}: a hub model has no validation split; pass --data")
             if self.paths.mode == "export":
                 raise VisionLoraError(f"{self.paths.root}: an export has no validation split of its own; pass --data")
             part = self.task.data.read_validation(read_json(self.paths.summary), split)
@@ -94,11 +97,19 @@ class LoadedRun:
             part = self.task.data.read_evaluation(data, self.info)
         dataset, skipped = self.task.data.eval_dataset(part.records, self.processor, self.info)
         if len(dataset) == 0:
-            raise VisionLoraError(f"{data or self.paths.root}: no readable labelled images to evaluate on")
+            source = data or (self.paths.root if self.paths is not None else data)
+            raise VisionLoraError(f"{source}: no readable labelled images to evaluate on")
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=self.task.steps.collate)
         accelerator = new_accelerator(cpu=self.model.device.type == "cpu")
         metrics = evaluate(self.task, self.model, self.processor, accelerator.prepare(loader), accelerator, self.info)
         return {"metrics": metrics, "images": len(dataset), "skipped": part.skipped + skipped}
+
+
+@dataclass
+class LoadedRun(LoadedModel):
+    """A trained model of a finished run (or export) ready for use: ``predict(images)`` and ``evaluate(data)``."""
+
+    paths: RunPaths
 
 
 def load_run(
@@ -118,21 +129,21 @@ def load_run(
 
 
 def load_model_or_hub(ref: str, task_name: str, allow_pickle: bool = False,
-                      trust_remote_code: bool = False) -> LoadedRun:
+                      trust_remote_code: bool = False) -> LoadedModel:
     """A run folder or export of ``task_name``, or a hub checkpoint of that task used as it is (its own labels)."""
     if Path(ref).exists():
         return load_run(ref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     task = get_task(task_name)
     with loading_policy(allow_pickle, trust_remote_code):
         model, processor, info = load_hub_model(ref, task)
-    return LoadedRun(None, task, _to_device(model, None), processor, info)
+    return LoadedModel(None, task, _to_device(model, None), processor, info)
 
 
 @dataclass
 class BoxFinder:
     """Top-down: the boxes a model of another task finds in images, as ``request`` asks and keeps them."""
 
-    model: LoadedRun
+    model: LoadedModel
     request: BoxRequest
 
     def __call__(self, images: list[Image.Image]) -> list[list[list[float]]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -27,6 +27,9 @@ from visionlora.modeling.loading import (
 )
 from visionlora.tasks import get_task
 from visionlora.tasks.base import ModelInfo, Task
+
+if TYPE_CHECKING:
+    from visionlora.deploy.onnx_model import OnnxModel
 
 
 @dataclass
@@ -90,13 +93,13 @@ def open_run(run_dir: str | Path) -> RunFolder:
     return RunFolder(paths, info, get_task(info.task), read_json(paths.export_file) if paths.mode == "export" else None)
 
 
-def load_model(run: RunFolder, allow_base_change: bool = False) -> torch.nn.Module:
+def load_model(run: RunFolder, allow_base_change: bool = False) -> torch.nn.Module | OnnxModel:
     """The run's model for inference: an ONNX session, the full model, or the base with the adapter."""
-    if run.onnx_base is not None:
+    if run.export is not None and run.onnx_base is not None:
         from visionlora.deploy.onnx_model import load_adapter_run
 
         return load_adapter_run(run.paths.root, run.export, run.paths.root.name)
-    if run.is_onnx:
+    if run.export is not None and run.is_onnx:
         from visionlora.deploy.onnx_model import OnnxModel
 
         return OnnxModel.load(run.paths.model_dir, run.export)

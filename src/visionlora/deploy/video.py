@@ -122,7 +122,7 @@ class VideoWriter:
         else:
             import cv2
 
-            self._sink = cv2.VideoWriter(str(self._temporary), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self.size)
+            self._sink = cv2.VideoWriter(str(self._temporary), cv2.VideoWriter.fourcc(*"mp4v"), self.fps, self.size)
             self._send = lambda frame: self._sink.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
             self._finish = self._sink.release
 

@@ -4,7 +4,7 @@ parameter counts."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -24,7 +24,7 @@ ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d)
 METHODS = ("lora", "dora", "loha", "lokr", "oft")  # adapter kinds of --mode lora (peft)
 
 
-def adaptable_names(model: torch.nn.Module, exclude: list[str] = ()) -> dict[str, int]:
+def adaptable_names(model: torch.nn.Module, exclude: Sequence[str] = ()) -> dict[str, int]:
     """Last name component of each adaptable layer -> how many layers carry it."""
     counts: dict[str, int] = {}
     for full_name, module in model.named_modules():
@@ -34,7 +34,7 @@ def adaptable_names(model: torch.nn.Module, exclude: list[str] = ()) -> dict[str
     return counts
 
 
-def resolve_target_modules(model: torch.nn.Module, requested: list[str], exclude: list[str] = ()) -> list[str]:
+def resolve_target_modules(model: torch.nn.Module, requested: list[str], exclude: Sequence[str] = ()) -> list[str]:
     """Map requested names onto the model's own layer names.
 
     A name the model has is kept; otherwise its alias (``query`` <-> ``q_proj``) is
@@ -72,21 +72,24 @@ def adapter_config(method: str, model: torch.nn.Module, r: int, alpha: float, dr
     """
     import peft
 
-    common = {"target_modules": targets, "modules_to_save": heads}
+    # peft annotates alpha as int, but any positive number scales the update (alpha / r)
     if method in ("lora", "dora"):
-        return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
-                               use_dora=method == "dora", **common)
+        return peft.LoraConfig(r=r, lora_alpha=alpha,  # type: ignore[arg-type]  # peft accepts a float alpha
+                               lora_dropout=dropout, bias="none", use_dora=method == "dora",
+                               target_modules=targets, modules_to_save=heads)
     if method == "loha":
-        return peft.LoHaConfig(r=r, alpha=alpha, **common)
+        return peft.LoHaConfig(r=r, alpha=alpha,  # type: ignore[arg-type]  # peft accepts a float alpha
+                               target_modules=targets, modules_to_save=heads)
     if method == "lokr":
-        return peft.LoKrConfig(r=r, alpha=alpha, **common)
+        return peft.LoKrConfig(r=r, alpha=alpha,  # type: ignore[arg-type]  # peft accepts a float alpha
+                               target_modules=targets, modules_to_save=heads)
     if method == "oft":
         widths = {m.in_features for n, m in model.named_modules()
                   if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets}
         if any(width % r for width in widths):
             raise VisionLoraError(f"--method oft: --lora-r {r} is OFT's block size and must divide the width "
                                   f"of every adapted layer ({', '.join(map(str, sorted(widths)))})")
-        return peft.OFTConfig(r=0, oft_block_size=r, **common)
+        return peft.OFTConfig(r=0, oft_block_size=r, target_modules=targets, modules_to_save=heads)
     raise VisionLoraError(f"--method {method}: unknown (choose from {', '.join(METHODS)})")
 
 

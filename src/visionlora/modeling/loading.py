@@ -34,9 +34,10 @@ def loading_policy(allow_pickle: bool = False, trust_remote_code: bool = False,
                    revision: str | None = None) -> Iterator[LoadingPolicy]:
     """Within the block, allow pickled weights and/or checkpoint code as given, and load hub
     models at ``revision``."""
-    token = _POLICY.set(LoadingPolicy(allow_pickle, trust_remote_code, revision))
+    policy = LoadingPolicy(allow_pickle, trust_remote_code, revision)
+    token = _POLICY.set(policy)
     try:
-        yield _POLICY.get()
+        yield policy
     finally:
         _POLICY.reset(token)
 
@@ -58,7 +59,7 @@ def load_pretrained(auto_class, ref: str, with_processor: bool = True, loading_c
 
     policy = current_policy()
     check_weight_files(Path(ref))
-    pinned = {"revision": policy.revision} if policy.revision and not Path(ref).exists() else {}
+    pinned: dict[str, Any] = {"revision": policy.revision} if policy.revision and not Path(ref).exists() else {}
     try:
         model = auto_class.from_pretrained(
             ref,

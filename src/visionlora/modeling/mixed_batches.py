@@ -44,11 +44,11 @@ def prepare_mixed_batches(peft_model) -> None:
     from peft.tuners.lora import LoraLayer
     from peft.utils.other import ModulesToSaveWrapper
 
-    layers = []
+    layers: list[ModulesToSaveWrapper | LoraLayer] = []
     for module in peft_model.modules():
         if isinstance(module, ModulesToSaveWrapper):
             if "forward" not in vars(module):
-                module.forward = MethodType(_forward_by_adapter(type(module).forward), module)
+                vars(module)["forward"] = MethodType(_forward_by_adapter(type(module).forward), module)
             layers.append(module)
         elif isinstance(module, LoraLayer):
             if isinstance(module, LoraLinear):
@@ -143,8 +143,8 @@ def select_rows(value: Any, index: torch.Tensor, batch: int) -> Any:
         picked = {key: select_rows(item, index, batch) for key, item in value.items()}
         return type(value)(**picked) if type(value) is not dict else picked
     if isinstance(value, (list, tuple)):
-        picked = [select_rows(item, index, batch) for item in value]
-        return type(value)(picked) if type(value) in (list, tuple) else type(value)(*picked)
+        items = [select_rows(item, index, batch) for item in value]
+        return type(value)(items) if type(value) in (list, tuple) else type(value)(*items)
     return value
 
 
@@ -160,8 +160,8 @@ def _stitch(parts: list[tuple[torch.Tensor, Any]], batch: int) -> Any:
         joined = {key: _stitch([(index, output[key]) for index, output in parts], batch) for key in first}
         return type(first)(**joined) if type(first) is not dict else joined
     if isinstance(first, (list, tuple)):
-        joined = [_stitch([(index, output[i]) for index, output in parts], batch) for i in range(len(first))]
-        return type(first)(joined) if type(first) in (list, tuple) else type(first)(*joined)
+        columns = [_stitch([(index, output[i]) for index, output in parts], batch) for i in range(len(first))]
+        return type(first)(columns) if type(first) in (list, tuple) else type(first)(*columns)
     if first is None:
         return None
     raise TypeError(f"a head returned {type(first).__name__}, which cannot be split by adapter")

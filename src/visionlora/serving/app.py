@@ -161,7 +161,7 @@ class VisionServer(StoreEvents):
             await self._awaited_load(name, pending, hold=False)
         raise ApiError(503, f"model {name!r} is being unloaded and loaded again under load; try again")
 
-    async def _awaited_load(self, name: str, pending: asyncio.Future, hold: bool = True) -> ServedModel | None:
+    async def _awaited_load(self, name: str, pending: asyncio.Future, hold: bool = True) -> ServedModel:
         try:
             return await asyncio.shield(pending)
         except asyncio.CancelledError:  # the client went away: the hold taken for it ends with the load
@@ -292,9 +292,10 @@ class VisionServer(StoreEvents):
         """The FastAPI application of this server (``app.state.server`` is this server)."""
         app = FastAPI(title="visionlora", docs_url=None, redoc_url=None, lifespan=self.lifespan)
         app.state.server = self
-        app.add_exception_handler(ApiError, _api_error)
-        app.add_exception_handler(StarletteHTTPException, _http_error)
-        app.add_exception_handler(RequestValidationError, _validation_error)
+        # Starlette types a handler as taking any Exception, though it calls it only with the class it is added for
+        app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
+        app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+        app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
         app.middleware("http")(self.count)
         for method, path, endpoint in self.routes():
             app.add_api_route(path, endpoint, methods=[method], response_model=None)

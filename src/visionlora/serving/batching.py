@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from PIL import Image
@@ -23,7 +23,7 @@ class Job:
     options: dict[str, Any]  # shared options; per-image ones are lists aligned with ``images``
     per_image: tuple[str, ...]
     model: Any = None  # what predicts the images (a served run), handed to ``predict`` once per image
-    future: asyncio.Future = field(default=None)
+    future: asyncio.Future | None = None  # set when submitted
 
     def batch_key(self) -> str:
         """Requests batch together only when their shared options are equal."""
@@ -52,11 +52,11 @@ class Batcher:
     async def submit(self, job: Job) -> list[dict]:
         if self.stopped:
             raise BatcherStopped("the server is stopping")
-        job.future = asyncio.get_running_loop().create_future()
+        future = job.future = asyncio.get_running_loop().create_future()
         if self.worker is None or self.worker.done():
             self.worker = asyncio.create_task(self._run())
         await self.queue.put(job)
-        return await job.future
+        return await future
 
     def stop(self) -> None:
         """Cancel the worker; the jobs it holds and those still queued fail with :class:`BatcherStopped`."""
@@ -111,7 +111,7 @@ class Batcher:
             return
         start = 0
         for job in jobs:
-            if not job.future.done():
+            if job.future is not None and not job.future.done():
                 job.future.set_result(predictions[start : start + len(job.images)])
             start += len(job.images)
 
@@ -119,7 +119,7 @@ class Batcher:
 def _fail(jobs: list[Job], error: Exception) -> None:
     """Answer each job not answered yet with ``error``."""
     for job in jobs:
-        if not job.future.done():
+        if job.future is not None and not job.future.done():
             job.future.set_exception(error)
 
 

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -32,6 +32,9 @@ from visionlora.serving import DEFAULT_MAX_LOADED
 from visionlora.serving.slots import AdapterSlots
 from visionlora.tasks.base import ModelInfo, Task
 
+if TYPE_CHECKING:
+    from visionlora.deploy.onnx_model import OnnxAdapters
+
 
 class UnknownModel(VisionLoraError):
     """No model of that name is served or can be loaded."""
@@ -42,10 +45,10 @@ class SharedBase:
     """One model in memory (a base with adapters, or a full model) and the lock around its forwards."""
 
     key: tuple
-    model: torch.nn.Module
+    model: Any  # a peft or transformers model, or an ONNX model called alike (deploy.onnx_model)
     lock: threading.Lock = field(default_factory=threading.Lock)
     adapters: set[str] = field(default_factory=set)  # the names of the runs on it
-    slots: AdapterSlots = field(default_factory=AdapterSlots)
+    slots: AdapterSlots | OnnxAdapters = field(default_factory=AdapterSlots)
     weights: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # the base's own, by name (before peft)
 
 
@@ -233,8 +236,8 @@ class ModelStore:
     def _load(self, name: str, run_dir: str | Path, pinned: bool) -> ServedModel:
         run = open_run(run_dir)
         with loading_policy(False, False):
-            if run.onnx_base is not None:
-                base, slot = self._attach_onnx_adapter(name, run), name
+            if run.export is not None and run.onnx_base is not None:
+                base, slot = self._attach_onnx_adapter(name, run, run.export), name
             elif run.is_onnx:
                 base, slot = self._attach_onnx(name, run), None
             else:
@@ -243,6 +246,7 @@ class ModelStore:
             processor = self._processor(run)
         paths, task, info = run.paths, run.task, run.info
         weights = sorted(paths.model_dir.glob("*.safetensors"))
+        refusal: str | None
         if run.onnx_base is not None:
             refusal = "onnxruntime applies one adapter per forward"
         else:
@@ -291,7 +295,7 @@ class ModelStore:
             self.bases[base.key] = base
         return base
 
-    def _attach_onnx_adapter(self, name: str, run: RunFolder) -> SharedBase:
+    def _attach_onnx_adapter(self, name: str, run: RunFolder, export: dict[str, Any]) -> SharedBase:
         """One onnxruntime session per ONNX base, holding the adapters of the runs served on it."""
         from visionlora.deploy.onnx_model import load_adapter_run
 
@@ -299,13 +303,13 @@ class ModelStore:
         with self._lock:
             shared = self.bases.get(key)
         if shared is None:
-            model = load_adapter_run(run.paths.root, run.export, name)
+            model = load_adapter_run(run.paths.root, export, name)
             shared = SharedBase(key, model, slots=model)  # the model forgets an adapter as slots release one
             with self._lock:
                 self.bases[key] = shared
         else:
             with shared.lock:
-                shared.model.add_adapter(name, run.paths.root / run.export["adapter"])
+                shared.model.add_adapter(name, run.paths.root / export["adapter"])
         shared.adapters.add(name)
         return shared
 
@@ -322,23 +326,26 @@ class ModelStore:
         base_ref = run.base_ref
         if Path(base_ref).exists():
             base_ref = str(Path(base_ref).resolve())  # one key for every spelling of a local folder
-        weights = run.info.base_revision or base_revision(base_ref) or base_ref
-        key = (run.info.task, weights, len(run.info.labels), run.adapter_type())
+        revision = run.info.base_revision or base_revision(base_ref) or base_ref
+        key = (run.info.task, revision, len(run.info.labels), run.adapter_type())
         shared = self.bases.get(key)
         if shared is None:
-            base, slots = run.load_base(), AdapterSlots()
+            base_model, slots = run.load_base(), AdapterSlots()
             sibling = next((other for other in self.bases.values() if other.key[:2] == key[:2]), None)
             if sibling is not None:  # the same base with a head of another size: one copy of the weights
-                _share_equal_weights(base, sibling.weights)
-            weights = dict(base.named_parameters())
+                _share_equal_weights(base_model, sibling.weights)
+            weights = dict(base_model.named_parameters())
             slot = run.attach_adapter(lambda: slots.fill(run.paths.model_dir, lambda first: _mixing(
-                PeftModel.from_pretrained(base, run.paths.model_dir, adapter_name=first).to(self.device).eval())))
+                PeftModel.from_pretrained(base_model, run.paths.model_dir, adapter_name=first).to(self.device).eval())))
             shared = SharedBase(key, slots.model, slots=slots, weights=weights)
             with self._lock:
                 self.bases[key] = shared
         else:
+            held = shared.slots
+            if not isinstance(held, AdapterSlots):  # ONNX bases are keyed apart and never found here
+                raise TypeError(f"the base {key} holds no peft adapter slots")
             with shared.lock:  # peft creates the adapter on the model's device and leaves the model in eval mode
-                slot = run.attach_adapter(lambda: shared.slots.fill(run.paths.model_dir, lambda new: (
+                slot = run.attach_adapter(lambda: held.fill(run.paths.model_dir, lambda new: (
                     shared.model.load_adapter(run.paths.model_dir, adapter_name=new, torch_device=self.device,
                                               low_cpu_mem_usage=True), _mixing(shared.model))[1]))
         shared.adapters.add(name)

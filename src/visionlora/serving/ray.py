@@ -142,9 +142,11 @@ def build(settings: RaySettings):
         options["autoscaling_config"] = settings.autoscaling
     else:
         options["num_replicas"] = settings.replicas
-    replicas = Replica.options(**options).bind(asdict(settings))
+    # @serve.deployment makes each class a Deployment, which mypy does not see through a class decorator
+    replicas = Replica.options(**options).bind(asdict(settings))  # type: ignore[attr-defined]
     # the gateway only forwards, so it never holds requests back: Ray's router queues them for the replicas
-    return Gateway.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=GATEWAY_MAX_ONGOING).bind(replicas)
+    return Gateway.options(  # type: ignore[attr-defined]
+        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=GATEWAY_MAX_ONGOING).bind(replicas)
 
 
 def app(args: dict[str, str]):

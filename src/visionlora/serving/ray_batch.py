@@ -170,7 +170,7 @@ def run_job(job: BatchJob, pool: ActorPool) -> dict[str, int]:
         _quiet(ray.data.DataContext.get_current())
         records = [{"image": image, "run": run} for image, run in todo]
         dataset = ray.data.from_items(records, override_num_blocks=max(1, min(len(records) // pool.batch_size, 200)))
-        decoded = dataset
+        decoded: ray.data.Dataset = dataset
         if pool.decodes_apart:
             decoded = dataset.map_batches(decode_images, batch_size=pool.batch_size, batch_format="pandas",
                                           num_cpus=DECODE_CPUS)

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 # adapter_config.json fields that name where an adapter came from, not what it computes
 _PROVENANCE = ("base_model_name_or_path", "revision", "inference_mode", "peft_version")
@@ -22,12 +25,12 @@ _PROVENANCE = ("base_model_name_or_path", "revision", "inference_mode", "peft_ve
 class AdapterSlots:
     """The adapter slots of one peft model: which are free, and the model's tensors of each."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.free: dict[str, list[str]] = {}  # configuration -> free slots made for it
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}  # slot -> saved key -> the model's tensor
         self.configuration: dict[str, str] = {}
         self.made = 0
-        self.model = None  # the peft model the slots are in (made with the first)
+        self.model: PeftModel | None = None  # the peft model the slots are in (made with the first)
 
     def fill(self, adapter_dir: Path, make: Callable[[str], Any]) -> str:
         """A slot holding the adapter saved in ``adapter_dir``: a free slot of its configuration
