@@ -37,16 +37,41 @@ def report(result: dict[str, Any]) -> None:
 
 
 def median_seconds(step: Callable[[], None], steps: int, warmup: int = 1) -> float:
+    """The median wall time of ``step``, each timed from an idle device to an idle device (a GPU's
+    queued kernels finished), after ``warmup`` untimed calls."""
     import time
 
     for _ in range(warmup):
         step()
     times = []
     for _ in range(steps):
+        synchronize()
         started = time.perf_counter()
         step()
+        synchronize()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def synchronize() -> None:
+    """Wait for the work queued on a GPU (CUDA or Apple MPS), so a timer sees it done; nothing on a CPU."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        torch.mps.synchronize()
+
+
+def bench_device() -> str:
+    """The device a benchmark measures on: CUDA, then MPS, then the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:

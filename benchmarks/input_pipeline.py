@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report, run_isolated, table  # noqa: E402
+from common import bench_device, report, run_isolated, synchronize, table  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 REAL = {"classification": SHARED / "hymenoptera", "detection": SHARED / "raccoon", "pose": SHARED / "dlc-openfield"}
@@ -105,9 +105,11 @@ def worker(task_name: str, workers: int, epochs: int, batch_size: int) -> None:
         try:  # training's own loader: workers hand batches over in reused shared memory
             from visionlora.training.loading import plan_loading
 
-            plan = plan_loading(workers, torch.device("cpu"))
+            device = torch.device(bench_device())  # on CUDA: pinned memory and non-blocking copies, as training
+            plan = plan_loading(workers, device)
             loader = plan.loader(dataset, task.steps.collate, batch_size=batch_size, shuffle=True)
         except ImportError:  # a revision from before it
+            device = torch.device("cpu")
             loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=task.steps.collate,
                                 num_workers=workers, persistent_workers=workers > 0)
         for _ in loader:  # one warm-up epoch: workers started, pages touched
@@ -116,7 +118,8 @@ def worker(task_name: str, workers: int, epochs: int, batch_size: int) -> None:
         for epoch in range(epochs):
             dataset.set_epoch(epoch)
             for batch in loader:
-                images += len(batch["pixel_values"])
+                images += len(batch["pixel_values"].to(device, non_blocking=True))
+        synchronize()
         seconds = time.perf_counter() - started
     cores = max(1, min(workers, os.cpu_count() or 1))  # the workers' cores, or the main process's one
     report({"task": task_name, "data": source_name, "input": _input_size(processor, info), "workers": workers,

@@ -3,7 +3,8 @@
     python benchmarks/train_step.py [--tasks classification,detection,pose] [--steps 3]
                                     [--precisions fp32,bf16] [--low-memory]
 
-Each configuration runs in its own process; prints median seconds per optimizer step,
+Each configuration runs in its own process, on a GPU where there is one (CUDA, then MPS), with
+the step timed from an idle device to an idle device; prints median seconds per optimizer step,
 peak process memory (RSS), and the LoRA/full ratios in each precision (bf16: autocast, as
 ``--mixed-precision bf16`` trains); with --low-memory also the same pairs with visionlora's
 --low-memory allocator setting. The step is visionlora's: the task's loss, backward,
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_seconds, report, run_isolated, table  # noqa: E402
+from common import bench_device, median_seconds, report, run_isolated, table  # noqa: E402
 
 SIZES = {
     "classification": "ViT-Base/16 224px, batch 8",
@@ -70,7 +71,10 @@ def worker(task_name: str, mode: str, steps: int, low_memory: bool, precision: s
     from visionlora.tasks.base import ModelInfo
 
     torch.manual_seed(0)
+    device = torch.device(bench_device())
     model, batch, task = build(task_name)
+    model.to(device)
+    batch = {key: _on(value, device) for key, value in batch.items()}
     if mode == "lora":
         preset = task.preset
         model, _ = apply_adapter(model, preset.lora_r, preset.lora_alpha, 0.0, list(preset.target_modules),
@@ -83,7 +87,7 @@ def worker(task_name: str, mode: str, steps: int, low_memory: bool, precision: s
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = task.steps.loss(model, batch, info)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -91,7 +95,14 @@ def worker(task_name: str, mode: str, steps: int, low_memory: bool, precision: s
         optimizer.zero_grad(set_to_none=True)
 
     seconds = median_seconds(step, steps)
-    report({"task": task_name, "mode": mode, "s_per_step": seconds, **parameter_counts(model)})
+    report({"task": task_name, "mode": mode, "device": device.type, "s_per_step": seconds, **parameter_counts(model)})
+
+
+def _on(value, device):
+    """A batch value (a tensor, or DETR's list of target dicts) on ``device``."""
+    if isinstance(value, list):
+        return [{key: tensor.to(device) for key, tensor in item.items()} for item in value]
+    return value.to(device)
 
 
 def main() -> None:
