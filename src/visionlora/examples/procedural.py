@@ -3,13 +3,14 @@ held-out targets to fine-tune them on.
 
 Shapes, textures and articulated figures are drawn with seeded randomness. The shapes and
 skeletons of the pretraining corpus (``PRETRAIN_SHAPES``, ``PRETRAIN_SKELETON``) never appear
-in the targets (``TARGET_SHAPES``, the four-keypoint animal of :mod:`visionlora.examples.synthetic`),
-so a fine-tuning result on a target measures transfer, not memory.
+in the targets (``TARGET_SHAPES``, the lizards' keypoint layout, the four-keypoint animal of
+:mod:`visionlora.examples.synthetic`), so a fine-tuning result on a target measures transfer, not memory.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -255,28 +256,130 @@ def walker_image(rng: np.random.Generator, size: int = 64) -> tuple[Image.Image,
 
 def write_walkers(root: Path, n_train: int, n_val: int, seed: int = 0, size: int = 64) -> Path:
     """Write ``root/train`` and ``root/val`` as COCO keypoints, one walker per image."""
+    figure = Figure("walker", PRETRAIN_SKELETON_KEYPOINTS, PRETRAIN_SKELETON, walker_image)
+    return write_figures(root, figure, n_train, n_val, seed, size)
+
+
+@dataclass(frozen=True)
+class Figure:
+    """An articulated figure: its keypoints, its skeleton and how to draw one, (rng, size) -> (image, points)."""
+
+    name: str
+    keypoints: list[str]
+    skeleton: list[list[str]]
+    draw: Callable[[np.random.Generator, int], tuple[Image.Image, np.ndarray]]
+
+
+def write_figures(root: Path, figure: Figure, n_train: int, n_val: int, seed: int = 0, size: int = 64) -> Path:
+    """Write ``root/train`` and ``root/val`` as COCO keypoints, one ``figure`` per image."""
     rng = np.random.default_rng(seed)
-    skeleton = [[PRETRAIN_SKELETON_KEYPOINTS.index(a) + 1, PRETRAIN_SKELETON_KEYPOINTS.index(b) + 1]
-                for a, b in PRETRAIN_SKELETON]
-    categories = [{"id": 1, "name": "walker", "keypoints": PRETRAIN_SKELETON_KEYPOINTS, "skeleton": skeleton}]
+    skeleton = [[figure.keypoints.index(a) + 1, figure.keypoints.index(b) + 1] for a, b in figure.skeleton]
+    categories = [{"id": 1, "name": figure.name, "keypoints": figure.keypoints, "skeleton": skeleton}]
     for split, count in (("train", n_train), ("val", n_val)):
         folder = Path(root) / split
         (folder / "images").mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
         for index in range(count):
-            image, points = walker_image(rng, size)
+            image, points = figure.draw(rng, size)
             name = f"{index:05d}.png"
             image.save(folder / "images" / name)
-            inside = np.all((points >= 0) & (points < size), axis=1)
-            flat = [v for (x, y), ok in zip(points, inside) for v in ((float(x), float(y), 2) if ok else (0, 0, 0))]
-            x0, y0 = np.clip(points.min(axis=0) - 4, 0, size)
-            x1, y1 = np.clip(points.max(axis=0) + 4, 0, size)
             images.append({"id": index + 1, "file_name": name, "width": size, "height": size})
-            annotations.append({"id": index + 1, "image_id": index + 1, "category_id": 1, "keypoints": flat,
-                                "num_keypoints": int(inside.sum()), "iscrowd": 0,
-                                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                                "area": float((x1 - x0) * (y1 - y0))})
+            annotations.append({"id": index + 1, "image_id": index + 1, "category_id": 1,
+                                **_keypoint_annotation(points, size)})
         (folder / "annotations.json").write_text(
             json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     return Path(root)
 
+
+def _keypoint_annotation(points: np.ndarray, size: int) -> dict:
+    """COCO keypoints, count, box (the points' extent and 4 px) and area; points outside the image unlabelled."""
+    inside = [bool(x >= 0 and y >= 0 and x < size and y < size) for x, y in points.tolist()]
+    flat = [v for (x, y), ok in zip(points, inside) for v in ((float(x), float(y), 2) if ok else (0, 0, 0))]
+    x0, y0 = np.clip(points.min(axis=0) - 4, 0, size)
+    x1, y1 = np.clip(points.max(axis=0) + 4, 0, size)
+    return {"keypoints": flat, "num_keypoints": sum(inside), "iscrowd": 0,
+            "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)], "area": float((x1 - x0) * (y1 - y0))}
+
+
+# -- a lizard seen from above: a new keypoint layout drawn like the walkers -------------------
+# As many keypoints as the walker, in its order (its hands are the front feet, its elbows the
+# front knees), placed where no walker has them: front legs reaching forward, hind legs sprawled.
+LIZARD_KEYPOINTS = ["head", "shoulders", "hips", "left_front_foot", "right_front_foot", "left_hind_foot",
+                    "right_hind_foot", "left_front_knee", "right_front_knee", "left_hind_knee", "right_hind_knee"]
+LIZARD_SKELETON = [["head", "shoulders"], ["shoulders", "hips"], ["shoulders", "left_front_knee"],
+                   ["left_front_knee", "left_front_foot"], ["shoulders", "right_front_knee"],
+                   ["right_front_knee", "right_front_foot"], ["hips", "left_hind_knee"],
+                   ["left_hind_knee", "left_hind_foot"], ["hips", "right_hind_knee"],
+                   ["right_hind_knee", "right_hind_foot"]]
+
+
+def lizard_points(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Joint positions of a randomly posed lizard, (11, 2), and the tip of its tail."""
+    unit = size * rng.uniform(0.11, 0.14)
+    lean = rng.uniform(-0.4, 0.4)
+    hips = np.array([size / 2, size * 0.6]) + rng.uniform(-0.05, 0.05, size=2) * size
+
+    def step(start: np.ndarray, angle: float, length: float) -> np.ndarray:
+        return start + length * unit * np.array([np.sin(angle), -np.cos(angle)])
+    shoulders = step(hips, lean, 2.2)
+    points = {"hips": hips, "shoulders": shoulders, "head": step(shoulders, lean + rng.uniform(-0.3, 0.3), 0.8)}
+    for side, sign in (("left", -1), ("right", 1)):
+        front = lean + sign * rng.uniform(1.3, 1.9)
+        points[f"{side}_front_knee"] = step(shoulders, front, 1.0)
+        points[f"{side}_front_foot"] = step(points[f"{side}_front_knee"], front - sign * rng.uniform(0.4, 1.0), 1.0)
+        hind = lean + sign * rng.uniform(1.8, 2.4)
+        points[f"{side}_hind_knee"] = step(hips, hind, 1.0)
+        points[f"{side}_hind_foot"] = step(points[f"{side}_hind_knee"], hind + sign * rng.uniform(0.3, 1.0), 1.0)
+    tail = step(hips, lean + np.pi + rng.uniform(-0.5, 0.5), 1.6)
+    return np.stack([points[name] for name in LIZARD_KEYPOINTS]), tail
+
+
+def lizard_image(rng: np.random.Generator, size: int = 64) -> tuple[Image.Image, np.ndarray]:
+    """A lizard in the walkers' style: limbs of one colour, a lighter head, front feet in the opposite
+    colour, and a thinner tail. (image, (11, 2) points)."""
+    image = _background(rng, size)
+    draw = ImageDraw.Draw(image)
+    points, tail = lizard_points(rng, size)
+    colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+    width = max(2, int(size * rng.uniform(0.04, 0.07)))
+    index = {name: i for i, name in enumerate(LIZARD_KEYPOINTS)}
+    draw.line((*points[index["hips"]], *tail), fill=colour, width=max(1, width // 2))
+    for a, b in LIZARD_SKELETON:
+        draw.line((*points[index[a]], *points[index[b]]), fill=colour, width=width)
+    hx, hy = points[index["head"]]
+    r = width * 1.4
+    draw.ellipse((hx - r, hy - r, hx + r, hy + r), fill=tuple(min(255, c + 60) for c in colour))
+    for foot in ("left_front_foot", "right_front_foot"):
+        x, y = points[index[foot]]
+        draw.ellipse((x - width, y - width, x + width, y + width),
+                     fill=(255 - colour[0], 255 - colour[1], 255 - colour[2]))
+    return image, points
+
+
+# -- held-out targets, as the demo uses them ---------------------------------------------------
+TARGET_SEED = 100  # no pretraining corpus is drawn with it
+
+
+def write_target_shapes(root: Path, per_class_train: int, per_class_val: int, shapes: int = len(TARGET_SHAPES),
+                        seed: int = TARGET_SEED) -> Path:
+    """Classification: the first ``shapes`` held-out shapes, solid, as class folders."""
+    classes = [f"{shape}/solid" for shape in TARGET_SHAPES[:shapes]]
+    return write_shape_folder(root, classes, per_class_train, per_class_val, seed=seed)
+
+
+def write_target_scenes(root: Path, n_train: int, n_val: int, shapes: int = len(TARGET_SHAPES),
+                        max_objects: int = 5, seed: int = TARGET_SEED) -> Path:
+    """Detection: scenes of the first ``shapes`` held-out shapes, COCO JSON."""
+    return write_shape_scenes(root, TARGET_SHAPES[:shapes], n_train, n_val, seed=seed, max_objects=max_objects)
+
+
+def write_target_segmentation(root: Path, n_train: int, n_val: int, shapes: int = len(TARGET_SHAPES),
+                              max_objects: int = 5, seed: int = TARGET_SEED) -> Path:
+    """Segmentation: scenes of the first ``shapes`` held-out shapes, images+masks."""
+    return write_shape_segmentation(root, TARGET_SHAPES[:shapes], n_train, n_val, seed=seed, max_objects=max_objects)
+
+
+def write_lizards(root: Path, n_train: int, n_val: int, seed: int = TARGET_SEED, size: int = 64) -> Path:
+    """Pose: lizards seen from above (the walker's 11 keypoints moved to new places), COCO keypoints."""
+    figure = Figure("lizard", LIZARD_KEYPOINTS, LIZARD_SKELETON, lizard_image)
+    return write_figures(root, figure, n_train, n_val, seed, size)

@@ -68,6 +68,9 @@ class DemoRecipe:
     arguments: dict[str, Any]
     model: str  # a built-in model
     epochs: int
+    # per mode ("lora", "full"), settings that replace the preset's, e.g. {"lora": {"lr": 3e-3}};
+    # a mode without "lr" takes the demo's own (``examples.demo.DEMO_LR``)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def generate(self, folder) -> None:
         import_object(self.make_data)(folder, **self.arguments)

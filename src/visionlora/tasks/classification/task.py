@@ -222,9 +222,10 @@ class ClassificationTask(Task):
         lr_full=5e-5,
     )
     builtin_models = (BuiltinModel("tiny", 32, "visionlora.tasks.classification.builtin:tiny_vit"),)
-    demo = DemoRecipe("4 colour classes, 160 train / 48 val images",
-                      "visionlora.examples.synthetic:make_classification_folder",
-                      {"per_class_train": 40, "per_class_val": 12}, model="tiny-pretrained", epochs=8)
+    demo = DemoRecipe("6 shapes the twin never saw (it learnt 12 others), 120 train / 60 val images",
+                      "visionlora.examples.procedural:write_target_shapes",
+                      {"per_class_train": 20, "per_class_val": 10}, model="tiny-pretrained", epochs=10,
+                      settings={"full": {"lr": 5e-4}})
     main_metric = "accuracy"
     auto_class = "AutoModelForImageClassification"
     pipeline_tag = "image-classification"

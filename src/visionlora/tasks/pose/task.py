@@ -285,12 +285,10 @@ class PoseTask(Task):
         lr_lora=2e-4,
         lr_full=5e-5,
     )
-    # The pose twin, pretrained on 11-keypoint walkers, does not transfer to this 4-keypoint animal
-    # with 40 frames (worse than the mean position; see benchmarks/lora_vs_full.py), so the demo
-    # starts from the random tiny ViTPose.
     builtin_models = (BuiltinModel("tiny", 64, "visionlora.tasks.pose.builtin:tiny_vitpose"),)
-    demo = DemoRecipe("4 keypoints, DeepLabCut project, 48 frames", "visionlora.examples.synthetic:make_pose_dataset",
-                      {"fmt": "dlc", "n_train": 40, "n_val": 8}, model="tiny", epochs=40)
+    demo = DemoRecipe("lizards: the walker twin's 11 keypoints in a new layout, COCO keypoints, 80 train / 20 val",
+                      "visionlora.examples.procedural:write_lizards", {"n_train": 80, "n_val": 20},
+                      model="tiny-pretrained", epochs=80, settings={"lora": {"lr": 3e-3}, "full": {"lr": 1e-3}})
     main_metric = "pixel_error"
     greater_is_better = False
     auto_class = "AutoModelForPoseEstimation"
