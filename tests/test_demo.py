@@ -13,7 +13,8 @@ from visionlora.tasks import get_task
 @pytest.mark.parametrize("name", demo_tasks())
 def test_every_demo_starts_from_its_pretrained_twin(name):
     recipe = get_task(name).demo
-    assert recipe.model.endswith(PRETRAINED_SUFFIX) and pretrained_folder(name, get_task(name).builtin_models, recipe.model) is not None
+    assert recipe.model.endswith(PRETRAINED_SUFFIX)
+    assert pretrained_folder(name, get_task(name).builtin_models, recipe.model) is not None
     assert set(recipe.settings) <= {"lora", "full"}
     assert demo_settings(name, "lora")["model"] == recipe.model
 
