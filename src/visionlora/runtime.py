@@ -49,7 +49,7 @@ def resolve_precision(requested: str, fp16_unsafe: str | None = None) -> tuple[s
     (``fp16_unsafe``: DETR-family losses overflow), and fp32 otherwise, Apple MPS included.
     """
     if requested != "auto":
-        return requested, "asked for with --mixed-precision"
+        return requested, "asked for with --mixed-precision" + _emulated_bf16_note(requested)
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         if torch.cuda.get_device_capability() >= (8, 0):
@@ -66,6 +66,18 @@ def resolve_precision(requested: str, fp16_unsafe: str | None = None) -> tuple[s
     if cap:
         return "no", f"auto: ONEDNN_MAX_CPU_ISA={cap} leaves oneDNN no bf16 instructions"
     return "no", "auto: this CPU has no native bf16"
+
+
+def _emulated_bf16_note(requested: str) -> str:
+    """For bf16 asked for on a CUDA GPU without native bf16 (compute capability below 8.0: T4, V100),
+    a note that it runs emulated; else nothing. It is allowed: results are right, only slower."""
+    if requested != "bf16" or not torch.cuda.is_available():
+        return ""
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) >= (8, 0):
+        return ""
+    return (f"; note: {torch.cuda.get_device_name()} (compute capability {major}.{minor}) has no native bf16: "
+            "it is emulated, slower than fp16 or fp32 there")
 
 
 # oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) that still hold bf16 instructions; a lower cap emulates bf16
@@ -119,6 +131,13 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
         return bool(libc.mallopt(-3, threshold))  # -3 is M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
+
+
+def reset_peak_memory() -> None:
+    """Start the accelerator's peak-memory count afresh, at a run's start: ``peak_memory`` then reports
+    that run's peak, not the highest of every run before it in this process (``demo``, ``compare``)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
 
 def peak_memory() -> dict[str, Any]:

@@ -77,6 +77,18 @@ def load_checkpoint(paths: RunPaths) -> tuple[dict[str, torch.Tensor], dict[str,
     return trained, best, state
 
 
+def restore_cuda_rng(states: list[torch.Tensor]) -> str | None:
+    """Put back the saved CUDA generators' states, those of the GPUs this machine has; a note (else None)
+    when the checkpoint was written with another number of GPUs."""
+    count = torch.cuda.device_count()
+    for index, state in enumerate(states[:count]):
+        torch.cuda.set_rng_state(state, index)
+    if len(states) == count:
+        return None
+    return (f"the checkpoint holds the random state of {len(states)} GPUs and this machine has {count}: "
+            f"restored {min(len(states), count)}, so random numbers on the GPU differ from an uninterrupted run's")
+
+
 def resume_settings(root: Path, settings: dict[str, Any]) -> tuple[TrainConfig, Progress]:
     """The run's saved settings and progress; ``settings`` given now must agree with them."""
     for mode in ("lora", "full"):

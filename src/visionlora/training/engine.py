@@ -36,11 +36,23 @@ from visionlora.modeling.adapters import (
 )
 from visionlora.modeling.builtin import is_builtin
 from visionlora.modeling.loading import base_revision, loading_policy
-from visionlora.runtime import new_accelerator, resolve_precision, return_freed_memory, unwrap_in_fp32
+from visionlora.runtime import (
+    new_accelerator,
+    reset_peak_memory,
+    resolve_precision,
+    return_freed_memory,
+    unwrap_in_fp32,
+)
 from visionlora.tasks import get_task
 from visionlora.tasks.base import Datasets, Evaluation, ModelInfo, Task
 from visionlora.training import tracking
-from visionlora.training.checkpoint import Progress, load_checkpoint, resume_settings, save_checkpoint
+from visionlora.training.checkpoint import (
+    Progress,
+    load_checkpoint,
+    restore_cuda_rng,
+    resume_settings,
+    save_checkpoint,
+)
 from visionlora.training.continuation import start_from_run
 from visionlora.training.diagnostics import write_diagnostics
 from visionlora.training.loading import plan_loading
@@ -93,6 +105,7 @@ def _run(cfg: TrainConfig, progress: Progress | None) -> RunResult:
         gradient_accumulation_steps=cfg.grad_accum,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
+    reset_peak_memory()  # the summary's peak is this run's, not the highest of the runs before it in this process
     if progress is None:
         root: list[Path | str | None] = [new_run_dir(cfg.task, cfg.mode, cfg.output, cfg.overwrite)
                                          if accelerator.is_main_process else None]
@@ -232,17 +245,24 @@ def _offload_frozen_weights(model, file: Path) -> None:
 
 
 def _restore_frozen_weights(model, file: Path) -> None:
-    from safetensors.torch import load_file
+    """Put the full-precision originals that ``_offload_frozen_weights`` kept in ``file`` back, each on
+    the device its lowered weight is on now (the accelerator's), one at a time."""
+    from safetensors import safe_open
 
-    if file.is_file():
-        restore_weights(model, load_file(str(file)))
-        file.unlink()
+    if not file.is_file():
+        return
+    with safe_open(str(file), framework="pt") as originals:
+        for name in originals.keys():
+            device = model.get_parameter(name).device
+            restore_weights(model, {name: originals.get_tensor(name).to(device)})
+    file.unlink()
 
 
 def _evaluate_once(task: Task, model, processor, dataset, accelerator, info: ModelInfo, batch_size: int):
-    """Metrics of ``model`` as it is (fp32, before any training step)."""
+    """Metrics of ``model`` as it is (fp32, before any training step), on the device training runs on."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=task.steps.collate)
-    return evaluate(task, model, processor, loader, accelerator, info)
+    model.to(accelerator.device)
+    return evaluate(task, model, processor, accelerator.prepare(loader), accelerator, info)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -404,8 +424,10 @@ class TrainingLoop:
         self.state.loss_total = float(self._loss_sum)
 
     def _trained_weights(self) -> dict[str, torch.Tensor]:
+        """A copy of the trained weights and the buffers, on the CPU: no second copy in the accelerator's memory."""
         model = self.accelerator.unwrap_model(self.model)
-        return {name: t.detach().clone() for name, t in model.state_dict().items() if name in self.kept_names}
+        return {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()
+                if name in self.kept_names}
 
     def _track_best(self, epoch: int, metrics: dict[str, Any]) -> bool:
         value = metrics[self.task.main_metric]
@@ -457,5 +479,7 @@ class TrainingLoop:
         self.scheduler.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+            note = restore_cuda_rng(list(state["cuda_rng"]))
+            if note:
+                self.accelerator.print(f"note: {note}")
         self.state, self.best_state = progress, best
