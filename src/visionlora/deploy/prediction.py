@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from visionlora.modeling.mixed_batches import BASE_ROWS, mixed_rows, select_rows
+from visionlora.modeling.mixed_batches import BASE_ROWS, index_tensors, mixed_rows, select_rows
 from visionlora.tasks.base import ModelInfo, PredictInput, Task
 
 
@@ -62,8 +62,11 @@ def _predict_chunk(task: Task, model: Any, chunk: list[PredictInput], views: Seq
     with mixed_rows(model, names) if adapters[0] is not None else nullcontext():
         outputs = model(**batch, **chunk_views[0].info.forward_kwargs)
     results = []
-    for view, rows in _rows_by_view(chunk_views):
-        part = outputs if len(rows) == len(chunk) else select_rows(outputs, torch.tensor(rows), len(chunk))
+    by_view = _rows_by_view(chunk_views)
+    # each view's rows of the outputs, indexed on the model's device (one copy from the host for the chunk)
+    indices = index_tensors([rows for _, rows in by_view], model.device) if len(by_view) > 1 else [None]
+    for (view, rows), index in zip(by_view, indices):
+        part = outputs if index is None else select_rows(outputs, index, len(chunk))
         items = [chunk[row] for row in rows]
         results += list(zip(items, task.prediction.decode(part, items, images, view.processor, view.info, options)))
     return results

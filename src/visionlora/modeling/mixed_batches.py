@@ -11,13 +11,16 @@ own LoRA update, one adapter after another. Here two of its steps are replaced:
   heads fed one tensor): its inputs are split by adapter (any batch-first tensors, also inside
   lists and tuples), each adapter's own head runs on its rows, and the outputs are put back in
   row order.
+
+The row indices both need are made once per batch, on the model's device (:class:`MixedRows`), and
+every layer reuses them: no layer copies indices from the host.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from types import MethodType
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -25,6 +28,30 @@ from visionlora.compat import lora_variant_kwarg_keys, replace_mixed_batch_forwa
 from visionlora.modeling.adapters import adapter_method, is_plain_lora, peft_type
 
 BASE_ROWS = "__base__"  # peft's name for rows that take no adapter
+
+
+class MixedRows(list):
+    """Each row's adapter name (a list, as peft takes ``adapter_names``), with the row indices of a
+    mixed forward made once for the batch on ``device``, in one copy from the host.
+
+    ``adapters``: the names in order of first appearance; ``positions``: each row's place in
+    ``adapters``; ``rows``: each adapter's rows.
+    """
+
+    def __init__(self, adapter_names: Sequence[str], device: torch.device | str):
+        super().__init__(adapter_names)
+        by_adapter = rows_by_adapter(list(adapter_names))
+        self.adapters = list(by_adapter)
+        place = {name: position for position, name in enumerate(self.adapters)}
+        positions, *rows = index_tensors([[place[name] for name in self], *by_adapter.values()], device)
+        self.positions: torch.Tensor = positions
+        self.rows: dict[str, torch.Tensor] = dict(zip(self.adapters, rows))
+
+
+def index_tensors(groups: Sequence[Sequence[int]], device: torch.device | str) -> list[torch.Tensor]:
+    """One index tensor on ``device`` per group of integers, all made by one copy from the host."""
+    flat = torch.tensor([value for group in groups for value in group], dtype=torch.long, device=device)
+    return list(flat.split([len(group) for group in groups]))
 
 
 def mixing_refusal(peft_model, adapter: str) -> str | None:
@@ -67,9 +94,10 @@ def mixed_rows(peft_model, adapter_names: list[str]):
     """
     if not hasattr(peft_model, "mixing_layers"):
         prepare_mixed_batches(peft_model)
+    rows = MixedRows(adapter_names, next(peft_model.parameters()).device)
 
     def give_rows(module, args, kwargs):
-        return args, {**kwargs, "adapter_names": adapter_names}
+        return args, {**kwargs, "adapter_names": rows}
 
     handles = [layer.register_forward_pre_hook(give_rows, with_kwargs=True) for layer in peft_model.mixing_layers]
     try:
@@ -83,7 +111,7 @@ def _gathered_lora(peft_loop):
     variant_keys = lora_variant_kwarg_keys()  # per-variant arguments peft does not give the base layer
 
     def mixed_batch_forward(layer, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
-        adapters = list(dict.fromkeys(adapter_names))
+        adapters = _adapters(adapter_names)
         used = [name for name in adapters if name != BASE_ROWS]
         if not _gatherable(layer, used):
             return peft_loop(layer, x, *args, adapter_names=adapter_names, **kwargs)
@@ -91,13 +119,12 @@ def _gathered_lora(peft_loop):
         first_a = layer.lora_A[used[0]].weight
         zero_a, zero_b = torch.zeros_like(first_a), torch.zeros_like(layer.lora_B[used[0]].weight)
         a = torch.stack([layer.lora_A[n].weight if n != BASE_ROWS else zero_a for n in adapters])  # (n, r, in)
-        b = torch.stack([layer.lora_B[n].weight if n != BASE_ROWS else zero_b for n in adapters])  # (n, out, r)
-        scaling = torch.tensor([float(layer.scaling.get(n, 0.0)) for n in adapters], dtype=first_a.dtype,
-                               device=first_a.device)
-        rows = torch.tensor([adapters.index(n) for n in adapter_names], device=first_a.device)
+        # each adapter's scaling folded into its B: a float times a weight on its device, no index from the host
+        b = torch.stack([layer.lora_B[n].weight * layer.scaling[n] if n != BASE_ROWS else zero_b
+                         for n in adapters])  # (n, out, r)
+        rows = _mixed(adapter_names, first_a.device).positions.to(first_a.device)
         flat = x.to(first_a.dtype).reshape(x.shape[0], -1, x.shape[-1])
         update = torch.bmm(torch.bmm(flat, a[rows].transpose(1, 2)), b[rows].transpose(1, 2))
-        update = update * scaling[rows].view(-1, 1, 1)
         return result + update.reshape(result.shape).to(result.dtype)
 
     return mixed_batch_forward
@@ -116,14 +143,24 @@ def _forward_by_adapter(plain_forward):
         if adapter_names is None:
             return plain_forward(wrapper, *args, **kwargs)
         parts = []
-        for adapter, rows in rows_by_adapter(adapter_names).items():
+        for adapter, index in _mixed(adapter_names, "cpu").rows.items():
             head = wrapper.original_module if adapter == BASE_ROWS else wrapper.modules_to_save[adapter]
-            index = torch.tensor(rows)
             parts.append((index, head(*select_rows(args, index, len(adapter_names)),
                                       **select_rows(kwargs, index, len(adapter_names)))))
         return _stitch(parts, len(adapter_names))
 
     return forward
+
+
+def _adapters(adapter_names: list[str]) -> list[str]:
+    """The adapters of a batch's rows, in order of first appearance."""
+    return adapter_names.adapters if isinstance(adapter_names, MixedRows) else list(dict.fromkeys(adapter_names))
+
+
+def _mixed(adapter_names: list[str], device: torch.device | str) -> MixedRows:
+    """``adapter_names`` with its row indices: those :func:`mixed_rows` made for the batch, else made
+    now on ``device`` (a layer called with a plain list)."""
+    return adapter_names if isinstance(adapter_names, MixedRows) else MixedRows(adapter_names, device)
 
 
 def rows_by_adapter(adapter_names: list[str]) -> dict[str, list[int]]:

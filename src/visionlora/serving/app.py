@@ -10,9 +10,11 @@
     GET  /metrics                      Prometheus text
     POST /v1/models, DELETE /v1/models/{name}   load / unload runs (with --admin-token)
 
-Every bad request gets a 4xx answer with ``{"error": "..."}``. A run under ``--runs-dir`` loads on
-its first request; the batcher of a base's mixing LoRA adapters lets requests for different
-adapters share one forward.
+Every bad request gets a 4xx answer with ``{"error": "..."}``. A request the accelerator has no
+memory for (an image that does not fit even alone in a forward, or a run that does not fit when
+loaded) gets a 503 with ``Retry-After``, counted in ``visionlora_failures`` by cause; the server
+keeps serving. A run under ``--runs-dir`` loads on its first request; the batcher of a base's
+mixing LoRA adapters lets requests for different adapters share one forward.
 
 A :class:`VisionServer` holds the store, a batcher per batch group and two thread pools (forwards
 and loads); its app's lifespan starts the pools, and at shutdown stops the batchers and the pools.
@@ -41,6 +43,7 @@ from visionlora.core.outputs import png_bytes
 from visionlora.errors import VisionLoraError
 from visionlora.serving.batching import Batcher, BatcherStopped, Job
 from visionlora.serving.forms import ApiError, parse_options, read_form, read_images
+from visionlora.serving.memory import RETRY_AFTER_S, OutOfMemory
 from visionlora.serving.metrics import Metrics
 from visionlora.serving.models import ModelStore, ServedModel, StoreEvents, UnknownModel, predict_together
 
@@ -140,7 +143,7 @@ class VisionServer(StoreEvents):
             if group not in self.batchers:
                 self.batchers[group] = Batcher(self._forward, self._running(self.forward_pool),
                                                self.settings.max_batch_size, self.settings.max_wait_ms,
-                                               on_batch=self.metrics.forward)
+                                               on_batch=self.metrics.forward, on_split=self.metrics.split)
             return self.batchers[group]
 
     def _forward(self, images: list, models: list[ServedModel], **options: Any) -> list[dict]:
@@ -171,6 +174,8 @@ class VisionServer(StoreEvents):
         except UnknownModel as err:
             served = ", ".join(sorted(self.store.models)) or "none loaded"
             raise ApiError(404, f"{err} (served: {served})") from None
+        except OutOfMemory as err:
+            raise self._out_of_memory(name, "load_out_of_memory", err) from None
         except VisionLoraError as err:
             raise ApiError(500, str(err)) from None
 
@@ -185,8 +190,15 @@ class VisionServer(StoreEvents):
             return await self.batcher_for(served).submit(job)
         except BatcherStopped as err:
             raise ApiError(503, str(err)) from None
+        except OutOfMemory as err:
+            raise self._out_of_memory(served.name, "forward_out_of_memory", err) from None
         except VisionLoraError as err:
             raise ApiError(400, str(err)) from None
+
+    def _out_of_memory(self, name: str, cause: str, err: OutOfMemory) -> ApiError:
+        """The 503 answer to a request the accelerator had no memory for, counted by cause."""
+        self.metrics.failures.labels(name, cause).inc()
+        return ApiError(503, f"model {name!r}: {err}", {"Retry-After": str(RETRY_AFTER_S)})
 
     async def found_boxes(self, served: ServedModel, box_values: dict[str, Any], images: list,
                           options: dict[str, Any]) -> dict[str, Any]:
@@ -250,6 +262,8 @@ class VisionServer(StoreEvents):
         name, path = await _name_and_path(request)
         try:
             served = await self._in_load_thread(self.store.add, name, path)
+        except OutOfMemory as err:
+            raise self._out_of_memory(name, "load_out_of_memory", err) from None
         except VisionLoraError as err:
             raise ApiError(409 if "already served" in str(err) else 400, str(err)) from None
         return JSONResponse(served.describe(), status_code=201)
@@ -320,7 +334,7 @@ async def _name_and_path(request: Request) -> tuple[str, str]:
 
 
 async def _api_error(request: Request, err: ApiError) -> JSONResponse:
-    return JSONResponse({"error": err.message}, status_code=err.status)
+    return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
 
 
 async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:

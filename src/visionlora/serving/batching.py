@@ -1,7 +1,10 @@
 """Micro-batching: requests arriving within a short wait share one forward.
 
 A batcher serves one model, or every mixing adapter of one base: then requests for different
-adapters share a forward, each image with its own adapter.
+adapters share a forward, each image with its own adapter. A forward that runs out of
+accelerator memory is retried in halves (down to one image) once the allocator's cache is freed;
+a request with an image that does not fit even alone fails with :class:`OutOfMemory`, and the
+others of its batch are answered.
 """
 
 from __future__ import annotations
@@ -9,10 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from PIL import Image
+
+from visionlora.serving.memory import OutOfMemory, free_cached_memory
 
 
 @dataclass
@@ -39,11 +46,13 @@ class Batcher:
     """Collects jobs for up to ``max_wait_ms``, ``max_batch_size`` images at a time, and runs
     ``predict(images, models, **options)`` (``models``: each image's job's model) for the batch
     in a worker thread. The worker ends when no job waits, and starts again with the next one;
-    :meth:`stop` ends it for good."""
+    :meth:`stop` ends it for good. ``on_batch(models)`` is called for each batch, ``on_split(models)``
+    for each forward that ran out of memory and is retried in halves."""
 
     def __init__(self, predict: Callable[..., list[dict]], executor: ThreadPoolExecutor,
-                 max_batch_size: int, max_wait_ms: float, on_batch: Callable[[list], None] = lambda models: None):
-        self.predict, self.executor, self.on_batch = predict, executor, on_batch
+                 max_batch_size: int, max_wait_ms: float, on_batch: Callable[[list], None] = lambda models: None,
+                 on_split: Callable[[list], None] = lambda models: None):
+        self.predict, self.executor, self.on_batch, self.on_split = predict, executor, on_batch, on_split
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
         self.worker: asyncio.Task | None = None
@@ -105,15 +114,49 @@ class Batcher:
             options[name] = [value for job in jobs for value in job.options[name]]
         self.on_batch(models)
         try:
-            predictions = await loop.run_in_executor(self.executor, lambda: self.predict(images, models, **options))
+            predictions = await loop.run_in_executor(self.executor, self._predict_fitting, images, models, options,
+                                                     jobs[0].per_image)
         except Exception as err:  # handed to each waiting request
             _fail(jobs, err)
             return
-        start = 0
-        for job in jobs:
-            if job.future is not None and not job.future.done():
-                job.future.set_result(predictions[start : start + len(job.images)])
-            start += len(job.images)
+        _answer(jobs, predictions)
+
+    def _predict_fitting(self, images: list, models: list, options: dict[str, Any],
+                         per_image: tuple[str, ...]) -> list[dict | OutOfMemory]:
+        """The predictions of ``images``; a forward that runs out of accelerator memory is retried in
+        halves once the cache is freed, and an image that does not fit even alone gets an
+        :class:`OutOfMemory` in place of its prediction."""
+        with suppress(torch.OutOfMemoryError):  # the retry runs once the failed forward's tensors are freed
+            return list(self.predict(images, models, **options))
+        free_cached_memory()
+        if len(images) == 1:
+            return [OutOfMemory("out of accelerator memory: the image does not fit even alone in a forward; "
+                                "try again later")]
+        self.on_split(models)
+        half = (len(images) + 1) // 2
+        return (self._predict_fitting(images[:half], models[:half], _sliced(options, per_image, 0, half), per_image)
+                + self._predict_fitting(images[half:], models[half:], _sliced(options, per_image, half, None),
+                                        per_image))
+
+
+def _answer(jobs: list[Job], predictions: list[dict | OutOfMemory]) -> None:
+    """Each job its predictions, in order; a job with an image that did not fit fails with its error."""
+    start = 0
+    for job in jobs:
+        answers = predictions[start : start + len(job.images)]
+        start += len(job.images)
+        if job.future is None or job.future.done():
+            continue
+        failed = next((answer for answer in answers if isinstance(answer, OutOfMemory)), None)
+        if failed is not None:
+            job.future.set_exception(failed)
+        else:
+            job.future.set_result(answers)
+
+
+def _sliced(options: dict[str, Any], per_image: tuple[str, ...], start: int, stop: int | None) -> dict[str, Any]:
+    """``options`` for the images ``start:stop`` of a batch: per-image ones cut alike, shared ones kept."""
+    return {name: value[start:stop] if name in per_image else value for name, value in options.items()}
 
 
 def _fail(jobs: list[Job], error: Exception) -> None:

@@ -20,11 +20,12 @@ DRAIN_FACTOR = 4  # a refused upload is read (and dropped) up to this many times
 
 
 class ApiError(Exception):
-    """A bad request: its status code and a message naming the problem."""
+    """A bad request (or one the server cannot serve now): its status code, a message naming the
+    problem and the answer's extra headers (e.g. ``Retry-After``)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 
 async def read_form(request: Request, max_bytes: int) -> FormData:

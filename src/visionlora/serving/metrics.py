@@ -18,6 +18,11 @@ class Metrics(StoreEvents):
         self.batch_size = Histogram("visionlora_batch_images", "images per model forward", ["model"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
         self.images = Counter("visionlora_images", "images predicted", ["model"], registry=self.registry)
+        self.failures = Counter("visionlora_failures", "requests the server could not serve, by model and cause",
+                                ["model", "cause"], registry=self.registry)
+        self.splits = Counter("visionlora_forward_splits",
+                              "forwards that ran out of accelerator memory and were retried in halves",
+                              registry=self.registry)
         self.forward_images = Histogram("visionlora_forward_images",
                                         "images per forward, by how many adapters it mixed", ["adapters"],
                                         buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
@@ -36,6 +41,9 @@ class Metrics(StoreEvents):
 
     def evicted(self, name: str) -> None:
         self.evictions.inc()
+
+    def split(self, models: list[ServedModel]) -> None:
+        self.splits.inc()
 
     def forward(self, models: list[ServedModel]) -> None:
         self.forward_images.labels(str(len(set(map(id, models))))).observe(len(models))

@@ -9,16 +9,17 @@ serialised by that base's lock, so requests never see another adapter's weights.
 Runs named at start (or loaded by an admin call) stay loaded. Runs under ``runs_dir`` are
 loaded on their first request, one load at a time, and the least recently used of them is
 unloaded when more than ``max_loaded`` runs are held, never while one of its requests is in
-flight.
+flight. A load that runs out of accelerator memory fails with :class:`OutOfMemory`, its cache freed.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -29,6 +30,7 @@ from visionlora.errors import VisionLoraError
 from visionlora.modeling.loading import base_revision, check_weight_files, loading_policy
 from visionlora.modeling.mixed_batches import mixing_refusal, prepare_mixed_batches
 from visionlora.serving import DEFAULT_MAX_LOADED
+from visionlora.serving.memory import OutOfMemory, free_cached_memory
 from visionlora.serving.slots import AdapterSlots
 from visionlora.tasks.base import ModelInfo, Task
 
@@ -207,6 +209,8 @@ class ModelStore:
             started = time.perf_counter()
             try:
                 served = self._load(name, folder, pinned=False)
+            except OutOfMemory:
+                raise
             except VisionLoraError as err:
                 raise VisionLoraError(f"model {name!r} could not be loaded: {err}") from None
             self.events.loaded(name, time.perf_counter() - started)
@@ -234,6 +238,14 @@ class ModelStore:
 
     # -- loading and unloading ----------------------------------------------------------------
     def _load(self, name: str, run_dir: str | Path, pinned: bool) -> ServedModel:
+        """:meth:`_load_run`; an accelerator running out of memory (as the weights move to it, say) is an
+        :class:`OutOfMemory`, raised once the allocator's cache is freed."""
+        with suppress(torch.OutOfMemoryError, OutOfMemory):  # freed below, once the failed load's tensors are gone
+            return self._load_run(name, run_dir, pinned)
+        free_cached_memory()
+        raise OutOfMemory(f"out of {self.device} memory loading the run; try again later or unload others")
+
+    def _load_run(self, name: str, run_dir: str | Path, pinned: bool) -> ServedModel:
         run = open_run(run_dir)
         with loading_policy(False, False):
             if run.export is not None and run.onnx_base is not None:
@@ -333,10 +345,10 @@ class ModelStore:
             base_model, slots = run.load_base(), AdapterSlots()
             sibling = next((other for other in self.bases.values() if other.key[:2] == key[:2]), None)
             if sibling is not None:  # the same base with a head of another size: one copy of the weights
-                _share_equal_weights(base_model, sibling.weights)
+                _share_equal_weights(base_model, sibling.weights)  # (the sibling's, on the store's device)
             weights = dict(base_model.named_parameters())
-            slot = run.attach_adapter(lambda: slots.fill(run.paths.model_dir, lambda first: _mixing(
-                PeftModel.from_pretrained(base_model, run.paths.model_dir, adapter_name=first).to(self.device).eval())))
+            slot = _fill_slot(run, slots, lambda first: _mixing(PeftModel.from_pretrained(
+                base_model, run.paths.model_dir, adapter_name=first).to(self.device).eval()))
             shared = SharedBase(key, slots.model, slots=slots, weights=weights)
             with self._lock:
                 self.bases[key] = shared
@@ -345,21 +357,47 @@ class ModelStore:
             if not isinstance(held, AdapterSlots):  # ONNX bases are keyed apart and never found here
                 raise TypeError(f"the base {key} holds no peft adapter slots")
             with shared.lock:  # peft creates the adapter on the model's device and leaves the model in eval mode
-                slot = run.attach_adapter(lambda: held.fill(run.paths.model_dir, lambda new: (
+                slot = _fill_slot(run, held, lambda new: (
                     shared.model.load_adapter(run.paths.model_dir, adapter_name=new, torch_device=self.device,
-                                              low_cpu_mem_usage=True), _mixing(shared.model))[1]))
+                                              low_cpu_mem_usage=True), _mixing(shared.model))[1])
         shared.adapters.add(name)
         return shared, slot
 
 
+def _fill_slot(run: RunFolder, slots: AdapterSlots, make: Callable[[str], Any]) -> str:
+    """The slot of ``slots`` that holds ``run``'s adapter (:meth:`AdapterSlots.fill`), loaded under the run's
+    guard; running out of accelerator memory is an :class:`OutOfMemory`, which the guard passes on (it
+    words other errors as damaged or mismatched weights)."""
+
+    def fill() -> str:
+        with suppress(torch.OutOfMemoryError):
+            return slots.fill(run.paths.model_dir, make)
+        raise OutOfMemory("out of accelerator memory loading the adapter")
+
+    return run.attach_adapter(fill)
+
+
 def _share_equal_weights(model: torch.nn.Module, weights: dict[str, torch.nn.Parameter]) -> None:
-    """Point ``model``'s parameters at the equal ones in ``weights`` (same name, shape and values)."""
+    """Point ``model``'s parameters at the equal ones in ``weights`` (same name, shape, type and values),
+    wherever those are: a model just loaded on the CPU takes a sibling's weights already on the GPU."""
     for module_name, module in model.named_modules():
         for name, parameter in list(module._parameters.items()):
             other = weights.get(f"{module_name}.{name}" if module_name else name)
-            if parameter is not None and other is not None and other.shape == parameter.shape \
-                    and other.device == parameter.device and torch.equal(other, parameter):
+            if parameter is not None and other is not None and _equal_anywhere(other, parameter):
                 module.register_parameter(name, other)
+
+
+def _equal_anywhere(other: torch.Tensor, parameter: torch.Tensor) -> bool:
+    """Whether ``other`` (on any device) holds the values of ``parameter``, compared on ``parameter``'s device."""
+    if other.shape != parameter.shape or other.dtype != parameter.dtype:
+        return False
+    return torch.equal(other.detach().to(parameter.device), parameter)
+
+
+def device_for_gpus(gpus: float) -> str:
+    """The device of a Ray replica or actor that asked for ``gpus`` GPUs: the CPU for none (Ray does not
+    hide the machine's GPUs from such a worker), else CUDA (Ray makes the GPUs it gave the visible ones)."""
+    return "cuda" if gpus > 0 else "cpu"
 
 
 def _mixing(peft_model):

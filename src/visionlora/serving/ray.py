@@ -81,10 +81,10 @@ class Replica:
         import httpx
 
         from visionlora.serving.app import ServeSettings, VisionServer
-        from visionlora.serving.models import ModelStore
+        from visionlora.serving.models import ModelStore, device_for_gpus
 
         config = RaySettings(**settings)
-        self.store = ModelStore(runs_dir=config.runs_dir, max_loaded=config.max_loaded)
+        self.store = ModelStore(device_for_gpus(config.replica_gpus), config.runs_dir, config.max_loaded)
         self.server = VisionServer(self.store, ServeSettings(**config.serve), identity={"replica_pid": os.getpid()})
         self.server.start()  # an ASGI transport runs no lifespan: the replica starts and stops the server
         self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.server.app()),

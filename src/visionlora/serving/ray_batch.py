@@ -175,7 +175,7 @@ def run_job(job: BatchJob, pool: ActorPool) -> dict[str, int]:
             decoded = dataset.map_batches(decode_images, batch_size=pool.batch_size, batch_format="pandas",
                                           num_cpus=DECODE_CPUS)
         predicted = decoded.map_batches(
-            RunPredictor, fn_constructor_kwargs={"runs": job.runs, "options": job.options},
+            RunPredictor, fn_constructor_kwargs={"runs": job.runs, "options": job.options, "gpus": pool.gpus},
             batch_size=pool.batch_size, batch_format="pandas",
             compute=ray.data.ActorPoolStrategy(size=pool.actors), num_cpus=pool.cpus, num_gpus=pool.gpus)
         journal = _journal(job.output) if job.output.suffix == ".parquet" else job.output
@@ -221,12 +221,13 @@ def decode_images(batch):
 
 
 class RunPredictor:
-    """An actor: the runs loaded once (adapters of one base on one model), predicting decoded images."""
+    """An actor: the runs loaded once (adapters of one base on one model), predicting decoded images;
+    on the CPU when it asked for no GPU (``gpus``), else on the GPU Ray gave it."""
 
-    def __init__(self, runs: dict[str, str], options: dict[str, Any]):
-        from visionlora.serving.models import ModelStore
+    def __init__(self, runs: dict[str, str], options: dict[str, Any], gpus: float = 0.0):
+        from visionlora.serving.models import ModelStore, device_for_gpus
 
-        self.store = ModelStore(max_loaded=max(len(runs), 1))
+        self.store = ModelStore(device_for_gpus(gpus), max_loaded=max(len(runs), 1))
         self.served = {name: self.store.add(name, folder) for name, folder in runs.items()}
         self.options = options
 
