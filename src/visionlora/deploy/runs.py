@@ -25,7 +25,7 @@ from visionlora.modeling.loading import (
     load_pretrained,
     loading_policy,
 )
-from visionlora.tasks import get_task
+from visionlora.tasks import get_task, read_model_info
 from visionlora.tasks.base import ModelInfo, Task
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def open_run(run_dir: str | Path) -> RunFolder:
     paths = find_run(run_dir)
     if not paths.completed() or (paths.mode != "export" and not read_json(paths.summary).get("completed")):
         raise VisionLoraError(f"{paths.root}: the run did not complete (no finished training summary)")
-    info = ModelInfo.from_dict(read_json(paths.model_dir / INFO_FILE))
+    info = read_model_info(read_json(paths.model_dir / INFO_FILE))
     return RunFolder(paths, info, get_task(info.task), read_json(paths.export_file) if paths.mode == "export" else None)
 
 

@@ -5,10 +5,11 @@ Importing this package is cheap: a task's module (and torch) loads when the task
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from visionlora.errors import VisionLoraError
 from visionlora.lazy import import_object
+from visionlora.tasks.records import ModelInfo
 
 if TYPE_CHECKING:
     from visionlora.tasks.base import Task
@@ -33,3 +34,8 @@ def get_task(name: str) -> Task:
     except KeyError:
         raise VisionLoraError(f"unknown task {name!r}; choose one of: {', '.join(_REGISTRY)}") from None
     return import_object(target)()
+
+
+def read_model_info(data: dict[str, Any]) -> ModelInfo:
+    """A saved run description (``visionlora.json``), with its task's own state."""
+    return ModelInfo.from_dict(data, get_task(data["task"]).state_type)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 
 from visionlora.errors import VisionLoraError
-from visionlora.tasks.base import ModelInfo, Task
+from visionlora.tasks.base import Task
 
 
 def start_from_run(run_dir: str, task: Task, labels: list[str], mode: str):
@@ -47,7 +48,7 @@ def _continue_adapter(source, labels: list[str], mode: str, run_dir: str):
             "start from its base model instead (--model), or export it merged and start from the export")
     model = source.model
     _make_adapter_trainable(model)
-    info = ModelInfo.from_dict(source.info.to_dict())
+    info = copy.deepcopy(source.info)
     if source.paths.base_dir.exists() and not Path(info.base_model).exists():
         info.base_model = str(source.paths.base_dir.resolve())  # a built-in base, saved with that run
     return model, source.processor, info

@@ -4,7 +4,7 @@ training data teaches the run (``TaskState``)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Hashable
+from typing import Any, Callable, Hashable
 
 import torch
 
@@ -13,10 +13,7 @@ from visionlora.data.formats import read_evaluation_part, read_part, read_source
 from visionlora.data.records import Part, SourceData
 from visionlora.data.transforms import processor_output_size
 from visionlora.errors import VisionLoraError
-from visionlora.tasks.base import Datasets, ModelInfo, TaskState
-
-if TYPE_CHECKING:
-    from visionlora.tasks.base import Task
+from visionlora.tasks.records import Datasets, ModelInfo, TaskDeclarations, TaskState
 
 Dataset = torch.utils.data.Dataset
 Built = tuple[Any, list[dict[str, str]]]  # (dataset with a ``cache_report``, files skipped)
@@ -26,7 +23,7 @@ class TaskData:
     """Hooks: ``train_dataset`` and ``eval_dataset`` (required); ``check_data``, ``state_from_data``,
     ``state_from_training_set``, ``image_bytes``, ``sample_weights``, ``count`` (defaults)."""
 
-    def __init__(self, task: Task) -> None:
+    def __init__(self, task: TaskDeclarations) -> None:
         self.task = task
 
     def read_data(self, cfg: Any) -> SourceData:

@@ -3,7 +3,7 @@ trained one, read facts off it, name its head and set its training mode."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -11,10 +11,7 @@ from visionlora.data.transforms import processor_output_size, processor_size, se
 from visionlora.errors import VisionLoraError
 from visionlora.modeling.builtin import build_builtin, is_builtin, label_maps, pretrained_folder
 from visionlora.modeling.loading import base_revision, current_policy, load_pretrained
-from visionlora.tasks.base import ModelFacts, ModelInfo
-
-if TYPE_CHECKING:
-    from visionlora.tasks.base import Task
+from visionlora.tasks.records import ModelFacts, ModelInfo, TaskDeclarations
 
 BATCHNORM_CLASSES = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
 
@@ -23,7 +20,7 @@ class TaskModel:
     """Hooks: ``head_modules`` (required); ``checkpoint``, ``load_kwargs``, ``resize_processor``,
     ``describe_model``, ``prepare_for_training`` (defaults)."""
 
-    def __init__(self, task: Task) -> None:
+    def __init__(self, task: TaskDeclarations) -> None:
         self.task = task
 
     def build_model(self, model_ref: str, labels: list[str], image_size: int | None,

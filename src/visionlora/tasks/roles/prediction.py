@@ -3,22 +3,19 @@ results, combining them per image, and drawing them."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
 
-from visionlora.tasks.base import BoxRequest, ModelInfo, PredictInput
-
-if TYPE_CHECKING:
-    from visionlora.tasks.base import Task
+from visionlora.tasks.records import BoxRequest, ModelInfo, PredictInput, TaskDeclarations
 
 
 class TaskPrediction:
     """Hooks: ``predict_inputs``, ``decode``, ``draw`` (required); ``model_inputs``, ``combine``,
     ``box_request``, ``exact_outputs`` (defaults)."""
 
-    def __init__(self, task: Task) -> None:
+    def __init__(self, task: TaskDeclarations) -> None:
         self.task = task
 
     def predict_inputs(self, image: Image.Image, image_index: int, processor: Any, info: ModelInfo,

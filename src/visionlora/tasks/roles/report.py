@@ -3,20 +3,17 @@ ground truth shaped like a prediction for the grid of examples."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image
 
-from visionlora.tasks.base import Diagnostics, ModelInfo
-
-if TYPE_CHECKING:
-    from visionlora.tasks.base import Task
+from visionlora.tasks.records import Diagnostics, ModelInfo, TaskDeclarations
 
 
 class TaskReport:
     """Hooks: ``ground_truth`` (required); ``diagnostics``, ``caption`` (defaults)."""
 
-    def __init__(self, task: Task) -> None:
+    def __init__(self, task: TaskDeclarations) -> None:
         self.task = task
 
     def diagnostics(self, dataset: Any, indices: list[int], outputs: list[Any], info: ModelInfo) -> Diagnostics:

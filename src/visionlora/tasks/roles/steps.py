@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from visionlora.data.batches import stacked
 from visionlora.data.transforms import Normalizer
-from visionlora.tasks.base import ModelInfo
-
-if TYPE_CHECKING:
-    from visionlora.tasks.base import Task
+from visionlora.tasks.records import ModelInfo, TaskDeclarations
 
 
 class TaskSteps:
     """Hooks: ``loss``, ``eval_step``, ``metrics`` (required); ``collate``, ``device_batch``, ``top1`` (defaults)."""
 
-    def __init__(self, task: Task) -> None:
+    def __init__(self, task: TaskDeclarations) -> None:
         self.task = task
 
     def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
