@@ -56,8 +56,8 @@ class TrainConfig:
     mixed_precision: str = _opt(
         "auto", "auto (bf16 where the hardware runs it natively, else fp16 on older GPUs, else fp32), "
         "no (fp32), fp16 (GPU) or bf16", choices=PRECISIONS)
-    device: str = _opt("auto", f"where to train: {DEVICES}; auto: CUDA, then Apple MPS, then the CPU "
-                       "(several processes: cuda:LOCAL_RANK, chosen with CUDA_VISIBLE_DEVICES)")
+    device: str = _opt("auto", "where to train: auto (CUDA, then Apple MPS, then the CPU), cpu, cuda, cuda:N "
+                       "(GPU N) or mps; several processes train on cuda:LOCAL_RANK (choose with CUDA_VISIBLE_DEVICES)")
     lora_r: int | None = _opt(None, "LoRA rank (preset per task)")
     lora_alpha: float | None = _opt(None, "LoRA alpha (preset per task)")
     lora_dropout: float = _opt(0.0, "dropout on the LoRA input")
