@@ -256,12 +256,12 @@ def test_onnx_without_a_cuda_provider_runs_on_the_cpu_with_a_note(monkeypatch, c
     assert "no CUDAExecutionProvider (pip install onnxruntime-gpu)" in capsys.readouterr().err
 
 
-def _serve(monkeypatch, argv: list[str]) -> str:
+def _serve(monkeypatch, argv: list[str]) -> None:
+    """``visionlora serve argv`` up to where it would listen."""
     import uvicorn
 
     monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
     assert main(["serve", *argv]) == 0
-    return ""
 
 
 def test_serving_onnx_with_bf16_says_it_runs_in_its_exported_precision(monkeypatch, tiny_run, capsys):
