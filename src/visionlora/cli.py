@@ -119,7 +119,7 @@ def _cmd_train(args) -> int:
 def _cmd_evaluate(args) -> int:
     from visionlora.deploy.predictor import load_run
 
-    run = load_run(args.run_dir, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+    run = load_run(args.run_dir, args.device, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
                    allow_base_change=args.allow_base_change)
     result = run.evaluate(args.data, split=args.split)
     _emit(result, args.output)
@@ -132,11 +132,12 @@ def _cmd_predict(args) -> int:
     from visionlora.deploy.video import is_video
 
     if args.engine == "ray":
+        _device_on_ray(args.device, "--engine ray: each actor predicts on the GPU Ray gives it (--gpus-per-actor)")
         return _predict_on_ray(args)
     _use_threads(args)
     if args.runs:
         raise VisionLoraError("--runs takes effect with --engine ray")
-    loading = dict(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    loading = dict(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, device=args.device)
     run = load_run(args.run_dir, allow_base_change=args.allow_base_change, **loading)
     options, box_values, outputs = task_arguments(vars(args), run.task, run.paths.root)
     finder = box_finder(run, box_values, **loading)
@@ -226,11 +227,13 @@ def _cmd_serve(args) -> int:
     settings = ServeSettings(args.max_batch_size, args.max_wait_ms, args.max_upload_mb, args.admin_token,
                              args.precision, args.mixed_batches)
     if args.ray:
+        _device_on_ray(args.device, "--ray: each replica serves on the GPU Ray gives it (--replica-gpus)")
         return _serve_on_ray(args, settings)
-    store = ModelStore(runs_dir=args.runs_dir, max_loaded=args.max_loaded_adapters)
+    store = ModelStore(device=args.device, runs_dir=args.runs_dir, max_loaded=args.max_loaded_adapters)
     for item in args.runs:
         name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
         store.add(name or Path(path).resolve().name, path)
+    _note_precision(args.precision, store)
     for served in store.models.values():
         others = served.describe()["shares_base_with"]
         shared = f", sharing its base with {', '.join(others)}" if others else ""
@@ -242,6 +245,33 @@ def _cmd_serve(args) -> int:
     print(f"listening on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(create_app(store, settings), host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _device_on_ray(device: str, where: str) -> None:
+    """Refuse a ``--device`` other than auto on Ray, whose workers take the devices Ray gives them."""
+    if device.strip().lower() != "auto":
+        raise VisionLoraError(f"--device {device} does not apply to {where}")
+
+
+def _note_precision(precision: str, store) -> None:
+    """One line each where ``--precision bf16`` is emulated on the store's device, or leaves ONNX exports as
+    they are (the runs given, and any under --runs-dir)."""
+    if precision != "bf16":
+        return
+    import torch
+
+    from visionlora.deploy.onnx_model import ONNX_PRECISION_NOTE
+    from visionlora.deploy.runs import open_run
+    from visionlora.runtime import bf16_note
+
+    note = bf16_note(torch.device(store.device))
+    if note:
+        _tell(f"note: {note}")
+    folders = [served.paths.root for served in store.models.values()]
+    folders += [store.runs_dir / name for name in store.available()] if store.runs_dir else []
+    onnx = sorted({str(folder) for folder in folders if open_run(folder).is_onnx})
+    if onnx:
+        _tell(f"note: {ONNX_PRECISION_NOTE}: {', '.join(onnx)}")
 
 
 def _serve_on_ray(args, settings) -> int:

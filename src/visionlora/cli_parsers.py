@@ -48,8 +48,19 @@ def threads_flag() -> Parser:
     return threads
 
 
+def device_flag() -> Parser:
+    """``--device``, where the commands that load runs put them."""
+    from visionlora.runtime import DEVICES
+
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", default="auto", metavar=DEVICES,
+                        help="where the model runs (default auto: CUDA, then Apple MPS, then the CPU); an ONNX "
+                             "export runs on onnxruntime's CUDA provider on a CUDA device where it has one")
+    return device
+
+
 def evaluate_parser(commands: Subcommands, common: Parser, help_text: str) -> Parser:
-    evaluate = commands.add_parser("evaluate", parents=[common, loading_flags()], help=help_text)
+    evaluate = commands.add_parser("evaluate", parents=[common, loading_flags(), device_flag()], help=help_text)
     evaluate.add_argument("run_dir", metavar="RUN_DIR",
                           help="the run folder (holding trained_model_lora/ or trained_model/)")
     evaluate.add_argument("--data", help="labelled data to evaluate on (default: the run's validation split)")
@@ -63,7 +74,8 @@ def predict_parser(commands: Subcommands, common: Parser, help_text: str) -> Par
     """Generic arguments, then each task's options and writers (a flag shared by tasks is added once)."""
     from visionlora.tasks import get_task, task_names
 
-    predict = commands.add_parser("predict", parents=[common, loading_flags(), threads_flag()], help=help_text)
+    predict = commands.add_parser("predict", parents=[common, loading_flags(), device_flag(), threads_flag()],
+                                  help=help_text)
     predict.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
     predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER_OR_VIDEO",
                          help="image files, folders of images, or videos (mp4, avi, mov, mkv)")
@@ -124,7 +136,7 @@ def compare_parser(commands: Subcommands, common: Parser, help_text: str) -> Par
 
 
 def serve_parser(commands: Subcommands, common: Parser, help_text: str) -> Parser:
-    serve = commands.add_parser("serve", parents=[common, threads_flag()], help=help_text,
+    serve = commands.add_parser("serve", parents=[common, device_flag(), threads_flag()], help=help_text,
                                 description="Serve runs over HTTP: GET / for a page to try them, "
                                             "/v1/models for the API.")
     serve.add_argument("runs", nargs="*", metavar="[NAME=]RUN",
@@ -160,7 +172,8 @@ def serve_parser(commands: Subcommands, common: Parser, help_text: str) -> Parse
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20 MB)")
     serve.add_argument("--admin-token", help="enable POST/DELETE /v1/models, with 'Authorization: Bearer TOKEN'")
     serve.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                       help="inference precision (fp32 answers equal visionlora predict)")
+                       help="inference precision of torch models (fp32 answers equal visionlora predict; "
+                            "an ONNX export runs in the precision it was exported in)")
     return serve
 
 

@@ -17,6 +17,7 @@ import yaml
 
 from visionlora.errors import VisionLoraError
 from visionlora.modeling.adapters import METHODS
+from visionlora.runtime import DEVICE_PATTERN, DEVICES
 from visionlora.tasks import DEFAULT_TASK, get_task
 
 # tracker name -> (module it needs, pip package to install)
@@ -55,6 +56,8 @@ class TrainConfig:
     mixed_precision: str = _opt(
         "auto", "auto (bf16 where the hardware runs it natively, else fp16 on older GPUs, else fp32), "
         "no (fp32), fp16 (GPU) or bf16", choices=PRECISIONS)
+    device: str = _opt("auto", "where to train: auto (CUDA, then Apple MPS, then the CPU), cpu, cuda, cuda:N "
+                       "(GPU N) or mps; several processes train on cuda:LOCAL_RANK (choose with CUDA_VISIBLE_DEVICES)")
     lora_r: int | None = _opt(None, "LoRA rank (preset per task)")
     lora_alpha: float | None = _opt(None, "LoRA alpha (preset per task)")
     lora_dropout: float = _opt(0.0, "dropout on the LoRA input")
@@ -102,6 +105,8 @@ class TrainConfig:
             (self.method == "lora" or self.mode == "lora",
              f"--method {self.method} is an adapter: use it with --mode lora"),
             (self.mixed_precision in PRECISIONS, f"--mixed-precision must be one of {', '.join(PRECISIONS)}"),
+            (DEVICE_PATTERN.fullmatch(str(self.device).strip().lower()) is not None,
+             f"--device must be one of {DEVICES}, not {self.device!r}"),
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.grad_accum >= 1, "--grad-accum must be at least 1"),

@@ -1,14 +1,71 @@
-"""Process-level settings a run needs: a fresh Accelerator, the allocator, peak memory."""
+"""Process-level settings a run needs: its device, a fresh Accelerator, the allocator, peak memory."""
 
 from __future__ import annotations
 
 import os
+import re
 import resource
 from typing import Any
 
 import torch
 
 from visionlora.compat import pop_original_forward, reset_accelerate_state
+from visionlora.errors import VisionLoraError
+
+DEVICES = "auto|cpu|cuda[:N]|mps"  # what --device takes
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def pick_device(requested: str | torch.device = "auto") -> torch.device:
+    """The device ``--device requested`` names; ``auto`` picks CUDA, then Apple MPS, then the CPU.
+
+    A named GPU (``cuda:N``) must exist and MPS must be available: a one-line error otherwise.
+    """
+    name = str(requested).strip().lower()
+    if not DEVICE_PATTERN.fullmatch(name):
+        raise VisionLoraError(f"--device {requested}: expected one of {DEVICES}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
+    if name == "mps" and not mps_available():
+        raise VisionLoraError("--device mps: Apple MPS is not available here (use --device auto or cpu)")
+    if name.startswith("cuda"):
+        check_cuda_device(name)
+    return torch.device(name)
+
+
+def mps_available() -> bool:
+    """Whether this torch build and machine run Apple MPS."""
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
+
+
+def check_cuda_device(name: str) -> None:
+    """Refuse ``cuda`` or ``cuda:N`` (one line) where torch sees no such GPU."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise VisionLoraError(f"--device {name}: torch sees no CUDA GPU here (use --device auto or cpu)")
+    index = int(name.partition(":")[2] or 0)
+    if index >= count:
+        raise VisionLoraError(f"--device {name}: there is no GPU {index}; torch sees {count} "
+                              f"(cuda:0 to cuda:{count - 1})")
+
+
+def accelerator_settings(device: torch.device) -> dict[str, Any]:
+    """The Accelerator settings that train on ``device`` (an answer of :func:`pick_device`).
+
+    The CPU is Accelerate's ``cpu=True``. Accelerate puts one process on the current CUDA device
+    (several processes on ``cuda:LOCAL_RANK``), so ``cuda:N`` makes GPU N the current one
+    (``torch.cuda.set_device``) before the Accelerator is made; several processes choose their
+    GPUs by ``CUDA_VISIBLE_DEVICES`` instead. MPS is Accelerate's own choice where there is no CUDA.
+    """
+    if device.type == "cpu":
+        return {"cpu": True}
+    if device.type == "cuda" and device.index is not None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise VisionLoraError(f"--device {device}: each of several processes trains on its own GPU "
+                                  "(cuda:LOCAL_RANK); choose them with CUDA_VISIBLE_DEVICES and --device auto")
+        torch.cuda.set_device(device)
+    return {}
 
 
 def new_accelerator(**kwargs):
@@ -78,6 +135,30 @@ def _emulated_bf16_note(requested: str) -> str:
         return ""
     return (f"; note: {torch.cuda.get_device_name()} (compute capability {major}.{minor}) has no native bf16: "
             "it is emulated, slower than fp16 or fp32 there")
+
+
+def resolve_precision_on(device: torch.device, requested: str, fp16_unsafe: str | None = None) -> tuple[str, str]:
+    """``resolve_precision`` for a run on ``device``: ``auto`` follows that device's rules, not those of
+    the device ``auto`` would pick (a CPU run on a machine with a GPU goes by the CPU's bf16)."""
+    if device.type == "cuda" and device.index is not None:
+        with torch.cuda.device(device):
+            return resolve_precision(requested, fp16_unsafe)
+    if requested != "auto" or device.type == pick_device().type:
+        return resolve_precision(requested, fp16_unsafe)
+    if device.type == "mps":
+        return "no", "auto: Apple MPS (auto keeps fp32 there; --mixed-precision bf16 to try it)"
+    feature = cpu_bf16_feature()
+    if feature:
+        return "bf16", f"auto: --device cpu, and this CPU has {feature}"
+    return "no", "auto: --device cpu, and this CPU has no native bf16"
+
+
+def bf16_note(device: torch.device) -> str | None:
+    """A line saying that ``device`` has no native bf16 (by ``resolve_precision``'s rules), or None where it has."""
+    precision, why = resolve_precision_on(device, "auto")
+    if precision == "bf16":
+        return None
+    return f"--precision bf16: {device} runs bf16 emulated, not natively ({why.removeprefix('auto: ')})"
 
 
 # oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) that still hold bf16 instructions; a lower cap emulates bf16

@@ -4,6 +4,7 @@ model, or an ONNX base with the LoRA adapters of several runs (see ``deploy.onnx
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -20,9 +21,11 @@ class OnnxModel:
     """``model(pixel_values=..., ...)`` -> an object with the exported outputs as torch tensors,
     so that the task's own decoding (box post-processing, heatmap decoding) runs unchanged.
 
-    The session runs on the CPU with as many intra-op threads as torch uses (``--threads``)."""
+    The session runs on onnxruntime's CUDA provider where the device asked for is CUDA and
+    onnxruntime has that provider (``onnxruntime-gpu``), else on the CPU with as many intra-op
+    threads as torch uses (``--threads``). Either way inputs and outputs are CPU tensors."""
 
-    device = torch.device("cpu")
+    device = torch.device("cpu")  # where its inputs go and its outputs come back
 
     def __init__(self, session, input_names: list[str], output_names: list[str]):
         taken = {item.name for item in session.get_inputs()}  # the exporter drops inputs a model ignores
@@ -30,7 +33,7 @@ class OnnxModel:
         self.input_names = [name for name in input_names if name in taken]
 
     @classmethod
-    def load(cls: type[_Model], folder: Path, export: dict[str, Any]) -> _Model:
+    def load(cls: type[_Model], folder: Path, export: dict[str, Any], device: torch.device | None = None) -> _Model:
         try:
             import onnxruntime
         except ImportError:
@@ -41,7 +44,7 @@ class OnnxModel:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: an adapter base's overridable weights draw a warning each
         try:
-            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            session = onnxruntime.InferenceSession(str(path), options, providers=providers_for(device))
         except Exception as err:  # onnxruntime raises its own types for missing or damaged files
             raise VisionLoraError(f"{path}: cannot load the ONNX model: {str(err).splitlines()[0][:200]}") from None
         return cls(session, export["inputs"], export["outputs"])
@@ -100,13 +103,35 @@ class OnnxAdapters(OnnxModel):
         return options
 
 
-def load_adapter_run(root: Path, export: dict[str, Any], name: str) -> OnnxAdapters:
-    """The base of an adapter export's run, with the run's adapter loaded and active."""
+def load_adapter_run(root: Path, export: dict[str, Any], name: str,
+                     device: torch.device | None = None) -> OnnxAdapters:
+    """The base of an adapter export's run (on onnxruntime's provider for ``device``), with the run's
+    adapter loaded and active."""
     base = (root / export["base"]).resolve()
     base_export = json.loads((base / "export.json").read_text())
-    model = OnnxAdapters.load(base, base_export)
+    model = OnnxAdapters.load(base, base_export, device)
     model.add_adapter(name, root / export["adapter"])
     return model
+
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
+ONNX_PRECISION_NOTE = ("--precision bf16 applies to torch models: an ONNX export runs in the precision it was "
+                       "exported in (fp32, or int8 weights)")
+
+
+def providers_for(device: torch.device | None) -> list[Any]:
+    """onnxruntime's execution providers for ``device``: CUDA (that GPU) then the CPU where the device
+    is CUDA and onnxruntime has the CUDA provider, else the CPU alone (with a note when CUDA was asked for)."""
+    import onnxruntime
+
+    if device is None or device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    if CUDA_PROVIDER not in onnxruntime.get_available_providers():
+        print(f"note: onnxruntime here has no {CUDA_PROVIDER} (pip install onnxruntime-gpu): the ONNX model "
+              "runs on the CPU", file=sys.stderr)
+        return ["CPUExecutionProvider"]
+    cuda: Any = (CUDA_PROVIDER, {"device_id": device.index}) if device.index is not None else CUDA_PROVIDER
+    return [cuda, "CPUExecutionProvider"]
 
 
 def _array(tensor: torch.Tensor) -> np.ndarray:

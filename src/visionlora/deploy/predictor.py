@@ -17,6 +17,7 @@ from visionlora.deploy.prediction import predict
 from visionlora.deploy.runs import load_hub_model, load_model, open_run
 from visionlora.errors import VisionLoraError
 from visionlora.modeling.loading import loading_policy
+from visionlora.runtime import pick_device
 from visionlora.tasks import get_task
 from visionlora.tasks.base import BoxRequest, ModelInfo, Task
 
@@ -100,9 +101,26 @@ class LoadedModel:
             source = data or (self.paths.root if self.paths is not None else data)
             raise VisionLoraError(f"{source}: no readable labelled images to evaluate on")
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=self.task.steps.collate)
-        accelerator = new_accelerator(cpu=self.model.device.type == "cpu")
-        metrics = evaluate(self.task, self.model, self.processor, accelerator.prepare(loader), accelerator, self.info)
+        accelerator = new_accelerator(cpu=self.model.device.type == "cpu", device_placement=False)
+        batches = OnDevice(accelerator.prepare(loader), self.model.device)
+        metrics = evaluate(self.task, self.model, self.processor, batches, accelerator, self.info)
         return {"metrics": metrics, "images": len(dataset), "skipped": part.skipped + skipped}
+
+
+class OnDevice:
+    """A data loader whose batches arrive on ``device`` (the model's own, e.g. ``cuda:1``)."""
+
+    def __init__(self, loader: Any, device: torch.device):
+        self.loader, self.device, self.dataset = loader, device, loader.dataset
+
+    def __iter__(self) -> Iterator[Any]:
+        from accelerate.utils import send_to_device
+
+        for batch in self.loader:
+            yield send_to_device(batch, self.device)
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 @dataclass
@@ -118,25 +136,28 @@ def load_run(
 ) -> LoadedRun:
     """Rebuild the trained model of ``run_dir`` for inference (safetensors only unless allowed).
 
+    ``device``: ``auto`` (or None: CUDA, then Apple MPS, then the CPU), ``cpu``, ``cuda[:N]`` or
+    ``mps``; an ONNX export runs on onnxruntime's CUDA provider where that device is CUDA.
     A LoRA run's base is loaded at the revision recorded at training; a local base whose
     content changed since is refused unless ``allow_base_change``.
     """
+    target = pick_device(device or "auto")
     run = open_run(run_dir)
     with loading_policy(allow_pickle, trust_remote_code):
-        model = load_model(run, allow_base_change)
+        model = load_model(run, allow_base_change, device=target)
         processor = run.load_processor(trust_remote_code)
-    return LoadedRun(run.paths, run.task, _to_device(model, device), processor, run.info)
+    return LoadedRun(run.paths, run.task, _to_device(model, target), processor, run.info)
 
 
 def load_model_or_hub(ref: str, task_name: str, allow_pickle: bool = False,
-                      trust_remote_code: bool = False) -> LoadedModel:
+                      trust_remote_code: bool = False, device: str | None = None) -> LoadedModel:
     """A run folder or export of ``task_name``, or a hub checkpoint of that task used as it is (its own labels)."""
     if Path(ref).exists():
-        return load_run(ref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        return load_run(ref, device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     task = get_task(task_name)
     with loading_policy(allow_pickle, trust_remote_code):
         model, processor, info = load_hub_model(ref, task)
-    return LoadedModel(None, task, _to_device(model, None), processor, info)
+    return LoadedModel(None, task, _to_device(model, pick_device(device or "auto")), processor, info)
 
 
 @dataclass
@@ -160,9 +181,9 @@ def box_finder(run: LoadedRun, values: dict[str, Any], **loading: Any) -> BoxFin
     return BoxFinder(model, request)
 
 
-def _to_device(model, device: str | None):
+def _to_device(model, device: torch.device):
     if isinstance(model, torch.nn.Module):  # an ONNX session stays where onnxruntime put it
-        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+        model.to(device).eval()
     return model
 
 

@@ -93,16 +93,18 @@ def open_run(run_dir: str | Path) -> RunFolder:
     return RunFolder(paths, info, get_task(info.task), read_json(paths.export_file) if paths.mode == "export" else None)
 
 
-def load_model(run: RunFolder, allow_base_change: bool = False) -> torch.nn.Module | OnnxModel:
-    """The run's model for inference: an ONNX session, the full model, or the base with the adapter."""
+def load_model(run: RunFolder, allow_base_change: bool = False,
+               device: torch.device | None = None) -> torch.nn.Module | OnnxModel:
+    """The run's model for inference: an ONNX session (on onnxruntime's provider for ``device``), the full
+    model, or the base with the adapter (on the CPU, for the caller to move)."""
     if run.export is not None and run.onnx_base is not None:
         from visionlora.deploy.onnx_model import load_adapter_run
 
-        return load_adapter_run(run.paths.root, run.export, run.paths.root.name)
+        return load_adapter_run(run.paths.root, run.export, run.paths.root.name, device)
     if run.export is not None and run.is_onnx:
         from visionlora.deploy.onnx_model import OnnxModel
 
-        return OnnxModel.load(run.paths.model_dir, run.export)
+        return OnnxModel.load(run.paths.model_dir, run.export, device)
     check_weight_files(run.paths.model_dir)
     if run.info.mode != "lora":
         return run.load_full_model()

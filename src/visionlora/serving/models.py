@@ -29,6 +29,7 @@ from visionlora.deploy.runs import RunFolder, load_model, open_run
 from visionlora.errors import VisionLoraError
 from visionlora.modeling.loading import base_revision, check_weight_files, loading_policy
 from visionlora.modeling.mixed_batches import mixing_refusal, prepare_mixed_batches
+from visionlora.runtime import pick_device
 from visionlora.serving import DEFAULT_MAX_LOADED
 from visionlora.serving.memory import OutOfMemory, free_cached_memory
 from visionlora.serving.slots import AdapterSlots
@@ -136,7 +137,7 @@ class ModelStore:
 
     def __init__(self, device: str | None = None, runs_dir: str | Path | None = None,
                  max_loaded: int = DEFAULT_MAX_LOADED, events: StoreEvents | None = None):
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = str(pick_device(device or "auto"))
         self.runs_dir = Path(runs_dir).resolve() if runs_dir is not None else None
         if self.runs_dir is not None and not self.runs_dir.is_dir():
             raise VisionLoraError(f"{runs_dir}: no such folder of runs")
@@ -301,8 +302,9 @@ class ModelStore:
         return self._processors[settings]
 
     def _attach_onnx(self, name: str, run: RunFolder) -> SharedBase:
-        """An ONNX export's own onnxruntime session (on the CPU)."""
-        base = SharedBase(("onnx", str(run.paths.model_dir.resolve())), load_model(run), adapters={name})
+        """An ONNX export's own onnxruntime session (on the CUDA provider where the store's device is CUDA)."""
+        model = load_model(run, device=torch.device(self.device))
+        base = SharedBase(("onnx", str(run.paths.model_dir.resolve())), model, adapters={name})
         with self._lock:
             self.bases[base.key] = base
         return base
@@ -315,7 +317,7 @@ class ModelStore:
         with self._lock:
             shared = self.bases.get(key)
         if shared is None:
-            model = load_adapter_run(run.paths.root, export, name)
+            model = load_adapter_run(run.paths.root, export, name, torch.device(self.device))
             shared = SharedBase(key, model, slots=model)  # the model forgets an adapter as slots release one
             with self._lock:
                 self.bases[key] = shared

@@ -21,7 +21,7 @@ from visionlora.config import TrainConfig
 from visionlora.errors import VisionLoraError
 
 # Settings that may differ when a run is resumed: they change how it is shown or loaded only.
-RESUME_FREE = {"output", "overwrite", "progress", "num_workers", "cache", "cache_dir", "report_to"}
+RESUME_FREE = {"output", "overwrite", "progress", "num_workers", "cache", "cache_dir", "report_to", "device"}
 
 
 @dataclass

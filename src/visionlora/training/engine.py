@@ -37,9 +37,11 @@ from visionlora.modeling.adapters import (
 from visionlora.modeling.builtin import is_builtin
 from visionlora.modeling.loading import base_revision, loading_policy
 from visionlora.runtime import (
+    accelerator_settings,
     new_accelerator,
+    pick_device,
     reset_peak_memory,
-    resolve_precision,
+    resolve_precision_on,
     return_freed_memory,
     unwrap_in_fp32,
 )
@@ -96,9 +98,11 @@ def _run(cfg: TrainConfig, progress: Progress | None) -> RunResult:
     if cfg.low_memory:
         return_freed_memory()
     task = get_task(cfg.task)
-    precision = resolve_precision(cfg.mixed_precision, task.fp16_unsafe)
+    device = pick_device(cfg.device)
+    precision = resolve_precision_on(device, cfg.mixed_precision, task.fp16_unsafe)
     trackers = parse_report_to(cfg.report_to)
     accelerator = new_accelerator(
+        **accelerator_settings(device),
         mixed_precision=precision[0],
         log_with=trackers or None,
         project_dir=cfg.output or ".",  # the run folder is named below; tracking.start points the trackers into it
