@@ -161,6 +161,7 @@ def test_zero_gpu_replicas_and_actors_load_on_the_cpu_where_cuda_is_available(ru
     from visionlora.serving.ray_batch import RunPredictor
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # Ray no longer hides GPUs from such workers
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     replicas, actors = {}, {}
     for gpus in (0.0, 0.5, 1.0):
         replica = Replica.func_or_class({"runs_dir": str(runs), "max_loaded": 2, "replica_gpus": gpus})
