@@ -237,21 +237,30 @@ def walker_points(rng: np.random.Generator, size: int) -> np.ndarray:
 def walker_image(rng: np.random.Generator, size: int = 64) -> tuple[Image.Image, np.ndarray]:
     """A walker drawn with limbs of one colour and a lighter head: (image, (11, 2) points)."""
     image = _background(rng, size)
-    draw = ImageDraw.Draw(image)
     points = walker_points(rng, size)
+    _draw_figure(image, rng, points, PRETRAIN_SKELETON_KEYPOINTS, PRETRAIN_SKELETON, ("left_hand", "right_hand"))
+    return image, points
+
+
+def _draw_figure(image: Image.Image, rng: np.random.Generator, points: np.ndarray, keypoints: list[str],
+                 skeleton: list[list[str]], marked: tuple[str, ...], tail: np.ndarray | None = None) -> None:
+    """Limbs of one random colour along ``skeleton``, a lighter head, the ``marked`` keypoints in the
+    opposite colour, and a thinner tail from the hips where given."""
+    draw = ImageDraw.Draw(image)
     colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
-    width = max(2, int(size * rng.uniform(0.04, 0.07)))
-    index = {name: i for i, name in enumerate(PRETRAIN_SKELETON_KEYPOINTS)}
-    for a, b in PRETRAIN_SKELETON:
+    width = max(2, int(image.width * rng.uniform(0.04, 0.07)))
+    index = {name: i for i, name in enumerate(keypoints)}
+    if tail is not None:
+        draw.line((*points[index["hips"]], *tail), fill=colour, width=max(1, width // 2))
+    for a, b in skeleton:
         draw.line((*points[index[a]], *points[index[b]]), fill=colour, width=width)
     hx, hy = points[index["head"]]
     r = width * 1.4
     draw.ellipse((hx - r, hy - r, hx + r, hy + r), fill=tuple(min(255, c + 60) for c in colour))
-    for hand in ("left_hand", "right_hand"):
-        x, y = points[index[hand]]
+    for name in marked:
+        x, y = points[index[name]]
         draw.ellipse((x - width, y - width, x + width, y + width),
                      fill=(255 - colour[0], 255 - colour[1], 255 - colour[2]))
-    return image, points
 
 
 def write_walkers(root: Path, n_train: int, n_val: int, seed: int = 0, size: int = 64) -> Path:
@@ -338,21 +347,8 @@ def lizard_image(rng: np.random.Generator, size: int = 64) -> tuple[Image.Image,
     """A lizard in the walkers' style: limbs of one colour, a lighter head, front feet in the opposite
     colour, and a thinner tail. (image, (11, 2) points)."""
     image = _background(rng, size)
-    draw = ImageDraw.Draw(image)
     points, tail = lizard_points(rng, size)
-    colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
-    width = max(2, int(size * rng.uniform(0.04, 0.07)))
-    index = {name: i for i, name in enumerate(LIZARD_KEYPOINTS)}
-    draw.line((*points[index["hips"]], *tail), fill=colour, width=max(1, width // 2))
-    for a, b in LIZARD_SKELETON:
-        draw.line((*points[index[a]], *points[index[b]]), fill=colour, width=width)
-    hx, hy = points[index["head"]]
-    r = width * 1.4
-    draw.ellipse((hx - r, hy - r, hx + r, hy + r), fill=tuple(min(255, c + 60) for c in colour))
-    for foot in ("left_front_foot", "right_front_foot"):
-        x, y = points[index[foot]]
-        draw.ellipse((x - width, y - width, x + width, y + width),
-                     fill=(255 - colour[0], 255 - colour[1], 255 - colour[2]))
+    _draw_figure(image, rng, points, LIZARD_KEYPOINTS, LIZARD_SKELETON, ("left_front_foot", "right_front_foot"), tail)
     return image, points
 
 
