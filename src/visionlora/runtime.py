@@ -97,6 +97,9 @@ def unwrap_in_fp32(accelerator, model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+MPS_AUTO = "auto: Apple MPS (auto keeps fp32 there; --mixed-precision bf16 to try it)"
+
+
 def resolve_precision(requested: str, fp16_unsafe: str | None = None) -> tuple[str, str]:
     """(precision for Accelerate: no, fp16 or bf16; why) for ``--mixed-precision requested``.
 
@@ -115,7 +118,7 @@ def resolve_precision(requested: str, fp16_unsafe: str | None = None) -> tuple[s
             return "no", f"auto: {name} has no native bf16, and {fp16_unsafe}"
         return "fp16", f"auto: {name} has no native bf16; fp16 with loss scaling"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "no", "auto: Apple MPS (auto keeps fp32 there; --mixed-precision bf16 to try it)"
+        return "no", MPS_AUTO
     feature = cpu_bf16_feature()
     if feature:
         return "bf16", f"auto: this CPU has {feature}"
@@ -143,10 +146,12 @@ def resolve_precision_on(device: torch.device, requested: str, fp16_unsafe: str 
     if device.type == "cuda" and device.index is not None:
         with torch.cuda.device(device):
             return resolve_precision(requested, fp16_unsafe)
+    if requested != "auto" and device.type != "cuda":
+        return requested, "asked for with --mixed-precision"  # no note about a GPU this run does not use
     if requested != "auto" or device.type == pick_device().type:
         return resolve_precision(requested, fp16_unsafe)
     if device.type == "mps":
-        return "no", "auto: Apple MPS (auto keeps fp32 there; --mixed-precision bf16 to try it)"
+        return "no", MPS_AUTO
     feature = cpu_bf16_feature()
     if feature:
         return "bf16", f"auto: --device cpu, and this CPU has {feature}"

@@ -27,6 +27,7 @@ import asyncio
 import secrets
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -68,7 +69,8 @@ class VisionServer(StoreEvents):
     """The runs of ``store`` served over HTTP: a batcher per batch group (a run alone, or the mixing
     adapters of one base), a pool of forward threads, one load thread, and metrics.
 
-    :meth:`app` is its FastAPI application, whose lifespan runs :meth:`start` and :meth:`stop`. The
+    :meth:`app` is its FastAPI application, whose lifespan runs :meth:`start` and :meth:`stop` (where no
+    lifespan runs, e.g. an app mounted in another, the pools start on the first request). The
     server takes the store's events: it counts loads and evictions, and drops the batcher that served
     only a run the store unloads. ``identity`` is added to ``/health`` (e.g. a replica's pid).
     """
@@ -80,21 +82,25 @@ class VisionServer(StoreEvents):
         self.forward_pool: ThreadPoolExecutor | None = None
         self.load_pool: ThreadPoolExecutor | None = None
         self._batchers_lock = threading.Lock()  # the store drops batchers from its load thread
+        self._pools_lock = threading.Lock()
+        self._dropped: weakref.WeakSet[Batcher] = weakref.WeakSet()  # dropped ones still answering
         self._loading: dict[str, asyncio.Future] = {}
         store.events = self
 
     # -- lifespan ---------------------------------------------------------------------------------
     def start(self) -> None:
         """Start the thread pools (nothing when they run)."""
-        if self.forward_pool is None:
-            self.forward_pool = ThreadPoolExecutor(FORWARD_THREADS, thread_name_prefix="visionlora-forward")
-            self.load_pool = ThreadPoolExecutor(1, thread_name_prefix="visionlora-load")
+        with self._pools_lock:
+            if self.forward_pool is None or self.load_pool is None:
+                self.forward_pool = ThreadPoolExecutor(FORWARD_THREADS, thread_name_prefix="visionlora-forward")
+                self.load_pool = ThreadPoolExecutor(1, thread_name_prefix="visionlora-load")
 
     def stop(self) -> None:
         """Stop every batcher (requests still waiting in one fail) and shut the pools down once the
         forwards and loads they run have ended; nothing when stopped."""
         with self._batchers_lock:
-            batchers, self.batchers = list(self.batchers.values()), {}
+            batchers, self.batchers = list(self.batchers.values()) + list(self._dropped), {}
+            self._dropped.clear()
         for batcher in batchers:
             batcher.stop()
         pools = [pool for pool in (self.forward_pool, self.load_pool) if pool is not None]
@@ -111,14 +117,18 @@ class VisionServer(StoreEvents):
         finally:
             self.stop()
 
-    @staticmethod
-    def _running(pool: ThreadPoolExecutor | None) -> ThreadPoolExecutor:
-        if pool is None:
-            raise ApiError(503, "the server is not running: its app's lifespan has not started or has ended")
-        return pool
+    def _forward_threads(self) -> ThreadPoolExecutor:
+        self.start()
+        assert self.forward_pool is not None
+        return self.forward_pool
+
+    def _load_thread(self) -> ThreadPoolExecutor:
+        self.start()
+        assert self.load_pool is not None
+        return self.load_pool
 
     async def _in_load_thread(self, function: Callable, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._running(self.load_pool), function, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._load_thread(), function, *args)
 
     # -- store events ------------------------------------------------------------------------------
     def loaded(self, name: str, seconds: float) -> None:
@@ -133,7 +143,9 @@ class VisionServer(StoreEvents):
         group = served.batch_group(self.settings.mixed_batches)
         if group == ("run", served.name) or not served.base.adapters:
             with self._batchers_lock:
-                self.batchers.pop(group, None)
+                dropped = self.batchers.pop(group, None)
+                if dropped is not None:  # it answers what it holds; the server's stop stops it too
+                    self._dropped.add(dropped)
 
     # -- holding runs and batching their requests -----------------------------------------------------
     def batcher_for(self, served: ServedModel) -> Batcher:
@@ -141,7 +153,7 @@ class VisionServer(StoreEvents):
         group = served.batch_group(self.settings.mixed_batches)
         with self._batchers_lock:
             if group not in self.batchers:
-                self.batchers[group] = Batcher(self._forward, self._running(self.forward_pool),
+                self.batchers[group] = Batcher(self._forward, self._forward_threads(),
                                                self.settings.max_batch_size, self.settings.max_wait_ms,
                                                on_batch=self.metrics.forward, on_split=self.metrics.split)
             return self.batchers[group]
@@ -157,7 +169,7 @@ class VisionServer(StoreEvents):
                 return served
             pending = self._loading.get(name)
             if pending is None:  # this request loads it, and the load holds it for this request
-                pool = self._running(self.load_pool)
+                pool = self._load_thread()
                 pending = self._loading[name] = asyncio.get_running_loop().run_in_executor(pool, self.store.load, name)
                 pending.add_done_callback(lambda _: self._loading.pop(name, None))
                 return await self._awaited_load(name, pending)
@@ -310,6 +322,7 @@ class VisionServer(StoreEvents):
         app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
         app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
         app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+        app.add_exception_handler(Exception, _unexpected_error)
         app.middleware("http")(self.count)
         for method, path, endpoint in self.routes():
             app.add_api_route(path, endpoint, methods=[method], response_model=None)
@@ -339,6 +352,12 @@ async def _api_error(request: Request, err: ApiError) -> JSONResponse:
 
 async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
     return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
+
+
+async def _unexpected_error(request: Request, err: Exception) -> JSONResponse:
+    """Any other failure: still one JSON line, and the server goes on."""
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return JSONResponse({"error": f"unexpected {type(err).__name__}: {first_line}"}, status_code=500)
 
 
 async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:

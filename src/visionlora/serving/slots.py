@@ -60,8 +60,13 @@ class AdapterSlots:
         from peft import get_peft_model_state_dict
 
         slot = f"slot{self.made}"
+        try:
+            self.model = make(slot)
+        except BaseException:  # e.g. out of memory halfway: peft may hold a partial adapter by that name
+            if self.model is not None and slot in getattr(self.model, "peft_config", {}):
+                self.model.delete_adapter(slot)
+            raise
         self.made += 1
-        self.model = make(slot)
         self.tensors[slot] = get_peft_model_state_dict(self.model, adapter_name=slot)  # views of the model's weights
         self.configuration[slot] = configuration
         return slot

@@ -244,9 +244,9 @@ class TaskDeclarations:
     freeze_batchnorm_in_lora: ClassVar[bool] = True  # BatchNorm statistics belong to the frozen base
     state_type: ClassVar[type[TaskState]] = TaskState  # the task's own facts about a run
 
-    def state_of(self, info: ModelInfo) -> Any:
-        """``info``'s state, checked to be this task's kind."""
-        if not isinstance(info.state, self.state_type):
-            raise VisionLoraError(f"a {info.task} run's state is {type(info.state).__name__}, "
-                                  f"not {self.name}'s {self.state_type.__name__}")
-        return info.state
+
+def task_state(info: ModelInfo, kind: type[StateT]) -> StateT:
+    """``info``'s state, checked to be of the ``kind`` its task keeps."""
+    if not isinstance(info.state, kind):
+        raise VisionLoraError(f"a {info.task} run's state is {type(info.state).__name__}, not {kind.__name__}")
+    return info.state

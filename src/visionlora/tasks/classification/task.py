@@ -42,6 +42,7 @@ from visionlora.tasks.base import (
     Task,
     TaskState,
 )
+from visionlora.tasks.records import task_state
 from visionlora.tasks.roles import TaskData, TaskModel, TaskPrediction, TaskReport, TaskSteps
 
 TOP_K = 5
@@ -110,7 +111,7 @@ class ClassificationData(TaskData):
     def state_from_training_set(self, train, info: ModelInfo, cfg) -> ClassificationState:
         """With ``--class-weights auto``, the training set's inverse class frequencies."""
         if cfg.class_weights != "auto":
-            return self.task.state_of(info)
+            return task_state(info, ClassificationState)
         per_class = self.count(train, "train", info)["train_per_class"]
         total = sum(per_class.values())
         weights = [total / (len(per_class) * n) if n else 0.0 for n in per_class.values()]
@@ -148,7 +149,7 @@ class ClassificationModel(TaskModel):
 
 class ClassificationSteps(TaskSteps):
     def loss(self, model, batch, info: ModelInfo) -> torch.Tensor:
-        weights = self.task.state_of(info).class_weights
+        weights = task_state(info, ClassificationState).class_weights
         if not weights:
             return model(pixel_values=batch["pixel_values"], labels=batch["labels"], **info.forward_kwargs).loss
         logits = model(pixel_values=batch["pixel_values"], **info.forward_kwargs).logits

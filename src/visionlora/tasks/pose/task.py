@@ -46,6 +46,7 @@ from visionlora.tasks.pose.geometry import (
 from visionlora.tasks.pose.keypoints import flip_pairs, instance_box, keypoint_sigmas, reference_size
 from visionlora.tasks.pose.plots import keypoint_error_plot, pck_curve_plot
 from visionlora.tasks.pose.topdown import DETECTOR_OPTIONS, DetectorRequest
+from visionlora.tasks.records import task_state
 from visionlora.tasks.roles import TaskData, TaskModel, TaskPrediction, TaskReport, TaskSteps
 
 CONTEXT = 1.5  # training crops are cached with this much context, for scale and rotation changes
@@ -104,9 +105,7 @@ class PoseState(TaskState):
 
 
 def pose_state(info: ModelInfo) -> PoseState:
-    if not isinstance(info.state, PoseState):
-        raise VisionLoraError(f"a {info.task} run has no pose state")
-    return info.state
+    return task_state(info, PoseState)
 
 
 class PoseData(TaskData):

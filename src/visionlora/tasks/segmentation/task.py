@@ -41,6 +41,7 @@ from visionlora.tasks.base import (
     Task,
     TaskState,
 )
+from visionlora.tasks.records import task_state
 from visionlora.tasks.roles import TaskData, TaskModel, TaskPrediction, TaskReport, TaskSteps
 from visionlora.tasks.segmentation.plots import class_iou_plot
 from visionlora.tasks.segmentation.writers import mask_png, write_masks
@@ -220,9 +221,7 @@ class SegmentationTask(Task):
 
 
 def segmentation_state(info: ModelInfo) -> SegmentationState:
-    if not isinstance(info.state, SegmentationState):
-        raise VisionLoraError(f"a {info.task} run has no segmentation state")
-    return info.state
+    return task_state(info, SegmentationState)
 
 
 def ignore_index(info: ModelInfo) -> int:
