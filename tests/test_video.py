@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import cv2
@@ -143,3 +144,75 @@ def test_a_merged_export_or_a_hub_detector_finds_the_boxes(runs, tmp_path, capsy
         capture_output=True, text=True, env={**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert completed.returncode == 0, completed.stderr
     assert len(json.loads(completed.stdout)[0]["instances"]) == 2
+
+
+needs_trackers = pytest.mark.skipif(not importlib.util.find_spec("trackers"),
+                                    reason="--track needs Roboflow's trackers (pip install 'visionlora[track]')")
+
+
+@needs_trackers
+def test_tracked_detection_video_has_ids_mot_text_and_a_drawn_video(runs, tmp_path, capsys):
+    mot, output, drawn = tmp_path / "tracks.txt", tmp_path / "out.json", tmp_path / "drawn.mp4"
+    code, _, err = _predict([runs["detection"], runs["video"], "--threshold", "0.0", "--track", "--track-buffer", "10",
+                             "--mot", mot, "--output", output, "--save-video", drawn], capsys)
+    assert code == 0, err
+    answer = json.loads(output.read_text())
+    assert answer["tracking"]["method"] == "bytetrack" and answer["tracking"]["track_buffer"] == 10
+    boxes = [(f["frame"], b) for f in answer["frames"] for b in f["boxes"]]
+    assert boxes and all("track_id" in box for _, box in boxes)
+    named = {(frame + 1, box["track_id"]) for frame, box in boxes if box["track_id"] is not None}
+    assert len(named) > FRAMES  # several tracks, held over frames
+    rows = [line.split(",") for line in mot.read_text().splitlines()]
+    assert all(len(row) == 10 and row[7:] == ["-1", "-1", "-1"] for row in rows)
+    assert {(int(row[0]), int(row[1])) for row in rows} == named
+    first = next(box for frame, box in boxes if box["track_id"] is not None)
+    row = next(r for r in rows if int(r[1]) == first["track_id"])
+    x0, y0, x1, y1 = first["box"]
+    assert [float(v) for v in row[2:6]] == pytest.approx([x0, y0, x1 - x0, y1 - y0], abs=0.01)
+    capture, facts = open_video(drawn)
+    capture.release()
+    assert facts.frames == FRAMES
+
+
+@needs_trackers
+def test_tracked_pose_names_deeplabcut_individuals_by_track(runs, tmp_path, capsys):
+    csv_file, h5_file = tmp_path / "tracked.csv", tmp_path / "tracked.h5"
+    code, out, err = _predict([runs["pose"], runs["video"], "--detector", runs["detection"], "--detector-threshold",
+                               "0.0", "--max-instances", "4", "--track", "--max-individuals", "3",
+                               "--csv", csv_file, "--h5", h5_file], capsys)
+    assert code == 0, err
+    answer = json.loads(out)
+    assert answer["tracking"]["max_individuals"] == 3 and answer["tracking"]["identities"] <= 3
+    table = pandas.read_csv(csv_file, header=[0, 1, 2, 3], index_col=0)
+    assert list(table.columns.names) == ["scorer", "individuals", "bodyparts", "coords"] and len(table) == FRAMES
+    individuals = list(dict.fromkeys(table.columns.get_level_values(1)))
+    assert individuals == [f"individual{n}" for n in range(1, answer["tracking"]["identities"] + 1)]
+    checked = 0
+    for row, frame in zip(table.index, answer["frames"]):
+        for instance in frame["instances"]:
+            if instance["track_id"] is not None:
+                snout = instance["keypoints"][0]
+                assert table.loc[row, ("visionlora", f"individual{instance['track_id']}", "snout", "x")] == \
+                    pytest.approx(snout["x"])
+                checked += 1
+        missing = set(individuals) - {f"individual{i['track_id']}" for i in frame["instances"]}
+        assert all(table.loc[row, ("visionlora", name)].isna().all() for name in missing)
+    assert checked > FRAMES
+    pandas.testing.assert_frame_equal(pandas.read_hdf(h5_file, "df_with_missing"), table, check_exact=False)
+
+
+def test_tracking_flags_refuse_what_they_cannot_do(runs, tmp_path, capsys):
+    frame = next((runs["root"] / "pose-data" / "labeled-data").rglob("*.png"))
+    cases = [
+        ([runs["detection"], runs["video"], "--mot", tmp_path / "x.txt"], "--mot writes tracks: add --track"),
+        ([runs["detection"], runs["video"], "--max-individuals", "2"], "--max-individuals names tracks"),
+        ([runs["detection"], frame, "--track"], "--track needs a video"),
+        ([runs["detection"], runs["video"], "--track", "--track-thresh", "2"], "--track-thresh must be between"),
+        ([runs["detection"], runs["video"], "--track", "--max-individuals", "0"], "--max-individuals must be 1"),
+    ]
+    if importlib.util.find_spec("trackers"):
+        cases.append(([runs["classification"], runs["video"], "--track"], "--track follows boxes"))
+    for args, message in cases:
+        code, _, err = _predict(args, capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert not (tmp_path / "x.txt").exists()

@@ -144,8 +144,9 @@ def _cmd_predict(args) -> int:
     videos = [item for item in args.images if is_video(item)]
     if videos:
         return _predict_videos(args, run, videos, options, outputs, finder)
-    if args.save_video:
-        raise VisionLoraError("--save-video needs a video to predict on")
+    for flag, value in (("--save-video", args.save_video), ("--track", args.track), ("--mot", args.mot)):
+        if value:
+            raise VisionLoraError(f"{flag} needs a video to predict on")
     return _predict_images(args, run, options, outputs, finder)
 
 
@@ -172,10 +173,23 @@ def _predict_videos(args, run, videos: list[str], options: dict[str, Any], outpu
     if len(videos) != len(args.images):
         raise VisionLoraError("predict either images or videos in one call, not both")
     answer = predict_videos(run, videos, options, outputs, finder, args.every, args.start, args.end,
-                            Path(args.save_video) if args.save_video else None, tell=_tell)
+                            Path(args.save_video) if args.save_video else None, tell=_tell,
+                            tracking=_track_settings(args), mot=Path(args.mot) if args.mot else None)
     if "output" not in outputs:
         print(json.dumps(answer, indent=2))
     return 0
+
+
+def _track_settings(args):
+    """The tracker settings of ``--track`` and its flags; None without ``--track``."""
+    from visionlora.deploy.tracking import TrackSettings
+
+    if args.track is None:
+        if args.max_individuals is not None:
+            raise VisionLoraError("--max-individuals names tracks: add --track")
+        return None
+    return TrackSettings(args.track, args.track_buffer, args.track_thresh, args.match_thresh,
+                         args.max_individuals).check()
 
 
 def _predict_on_ray(args) -> int:

@@ -10,6 +10,7 @@ import argparse
 from typing import TYPE_CHECKING, Any, Callable
 
 from visionlora.deploy import MAX_METRIC_DROP
+from visionlora.deploy.tracking import MATCH_THRESH, METHODS, TRACK_BUFFER, TRACK_THRESH
 from visionlora.serving import DEFAULT_MAX_LOADED
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ def predict_parser(commands: Subcommands, common: Parser, help_text: str) -> Par
     videos.add_argument("--end", type=float, default=None, metavar="SECONDS", help="last time to predict")
     videos.add_argument("--save-video", metavar="OUT.mp4", help="write the video with the predictions drawn "
                         "(H.264, at the source frame rate divided by --every)")
+    add_tracking_flags(videos)
     scale = predict.add_argument_group("many images on a Ray cluster (pip install 'visionlora[ray]')")
     scale.add_argument("--engine", choices=("local", "ray"), default="local",
                        help="ray: Ray Data decodes images in CPU tasks and an actor pool predicts; needs --output "
@@ -121,6 +123,27 @@ def predict_parser(commands: Subcommands, common: Parser, help_text: str) -> Par
             for option in task.box_options:
                 add_once(group, option, option.help)
     return predict
+
+
+def add_tracking_flags(videos: argparse._ArgumentGroup) -> None:
+    """``--track`` and its settings, for videos."""
+    videos.add_argument("--track", nargs="?", const=METHODS[0], choices=METHODS, default=None,
+                        help="follow boxes (detection) or instances (pose with --detector) through the video: a "
+                             "track_id per box in the JSON, IDs and trails in --save-video, individuals named by "
+                             "track in --csv/--h5 (default tracker: bytetrack; pip install 'visionlora[track]')")
+    videos.add_argument("--track-buffer", type=int, default=TRACK_BUFFER, metavar="FRAMES",
+                        help=f"with --track: frames a lost track is kept to be found again (default {TRACK_BUFFER})")
+    videos.add_argument("--track-thresh", type=float, default=TRACK_THRESH, metavar="SCORE",
+                        help="with --track: boxes scoring at least this are matched first and start new tracks; "
+                             f"lower ones only continue tracks (default {TRACK_THRESH})")
+    videos.add_argument("--match-thresh", type=float, default=MATCH_THRESH, metavar="IOU",
+                        help="with --track: the least overlap (IoU) of a track's predicted box and a box for them "
+                             f"to match (default {MATCH_THRESH})")
+    videos.add_argument("--max-individuals", type=int, default=None, metavar="N",
+                        help="with --track: at most N identities (a known number of animals); a new track takes a "
+                             "lost identity rather than a new one")
+    videos.add_argument("--mot", metavar="FILE.txt",
+                        help="with --track: write the tracks as MOT Challenge text (frame,id,x,y,w,h,score,-1,-1,-1)")
 
 
 def compare_parser(commands: Subcommands, common: Parser, help_text: str) -> Parser:

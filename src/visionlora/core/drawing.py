@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from PIL import Image, ImageDraw
 
@@ -59,4 +59,23 @@ def draw_keypoints(
     for index, ((x, y), shown) in enumerate(zip(points, visible)):
         if shown:
             draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=colour(index), outline=(0, 0, 0))
+    return out
+
+
+def draw_tracks(image: Image.Image, tracked: Sequence[tuple[int, Sequence[float]]],
+                trails: Mapping[int, Sequence[tuple[float, float]]]) -> Image.Image:
+    """Tracked boxes as (identity, [x0, y0, x1, y1]): each identity's number at its box's corner,
+    and its trail (box centres, oldest first) as a line, in the identity's colour."""
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    width = _line_width(out)
+    for identity, box in tracked:
+        x0, y1 = box[0], box[3]
+        path = list(trails.get(identity, ()))
+        if len(path) > 1:
+            draw.line([point for xy in path for point in xy], fill=colour(identity), width=width)
+        caption = f"#{identity}"
+        left, top, right, bottom = draw.textbbox((x0, y1), caption)
+        draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colour(identity))
+        draw.text((x0, y1), caption, fill=(255, 255, 255))
     return out

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from visionlora.artifacts import atomic_write_json, current_umask
+from visionlora.deploy.tracking import Items, TrackSettings, VideoTracker, write_mot
 from visionlora.errors import VisionLoraError
 
 if TYPE_CHECKING:
@@ -153,9 +154,14 @@ def _has_ffmpeg() -> bool:
 
 
 def predict_video(path: str | Path, predict: Predict, draw: Draw, every: int = 1, start: float = 0.0,
-                  end: float | None = None, save_video: Path | None = None, progress: bool = True) -> dict[str, Any]:
+                  end: float | None = None, save_video: Path | None = None, progress: bool = True,
+                  tracker: VideoTracker | None = None) -> dict[str, Any]:
     """``{"video", "fps", "frames": [{"frame", "time", ...prediction}]}`` for the chosen frames,
-    predicted FRAME_BATCH at a time; with ``save_video``, each chosen frame drawn."""
+    predicted FRAME_BATCH at a time; with ``save_video``, each chosen frame drawn.
+
+    With ``tracker``, each frame's predictions are followed in frame order (a ``track_id`` on each
+    box or instance), the drawn video shows IDs and trails, and ``"tracking"`` holds its settings.
+    """
     from tqdm.auto import tqdm
 
     if every < 1:
@@ -167,16 +173,19 @@ def predict_video(path: str | Path, predict: Predict, draw: Draw, every: int = 1
     last = facts.frames if end is None else min(facts.frames, int(end * facts.fps) + 1)
     total = max(0, -(-(last - int(round(start * facts.fps))) // every)) if facts.frames else None
     results: list[dict[str, Any]] = []
+    follow = tracker.follow if tracker is not None else None
+    if tracker is not None:
+        draw = tracker.drawer(draw)
     try:
         bar = tqdm(total=total, desc=Path(path).name, unit="frame", disable=not progress, leave=False)
         batch: list[tuple[int, float, Image.Image]] = []
         for item in frames(capture, facts, every, start, end):
             batch.append(item)
             if len(batch) == FRAME_BATCH:
-                results += _predict_batch(batch, predict, draw, writer)
+                results += _predict_batch(batch, predict, draw, writer, follow)
                 bar.update(len(batch))
                 batch = []
-        results += _predict_batch(batch, predict, draw, writer)
+        results += _predict_batch(batch, predict, draw, writer, follow)
         bar.update(len(batch))
         bar.close()
         if not results:
@@ -190,6 +199,8 @@ def predict_video(path: str | Path, predict: Predict, draw: Draw, every: int = 1
     finally:
         capture.release()
     answer = {"video": str(path), "fps": facts.fps, "every": every, "frames": results}
+    if tracker is not None:
+        answer["tracking"] = tracker.summary()
     if writer is not None:
         answer["drawn_video"] = {"path": str(save_video), "codec": writer.codec, "fps": facts.fps / every}
     return answer
@@ -198,24 +209,32 @@ def predict_video(path: str | Path, predict: Predict, draw: Draw, every: int = 1
 def predict_videos(run: LoadedRun, videos: Sequence[str | Path], options: dict[str, Any], outputs: Mapping[str, Path],
                    finder: BoxFinder | None = None, every: int = 1, start: float = 0.0, end: float | None = None,
                    save_video: Path | None = None,
-                   tell: Callable[[str], None] = lambda line: None) -> dict[str, Any] | list[dict[str, Any]]:
+                   tell: Callable[[str], None] = lambda line: None, tracking: TrackSettings | None = None,
+                   mot: Path | None = None) -> dict[str, Any] | list[dict[str, Any]]:
     """Predict each video's frames with ``run`` and write the ``outputs`` its task's writers name;
     the answer is one video's result (see :func:`predict_video`), or a list of them.
 
-    JSON and DeepLabCut tables cover one video at a time, and so does ``save_video``.
-    ``tell`` hears one line for each file written.
+    JSON and DeepLabCut tables cover one video at a time, and so do ``save_video`` and ``mot``
+    (MOT Challenge text of the tracks). With ``tracking``, each video's boxes or instances are
+    tracked by a tracker of their own. ``tell`` hears one line for each file written.
     """
-    if len(videos) > 1 and (save_video or set(outputs) - {"output"}):
-        raise VisionLoraError("--save-video, --csv and --h5 take one video at a time")
+    if len(videos) > 1 and (save_video or mot or set(outputs) - {"output"}):
+        raise VisionLoraError("--save-video, --mot, --csv and --h5 take one video at a time")
     if "save_images" in outputs:
         raise VisionLoraError("--save-images is for images; for a video, use --save-video OUT.mp4")
+    items = _tracked_items(run, tracking, mot)
     predict = run.predictor(options, finder)
     results = []
     for video in videos:
-        results.append(predict_video(video, predict, run.draw, every, start, end, save_video, progress=True))
+        tracker = VideoTracker(tracking, items) if tracking is not None and items is not None else None
+        results.append(predict_video(video, predict, run.draw, every, start, end, save_video, progress=True,
+                                     tracker=tracker))
         if save_video:
             drawn = results[-1]["drawn_video"]
             tell(f"wrote {drawn['path']} ({drawn['codec']}, {drawn['fps']:g} fps)")
+    if mot is not None and items is not None:
+        write_mot(mot, results[0]["frames"], items)
+        tell(f"wrote {mot}")
     for writer in run.task.writers:
         if writer.name in outputs and writer.name != "output":
             writer.write(outputs[writer.name], results[0]["frames"], [], run.draw)
@@ -228,12 +247,30 @@ def predict_videos(run: LoadedRun, videos: Sequence[str | Path], options: dict[s
 
 
 def _predict_batch(batch: Sequence[tuple[int, float, Image.Image]], predict: Predict, draw: Draw,
-                   writer: VideoWriter | None) -> list[dict[str, Any]]:
+                   writer: VideoWriter | None,
+                   follow: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     if not batch:
         return []
     predictions = predict([image for _, _, image in batch])
+    if follow is not None:
+        for prediction in predictions:
+            follow(prediction)
     if writer is not None:
         for (_, _, image), prediction in zip(batch, predictions):
             writer.write(draw(image, prediction))
     return [{"frame": index, "time": round(time, 4), **prediction}
             for (index, time, _), prediction in zip(batch, predictions)]
+
+
+def _tracked_items(run: LoadedRun, tracking: TrackSettings | None, mot: Path | None) -> Items | None:
+    """The hook that finds the items a tracker follows in ``run``'s predictions; None without tracking."""
+    from visionlora.tasks.roles.prediction import TaskPrediction
+
+    if tracking is None:
+        if mot is not None:
+            raise VisionLoraError("--mot writes tracks: add --track")
+        return None
+    tracking.check()
+    if type(run.task.prediction).tracked is TaskPrediction.tracked:
+        raise VisionLoraError(f"--track follows boxes, and {run.task.name} predictions have none")
+    return run.task.prediction.tracked

@@ -190,6 +190,10 @@ class DetectionPrediction(TaskPrediction):
     def draw(self, image: Image.Image, prediction: dict, info: ModelInfo) -> Image.Image:
         return draw_boxes(image, prediction["boxes"], info.labels)
 
+    def tracked(self, prediction: dict) -> list[dict]:
+        """Each box, tracked per label."""
+        return prediction["boxes"]
+
     def exact_outputs(self, model) -> bool:
         """RT-DETR-style models pick their queries by top-k over near-tied scores when barely trained."""
         return not getattr(model.config, "model_type", "").startswith(TIED_HEAD_TYPES)

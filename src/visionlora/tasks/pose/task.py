@@ -250,6 +250,10 @@ class PosePrediction(TaskPrediction):
             image = draw_keypoints(image, points, [k["score"] for k in instance["keypoints"]], skeleton)
         return image
 
+    def tracked(self, prediction: dict) -> list[dict]:
+        """Each instance by its box (the detector's, with ``--detector``)."""
+        return prediction["instances"]
+
 
 class PoseReport(TaskReport):
     def diagnostics(self, dataset, indices, outputs, info: ModelInfo) -> Diagnostics:

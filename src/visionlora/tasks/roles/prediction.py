@@ -13,7 +13,7 @@ from visionlora.tasks.records import BoxRequest, ModelInfo, PredictInput, TaskDe
 
 class TaskPrediction:
     """Hooks: ``predict_inputs``, ``decode``, ``draw`` (required); ``model_inputs``, ``combine``,
-    ``box_request``, ``exact_outputs`` (defaults)."""
+    ``box_request``, ``exact_outputs``, ``tracked`` (defaults)."""
 
     def __init__(self, task: TaskDeclarations) -> None:
         self.task = task
@@ -47,6 +47,12 @@ class TaskPrediction:
     def draw(self, image: Image.Image, prediction: dict[str, Any], info: ModelInfo) -> Image.Image:
         """A copy of ``image`` with ``prediction`` drawn on it (hook)."""
         raise NotImplementedError
+
+    def tracked(self, prediction: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """The items of ``prediction`` a video tracker follows, each a dict with a ``box``
+        ([x0, y0, x1, y1]) and optionally a ``score`` and ``label``; None where the task has no
+        boxes to follow (hook; default None)."""
+        return None
 
     def exact_outputs(self, model: Any) -> bool:
         """Whether an exported model's raw outputs must equal torch's (hook; False where near-tied

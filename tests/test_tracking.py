@@ -1,0 +1,105 @@
+"""Tracking quality, measured: a detector trained on generated moving shapes, its boxes tracked
+through a video with ground-truth identities, scored with motmetrics (IDF1, identity switches)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import tiny_config
+from visionlora.cli import main
+from visionlora.examples.tracking import write_tracking_frames, write_tracking_video
+
+pytestmark = pytest.mark.skipif(
+    not (importlib.util.find_spec("trackers") and importlib.util.find_spec("motmetrics")),
+    reason="needs Roboflow's trackers and motmetrics (pip install -e '.[dev]')")
+
+Rows = dict[int, list[tuple[int, list[float]]]]  # frame number: (identity, [x, y, w, h])
+
+
+def train_shape_detector(root: Path, seed: int = 0) -> Path:
+    """A tiny RT-DETRv2, from its pretrained twin, fine-tuned on frames of other moving-shape videos."""
+    from visionlora.training.engine import train
+
+    frames = write_tracking_frames(root / "frames", n_train=32, n_val=8, seed=seed + 1)
+    cfg = tiny_config("detection", frames / "train", root / "detector", mode="full", model="tiny-rtdetr-pretrained",
+                      val_data=str(frames / "val"), epochs=12, batch_size=8, lr=5e-4, augment=False, seed=seed)
+    return train(cfg).paths.root
+
+
+def read_truth(path: Path) -> Rows:
+    rows: Rows = defaultdict(list)
+    for line in path.read_text().splitlines():
+        frame, identity, *box = line.split(",")[:6]
+        rows[int(frame)].append((int(identity), [float(v) for v in box]))
+    return rows
+
+
+def tracked_rows(frames: list[dict[str, Any]]) -> Rows:
+    """The boxes the tracker named, by their track."""
+    rows: Rows = defaultdict(list)
+    for frame in frames:
+        for box in frame["boxes"]:
+            if box["track_id"] is not None:
+                rows[frame["frame"] + 1].append((box["track_id"], _xywh(box["box"])))
+    return rows
+
+
+def frame_order_rows(frames: list[dict[str, Any]]) -> Rows:
+    """Every box, named by its place in its frame (the detector's order): tracking off."""
+    return {frame["frame"] + 1: [(place, _xywh(box["box"])) for place, box in enumerate(frame["boxes"], start=1)]
+            for frame in frames}
+
+
+def _xywh(box: list[float]) -> list[float]:
+    return [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+
+
+def identity_scores(truth: Rows, found: Rows) -> dict[str, float]:
+    """motmetrics' IDF1, identity switches and MOTA, boxes matching at IoU 0.5 or more."""
+    import motmetrics
+
+    accumulator = motmetrics.MOTAccumulator(auto_id=False)
+    for frame in sorted(set(truth) | set(found)):
+        objects, hypotheses = truth.get(frame, []), found.get(frame, [])
+        distances = np.empty((len(objects), len(hypotheses)))
+        if objects and hypotheses:
+            iou = motmetrics.distances.boxiou(np.array([b for _, b in objects])[:, None],
+                                              np.array([b for _, b in hypotheses])[None, :])
+            distances = np.where(iou >= 0.5, 1 - iou, np.nan)
+        accumulator.update([i for i, _ in objects], [i for i, _ in hypotheses], distances, frameid=frame)
+    summary = motmetrics.metrics.create().compute(accumulator, metrics=["idf1", "num_switches", "mota"])
+    return {name: float(summary[name].iloc[0]) for name in ("idf1", "num_switches", "mota")}
+
+
+def track_and_score(detector: Path, root: Path, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Scores of the tracked boxes and of the same boxes named in frame order, on a fresh video."""
+    video, truth_file = write_tracking_video(root / f"shapes-{seed}.mp4", frames=80, seed=100 + seed)
+    output, mot = root / f"tracked-{seed}.json", root / f"tracked-{seed}.txt"
+    code = main(["predict", str(detector), str(video), "--threshold", "0.3", "--track", "--output", str(output),
+                 "--mot", str(mot)])
+    assert code == 0
+    frames = json.loads(output.read_text())["frames"]
+    truth = read_truth(truth_file)
+    named = tracked_rows(frames)
+    assert {(f, i) for f, rows in read_truth(mot).items() for i, _ in rows} == {(f, i) for f, rows in named.items()
+                                                                               for i, _ in rows}
+    return {"tracked": identity_scores(truth, tracked_rows(frames)),
+            "frame order": identity_scores(truth, frame_order_rows(frames))}
+
+
+def test_tracking_keeps_identities_that_frame_order_loses(tmp_path):
+    scores = track_and_score(train_shape_detector(tmp_path), tmp_path)
+    tracked, untracked = scores["tracked"], scores["frame order"]
+    # Measured over seeds 0-2 (training and video; 80 frames, 4 shapes, 285-310 true boxes): tracked IDF1
+    # 0.41-0.58 with 23-27 identity switches; the same boxes in frame order IDF1 0.18-0.24 with 181-216
+    # switches; the gap in IDF1 0.23-0.38.
+    assert tracked["idf1"] > 0.3, scores
+    assert tracked["idf1"] > untracked["idf1"] + 0.1, scores
+    assert tracked["num_switches"] * 3 < untracked["num_switches"], scores
