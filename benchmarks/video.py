@@ -72,12 +72,12 @@ def make_runs(work: Path) -> dict[str, Path]:
 
 def frames_per_second(run_dir: Path, clip: Path, detector: Path | None, every: int) -> dict:
     import visionlora
+    from visionlora.deploy.predictor import box_finder
     from visionlora.deploy.video import predict_video
-    from visionlora.tasks.pose.topdown import load_detector, topdown
 
     run = visionlora.load(run_dir)
-    predict = (topdown(run, load_detector(str(detector), threshold=0.0, max_instances=2), {}) if detector
-               else lambda images: run.predict(images))
+    boxes = {"detector": str(detector), "detector_threshold": 0.0, "max_instances": 2} if detector else {}
+    predict = run.predictor({}, box_finder(run, boxes))
     predict_video(clip, predict, run.draw, end=0.5, progress=False)  # warm-up
     started = time.perf_counter()
     answer = predict_video(clip, predict, run.draw, every=every, progress=False)
