@@ -276,8 +276,8 @@ def test_serving_onnx_with_bf16_says_it_runs_in_its_exported_precision(monkeypat
 def test_serving_bf16_where_the_device_emulates_it_says_so(monkeypatch, tiny_run, capsys):
     monkeypatch.setattr(runtime, "cpu_bf16_feature", lambda: None)
     _serve(monkeypatch, [str(tiny_run["run"]), "--precision", "bf16", "--device", "cpu"])
-    assert "note: --precision bf16: cpu runs bf16 emulated, not natively (this CPU has no native bf16)" \
-        in capsys.readouterr().err
+    # the reason names the CPU, or the ONEDNN_MAX_CPU_ISA cap where one is set
+    assert "note: --precision bf16: cpu runs bf16 emulated, not natively (" in capsys.readouterr().err
     monkeypatch.setattr(runtime, "cpu_bf16_feature", lambda: "AVX512-BF16")
     _serve(monkeypatch, [str(tiny_run["run"]), "--precision", "bf16", "--device", "cpu"])
     assert "note" not in capsys.readouterr().err
