@@ -117,15 +117,20 @@ def resolve_precision(requested: str, fp16_unsafe: str | None = None) -> tuple[s
         if fp16_unsafe:
             return "no", f"auto: {name} has no native bf16, and {fp16_unsafe}"
         return "fp16", f"auto: {name} has no native bf16; fp16 with loss scaling"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if mps_available():
         return "no", MPS_AUTO
+    return _cpu_auto_precision("auto: ")
+
+
+def _cpu_auto_precision(why: str) -> tuple[str, str]:
+    """``auto`` on the CPU: bf16 where it runs natively (and oneDNN is not capped below it), else fp32."""
     feature = cpu_bf16_feature()
     if feature:
-        return "bf16", f"auto: this CPU has {feature}"
+        return "bf16", f"{why}this CPU has {feature}"
     cap = onednn_cap_without_bf16()
     if cap:
-        return "no", f"auto: ONEDNN_MAX_CPU_ISA={cap} leaves oneDNN no bf16 instructions"
-    return "no", "auto: this CPU has no native bf16"
+        return "no", f"{why}ONEDNN_MAX_CPU_ISA={cap} leaves oneDNN no bf16 instructions"
+    return "no", f"{why}this CPU has no native bf16"
 
 
 def _emulated_bf16_note(requested: str) -> str:
@@ -152,10 +157,7 @@ def resolve_precision_on(device: torch.device, requested: str, fp16_unsafe: str 
         return resolve_precision(requested, fp16_unsafe)
     if device.type == "mps":
         return "no", MPS_AUTO
-    feature = cpu_bf16_feature()
-    if feature:
-        return "bf16", f"auto: --device cpu, and this CPU has {feature}"
-    return "no", "auto: --device cpu, and this CPU has no native bf16"
+    return _cpu_auto_precision("auto: --device cpu, and ")
 
 
 def bf16_note(device: torch.device) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -214,13 +215,17 @@ PRETRAIN_SKELETON = [["head", "neck"], ["neck", "pelvis"], ["neck", "left_elbow"
                      ["left_knee", "left_foot"], ["pelvis", "right_knee"], ["right_knee", "right_foot"]]
 
 
+def limb_end(start: np.ndarray, angle: float, length: float, unit: float) -> np.ndarray:
+    """The far end of a limb from ``start``: ``length`` units long, ``angle`` radians from upright."""
+    return start + length * unit * np.array([np.sin(angle), -np.cos(angle)])
+
+
 def walker_points(rng: np.random.Generator, size: int) -> np.ndarray:
     """Joint positions of a randomly posed walker, (11, 2), inside a ``size`` square."""
     unit = size * rng.uniform(0.13, 0.18)
     lean = rng.uniform(-0.5, 0.5)
     pelvis = np.array([size / 2, size * 0.58]) + rng.uniform(-0.06, 0.06, size=2) * size
-    def step(start: np.ndarray, angle: float, length: float) -> np.ndarray:
-        return start + length * unit * np.array([np.sin(angle), -np.cos(angle)])
+    step = partial(limb_end, unit=unit)
     neck = step(pelvis, lean, 1.8)
     head = step(neck, lean + rng.uniform(-0.4, 0.4), 0.8)
     points = {"head": head, "neck": neck, "pelvis": pelvis}
@@ -327,9 +332,7 @@ def lizard_points(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.n
     unit = size * rng.uniform(0.11, 0.14)
     lean = rng.uniform(-0.4, 0.4)
     hips = np.array([size / 2, size * 0.6]) + rng.uniform(-0.05, 0.05, size=2) * size
-
-    def step(start: np.ndarray, angle: float, length: float) -> np.ndarray:
-        return start + length * unit * np.array([np.sin(angle), -np.cos(angle)])
+    step = partial(limb_end, unit=unit)
     shoulders = step(hips, lean, 2.2)
     points = {"hips": hips, "shoulders": shoulders, "head": step(shoulders, lean + rng.uniform(-0.3, 0.3), 0.8)}
     for side, sign in (("left", -1), ("right", 1)):
