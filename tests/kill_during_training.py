@@ -1,4 +1,5 @@
-"""Run ``visionlora ARGS...`` and kill the process with SIGKILL at training batch N.
+"""Run ``visionlora ARGS...`` and kill the process with SIGKILL at the Nth training loss (one per batch,
+or per job and packed step of ``train-many``).
 
 Usage: python kill_during_training.py N train --data ...   (used by the resume test)
 """
@@ -12,7 +13,7 @@ from visionlora.tasks.classification.task import ClassificationSteps
 
 kill_at = int(sys.argv[1])
 calls = 0
-original_loss = ClassificationSteps.loss
+original_loss = ClassificationSteps.loss_of_outputs
 
 
 def loss_then_maybe_die(self, *args, **kwargs):
@@ -23,5 +24,5 @@ def loss_then_maybe_die(self, *args, **kwargs):
     return original_loss(self, *args, **kwargs)
 
 
-ClassificationSteps.loss = loss_then_maybe_die
+ClassificationSteps.loss_of_outputs = loss_then_maybe_die
 sys.exit(main(sys.argv[2:]))

@@ -234,11 +234,17 @@ def _readable_as_umask(folder: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
-def save_model(model: Any, processor: Any, info_dict: dict[str, Any], target: Path) -> None:
-    """``model.save_pretrained`` (full weights, or the adapter of a peft model), the processor
-    and visionlora.json, written together into ``target``."""
+def save_model(model: Any, processor: Any, info_dict: dict[str, Any], target: Path, adapter: str = "default") -> None:
+    """``model.save_pretrained`` (full weights, or of a peft model its adapter ``adapter``, saved as its
+    only one), the processor and visionlora.json, written together into ``target``."""
     with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if adapter == "default":
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:  # peft writes an adapter other than "default" into a subfolder named after it
+            model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[adapter])
+            for file in (tmp / adapter).iterdir():
+                file.rename(tmp / file.name)
+            (tmp / adapter).rmdir()
         processor.save_pretrained(tmp)
         atomic_write_json(tmp / INFO_FILE, info_dict)
 

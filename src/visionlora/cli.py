@@ -18,6 +18,7 @@ from visionlora.errors import VisionLoraError
 
 COMMANDS = {
     "train": "train a LoRA adapter or a full model",
+    "train-many": "train many adapters in one process, packed over one shared base",
     "evaluate": "evaluate a finished run",
     "predict": "predict images with a finished run",
     "compare": "LoRA vs full: train both on --data, or compare two finished runs",
@@ -114,6 +115,38 @@ def _cmd_train(args) -> int:
         held_out = f", test {test[main]:.4f}" if test else ""
         print(f"best epoch {result.summary['best_epoch']}: {main} {metrics[main]:.4f}{held_out} -> {result.paths.root}")
     return 0
+
+
+def _cmd_train_many(args) -> int:
+    from visionlora.training import many
+
+    yaml_values, flags = given_settings(args)
+    output_setting = flags.pop("output", None) or yaml_values.pop("output", None)
+    if not output_setting:
+        raise VisionLoraError("train-many needs --output DIR: one run folder per job goes there")
+    output = Path(output_setting)
+    if args.resume:
+        jobs, failed = many.load_plan(output), []
+    else:
+        jobs, failed = _planned_jobs(args, yaml_values, flags, output)
+    outcomes = failed + many.train_many(jobs, output, _tell, resuming=args.resume)
+    table = many.write_jobs_csv(output, outcomes)
+    print(many.outcome_table(outcomes))
+    _tell(f"{len(outcomes)} jobs, {sum(o.status == 'failed' for o in outcomes)} failed -> {table}")
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def _planned_jobs(args, yaml_values: dict[str, Any], flags: dict[str, Any], output: Path):
+    from visionlora.training import many
+
+    if not (args.data_each or args.jobs):
+        raise VisionLoraError("train-many needs its jobs: --data-each DIR (one per subfolder) or --jobs FILE.yaml")
+    if args.data_each and "data" in {**yaml_values, **flags}:
+        raise VisionLoraError("--data-each gives each job its data: leave --data out")
+    if (output / many.PLAN_FILE).is_file() and not flags.get("overwrite"):
+        raise VisionLoraError(f"{output} already holds a train-many: --resume continues it, --overwrite starts again")
+    specs = many.jobs_from_folders(args.data_each) if args.data_each else many.jobs_from_yaml(args.jobs)
+    return many.plan_jobs(specs, yaml_values, flags, output)
 
 
 def _cmd_evaluate(args) -> int:
@@ -361,5 +394,6 @@ def _emit(data: Any, output: str | None) -> None:
         print(text)
 
 
-HANDLERS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "compare": _cmd_compare,
+HANDLERS = {"train": _cmd_train, "train-many": _cmd_train_many, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
+            "compare": _cmd_compare,
             "serve": _cmd_serve, "export": _cmd_export, "demo": _cmd_demo}

@@ -31,6 +31,24 @@ def train_parser(commands: Subcommands, common: Parser, help_text: str) -> Parse
     return train
 
 
+def train_many_parser(commands: Subcommands, common: Parser, help_text: str) -> Parser:
+    many = commands.add_parser(
+        "train-many", parents=[common], help=help_text,
+        description="Train one adapter per job in one process, packed over one shared base where jobs share its "
+                    "base, task, input size and label count. Every training flag applies to every job unless the "
+                    "job sets it; --output DIR gets one run folder per job, a jobs.csv and the final table.")
+    jobs = many.add_mutually_exclusive_group()
+    jobs.add_argument("--data-each", metavar="DIR", help="one job per subfolder of DIR, named after it (any data "
+                      "format train reads)")
+    jobs.add_argument("--jobs", metavar="FILE", help="YAML list of jobs, each with a name, its data and any "
+                      "training setting")
+    many.add_argument("--config", metavar="FILE", help="YAML file of settings shared by every job (flags win)")
+    many.add_argument("--resume", action="store_true", help="continue the train-many in --output: finished jobs "
+                      "are kept, the others continue from their last checkpoint")
+    add_config_flags(many)
+    return many
+
+
 def loading_flags() -> Parser:
     """The flags that allow what loading a run refuses by default."""
     loading = argparse.ArgumentParser(add_help=False)
@@ -273,6 +291,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 BUILDERS: dict[str, Callable[[Subcommands, Parser, str], Parser]] = {
-    "train": train_parser, "evaluate": evaluate_parser, "predict": predict_parser, "compare": compare_parser,
+    "train": train_parser, "train-many": train_many_parser, "evaluate": evaluate_parser, "predict": predict_parser,
+    "compare": compare_parser,
     "serve": serve_parser, "export": export_parser, "demo": demo_parser,
 }

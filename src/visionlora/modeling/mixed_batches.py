@@ -3,10 +3,10 @@
 peft runs the base once for a batch given ``adapter_names`` (one per row) and adds each row's
 own LoRA update, one adapter after another. Here two of its steps are replaced:
 
-- a LoRA linear layer gathers each row's A and B matrices and applies them all in two batched
-  matrix products (as Punica's BGMV kernel does), so a forward costs the same whether its rows
-  use 1 adapter or 32; layers it cannot gather for (other ranks, a variant, a bias on B) keep
-  peft's loop;
+- a LoRA linear layer gathers each row's A and B matrices (padded with zeros to the largest
+  rank) and applies them all in two batched matrix products (as Punica's BGMV kernel does), so a
+  forward costs the same whether its rows use 1 adapter or 32, in inference and in training;
+  layers it cannot gather for (a variant, a bias on B, dropout while training) keep peft's loop;
 - a trained head of any kind mixes (peft's wrapper mixes only plain Linear, Embedding and Conv
   heads fed one tensor): its inputs are split by adapter (any batch-first tensors, also inside
   lists and tuples), each adapter's own head runs on its rows, and the outputs are put back in
@@ -112,30 +112,48 @@ def _gathered_lora(peft_loop):
 
     def mixed_batch_forward(layer, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
         adapters = _adapters(adapter_names)
-        used = [name for name in adapters if name != BASE_ROWS]
-        if not _gatherable(layer, used):
+        present = [name for name in adapters if name in layer.lora_A]
+        if not _gatherable(layer, present):
             return peft_loop(layer, x, *args, adapter_names=adapter_names, **kwargs)
         result = layer.base_layer(x, *args, **{k: v for k, v in kwargs.items() if k not in variant_keys})
-        first_a = layer.lora_A[used[0]].weight
-        zero_a, zero_b = torch.zeros_like(first_a), torch.zeros_like(layer.lora_B[used[0]].weight)
-        a = torch.stack([layer.lora_A[n].weight if n != BASE_ROWS else zero_a for n in adapters])  # (n, r, in)
-        # each adapter's scaling folded into its B: a float times a weight on its device, no index from the host
-        b = torch.stack([layer.lora_B[n].weight * layer.scaling[n] if n != BASE_ROWS else zero_b
-                         for n in adapters])  # (n, out, r)
-        rows = _mixed(adapter_names, first_a.device).positions.to(first_a.device)
-        flat = x.to(first_a.dtype).reshape(x.shape[0], -1, x.shape[-1])
+        a, b = _stacked_updates(layer, adapters, present)  # (n, rank, in), (n, out, rank)
+        rows = _mixed(adapter_names, a.device).positions.to(a.device)
+        flat = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])
         update = torch.bmm(torch.bmm(flat, a[rows].transpose(1, 2)), b[rows].transpose(1, 2))
         return result + update.reshape(result.shape).to(result.dtype)
 
     return mixed_batch_forward
 
 
+def _stacked_updates(layer, adapters: list[str], present: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every adapter's A and B (its scaling folded into B, a float times a weight on its device) stacked,
+    each padded with zeros to the largest rank; zeros for rows whose adapter does not adapt this layer
+    (the base's rows, or a job that targets other layers). Zero padding is exact, in the forward and in
+    the gradients: a padded row of A meets a zero column of B."""
+    rank = max(layer.lora_A[name].weight.shape[0] for name in present)
+    first_a, first_b = layer.lora_A[present[0]].weight, layer.lora_B[present[0]].weight
+    zero_a = first_a.new_zeros((rank, first_a.shape[1]))
+    zero_b = first_b.new_zeros((first_b.shape[0], rank))
+    a_parts, b_parts = [], []
+    for name in adapters:
+        if name not in layer.lora_A:
+            a_parts.append(zero_a)
+            b_parts.append(zero_b)
+            continue
+        a_weight, b_weight = layer.lora_A[name].weight, layer.lora_B[name].weight * layer.scaling[name]
+        missing = rank - a_weight.shape[0]
+        a_parts.append(torch.nn.functional.pad(a_weight, (0, 0, 0, missing)) if missing else a_weight)
+        b_parts.append(torch.nn.functional.pad(b_weight, (0, missing)) if missing else b_weight)
+    return torch.stack(a_parts), torch.stack(b_parts)
+
+
 def _gatherable(layer, adapters: list[str]) -> bool:
-    """Whether these adapters' updates of ``layer`` stack: plain LoRA, one rank, no bias on B."""
-    if not adapters or any(name not in layer.lora_A or name in layer.lora_variant for name in adapters):
+    """Whether these adapters' updates of ``layer`` stack: plain LoRA without a bias on B, and no dropout
+    to draw while training (peft's loop draws each adapter's own)."""
+    if not adapters or any(name in layer.lora_variant or layer.lora_B[name].bias is not None for name in adapters):
         return False
-    shapes = {(layer.lora_A[n].weight.shape, layer.lora_B[n].weight.shape) for n in adapters}
-    return len(shapes) == 1 and all(layer.lora_B[n].bias is None for n in adapters)
+    return not (layer.training and any(not isinstance(layer.lora_dropout[name], torch.nn.Identity)
+                                       for name in adapters))
 
 
 def _forward_by_adapter(plain_forward):

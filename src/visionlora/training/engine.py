@@ -144,18 +144,9 @@ def preset_filled(value: Setting | None, name: str) -> Setting:
 
 
 def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progress: Progress | None, facts: RunFacts):
-    from accelerate.utils import set_seed
-
     # -- data and model -----------------------------------------------------------------
-    set_seed(cfg.seed)
-    source = task.data.read_data(cfg)
-    model, processor, info = _starting_model(cfg, task, source.labels, facts)
-    data = facts.data = task.data.make_datasets(source, processor, info, cfg)
-    if data.cache is not None and cfg.cache == "auto" and data.cache.mode == "disk":
-        accelerator.print(data.cache.reason)
-    model, adapter = _with_adapter(model, processor, info, cfg, task, accelerator, paths)
-    facts.parameters, facts.adapter = parameter_counts(model), adapter
-    _announce(cfg, data, facts, adapter, accelerator, paths)
+    source, model, processor, info, data = build_run(paths, cfg, task, accelerator, facts)
+    adapter = facts.adapter
     if cfg.init_from and progress is None:
         facts.initial_metrics = _evaluate_once(task, model, processor, data.val, accelerator, info, cfg.batch_size)
         accelerator.print(f"starting from {cfg.init_from}: {task.main_metric} "
@@ -182,10 +173,28 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
     # -- artifacts ----------------------------------------------------------------------
     summary = None
     if accelerator.is_main_process:
-        summary = _save_run(paths, cfg, task, model, processor, info, source, facts, loop, final)
+        summary = save_run(paths, cfg, task, model, processor, info, source, facts, loop, final)
         accelerator.print(f"saved {paths.model_dir} and {paths.results_dir}")
     accelerator.wait_for_everyone()
     return RunResult(paths, summary, model, processor, info)
+
+
+def build_run(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, facts: RunFacts):
+    """(source, model, processor, info, datasets) of a run about to train, seeded as every run is: the
+    data read, the model built and its adapter made, in this order, after ``set_seed(cfg.seed)``; the run's
+    first lines printed. Packed jobs are built by the same function, so they start as they would alone."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    source = task.data.read_data(cfg)
+    model, processor, info = _starting_model(cfg, task, source.labels, facts)
+    data = facts.data = task.data.make_datasets(source, processor, info, cfg)
+    if data.cache is not None and cfg.cache == "auto" and data.cache.mode == "disk":
+        accelerator.print(data.cache.reason)
+    model, adapter = _with_adapter(model, processor, info, cfg, task, accelerator, paths)
+    facts.parameters, facts.adapter = parameter_counts(model), adapter
+    _announce(cfg, data, facts, adapter, accelerator, paths)
+    return source, model, processor, info, data
 
 
 def _starting_model(cfg: TrainConfig, task: Task, labels: list[str], facts: RunFacts):
@@ -226,12 +235,13 @@ def _announce(cfg: TrainConfig, data: Datasets, facts: RunFacts, adapter, accele
         accelerator.print(f"note: {note}")
 
 
-def _save_run(paths: RunPaths, cfg: TrainConfig, task: Task, model, processor, info: ModelInfo, source,
-              facts: RunFacts, loop: TrainingLoop, final: Evaluation) -> dict:
-    """Write the trained model, the diagnostics and the results (summary last); drop the checkpoints."""
+def save_run(paths: RunPaths, cfg: TrainConfig, task: Task, model, processor, info: ModelInfo, source,
+             facts: RunFacts, loop: Any, final: Evaluation, adapter: str = "default") -> dict:
+    """Write the trained model (of a peft model, its adapter ``adapter``), the diagnostics and the results
+    (summary last); drop the checkpoints. ``loop`` has the run's ``data``, ``state`` and ``early_stopped``."""
     if cfg.mode == "lora" and is_builtin(preset_filled(cfg.model, "--model")):
-        model.peft_config["default"].base_model_name_or_path = str(paths.base_dir.resolve())
-    save_model(model, processor, info.to_dict(), paths.model_dir)
+        model.peft_config[adapter].base_model_name_or_path = str(paths.base_dir.resolve())
+    save_model(model, processor, info.to_dict(), paths.model_dir, adapter)
     write_diagnostics(task, model, processor, loop.data.val, source.val, info, paths, final)
     summary = write_results(paths, task, info, facts, loop.state, loop.early_stopped)
     shutil.rmtree(paths.checkpoint_dir, ignore_errors=True)
@@ -270,12 +280,48 @@ def _evaluate_once(task: Task, model, processor, dataset, accelerator, info: Mod
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable weights with weight decay; biases and norm weights (1-D tensors) without."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    """The model's trainable weights with weight decay; biases and norm weights (1-D tensors) without."""
+    return grouped_parameters([p for p in model.parameters() if p.requires_grad], weight_decay)
+
+
+def grouped_parameters(trainable: list[torch.nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """``trainable`` in AdamW's groups: weights with weight decay; biases and norm weights (1-D tensors) without."""
     return [
         {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
+
+
+def training_loaders(cfg: TrainConfig, task: Task, data: Datasets, accelerator, runs_here: int):
+    """(the loader plan, the training loader, the validation loader) of a run, before ``prepare``;
+    ``runs_here`` runs share this machine's cores (processes, or the jobs of a pack)."""
+    loading = plan_loading(cfg.num_workers, accelerator.device,
+                           int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)) * runs_here)
+    accelerator.dataloader_config.non_blocking = loading.non_blocking  # read by prepare()
+    # Loaders draw their worker seeds from their own generators, not the global RNG that
+    # dropout uses, so a resumed run sees the same random numbers as an uninterrupted one.
+    sampler = EpochWeightedSampler(task.data.sample_weights(data.train), cfg.seed) if cfg.balanced_sampler else None
+    train_loader = loading.loader(
+        data.train, task.steps.collate, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+        drop_last=False, generator=torch.Generator().manual_seed(cfg.seed))
+    val_loader = loading.loader(
+        data.val, task.steps.collate, batch_size=cfg.batch_size, shuffle=False,
+        generator=torch.Generator().manual_seed(cfg.seed))
+    return loading, train_loader, val_loader
+
+
+def held_out_metrics(loop: Any, model) -> dict[str, Any] | None:
+    """The best weights' metrics on the held-out test part, in fp32: one pass, at the end (``loop`` has the
+    run's ``task``, ``cfg``, ``data``, ``processor``, ``info``, ``accelerator`` and ``state``)."""
+    if loop.data.test is None:
+        return None
+    loader = torch.utils.data.DataLoader(loop.data.test, batch_size=loop.cfg.batch_size,
+                                         collate_fn=loop.task.steps.collate)
+    metrics = evaluate(loop.task, model, loop.processor, loop.accelerator.prepare(loader), loop.accelerator,
+                       loop.info)
+    loop.accelerator.print(f"{loop.prefix}test {loop.task.main_metric} {metrics[loop.task.main_metric]:.4f} "
+                           f"(best epoch {loop.state.best_epoch}, chosen on validation)")
+    return metrics
 
 
 class TrainingLoop:
@@ -286,18 +332,7 @@ class TrainingLoop:
         self.cfg, self.task, self.info, self.processor = cfg, task, info, processor
         self.normalizer = Normalizer(processor)
         self.accelerator, self.data, self.paths = accelerator, data, paths
-        # Loaders draw their worker seeds from their own generators, not the global RNG that
-        # dropout uses, so a resumed run sees the same random numbers as an uninterrupted one.
-        self.loading = plan_loading(cfg.num_workers, accelerator.device,
-                                    int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
-        accelerator.dataloader_config.non_blocking = self.loading.non_blocking  # read by prepare() below
-        sampler = EpochWeightedSampler(task.data.sample_weights(data.train), cfg.seed) if cfg.balanced_sampler else None
-        train_loader = self.loading.loader(
-            data.train, task.steps.collate, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-            drop_last=False, generator=torch.Generator().manual_seed(cfg.seed))
-        val_loader = self.loading.loader(
-            data.val, task.steps.collate, batch_size=cfg.batch_size, shuffle=False,
-            generator=torch.Generator().manual_seed(cfg.seed))
+        self.loading, train_loader, val_loader = training_loaders(cfg, task, data, accelerator, 1)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.kept_names = {n for n, p in model.named_parameters() if p.requires_grad}
         self.kept_names |= {n for n, _ in model.named_buffers()}
@@ -310,6 +345,7 @@ class TrainingLoop:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.early_stopped = False
         self.tracking = bool(accelerator.trackers)
+        self.prefix = ""  # before each line it prints
 
     def _schedule(self):
         from transformers import get_cosine_schedule_with_warmup
@@ -428,10 +464,24 @@ class TrainingLoop:
         self.state.loss_total = float(self._loss_sum)
 
     def _trained_weights(self) -> dict[str, torch.Tensor]:
-        """A copy of the trained weights and the buffers, on the CPU: no second copy in the accelerator's memory."""
+        """A copy of the trained weights and the buffers, on the CPU: no second copy in the accelerator's memory;
+        named as checkpoints name them."""
         model = self.accelerator.unwrap_model(self.model)
-        return {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()
+        return {self.saved_name(name): t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()
                 if name in self.kept_names}
+
+    def saved_name(self, name: str) -> str:
+        """A weight's name in checkpoints and kept best weights (hook: a packed job saves its slot's weights
+        under the names a run alone gives them, so either resumes the other's checkpoint)."""
+        return name
+
+    def model_name(self, name: str) -> str:
+        """The model's name of a weight named as checkpoints name it (the inverse of ``saved_name``)."""
+        return name
+
+    def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        model.load_state_dict({self.model_name(name): t for name, t in weights.items()}, strict=False)
 
     def _track_best(self, epoch: int, metrics: dict[str, Any]) -> bool:
         value = metrics[self.task.main_metric]
@@ -448,20 +498,11 @@ class TrainingLoop:
         return evaluate_outputs(self.task, model, self.processor, self.val_loader, self.accelerator, self.info)
 
     def test_metrics(self, model) -> dict[str, Any] | None:
-        """The best weights' metrics on the held-out test part, in fp32: one pass, at the end."""
-        if self.data.test is None:
-            return None
-        loader = torch.utils.data.DataLoader(self.data.test, batch_size=self.cfg.batch_size,
-                                             collate_fn=self.task.steps.collate)
-        metrics = evaluate(self.task, model, self.processor, self.accelerator.prepare(loader), self.accelerator,
-                                     self.info)
-        self.accelerator.print(f"test {self.task.main_metric} {metrics[self.task.main_metric]:.4f} "
-                               f"(best epoch {self.state.best_epoch}, chosen on validation)")
-        return metrics
+        return held_out_metrics(self, model)
 
     def _restore_best(self) -> None:
         if self.best_state is not None:
-            self.accelerator.unwrap_model(self.model).load_state_dict(self.best_state, strict=False)
+            self._load_weights(self.best_state)
 
     # -- checkpoints --------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
@@ -473,14 +514,14 @@ class TrainingLoop:
     def restore(self, progress: Progress) -> None:
         """Continue from the checkpoint whose progress is ``progress``."""
         trained, best, state = load_checkpoint(self.paths)
-        model = self.accelerator.unwrap_model(self.model)
-        missing = self.kept_names - set(trained)
+        missing = {self.saved_name(name) for name in self.kept_names} - set(trained)
         if missing:
             raise VisionLoraError(f"{self.paths.checkpoint_dir}: checkpoint lacks {len(missing)} weights, "
                                   f"e.g. {sorted(missing)[0]}")
-        model.load_state_dict(trained, strict=False)
+        self._load_weights(trained)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.scheduler.load_state_dict(state["scheduler"])
+        scheduler = getattr(self.scheduler, "scheduler", self.scheduler)  # inside Accelerate's wrapper, if any
+        scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             note = restore_cuda_rng(list(state["cuda_rng"]))

@@ -148,12 +148,11 @@ class ClassificationModel(TaskModel):
 
 
 class ClassificationSteps(TaskSteps):
-    def loss(self, model, batch, info: ModelInfo) -> torch.Tensor:
+    def loss_of_outputs(self, outputs, batch, info: ModelInfo) -> torch.Tensor:
         weights = task_state(info, ClassificationState).class_weights
-        if not weights:
-            return model(pixel_values=batch["pixel_values"], labels=batch["labels"], **info.forward_kwargs).loss
-        logits = model(pixel_values=batch["pixel_values"], **info.forward_kwargs).logits
-        return F.cross_entropy(logits.float(), batch["labels"], weight=_weights_on(weights, logits.device))
+        logits = outputs.logits
+        return F.cross_entropy(logits.float(), batch["labels"],
+                               weight=_weights_on(weights, logits.device) if weights else None)
 
     def eval_step(self, model, batch, processor, info: ModelInfo):
         logits = model(pixel_values=batch["pixel_values"], **info.forward_kwargs).logits.float()

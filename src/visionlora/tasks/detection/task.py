@@ -139,6 +139,10 @@ class DetectionModel(TaskModel):
 
 
 class DetectionSteps(TaskSteps):
+    packing_refusal = ("detection losses are taken over the batch as a whole (box matching normalised by the "
+                       "batch's box count, and RT-DETR's denoising queries sized by its largest label set), so "
+                       "the rows of several jobs would mix")
+
     def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Pad images to the largest in the batch (bottom/right) with a pixel mask, as DETR expects."""
         batch: dict[str, Any] = padded_batch([item["pixel_values"] for item in items], torch.uint8)

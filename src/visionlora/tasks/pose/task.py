@@ -177,9 +177,11 @@ class PoseModel(TaskModel):
 
 
 class PoseSteps(TaskSteps):
-    def loss(self, model, batch, info: ModelInfo) -> torch.Tensor:
-        heatmaps = model(pixel_values=batch["pixel_values"]).heatmaps
-        return heatmap_loss(heatmaps, batch["target"], batch["weight"])
+    def forward(self, model, batch, info: ModelInfo):
+        return model(pixel_values=batch["pixel_values"])
+
+    def loss_of_outputs(self, outputs, batch, info: ModelInfo) -> torch.Tensor:
+        return heatmap_loss(outputs.heatmaps, batch["target"], batch["weight"])
 
     def eval_step(self, model, batch, processor, info: ModelInfo):
         heatmaps = model(pixel_values=batch["pixel_values"]).heatmaps.float()

@@ -12,7 +12,15 @@ from visionlora.tasks.records import ModelInfo, TaskDeclarations
 
 
 class TaskSteps:
-    """Hooks: ``loss``, ``eval_step``, ``metrics`` (required); ``collate``, ``device_batch``, ``top1`` (defaults)."""
+    """Hooks: ``loss_of_outputs`` (or ``loss``), ``eval_step``, ``metrics`` (required); ``collate``,
+    ``device_batch``, ``forward``, ``top1`` (defaults).
+
+    A task whose loss is a function of each row's outputs (``loss_of_outputs``) trains packed: the rows
+    of several jobs go through one forward, and each job's loss is taken from its own rows. A task whose
+    model computes its loss over the batch as a whole overrides ``loss`` and says why it cannot pack.
+    """
+
+    packing_refusal: str | None = None  # why this task's jobs cannot share a forward, or None
 
     def __init__(self, task: TaskDeclarations) -> None:
         self.task = task
@@ -28,9 +36,18 @@ class TaskSteps:
         batch["pixel_values"] = normalizer(batch["pixel_values"])
         return batch
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, Any], info: ModelInfo) -> torch.Tensor:
-        """The training loss of one (``device_batch``-ready) batch (hook)."""
+    def forward(self, model: torch.nn.Module, batch: dict[str, Any], info: ModelInfo) -> Any:
+        """The model's outputs for a (``device_batch``-ready) batch, given its pixels alone (hook)."""
+        return model(pixel_values=batch["pixel_values"], **info.forward_kwargs)
+
+    def loss_of_outputs(self, outputs: Any, batch: dict[str, Any], info: ModelInfo) -> torch.Tensor:
+        """The training loss of a batch from the model's outputs for its rows (hook)."""
         raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any], info: ModelInfo) -> torch.Tensor:
+        """The training loss of one (``device_batch``-ready) batch (hook; default: ``loss_of_outputs``
+        of ``forward``)."""
+        return self.loss_of_outputs(self.forward(model, batch, info), batch, info)
 
     def eval_step(self, model: torch.nn.Module, batch: dict[str, Any], processor: Any,
                   info: ModelInfo) -> tuple[torch.Tensor | None, list[Any]]:

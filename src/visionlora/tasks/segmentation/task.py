@@ -124,9 +124,8 @@ class SegmentationSteps(TaskSteps):
         batch["labels"] = batch["labels"].long()
         return batch
 
-    def loss(self, model, batch, info: ModelInfo) -> torch.Tensor:
-        logits = model(pixel_values=batch["pixel_values"], **info.forward_kwargs).logits
-        return pixel_loss(logits, batch["labels"], ignore_index(info))
+    def loss_of_outputs(self, outputs, batch, info: ModelInfo) -> torch.Tensor:
+        return pixel_loss(outputs.logits, batch["labels"], ignore_index(info))
 
     def eval_step(self, model, batch, processor, info: ModelInfo):
         logits = model(pixel_values=batch["pixel_values"], **info.forward_kwargs).logits
