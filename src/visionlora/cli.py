@@ -19,6 +19,7 @@ from visionlora.errors import VisionLoraError
 COMMANDS = {
     "train": "train a LoRA adapter or a full model",
     "train-many": "train many adapters in one process, packed over one shared base",
+    "tune": "search LoRA settings on your data (successive halving, trials trained packed)",
     "evaluate": "evaluate a finished run",
     "predict": "predict images with a finished run",
     "compare": "LoRA vs full: train both on --data, or compare two finished runs",
@@ -147,6 +148,36 @@ def _planned_jobs(args, yaml_values: dict[str, Any], flags: dict[str, Any], outp
         raise VisionLoraError(f"{output} already holds a train-many: --resume continues it, --overwrite starts again")
     specs = many.jobs_from_folders(args.data_each) if args.data_each else many.jobs_from_yaml(args.jobs)
     return many.plan_jobs(specs, yaml_values, flags, output)
+
+
+def _cmd_tune(args) -> int:
+    from visionlora.config import build_config
+    from visionlora.training import tune
+
+    yaml_values, flags = given_settings(args)
+    output_setting = flags.pop("output", None) or yaml_values.pop("output", None)
+    if not output_setting:
+        raise VisionLoraError("tune needs --output DIR: the trials, the leaderboard and the best run go there")
+    output = Path(output_setting)
+    if args.resume:
+        state = tune.TuneState.load(output)
+    else:
+        if args.trials < 2 or args.eta < 2:
+            raise VisionLoraError("tune needs --trials and --eta of at least 2")
+        if (output / tune.STATE_FILE).is_file() and not flags.get("overwrite"):
+            raise VisionLoraError(f"{output} already holds a tune: --resume continues it, --overwrite starts again")
+        base = build_config(yaml_values, flags)
+        space = tune.default_space(base)
+        if args.space:
+            space = tune.read_space(args.space, space)
+        trials = tune.sample_trials(space, args.trials, tune.preset_settings(base), base.seed)
+        state = tune.TuneState(base.to_dict(), tune.rung_epochs(base.epochs, args.trials, args.eta), args.eta, trials)
+        output.mkdir(parents=True, exist_ok=True)
+        state.save(output)
+    comparison = tune.tune(state, output, _tell, resuming=args.resume)
+    print(tune.describe_comparison(comparison))
+    _tell(f"leaderboard -> {output / tune.LEADERBOARD}; plot -> {output / tune.PLOT}; best run -> {output / 'best'}")
+    return 0
 
 
 def _cmd_evaluate(args) -> int:
@@ -394,6 +425,6 @@ def _emit(data: Any, output: str | None) -> None:
         print(text)
 
 
-HANDLERS = {"train": _cmd_train, "train-many": _cmd_train_many, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
-            "compare": _cmd_compare,
-            "serve": _cmd_serve, "export": _cmd_export, "demo": _cmd_demo}
+HANDLERS = {"train": _cmd_train, "train-many": _cmd_train_many, "tune": _cmd_tune, "evaluate": _cmd_evaluate,
+            "predict": _cmd_predict, "compare": _cmd_compare, "serve": _cmd_serve, "export": _cmd_export,
+            "demo": _cmd_demo}

@@ -49,6 +49,26 @@ def train_many_parser(commands: Subcommands, common: Parser, help_text: str) -> 
     return many
 
 
+def tune_parser(commands: Subcommands, common: Parser, help_text: str) -> Parser:
+    tune = commands.add_parser(
+        "tune", parents=[common], help=help_text,
+        description="Search LoRA settings (rank, alpha, learning rate, target modules, dropout, method) on --data "
+                    "by successive halving: every trial trains a few epochs, the best 1/eta go on for eta times as "
+                    "many, up to --epochs; each rung's trials train packed. --output DIR gets leaderboard.csv, "
+                    "tune.png and the best settings' run at DIR/best.")
+    tune.add_argument("--trials", type=int, default=16, metavar="N", help="settings tried (default 16; the "
+                      "first is the task's preset)")
+    tune.add_argument("--eta", type=int, default=3, metavar="N", help="keep the best 1/N of the trials at "
+                      "each rung, and train them N times longer (default 3)")
+    tune.add_argument("--space", metavar="FILE", help="YAML of the searched settings to narrow or widen: "
+                      "lora_r, alpha_ratio, lr, target_modules, lora_dropout, method (lists of choices, or "
+                      "{low, high} for a log-uniform range)")
+    tune.add_argument("--config", metavar="FILE", help="YAML file of the settings every trial shares")
+    tune.add_argument("--resume", action="store_true", help="continue the tune in --output")
+    add_config_flags(tune)
+    return tune
+
+
 def loading_flags() -> Parser:
     """The flags that allow what loading a run refuses by default."""
     loading = argparse.ArgumentParser(add_help=False)
@@ -291,7 +311,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 BUILDERS: dict[str, Callable[[Subcommands, Parser, str], Parser]] = {
-    "train": train_parser, "train-many": train_many_parser, "evaluate": evaluate_parser, "predict": predict_parser,
-    "compare": compare_parser,
-    "serve": serve_parser, "export": export_parser, "demo": demo_parser,
+    "train": train_parser, "train-many": train_many_parser, "tune": tune_parser, "evaluate": evaluate_parser,
+    "predict": predict_parser, "compare": compare_parser, "serve": serve_parser, "export": export_parser,
+    "demo": demo_parser,
 }

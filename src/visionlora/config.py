@@ -39,7 +39,8 @@ class TrainConfig:
     task: str = _opt(DEFAULT_TASK, "task to train (see the task list in --help)")
     data: str | None = _opt(None, "dataset folder, saved Hugging Face dataset folder, or hub dataset id")
     val_data: str | None = _opt(None, "separate validation data (default: the data's val split, or a seeded split)")
-    test_data: str | None = _opt(None, "held-out test data, evaluated once at the end (default: the data's test/ part)")
+    test_data: str | None = _opt(None, "held-out test data, evaluated once at the end (default: the data's test/ part; "
+                                  "none: no test part)")
     model: str | None = _opt(None, "hub id, local checkpoint folder, or 'tiny' (small random model, offline)")
     revision: str | None = _opt(None, "hub revision of --model (branch, tag or commit); the commit used is recorded")
     init_from: str | None = _opt(None, "start from a finished run's trained weights (its adapter, or its full model)")

@@ -44,6 +44,9 @@ def first_child(root: Path, names: Sequence[str]) -> Path | None:
     return next((root / n for n in names if (root / n).is_dir()), None)
 
 
+NO_TEST = "none"  # --test-data none: no test part, even where the data has one
+
+
 def locate_parts(data: str | Path, val_data: str | Path | None = None, test_data: str | Path | None = None) -> Layout:
     """The training, validation and test parts of ``data`` (see the module rule)."""
     root = Path(data)
@@ -52,6 +55,8 @@ def locate_parts(data: str | Path, val_data: str | Path | None = None, test_data
         first_child(root, VAL_DIRS) if train_dir else None)
     test = (first_child(Path(test_data), TEST_DIRS) or Path(test_data)) if test_data else (
         first_child(root, TEST_DIRS) if train_dir else None)
+    if test_data == NO_TEST:
+        test = None
     return Layout(train_dir or root, val, test)
 
 
