@@ -172,8 +172,8 @@ def _kept(job: Job) -> Outcome | None:
         return None
     summary = read_json(paths.summary)
     main = summary["main_metric"]
-    return Outcome(job.name, "kept", str(paths.root), packed=bool(summary.get("packed")), main_metric=main,
-                   value=summary["metrics"][main])
+    return Outcome(job.name, "kept", str(paths.root), main_metric=main, value=summary["metrics"][main],
+                   metrics=summary["metrics"])
 
 
 def _checkpointed(job: Job) -> Progress | None:
@@ -230,7 +230,8 @@ def _train_alone(job: Job, why: str, say: Say) -> Outcome:
     summary = result.summary or {}
     main = summary.get("main_metric")
     return Outcome(job.name, "done", str(result.paths.root), why_alone=why, main_metric=main,
-                   value=summary.get("metrics", {}).get(main), seconds=time.perf_counter() - started)
+                   value=summary.get("metrics", {}).get(main), seconds=time.perf_counter() - started,
+                   metrics=summary.get("metrics", {}))
 
 
 # -- the table ----------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ class Outcome:
     value: float | None = None
     seconds: float = 0.0
     error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)  # the run's final validation metrics
 
 
 def packing_refusal(cfg: TrainConfig, task: Task) -> str | None:
@@ -366,8 +366,8 @@ class Pack:
             param.requires_grad_(False)
         main = summary["main_metric"]
         self.outcomes.append(Outcome(lane.job.name, "done", str(lane.paths.root), packed=True, main_metric=main,
-                                     value=summary["metrics"][main],
-                                     seconds=time.perf_counter() - lane.facts.started))
+                                     value=summary["metrics"][main], seconds=time.perf_counter() - lane.facts.started,
+                                     metrics=summary["metrics"]))
         self._training_mode()
 
     def _fail(self, lane: PackedLane, reason: str) -> None:

@@ -78,6 +78,7 @@ class Trial:
     number: int
     settings: dict[str, Any]  # the searched values
     metrics: dict[str, float] = field(default_factory=dict)  # rung epochs (as text) -> the validation metric
+    losses: dict[str, float] = field(default_factory=dict)  # rung epochs (as text) -> the validation loss
     status: str = "running"
     error: str | None = None
 
@@ -162,7 +163,7 @@ def tune(state: TuneState, output: Path, say: Say = print, resuming: bool = Fals
             continue
         alive = _run_rung(base, state, index, epochs, alive, output, say, resuming)
         keep = max(1, math.ceil(len(alive) / state.eta)) if index + 1 < len(state.rungs) else 1
-        ranked = sorted(alive, key=lambda t: t.metrics[str(epochs)], reverse=task.greater_is_better)
+        ranked = sorted(alive, key=lambda t: _rank(t, str(epochs), task.greater_is_better))
         for trial in ranked[keep:]:
             trial.status = f"stopped at {epochs} epochs"
         alive = ranked[:keep]
@@ -200,8 +201,15 @@ def _run_rung(base: TrainConfig, state: TuneState, index: int, epochs: int, aliv
             trial.status, trial.error = "failed", outcome.error if outcome else "no outcome"
             continue
         trial.metrics[str(epochs)] = float(outcome.value)
+        trial.losses[str(epochs)] = float(outcome.metrics.get("loss", math.inf))
         finished.append(trial)
     return finished
+
+
+def _rank(trial: Trial, epochs: str, greater_is_better: bool) -> tuple[float, float]:
+    """Sort key, best first: the main metric, then (on a tie) the lower validation loss."""
+    value = trial.metrics[epochs]
+    return (-value if greater_is_better else value, trial.losses.get(epochs, math.inf))
 
 
 def _best_run(base: TrainConfig, state: TuneState, best: Trial, output: Path, say: Say) -> None:
