@@ -4,6 +4,7 @@ and stops by its process id."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -334,3 +335,37 @@ def test_a_replica_runs_its_server_until_ray_serve_shuts_it_down(tmp_path):
     assert server.load_pool is None and server.forward_pool is None
     with pytest.raises(RuntimeError, match="after shutdown"):
         pool.submit(print)
+
+
+def test_train_many_spreads_its_jobs_over_the_cluster_each_worker_packing_its_share(cluster, tmp_path):
+    each = tmp_path / "each"
+    for index in range(4):
+        make_classification_folder(each / f"job{index}", per_class_train=3, per_class_val=2, seed=index)
+    output = tmp_path / "runs"
+    finished = subprocess.run(
+        [sys.executable, "-m", "visionlora", "train-many", "--data-each", str(each), "--output", str(output),
+         "--model", "tiny-pretrained", "--epochs", "1", "--mixed-precision", "no", "--no-progress",
+         "--ray-address", cluster, "--ray-workers", "2"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "4 jobs in 2 shares" in finished.stderr
+    rows = list(csv.DictReader((output / "jobs.csv").open()))
+    assert [(row["job"], row["status"], row["packed"]) for row in rows] == [
+        (f"job{index}", "done", "yes") for index in range(4)]
+    for index in range(4):
+        assert (output / f"job{index}" / "training_results_lora" / "training_summary.json").is_file()
+
+
+def test_tune_spreads_each_rung_over_the_cluster(cluster, tmp_path):
+    data = make_classification_folder(tmp_path / "data", per_class_train=3, per_class_val=2, seed=7)
+    output = tmp_path / "tune"
+    finished = subprocess.run(
+        [sys.executable, "-m", "visionlora", "tune", "--data", str(data), "--output", str(output), "--trials", "4",
+         "--eta", "2", "--epochs", "2", "--model", "tiny-pretrained", "--mixed-precision", "no", "--no-progress",
+         "--ray-address", cluster, "--ray-workers", "2"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "4 jobs in 2 shares" in finished.stderr and "2 jobs in 2 shares" in finished.stderr
+    rows = list(csv.DictReader((output / "leaderboard.csv").open()))
+    assert len(rows) == 4 and sum(row["status"] == "best" for row in rows) == 1
+    assert (output / "best" / "training_results_lora" / "training_summary.json").is_file()

@@ -130,11 +130,28 @@ def _cmd_train_many(args) -> int:
         jobs, failed = many.load_plan(output), []
     else:
         jobs, failed = _planned_jobs(args, yaml_values, flags, output)
-    outcomes = failed + many.train_many(jobs, output, _tell, resuming=args.resume)
+    outcomes = failed + _job_runner(args)(jobs, output, _tell, args.resume)
     table = many.write_jobs_csv(output, outcomes)
     print(many.outcome_table(outcomes))
     _tell(f"{len(outcomes)} jobs, {sum(o.status == 'failed' for o in outcomes)} failed -> {table}")
     return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def _job_runner(args):
+    """How jobs train: in this process, or spread over the Ray cluster of --ray-address (with absolute paths)."""
+    from visionlora.training.many import train_many, with_absolute_paths
+
+    if not args.ray_address:
+        return train_many
+
+    def on_ray(jobs, output: Path, say, resuming: bool):
+        from visionlora.ray_cluster import train_many_on_ray
+
+        address = None if args.ray_address == "local" else args.ray_address
+        return train_many_on_ray([with_absolute_paths(job) for job in jobs], output.resolve(), address, say,
+                                 resuming, args.ray_workers)
+
+    return on_ray
 
 
 def _planned_jobs(args, yaml_values: dict[str, Any], flags: dict[str, Any], output: Path):
@@ -174,7 +191,8 @@ def _cmd_tune(args) -> int:
         state = tune.TuneState(base.to_dict(), tune.rung_epochs(base.epochs, args.trials, args.eta), args.eta, trials)
         output.mkdir(parents=True, exist_ok=True)
         state.save(output)
-    comparison = tune.tune(state, output, _tell, resuming=args.resume)
+    comparison = tune.tune(state, output.resolve() if args.ray_address else output, _tell, resuming=args.resume,
+                           runner=_job_runner(args))
     print(tune.describe_comparison(comparison))
     _tell(f"leaderboard -> {output / tune.LEADERBOARD}; plot -> {output / tune.PLOT}; best run -> {output / 'best'}")
     return 0

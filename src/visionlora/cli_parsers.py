@@ -43,6 +43,11 @@ def train_many_parser(commands: Subcommands, common: Parser, help_text: str) -> 
     jobs.add_argument("--jobs", metavar="FILE", help="YAML list of jobs, each with a name, its data and any "
                       "training setting")
     many.add_argument("--config", metavar="FILE", help="YAML file of settings shared by every job (flags win)")
+    many.add_argument("--ray-address", metavar="ADDRESS", help="spread the jobs over the Ray cluster at "
+                        "ADDRESS (local: start one here) through Ray Tune, each worker packing its share; "
+                        "--output must be storage every node sees")
+    many.add_argument("--ray-workers", type=int, metavar="N", help="with --ray-address: how many workers share "
+                        "the jobs (default: one per GPU of the cluster, else one per CPU)")
     many.add_argument("--resume", action="store_true", help="continue the train-many in --output: finished jobs "
                       "are kept, the others continue from their last checkpoint")
     add_config_flags(many)
@@ -64,6 +69,11 @@ def tune_parser(commands: Subcommands, common: Parser, help_text: str) -> Parser
                       "lora_r, alpha_ratio, lr, target_modules, lora_dropout, method (lists of choices, or "
                       "{low, high} for a log-uniform range)")
     tune.add_argument("--config", metavar="FILE", help="YAML file of the settings every trial shares")
+    tune.add_argument("--ray-address", metavar="ADDRESS", help="spread the trials of each rung over the Ray cluster at "
+                        "ADDRESS (local: start one here) through Ray Tune, each worker packing its share; "
+                        "--output must be storage every node sees")
+    tune.add_argument("--ray-workers", type=int, metavar="N", help="with --ray-address: how many workers share "
+                        "the trials of each rung (default: one per GPU of the cluster, else one per CPU)")
     tune.add_argument("--resume", action="store_true", help="continue the tune in --output")
     add_config_flags(tune)
     return tune

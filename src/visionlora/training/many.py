@@ -98,6 +98,20 @@ def plan_jobs(specs: list[dict[str, Any]], shared_yaml: dict[str, Any], shared_f
     return jobs, failed
 
 
+PATH_SETTINGS = ("data", "val_data", "test_data", "init_from", "model", "cache_dir", "output")
+
+
+def with_absolute_paths(job: Job) -> Job:
+    """``job`` with the paths among its settings made absolute, for workers that run in other folders
+    (a Ray worker runs in its trial's folder)."""
+    changes: dict[str, Any] = {}
+    for name in PATH_SETTINGS:
+        value = getattr(job.cfg, name)
+        if value and (name == "output" or Path(value).exists()):
+            changes[name] = str(Path(value).resolve())
+    return Job(job.name, dataclasses.replace(job.cfg, **changes))
+
+
 def save_plan(output: Path, jobs: list[Job]) -> None:
     atomic_write_json(output / PLAN_FILE, {"jobs": [{"name": job.name, "settings": job.cfg.to_dict()}
                                                     for job in jobs]})

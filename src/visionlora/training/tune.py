@@ -20,7 +20,7 @@ import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from visionlora.artifacts import RunPaths, atomic_write_bytes, atomic_write_json, read_json, rows_csv
 from visionlora.config import TrainConfig, coerce
@@ -29,11 +29,12 @@ from visionlora.errors import VisionLoraError
 from visionlora.tasks import get_task
 from visionlora.training.engine import train
 from visionlora.training.many import PLAN_FILE, Say, load_plan, outcome_table, train_many, write_jobs_csv
-from visionlora.training.packing import Job
+from visionlora.training.packing import Job, Outcome
 
 STATE_FILE = "tune.json"
 LEADERBOARD = "leaderboard.csv"
 PLOT = "tune.png"
+Runner = Callable[[list[Job], Path, Say, bool], list[Outcome]]  # trains jobs into a folder: their outcomes
 SEARCHED = ("lora_r", "alpha_ratio", "lr", "target_modules", "lora_dropout", "method")
 
 
@@ -152,16 +153,18 @@ class TuneState:
         return cls(**data)
 
 
-def tune(state: TuneState, output: Path, say: Say = print, resuming: bool = False) -> dict[str, Any]:
-    """Run the rungs not yet done, then train the best settings to the end at ``output/best``; write the
-    leaderboard and the plot. Returns what the best is and how it compares with the preset."""
+def tune(state: TuneState, output: Path, say: Say = print, resuming: bool = False,
+         runner: Runner = train_many) -> dict[str, Any]:
+    """Run the rungs not yet done (each with ``runner``: ``train_many`` here, or spread over a Ray cluster),
+    then train the best settings to the end at ``output/best``; write the leaderboard and the plot. Returns
+    what the best is and how it compares with the preset."""
     base = TrainConfig.from_dict(state.base)
     task = get_task(base.task)
     alive = [t for t in state.trials if t.status == "running"]
     for index, epochs in enumerate(state.rungs):
         if index < state.rungs_done:
             continue
-        alive = _run_rung(base, state, index, epochs, alive, output, say, resuming)
+        alive = _run_rung(base, state, index, epochs, alive, output, say, resuming, runner)
         keep = max(1, math.ceil(len(alive) / state.eta)) if index + 1 < len(state.rungs) else 1
         ranked = sorted(alive, key=lambda t: _rank(t, str(epochs), task.greater_is_better))
         for trial in ranked[keep:]:
@@ -182,7 +185,7 @@ def tune(state: TuneState, output: Path, say: Say = print, resuming: bool = Fals
 
 
 def _run_rung(base: TrainConfig, state: TuneState, index: int, epochs: int, alive: list[Trial], output: Path,
-              say: Say, resuming: bool) -> list[Trial]:
+              say: Say, resuming: bool, runner: Runner) -> list[Trial]:
     """Train the ``alive`` trials for ``epochs`` epochs, packed; record their metrics; the ones that finished."""
     folder = output / f"rung{index + 1}-{epochs}ep"
     say(f"rung {index + 1}/{len(state.rungs)}: {len(alive)} trials x {epochs} epochs")
@@ -190,7 +193,7 @@ def _run_rung(base: TrainConfig, state: TuneState, index: int, epochs: int, aliv
         jobs = load_plan(folder)
     else:
         jobs = [Job(t.name, trial_config(base, t, epochs, folder / t.name)) for t in alive]
-    outcomes = train_many(jobs, folder, say, resuming=resuming and (folder / PLAN_FILE).is_file())
+    outcomes = runner(jobs, folder, say, resuming and (folder / PLAN_FILE).is_file())
     write_jobs_csv(folder, outcomes)
     say(outcome_table(outcomes))
     by_name = {o.name: o for o in outcomes}
