@@ -48,6 +48,9 @@ from visionlora.training.engine import (
 from visionlora.training.results import RunFacts
 
 BATCHNORM = torch.nn.modules.batchnorm._BatchNorm
+# the settings that decide which batches a job reads: jobs equal in them share one data pipeline
+BATCH_SETTINGS = ("task", "data", "val_data", "val_fraction", "seed", "batch_size", "augment", "balanced_sampler",
+                  "image_size", "model", "revision", "cache")
 
 
 @dataclass
@@ -142,8 +145,9 @@ class PackedLane(TrainingLoop):
         self.state = Progress(config=self.cfg.to_dict())
         self.best_state: dict[str, torch.Tensor] | None = None
         self.early_stopped = self.tracking = False
-        self.finished = False
+        self.finished = self.in_epoch = False
         self._batches: Any = None
+        self.data_key = tuple(getattr(self.cfg, name) for name in BATCH_SETTINGS)
 
     def saved_name(self, name: str) -> str:
         return name.replace(f".{self.slot}.", ".default.")
@@ -151,31 +155,38 @@ class PackedLane(TrainingLoop):
     def model_name(self, name: str) -> str:
         return name.replace(".default.", f".{self.slot}.")
 
-    def start_epoch(self) -> None:
-        """Begin (or, after a resume, continue) the next epoch's batches."""
-        from accelerate import skip_first_batches
-
+    def begin_epoch(self) -> None:
+        """Start (or, after a resume, continue) the next epoch: its augmentation, its counters and its clock."""
         epoch = self.state.completed_epochs + 1
         self._epoch_started = time.perf_counter()
         if hasattr(self.data.train, "set_epoch"):
             self.data.train.set_epoch(epoch)
         self.train_loader.set_epoch(epoch)
-        skipped = self.state.batches_done
         device = self.accelerator.device
         self._loss_sum = torch.tensor(self.state.loss_total, device=device)
-        self._batch = torch.tensor(skipped, device=device)
+        self._batch = torch.tensor(self.state.batches_done, device=device)
         self._bad_batch = torch.tensor(-1, device=device)
         self._bad_loss = torch.tensor(0.0, device=device)
-        self._batches = iter(skip_first_batches(self.train_loader, skipped) if skipped else self.train_loader)
+        self._batches = None
+        self.in_epoch = True
 
-    def next_batch(self) -> dict[str, Any] | None:
-        """The epoch's next batch, model-ready, or None when the epoch (or --max-steps) is over."""
+    def epoch_over(self) -> bool:
+        return self._steps_done() or self.state.batches_done >= len(self.train_loader)
+
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys read the same batch here (the same data, settings that shape it, epoch and
+        place in it): the pack reads it once and gives it to all of them, one data pipeline for many jobs."""
+        return (self.data_key, self.state.completed_epochs + 1, self.state.batches_done)
+
+    def fetch(self) -> dict[str, Any]:
+        """Read the epoch's next batch from this job's own loader, model-ready (a job that was given its
+        batches by another opens its loader where it stands)."""
+        from accelerate import skip_first_batches
+
         if self._batches is None:
-            self.start_epoch()
-        if self._steps_done():
-            return None
-        batch = next(self._batches, None)
-        return None if batch is None else self.task.steps.device_batch(batch, self.normalizer)
+            done = self.state.batches_done
+            self._batches = iter(skip_first_batches(self.train_loader, done) if done else self.train_loader)
+        return self.task.steps.device_batch(next(self._batches), self.normalizer)
 
     def take_step(self, loss: torch.Tensor, images: int, seconds: float) -> None:
         """Clip, step and schedule this job's weights after the pack's backward; count the step."""
@@ -209,7 +220,7 @@ class PackedLane(TrainingLoop):
         improved = self._track_best(epoch, metrics)
         state.stale_epochs = 0 if improved else state.stale_epochs + 1
         state.completed_epochs, state.batches_done, state.loss_total = epoch, 0, 0.0
-        self._batches = None
+        self._batches, self.in_epoch = None, False
         self.accelerator.print(self.prefix + describe_epoch(row, self.cfg.epochs, self.task.main_metric, improved))
         self.early_stopped = bool(self.cfg.patience and state.stale_epochs >= self.cfg.patience)
         if self.early_stopped:
@@ -302,36 +313,46 @@ class Pack:
                 targets[name].copy_(tensor.to(targets[name].device))
 
     def run(self) -> list[Outcome]:
-        """Train until every job has finished or failed."""
+        """Train until every job has finished or failed; print what the packed steps did."""
         self._training_mode()
+        steps, images, seconds = 0, 0, 0.0
         while self.lanes:
             ready = self._next_batches()
             if ready:
-                self._packed_step(ready)
+                started = time.perf_counter()
+                images += self._packed_step(ready)
+                seconds += time.perf_counter() - started
+                steps += 1
+        self.accelerator.print(f"packed steps: {steps} in {seconds:.1f}s, {images / max(seconds, 1e-9):.1f} "
+                               f"images/s")
         return self.outcomes
 
     def _next_batches(self) -> list[tuple[PackedLane, dict[str, Any]]]:
-        """Each job's next batch; a job whose epoch ended is evaluated first, and one that finished leaves."""
-        ready = []
+        """Each job's next batch (read once for the jobs that read the same one); a job whose epoch ended is
+        evaluated first, and one that finished leaves."""
+        ready, served = [], {}
         for lane in list(self.lanes):
             try:
-                batch = lane.next_batch()
-                if batch is None:
+                if not lane.in_epoch:
+                    lane.begin_epoch()
+                if lane.epoch_over():
                     if lane.end_epoch():
                         self._leave(lane, lane.finish())
                         continue
                     self._training_mode()
-                    batch = lane.next_batch()
+                    lane.begin_epoch()
+                key = lane.batch_key()
+                if key not in served:
+                    served[key] = lane.fetch()
             except VisionLoraError as err:
                 self._fail(lane, str(err))
                 continue
-            if batch is not None:
-                ready.append((lane, batch))
+            ready.append((lane, served[key]))
         return ready
 
-    def _packed_step(self, ready: list[tuple[PackedLane, dict[str, Any]]]) -> None:
+    def _packed_step(self, ready: list[tuple[PackedLane, dict[str, Any]]]) -> int:
         """One forward over every job's rows, each row with its job's adapter and head; one backward of the
-        jobs' summed losses; then each job's own optimizer step."""
+        jobs' summed losses; then each job's own optimizer step. Returns the rows."""
         from accelerate.utils import convert_to_fp32
 
         started = time.perf_counter()
@@ -350,6 +371,7 @@ class Pack:
         seconds = time.perf_counter() - started
         for (lane, _), loss, size in zip(ready, losses, sizes):
             lane.take_step(loss, size, seconds)
+        return len(names)
 
     def _training_mode(self) -> None:
         """Every training job's weights trainable, the model in training mode (after an evaluation, which
