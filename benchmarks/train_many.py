@@ -51,9 +51,9 @@ def _summary(run: Path) -> dict:
 
 def _step_rate(runs: list[Path]) -> float:
     """Images per second of training steps over the runs (from their summaries)."""
-    images = sum(_summary(run)["timing"]["train_images_per_second"] * _summary(run)["timing"]["train_seconds"]
+    images = sum(_summary(run)["time"]["train_images_per_second"] * _summary(run)["time"]["train_seconds"]
                  for run in runs)
-    return images / sum(_summary(run)["timing"]["train_seconds"] for run in runs)
+    return images / sum(_summary(run)["time"]["train_seconds"] for run in runs)
 
 
 def _model(name: str, work: Path) -> str:
