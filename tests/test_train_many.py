@@ -110,7 +110,9 @@ def test_jobs_file_packs_other_ranks_and_targets_and_runs_dora_alone(job_folders
         f"  - {{name: small, data: {job_folders / 'site_a'}, lora_r: 4, lora_alpha: 8}}\n"
         f"  - {{name: query, data: {job_folders / 'site_c'}, target_modules: [q_proj], lr: 0.001}}\n"
         f"  - {{name: dora, data: {job_folders / 'site_c'}, method: dora, epochs: 1}}\n")
-    code, table = _train_many(capsys, "--jobs", str(jobs), "--output", str(tmp_path / "runs"), *COMMON)
+    # --pack-rows 8: one job's batch per packed step, which must not change what a job learns
+    code, table = _train_many(capsys, "--jobs", str(jobs), "--output", str(tmp_path / "runs"), "--pack-rows", "8",
+                              *COMMON)
     assert code == 0, table
     rows = _jobs(tmp_path / "runs")
     assert (rows["small"]["packed"], rows["query"]["packed"], rows["dora"]["packed"]) == ("yes", "yes", "no")

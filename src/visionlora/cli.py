@@ -139,17 +139,21 @@ def _cmd_train_many(args) -> int:
 
 def _job_runner(args):
     """How jobs train: in this process, or spread over the Ray cluster of --ray-address (with absolute paths)."""
+    from functools import partial
+
     from visionlora.training.many import train_many, with_absolute_paths
 
+    if args.pack_rows < 1:
+        raise VisionLoraError(f"--pack-rows must be at least 1, got {args.pack_rows}")
     if not args.ray_address:
-        return train_many
+        return partial(train_many, pack_rows=args.pack_rows)
 
     def on_ray(jobs, output: Path, say, resuming: bool):
         from visionlora.ray_cluster import train_many_on_ray
 
         address = None if args.ray_address == "local" else args.ray_address
         return train_many_on_ray([with_absolute_paths(job) for job in jobs], output.resolve(), address, say,
-                                 resuming, args.ray_workers)
+                                 resuming, args.ray_workers, args.pack_rows)
 
     return on_ray
 

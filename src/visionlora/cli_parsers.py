@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from visionlora.deploy import MAX_METRIC_DROP
 from visionlora.deploy.tracking import MATCH_THRESH, METHODS, TRACK_BUFFER, TRACK_THRESH
 from visionlora.serving import DEFAULT_MAX_LOADED
+from visionlora.training import DEFAULT_PACK_ROWS
 
 if TYPE_CHECKING:
     from visionlora.config import TrainConfig
@@ -43,6 +44,9 @@ def train_many_parser(commands: Subcommands, common: Parser, help_text: str) -> 
     jobs.add_argument("--jobs", metavar="FILE", help="YAML list of jobs, each with a name, its data and any "
                       "training setting")
     many.add_argument("--config", metavar="FILE", help="YAML file of settings shared by every job (flags win)")
+    many.add_argument("--pack-rows", type=int, default=DEFAULT_PACK_ROWS, metavar="N",
+                        help="rows (images) of one packed forward and backward at most; more jobs' batches step "
+                        "in several (default %(default)s: lower it when memory runs short)")
     many.add_argument("--ray-address", metavar="ADDRESS", help="spread the jobs over the Ray cluster at "
                         "ADDRESS (local: start one here) through Ray Tune, each worker packing its share; "
                         "--output must be storage every node sees")
@@ -69,6 +73,9 @@ def tune_parser(commands: Subcommands, common: Parser, help_text: str) -> Parser
                       "lora_r, alpha_ratio, lr, target_modules, lora_dropout, method (lists of choices, or "
                       "{low, high} for a log-uniform range)")
     tune.add_argument("--config", metavar="FILE", help="YAML file of the settings every trial shares")
+    tune.add_argument("--pack-rows", type=int, default=DEFAULT_PACK_ROWS, metavar="N",
+                        help="rows (images) of one packed forward and backward at most; more jobs' batches step "
+                        "in several (default %(default)s: lower it when memory runs short)")
     tune.add_argument("--ray-address", metavar="ADDRESS", help="spread the trials of each rung over the Ray cluster at "
                         "ADDRESS (local: start one here) through Ray Tune, each worker packing its share; "
                         "--output must be storage every node sees")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from visionlora.errors import VisionLoraError
+from visionlora.training import DEFAULT_PACK_ROWS
 
 
 def join_cluster(address: str | None, cpus_needed: float) -> None:
@@ -31,7 +32,7 @@ def join_cluster(address: str | None, cpus_needed: float) -> None:
 
 
 def train_many_on_ray(jobs: list, output: Path, address: str | None, say: Callable[[str], None] = print,
-                      resuming: bool = False, shares: int | None = None) -> list:
+                      resuming: bool = False, shares: int | None = None, pack_rows: int = DEFAULT_PACK_ROWS) -> list:
     """``train_many`` spread over a Ray cluster through Ray Tune: the jobs are dealt into shares, one Ray Tune
     trial per share (its bookkeeping, retries and results), and each worker trains its share packed. The run
     folders land under ``output``, which every node must see (shared storage)."""
@@ -50,7 +51,7 @@ def train_many_on_ray(jobs: list, output: Path, address: str | None, say: Callab
     run_config = tune.RunConfig(name=f"train-many-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(output / "ray"),
                                 verbose=0)
     space = {"share": tune.grid_search(list(range(count))), "jobs": dealt, "output": str(output),
-             "resuming": resuming}
+             "resuming": resuming, "pack_rows": pack_rows}
     tuner = tune.Tuner(tune.with_resources(_train_share, resources), param_space=space, run_config=run_config)
     grid = tuner.fit()
     outcomes = []
@@ -88,5 +89,5 @@ def _train_share(config: dict[str, Any]) -> None:
     share = config["jobs"][config["share"]]
     jobs = [Job(name, TrainConfig.from_dict(settings)) for name, settings in share]
     folder = Path(config["output"]) / ".shares" / f"share{config['share']}"
-    outcomes = train_many(jobs, folder, print, resuming=config["resuming"] and folder.is_dir())
+    outcomes = train_many(jobs, folder, print, config["resuming"] and folder.is_dir(), config["pack_rows"])
     tune.report({"outcomes": [dataclasses.asdict(outcome) for outcome in outcomes]})

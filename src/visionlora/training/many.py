@@ -27,6 +27,7 @@ from visionlora.runtime import (
     resolve_precision_on,
 )
 from visionlora.tasks import get_task
+from visionlora.training import DEFAULT_PACK_ROWS
 from visionlora.training.checkpoint import Progress, read_progress
 from visionlora.training.engine import resume, train
 from visionlora.training.packing import Job, Outcome, Pack, PackRefused, pack_key, packing_refusal
@@ -126,7 +127,8 @@ def load_plan(output: Path) -> list[Job]:
 
 
 # -- running ---------------------------------------------------------------------------------------
-def train_many(jobs: list[Job], output: Path, say: Say = print, resuming: bool = False) -> list[Outcome]:
+def train_many(jobs: list[Job], output: Path, say: Say = print, resuming: bool = False,
+               pack_rows: int = DEFAULT_PACK_ROWS) -> list[Outcome]:
     """Train every job: those that pack, packed, pack by pack; the rest one after another; finished runs
     are kept when ``resuming``. Returns one outcome per job."""
     output.mkdir(parents=True, exist_ok=True)
@@ -142,7 +144,7 @@ def train_many(jobs: list[Job], output: Path, say: Say = print, resuming: bool =
             pending.append(job)
     packs, alone = group_jobs(pending, outcomes)
     for pack_jobs in packs:
-        refused = _train_pack(pack_jobs, output, say, outcomes)
+        refused = _train_pack(pack_jobs, output, say, outcomes, pack_rows)
         alone += [(job, refused) for job in refused_jobs(pack_jobs, outcomes)] if refused else []
     for job, why in alone:
         outcomes.append(_train_alone(job, why, say))
@@ -195,7 +197,7 @@ def _checkpointed(job: Job) -> Progress | None:
     return read_progress(paths.root) if paths.progress_file.is_file() else None
 
 
-def _train_pack(jobs: list[Job], output: Path, say: Say, outcomes: list[Outcome]) -> str | None:
+def _train_pack(jobs: list[Job], output: Path, say: Say, outcomes: list[Outcome], pack_rows: int) -> str | None:
     """Train ``jobs`` packed, adding their outcomes; the reason when the base turned out not to pack."""
     cfg, task = jobs[0].cfg, get_task(jobs[0].cfg.task)
     device = pick_device(cfg.device)
@@ -206,7 +208,7 @@ def _train_pack(jobs: list[Job], output: Path, say: Say, outcomes: list[Outcome]
         f"precision {precision[0].replace('no', 'fp32')} ({precision[1]})")
     accelerator = _pack_accelerator(device, precision[0], cfg.seed, output)
     reset_peak_memory()
-    pack = Pack(task, accelerator, precision)
+    pack = Pack(task, accelerator, precision, pack_rows)
     with loading_policy(cfg.allow_pickle, cfg.trust_remote_code, cfg.revision), \
             library_messages_to(output / LOG_FILE):
         for job in jobs:

@@ -36,6 +36,7 @@ from visionlora.deploy.evaluation import evaluate
 from visionlora.errors import VisionLoraError
 from visionlora.modeling.mixed_batches import mixed_rows, prepare_mixed_batches, select_rows
 from visionlora.tasks.base import Task
+from visionlora.training import DEFAULT_PACK_ROWS
 from visionlora.training.checkpoint import Progress
 from visionlora.training.engine import (
     TrainingLoop,
@@ -256,8 +257,8 @@ class PackedLane(TrainingLoop):
 class Pack:
     """Jobs that share a base, trained together; each leaves when it finishes."""
 
-    def __init__(self, task: Task, accelerator, precision: tuple[str, str]):
-        self.task, self.accelerator, self.precision = task, accelerator, precision
+    def __init__(self, task: Task, accelerator, precision: tuple[str, str], max_rows: int = DEFAULT_PACK_ROWS):
+        self.task, self.accelerator, self.precision, self.max_rows = task, accelerator, precision, max_rows
         self.shared: Any = None
         self.lanes: list[PackedLane] = []
         self.outcomes: list[Outcome] = []
@@ -317,10 +318,9 @@ class Pack:
         self._training_mode()
         steps, images, seconds = 0, 0, 0.0
         while self.lanes:
-            ready = self._next_batches()
-            if ready:
+            for group in row_groups(self._next_batches(), self.max_rows):
                 started = time.perf_counter()
-                images += self._packed_step(ready)
+                images += self._packed_step(group)
                 seconds += time.perf_counter() - started
                 steps += 1
         self.accelerator.print(f"packed steps: {steps} in {seconds:.1f}s, {images / max(seconds, 1e-9):.1f} "
@@ -401,6 +401,21 @@ class Pack:
             shutil.rmtree(lane.paths.root, ignore_errors=True)
         self.outcomes.append(Outcome(lane.job.name, "failed", str(lane.paths.root), packed=True, error=reason))
         self._training_mode()
+
+
+def row_groups(ready: list[tuple[PackedLane, dict[str, Any]]], max_rows: int) -> list[list]:
+    """The jobs' batches in groups of at most ``max_rows`` rows (a job's batch is never split), each group
+    one packed step: a pack of many jobs steps all of them without holding all their activations at once."""
+    groups: list[list] = []
+    rows = max_rows
+    for lane, batch in ready:
+        size = len(batch["pixel_values"])
+        if rows + size > max_rows:
+            groups.append([])
+            rows = 0
+        groups[-1].append((lane, batch))
+        rows += size
+    return groups
 
 
 class PackRefused(VisionLoraError):
