@@ -12,7 +12,8 @@ Steps, each timed (with the device synchronised) and checked:
 4. ``serve``: two adapters over one base behind the real server, concurrent requests, answered
    in mixed-adapter batches (counted from ``/metrics``);
 5. ``onnx``: the run exported to ONNX and predicted in onnxruntime, with the providers it ran on;
-6. ``packed``: a 10-adapter packed training step, once ``visionlora train-many`` exists;
+6. ``packed``: ``train-many`` of 8 jobs (2 in the dry run) at the run's batch size (16), packed, against
+   the same jobs one after another: step images/s of each, and the packed steps' model FLOP utilisation;
 7. ``throughput``: images/s of LoRA training steps at batch 32, and the model FLOP utilisation
    (FLOPs of one step counted by ``torch.utils.flop_counter``) against the card's dense bf16 peak.
 
@@ -49,6 +50,7 @@ class Plan:
         self.max_steps = 4 if dry_run else 12
         self.batch_size = 8 if dry_run else 16
         self.throughput_batch = 8 if dry_run else 32
+        self.packed_jobs = 2 if dry_run else 8
         self.model = "tiny" if dry_run else str(vit_base_folder(work / "vit-base"))
         self.data = work / "data"
 
@@ -176,17 +178,71 @@ def step_onnx(plan: Plan) -> dict[str, Any]:
 
 
 def step_packed(plan: Plan) -> dict[str, Any]:
-    from visionlora.cli import COMMANDS
+    """``train-many`` of 8 jobs at the run's batch size, packed, against the same 8 trained one after another
+    in this process; step images/s of each, and the packed steps' model FLOP utilisation."""
+    import json
 
-    if "train-many" not in COMMANDS:
-        return {"skipped": "visionlora train-many is not built yet"}
-    raise RuntimeError("train-many exists: add its packed 10-adapter step here")
+    import torch
+
+    from visionlora.training.engine import train
+    from visionlora.training.many import PACKING_FILE, train_many
+    from visionlora.training.packing import Job
+
+    jobs = [Job(f"job{i}", settings(plan, plan.work / "packed" / f"job{i}", lr=1e-4 * (i + 1), epochs=1))
+            for i in range(plan.packed_jobs)]
+    outcomes = train_many(jobs, plan.work / "packed", say=lambda line: None)
+    failed = [o for o in outcomes if o.status != "done" or not o.packed]
+    if failed:
+        raise RuntimeError(f"{failed[0].name}: {failed[0].error or failed[0].why_alone}")
+    packed = json.loads((plan.work / "packed" / PACKING_FILE).read_text())["packs"][0]["images_per_second"]
+    alone = [_step_rate(train(settings(plan, plan.work / "alone" / job.name, lr=job.cfg.lr, epochs=1)))
+             for job in jobs]
+    sequential = sum(rate[0] for rate in alone) / sum(rate[1] for rate in alone)
+    peak = _dense_bf16_peak(torch.device(plan.device))
+    flops = _flops_per_image(plan) * packed
+    return {"jobs": plan.packed_jobs, "batch each": plan.batch_size, "packed images/s": packed,
+            "sequential images/s": round(sequential, 1), "packed/sequential": round(packed / sequential, 2),
+            "packed MFU": f"{flops / peak:.1%}" if peak else "-"}
+
+
+def _step_rate(result) -> tuple[float, float]:
+    """(images, seconds) of a finished run's training steps."""
+    timing = (result.summary or {})["time"]
+    return timing["train_images_per_second"] * timing["train_seconds"], timing["train_seconds"]
+
+
+def _flops_per_image(plan: Plan) -> float:
+    """FLOPs of one LoRA training step of the run's model, per image (``torch.utils.flop_counter``)."""
+    model, info, task, batch, precision = _lora_step_parts(plan, plan.batch_size)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        _lora_step(model, info, task, batch, precision)
+    return counter.get_total_flops() / plan.batch_size
 
 
 def step_throughput(plan: Plan) -> dict[str, Any]:
     """LoRA training steps of the run's model at ``throughput_batch`` images, bf16 autocast where native."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
+
+    model, info, task, batch, precision = _lora_step_parts(plan, plan.throughput_batch)
+
+    def train_step() -> None:
+        _lora_step(model, info, task, batch, precision)
+
+    with FlopCounterMode(display=False) as counter:
+        train_step()
+    seconds = _timed(train_step, steps=3 if plan.dry_run else 10)
+    flops = counter.get_total_flops() / seconds
+    peak = _dense_bf16_peak(batch["pixel_values"].device)
+    return {"precision": precision.replace("no", "fp32"), "batch": plan.throughput_batch,
+            "images/s": round(plan.throughput_batch / seconds, 1), "TFLOP/s": round(flops / 1e12, 2),
+            "MFU": f"{flops / peak:.1%}" if peak else "-"}
+
+
+def _lora_step_parts(plan: Plan, batch_size: int):
+    """(model with the preset's LoRA adapter on the device, info, task, a random batch, precision)."""
+    import torch
 
     from visionlora.modeling.adapters import apply_adapter
     from visionlora.runtime import resolve_precision
@@ -202,26 +258,21 @@ def step_throughput(plan: Plan) -> dict[str, Any]:
     model.to(device).train()
     precision = resolve_precision("auto")[0] if device.type != "cpu" or not plan.dry_run else "no"
     height, width = info.image_size["height"], info.image_size["width"]
-    batch = {"pixel_values": torch.randn(plan.throughput_batch, 3, height, width, device=device),
-             "labels": torch.arange(plan.throughput_batch, device=device) % len(labels)}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    batch = {"pixel_values": torch.randn(batch_size, 3, height, width, device=device),
+             "labels": torch.arange(batch_size, device=device) % len(labels)}
+    model.step_optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model, info, task, batch, precision
 
-    def train_step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = task.steps.loss(model, batch, info)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-    with FlopCounterMode(display=False) as counter:
-        train_step()
-    seconds = _timed(train_step, steps=3 if plan.dry_run else 10)
-    flops = counter.get_total_flops() / seconds
-    peak = _dense_bf16_peak(device)
-    return {"precision": precision.replace("no", "fp32"), "batch": plan.throughput_batch,
-            "images/s": round(plan.throughput_batch / seconds, 1), "TFLOP/s": round(flops / 1e12, 2),
-            "MFU": f"{flops / peak:.1%}" if peak else "-"}
+def _lora_step(model, info, task, batch, precision: str) -> None:
+    import torch
+
+    device_type = batch["pixel_values"].device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = task.steps.loss(model, batch, info)
+    loss.backward()
+    model.step_optimizer.step()
+    model.step_optimizer.zero_grad(set_to_none=True)
 
 
 def _timed(step: Callable[[], None], steps: int) -> float:

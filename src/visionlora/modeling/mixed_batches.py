@@ -5,7 +5,9 @@ own LoRA update, one adapter after another. Here two of its steps are replaced:
 
 - a LoRA linear layer gathers each row's A and B matrices (padded with zeros to the largest
   rank) and applies them all in two batched matrix products (as Punica's BGMV kernel does), so a
-  forward costs the same whether its rows use 1 adapter or 32, in inference and in training;
+  forward costs the same whether its rows use 1 adapter or 32, in inference and in training; a
+  batch whose adapters each hold one run of rows (a packed training batch) takes each run's
+  update on its slice instead, as peft computes it for one adapter;
   layers it cannot gather for (a variant, a bias on B, dropout while training) keep peft's loop;
 - a trained head of any kind mixes (peft's wrapper mixes only plain Linear, Embedding and Conv
   heads fed one tensor): its inputs are split by adapter (any batch-first tensors, also inside
@@ -46,6 +48,21 @@ class MixedRows(list):
         positions, *rows = index_tensors([[place[name] for name in self], *by_adapter.values()], device)
         self.positions: torch.Tensor = positions
         self.rows: dict[str, torch.Tensor] = dict(zip(self.adapters, rows))
+        self.runs = adapter_runs(list(adapter_names))
+
+
+def adapter_runs(adapter_names: list[str]) -> list[tuple[str, int, int]] | None:
+    """(adapter, first row, end row) of each adapter when its rows are one run (a packed training batch:
+    each job's rows together), in row order; None when an adapter's rows are scattered."""
+    runs: list[tuple[str, int, int]] = []
+    for row, name in enumerate(adapter_names):
+        if runs and runs[-1][0] == name:
+            runs[-1] = (name, runs[-1][1], row + 1)
+        elif any(run[0] == name for run in runs):
+            return None
+        else:
+            runs.append((name, row, row + 1))
+    return runs
 
 
 def index_tensors(groups: Sequence[Sequence[int]], device: torch.device | str) -> list[torch.Tensor]:
@@ -116,6 +133,9 @@ def _gathered_lora(peft_loop):
         if not _gatherable(layer, present):
             return peft_loop(layer, x, *args, adapter_names=adapter_names, **kwargs)
         result = layer.base_layer(x, *args, **{k: v for k, v in kwargs.items() if k not in variant_keys})
+        runs = adapter_names.runs if isinstance(adapter_names, MixedRows) else None
+        if runs is not None:
+            return result + _updates_by_run(layer, x, runs, result)
         a, b = _stacked_updates(layer, adapters, present)  # (n, rank, in), (n, out, rank)
         rows = _mixed(adapter_names, a.device).positions.to(a.device)
         flat = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])
@@ -123,6 +143,20 @@ def _gathered_lora(peft_loop):
         return result + update.reshape(result.shape).to(result.dtype)
 
     return mixed_batch_forward
+
+
+def _updates_by_run(layer, x: torch.Tensor, runs: list[tuple[str, int, int]], result: torch.Tensor) -> torch.Tensor:
+    """Each run of rows' own LoRA update, computed as peft computes one adapter's (``B(A(x)) * scaling``) on a
+    slice of the batch, joined in row order; zeros for rows whose adapter does not adapt this layer."""
+    parts = []
+    for name, start, end in runs:
+        if name not in layer.lora_A:
+            parts.append(result.new_zeros((end - start, *result.shape[1:])))
+            continue
+        weight = layer.lora_A[name].weight
+        update = layer.lora_B[name](layer.lora_A[name](x[start:end].to(weight.dtype))) * layer.scaling[name]
+        parts.append(update.to(result.dtype))
+    return torch.cat(parts)
 
 
 def _stacked_updates(layer, adapters: list[str], present: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

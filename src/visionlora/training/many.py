@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from visionlora.artifacts import RunPaths, atomic_write_bytes, atomic_write_json, read_json, rows_csv
-from visionlora.config import TrainConfig, build_config
+from visionlora.config import TrainConfig, build_config, with_preset
 from visionlora.console import library_messages_to
 from visionlora.errors import VisionLoraError
 from visionlora.modeling.loading import loading_policy
@@ -34,6 +34,7 @@ from visionlora.training.packing import Job, Outcome, Pack, PackRefused, pack_ke
 
 PLAN_FILE = "train-many.json"  # the jobs and their settings, for --resume
 JOBS_CSV = "jobs.csv"
+PACKING_FILE = "packing.json"  # each pack's jobs, steps, images and step seconds
 LOG_FILE = "train-many.log"
 
 Say = Callable[[str], None]
@@ -137,6 +138,11 @@ def train_many(jobs: list[Job], output: Path, say: Say = print, resuming: bool =
     outcomes: list[Outcome] = []
     pending = []
     for job in jobs:
+        try:
+            job = Job(job.name, with_preset(job.cfg).validate())
+        except VisionLoraError as err:
+            outcomes.append(Outcome(job.name, "failed", str(job.cfg.output), error=str(err)))
+            continue
         kept = _kept(job) if resuming else None
         if kept:
             outcomes.append(kept)
@@ -221,7 +227,15 @@ def _train_pack(jobs: list[Job], output: Path, say: Say, outcomes: list[Outcome]
                 say(f"error: {job.name}: {err}")
                 outcomes.append(Outcome(job.name, "failed", str(job.cfg.output), packed=True, error=str(err)))
         outcomes += pack.run()
+    _record_pack(output, pack.stats)
     return None
+
+
+def _record_pack(output: Path, stats: dict[str, Any]) -> None:
+    """Add a pack's step statistics to ``output/packing.json`` (one entry per pack)."""
+    path = output / PACKING_FILE
+    packs = read_json(path)["packs"] if path.is_file() else []
+    atomic_write_json(path, {"packs": [*packs, stats]})
 
 
 def _pack_accelerator(device, mixed_precision: str, seed: int, output: Path):

@@ -261,7 +261,9 @@ class Pack:
         self.task, self.accelerator, self.precision, self.max_rows = task, accelerator, precision, max_rows
         self.shared: Any = None
         self.lanes: list[PackedLane] = []
+        self.all_lanes: list[PackedLane] = []
         self.outcomes: list[Outcome] = []
+        self.stats: dict[str, Any] = {}  # what the packed steps did, once run
 
     def add(self, job: Job, progress: Progress | None) -> None:
         """Build ``job`` as it would be built alone and give it a slot in the shared model (its starting
@@ -283,6 +285,7 @@ class Pack:
             self.accelerator.print(f"{lane.prefix}resumed after epoch {progress.completed_epochs}, "
                                    f"batch {progress.batches_done}")
         self.lanes.append(lane)
+        self.all_lanes.append(lane)
 
     def _share(self, model) -> None:
         """Make ``model`` (the first job's, with its adapter) the pack's shared base, on the device."""
@@ -315,6 +318,8 @@ class Pack:
 
     def run(self) -> list[Outcome]:
         """Train until every job has finished or failed; print what the packed steps did."""
+        if not self.lanes:
+            return self.outcomes
         self._training_mode()
         steps, images, seconds = 0, 0, 0.0
         while self.lanes:
@@ -323,7 +328,9 @@ class Pack:
                 images += self._packed_step(group)
                 seconds += time.perf_counter() - started
                 steps += 1
-        self.accelerator.print(f"packed steps: {steps} in {seconds:.1f}s, {images / max(seconds, 1e-9):.1f} "
+        self.stats = {"jobs": [lane.job.name for lane in self.all_lanes], "steps": steps, "images": images,
+                      "step_seconds": round(seconds, 3), "images_per_second": round(images / max(seconds, 1e-9), 2)}
+        self.accelerator.print(f"packed steps: {steps} in {seconds:.1f}s, {self.stats['images_per_second']:.1f} "
                                f"images/s")
         return self.outcomes
 
