@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=None, help="training images per class and job "
                         "(default: 24 for tiny-pretrained, 8 for vit-base)")
     parser.add_argument("--skip-tune", action="store_true")
+    parser.add_argument("--skip-many", action="store_true", help="only the tune comparison")
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--tune-epochs", type=int, default=9)
     args = parser.parse_args()
@@ -129,9 +130,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vl-many-") as tmp:
         work = Path(tmp)
         model = _model(args.model, work)
-        rows = compare_train_many(work, model, args.jobs, args.epochs, per_class)
-        print(f"{args.jobs} jobs, {args.model}, {args.epochs} epochs, {per_class * 4} training images each")
-        print(table(rows, ["side", "wall_s", "step_images_per_s", "vs_sequential"]))
+        if not args.skip_many:
+            rows = compare_train_many(work, model, args.jobs, args.epochs, per_class)
+            print(f"{args.jobs} jobs, {args.model}, {args.epochs} epochs, {per_class * 4} training images each")
+            print(table(rows, ["side", "wall_s", "step_images_per_s", "vs_sequential"]), flush=True)
         if not args.skip_tune and args.model != "vit-base":
             rows = compare_tune(work, model, args.trials, args.tune_epochs, per_class)
             print(f"\ntune: {args.trials} trials, up to {args.tune_epochs} epochs, {per_class * 4} training images")

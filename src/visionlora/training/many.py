@@ -214,7 +214,7 @@ def _train_pack(jobs: list[Job], output: Path, say: Say, outcomes: list[Outcome]
         f"precision {precision[0].replace('no', 'fp32')} ({precision[1]})")
     accelerator = _pack_accelerator(device, precision[0], cfg.seed, output)
     reset_peak_memory()
-    pack = Pack(task, accelerator, precision, pack_rows)
+    pack = Pack(task, accelerator, precision, pack_rows, len(jobs))
     with loading_policy(cfg.allow_pickle, cfg.trust_remote_code, cfg.revision), \
             library_messages_to(output / LOG_FILE):
         for job in jobs:

@@ -126,7 +126,8 @@ class PackedLane(TrainingLoop):
     over its own slot's weights; the pack drives its steps.
     """
 
-    def __init__(self, job: Job, task: Task, accelerator, shared, slot: str, built: tuple, facts: RunFacts):
+    def __init__(self, job: Job, task: Task, accelerator, shared, slot: str, built: tuple, facts: RunFacts,
+                 pack_size: int = 1):
         self.job, self.slot, self.facts = job, slot, facts
         self.source, _, self.processor, self.info, self.data = built
         self.cfg, self.task, self.accelerator, self.paths = job.cfg, task, accelerator, RunPaths(
@@ -134,7 +135,8 @@ class PackedLane(TrainingLoop):
         self.normalizer = Normalizer(self.processor)
         self.prefix = f"[{job.name}] "
         accelerator.dataloader_config.data_seed = job.cfg.seed  # read by prepare() below, as alone
-        self.loading, train_loader, val_loader = training_loaders(self.cfg, task, self.data, accelerator, 1)
+        # the pack's jobs share the cores: data workers are planned for each job's share of them
+        self.loading, train_loader, val_loader = training_loaders(self.cfg, task, self.data, accelerator, pack_size)
         self.train_loader, self.val_loader = accelerator.prepare(train_loader, val_loader)
         self.model = shared
         own = {name: p for name, p in shared.named_parameters() if f".{slot}." in name}
@@ -257,8 +259,10 @@ class PackedLane(TrainingLoop):
 class Pack:
     """Jobs that share a base, trained together; each leaves when it finishes."""
 
-    def __init__(self, task: Task, accelerator, precision: tuple[str, str], max_rows: int = DEFAULT_PACK_ROWS):
+    def __init__(self, task: Task, accelerator, precision: tuple[str, str], max_rows: int = DEFAULT_PACK_ROWS,
+                 size: int = 1):
         self.task, self.accelerator, self.precision, self.max_rows = task, accelerator, precision, max_rows
+        self.size = size  # how many jobs it will hold
         self.shared: Any = None
         self.lanes: list[PackedLane] = []
         self.all_lanes: list[PackedLane] = []
@@ -279,7 +283,7 @@ class Pack:
             self._share(own_model)
         slot = slot_name(job.name)
         self._add_slot(slot, own_model)
-        lane = PackedLane(job, self.task, self.accelerator, self.shared, slot, built, facts)
+        lane = PackedLane(job, self.task, self.accelerator, self.shared, slot, built, facts, self.size)
         if progress is not None:
             lane.restore(progress)
             self.accelerator.print(f"{lane.prefix}resumed after epoch {progress.completed_epochs}, "
