@@ -148,9 +148,13 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
 
     # -- data and model -----------------------------------------------------------------
     set_seed(cfg.seed)
+    facts.lap("setup")
     source = task.data.read_data(cfg)
+    facts.lap("data reading")
     model, processor, info = _starting_model(cfg, task, source.labels, facts)
+    facts.lap("model load")
     data = facts.data = task.data.make_datasets(source, processor, info, cfg)
+    facts.lap("data decoding")
     if data.cache is not None and cfg.cache == "auto" and data.cache.mode == "disk":
         accelerator.print(data.cache.reason)
     model, adapter = _with_adapter(model, processor, info, cfg, task, accelerator, paths)
@@ -165,19 +169,23 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
         _offload_frozen_weights(model, frozen_file)
 
     # -- loop ---------------------------------------------------------------------------
+    facts.lap("adapter")
     loop = TrainingLoop(cfg, task, info, processor, accelerator, model, data, paths)
     accelerator.print(loop.loading.describe())
+    facts.lap("loop setup")
     facts.data_loading = loop.loading.to_dict()
     if progress is not None:
         loop.restore(progress)
         accelerator.print(f"resumed after epoch {progress.completed_epochs}, batch {progress.batches_done}")
     loop.run()
+    facts.lap("epochs")
     model = unwrap_in_fp32(accelerator, loop.model)  # predictions and files in fp32
     _restore_frozen_weights(model, frozen_file)
     final = loop.final_evaluation(model)
     facts.final_metrics = final.metrics
     facts.test_metrics = loop.test_metrics(model)
     facts.base_revision = info.base_revision
+    facts.lap("final evaluation")
 
     # -- artifacts ----------------------------------------------------------------------
     summary = None
@@ -232,7 +240,9 @@ def _save_run(paths: RunPaths, cfg: TrainConfig, task: Task, model, processor, i
     if cfg.mode == "lora" and is_builtin(preset_filled(cfg.model, "--model")):
         model.peft_config["default"].base_model_name_or_path = str(paths.base_dir.resolve())
     save_model(model, processor, info.to_dict(), paths.model_dir)
+    facts.lap("model saving")
     write_diagnostics(task, model, processor, loop.data.val, source.val, info, paths, final)
+    facts.lap("diagnostics")
     summary = write_results(paths, task, info, facts, loop.state, loop.early_stopped)
     shutil.rmtree(paths.checkpoint_dir, ignore_errors=True)
     return summary
