@@ -318,6 +318,7 @@ class TrainingLoop:
         self.scheduler = accelerator.prepare(self._schedule())
         self.state = Progress(config=cfg.to_dict())
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_evaluation: Evaluation | None = None  # the best epoch's pass, when this process made it
         self.early_stopped = False
         self.tracking = bool(accelerator.trackers)
 
@@ -335,13 +336,16 @@ class TrainingLoop:
         state = self.state
         for epoch in range(state.completed_epochs + 1, self.cfg.epochs + 1):
             row = {"epoch": epoch, "train_loss": self._train_epoch(epoch), "lr": self.scheduler.get_last_lr()[0]}
-            metrics = evaluate(self.task, self.model, self.processor, self.val_loader, self.accelerator, self.info)
+            evaluation = evaluate_outputs(self.task, self.model, self.processor, self.val_loader, self.accelerator,
+                                          self.info)
+            metrics = evaluation.metrics
             row.update({f"val_{k}": v for k, v in metrics.items()})
             row["seconds"] = round(time.perf_counter() - self._epoch_started, 3)
             state.history.append(row)
             if self.tracking:
                 tracking.log_epoch(self.accelerator, row, state.global_step)
             improved = self._track_best(epoch, metrics)
+            self.best_evaluation = evaluation if improved else self.best_evaluation
             state.stale_epochs = 0 if improved else state.stale_epochs + 1
             state.completed_epochs, state.batches_done, state.loss_total = epoch, 0, 0.0
             self.accelerator.print(describe_epoch(row, self.cfg.epochs, self.task.main_metric, improved))
@@ -454,7 +458,9 @@ class TrainingLoop:
 
     def final_evaluation(self, model) -> Evaluation:
         """The best weights' validation pass in fp32 (what ``evaluate`` and ``predict`` reproduce);
-        its outputs feed the diagnostics too."""
+        its outputs feed the diagnostics too. A run in fp32 has made it already, at its best epoch."""
+        if self.best_evaluation is not None and self.accelerator.mixed_precision == "no":
+            return self.best_evaluation
         return evaluate_outputs(self.task, model, self.processor, self.val_loader, self.accelerator, self.info)
 
     def test_metrics(self, model) -> dict[str, Any] | None:
