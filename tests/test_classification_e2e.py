@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import resource
+import time
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,12 @@ def test_summary_records_resolved_targets_sizes_and_metrics(trained_runs):
     peak_so_far = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     assert summary["sizes"]["base_model_bytes"] < summary["memory"]["peak_rss_bytes"] <= peak_so_far
     assert summary["time"]["wall_seconds"] >= summary["time"]["train_seconds"] > 0
+    phases = summary["time"]["phases"]  # where the time went, part by part, in the order they ran
+    assert list(phases)[:3] == ["setup", "data reading", "model load"] and phases["training steps"] == summary[
+        "time"]["train_seconds"]
+    assert list(phases)[-2:] == ["training plots", "model card and report"] and min(phases.values()) >= 0
+    assert summary["time"]["wall_seconds"] - 0.1 <= sum(phases.values()) <= summary["time"]["wall_seconds"] + 0.01
+    assert 0 <= time.time() - summary["time"]["started_at"] - summary["time"]["wall_seconds"] < 3600
     assert {"torch", "transformers", "peft"} <= set(summary["versions"])
     full_summary = json.loads(trained_runs["full"].paths.summary.read_text())
     assert full_summary["lora"] is None and full_summary["parameters"]["trainable_percent"] == 100

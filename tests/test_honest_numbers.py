@@ -25,13 +25,25 @@ def three_splits(tmp_path_factory) -> Path:
     return root
 
 
-def test_validation_picks_the_epoch_and_test_is_evaluated_once(three_splits, tmp_path, capsys):
+def test_validation_picks_the_epoch_and_test_is_evaluated_once(three_splits, tmp_path, capsys, monkeypatch):
+    """Also: in fp32 the best epoch's validation pass is the summary's (a final pass would repeat it)."""
+    from visionlora.tasks.classification.task import ClassificationSteps
+
+    batches, eval_step = [], ClassificationSteps.eval_step
+    monkeypatch.setattr(ClassificationSteps, "eval_step",
+                        lambda self, model, batch, *rest: batches.append(len(batch["labels"])) or eval_step(
+                            self, model, batch, *rest))
     result = train(tiny_config("classification", three_splits, tmp_path / "run", epochs=3))
     summary = result.summary
     assert summary["data"]["counts"]["val"] == 16 and summary["data"]["counts"]["test"] == 20
+    assert sum(batches) == 3 * 16 + 20  # each epoch's validation pass and one test pass; no other
     best = max(summary["training"]["epochs_run"] and [r["val_accuracy"] for r in
                                                        _history(result.paths.history)])
     assert summary["metrics_in_training_precision"]["accuracy"] == pytest.approx(best)
+    assert summary["metrics"] == summary["metrics_in_training_precision"]
+    validation = visionlora.load(result.paths.root).evaluate(split="val")
+    assert validation["metrics"]["accuracy"] == pytest.approx(summary["metrics"]["accuracy"])
+    assert validation["metrics"]["loss"] == pytest.approx(summary["metrics"]["loss"], rel=1e-5)
     assert summary["headline"]["split"] == "test"
     assert summary["headline"]["value"] == summary["test_metrics"]["accuracy"]
     assert "test accuracy" in capsys.readouterr().out

@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from tests.browser import Chromium
-from tests.conftest import tiny_config
+from tests.conftest import read_data, tiny_config
 from visionlora.cli import main
 from visionlora.config import parse_report_to
 from visionlora.deploy.export import export_run
@@ -106,6 +106,35 @@ def test_each_task_writes_its_plots_csv_and_grid(runs, task):
     if task == "pose":
         errors = result.summary["metrics"]["per_keypoint_error"]
         assert {r["keypoint"]: float(r["pixel_error"]) for r in rows} == pytest.approx(errors, rel=1e-5)
+
+
+def test_the_grid_takes_the_final_evaluations_predictions_which_predict_makes_too(runs, class_folder, tmp_path):
+    """The classification grid shows the final evaluation's logits instead of predicting its images
+    again: they are the predictions ``predict`` makes, each at its record's place (an unreadable
+    image left out of both)."""
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from visionlora.data.images import load_rgb
+    from visionlora.data.records import image_source
+    from visionlora.deploy.evaluation import evaluate_outputs
+    from visionlora.deploy.prediction import predict
+    from visionlora.tasks import get_task
+
+    data = shutil.copytree(class_folder, tmp_path / "data")
+    (data / "val" / "green_disc" / "green_disc_002_broken.png").write_bytes(b"not a png")
+    result, task = runs["classification"], get_task("classification")
+    records = read_data("classification", str(data)).val
+    dataset, skipped = task.data.eval_dataset(records, result.processor, result.info)
+    loader = DataLoader(dataset, batch_size=8, collate_fn=task.steps.collate)
+    evaluation = evaluate_outputs(task, result.model, result.processor, loader, Accelerator(cpu=True), result.info)
+    known = task.report.evaluated_predictions(dataset, evaluation.indices, evaluation.outputs, result.info)
+    readable = [i for i, record in enumerate(records) if "broken" not in str(image_source(record))]
+    assert len(skipped) == 1 and len(readable) == len(records) - 1 and sorted(known) == readable
+    predicted = predict(task, result.model, result.processor, [load_rgb(image_source(records[i])) for i in readable],
+                        result.info)
+    assert [known[i]["label"] for i in readable] == [p["label"] for p in predicted]
+    assert [known[i]["score"] for i in readable] == pytest.approx([p["score"] for p in predicted], abs=1e-5)
 
 
 def _rendered_images(page, profile) -> dict:

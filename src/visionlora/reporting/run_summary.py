@@ -109,9 +109,14 @@ class Headline:
 
 @dataclass
 class Timing:
+    """How long the run took: in all, in its training steps, and in each part of the run
+    (``phases``, in the order they ran: what a short run spends outside its steps)."""
+
     wall_seconds: float
     train_seconds: float
     train_images_per_second: float
+    started_at: float | None = None  # the run's start, seconds since the epoch (absent in older runs)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds of each part (absent in older runs)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from PIL import Image, ImageDraw
@@ -30,29 +31,46 @@ def write_diagnostics(task: Task, model: Any, processor: Any, dataset: Any, reco
     for name, png in found.figures.items():
         atomic_write_bytes(paths.results_dir / name, png)
         written.append(name)
-    grid = prediction_grid(task, model, processor, records[:GRID_IMAGES], info)
+    known = task.report.evaluated_predictions(dataset, evaluation.indices, evaluation.outputs, info)
+    grid = prediction_grid(task, model, processor, records[:GRID_IMAGES], info, known)
     if grid is not None:
         atomic_write_bytes(paths.predictions_grid, png_bytes(grid))
         written.append(paths.predictions_grid.name)
     return written
 
 
-def prediction_grid(task: Task, model: Any, processor: Any, records: Sequence[Any],
-                    info: ModelInfo) -> Image.Image | None:
-    """Pairs of tiles, truth then prediction, four pairs to a row; None without readable images."""
-    tiles: list[tuple[Image.Image, Image.Image]] = []
-    for record in records:
+@dataclass
+class Shown:
+    """A record in the grid: its position among the records, its image, its truth and the
+    predict options that ask about the same instances."""
+
+    position: int
+    image: Image.Image
+    truth: dict[str, Any]
+    options: dict[str, Any]
+
+
+def prediction_grid(task: Task, model: Any, processor: Any, records: Sequence[Any], info: ModelInfo,
+                    known: dict[int, dict[str, Any]] | None = None) -> Image.Image | None:
+    """Pairs of tiles, truth then prediction, four pairs to a row; None without readable images.
+
+    ``known`` holds predictions already made, by each record's position (see
+    ``TaskReport.evaluated_predictions``); the other records are predicted here.
+    """
+    shown = []
+    for position, record in enumerate(records):
         try:
             image = load_rgb(image_source(record))
         except UnreadableImage:
             continue
-        truth, options = task.report.ground_truth(record, image, info)
-        prediction = predict(task, model, processor, [image], info, **options)[0]
-        tiles.append((_tile(task.prediction.draw(image, truth, info), f"truth {task.report.caption(truth)}"),
-                      _tile(task.prediction.draw(image, prediction, info),
-                            f"prediction {task.report.caption(prediction)}")))
-    if not tiles:
+        shown.append(Shown(position, image, *task.report.ground_truth(record, image, info)))
+    if not shown:
         return None
+    predictions = _predictions(task, model, processor, shown, info, known or {})
+    tiles = [(_tile(task.prediction.draw(item.image, item.truth, info), f"truth {task.report.caption(item.truth)}"),
+              _tile(task.prediction.draw(item.image, prediction, info),
+                    f"prediction {task.report.caption(prediction)}"))
+             for item, prediction in zip(shown, predictions)]
     columns = min(4, len(tiles))
     rows = -(-len(tiles) // columns)
     width = max(a.width + b.width for a, b in tiles)
@@ -63,6 +81,21 @@ def prediction_grid(task: Task, model: Any, processor: Any, records: Sequence[An
         grid.paste(truth_tile, (x, y))
         grid.paste(prediction_tile, (x + truth_tile.width, y))
     return grid
+
+
+def _predictions(task: Task, model: Any, processor: Any, shown: list[Shown], info: ModelInfo,
+                 known: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each shown record's prediction: the known one, else predicted now, in one batch for the
+    records that need no options of their own (one call each for the others)."""
+    made = dict(known)
+    plain = [item for item in shown if item.position not in made and not item.options]
+    if plain:
+        made.update(zip([item.position for item in plain],
+                        predict(task, model, processor, [item.image for item in plain], info)))
+    for item in shown:
+        if item.position not in made:
+            made[item.position] = predict(task, model, processor, [item.image], info, **item.options)[0]
+    return [made[item.position] for item in shown]
 
 
 def _tile(image: Image.Image, caption: str) -> Image.Image:

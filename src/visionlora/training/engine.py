@@ -156,19 +156,23 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
         _offload_frozen_weights(model, frozen_file)
 
     # -- loop ---------------------------------------------------------------------------
+    facts.lap("adapter")
     loop = TrainingLoop(cfg, task, info, processor, accelerator, model, data, paths)
     accelerator.print(loop.loading.describe())
+    facts.lap("loop setup")
     facts.data_loading = loop.loading.to_dict()
     if progress is not None:
         loop.restore(progress)
         accelerator.print(f"resumed after epoch {progress.completed_epochs}, batch {progress.batches_done}")
     loop.run()
+    facts.lap("epochs")
     model = unwrap_in_fp32(accelerator, loop.model)  # predictions and files in fp32
     _restore_frozen_weights(model, frozen_file)
     final = loop.final_evaluation(model)
     facts.final_metrics = final.metrics
     facts.test_metrics = loop.test_metrics(model)
     facts.base_revision = info.base_revision
+    facts.lap("final evaluation")
 
     # -- artifacts ----------------------------------------------------------------------
     summary = None
@@ -186,9 +190,13 @@ def build_run(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, facts:
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
+    facts.lap("setup")
     source = task.data.read_data(cfg)
+    facts.lap("data reading")
     model, processor, info = _starting_model(cfg, task, source.labels, facts)
+    facts.lap("model load")
     data = facts.data = task.data.make_datasets(source, processor, info, cfg)
+    facts.lap("data decoding")
     if data.cache is not None and cfg.cache == "auto" and data.cache.mode == "disk":
         accelerator.print(data.cache.reason)
     model, adapter = _with_adapter(model, processor, info, cfg, task, accelerator, paths)
@@ -242,7 +250,9 @@ def save_run(paths: RunPaths, cfg: TrainConfig, task: Task, model, processor, in
     if cfg.mode == "lora" and is_builtin(preset_filled(cfg.model, "--model")):
         model.peft_config[adapter].base_model_name_or_path = str(paths.base_dir.resolve())
     save_model(model, processor, info.to_dict(), paths.model_dir, adapter)
+    facts.lap("model saving")
     write_diagnostics(task, model, processor, loop.data.val, source.val, info, paths, final)
+    facts.lap("diagnostics")
     summary = write_results(paths, task, info, facts, loop.state, loop.early_stopped)
     shutil.rmtree(paths.checkpoint_dir, ignore_errors=True)
     return summary
@@ -343,6 +353,7 @@ class TrainingLoop:
         self.scheduler = accelerator.prepare(self._schedule())
         self.state = Progress(config=cfg.to_dict())
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_evaluation: Evaluation | None = None  # the best epoch's pass, when this process made it
         self.early_stopped = False
         self.tracking = bool(accelerator.trackers)
         self.prefix = ""  # before each line it prints
@@ -361,13 +372,16 @@ class TrainingLoop:
         state = self.state
         for epoch in range(state.completed_epochs + 1, self.cfg.epochs + 1):
             row = {"epoch": epoch, "train_loss": self._train_epoch(epoch), "lr": self.scheduler.get_last_lr()[0]}
-            metrics = evaluate(self.task, self.model, self.processor, self.val_loader, self.accelerator, self.info)
+            evaluation = evaluate_outputs(self.task, self.model, self.processor, self.val_loader, self.accelerator,
+                                          self.info)
+            metrics = evaluation.metrics
             row.update({f"val_{k}": v for k, v in metrics.items()})
             row["seconds"] = round(time.perf_counter() - self._epoch_started, 3)
             state.history.append(row)
             if self.tracking:
                 tracking.log_epoch(self.accelerator, row, state.global_step)
             improved = self._track_best(epoch, metrics)
+            self.best_evaluation = evaluation if improved else self.best_evaluation
             state.stale_epochs = 0 if improved else state.stale_epochs + 1
             state.completed_epochs, state.batches_done, state.loss_total = epoch, 0, 0.0
             self.accelerator.print(describe_epoch(row, self.cfg.epochs, self.task.main_metric, improved))
@@ -494,7 +508,9 @@ class TrainingLoop:
 
     def final_evaluation(self, model) -> Evaluation:
         """The best weights' validation pass in fp32 (what ``evaluate`` and ``predict`` reproduce);
-        its outputs feed the diagnostics too."""
+        its outputs feed the diagnostics too. A run in fp32 has made it already, at its best epoch."""
+        if self.best_evaluation is not None and self.accelerator.mixed_precision == "no":
+            return self.best_evaluation
         return evaluate_outputs(self.task, model, self.processor, self.val_loader, self.accelerator, self.info)
 
     def test_metrics(self, model) -> dict[str, Any] | None:

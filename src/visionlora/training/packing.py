@@ -147,6 +147,7 @@ class PackedLane(TrainingLoop):
         self.scheduler = self._schedule()
         self.state = Progress(config=self.cfg.to_dict())
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_evaluation = None  # a packed job's final evaluation is always its own fp32 pass
         self.early_stopped = self.tracking = False
         self.finished = self.in_epoch = False
         self._batches: Any = None

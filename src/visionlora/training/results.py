@@ -49,6 +49,15 @@ class RunFacts:
     initial_metrics: dict[str, Any] | None = None  # the starting weights', before training
     base_revision: str | None = None
     data_loading: dict[str, Any] | None = None  # the loader the run used (workers, pinning, why)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds of each part of the run so far
+    _lapped: float | None = None
+
+    def lap(self, phase: str) -> None:
+        """Add the seconds since the last lap (or the run's start) to ``phase``: the summary's
+        ``time.phases``, where a short run's time outside its training steps goes."""
+        now = time.perf_counter()
+        self.phases[phase] = round(self.phases.get(phase, 0.0) + now - (self._lapped or self.started), 3)
+        self._lapped = now
 
 
 def write_results(paths: RunPaths, task: Task, info: ModelInfo, facts: RunFacts, progress: Progress,
@@ -60,9 +69,12 @@ def write_results(paths: RunPaths, task: Task, info: ModelInfo, facts: RunFacts,
     atomic_write_bytes(paths.history, rows_csv(history).encode())
     save_training_plots(history, paths.loss_plot, paths.metrics_plot, task.main_metric, task.unbounded_metrics,
                         facts.test_metrics)
+    facts.lap("training plots")
     summary = build_summary(paths, task, facts, progress, early_stopped)
     atomic_write_bytes(paths.model_dir / "README.md", model_card(task, info, summary).encode())
     write_run_report(paths.results_dir, summary)
+    facts.lap("model card and report")
+    summary.time = timing(facts, progress)
     written = summary.to_dict()
     atomic_write_json(paths.summary, written)
     return written
@@ -100,12 +112,27 @@ def build_summary(paths: RunPaths, task: Task, facts: RunFacts, progress: Progre
         test_metrics=facts.test_metrics,
         headline=_headline(task.main_metric, facts),
         metrics_in_training_precision=progress.best_metrics,
-        time=Timing(wall_seconds=round(time.perf_counter() - facts.started, 3),
-                    train_seconds=round(progress.train_seconds, 3),
-                    train_images_per_second=round(progress.images_seen / max(progress.train_seconds, 1e-9), 2)),
+        time=timing(facts, progress),
         memory=peak_memory(),
         versions=versions(),
     )
+
+
+def timing(facts: RunFacts, progress: Progress) -> Timing:
+    """The run's times so far, its ``epochs`` phase split into the training steps and the rest
+    (the evaluation after each epoch, the checkpoints)."""
+    phases: dict[str, float] = {}
+    for phase, seconds in facts.phases.items():
+        if phase == "epochs":
+            steps = round(min(progress.train_seconds, seconds), 3)
+            phases["training steps"] = steps
+            phases["evaluation and checkpoints between epochs"] = round(seconds - steps, 3)
+        else:
+            phases[phase] = seconds
+    return Timing(wall_seconds=round(time.perf_counter() - facts.started, 3),
+                  train_seconds=round(progress.train_seconds, 3),
+                  train_images_per_second=round(progress.images_seen / max(progress.train_seconds, 1e-9), 2),
+                  started_at=round(time.time() - (time.perf_counter() - facts.started), 3), phases=phases)
 
 
 def _headline(main_metric: str, facts: RunFacts) -> Headline:

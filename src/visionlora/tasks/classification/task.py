@@ -87,7 +87,7 @@ class ClassificationData(TaskData):
         decoded = decode_all([r.source for r in records], lambda im, _: processor_pixels(processor, im),
                              cache=cache, settings=f"classification-eval|{processor.to_json_string()}")
         labels = [info.label2id[records[i].label] for i in decoded.kept]
-        dataset = CachedImages(decoded.items, labels)
+        dataset = CachedImages(decoded.items, labels, decoded.kept)
         dataset.cache_report = decoded.report
         return dataset, decoded.skipped
 
@@ -168,13 +168,7 @@ class ClassificationPrediction(TaskPrediction):
         return [PredictInput(image_index, Normalizer(processor)(processor_pixels(processor, image)))]
 
     def decode(self, outputs, inputs, images, processor, info: ModelInfo, options) -> list[dict]:
-        probs = outputs.logits.float().softmax(dim=-1).cpu()
-        scores, indices = probs.topk(min(TOP_K, len(info.labels)), dim=-1)
-        results = []
-        for row_scores, row_indices in zip(scores.tolist(), indices.tolist()):
-            ranked = [{"label": info.labels[i], "score": s} for s, i in zip(row_scores, row_indices)]
-            results.append({"label": ranked[0]["label"], "score": ranked[0]["score"], "top_k": ranked})
-        return results
+        return ranked_predictions(outputs.logits, info.labels)
 
     def draw(self, image: Image.Image, prediction: dict, info: ModelInfo) -> Image.Image:
         return draw_label(image, f"{prediction['label']} {prediction['score']:.2f}")
@@ -190,8 +184,27 @@ class ClassificationReport(TaskReport):
     def ground_truth(self, record: LabelledImage, image, info: ModelInfo):
         return {"label": record.label, "score": 1.0}, {}
 
+    def evaluated_predictions(self, dataset, indices, outputs, info: ModelInfo) -> dict[int, dict] | None:
+        """The evaluation's logits are the predictions ``predict`` makes of the same pixels."""
+        kept = getattr(dataset, "kept", None)
+        if kept is None or not outputs:
+            return None
+        return {kept[i]: prediction for i, prediction in zip(indices, ranked_predictions(torch.stack(outputs),
+                                                                                       info.labels))}
+
     def caption(self, prediction: dict[str, Any]) -> str:
         return f"{prediction['label']} {prediction['score']:.2f}"
+
+
+def ranked_predictions(logits: torch.Tensor, labels: list[str]) -> list[dict[str, Any]]:
+    """Each row of logits as a prediction: the top label and score, and the TOP_K best."""
+    probs = logits.float().softmax(dim=-1).cpu()
+    scores, indices = probs.topk(min(TOP_K, len(labels)), dim=-1)
+    results = []
+    for row_scores, row_indices in zip(scores.tolist(), indices.tolist()):
+        ranked = [{"label": labels[i], "score": s} for s, i in zip(row_scores, row_indices)]
+        results.append({"label": ranked[0]["label"], "score": ranked[0]["score"], "top_k": ranked})
+    return results
 
 
 def _label_of(record: LabelledImage) -> str:
@@ -243,10 +256,12 @@ class ClassificationTask(Task):
 
 
 class CachedImages(SeededDataset):
-    """Decoded, already-resized uint8 pixels (3, H, W) and labels."""
+    """Decoded, already-resized uint8 pixels (3, H, W) and labels; ``kept``: each item's position
+    among the records it was decoded from (the unreadable ones left out)."""
 
-    def __init__(self, pixels: Sequence[torch.Tensor], labels: list[int]):
+    def __init__(self, pixels: Sequence[torch.Tensor], labels: list[int], kept: list[int] | None = None):
         self.pixels, self.labels = pixels, labels
+        self.kept = list(range(len(pixels))) if kept is None else kept
 
     def __len__(self) -> int:
         return len(self.pixels)

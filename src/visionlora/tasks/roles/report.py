@@ -11,7 +11,7 @@ from visionlora.tasks.records import Diagnostics, ModelInfo, TaskDeclarations
 
 
 class TaskReport:
-    """Hooks: ``ground_truth`` (required); ``diagnostics``, ``caption`` (defaults)."""
+    """Hooks: ``ground_truth`` (required); ``diagnostics``, ``evaluated_predictions``, ``caption`` (defaults)."""
 
     def __init__(self, task: TaskDeclarations) -> None:
         self.task = task
@@ -24,6 +24,13 @@ class TaskReport:
         """(a record's labels shaped like a prediction, so ``draw`` shows them; the predict
         options that ask about the same instances) (hook)."""
         raise NotImplementedError
+
+    def evaluated_predictions(self, dataset: Any, indices: list[int], outputs: list[Any],
+                              info: ModelInfo) -> dict[int, dict[str, Any]] | None:
+        """The predictions that validation outputs already are, keyed by each record's position
+        among the validation records, so the grid of examples need not predict them again (hook;
+        default None: the outputs are not whole predictions, and the grid predicts its images)."""
+        return None
 
     def caption(self, prediction: dict[str, Any]) -> str:
         """A short text for a prediction under its drawing in the grid (hook; default none)."""
