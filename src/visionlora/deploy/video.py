@@ -8,6 +8,7 @@ play; without imageio-ffmpeg, OpenCV's MPEG-4 Part 2 (``mp4v``) is written and s
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
@@ -172,21 +173,15 @@ def predict_video(path: str | Path, predict: Predict, draw: Draw, every: int = 1
     writer = VideoWriter(save_video, facts.fps / every, (facts.width, facts.height)) if save_video else None
     last = facts.frames if end is None else min(facts.frames, int(end * facts.fps) + 1)
     total = max(0, -(-(last - int(round(start * facts.fps))) // every)) if facts.frames else None
-    results: list[dict[str, Any]] = []
     follow = tracker.follow if tracker is not None else None
     if tracker is not None:
         draw = tracker.drawer(draw)
     try:
         bar = tqdm(total=total, desc=Path(path).name, unit="frame", disable=not progress, leave=False)
-        batch: list[tuple[int, float, Image.Image]] = []
-        for item in frames(capture, facts, every, start, end):
-            batch.append(item)
-            if len(batch) == FRAME_BATCH:
-                results += _predict_batch(batch, predict, draw, writer, follow)
-                bar.update(len(batch))
-                batch = []
-        results += _predict_batch(batch, predict, draw, writer, follow)
-        bar.update(len(batch))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="video-frames") as finisher:
+            results = _predict_overlapped(frames(capture, facts, every, start, end), predict,
+                                          lambda batch, predictions: finisher.submit(
+                                              _finish_batch, batch, predictions, draw, writer, follow), bar)
         bar.close()
         if not results:
             raise VisionLoraError(f"{path}: no frames between --start {start} and --end {end}")
@@ -246,12 +241,41 @@ def predict_videos(run: LoadedRun, videos: Sequence[str | Path], options: dict[s
     return answer
 
 
-def _predict_batch(batch: Sequence[tuple[int, float, Image.Image]], predict: Predict, draw: Draw,
-                   writer: VideoWriter | None,
-                   follow: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    if not batch:
-        return []
-    predictions = predict([image for _, _, image in batch])
+Frame = tuple[int, float, Image.Image]
+
+
+def _predict_overlapped(source: Iterator[Frame], predict: Predict,
+                        finish: Callable[[list[Frame], list[dict[str, Any]]], Future], bar) -> list[dict[str, Any]]:
+    """Predict ``source``'s frames FRAME_BATCH at a time, each batch finished (tracked, drawn,
+    written) by ``finish`` in a thread of its own while the next is decoded and predicted; one
+    batch at most waits to be finished, so memory does not grow with the video."""
+    results: list[dict[str, Any]] = []
+    waiting: Future | None = None
+    for batch in _batches(source):
+        finishing = finish(batch, predict([image for _, _, image in batch]))
+        if waiting is not None:
+            results += waiting.result()
+        waiting = finishing
+        bar.update(len(batch))
+    if waiting is not None:
+        results += waiting.result()
+    return results
+
+
+def _batches(source: Iterator[Frame]) -> Iterator[list[Frame]]:
+    batch: list[Frame] = []
+    for item in source:
+        batch.append(item)
+        if len(batch) == FRAME_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _finish_batch(batch: Sequence[Frame], predictions: list[dict[str, Any]], draw: Draw, writer: VideoWriter | None,
+                  follow: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """One batch's predictions followed by the tracker (in frame order), drawn and written."""
     if follow is not None:
         for prediction in predictions:
             follow(prediction)
