@@ -103,3 +103,28 @@ def test_tracking_keeps_identities_that_frame_order_loses(tmp_path):
     assert tracked["idf1"] > 0.3, scores
     assert tracked["idf1"] > untracked["idf1"] + 0.1, scores
     assert tracked["num_switches"] * 3 < untracked["num_switches"], scores
+
+
+def moving_box(frame: int, start: float, speed: float) -> list[float]:
+    x = start + speed * frame
+    return [x, 10.0, x + 10.0, 20.0]
+
+
+def test_a_confirmed_track_is_named_from_its_first_box_and_a_one_frame_box_not_at_all():
+    """Tracks are confirmed by their second box; the first is named then too (the first frame included)."""
+    from visionlora.deploy.tracking import TrackSettings, VideoTracker
+
+    tracker = VideoTracker(TrackSettings(), lambda prediction: prediction["boxes"])
+    frames = []
+    for number in range(6):
+        boxes = [{"label": "a", "score": 0.9, "box": moving_box(number, 0.0, 2.0)}]
+        if number >= 2:  # a second object from the third frame on
+            boxes.append({"label": "a", "score": 0.8, "box": moving_box(number, 60.0, -2.0)})
+        if number == 4:  # a box in one frame only
+            boxes.append({"label": "a", "score": 0.9, "box": [100.0, 100.0, 110.0, 110.0]})
+        frames.append({"boxes": boxes})
+        tracker.follow(frames[-1])
+    ids = [[box["track_id"] for box in frame["boxes"]] for frame in frames]
+    assert ids == [[1], [1], [1, 2], [1, 2], [1, 2, None], [1, 2]], ids
+    assert tracker.summary()["identities"] == 2
+

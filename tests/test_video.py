@@ -81,10 +81,12 @@ def test_detector_gives_one_pose_instance_per_box(runs, tmp_path, capsys):
     for frame in frames:
         capture.set(cv2.CAP_PROP_POS_FRAMES, frame["frame"])
         image = cv2.cvtColor(capture.read()[1], cv2.COLOR_BGR2RGB)
-        boxes = finder([Image.fromarray(image)])[0]
+        found = finder.options([Image.fromarray(image)])
+        boxes, scores = found["boxes"][0], found["box_scores"][0]
         assert len(frame["instances"]) == len(boxes)
-        for instance, box in zip(frame["instances"], boxes):
+        for instance, box, score in zip(frame["instances"], boxes, scores):
             assert instance["box"] == pytest.approx(box, abs=0.01)
+            assert instance["score"] == pytest.approx(score)  # the detector's score: what a tracker ranks by
     capture.release()
     assert max(len(f["instances"]) for f in frames) > 1
     table = pandas.read_csv(csv_file, header=[0, 1, 2, 3], index_col=0)
@@ -209,6 +211,7 @@ def test_tracking_flags_refuse_what_they_cannot_do(runs, tmp_path, capsys):
         ([runs["detection"], frame, "--track"], "--track needs a video"),
         ([runs["detection"], runs["video"], "--track", "--track-thresh", "2"], "--track-thresh must be between"),
         ([runs["detection"], runs["video"], "--track", "--max-individuals", "0"], "--max-individuals must be 1"),
+        ([runs["detection"], runs["video"], "--track", "--engine", "ray"], "--track is for videos, which --engine ray"),
     ]
     if importlib.util.find_spec("trackers"):
         cases.append(([runs["classification"], runs["video"], "--track"], "--track follows boxes"))
