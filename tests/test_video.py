@@ -203,6 +203,21 @@ def test_tracked_pose_names_deeplabcut_individuals_by_track(runs, tmp_path, caps
     pandas.testing.assert_frame_equal(pandas.read_hdf(h5_file, "df_with_missing"), table, check_exact=False)
 
 
+@needs_trackers
+def test_a_stream_url_is_tracked_up_to_end_and_without_end_refused(runs, tmp_path, capsys):
+    """What OpenCV opens as a stream (here a file:// URL; a camera's index or rtsp:// alike) runs to --end."""
+    stream, output = f"file://{runs['video']}", tmp_path / "stream.json"
+    code, _, err = _predict([runs["detection"], stream, "--threshold", "0.0", "--track", "--end", "0.95",
+                             "--output", output], capsys)
+    assert code == 0, err
+    answer = json.loads(output.read_text())
+    assert answer["video"] == stream and [f["frame"] for f in answer["frames"]] == list(range(10))
+    assert any(box["track_id"] is not None for f in answer["frames"] for box in f["boxes"])
+    code, _, err = _predict([runs["detection"], stream, "--track"], capsys)
+    assert code == 2 and err.strip() == f"error: {stream}: a camera or stream needs --end SECONDS (how much of it " \
+        "to predict)"
+
+
 def test_tracking_flags_refuse_what_they_cannot_do(runs, tmp_path, capsys):
     frame = next((runs["root"] / "pose-data" / "labeled-data").rglob("*.png"))
     cases = [

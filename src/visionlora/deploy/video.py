@@ -31,7 +31,13 @@ Draw = Callable[[Image.Image, dict], Image.Image]
 
 
 def is_video(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+    return is_stream(path) or Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def is_stream(source: str | Path) -> bool:
+    """A camera's index (``0``) or a stream's URL (``rtsp://...``), which OpenCV opens as it comes."""
+    text = str(source)
+    return text.isdigit() or "://" in text
 
 
 @dataclass
@@ -47,6 +53,8 @@ def open_video(path: str | Path):
     """(an OpenCV capture, its facts); an unreadable video or one without frames is a one-line error."""
     import cv2
 
+    if is_stream(path):
+        return _open_stream(str(path))
     path = Path(path)
     if not path.is_file():
         raise VisionLoraError(f"{path}: no such video file")
@@ -62,6 +70,20 @@ def open_video(path: str | Path):
     facts = VideoFacts(str(path), fps if fps > 0 else 30.0, int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0),
                        first.shape[1], first.shape[0])
     return capture, facts
+
+
+def _open_stream(source: str):
+    """(an OpenCV capture, its facts) of a camera or stream; its frame count is unknown (0)."""
+    import cv2
+
+    capture = cv2.VideoCapture(int(source) if source.isdigit() else source)
+    ok, first = capture.read() if capture.isOpened() else (False, None)
+    if not ok or first is None:
+        capture.release()
+        raise VisionLoraError(f"{source}: OpenCV cannot open this camera or stream, or reads no frame from it")
+    capture.set(cv2.CAP_PROP_POS_FRAMES, 0)  # a recording seen as a stream starts again; a live one goes on
+    fps = capture.get(cv2.CAP_PROP_FPS) or 0.0
+    return capture, VideoFacts(source, fps if fps > 0 else 30.0, 0, first.shape[1], first.shape[0])
 
 
 def frames(capture, facts: VideoFacts, every: int = 1, start: float = 0.0,
@@ -169,6 +191,8 @@ def predict_video(path: str | Path, predict: Predict, draw: Draw, every: int = 1
         raise VisionLoraError(f"--every must be 1 or more, not {every}")
     if start < 0 or (end is not None and end <= start):
         raise VisionLoraError(f"--start {start} / --end {end}: need 0 <= start < end (seconds)")
+    if is_stream(path) and end is None:
+        raise VisionLoraError(f"{path}: a camera or stream needs --end SECONDS (how much of it to predict)")
     capture, facts = open_video(path)
     writer = VideoWriter(save_video, facts.fps / every, (facts.width, facts.height)) if save_video else None
     last = facts.frames if end is None else min(facts.frames, int(end * facts.fps) + 1)
@@ -177,7 +201,8 @@ def predict_video(path: str | Path, predict: Predict, draw: Draw, every: int = 1
     if tracker is not None:
         draw = tracker.drawer(draw)
     try:
-        bar = tqdm(total=total, desc=Path(path).name, unit="frame", disable=not progress, leave=False)
+        name = str(path) if is_stream(path) else Path(path).name
+        bar = tqdm(total=total, desc=name, unit="frame", disable=not progress, leave=False)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="video-frames") as finisher:
             results = _predict_overlapped(frames(capture, facts, every, start, end), predict,
                                           lambda batch, predictions: finisher.submit(
