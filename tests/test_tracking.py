@@ -90,6 +90,7 @@ def track_and_score(detector: Path, root: Path, seed: int = 0) -> dict[str, dict
     frames = json.loads(output.read_text())["frames"]
     truth = read_truth(truth_file)
     named = tracked_rows(frames)
+    assert len(named[1]) >= len(truth[1]) - 1, (named[1], truth[1])  # the first frame's tracks are named too
     assert {(f, i) for f, rows in read_truth(mot).items() for i, _ in rows} == {(f, i) for f, rows in named.items()
                                                                                for i, _ in rows}
     return {"tracked": identity_scores(truth, tracked_rows(frames)),
@@ -100,7 +101,8 @@ def test_tracking_keeps_identities_that_frame_order_loses(tmp_path):
     scores = track_and_score(train_shape_detector(tmp_path), tmp_path)
     tracked, untracked = scores["tracked"], scores["frame order"]
     # Measured over seeds 0-2 (training and video; 80 frames, 4 shapes, 285-310 true boxes): tracked IDF1
-    # 0.41-0.58 with 23-27 identity switches; the same boxes in frame order IDF1 0.18-0.24 with 181-216
+    # 0.41-0.58 with 22-27 identity switches (tracks named from their first box; named from their second,
+    # IDF1 and switches differ by 0.003 and 1 at most); the same boxes in frame order IDF1 0.18-0.24 with 181-216
     # switches; the gap in IDF1 0.23-0.38.
     assert tracked["idf1"] > 0.3, scores
     assert tracked["idf1"] > untracked["idf1"] + 0.1, scores
