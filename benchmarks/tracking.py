@@ -7,9 +7,8 @@
 A tiny RT-DETRv2 is fine-tuned for a few epochs on frames of other moving-shape videos, so that
 the tracker gets about as many boxes per frame as there are shapes (the tracker's cost grows
 with the box count). Passes with and without tracking alternate, after one untimed warm-up;
-the median of each is reported, their ratio, and the tracker's own time per frame. The tracker
-runs in the thread that also draws and writes frames, on one batch while the next is predicted,
-so its time overlaps the model's; its share of the tracked passes' wall time says how much.
+the median of each is reported, their ratio, and the share of the tracked passes' time spent
+in the tracker itself, which other load on the machine moves far less than the ratio.
 """
 
 from __future__ import annotations
@@ -113,9 +112,8 @@ def main() -> None:
     print(table(rows, ["tracking", "frames", "boxes/frame", "seconds", "frames/s", "tracker ms/frame",
                        "tracker share"]))
     ratio = rows[1]["frames/s"] / rows[0]["frames/s"]
-    print(f"frames/s with --track / without: {ratio:.3f}; the tracker's own time was {rows[1]['tracker share']} of "
-          "the tracked passes' wall time, in the thread that overlaps the next batch's prediction (passes on a "
-          "loaded machine vary more than that)")
+    print(f"frames/s with --track / without: {ratio:.3f}; within the tracked passes, the tracker took "
+          f"{rows[1]['tracker share']} of the time (passes on a loaded machine vary more than that)")
 
 
 if __name__ == "__main__":

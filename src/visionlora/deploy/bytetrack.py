@@ -1,10 +1,12 @@
 """Roboflow's ByteTrack (``trackers`` 2.1), fed one frame's boxes as numpy arrays, per label.
 
-trackers 2.1 slices its input ``sv.Detections`` one box at a time, deep-copies each slice and
-merges them back, and supervision validates every ``Detections`` it builds: on a few boxes,
-that was over half the tracker's time. :class:`Rows` gives it the same boxes as a
-``Detections`` that slices without validation and copies shallowly; the tracking itself
-(Kalman filters, the two associations, track births and deaths) is the library's, unchanged.
+trackers 2.1 slices its input ``sv.Detections`` one box at a time, deep-copies each slice, sets
+the copy's ``tracker_id`` and merges the copies into its answer, and supervision validates every
+``Detections`` it builds and merges: on a few boxes, half the tracker's time. :class:`Rows`
+gives it the same boxes as a ``Detections`` that slices without validation and copies
+shallowly, and keeps the copies: their ids are read from them, and they leave the merge out
+(it answers an empty ``Detections`` at no cost). The tracking itself (Kalman filters, the two
+associations, track births and deaths) is the library's, unchanged.
 
 A track is confirmed by its second box (trackers' ``minimum_consecutive_frames``); the box
 that started it, one frame before, is reported with it, so that a confirmed track is named
@@ -25,16 +27,21 @@ Named = list[tuple[int, int]]  # (the box's index in its frame, the library's tr
 class Rows(sv.Detections):
     """Boxes, their scores and their indices in the frame (as ``class_id``), cheap to slice and copy.
 
-    Slices skip supervision's validation (their fields agree by construction) and copies are
-    shallow: the tracker only reassigns a copy's ``tracker_id``, never writes into its arrays.
+    Slices skip supervision's validation (their fields agree by construction) and share
+    ``copies``; a copy is shallow (the tracker only reassigns a copy's ``tracker_id``, never
+    writes into its arrays), is kept in ``copies`` and says it is empty, so that the tracker's
+    final ``Detections.merge`` leaves it out.
     """
+
+    copies: list[Rows]  # the copies the tracker made this frame, shared by the frame's slices
+    is_copy: bool
 
     @classmethod
     def of(cls, xyxy: np.ndarray, confidence: np.ndarray | None, index: np.ndarray | None,
-           tracker_id: np.ndarray | None = None) -> Rows:
+           tracker_id: np.ndarray | None = None, copies: list[Rows] | None = None, copy: bool = False) -> Rows:
         rows = object.__new__(cls)
         rows.__dict__.update(xyxy=xyxy, mask=None, confidence=confidence, class_id=index, tracker_id=tracker_id,
-                             data={}, metadata={})
+                             data={}, metadata={}, copies=[] if copies is None else copies, is_copy=copy)
         return rows
 
     def __getitem__(self, index: Any) -> Any:
@@ -42,11 +49,22 @@ class Rows(sv.Detections):
             return super().__getitem__(index)
         if isinstance(index, (int, np.integer)):
             index = slice(int(index), int(index) + 1)
-        return Rows.of(self.xyxy[index], *(None if column is None else column[index]
-                                           for column in (self.confidence, self.class_id, self.tracker_id)))
+        confidence, frame_index, tracker_id = (None if column is None else column[index]
+                                               for column in (self.confidence, self.class_id, self.tracker_id))
+        return Rows.of(self.xyxy[index], confidence, frame_index, tracker_id, self.copies)
 
     def __deepcopy__(self, memo: dict) -> Rows:
-        return Rows.of(self.xyxy, self.confidence, self.class_id, self.tracker_id)
+        copied = Rows.of(self.xyxy, self.confidence, self.class_id, self.tracker_id, self.copies, copy=True)
+        self.copies.append(copied)
+        return copied
+
+    def is_empty(self) -> bool:
+        return self.is_copy or super().is_empty()
+
+    def answer(self) -> list[tuple[int, np.ndarray, int]]:
+        """(index in the frame, box, track id: -1 for none) of each box the tracker gave back."""
+        return [(int(np.asarray(rows.class_id)[0]), rows.xyxy[0], int(np.asarray(rows.tracker_id)[0]))
+                for rows in self.copies]
 
 
 class LabelTracks:
@@ -59,34 +77,28 @@ class LabelTracks:
     def update(self, xyxy: np.ndarray, confidence: np.ndarray, index: np.ndarray) -> tuple[Named, Named]:
         """The (index, track id) of this frame's tracked boxes, and of the previous frame's boxes
         that started the tracks confirmed in this frame (``index``: each box's index in its frame)."""
-        found = self.tracker.update(Rows.of(xyxy, confidence, index))
-        named = [(i, t) for i, _, t in _rows(found) if t >= 0]
+        frame = Rows.of(xyxy, confidence, index)
+        self.tracker.update(frame)
+        found = frame.answer()
+        named = [(i, t) for i, _, t in found if t >= 0]
         confirmed = [(self.births[track], int(track.tracker_id)) for track in self.tracker.tracks
                      if track.tracker_id >= 0 and track in self.births]
         self.births = self._born(found)
         return named, confirmed
 
-    def _born(self, found: sv.Detections) -> dict[Any, int]:
+    def _born(self, found: list[tuple[int, np.ndarray, int]]) -> dict[Any, int]:
         """The tracks started in this frame, with the index of their box (a new track's state is its box)."""
         new = [track for track in self.tracker.tracks
                if track.tracker_id < 0 and track.number_of_successful_updates == 1 and track.time_since_update == 0]
         if not new:
             return {}
-        unnamed = [(i, box) for i, box, t in _rows(found) if t < 0]
+        unnamed = [(i, box) for i, box, t in found if t < 0]
         born = {}
         for track in new:
             start = next((i for i, box in unnamed if np.array_equal(box, track.state[:4, 0])), None)
             if start is not None:
                 born[track] = start
         return born
-
-
-def _rows(found: sv.Detections) -> list[tuple[int, np.ndarray, int]]:
-    """(index in the frame, box, track id: -1 for none) of each box the tracker gave back."""
-    if not len(found):
-        return []
-    return [(int(i), box, int(t)) for i, box, t in zip(np.asarray(found.class_id), found.xyxy,
-                                                        np.asarray(found.tracker_id))]
 
 
 class ByteTrack:

@@ -8,7 +8,6 @@ play; without imageio-ffmpeg, OpenCV's MPEG-4 Part 2 (``mp4v``) is written and s
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
@@ -203,10 +202,10 @@ def predict_video(path: str | Path, predict: Predict, draw: Draw, every: int = 1
     try:
         name = str(path) if is_stream(path) else Path(path).name
         bar = tqdm(total=total, desc=name, unit="frame", disable=not progress, leave=False)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="video-frames") as finisher:
-            results = _predict_overlapped(frames(capture, facts, every, start, end), predict,
-                                          lambda batch, predictions: finisher.submit(
-                                              _finish_batch, batch, predictions, draw, writer, follow), bar)
+        results: list[dict[str, Any]] = []
+        for batch in _batches(frames(capture, facts, every, start, end)):
+            results += _finish_batch(batch, predict([image for _, _, image in batch]), draw, writer, follow)
+            bar.update(len(batch))
         bar.close()
         if not results:
             raise VisionLoraError(f"{path}: no frames between --start {start} and --end {end}")
@@ -267,24 +266,6 @@ def predict_videos(run: LoadedRun, videos: Sequence[str | Path], options: dict[s
 
 
 Frame = tuple[int, float, Image.Image]
-
-
-def _predict_overlapped(source: Iterator[Frame], predict: Predict,
-                        finish: Callable[[list[Frame], list[dict[str, Any]]], Future], bar) -> list[dict[str, Any]]:
-    """Predict ``source``'s frames FRAME_BATCH at a time, each batch finished (tracked, drawn,
-    written) by ``finish`` in a thread of its own while the next is decoded and predicted; one
-    batch at most waits to be finished, so memory does not grow with the video."""
-    results: list[dict[str, Any]] = []
-    waiting: Future | None = None
-    for batch in _batches(source):
-        finishing = finish(batch, predict([image for _, _, image in batch]))
-        if waiting is not None:
-            results += waiting.result()
-        waiting = finishing
-        bar.update(len(batch))
-    if waiting is not None:
-        results += waiting.result()
-    return results
 
 
 def _batches(source: Iterator[Frame]) -> Iterator[list[Frame]]:
