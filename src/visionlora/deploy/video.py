@@ -34,9 +34,10 @@ def is_video(path: str | Path) -> bool:
 
 
 def is_stream(source: str | Path) -> bool:
-    """A camera's index (``0``) or a stream's URL (``rtsp://...``), which OpenCV opens as it comes."""
+    """A camera's index (``0``, unless a file or folder has that name) or a stream's URL
+    (``rtsp://...``), which OpenCV opens as it comes."""
     text = str(source)
-    return text.isdigit() or "://" in text
+    return (text.isdigit() and not Path(text).exists()) or "://" in text
 
 
 @dataclass
