@@ -1,5 +1,9 @@
 """Tracking quality, measured: a detector trained on generated moving shapes, its boxes tracked
-through a video with ground-truth identities, scored with motmetrics (IDF1, identity switches)."""
+through a video with ground-truth identities, scored with motmetrics (IDF1, identity switches);
+how tracks are named; and DeepLabCut's real openfield video, where one mouse keeps one identity.
+
+HOTA is not computed: trackeval, which has it (motmetrics 1.4 does not), requires opencv-python,
+a second build of the cv2 this package has from opencv-python-headless."""
 
 from __future__ import annotations
 
