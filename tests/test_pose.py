@@ -50,6 +50,8 @@ def test_train_evaluate_predict_reload_identical_keypoints(pose_runs, pose_folde
     assert [len(p["instances"]) for p in after] == [1, 1, 2, 1]
     assert after == before
     assert [k["name"] for k in after[0]["instances"][0]["keypoints"]] == POSE_KEYPOINTS
+    for instance in (i for p in after for i in p["instances"]):  # boxes given without scores: the keypoints' mean
+        assert instance["score"] == pytest.approx(sum(k["score"] for k in instance["keypoints"]) / len(POSE_KEYPOINTS))
 
     evaluated = reloaded.evaluate()["metrics"]
     for key in ("pixel_error", "pck@0.1", "oks_ap", "loss"):

@@ -187,7 +187,8 @@ def test_pose_with_a_served_detector_gives_one_instance_per_box(server, served_r
     instances = json.loads(body)["predictions"][0]["instances"]
     boxes = visionlora.load(served_runs["boxes"]).predict([frame], threshold=0.0)[0]["boxes"]
     assert len(instances) == len(boxes) > 1
-    expected = visionlora.load(served_runs["pose"]).predict([frame], boxes=[[b["box"] for b in boxes]])[0]
+    expected = visionlora.load(served_runs["pose"]).predict([frame], boxes=[[b["box"] for b in boxes]],
+                                                            box_scores=[[b["score"] for b in boxes]])[0]
     assert_nested_close(instances, expected["instances"])
     status, body, _ = server.post_files("/v1/models/pose/predict", [(frame.name, _png(frame))],
                                         {**fields, "max_instances": "1"})

@@ -81,10 +81,12 @@ def test_detector_gives_one_pose_instance_per_box(runs, tmp_path, capsys):
     for frame in frames:
         capture.set(cv2.CAP_PROP_POS_FRAMES, frame["frame"])
         image = cv2.cvtColor(capture.read()[1], cv2.COLOR_BGR2RGB)
-        boxes = finder([Image.fromarray(image)])[0]
+        found = finder.options([Image.fromarray(image)])
+        boxes, scores = found["boxes"][0], found["box_scores"][0]
         assert len(frame["instances"]) == len(boxes)
-        for instance, box in zip(frame["instances"], boxes):
+        for instance, box, score in zip(frame["instances"], boxes, scores):
             assert instance["box"] == pytest.approx(box, abs=0.01)
+            assert instance["score"] == pytest.approx(score)  # the detector's score: what a tracker ranks by
     capture.release()
     assert max(len(f["instances"]) for f in frames) > 1
     table = pandas.read_csv(csv_file, header=[0, 1, 2, 3], index_col=0)
@@ -201,6 +203,21 @@ def test_tracked_pose_names_deeplabcut_individuals_by_track(runs, tmp_path, caps
     pandas.testing.assert_frame_equal(pandas.read_hdf(h5_file, "df_with_missing"), table, check_exact=False)
 
 
+@needs_trackers
+def test_a_stream_url_is_tracked_up_to_end_and_without_end_refused(runs, tmp_path, capsys):
+    """What OpenCV opens as a stream (here a file:// URL; a camera's index or rtsp:// alike) runs to --end."""
+    stream, output = f"file://{runs['video']}", tmp_path / "stream.json"
+    code, _, err = _predict([runs["detection"], stream, "--threshold", "0.0", "--track", "--end", "0.95",
+                             "--output", output], capsys)
+    assert code == 0, err
+    answer = json.loads(output.read_text())
+    assert answer["video"] == stream and [f["frame"] for f in answer["frames"]] == list(range(10))
+    assert any(box["track_id"] is not None for f in answer["frames"] for box in f["boxes"])
+    code, _, err = _predict([runs["detection"], stream, "--track"], capsys)
+    assert code == 2 and err.strip() == f"error: {stream}: a camera or stream needs --end SECONDS (how much of it " \
+        "to predict)"
+
+
 def test_tracking_flags_refuse_what_they_cannot_do(runs, tmp_path, capsys):
     frame = next((runs["root"] / "pose-data" / "labeled-data").rglob("*.png"))
     cases = [
@@ -209,6 +226,7 @@ def test_tracking_flags_refuse_what_they_cannot_do(runs, tmp_path, capsys):
         ([runs["detection"], frame, "--track"], "--track needs a video"),
         ([runs["detection"], runs["video"], "--track", "--track-thresh", "2"], "--track-thresh must be between"),
         ([runs["detection"], runs["video"], "--track", "--max-individuals", "0"], "--max-individuals must be 1"),
+        ([runs["detection"], runs["video"], "--track", "--engine", "ray"], "--track is for videos, which --engine ray"),
     ]
     if importlib.util.find_spec("trackers"):
         cases.append(([runs["classification"], runs["video"], "--track"], "--track follows boxes"))

@@ -231,6 +231,10 @@ def _cmd_predict(args) -> int:
     from visionlora.deploy.video import is_video
 
     if args.engine == "ray":
+        for flag, value in (("--track", args.track), ("--mot", args.mot), ("--save-video", args.save_video)):
+            if value:
+                raise VisionLoraError(f"{flag} is for videos, which --engine ray does not predict (it predicts "
+                                      "images apart): use --engine local")
         _device_on_ray(args.device, "--engine ray: each actor predicts on the GPU Ray gives it (--gpus-per-actor)")
         return _predict_on_ray(args)
     _use_threads(args)

@@ -75,7 +75,7 @@ class LoadedModel:
             boxes.request.refuse_given_boxes(options)
 
         def predict_images(images: list[Image.Image]) -> list[dict[str, Any]]:
-            found = {boxes.request.option: boxes(images)} if boxes is not None else {}
+            found = boxes.options(images) if boxes is not None else {}
             return predict(self.task, self.model, self.processor, images, self.info, **options, **found)
 
         return predict_images
@@ -169,6 +169,10 @@ class BoxFinder:
 
     def __call__(self, images: list[Image.Image]) -> list[list[list[float]]]:
         return self.request.keep(self.model.predict(images, **self.request.model_options()))
+
+    def options(self, images: list[Image.Image]) -> dict[str, Any]:
+        """The predict options the boxes found in ``images`` give (the boxes; for pose, also their scores)."""
+        return self.request.options(self.model.predict(images, **self.request.model_options()))
 
 
 def box_finder(run: LoadedRun, values: dict[str, Any], **loading: Any) -> BoxFinder | None:

@@ -1,9 +1,12 @@
 """Identities across a video's frames: ByteTrack links each frame's boxes to the tracks of the
 frames before, so that a box's ``track_id`` names the same object all through the video.
 
-The tracker is Roboflow's ``trackers`` (``pip install 'visionlora[track]'``). Boxes are tracked
-per label; a track is named from its second frame on (its first box has ``track_id`` None).
-Identities are numbered 1, 2... in the order they first appear. With ``max_individuals``, at
+The tracker is Roboflow's ``trackers`` (``pip install 'visionlora[track]'``; see
+:mod:`visionlora.deploy.bytetrack`). Boxes are tracked per label. A track is confirmed by its
+second box, and then named from its first: the box of the frame before that started it gets
+the same ``track_id``. A box whose track is never confirmed (seen in one frame only, or
+scoring under the track threshold with no track to continue) has ``track_id`` None.
+Identities are numbered 1, 2... in the order their tracks are confirmed. With ``max_individuals``, at
 most that many identities are given: a new track takes the identity, free in that frame, whose
 last box was nearest, rather than a new one.
 """
@@ -60,48 +63,11 @@ class TrackSettings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-
-class ByteTrack:
-    """Per frame, boxes (x0, y0, x1, y1), scores and labels in; a track key per box out (None:
-    not tracked in this frame). One ByteTrack per label; keys are unique in the video."""
-
-    def __init__(self, settings: TrackSettings):
-        self.settings = settings
-        self._trackers: dict[Hashable, Any] = {}
-
-    def _tracker(self, label: Hashable) -> Any:
-        if label not in self._trackers:
-            from trackers import ByteTrackTracker
-
-            self._trackers[label] = ByteTrackTracker(
-                lost_track_buffer=self.settings.track_buffer, frame_rate=30.0,  # the buffer counts frames
-                track_activation_threshold=self.settings.track_thresh,
-                minimum_iou_threshold=self.settings.match_thresh,
-                high_conf_det_threshold=self.settings.track_thresh)
-        return self._trackers[label]
-
-    def update(self, boxes: Sequence[Sequence[float]], scores: Sequence[float],
-               labels: Sequence[Hashable]) -> list[tuple[Hashable, int] | None]:
-        """The track key of each box, in the boxes' order."""
-        keys: list[tuple[Hashable, int] | None] = [None] * len(boxes)
-        for label in set(labels) | set(self._trackers):
-            chosen = [i for i, other in enumerate(labels) if other == label]
-            for index, raw in self._update_label(label, [boxes[i] for i in chosen], [scores[i] for i in chosen]):
-                keys[chosen[index]] = (label, raw)
-        return keys
-
-    def _update_label(self, label: Hashable, boxes: list[Sequence[float]],
-                      scores: list[float]) -> list[tuple[int, int]]:
-        """(index among ``boxes``, the tracker's id) of the boxes one label's tracker names."""
-        import supervision as sv
-
-        detections = sv.Detections(xyxy=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-                                   confidence=np.asarray(scores, dtype=np.float32),
-                                   data={"index": np.arange(len(boxes))})
-        found = self._tracker(label).update(detections)
-        if len(found) == 0:
-            return []
-        return [(int(index), int(raw)) for index, raw in zip(found.data["index"], found.tracker_id) if raw >= 0]
+    def tracker_options(self) -> dict[str, Any]:
+        """These settings as Roboflow's ``ByteTrackTracker`` takes them."""
+        return dict(lost_track_buffer=self.track_buffer, frame_rate=30.0,  # 30: the buffer counts frames
+                    track_activation_threshold=self.track_thresh, minimum_iou_threshold=self.match_thresh,
+                    high_conf_det_threshold=self.track_thresh)
 
 
 @dataclass
@@ -154,19 +120,26 @@ class VideoTracker:
     each item ``items`` finds in it (a task's boxes or instances), ``drawer`` adds IDs and trails."""
 
     def __init__(self, settings: TrackSettings, items: Items):
+        from visionlora.deploy.bytetrack import ByteTrack
+
         self.settings, self.items = settings, items
-        self.tracker = ByteTrack(settings)
+        self.tracker = ByteTrack(**settings.tracker_options())
+        self.previous: list[dict[str, Any]] = []  # the last frame's items, named when their tracks are confirmed
         self.identities = Identities(settings.max_individuals)
         self.trails: dict[int, deque[tuple[float, float]]] = {}
 
     def follow(self, prediction: dict[str, Any]) -> None:
         found = self.items(prediction) or []
         boxes = [item["box"] for item in found]
-        keys = self.tracker.update(boxes, [float(item.get("score", 1.0)) for item in found],
-                                   [item.get("label") for item in found])
+        keys, confirmed = self.tracker.update(boxes, [float(item.get("score", 1.0)) for item in found],
+                                              [item.get("label") for item in found])
         for item, identity in zip(found, self.identities.name(keys, boxes)):
             item["track_id"] = identity
-        self._extend_trails(found)
+        started = [self.previous[place] for place, _ in confirmed]
+        for item, (_, key) in zip(started, confirmed):
+            item["track_id"] = self.identities.of_track.get(key)
+        self._extend_trails(started + found)
+        self.previous = found
 
     def _extend_trails(self, found: list[dict[str, Any]]) -> None:
         for item in found:

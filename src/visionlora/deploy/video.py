@@ -30,7 +30,14 @@ Draw = Callable[[Image.Image, dict], Image.Image]
 
 
 def is_video(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+    return is_stream(path) or Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def is_stream(source: str | Path) -> bool:
+    """A camera's index (``0``, unless a file or folder has that name) or a stream's URL
+    (``rtsp://...``), which OpenCV opens as it comes."""
+    text = str(source)
+    return (text.isdigit() and not Path(text).exists()) or "://" in text
 
 
 @dataclass
@@ -46,6 +53,8 @@ def open_video(path: str | Path):
     """(an OpenCV capture, its facts); an unreadable video or one without frames is a one-line error."""
     import cv2
 
+    if is_stream(path):
+        return _open_stream(str(path))
     path = Path(path)
     if not path.is_file():
         raise VisionLoraError(f"{path}: no such video file")
@@ -61,6 +70,20 @@ def open_video(path: str | Path):
     facts = VideoFacts(str(path), fps if fps > 0 else 30.0, int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0),
                        first.shape[1], first.shape[0])
     return capture, facts
+
+
+def _open_stream(source: str):
+    """(an OpenCV capture, its facts) of a camera or stream; its frame count is unknown (0)."""
+    import cv2
+
+    capture = cv2.VideoCapture(int(source) if source.isdigit() else source)
+    ok, first = capture.read() if capture.isOpened() else (False, None)
+    if not ok or first is None:
+        capture.release()
+        raise VisionLoraError(f"{source}: OpenCV cannot open this camera or stream, or reads no frame from it")
+    capture.set(cv2.CAP_PROP_POS_FRAMES, 0)  # a recording seen as a stream starts again; a live one goes on
+    fps = capture.get(cv2.CAP_PROP_FPS) or 0.0
+    return capture, VideoFacts(source, fps if fps > 0 else 30.0, 0, first.shape[1], first.shape[0])
 
 
 def frames(capture, facts: VideoFacts, every: int = 1, start: float = 0.0,
@@ -168,25 +191,22 @@ def predict_video(path: str | Path, predict: Predict, draw: Draw, every: int = 1
         raise VisionLoraError(f"--every must be 1 or more, not {every}")
     if start < 0 or (end is not None and end <= start):
         raise VisionLoraError(f"--start {start} / --end {end}: need 0 <= start < end (seconds)")
+    if is_stream(path) and end is None:
+        raise VisionLoraError(f"{path}: a camera or stream needs --end SECONDS (how much of it to predict)")
     capture, facts = open_video(path)
     writer = VideoWriter(save_video, facts.fps / every, (facts.width, facts.height)) if save_video else None
     last = facts.frames if end is None else min(facts.frames, int(end * facts.fps) + 1)
     total = max(0, -(-(last - int(round(start * facts.fps))) // every)) if facts.frames else None
-    results: list[dict[str, Any]] = []
     follow = tracker.follow if tracker is not None else None
     if tracker is not None:
         draw = tracker.drawer(draw)
     try:
-        bar = tqdm(total=total, desc=Path(path).name, unit="frame", disable=not progress, leave=False)
-        batch: list[tuple[int, float, Image.Image]] = []
-        for item in frames(capture, facts, every, start, end):
-            batch.append(item)
-            if len(batch) == FRAME_BATCH:
-                results += _predict_batch(batch, predict, draw, writer, follow)
-                bar.update(len(batch))
-                batch = []
-        results += _predict_batch(batch, predict, draw, writer, follow)
-        bar.update(len(batch))
+        name = str(path) if is_stream(path) else Path(path).name
+        bar = tqdm(total=total, desc=name, unit="frame", disable=not progress, leave=False)
+        results: list[dict[str, Any]] = []
+        for batch in _batches(frames(capture, facts, every, start, end)):
+            results += _finish_batch(batch, predict([image for _, _, image in batch]), draw, writer, follow)
+            bar.update(len(batch))
         bar.close()
         if not results:
             raise VisionLoraError(f"{path}: no frames between --start {start} and --end {end}")
@@ -246,12 +266,23 @@ def predict_videos(run: LoadedRun, videos: Sequence[str | Path], options: dict[s
     return answer
 
 
-def _predict_batch(batch: Sequence[tuple[int, float, Image.Image]], predict: Predict, draw: Draw,
-                   writer: VideoWriter | None,
-                   follow: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    if not batch:
-        return []
-    predictions = predict([image for _, _, image in batch])
+Frame = tuple[int, float, Image.Image]
+
+
+def _batches(source: Iterator[Frame]) -> Iterator[list[Frame]]:
+    batch: list[Frame] = []
+    for item in source:
+        batch.append(item)
+        if len(batch) == FRAME_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _finish_batch(batch: Sequence[Frame], predictions: list[dict[str, Any]], draw: Draw, writer: VideoWriter | None,
+                  follow: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """One batch's predictions followed by the tracker (in frame order), drawn and written."""
     if follow is not None:
         for prediction in predictions:
             follow(prediction)

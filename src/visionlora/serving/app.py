@@ -230,7 +230,7 @@ class VisionServer(StoreEvents):
             raise ApiError(400, str(err)) from None
         finally:
             self.let_go(box_model)
-        return {request.option: request.keep(found)}
+        return request.options(found)
 
     async def run_prediction(self, name: str, request: Request) -> tuple[ServedModel, list[str], list, list[dict]]:
         """(the run, the image names, the images, their predictions) of a predict or draw request."""
@@ -239,7 +239,9 @@ class VisionServer(StoreEvents):
             form = await read_form(request, self.settings.max_upload_bytes)
             names, images = await read_images(form)
             options, per_image, box_values = parse_options(served, form, names)
-            options.update(await self.found_boxes(served, box_values, images, options))
+            found = await self.found_boxes(served, box_values, images, options)  # per image, all of them
+            options.update(found)
+            per_image = (*per_image, *(name for name in found if name not in per_image))
             predictions = await self.predicted(served, Job(images, options, per_image, served))
         finally:
             self.let_go(served)

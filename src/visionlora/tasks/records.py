@@ -209,6 +209,11 @@ class BoxRequest:
         """The boxes to predict in, per image, from the box model's predictions."""
         raise NotImplementedError
 
+    def options(self, predictions: list[dict[str, Any]]) -> dict[str, Any]:
+        """The predict options the box model's predictions give, each a list with one value per
+        image: the kept boxes as ``option``."""
+        return {self.option: self.keep(predictions)}
+
     def refuse_given_boxes(self, options: dict[str, Any]) -> None:
         """Boxes given in ``options`` as well as a model to find them are a clear error."""
         given = options.get(self.option)

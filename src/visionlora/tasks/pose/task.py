@@ -213,27 +213,32 @@ class PosePrediction(TaskPrediction):
         return DetectorRequest.from_options(values)
 
     def predict_inputs(self, image, image_index, processor, info, options):
-        """One input per box (``boxes[i]``: x0, y0, x1, y1 lists for image i), or the whole image."""
+        """One input per box (``boxes[i]``: x0, y0, x1, y1 lists for image i), or the whole image;
+        a detector's boxes come with their scores (``box_scores[i]``)."""
         input_size = tuple(pose_state(info).input_size)
-        boxes = options.get("boxes")
+        boxes, box_scores = options.get("boxes"), options.get("box_scores")
         image_boxes = boxes[image_index] if boxes is not None else None
         if image_boxes is None:  # no boxes given for this image: the whole image is one instance
             image_boxes = [[0, 0, image.width, image.height]]
+        image_scores = box_scores[image_index] if box_scores is not None else [None] * len(image_boxes)
         normalizer = Normalizer(processor)
         array = np.asarray(image)
         inputs = []
-        for box in image_boxes:
+        for box, box_score in zip(image_boxes, image_scores):
             crop = crop_for_box(box, input_size)
             pixels = torch.from_numpy(warp_image(array, warp_matrix(crop, input_size), input_size)).permute(2, 0, 1)
-            inputs.append(PredictInput(image_index, normalizer(pixels), ([float(v) for v in box], crop)))
+            inputs.append(PredictInput(image_index, normalizer(pixels), ([float(v) for v in box], crop, box_score)))
         return inputs
 
     def decode(self, outputs, inputs, images, processor, info: ModelInfo, options) -> list[dict]:
+        """Each instance's box, keypoints and score: its detector box's score, or without a
+        detector the mean of its keypoints' scores (what a tracker ranks instances by)."""
         heatmaps = outputs.heatmaps.float().cpu().numpy()
         points, scores = decode_heatmaps(processor, heatmaps, [item.meta[1] for item in inputs])
         return [
             {
                 "box": [round(v, 2) for v in item.meta[0]],
+                "score": float(item.meta[2] if item.meta[2] is not None else np.mean(instance_scores)),
                 "keypoints": [
                     {"name": name, "x": round(float(x), 2), "y": round(float(y), 2), "score": float(s)}
                     for name, (x, y), s in zip(info.labels, instance_points, instance_scores)

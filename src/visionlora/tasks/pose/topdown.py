@@ -73,6 +73,14 @@ class DetectorRequest(BoxRequest):
         return {"threshold": self.threshold}
 
     def keep(self, predictions: list[dict[str, Any]]) -> list[list[list[float]]]:
-        kept = [sorted((box for box in prediction["boxes"] if self.label is None or box["label"] == self.label),
+        return [[box["box"] for box in boxes] for boxes in self._kept(predictions)]
+
+    def options(self, predictions: list[dict[str, Any]]) -> dict[str, Any]:
+        """The kept boxes, and their scores as ``box_scores`` (each instance's score)."""
+        kept = self._kept(predictions)
+        return {self.option: [[box["box"] for box in boxes] for boxes in kept],
+                "box_scores": [[box["score"] for box in boxes] for boxes in kept]}
+
+    def _kept(self, predictions: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        return [sorted((box for box in prediction["boxes"] if self.label is None or box["label"] == self.label),
                        key=lambda box: -box["score"])[: self.max_instances] for prediction in predictions]
-        return [[box["box"] for box in boxes] for boxes in kept]
