@@ -47,12 +47,15 @@ class Batcher:
     ``predict(images, models, **options)`` (``models``: each image's job's model) for the batch
     in a worker thread. The worker ends when no job waits, and starts again with the next one;
     :meth:`stop` ends it for good. ``on_batch(models)`` is called for each batch, ``on_split(models)``
-    for each forward that ran out of memory and is retried in halves."""
+    for each forward that ran out of memory and is retried in halves, ``on_drop(images)`` for the images
+    of jobs whose request went away (past its deadline) before their forward, which are not run."""
 
     def __init__(self, predict: Callable[..., list[dict]], executor: ThreadPoolExecutor,
                  max_batch_size: int, max_wait_ms: float, on_batch: Callable[[list], None] = lambda models: None,
-                 on_split: Callable[[list], None] = lambda models: None):
+                 on_split: Callable[[list], None] = lambda models: None,
+                 on_drop: Callable[[int], None] = lambda images: None):
         self.predict, self.executor, self.on_batch, self.on_split = predict, executor, on_batch, on_split
+        self.on_drop = on_drop
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
         self.worker: asyncio.Task | None = None
@@ -84,7 +87,11 @@ class Batcher:
             try:
                 await self._collect(loop, jobs)
                 for group in _groups(jobs, self.max_batch_size):
-                    await self._forward(loop, group)
+                    waiting = [job for job in group if job.future is None or not job.future.done()]
+                    if len(waiting) < len(group):
+                        self.on_drop(sum(len(job.images) for job in group if job not in waiting))
+                    if waiting:
+                        await self._forward(loop, waiting)
             except asyncio.CancelledError:
                 _fail(jobs, BatcherStopped("the server is stopping"))
                 raise
