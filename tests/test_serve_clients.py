@@ -60,8 +60,10 @@ def _error(answer) -> str:
 # -- Hugging Face's client, raw bodies, base64 JSON, TorchServe ------------------------------------------
 
 def test_hugging_face_inference_client_classifies_detects_and_segments_as_predict(keyed, loaded, served_runs,
-                                                                                  class_folder):
-    from huggingface_hub import InferenceClient
+                                                                                  class_folder, monkeypatch):
+    from huggingface_hub import InferenceClient, constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the suite's offline mode; the client asks loopback only
 
     photo = sorted((class_folder / "val").rglob("*.png"))[0]
     client = InferenceClient(model=f"{keyed.url}/hf/models/ants", api_key=KEY)
@@ -111,7 +113,7 @@ def test_raw_base64_and_torchserve_bodies_answer_as_predict(keyed, loaded, serve
     frame = next((served_runs["root"] / "pose-data" / "labeled-data").rglob("*.png"))
     payload = {"inputs": "data:image/png;base64," + base64.b64encode(frame.read_bytes()).decode(),
                "parameters": {"boxes": [[2, 3, 60, 70]]}}
-    answer = keyed.request("POST", "/hf/models/pose", json.dumps(payload).encode())  # no content type: sniffed
+    answer = keyed.request("POST", "/hf/models/pose", json.dumps(payload).encode())  # urllib's default type: sniffed
     assert answer[0] == 200, answer
     instance = json.loads(answer[1])[0]
     expected = loaded["pose"].predict([frame], boxes=[[[2, 3, 60, 70]]])[0]["instances"][0]

@@ -5,7 +5,8 @@ Three shapes of body are read alike:
 - a multipart form: ``file`` fields (one or more images) and the options as fields;
 - a raw image (``Content-Type: image/*`` or ``application/octet-stream``), options in the query string;
 - JSON ``{"inputs": BASE64 | [BASE64, ...], "parameters": {...}}``, as Hugging Face's clients send it
-  (a body without a content type is JSON when it starts with ``{``, else a raw image).
+  (a body without a content type, or with curl's default form type, is JSON when it starts with ``{``,
+  else a raw image).
 
 Images are refused past ``max_pixels`` from their header, before decoding. Every problem is an
 :class:`ApiError` with the status and message the client is answered.
@@ -30,6 +31,7 @@ from visionlora.serving.models import ServedModel
 
 DRAIN_FACTOR = 4  # a refused upload is read (and dropped) up to this many times the limit
 RAW_TYPES = ("image/", "application/octet-stream")
+UNSAID = "application/x-www-form-urlencoded"  # the type of a body whose sender named none (curl -d, urllib)
 BODY_SHAPES = ("expected a multipart/form-data upload with a 'file' field, a raw image body (Content-Type: "
                "image/*) or JSON {\"inputs\": BASE64, \"parameters\": {...}}")
 
@@ -55,6 +57,8 @@ class Upload:
 async def read_upload(request: Request, max_bytes: int, max_pixels: int | None) -> Upload:
     """The images and option fields of ``request``, in any of the three shapes the module takes."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == UNSAID:  # curl --data-binary @photo.png says this unless told otherwise
+        content_type = ""
     if content_type == "multipart/form-data":
         form = await read_form(request, max_bytes)
         names, images = await read_images(form, max_pixels)
