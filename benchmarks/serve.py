@@ -166,7 +166,7 @@ def start_serve(arguments: list[str]) -> tuple[subprocess.Popen, str]:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).read()
             return process, f"http://127.0.0.1:{port}"
         except OSError:
             time.sleep(0.2)

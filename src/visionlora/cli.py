@@ -244,6 +244,7 @@ def _cmd_serve(args) -> int:
         _device_on_ray(args.device, "--ray: each replica serves on the GPU Ray gives it (--replica-gpus)")
         return _serve_on_ray(args, settings)
     store = ModelStore(device=args.device, runs_dir=args.runs_dir, max_loaded=args.max_loaded_adapters)
+    _allow_pixels(args.max_pixels)
     runs = _named_runs(args.runs)
     _note_precision(args.precision, store, [folder for _, folder in runs])
     if store.runs_dir:
@@ -254,6 +255,15 @@ def _cmd_serve(args) -> int:
     server = VisionServer(store, settings, preload=runs, announce=_announce)
     uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _allow_pixels(max_pixels: int) -> None:
+    """Raise Pillow's decompression-bomb limit to ``--max-pixels`` where that is higher, so the server's own
+    limit (checked from the header, before decoding) is the one that holds."""
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def _named_runs(items: list[str]) -> list[tuple[str, str]]:

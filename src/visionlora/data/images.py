@@ -66,7 +66,8 @@ def load_rgb(source: str | Path | Image.Image | Any, max_pixels: int | None = No
     The first frame of an animated image is taken. Raises :class:`UnreadableImage` with a short
     reason when it cannot be decoded, or when its header claims more than ``max_pixels`` pixels:
     that check comes before the pixels are decoded, so a small file claiming a huge image costs
-    no memory.
+    no memory. (Pillow's own guard refuses images over ``Image.MAX_IMAGE_PIXELS`` as it opens
+    them; a ``max_pixels`` above it needs that raised too.)
     """
     try:
         if isinstance(source, (bytes, bytearray)):
@@ -88,7 +89,9 @@ def load_rgb(source: str | Path | Image.Image | Any, max_pixels: int | None = No
         raise UnreadableImage("file not found") from None
     except IsADirectoryError:
         raise UnreadableImage("is a folder, not an image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's guard, as it opens the file
+        if max_pixels is not None and max_pixels <= Image.MAX_IMAGE_PIXELS:
+            raise UnreadableImage(f"over the limit of {max_pixels} pixels (checked before decoding)") from None
         raise UnreadableImage(f"larger than the {MAX_IMAGE_PIXELS} pixel limit (decompression bomb guard)") from None
     except UnidentifiedImageError:
         raise UnreadableImage("not a readable image (unknown format or empty file)") from None
