@@ -219,6 +219,8 @@ class VisionServer(StoreEvents):
             if served is not None:
                 return served
             if name in self.waiting_for:
+                if self.preload_error:
+                    raise ApiError(503, f"model {name!r} is not loaded: {self.preload_error}")
                 raise ApiError(503, f"model {name!r} is still loading; try again", {"Retry-After": "1"})
             pending = self._loading.get(name)
             if pending is None:  # this request loads it, and the load holds it for this request
