@@ -348,3 +348,34 @@ def _metrics(server) -> str:
     from prometheus_client import generate_latest
 
     return generate_latest(server.metrics.registry).decode()
+
+
+def test_a_job_whose_deadline_would_pass_during_the_forward_is_dropped_unrun():
+    """Once forwards take 0.3 s, a job with 0.1 s left fails at once, and one with 2 s left is run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from visionlora.serving.batching import Batcher, DeadlineMissed, Job
+
+    forwarded: list[int] = []
+    dropped: list[int] = []
+
+    def slow_predict(images, models, **options):
+        forwarded.append(len(images))
+        time.sleep(0.3)
+        return [{} for _ in images]
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            batcher = Batcher(slow_predict, pool, max_batch_size=4, max_wait_ms=0, on_drop=dropped.append)
+            await batcher.submit(Job([None], {}, ()))  # the forwards' time is learnt
+            started = loop.time()
+            late = await asyncio.gather(batcher.submit(Job([None, None], {}, (), None, loop.time() + 0.1)),
+                                        return_exceptions=True)
+            waited = loop.time() - started
+            in_time = await batcher.submit(Job([None], {}, (), None, loop.time() + 2.0))
+        return late[0], waited, in_time
+
+    late, waited, in_time = asyncio.run(scenario())
+    assert isinstance(late, DeadlineMissed) and waited < 0.1  # at once, not at its deadline
+    assert in_time == [{}] and forwarded == [1, 1] and dropped == [2]

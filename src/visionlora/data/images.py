@@ -90,7 +90,7 @@ def load_rgb(source: str | Path | Image.Image | Any, max_pixels: int | None = No
     except IsADirectoryError:
         raise UnreadableImage("is a folder, not an image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's guard, as it opens the file
-        if max_pixels is not None and max_pixels <= Image.MAX_IMAGE_PIXELS:
+        if max_pixels is not None and max_pixels <= (Image.MAX_IMAGE_PIXELS or max_pixels):
             raise UnreadableImage(f"over the limit of {max_pixels} pixels (checked before decoding)") from None
         raise UnreadableImage(f"larger than the {MAX_IMAGE_PIXELS} pixel limit (decompression bomb guard)") from None
     except UnidentifiedImageError:

@@ -56,7 +56,7 @@ from starlette.routing import Match
 from visionlora.core.outputs import png_bytes
 from visionlora.errors import VisionLoraError
 from visionlora.serving import DEFAULT_MAX_PIXELS
-from visionlora.serving.batching import Batcher, BatcherStopped, Job
+from visionlora.serving.batching import Batcher, BatcherStopped, DeadlineMissed, Job
 from visionlora.serving.forms import ApiError, Upload, parse_options, read_upload
 from visionlora.serving.memory import RETRY_AFTER_S, OutOfMemory
 from visionlora.serving.metrics import Metrics
@@ -257,6 +257,8 @@ class VisionServer(StoreEvents):
             return await self.batcher_for(served).submit(job)
         except BatcherStopped as err:
             raise ApiError(503, str(err)) from None
+        except DeadlineMissed as err:
+            raise self._timed_out(str(err)) from None
         except OutOfMemory as err:
             raise self._out_of_memory(served.name, "forward_out_of_memory", err) from None
         except VisionLoraError as err:
@@ -268,7 +270,7 @@ class VisionServer(StoreEvents):
         return ApiError(503, f"model {name!r}: {err}", {"Retry-After": str(RETRY_AFTER_S)})
 
     async def found_boxes(self, served: ServedModel, box_values: dict[str, Any], images: list,
-                          options: dict[str, Any]) -> dict[str, Any]:
+                          options: dict[str, Any], deadline: float | None = None) -> dict[str, Any]:
         """Top-down: the boxes a served model of another task finds, as the task's predict option."""
         try:
             request = served.task.prediction.box_request(box_values)
@@ -280,7 +282,7 @@ class VisionServer(StoreEvents):
         try:
             request.refuse_given_boxes(options)
             request.check(box_model.info, box_model.name)
-            found = await self.predicted(box_model, Job(images, request.model_options(), (), box_model))
+            found = await self.predicted(box_model, Job(images, request.model_options(), (), box_model, deadline))
         except VisionLoraError as err:
             raise ApiError(400, str(err)) from None
         finally:
@@ -294,12 +296,14 @@ class VisionServer(StoreEvents):
             return await self._within_deadline(self._prediction(name, request))
 
     async def _prediction(self, name: str, request: Request) -> tuple[ServedModel, list[str], list, list[dict]]:
+        seconds = self.settings.timeout_s
+        deadline = None if seconds is None else asyncio.get_running_loop().time() + seconds
         served = await self.hold(name)
         try:
             upload = await self._upload(request)
             options, per_image, box_values = parse_options(served, upload.fields, upload.names)
-            options.update(await self.found_boxes(served, box_values, upload.images, options))
-            predictions = await self.predicted(served, Job(upload.images, options, per_image, served))
+            options.update(await self.found_boxes(served, box_values, upload.images, options, deadline))
+            predictions = await self.predicted(served, Job(upload.images, options, per_image, served, deadline))
         finally:
             self.let_go(served)
         self.metrics.images.labels(name).inc(len(upload.images))
@@ -331,8 +335,13 @@ class VisionServer(StoreEvents):
         try:
             return await asyncio.wait_for(work, seconds)
         except TimeoutError:
-            self.metrics.refusals.labels("timeout").inc()
-            raise ApiError(504, f"no answer within the server's deadline of {seconds:g} s (--timeout-s)") from None
+            raise self._timed_out("") from None
+
+    def _timed_out(self, why: str) -> ApiError:
+        """The 504 answer to a request past (or bound to pass) its deadline, counted."""
+        self.metrics.refusals.labels("timeout").inc()
+        return ApiError(504, f"no answer within the server's deadline of {self.settings.timeout_s:g} s (--timeout-s)"
+                        + (f": {why}" if why else ""))
 
     # -- routes ---------------------------------------------------------------------------------------
     async def page(self) -> HTMLResponse:
