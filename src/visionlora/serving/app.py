@@ -19,7 +19,8 @@ With an API key, every route but liveness (and ``/metrics`` with ``public_metric
 ``Authorization: Bearer KEY``; the admin routes take their own token instead. Prediction
 requests beyond ``max_queue`` held at once are answered 503 with ``Retry-After`` at once, and
 one past ``timeout_s`` is answered 504 (its images are dropped from the batcher if their forward
-has not started); ``visionlora_refusals_total`` counts both, and refused keys, by cause.
+has not started, or at once if it would end past the deadline); ``visionlora_refusals_total``
+counts both, refused keys and refused bodies, by cause.
 
 Every bad request gets a 4xx answer with ``{"error": "..."}``. A request the accelerator has no
 memory for (an image that does not fit even alone in a forward, or a run that does not fit when
