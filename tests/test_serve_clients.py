@@ -379,3 +379,20 @@ def test_a_job_whose_deadline_would_pass_during_the_forward_is_dropped_unrun():
     late, waited, in_time = asyncio.run(scenario())
     assert isinstance(late, DeadlineMissed) and waited < 0.1  # at once, not at its deadline
     assert in_time == [{}] and forwarded == [1, 1] and dropped == [2]
+
+
+def test_public_metrics_leaves_only_metrics_and_liveness_open():
+    from fastapi.testclient import TestClient
+
+    from visionlora.serving.app import ServeSettings, VisionServer
+    from visionlora.serving.models import ModelStore
+
+    server = VisionServer(ModelStore("cpu"), ServeSettings(api_key=KEY, public_metrics=True, admin_token="admin"))
+    with TestClient(server.app()) as client:
+        assert client.get("/metrics").status_code == 200 and client.get("/v2/health/live").status_code == 200
+        assert client.get("/").status_code == 401 and client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        # the admin routes take their own token, not the key
+        assert client.delete("/v1/models/x", headers={"Authorization": f"Bearer {KEY}"}).status_code == 401
+        assert client.delete("/v1/models/x", headers={"Authorization": "Bearer admin"}).status_code == 404
+    assert KEY not in repr(server.settings)
