@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("--factor", type=float, default=4.0, help="the burst's rate, times the capacity")
     parser.add_argument("--batch", type=int, default=8, help="--max-batch-size (and the closed loop's clients)")
     parser.add_argument("--max-queue", type=int, default=16, help="--max-queue (two batches)")
-    parser.add_argument("--timeout-s", type=float, default=3.0)
+    parser.add_argument("--timeout-s", type=float, default=5.0)
     args = parser.parse_args()
     size = 48 if args.model == "tiny" else 224
     with tempfile.TemporaryDirectory() as folder:
