@@ -91,7 +91,7 @@ def load_rgb(source: str | Path | Image.Image | Any, max_pixels: int | None = No
         raise UnreadableImage("is a folder, not an image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's guard, as it opens the file
         if max_pixels is not None and max_pixels <= (Image.MAX_IMAGE_PIXELS or max_pixels):
-            raise UnreadableImage(f"over the limit of {max_pixels} pixels (checked before decoding)") from None
+            raise UnreadableImage(f"over the pixel limit of {max_pixels} (checked before decoding)") from None
         raise UnreadableImage(f"larger than the {MAX_IMAGE_PIXELS} pixel limit (decompression bomb guard)") from None
     except UnidentifiedImageError:
         raise UnreadableImage("not a readable image (unknown format or empty file)") from None
@@ -103,7 +103,7 @@ def _check_pixels(opened: Image.Image, max_pixels: int | None) -> None:
     """Refuse an image whose header (read by ``Image.open``, nothing decoded yet) claims over ``max_pixels``."""
     width, height = opened.size
     if max_pixels is not None and width * height > max_pixels:
-        raise UnreadableImage(f"{width} x {height} pixels is over the limit of {max_pixels} pixels "
+        raise UnreadableImage(f"{width} x {height} pixels is over the pixel limit of {max_pixels} "
                               "(checked before decoding)")
 
 
