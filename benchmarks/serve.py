@@ -32,7 +32,8 @@ from common import report, run_isolated, table  # noqa: E402
 
 
 def make_runs(root: Path, base: str, count: int, image_size: int) -> list[Path]:
-    """``count`` LoRA runs (random adapters, no training) over one saved base, in the run layout."""
+    """``count`` LoRA runs (random adapters, no training) over one saved base, in the run layout: ``base`` is
+    vit-base, vit-small (6 layers of width 384) or tiny."""
     import torch
 
     from visionlora.artifacts import RunPaths, atomic_write_json, save_model
@@ -43,11 +44,13 @@ def make_runs(root: Path, base: str, count: int, image_size: int) -> list[Path]:
     task = get_task("classification")
     labels = [f"class{i}" for i in range(10)]
     base_dir = root / "base"
-    if base == "vit-base":
+    if base in ("vit-base", "vit-small"):
         from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
+        small = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 6, "intermediate_size": 1536}
         model = ViTForImageClassification(ViTConfig(num_labels=10, id2label=dict(enumerate(labels)),
-                                                     label2id={n: i for i, n in enumerate(labels)}))
+                                                     label2id={n: i for i, n in enumerate(labels)},
+                                                     **(small if base == "vit-small" else {})))
         processor = ViTImageProcessorPil(size={"height": 224, "width": 224})
     else:
         model, processor = tiny_vit(labels, image_size)
@@ -166,7 +169,7 @@ def start_serve(arguments: list[str]) -> tuple[subprocess.Popen, str]:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).read()
             return process, f"http://127.0.0.1:{port}"
         except OSError:
             time.sleep(0.2)

@@ -60,7 +60,7 @@ def serving_page(browser: Chromium, run: Path, image: Path, target: Path) -> Non
         deadline = time.monotonic() + 120
         while True:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2)
                 break
             except OSError:
                 if time.monotonic() > deadline:

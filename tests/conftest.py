@@ -39,6 +39,30 @@ def class_folder(tmp_path_factory) -> Path:
     return make_classification_folder(tmp_path_factory.mktemp("classes"), per_class_train=16, per_class_val=6)
 
 
+@pytest.fixture(scope="session")
+def served_runs(class_folder, tmp_path_factory):
+    """A LoRA, a DoRA and a LoHa classification adapter on one saved base, a detection run, a pose run and
+    a segmentation run (the serving tests' runs, trained once)."""
+    from visionlora.examples.segmentation import make_segmentation_dataset
+    from visionlora.examples.synthetic import make_detection_dataset, make_pose_dataset
+    from visionlora.training.engine import train
+
+    root = tmp_path_factory.mktemp("served")
+    first = train(tiny_config("classification", class_folder, root / "ants", epochs=1)).paths.root
+    second = train(tiny_config("classification", class_folder, root / "bees", epochs=2, seed=3, method="dora",
+                               model=str(first / "base_model"))).paths.root
+    third = train(tiny_config("classification", class_folder, root / "wasps", epochs=1, method="loha",
+                              model=str(first / "base_model"))).paths.root
+    boxes = make_detection_dataset(root / "boxes-data", "coco", n_train=6, n_val=2)
+    detection = train(tiny_config("detection", boxes, root / "boxes", epochs=1, model="tiny-rtdetr")).paths.root
+    frames = make_pose_dataset(root / "pose-data", "dlc", n_train=6, n_val=2)
+    pose = train(tiny_config("pose", frames, root / "pose", epochs=1, mode="full")).paths.root
+    shapes = make_segmentation_dataset(root / "regions-data", n_train=6, n_val=2, size=32)
+    regions = train(tiny_config("segmentation", shapes, root / "regions", epochs=1, image_size=32)).paths.root
+    return {"ants": first, "bees": second, "wasps": third, "boxes": detection, "pose": pose, "regions": regions,
+            "root": root}
+
+
 def tiny_config(task: str, data: Path, output: Path, mode: str = "lora", **overrides) -> TrainConfig:
     """The task preset with a tiny model, a short schedule and a learning rate for random weights."""
     settings = get_task(task).preset.settings(mode)

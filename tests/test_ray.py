@@ -29,6 +29,7 @@ from visionlora.training.engine import train  # noqa: E402
 
 CLUSTER_CPUS = 4
 RAY = str(Path(sys.executable).with_name("ray"))  # the command beside this Python, venv or not
+RAY_KEY = "ray-deployment-key"  # the deployment's API key, given by the environment variable
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +83,24 @@ def runs(class_folder, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ray_server(cluster, runs):
     server = Server([], runs / "ray-serve.log", "--ray", "--ray-address", cluster, "--runs-dir",
-                    str(runs / "runs"), "--replicas", "2", "--replica-cpus", "0.5", "--max-wait-ms", "20")
+                    str(runs / "runs"), "--replicas", "2", "--replica-cpus", "0.5", "--max-wait-ms", "20",
+                    key=RAY_KEY)
     yield server
     assert server.stop() in (0, -signal.SIGTERM)
+    assert RAY_KEY not in (runs / "ray-serve.log").read_text()
+
+
+def test_the_deployment_takes_the_api_key_and_the_hugging_face_route(ray_server, runs, class_folder):
+    """Every replica checks the key the gateway passes on; /hf/models/{name} is routed by model."""
+    image = sorted((class_folder / "val").rglob("*.png"))[0]
+    for method, path in (("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/hf/models/ants")):
+        body = image.read_bytes() if method == "POST" else None
+        assert ray_server.request(method, path, body, {"Authorization": "Bearer wrong"})[0] == 401, path
+    assert ray_server.request("GET", "/v2/health/live", headers={"Authorization": ""})[0] == 200
+    status, body, _ = ray_server.request("POST", "/hf/models/ants", image.read_bytes(), {"Content-Type": "image/png"})
+    assert status == 200, body
+    expected = visionlora.load(runs / "runs" / "ants").predict([image])[0]["top_k"]
+    assert_nested_close(json.loads(body), [{"label": e["label"], "score": e["score"]} for e in expected])
 
 
 def _ask(server: Server, name: str, image: Path, retries: int = 0) -> tuple[int, dict, int]:

@@ -23,10 +23,7 @@ from PIL import Image
 
 import visionlora
 from tests.browser import Chromium, free_port
-from tests.conftest import assert_nested_close, tiny_config
-from visionlora.examples.segmentation import make_segmentation_dataset
-from visionlora.examples.synthetic import make_detection_dataset, make_pose_dataset
-from visionlora.training.engine import train
+from tests.conftest import assert_nested_close
 
 TOKEN = "test-token"
 
@@ -44,27 +41,32 @@ def multipart(files: list[tuple[str, bytes]], fields: dict[str, str] | None = No
 
 
 class Server:
-    """A ``visionlora serve`` process on loopback."""
+    """A ``visionlora serve`` process on loopback, once ready (its runs loaded); ``key``: the API key it
+    is given (by the environment variable), sent with every request unless ``headers`` say otherwise."""
 
-    def __init__(self, runs: list[str], log: Path, *extra: str):
+    def __init__(self, runs: list[str], log: Path, *extra: str, key: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.key = key
         self.log = log.open("w")
         command = [sys.executable, "-m", "visionlora", "serve", *runs, "--port", str(self.port), *extra]
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+        environment = {**os.environ, **({"VISIONLORA_API_KEY": key} if key else {})}
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=environment)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
             try:
-                if self.request("GET", "/health")[0] == 200:
+                if self.request("GET", "/v2/health/ready")[0] == 200:
                     return
             except OSError:
-                time.sleep(0.3)
-        raise RuntimeError("server did not start within 120 s")
+                pass
+            time.sleep(0.3)
+        raise RuntimeError("server did not get ready within 120 s")
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
+        sent = {**({"Authorization": f"Bearer {self.key}"} if self.key else {}), **(headers or {})}
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=sent)
         try:
             with urllib.request.urlopen(req, timeout=60) as answer:
                 return answer.status, answer.read(), answer.headers.get("content-type", "")
@@ -83,26 +85,6 @@ class Server:
 
 
 SERVED = ("ants", "bees", "wasps", "boxes", "pose", "regions")
-
-
-@pytest.fixture(scope="module")
-def served_runs(class_folder, tmp_path_factory):
-    """A LoRA, a DoRA and a LoHa classification adapter on one saved base, a detection run and a
-    pose run."""
-    root = tmp_path_factory.mktemp("served")
-    first = train(tiny_config("classification", class_folder, root / "ants", epochs=1)).paths.root
-    second = train(tiny_config("classification", class_folder, root / "bees", epochs=2, seed=3, method="dora",
-                               model=str(first / "base_model"))).paths.root
-    third = train(tiny_config("classification", class_folder, root / "wasps", epochs=1, method="loha",
-                              model=str(first / "base_model"))).paths.root
-    boxes = make_detection_dataset(root / "boxes-data", "coco", n_train=6, n_val=2)
-    detection = train(tiny_config("detection", boxes, root / "boxes", epochs=1, model="tiny-rtdetr")).paths.root
-    frames = make_pose_dataset(root / "pose-data", "dlc", n_train=6, n_val=2)
-    pose = train(tiny_config("pose", frames, root / "pose", epochs=1, mode="full")).paths.root
-    shapes = make_segmentation_dataset(root / "regions-data", n_train=6, n_val=2, size=32)
-    regions = train(tiny_config("segmentation", shapes, root / "regions", epochs=1, image_size=32)).paths.root
-    return {"ants": first, "bees": second, "wasps": third, "boxes": detection, "pose": pose, "regions": regions,
-            "root": root}
 
 
 @pytest.fixture(scope="module")

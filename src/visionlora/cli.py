@@ -335,33 +335,93 @@ def _cmd_compare(args) -> int:
 def _cmd_serve(args) -> int:
     import uvicorn
 
-    from visionlora.serving.app import ServeSettings, create_app
+    from visionlora.serving.app import ServeSettings, VisionServer
     from visionlora.serving.models import ModelStore
 
     if not args.runs and not args.runs_dir:
         raise VisionLoraError("serve needs run folders, --runs-dir DIR, or both")
     _use_threads(args)
     settings = ServeSettings(args.max_batch_size, args.max_wait_ms, args.max_upload_mb, args.admin_token,
-                             args.precision, args.mixed_batches)
+                             args.precision, args.mixed_batches, **_guard_settings(args))
     if args.ray:
         _device_on_ray(args.device, "--ray: each replica serves on the GPU Ray gives it (--replica-gpus)")
         return _serve_on_ray(args, settings)
     store = ModelStore(device=args.device, runs_dir=args.runs_dir, max_loaded=args.max_loaded_adapters)
-    for item in args.runs:
-        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
-        store.add(name or Path(path).resolve().name, path)
-    _note_precision(args.precision, store)
-    for served in store.models.values():
-        others = served.describe()["shares_base_with"]
-        shared = f", sharing its base with {', '.join(others)}" if others else ""
-        print(f"serving {served.name}: {served.task.name} {served.info.mode} run {served.paths.root}{shared}",
-              flush=True)
+    _allow_pixels(args.max_pixels)
+    runs = _named_runs(args.runs)
+    _note_precision(args.precision, store, [folder for _, folder in runs])
     if store.runs_dir:
         print(f"serving the {len(store.available())} finished runs in {store.runs_dir} (and any added later) on "
               f"demand, at most {store.max_loaded} loaded", flush=True)
-    print(f"listening on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(create_app(store, settings), host=args.host, port=args.port, log_level="warning")
+    print(f"listening on http://{args.host}:{args.port}" + (f", loading {len(runs)} runs (ready at /v2/health/ready "
+                                                            "once loaded)" if runs else ""), flush=True)
+    server = VisionServer(store, settings, preload=runs, announce=_announce)
+    uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _allow_pixels(max_pixels: int) -> None:
+    """Raise Pillow's decompression-bomb limit to ``--max-pixels`` where that is higher, so the server's own
+    limit (checked from the header, before decoding) is the one that holds."""
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def _named_runs(items: list[str]) -> list[tuple[str, str]]:
+    """(name, folder) of each ``[NAME=]RUN`` given, each checked to be a finished run (one line if not);
+    the weights load once the server listens."""
+    from visionlora.deploy.runs import open_run
+
+    runs, names = [], set()
+    for item in items:
+        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        name = name or Path(path).resolve().name
+        if name in names:
+            raise VisionLoraError(f"a model named {name!r} is already served; name one NAME=RUN")
+        open_run(path)
+        names.add(name)
+        runs.append((name, path))
+    return runs
+
+
+def _announce(served) -> None:
+    """One line per run loaded at start: its task, mode, folder and the runs sharing its base."""
+    others = served.describe()["shares_base_with"]
+    shared = f", sharing its base with {', '.join(others)}" if others else ""
+    print(f"serving {served.name}: {served.task.name} {served.info.mode} run {served.paths.root}{shared}", flush=True)
+
+
+def _guard_settings(args) -> dict:
+    """The API key (--api-key, else the environment variable) and the request limits; listening beyond
+    loopback without a key is refused unless --allow-unauthenticated."""
+    import os
+
+    from visionlora.serving import API_KEY_VARIABLE
+
+    key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
+    if key is None and not args.allow_unauthenticated and not _loopback(args.host):
+        raise VisionLoraError(f"--host {args.host} listens beyond this machine: give an API key (--api-key, or "
+                              f"{API_KEY_VARIABLE}) or --allow-unauthenticated")
+    for flag, value in (("--max-pixels", args.max_pixels), ("--max-queue", args.max_queue),
+                        ("--timeout-s", args.timeout_s)):
+        if value is not None and value <= 0:
+            raise VisionLoraError(f"{flag} must be above 0, not {value:g}")
+    return {"api_key": key, "public_metrics": args.public_metrics, "max_pixels": args.max_pixels,
+            "max_queue": args.max_queue, "timeout_s": args.timeout_s}
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (or localhost)."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _device_on_ray(device: str, where: str) -> None:
@@ -370,9 +430,9 @@ def _device_on_ray(device: str, where: str) -> None:
         raise VisionLoraError(f"--device {device} does not apply to {where}")
 
 
-def _note_precision(precision: str, store) -> None:
+def _note_precision(precision: str, store, runs: list[str]) -> None:
     """One line each where ``--precision bf16`` is emulated on the store's device, or leaves ONNX exports as
-    they are (the runs given, and any under --runs-dir)."""
+    they are (the ``runs`` given, and any under --runs-dir)."""
     if precision != "bf16":
         return
     import torch
@@ -384,7 +444,7 @@ def _note_precision(precision: str, store) -> None:
     note = bf16_note(torch.device(store.device))
     if note:
         _tell(f"note: {note}")
-    folders = [served.paths.root for served in store.models.values()]
+    folders = [Path(run) for run in runs]
     folders += [store.runs_dir / name for name in store.available()] if store.runs_dir else []
     onnx = sorted({str(folder) for folder in folders if open_run(folder).is_onnx})
     if onnx:

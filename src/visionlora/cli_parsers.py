@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from visionlora.deploy import MAX_METRIC_DROP
 from visionlora.deploy.tracking import MATCH_THRESH, METHODS, TRACK_BUFFER, TRACK_THRESH
-from visionlora.serving import DEFAULT_MAX_LOADED
+from visionlora.serving import DEFAULT_MAX_LOADED, DEFAULT_MAX_PIXELS
 from visionlora.training import DEFAULT_PACK_ROWS
 
 if TYPE_CHECKING:
@@ -249,6 +249,21 @@ def serve_parser(commands: Subcommands, common: Parser, help_text: str) -> Parse
                        help="how long a request waits for others to batch with")
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default 20 MB)")
     serve.add_argument("--admin-token", help="enable POST/DELETE /v1/models, with 'Authorization: Bearer TOKEN'")
+    serve.add_argument("--api-key", metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on every route but liveness (default: the "
+                            "VISIONLORA_API_KEY environment variable, which keeps the key out of ps)")
+    serve.add_argument("--public-metrics", action="store_true", help="with a key: leave /metrics open")
+    serve.add_argument("--allow-unauthenticated", action="store_true",
+                       help="listen on an address other than loopback without an API key")
+    serve.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                       help="refuse an image whose header claims more pixels, before decoding it "
+                            f"(default {DEFAULT_MAX_PIXELS:,})")
+    serve.add_argument("--max-queue", type=int, metavar="N",
+                       help="prediction requests held at once; more are answered 503 with Retry-After at once "
+                            "(default: no bound)")
+    serve.add_argument("--timeout-s", type=float, metavar="SECONDS",
+                       help="answer 504 to a prediction request not answered within SECONDS, dropping its "
+                            "images if their forward has not started (default: no deadline)")
     serve.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                        help="inference precision of torch models (fp32 answers equal visionlora predict; "
                             "an ONNX export runs in the precision it was exported in)")

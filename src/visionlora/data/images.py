@@ -60,13 +60,19 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(source: str | Path | Image.Image | Any) -> Image.Image:
+def load_rgb(source: str | Path | Image.Image | Any, max_pixels: int | None = None) -> Image.Image:
     """Open a path or bytes (or take a PIL image, or call ``source.open()``), apply EXIF orientation, return RGB.
 
-    Raises :class:`UnreadableImage` with a short reason when it cannot be decoded.
+    The first frame of an animated image is taken. Raises :class:`UnreadableImage` with a short
+    reason when it cannot be decoded, or when its header claims more than ``max_pixels`` pixels:
+    that check comes before the pixels are decoded, so a small file claiming a huge image costs
+    no memory. (Pillow's own guard refuses images over ``Image.MAX_IMAGE_PIXELS`` as it opens
+    them; a ``max_pixels`` above it needs that raised too.)
     """
     try:
         if isinstance(source, (bytes, bytearray)):
+            if not source:
+                raise UnreadableImage("empty: no image bytes")
             source = io.BytesIO(source)
         elif not isinstance(source, (str, Path, Image.Image, io.IOBase)):
             source = source.open()
@@ -76,18 +82,29 @@ def load_rgb(source: str | Path | Image.Image | Any) -> Image.Image:
                 return _to_rgb(ImageOps.exif_transpose(source))
             # by here a path, or a binary file object (bytes wrapped, or what source.open() gave)
             with Image.open(cast("str | Path | IO[bytes]", source)) as opened:
+                _check_pixels(opened, max_pixels)
                 opened.load()
                 return _to_rgb(ImageOps.exif_transpose(opened))
     except FileNotFoundError:
         raise UnreadableImage("file not found") from None
     except IsADirectoryError:
         raise UnreadableImage("is a folder, not an image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's guard, as it opens the file
+        if max_pixels is not None and max_pixels <= (Image.MAX_IMAGE_PIXELS or max_pixels):
+            raise UnreadableImage(f"over the pixel limit of {max_pixels} (checked before decoding)") from None
         raise UnreadableImage(f"larger than the {MAX_IMAGE_PIXELS} pixel limit (decompression bomb guard)") from None
     except UnidentifiedImageError:
         raise UnreadableImage("not a readable image (unknown format or empty file)") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise UnreadableImage(f"cannot decode: {err}") from None
+
+
+def _check_pixels(opened: Image.Image, max_pixels: int | None) -> None:
+    """Refuse an image whose header (read by ``Image.open``, nothing decoded yet) claims over ``max_pixels``."""
+    width, height = opened.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise UnreadableImage(f"{width} x {height} pixels is over the pixel limit of {max_pixels} "
+                              "(checked before decoding)")
 
 
 # ("ok", prepared item or its meta, cache entry, reused) or ("skipped", reason, cache entry, reused)

@@ -1,14 +1,26 @@
 """The HTTP server: FastAPI endpoints over a :class:`ModelStore`, with batching and metrics.
 
     GET  /                             a page to try the models
-    GET  /health
+    GET  /health, /v2/health/live      liveness (open without the API key)
+    GET  /v2/health/ready              200 once the runs named at start are loaded, else 503
+    GET  /v2/models/{name}/ready       200 when ``name`` is loaded, else 503 (404 when unknown)
     GET  /v1/models                    served runs (loaded or loadable from --runs-dir), which mix
-    POST /v1/models/{name}/predict     multipart ``file`` (one or more) and the task's options; a
+    POST /v1/models/{name}/predict     the images (multipart ``file`` fields, a raw image body or
+                                       base64 JSON: see :mod:`forms`) and the task's options; a
                                        top-down task's box options name a served model finding its
                                        boxes (pose: ``detector``, ``detector_threshold``, ...)
     POST /v1/models/{name}/draw        the first image with its prediction drawn, as PNG
+    POST /hf/models/{name}             Hugging Face Inference API shapes (see :mod:`shapes`)
+    POST /predictions/{name}           TorchServe's route: the first image's prediction
     GET  /metrics                      Prometheus text
     POST /v1/models, DELETE /v1/models/{name}   load / unload runs (with --admin-token)
+
+With an API key, every route but liveness (and ``/metrics`` with ``public_metrics``) needs
+``Authorization: Bearer KEY``; the admin routes take their own token instead. Prediction
+requests beyond ``max_queue`` held at once are answered 503 with ``Retry-After`` at once, and
+one past ``timeout_s`` is answered 504 (its images are dropped from the batcher if their forward
+has not started, or at once if it would end past the deadline); ``visionlora_refusals_total``
+counts both, refused keys and refused bodies, by cause.
 
 Every bad request gets a 4xx answer with ``{"error": "..."}``. A request the accelerator has no
 memory for (an image that does not fit even alone in a forward, or a run that does not fit when
@@ -24,31 +36,37 @@ When the store unloads a run, the batcher that served only that run is dropped.
 from __future__ import annotations
 
 import asyncio
-import secrets
+import hmac
+import sys
 import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from visionlora.core.outputs import png_bytes
 from visionlora.errors import VisionLoraError
-from visionlora.serving.batching import Batcher, BatcherStopped, Job
-from visionlora.serving.forms import ApiError, parse_options, read_form, read_images
+from visionlora.serving import DEFAULT_MAX_PIXELS
+from visionlora.serving.batching import Batcher, BatcherStopped, DeadlineMissed, Job
+from visionlora.serving.forms import ApiError, Upload, parse_options, read_upload
 from visionlora.serving.memory import RETRY_AFTER_S, OutOfMemory
 from visionlora.serving.metrics import Metrics
 from visionlora.serving.models import ModelStore, ServedModel, StoreEvents, UnknownModel, predict_together
+from visionlora.serving.shapes import hugging_face_answer
 
 FORWARD_THREADS = 2  # forwards of different bases run at once; one base's forwards take turns on its lock
+LIVENESS = ("/health", "/v2/health/live")  # open without the API key: a process that answers is alive
+QUEUE_RETRY_AFTER_S = 1  # the Retry-After of a request refused because --max-queue requests are held
 
 
 @dataclass(frozen=True)
@@ -56,9 +74,14 @@ class ServeSettings:
     max_batch_size: int = 16
     max_wait_ms: float = 5.0
     max_upload_mb: float = 20.0
-    admin_token: str | None = None
+    admin_token: str | None = field(default=None, repr=False)
     precision: str = "fp32"
     mixed_batches: bool = True  # requests for different LoRA adapters of one base share forwards
+    api_key: str | None = field(default=None, repr=False)  # Bearer key of every route but liveness
+    public_metrics: bool = False  # /metrics open without the API key
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    max_queue: int | None = None  # prediction requests held at once (reading, waiting, in a forward)
+    timeout_s: float | None = None  # a prediction request's deadline from its arrival
 
     @property
     def max_upload_bytes(self) -> int:
@@ -75,7 +98,8 @@ class VisionServer(StoreEvents):
     only a run the store unloads. ``identity`` is added to ``/health`` (e.g. a replica's pid).
     """
 
-    def __init__(self, store: ModelStore, settings: ServeSettings, identity: dict[str, Any] | None = None):
+    def __init__(self, store: ModelStore, settings: ServeSettings, identity: dict[str, Any] | None = None,
+                 preload: Sequence[tuple[str, str]] = (), announce: Callable[[ServedModel], None] | None = None):
         self.store, self.settings, self.identity = store, settings, dict(identity or {})
         self.metrics = Metrics(store)
         self.batchers: dict[tuple, Batcher] = {}
@@ -85,15 +109,42 @@ class VisionServer(StoreEvents):
         self._pools_lock = threading.Lock()
         self._dropped: weakref.WeakSet[Batcher] = weakref.WeakSet()  # dropped ones still answering
         self._loading: dict[str, asyncio.Future] = {}
+        self.preload, self.announce = list(preload), announce
+        self.waiting_for = {name for name, _ in self.preload}  # runs named at start, not loaded yet
+        self.preload_error: str | None = None
+        self.held = 0  # prediction requests held now (for --max-queue)
         store.events = self
 
     # -- lifespan ---------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the thread pools (nothing when they run)."""
+        """Start the thread pools (nothing when they run); the first start loads the runs named at start
+        in the load thread, while the server already answers (not ready until they are loaded)."""
         with self._pools_lock:
             if self.forward_pool is None or self.load_pool is None:
                 self.forward_pool = ThreadPoolExecutor(FORWARD_THREADS, thread_name_prefix="visionlora-forward")
                 self.load_pool = ThreadPoolExecutor(1, thread_name_prefix="visionlora-load")
+                preload, self.preload = self.preload, []
+                if preload:
+                    self.load_pool.submit(self._load_at_start, preload)
+
+    def _load_at_start(self, runs: list[tuple[str, str]]) -> None:
+        """Load ``runs`` (name, folder), each announced once loaded; a failure is kept (ready stays false)
+        and printed as one line."""
+        for name, folder in runs:
+            try:
+                served = self.store.add(name, folder)
+            except Exception as err:  # the server keeps answering, and says why it is not ready
+                self.preload_error = f"model {name!r} ({folder}) could not be loaded: {err}"
+                print(f"error: {self.preload_error}", file=sys.stderr, flush=True)
+                return
+            self.waiting_for.discard(name)
+            if self.announce is not None:
+                self.announce(served)
+
+    @property
+    def ready(self) -> bool:
+        """Whether every run named at start is loaded."""
+        return not self.waiting_for and self.preload_error is None
 
     def stop(self) -> None:
         """Stop every batcher (requests still waiting in one fail) and shut the pools down once the
@@ -155,7 +206,8 @@ class VisionServer(StoreEvents):
             if group not in self.batchers:
                 self.batchers[group] = Batcher(self._forward, self._forward_threads(),
                                                self.settings.max_batch_size, self.settings.max_wait_ms,
-                                               on_batch=self.metrics.forward, on_split=self.metrics.split)
+                                               on_batch=self.metrics.forward, on_split=self.metrics.split,
+                                               on_drop=self.metrics.dropped.inc)
             return self.batchers[group]
 
     def _forward(self, images: list, models: list[ServedModel], **options: Any) -> list[dict]:
@@ -167,6 +219,10 @@ class VisionServer(StoreEvents):
             served = self.store.acquire(name)
             if served is not None:
                 return served
+            if name in self.waiting_for:
+                if self.preload_error:
+                    raise ApiError(503, f"model {name!r} is not loaded: {self.preload_error}")
+                raise ApiError(503, f"model {name!r} is still loading; try again", {"Retry-After": "1"})
             pending = self._loading.get(name)
             if pending is None:  # this request loads it, and the load holds it for this request
                 pool = self._load_thread()
@@ -202,6 +258,8 @@ class VisionServer(StoreEvents):
             return await self.batcher_for(served).submit(job)
         except BatcherStopped as err:
             raise ApiError(503, str(err)) from None
+        except DeadlineMissed as err:
+            raise self._timed_out(str(err)) from None
         except OutOfMemory as err:
             raise self._out_of_memory(served.name, "forward_out_of_memory", err) from None
         except VisionLoraError as err:
@@ -213,7 +271,7 @@ class VisionServer(StoreEvents):
         return ApiError(503, f"model {name!r}: {err}", {"Retry-After": str(RETRY_AFTER_S)})
 
     async def found_boxes(self, served: ServedModel, box_values: dict[str, Any], images: list,
-                          options: dict[str, Any]) -> dict[str, Any]:
+                          options: dict[str, Any], deadline: float | None = None) -> dict[str, Any]:
         """Top-down: the boxes a served model of another task finds, as the task's predict option."""
         try:
             request = served.task.prediction.box_request(box_values)
@@ -225,7 +283,7 @@ class VisionServer(StoreEvents):
         try:
             request.refuse_given_boxes(options)
             request.check(box_model.info, box_model.name)
-            found = await self.predicted(box_model, Job(images, request.model_options(), (), box_model))
+            found = await self.predicted(box_model, Job(images, request.model_options(), (), box_model, deadline))
         except VisionLoraError as err:
             raise ApiError(400, str(err)) from None
         finally:
@@ -233,20 +291,60 @@ class VisionServer(StoreEvents):
         return request.options(found)
 
     async def run_prediction(self, name: str, request: Request) -> tuple[ServedModel, list[str], list, list[dict]]:
-        """(the run, the image names, the images, their predictions) of a predict or draw request."""
+        """(the run, the image names, the images, their predictions) of a predict or draw request, held
+        within ``max_queue`` and answered within ``timeout_s``."""
+        with self._admitted():
+            return await self._within_deadline(self._prediction(name, request))
+
+    async def _prediction(self, name: str, request: Request) -> tuple[ServedModel, list[str], list, list[dict]]:
+        seconds = self.settings.timeout_s
+        deadline = None if seconds is None else asyncio.get_running_loop().time() + seconds
         served = await self.hold(name)
         try:
-            form = await read_form(request, self.settings.max_upload_bytes)
-            names, images = await read_images(form)
-            options, per_image, box_values = parse_options(served, form, names)
-            found = await self.found_boxes(served, box_values, images, options)  # per image, all of them
+            upload = await self._upload(request)
+            options, per_image, box_values = parse_options(served, upload.fields, upload.names)
+            found = await self.found_boxes(served, box_values, upload.images, options, deadline)  # per image
             options.update(found)
             per_image = (*per_image, *(name for name in found if name not in per_image))
-            predictions = await self.predicted(served, Job(images, options, per_image, served))
+            predictions = await self.predicted(served, Job(upload.images, options, per_image, served, deadline))
         finally:
             self.let_go(served)
-        self.metrics.images.labels(name).inc(len(images))
-        return served, names, images, predictions
+        self.metrics.images.labels(name).inc(len(upload.images))
+        return served, upload.names, upload.images, predictions
+
+    async def _upload(self, request: Request) -> Upload:
+        """The request's images and fields; a refused image or body is counted (cause ``bad_body``)."""
+        try:
+            return await read_upload(request, self.settings.max_upload_bytes, self.settings.max_pixels)
+        except ApiError:
+            self.metrics.refusals.labels("bad_body").inc()
+            raise
+
+    def _admitted(self) -> _Held:
+        """The request held while it runs; past ``max_queue`` held at once, a 503 with Retry-After now."""
+        limit = self.settings.max_queue
+        if limit is not None and self.held >= limit:
+            self.metrics.refusals.labels("queue_full").inc()
+            raise ApiError(503, f"the server holds {limit} requests already (--max-queue); try again",
+                           {"Retry-After": str(QUEUE_RETRY_AFTER_S)})
+        return _Held(self)
+
+    async def _within_deadline(self, work: Awaitable[Any]) -> Any:
+        """``work``'s result, or a 504 past ``timeout_s`` (``work`` is cancelled: images still waiting in a
+        batcher are dropped; a forward already started ends, and its answer is thrown away)."""
+        seconds = self.settings.timeout_s
+        if seconds is None:
+            return await work
+        try:
+            return await asyncio.wait_for(work, seconds)
+        except TimeoutError:
+            raise self._timed_out("") from None
+
+    def _timed_out(self, why: str) -> ApiError:
+        """The 504 answer to a request past (or bound to pass) its deadline, counted."""
+        self.metrics.refusals.labels("timeout").inc()
+        return ApiError(504, f"no answer within the server's deadline of {self.settings.timeout_s:g} s (--timeout-s)"
+                        + (f": {why}" if why else ""))
 
     # -- routes ---------------------------------------------------------------------------------------
     async def page(self) -> HTMLResponse:
@@ -254,6 +352,30 @@ class VisionServer(StoreEvents):
 
     async def health(self) -> dict[str, Any]:
         return {"status": "ok", "models": len(self.store.models), **self.identity}
+
+    async def live(self) -> dict[str, bool]:
+        return {"live": True}
+
+    async def ready_answer(self) -> JSONResponse:
+        """OIP v2 server readiness: 200 once the runs named at start are loaded, else 503 saying why."""
+        body: dict[str, Any] = {"ready": self.ready}
+        if self.waiting_for:
+            body["loading"] = sorted(self.waiting_for)
+        if self.preload_error:
+            body["error"] = self.preload_error
+        return JSONResponse(body, status_code=200 if self.ready else 503)
+
+    async def model_ready(self, name: str) -> JSONResponse:
+        """OIP v2 model readiness: 200 for a loaded run, or one under --runs-dir (it loads on its first
+        request); 503 for a run named at start not loaded yet; 404 for an unknown name."""
+        loaded = name in self.store.models
+        if not loaded and name not in self.waiting_for:
+            try:
+                self.store.run_under_dir(name)
+            except UnknownModel as err:
+                raise ApiError(404, str(err)) from None
+        ready = name not in self.waiting_for
+        return JSONResponse({"name": name, "ready": ready, "loaded": loaded}, status_code=200 if ready else 503)
 
     async def list_models(self) -> dict[str, Any]:
         store = self.store
@@ -267,6 +389,17 @@ class VisionServer(StoreEvents):
         served, names, images, predictions = await self.run_prediction(name, request)
         drawn = served.task.prediction.draw(images[0], predictions[0], served.info)
         return Response(png_bytes(drawn), media_type="image/png")
+
+    async def hugging_face(self, name: str, request: Request) -> JSONResponse:
+        """Hugging Face's Inference API: an answer per image (a list of them for several images)."""
+        served, _, _, predictions = await self.run_prediction(name, request)
+        answers = [hugging_face_answer(served.task.name, p, served.info) for p in predictions]
+        return JSONResponse(answers[0] if len(answers) == 1 else answers)
+
+    async def torchserve(self, name: str, request: Request) -> dict[str, Any]:
+        """TorchServe's ``/predictions/{name}``: the first image's prediction, as ``visionlora predict`` gives it."""
+        _, _, _, predictions = await self.run_prediction(name, request)
+        return predictions[0]
 
     async def prometheus(self) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -294,17 +427,34 @@ class VisionServer(StoreEvents):
         token = self.settings.admin_token
         if not token:
             raise ApiError(403, "admin endpoints are off; start the server with --admin-token")
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        if not _bearer_is(request, token):
             raise ApiError(401, "admin calls need the header 'Authorization: Bearer <token>'")
 
+    def _open_route(self, request: Request) -> bool:
+        """Whether ``request`` goes without the API key: liveness, the admin routes (their own token) and,
+        with ``public_metrics``, /metrics."""
+        path, method = request.url.path, request.method
+        admin = (method == "POST" and path == "/v1/models") or (method == "DELETE" and path.count("/") == 3
+                                                                and path.startswith("/v1/models/"))
+        return path in LIVENESS or admin or (path == "/metrics" and self.settings.public_metrics)
+
+    async def guard(self, request: Request, call_next: Callable) -> Response:
+        """Middleware: with an API key, a request without ``Authorization: Bearer KEY`` (compared in constant
+        time) is answered 401, unless its route is open."""
+        key = self.settings.api_key
+        if key and not self._open_route(request) and not _bearer_is(request, key):
+            self.metrics.refusals.labels("unauthorized").inc()
+            return JSONResponse({"error": "this server needs the header 'Authorization: Bearer <API key>'"},
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
     async def count(self, request: Request, call_next: Callable) -> Response:
-        """Middleware: each request counted by endpoint, model and status, and its latency observed."""
+        """Middleware: each request counted by endpoint (a route's path, or the last part of a
+        /v1/models/{name}/... one), model and status, and its latency observed."""
         started = time.perf_counter()
         response = await call_next(request)
-        parts = request.url.path.strip("/").split("/")
-        model = parts[2] if len(parts) >= 3 and parts[:2] == ["v1", "models"] else ""
-        endpoint = parts[3] if len(parts) == 4 and model else request.url.path
+        path, model = _route_of(request)
+        endpoint = path.rsplit("/", 1)[1] if path.startswith("/v1/models/{name}/") else path
         self.metrics.requests.labels(endpoint, model, str(response.status_code)).inc()
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
         return response
@@ -313,6 +463,9 @@ class VisionServer(StoreEvents):
         """(method, path, endpoint) of every route."""
         return [("GET", "/", self.page), ("GET", "/health", self.health), ("GET", "/v1/models", self.list_models),
                 ("POST", "/v1/models/{name}/predict", self.predict), ("POST", "/v1/models/{name}/draw", self.draw),
+                ("POST", "/hf/models/{name}", self.hugging_face), ("POST", "/predictions/{name}", self.torchserve),
+                ("GET", "/v2/health/live", self.live), ("GET", "/v2/health/ready", self.ready_answer),
+                ("GET", "/v2/models/{name}/ready", self.model_ready),
                 ("GET", "/metrics", self.prometheus), ("POST", "/v1/models", self.load_model),
                 ("DELETE", "/v1/models/{name}", self.unload_model)]
 
@@ -325,7 +478,8 @@ class VisionServer(StoreEvents):
         app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
         app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
         app.add_exception_handler(Exception, _unexpected_error)
-        app.middleware("http")(self.count)
+        app.middleware("http")(self.guard)
+        app.middleware("http")(self.count)  # added last, so outermost: refused keys are counted too
         for method, path, endpoint in self.routes():
             app.add_api_route(path, endpoint, methods=[method], response_model=None)
         return app
@@ -334,6 +488,34 @@ class VisionServer(StoreEvents):
 def create_app(store: ModelStore, settings: ServeSettings, identity: dict[str, Any] | None = None) -> FastAPI:
     """The FastAPI application serving ``store``; ``identity`` is added to ``/health`` (e.g. a replica's pid)."""
     return VisionServer(store, settings, identity).app()
+
+
+class _Held:
+    """A prediction request counted in ``server.held`` while it runs."""
+
+    def __init__(self, server: VisionServer):
+        self.server = server
+
+    def __enter__(self) -> None:
+        self.server.held += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.held -= 1
+
+
+def _bearer_is(request: Request, secret: str) -> bool:
+    """Whether ``request`` carries ``Authorization: Bearer SECRET``, compared in constant time."""
+    given = request.headers.get("authorization", "")
+    return hmac.compare_digest(given.encode(), f"Bearer {secret}".encode())
+
+
+def _route_of(request: Request) -> tuple[str, str]:
+    """(the path of the route ``request`` matched, or "unmatched"; its ``name`` parameter, or "")."""
+    for route in request.app.router.routes:
+        match, child = route.matches(request.scope)
+        if match != Match.NONE:
+            return getattr(route, "path", "unmatched"), str(child.get("path_params", {}).get("name", ""))
+    return "unmatched", ""
 
 
 async def _name_and_path(request: Request) -> tuple[str, str]:

@@ -21,6 +21,8 @@ from PIL import Image
 
 from visionlora.serving.memory import OutOfMemory, free_cached_memory
 
+FORWARD_TIME_WEIGHT = 0.3  # the weight of the latest forward in the moving average of their time
+
 
 @dataclass
 class Job:
@@ -30,6 +32,7 @@ class Job:
     options: dict[str, Any]  # shared options; per-image ones are lists aligned with ``images``
     per_image: tuple[str, ...]
     model: Any = None  # what predicts the images (a served run), handed to ``predict`` once per image
+    deadline: float | None = None  # the event loop's time by which the request must be answered
     future: asyncio.Future | None = None  # set when submitted
 
     def batch_key(self) -> str:
@@ -42,17 +45,27 @@ class BatcherStopped(RuntimeError):
     """The batcher was stopped (the server is shutting down) before the job's forward ended."""
 
 
+class DeadlineMissed(RuntimeError):
+    """The job's deadline would pass before a forward started now ends: it is dropped unrun."""
+
+
 class Batcher:
     """Collects jobs for up to ``max_wait_ms``, ``max_batch_size`` images at a time, and runs
     ``predict(images, models, **options)`` (``models``: each image's job's model) for the batch
     in a worker thread. The worker ends when no job waits, and starts again with the next one;
     :meth:`stop` ends it for good. ``on_batch(models)`` is called for each batch, ``on_split(models)``
-    for each forward that ran out of memory and is retried in halves."""
+    for each forward that ran out of memory and is retried in halves, ``on_drop(images)`` for the images
+    of jobs not run: their request went away, or its deadline would pass before the forward ended
+    (as long as the last forwards took), which fails it with :class:`DeadlineMissed` at once. Under
+    overload the accelerator's time thus goes to requests that can still be answered."""
 
     def __init__(self, predict: Callable[..., list[dict]], executor: ThreadPoolExecutor,
                  max_batch_size: int, max_wait_ms: float, on_batch: Callable[[list], None] = lambda models: None,
-                 on_split: Callable[[list], None] = lambda models: None):
+                 on_split: Callable[[list], None] = lambda models: None,
+                 on_drop: Callable[[int], None] = lambda images: None):
         self.predict, self.executor, self.on_batch, self.on_split = predict, executor, on_batch, on_split
+        self.on_drop = on_drop
+        self.forward_seconds = 0.0  # how long forwards take, a moving average of the recent ones
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
         self.worker: asyncio.Task | None = None
@@ -84,7 +97,9 @@ class Batcher:
             try:
                 await self._collect(loop, jobs)
                 for group in _groups(jobs, self.max_batch_size):
-                    await self._forward(loop, group)
+                    waiting = self._answerable(loop, group)
+                    if waiting:
+                        await self._forward(loop, waiting)
             except asyncio.CancelledError:
                 _fail(jobs, BatcherStopped("the server is stopping"))
                 raise
@@ -106,6 +121,24 @@ class Batcher:
             jobs.append(job)
             size += len(job.images)
 
+    def _answerable(self, loop: asyncio.AbstractEventLoop, jobs: list[Job]) -> list[Job]:
+        """The jobs a forward started now can still answer in time; the others are dropped (those whose
+        deadline would pass first fail with :class:`DeadlineMissed`)."""
+        ends = loop.time() + self.forward_seconds
+        kept = []
+        for job in jobs:
+            if job.future is not None and job.future.done():
+                continue
+            if job.deadline is not None and job.deadline < ends:
+                if job.future is not None:
+                    job.future.set_exception(DeadlineMissed(f"the request's deadline would pass before a forward "
+                                                            f"of {self.forward_seconds:.2g} s ended"))
+                continue
+            kept.append(job)
+        if len(kept) < len(jobs):
+            self.on_drop(sum(len(job.images) for job in jobs if job not in kept))
+        return kept
+
     async def _forward(self, loop, jobs: list[Job]) -> None:
         images = [image for job in jobs for image in job.images]
         models = [job.model for job in jobs for _ in job.images]
@@ -113,12 +146,17 @@ class Batcher:
         for name in jobs[0].per_image:
             options[name] = [value for job in jobs for value in job.options[name]]
         self.on_batch(models)
+        started = loop.time()
         try:
             predictions = await loop.run_in_executor(self.executor, self._predict_fitting, images, models, options,
                                                      jobs[0].per_image)
         except Exception as err:  # handed to each waiting request
             _fail(jobs, err)
             return
+        finally:
+            seconds = loop.time() - started
+            weight = FORWARD_TIME_WEIGHT if self.forward_seconds else 1.0  # the first forward sets it alone
+            self.forward_seconds = weight * seconds + (1 - weight) * self.forward_seconds
         _answer(jobs, predictions)
 
     def _predict_fitting(self, images: list, models: list, options: dict[str, Any],

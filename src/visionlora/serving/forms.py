@@ -1,11 +1,24 @@
-"""What a request brings: its multipart form (within the upload limit), its images and the task's options.
+"""What a request brings (within the upload limit): its images and the task's options.
 
-Every problem is an :class:`ApiError` with the status and message the client is answered.
+Three shapes of body are read alike:
+
+- a multipart form: ``file`` fields (one or more images) and the options as fields;
+- a raw image (``Content-Type: image/*`` or ``application/octet-stream``), options in the query string;
+- JSON ``{"inputs": BASE64 | [BASE64, ...], "parameters": {...}}``, as Hugging Face's clients send it
+  (a body without a content type, or with curl's default form type, is JSON when it starts with ``{``,
+  else a raw image).
+
+Images are refused past ``max_pixels`` from their header, before decoding. Every problem is an
+:class:`ApiError` with the status and message the client is answered.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from typing import Any, AsyncGenerator, AsyncIterator, Mapping
 
 from fastapi import Request
 from starlette.datastructures import FormData, UploadFile
@@ -17,6 +30,10 @@ from visionlora.errors import VisionLoraError
 from visionlora.serving.models import ServedModel
 
 DRAIN_FACTOR = 4  # a refused upload is read (and dropped) up to this many times the limit
+RAW_TYPES = ("image/", "application/octet-stream")
+UNSAID = "application/x-www-form-urlencoded"  # the type of a body whose sender named none (curl -d, urllib)
+BODY_SHAPES = ("expected a multipart/form-data upload with a 'file' field, a raw image body (Content-Type: "
+               "image/*) or JSON {\"inputs\": BASE64, \"parameters\": {...}}")
 
 
 class ApiError(Exception):
@@ -28,32 +45,108 @@ class ApiError(Exception):
         self.status, self.message, self.headers = status, message, headers
 
 
-async def read_form(request: Request, max_bytes: int) -> FormData:
-    """The multipart form of ``request``, refusing bodies over ``max_bytes`` (413) and malformed ones."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise ApiError(400, "expected a multipart/form-data upload with a 'file' field")
-    length = request.headers.get("content-length", "")
-    too_large = ApiError(413, f"the upload is larger than the server's limit of {max_bytes / 1024 / 1024:g} MB")
-    stream = request.stream()
-    if length.isdigit() and int(length) > max_bytes:
-        await _drain(stream, DRAIN_FACTOR * max_bytes)
-        raise too_large
+@dataclass
+class Upload:
+    """A request's images (decoded, RGB), their names, and its option fields as text."""
 
-    async def limited():
-        total = 0
+    names: list[str]
+    images: list[Any]
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+async def read_upload(request: Request, max_bytes: int, max_pixels: int | None) -> Upload:
+    """The images and option fields of ``request``, in any of the three shapes the module takes."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == UNSAID:  # curl --data-binary @photo.png says this unless told otherwise
+        content_type = ""
+    if content_type == "multipart/form-data":
+        form = await read_form(request, max_bytes)
+        names, images = await read_images(form, max_pixels)
+        return Upload(names, images, {k: v for k, v in form.multi_items() if k != "file" and isinstance(v, str)})
+    if content_type and content_type != "application/json" and not content_type.startswith(RAW_TYPES):
+        raise ApiError(415, f"content type {content_type!r} is not taken: {BODY_SHAPES}")
+    body = await read_body(request, max_bytes)
+    if not body:
+        raise ApiError(400, f"empty body: {BODY_SHAPES}")
+    if content_type == "application/json" or (not content_type and body.lstrip()[:1] == b"{"):
+        return _json_upload(body, max_pixels)
+    return Upload(["image"], [_decoded(body, "image", max_pixels)], dict(request.query_params))
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body of ``request``, refusing one over ``max_bytes`` (413)."""
+    return b"".join([chunk async for chunk in _limited(request, request.stream(), max_bytes)])
+
+
+def _json_upload(body: bytes, max_pixels: int | None) -> Upload:
+    """A JSON body ``{"inputs": BASE64 | [BASE64, ...], "parameters": {...}}`` (data URLs taken too)."""
+    try:
+        payload = json.loads(body)
+    except ValueError as err:
+        raise ApiError(400, f"the JSON body does not parse: {err}") from None
+    inputs = payload.get("inputs") if isinstance(payload, dict) else None
+    listed = inputs if isinstance(inputs, list) else [inputs]
+    if not listed or not all(isinstance(item, str) and item for item in listed):
+        raise ApiError(400, f"the JSON body has no image: {BODY_SHAPES}")
+    parameters = payload.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ApiError(400, "'parameters' must be a JSON object of the task's options")
+    names = [f"inputs[{index}]" if isinstance(inputs, list) else "inputs" for index in range(len(listed))]
+    images = [_decoded(_base64(text, name), name, max_pixels) for text, name in zip(listed, names)]
+    fields = {key: value if isinstance(value, str) else json.dumps(value)
+              for key, value in parameters.items() if value is not None}
+    return Upload(names, images, fields)
+
+
+def _base64(text: str, name: str) -> bytes:
+    """The bytes of base64 ``text`` (a ``data:...;base64,`` prefix dropped)."""
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{name}: not base64 image bytes") from None
+
+
+def _decoded(data: bytes, name: str, max_pixels: int | None) -> Any:
+    """``data`` decoded as an RGB image; an unreadable or oversized one is a 400 naming it."""
+    try:
+        return load_rgb(data, max_pixels)
+    except UnreadableImage as err:
+        raise ApiError(400, f"file {name!r}: {err}") from None
+
+
+def _too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, f"the upload is larger than the server's limit of {max_bytes / 1024 / 1024:g} MB")
+
+
+async def _limited(request: Request, stream: AsyncIterator[bytes], max_bytes: int) -> AsyncGenerator[bytes, None]:
+    """The chunks of ``stream`` while they stay within ``max_bytes`` (413 past it, by Content-Length or
+    by count), the rest of a refused body drained."""
+    length = request.headers.get("content-length", "")
+    total = 0
+    try:
+        if length.isdigit() and int(length) > max_bytes:
+            raise _too_large(max_bytes)
         async for chunk in stream:
             total += len(chunk)
             if total > max_bytes:
-                raise too_large
+                raise _too_large(max_bytes)
             yield chunk
-
-    try:
-        return await MultiPartParser(request.headers, limited(), max_part_size=max_bytes).parse()
-    except MultiPartException as err:
-        raise ApiError(400, f"malformed multipart body: {err.message}") from None
     except ApiError:
         await _drain(stream, DRAIN_FACTOR * max_bytes)
         raise
+
+
+async def read_form(request: Request, max_bytes: int) -> FormData:
+    """The multipart form of ``request``, refusing bodies over ``max_bytes`` (413) and malformed ones."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(400, BODY_SHAPES)
+    try:
+        return await MultiPartParser(request.headers, _limited(request, request.stream(), max_bytes),
+                                     max_part_size=max_bytes).parse()
+    except MultiPartException as err:
+        raise ApiError(400, f"malformed multipart body: {err.message}") from None
 
 
 async def _drain(stream, limit: int) -> None:
@@ -69,7 +162,7 @@ async def _drain(stream, limit: int) -> None:
         pass
 
 
-async def read_images(form: FormData) -> tuple[list[str], list[Any]]:
+async def read_images(form: FormData, max_pixels: int | None = None) -> tuple[list[str], list[Any]]:
     """The uploaded ``file`` fields, decoded; an unreadable one is a 400 naming it."""
     uploads = [item for item in form.getlist("file") if isinstance(item, UploadFile)]
     if not uploads:
@@ -77,18 +170,15 @@ async def read_images(form: FormData) -> tuple[list[str], list[Any]]:
     names, images = [], []
     for index, upload in enumerate(uploads):
         name = upload.filename or f"file{index + 1}"
-        try:
-            images.append(load_rgb(await upload.read()))
-        except UnreadableImage as err:
-            raise ApiError(400, f"file {name!r}: {err}") from None
+        images.append(_decoded(await upload.read(), name, max_pixels))
         names.append(name)
     return names, images
 
 
-def parse_options(served: ServedModel, form: FormData,
+def parse_options(served: ServedModel, form: Mapping[str, Any],
                   names: list[str]) -> tuple[dict[str, Any], tuple[str, ...], dict[str, Any]]:
     """(the task's predict options, the per-image ones among them, its box options' values) from the
-    form fields; unknown fields and bad values are a 400."""
+    request's fields; unknown fields and bad values are a 400."""
     task = served.task
     known = {option.name: option for option in (*task.predict_options, *task.box_options)}
     unknown = sorted(key for key in form.keys() if key != "file" and key not in known)

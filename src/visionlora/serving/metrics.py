@@ -6,6 +6,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from visionlora.serving.models import ModelStore, ServedModel, StoreEvents
 
+REFUSAL_CAUSES = ("queue_full", "timeout", "unauthorized", "bad_body")
+
 
 class Metrics(StoreEvents):
     """Prometheus counters and histograms of one server, counting its store's loads and unloads too."""
@@ -20,6 +22,13 @@ class Metrics(StoreEvents):
         self.images = Counter("visionlora_images", "images predicted", ["model"], registry=self.registry)
         self.failures = Counter("visionlora_failures", "requests the server could not serve, by model and cause",
                                 ["model", "cause"], registry=self.registry)
+        self.refusals = Counter("visionlora_refusals", "requests refused instead of answered, by cause (queue_full: "
+                                "503, timeout: 504, unauthorized: 401, bad_body: a refused image or body, 4xx)",
+                                ["cause"], registry=self.registry)
+        for cause in REFUSAL_CAUSES:
+            self.refusals.labels(cause)  # each cause shown from the start, at 0
+        self.dropped = Counter("visionlora_dropped_images", "images dropped from a batcher before their forward, "
+                               "their request past its deadline", registry=self.registry)
         self.splits = Counter("visionlora_forward_splits",
                               "forwards that ran out of accelerator memory and were retried in halves",
                               registry=self.registry)

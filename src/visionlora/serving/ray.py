@@ -10,7 +10,9 @@ that already holds that run; other paths go to any replica. Each replica is the 
 server (its FastAPI app, ModelStore, mixed-adapter batcher and metrics) with runs loaded on
 demand and at most ``max_loaded`` held, the same bound Ray's per-replica LRU of model ids uses.
 The answers, bad-request answers and Prometheus names are those of ``visionlora serve``;
-``/metrics`` gives the metrics of the replica that answers, beside Ray's own.
+``/metrics`` gives the metrics of the replica that answers, beside Ray's own. The API key
+(``api_key``, or the ``VISIONLORA_API_KEY`` variable where the application is built) guards
+every route as it does there: each replica checks the header the gateway passes on.
 
 Run folders must be on storage every node of the cluster sees, at the same path.
 """
@@ -29,13 +31,13 @@ from starlette.responses import Response
 
 from visionlora.errors import VisionLoraError
 from visionlora.ray_cluster import join_cluster
-from visionlora.serving import DEFAULT_MAX_LOADED
+from visionlora.serving import API_KEY_VARIABLE, DEFAULT_MAX_LOADED
 
 if TYPE_CHECKING:
     from visionlora.serving.app import ServeSettings
 
 GATEWAY_MAX_ONGOING = 10_000
-MODEL_PATH = re.compile(r"^/v1/models/([^/]+)/(?:predict|draw)$")
+MODEL_PATH = re.compile(r"^/(?:v1/models/([^/]+)/(?:predict|draw)|hf/models/([^/]+)|predictions/([^/]+))$")
 
 
 @dataclass
@@ -70,6 +72,8 @@ class RaySettings:
                        autoscaling=json.loads(args["autoscaling"]) if "autoscaling" in args else None,
                        serve={k: _typed(ServeSettings, k, v) for k, v in args.items() if k in serve_fields})
         settings.runs_dir = str(Path(settings.runs_dir).resolve())  # replicas may run in another folder
+        if not settings.serve.get("api_key") and os.environ.get(API_KEY_VARIABLE):
+            settings.serve["api_key"] = os.environ[API_KEY_VARIABLE]  # as visionlora serve takes it
         return settings
 
 
@@ -122,7 +126,8 @@ class Gateway:
     async def __call__(self, request: Request) -> Response:
         path = request.url.path
         match = MODEL_PATH.match(path)
-        handle = self.replicas.options(multiplexed_model_id=match.group(1)) if match else self.replicas
+        model = next((name for name in match.groups() if name), None) if match else None
+        handle = self.replicas.options(multiplexed_model_id=model) if model else self.replicas
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in ("host", "content-length")]
         status, answer_headers, body = await handle.handle.remote(request.method, path, request.url.query.encode(),
                                                                   headers, await request.body())

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from visionlora.core.drawing import draw_label
+from visionlora.core.outputs import Option
 from visionlora.core.plots import confusion_matrix_plot
 from visionlora.data.cache import CachePlan
 from visionlora.data.images import decode_all
@@ -46,6 +47,34 @@ from visionlora.tasks.records import task_state
 from visionlora.tasks.roles import TaskData, TaskModel, TaskPrediction, TaskReport, TaskSteps
 
 TOP_K = 5
+SCORE_FUNCTIONS = ("softmax", "sigmoid", "none")  # Hugging Face's function_to_apply: what turns logits into scores
+
+
+def parse_top_k(text: str) -> int:
+    """``top_k``: how many labels a prediction ranks, a whole number of 1 or more."""
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise VisionLoraError(f"top_k must be a whole number, not {text!r}") from None
+    if value < 1:
+        raise VisionLoraError(f"top_k must be 1 or more, not {value}")
+    return value
+
+
+def parse_score_function(text: str) -> str:
+    """``function_to_apply``: softmax, sigmoid or none (the raw logits)."""
+    if text not in SCORE_FUNCTIONS:
+        raise VisionLoraError(f"function_to_apply must be one of {', '.join(SCORE_FUNCTIONS)}, not {text!r}")
+    return text
+
+
+def scores_of(logits: torch.Tensor, function: str) -> torch.Tensor:
+    """Scores from ``logits`` (images x labels) by ``function`` (one of :data:`SCORE_FUNCTIONS`)."""
+    if function == "sigmoid":
+        return logits.sigmoid()
+    return logits.softmax(dim=-1) if function == "softmax" else logits
+
+
 IMBALANCE = 5  # a largest class more than this many times the smallest is reported
 
 
@@ -168,7 +197,8 @@ class ClassificationPrediction(TaskPrediction):
         return [PredictInput(image_index, Normalizer(processor)(processor_pixels(processor, image)))]
 
     def decode(self, outputs, inputs, images, processor, info: ModelInfo, options) -> list[dict]:
-        return ranked_predictions(outputs.logits, info.labels)
+        return ranked_predictions(outputs.logits, info.labels, options.get("top_k") or TOP_K,
+                                  options.get("function_to_apply") or "softmax")
 
     def draw(self, image: Image.Image, prediction: dict, info: ModelInfo) -> Image.Image:
         return draw_label(image, f"{prediction['label']} {prediction['score']:.2f}")
@@ -196,10 +226,12 @@ class ClassificationReport(TaskReport):
         return f"{prediction['label']} {prediction['score']:.2f}"
 
 
-def ranked_predictions(logits: torch.Tensor, labels: list[str]) -> list[dict[str, Any]]:
-    """Each row of logits as a prediction: the top label and score, and the TOP_K best."""
-    probs = logits.float().softmax(dim=-1).cpu()
-    scores, indices = probs.topk(min(TOP_K, len(labels)), dim=-1)
+def ranked_predictions(logits: torch.Tensor, labels: list[str], top_k: int = TOP_K,
+                       function: str = "softmax") -> list[dict[str, Any]]:
+    """Each row of logits as a prediction: the top label and score, and the ``top_k`` best, scored by
+    ``function`` (softmax, sigmoid or none)."""
+    probs = scores_of(logits.float(), function).cpu()
+    scores, indices = probs.topk(min(top_k, len(labels)), dim=-1)
     results = []
     for row_scores, row_indices in zip(scores.tolist(), indices.tolist()):
         ranked = [{"label": labels[i], "score": s} for s, i in zip(row_scores, row_indices)]
@@ -246,6 +278,11 @@ class ClassificationTask(Task):
     weighs_classes = True
     output_names = ("logits",)
     predict_batch = 32
+    predict_options = (
+        Option("top_k", f"labels ranked in each prediction's top_k (default {TOP_K})", parse_top_k, TOP_K, "K"),
+        Option("function_to_apply", "scores from the logits by softmax (default), sigmoid or none (the logits)",
+               parse_score_function, "softmax", "FUNCTION"),
+    )
 
     state_type = ClassificationState
     data_role = ClassificationData
