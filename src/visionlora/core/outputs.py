@@ -115,3 +115,8 @@ def parse_float_between(low: float, high: float, name: str) -> Callable[[str], f
 JSON_OUTPUT = OutputWriter("output", "write predictions to this JSON file (default: print them)", "FILE.json",
                            write_json)
 DRAWN_IMAGES = OutputWriter("save_images", "also save each image with its prediction drawn", "DIR", write_drawn_images)
+
+
+def pixel_box(box: list[float]) -> dict[str, int]:
+    """``[x0, y0, x1, y1]`` as the Hugging Face Inference API's box: integer pixels by name."""
+    return dict(zip(("xmin", "ymin", "xmax", "ymax"), (int(round(v)) for v in box)))

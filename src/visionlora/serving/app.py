@@ -62,7 +62,6 @@ from visionlora.serving.forms import ApiError, Upload, parse_options, read_uploa
 from visionlora.serving.memory import RETRY_AFTER_S, OutOfMemory
 from visionlora.serving.metrics import Metrics
 from visionlora.serving.models import ModelStore, ServedModel, StoreEvents, UnknownModel, predict_together
-from visionlora.serving.shapes import hugging_face_answer
 
 FORWARD_THREADS = 2  # forwards of different bases run at once; one base's forwards take turns on its lock
 LIVENESS = ("/health", "/v2/health/live")  # open without the API key: a process that answers is alive
@@ -393,7 +392,7 @@ class VisionServer(StoreEvents):
     async def hugging_face(self, name: str, request: Request) -> JSONResponse:
         """Hugging Face's Inference API: an answer per image (a list of them for several images)."""
         served, _, _, predictions = await self.run_prediction(name, request)
-        answers = [hugging_face_answer(served.task.name, p, served.info) for p in predictions]
+        answers = [served.task.prediction.hugging_face_answer(p, served.info) for p in predictions]
         return JSONResponse(answers[0] if len(answers) == 1 else answers)
 
     async def torchserve(self, name: str, request: Request) -> dict[str, Any]:

@@ -193,6 +193,10 @@ class ClassificationSteps(TaskSteps):
 
 
 class ClassificationPrediction(TaskPrediction):
+    def hugging_face_answer(self, prediction, info: ModelInfo) -> list[dict[str, Any]]:
+        """``[{"label", "score"}, ...]``, best first (``top_k`` and ``function_to_apply`` are options)."""
+        return [{"label": ranked["label"], "score": ranked["score"]} for ranked in prediction["top_k"]]
+
     def predict_inputs(self, image, image_index, processor, info, options):
         return [PredictInput(image_index, Normalizer(processor)(processor_pixels(processor, image)))]
 

@@ -14,7 +14,7 @@ from PIL import Image
 from transformers.image_transforms import corners_to_center_format
 
 from visionlora.core.drawing import draw_boxes
-from visionlora.core.outputs import Option, parse_float_between
+from visionlora.core.outputs import Option, parse_float_between, pixel_box
 from visionlora.data.batches import batch_buffer, stacked
 from visionlora.data.cache import CachePlan, StoredImages, default_cache_dir
 from visionlora.data.images import decode_records
@@ -171,6 +171,11 @@ class DetectionSteps(TaskSteps):
 
 
 class DetectionPrediction(TaskPrediction):
+    def hugging_face_answer(self, prediction, info: ModelInfo) -> list[dict[str, Any]]:
+        """``[{"label", "score", "box": {"xmin", "ymin", "xmax", "ymax"}}, ...]`` in integer pixels."""
+        return [{"label": found["label"], "score": found["score"], "box": pixel_box(found["box"])}
+                for found in prediction["boxes"]]
+
     def model_inputs(self, pixels: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return padded_batch(pixels, torch.long)
 

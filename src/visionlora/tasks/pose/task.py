@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from visionlora.core.drawing import draw_keypoints
-from visionlora.core.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option
+from visionlora.core.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option, pixel_box
 from visionlora.data.cache import CachePlan, StoredImages
 from visionlora.data.images import decode_records
 from visionlora.data.records import PoseRecord, SourceData, mark_unlabelled
@@ -209,6 +209,14 @@ class PoseSteps(TaskSteps):
 
 
 class PosePrediction(TaskPrediction):
+    def hugging_face_answer(self, prediction, info: ModelInfo) -> list[dict[str, Any]]:
+        """No Hugging Face task: in the detection answer's spirit, one item per instance,
+        ``{"box": {...}, "keypoints": [{"label", "x", "y", "score"}, ...]}``."""
+        return [{"box": pixel_box(instance["box"]),
+                 "keypoints": [{"label": k["name"], "x": k["x"], "y": k["y"], "score": k["score"]}
+                               for k in instance["keypoints"]]}
+                for instance in prediction["instances"]]
+
     def box_request(self, values: dict[str, Any]) -> DetectorRequest | None:
         return DetectorRequest.from_options(values)
 

@@ -13,10 +13,15 @@ from visionlora.tasks.records import BoxRequest, ModelInfo, PredictInput, TaskDe
 
 class TaskPrediction:
     """Hooks: ``predict_inputs``, ``decode``, ``draw`` (required); ``model_inputs``, ``combine``,
-    ``box_request``, ``exact_outputs``, ``tracked`` (defaults)."""
+    ``box_request``, ``exact_outputs``, ``tracked``, ``hugging_face_answer`` (defaults)."""
 
     def __init__(self, task: TaskDeclarations) -> None:
         self.task = task
+
+    def hugging_face_answer(self, prediction: dict[str, Any], info: ModelInfo) -> list[dict[str, Any]]:
+        """One prediction (as ``visionlora predict`` gives it) in the shape of the Hugging Face Inference
+        API's answer for the task, which ``huggingface_hub.InferenceClient`` parses (hook)."""
+        raise NotImplementedError
 
     def predict_inputs(self, image: Image.Image, image_index: int, processor: Any, info: ModelInfo,
                        options: dict[str, Any]) -> list[PredictInput]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from visionlora.core.outputs import DRAWN_IMAGES, JSON_OUTPUT, OutputWriter
+from visionlora.core.outputs import DRAWN_IMAGES, JSON_OUTPUT, OutputWriter, png_bytes
 from visionlora.core.plots import confusion_matrix_plot
 from visionlora.data.cache import CachePlan
 from visionlora.data.formats import SEGMENTATION_FORMAT_NAMES
@@ -145,6 +145,17 @@ class SegmentationSteps(TaskSteps):
 
 
 class SegmentationPrediction(TaskPrediction):
+    def hugging_face_answer(self, prediction, info: ModelInfo) -> list[dict[str, Any]]:
+        """``[{"label", "score": null, "mask": BASE64_PNG}, ...]``: a black-and-white mask (255 where the class
+        is) per class present, in label order, as transformers' semantic segmentation pipeline answers."""
+        classes = np.asarray(Image.open(io.BytesIO(base64.b64decode(prediction["mask"]))))
+        answers = []
+        for index, label in enumerate(info.labels):
+            if label in prediction["areas"]:
+                mask = Image.fromarray(np.where(classes == index, 255, 0).astype(np.uint8), mode="L")
+                answers.append({"label": label, "score": None, "mask": base64.b64encode(png_bytes(mask)).decode()})
+        return answers
+
     def predict_inputs(self, image, image_index, processor, info, options):
         return [PredictInput(image_index, Normalizer(processor)(processor_pixels(processor, image)))]
 
