@@ -135,10 +135,7 @@ def _cmd_train_many(args) -> int:
     from visionlora.training import many
 
     yaml_values, flags = given_settings(args)
-    output_setting = flags.pop("output", None) or yaml_values.pop("output", None)
-    if not output_setting:
-        raise VisionLoraError("train-many needs --output DIR: one run folder per job goes there")
-    output = Path(output_setting)
+    output = _output_folder(yaml_values, flags, "train-many needs --output DIR: one run folder per job goes there")
     if args.resume:
         jobs, failed = many.load_plan(output), []
     else:
@@ -148,6 +145,14 @@ def _cmd_train_many(args) -> int:
     print(many.outcome_table(outcomes))
     _tell(f"{len(outcomes)} jobs, {sum(o.status == 'failed' for o in outcomes)} failed -> {table}")
     return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def _output_folder(yaml_values: dict[str, Any], flags: dict[str, Any], missing: str) -> Path:
+    """The --output of a command over many jobs, taken out of the settings the jobs share."""
+    output = flags.pop("output", None) or yaml_values.pop("output", None)
+    if not output:
+        raise VisionLoraError(missing)
+    return Path(output)
 
 
 def _job_runner(args):
@@ -189,10 +194,8 @@ def _cmd_tune(args) -> int:
     from visionlora.training import tune
 
     yaml_values, flags = given_settings(args)
-    output_setting = flags.pop("output", None) or yaml_values.pop("output", None)
-    if not output_setting:
-        raise VisionLoraError("tune needs --output DIR: the trials, the leaderboard and the best run go there")
-    output = Path(output_setting)
+    output = _output_folder(yaml_values, flags, "tune needs --output DIR: the trials, the leaderboard and the best "
+                            "run go there")
     if args.resume:
         state = tune.TuneState.load(output)
     else:

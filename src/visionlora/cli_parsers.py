@@ -44,14 +44,7 @@ def train_many_parser(commands: Subcommands, common: Parser, help_text: str) -> 
     jobs.add_argument("--jobs", metavar="FILE", help="YAML list of jobs, each with a name, its data and any "
                       "training setting")
     many.add_argument("--config", metavar="FILE", help="YAML file of settings shared by every job (flags win)")
-    many.add_argument("--pack-rows", type=int, default=DEFAULT_PACK_ROWS, metavar="N",
-                        help="rows (images) of one packed forward and backward at most; more jobs' batches step "
-                        "in several (default %(default)s: lower it when memory runs short)")
-    many.add_argument("--ray-address", metavar="ADDRESS", help="spread the jobs over the Ray cluster at "
-                        "ADDRESS (local: start one here) through Ray Tune, each worker packing its share; "
-                        "--output must be storage every node sees")
-    many.add_argument("--ray-workers", type=int, metavar="N", help="with --ray-address: how many workers share "
-                        "the jobs (default: one per GPU of the cluster, else one per CPU)")
+    add_many_flags(many, "jobs")
     many.add_argument("--resume", action="store_true", help="continue the train-many in --output: finished jobs "
                       "are kept, the others continue from their last checkpoint")
     add_config_flags(many)
@@ -73,17 +66,24 @@ def tune_parser(commands: Subcommands, common: Parser, help_text: str) -> Parser
                       "lora_r, alpha_ratio, lr, target_modules, lora_dropout, method (lists of choices, or "
                       "{low, high} for a log-uniform range)")
     tune.add_argument("--config", metavar="FILE", help="YAML file of the settings every trial shares")
-    tune.add_argument("--pack-rows", type=int, default=DEFAULT_PACK_ROWS, metavar="N",
-                        help="rows (images) of one packed forward and backward at most; more jobs' batches step "
-                        "in several (default %(default)s: lower it when memory runs short)")
-    tune.add_argument("--ray-address", metavar="ADDRESS", help="spread the trials of each rung over the Ray cluster at "
-                        "ADDRESS (local: start one here) through Ray Tune, each worker packing its share; "
-                        "--output must be storage every node sees")
-    tune.add_argument("--ray-workers", type=int, metavar="N", help="with --ray-address: how many workers share "
-                        "the trials of each rung (default: one per GPU of the cluster, else one per CPU)")
+    add_many_flags(tune, "trials of each rung")
     tune.add_argument("--resume", action="store_true", help="continue the tune in --output")
     add_config_flags(tune)
     return tune
+
+
+def add_many_flags(parser: Parser, what: str) -> None:
+    """The flags of the commands that train many jobs at once: how many rows a packed step holds, and the
+    Ray cluster that ``what`` spread over."""
+    parser.add_argument("--pack-rows", type=int, default=DEFAULT_PACK_ROWS, metavar="N",
+                        help="rows (images) of one packed forward and backward at most; more jobs' batches step "
+                        "in several (default %(default)s: lower it when memory runs short, or on a CPU for "
+                        "ViT-B-sized models)")
+    parser.add_argument("--ray-address", metavar="ADDRESS", help=f"spread the {what} over the Ray cluster at "
+                        "ADDRESS (local: start one here) through Ray Tune, each worker packing its share; "
+                        "--output must be storage every node sees")
+    parser.add_argument("--ray-workers", type=int, metavar="N", help=f"with --ray-address: how many workers "
+                        f"share the {what} (default: one per GPU of the cluster, else one per CPU)")
 
 
 def loading_flags() -> Parser:
