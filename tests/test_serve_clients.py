@@ -118,8 +118,10 @@ def test_raw_base64_and_torchserve_bodies_answer_as_predict(keyed, loaded, serve
     instance = json.loads(answer[1])[0]
     expected = loaded["pose"].predict([frame], boxes=[[[2, 3, 60, 70]]])[0]["instances"][0]
     assert instance["box"] == {"xmin": 2, "ymin": 3, "xmax": 60, "ymax": 70}
-    assert [(k["label"], k["x"], k["y"]) for k in instance["keypoints"]] == \
-        [(k["name"], k["x"], k["y"]) for k in expected["keypoints"]]
+    assert [k["label"] for k in instance["keypoints"]] == [k["name"] for k in expected["keypoints"]]
+    # the server's threads may pick other kernels than this process: coordinates agree within a rounding step
+    assert_nested_close([[k["x"], k["y"]] for k in instance["keypoints"]],
+                        [[k["x"], k["y"]] for k in expected["keypoints"]], tolerance=0.011)
 
 
 # -- the API key -----------------------------------------------------------------------------------------
