@@ -84,7 +84,7 @@ def runs(class_folder, tmp_path_factory):
 def ray_server(cluster, runs):
     server = Server([], runs / "ray-serve.log", "--ray", "--ray-address", cluster, "--runs-dir",
                     str(runs / "runs"), "--replicas", "2", "--replica-cpus", "0.5", "--max-wait-ms", "20",
-                    key=RAY_KEY)
+                    "--precision", "fp32", key=RAY_KEY)
     yield server
     assert server.stop() in (0, -signal.SIGTERM)
     assert RAY_KEY not in (runs / "ray-serve.log").read_text()

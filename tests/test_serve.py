@@ -90,7 +90,8 @@ SERVED = ("ants", "bees", "wasps", "boxes", "pose", "regions")
 @pytest.fixture(scope="module")
 def server(served_runs):
     runs = [f"{name}={served_runs[name]}" for name in SERVED]
-    running = Server(runs, served_runs["root"] / "server.log", "--admin-token", TOKEN, "--max-upload-mb", "1")
+    running = Server(runs, served_runs["root"] / "server.log", "--admin-token", TOKEN, "--max-upload-mb", "1",
+                     "--precision", "fp32")
     yield running
     # uvicorn finishes in-flight requests on SIGTERM, then ends by that signal
     assert running.stop() in (0, -signal.SIGTERM)

@@ -32,7 +32,7 @@ def keyed(served_runs):
     """A server with an API key (given by the environment variable) and a 1-megapixel image limit."""
     runs = [f"{name}={served_runs[name]}" for name in CLIENT_RUNS]
     log = served_runs["root"] / "server-clients.log"
-    running = Server(runs, log, "--max-pixels", str(MAX_PIXELS), key=KEY)
+    running = Server(runs, log, "--max-pixels", str(MAX_PIXELS), "--precision", "fp32", key=KEY)
     yield running
     running.stop()
     text = log.read_text()

@@ -58,7 +58,7 @@ def runs_dir(class_folder, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(runs_dir):
     running = Server([], runs_dir / "server.log", "--runs-dir", str(runs_dir / "runs"),
-                     "--max-loaded-adapters", str(MAX_LOADED), "--max-wait-ms", "150")
+                     "--max-loaded-adapters", str(MAX_LOADED), "--max-wait-ms", "150", "--precision", "fp32")
     yield running
     assert running.stop() in (0, -signal.SIGTERM)
     assert "Traceback" not in (runs_dir / "server.log").read_text()

@@ -196,7 +196,7 @@ def test_served_runs_answer_as_predict(packed_runs, job_folders, tmp_path):
     from tests.test_serve import Server
 
     _, output = packed_runs
-    server = Server([], tmp_path / "server.log", "--runs-dir", str(output))
+    server = Server([], tmp_path / "server.log", "--runs-dir", str(output), "--precision", "fp32")
     try:
         image = sorted((job_folders / "site_a" / "val").rglob("*.png"))[0]
         for name in ("site_a", "site_b", "site_c"):

@@ -244,7 +244,8 @@ def _cmd_predict(args) -> int:
     if args.runs:
         raise VisionLoraError("--runs takes effect with --engine ray")
     loading = dict(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, device=args.device)
-    run = load_run(args.run_dir, allow_base_change=args.allow_base_change, **loading)
+    run = load_run(args.run_dir, allow_base_change=args.allow_base_change, precision=args.precision, **loading)
+    _tell(f"precision {run.precision.line()}")
     options, box_values, outputs = task_arguments(vars(args), run.task, run.paths.root)
     finder = box_finder(run, box_values, **loading)
     videos = [item for item in args.images if is_video(item)]
@@ -345,11 +346,12 @@ def _cmd_serve(args) -> int:
         raise VisionLoraError("serve needs run folders, --runs-dir DIR, or both")
     _use_threads(args)
     settings = ServeSettings(args.max_batch_size, args.max_wait_ms, args.max_upload_mb, args.admin_token,
-                             args.precision, args.mixed_batches, **_guard_settings(args))
+                             args.precision, args.mixed_batches, **_guard_settings(args), compile=args.compile)
     if args.ray:
         _device_on_ray(args.device, "--ray: each replica serves on the GPU Ray gives it (--replica-gpus)")
         return _serve_on_ray(args, settings)
-    store = ModelStore(device=args.device, runs_dir=args.runs_dir, max_loaded=args.max_loaded_adapters)
+    store = ModelStore(device=args.device, runs_dir=args.runs_dir, max_loaded=args.max_loaded_adapters,
+                       precision=args.precision, compile=args.compile)
     _allow_pixels(args.max_pixels)
     runs = _named_runs(args.runs)
     _note_precision(args.precision, store, [folder for _, folder in runs])
@@ -393,7 +395,10 @@ def _announce(served) -> None:
     """One line per run loaded at start: its task, mode, folder and the runs sharing its base."""
     others = served.describe()["shares_base_with"]
     shared = f", sharing its base with {', '.join(others)}" if others else ""
-    print(f"serving {served.name}: {served.task.name} {served.info.mode} run {served.paths.root}{shared}", flush=True)
+    print(f"serving {served.name}: {served.task.name} {served.info.mode} run {served.paths.root}{shared}; precision "
+          f"{served.base.precision.line() if served.base.precision else 'fp32'}", flush=True)
+    if served.base.compile_seconds is not None:
+        print(f"compiled {served.name} (torch.compile): warm-up {served.base.compile_seconds:.1f} s", flush=True)
 
 
 def _guard_settings(args) -> dict:

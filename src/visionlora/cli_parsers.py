@@ -104,6 +104,17 @@ def threads_flag() -> Parser:
     return threads
 
 
+def precision_flag() -> Parser:
+    """``--precision``, the precision the commands that predict run torch models in."""
+    precision = argparse.ArgumentParser(add_help=False)
+    precision.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                           help="precision of torch models: auto (default: bf16 weights where the device runs bf16 "
+                                "natively and the run's outputs in bf16 stay close to fp32's on a few of its "
+                                "images, else fp32), fp32 (answers equal the Python API's) or bf16; an ONNX "
+                                "export runs in the precision it was exported in")
+    return precision
+
+
 def device_flag() -> Parser:
     """``--device``, where the commands that load runs put them."""
     from visionlora.runtime import DEVICES
@@ -130,7 +141,8 @@ def predict_parser(commands: Subcommands, common: Parser, help_text: str) -> Par
     """Generic arguments, then each task's options and writers (a flag shared by tasks is added once)."""
     from visionlora.tasks import get_task, task_names
 
-    predict = commands.add_parser("predict", parents=[common, loading_flags(), device_flag(), threads_flag()],
+    predict = commands.add_parser("predict", parents=[common, loading_flags(), device_flag(), threads_flag(),
+                                                      precision_flag()],
                                   help=help_text)
     predict.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
     predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER_OR_VIDEO",
@@ -214,7 +226,8 @@ def compare_parser(commands: Subcommands, common: Parser, help_text: str) -> Par
 
 
 def serve_parser(commands: Subcommands, common: Parser, help_text: str) -> Parser:
-    serve = commands.add_parser("serve", parents=[common, device_flag(), threads_flag()], help=help_text,
+    serve = commands.add_parser("serve", parents=[common, device_flag(), threads_flag(), precision_flag()],
+                                help=help_text,
                                 description="Serve runs over HTTP: GET / for a page to try them, "
                                             "/v1/models for the API.")
     serve.add_argument("runs", nargs="*", metavar="[NAME=]RUN",
@@ -264,9 +277,9 @@ def serve_parser(commands: Subcommands, common: Parser, help_text: str) -> Parse
     serve.add_argument("--timeout-s", type=float, metavar="SECONDS",
                        help="answer 504 to a prediction request not answered within SECONDS, dropping its "
                             "images if their forward has not started (default: no deadline)")
-    serve.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                       help="inference precision of torch models (fp32 answers equal visionlora predict; "
-                            "an ONNX export runs in the precision it was exported in)")
+    serve.add_argument("--compile", action="store_true",
+                       help="torch.compile each served torch model at load, warmed up before it serves (the "
+                            "warm-up is printed and shown in /v1/models; off by default: see docs/serving.md)")
     return serve
 
 

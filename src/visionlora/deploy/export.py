@@ -22,9 +22,8 @@ from typing import Any
 import torch
 
 from visionlora.artifacts import INFO_FILE, atomic_dir, atomic_write_bytes, atomic_write_json, read_json
-from visionlora.data.images import UnreadableImage, load_rgb
-from visionlora.data.records import image_source
-from visionlora.deploy import MAX_METRIC_DROP
+from visionlora.deploy import MAX_METRIC_DROP, precision
+from visionlora.deploy.precision import max_difference
 from visionlora.deploy.prediction import predict
 from visionlora.deploy.predictor import LoadedRun, load_run
 from visionlora.errors import VisionLoraError
@@ -95,15 +94,7 @@ def check_output_free(output: Path, overwrite: bool) -> None:
 
 def check_images(run: LoadedRun) -> list:
     """Up to CHECK_IMAGES readable images of the run's validation data."""
-    part = run.task.data.read_validation(read_json(run.paths.summary))
-    images = []
-    for record in part.records:
-        try:
-            images.append(load_rgb(image_source(record)))
-        except UnreadableImage:
-            continue
-        if len(images) == CHECK_IMAGES:
-            break
+    images = precision.check_images(run.task, run.paths.summary, CHECK_IMAGES)
     if not images:
         raise VisionLoraError(f"{run.paths.root}: no readable validation image to check the export on")
     return images
@@ -111,20 +102,11 @@ def check_images(run: LoadedRun) -> list:
 
 def model_inputs(run: LoadedRun, images: list) -> dict[str, torch.Tensor]:
     """The task's model inputs for ``images``, as predict makes them (one per image)."""
-    options = run.task.prediction.default_options()
-    inputs = [item for index, image in enumerate(images)
-              for item in run.task.prediction.predict_inputs(image, index, run.processor, run.info, options)]
-    return run.task.prediction.model_inputs([item.pixel_values for item in inputs])
+    return precision.model_inputs(run.task, run.processor, run.info, images)
 
 
-@torch.inference_mode()
 def raw_outputs(run: LoadedRun, model, images: list) -> list[torch.Tensor]:
-    outputs = model(**model_inputs(run, images), **run.info.forward_kwargs)
-    return [getattr(outputs, name).float() for name in run.task.output_names]
-
-
-def max_difference(a: list, b: list) -> float:
-    return max(float((x - torch.as_tensor(y).float()).abs().max()) for x, y in zip(a, b))
+    return precision.raw_outputs(run.task, run.processor, run.info, model, images)
 
 
 class PlainOutputs(torch.nn.Module):

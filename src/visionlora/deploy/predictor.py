@@ -13,6 +13,7 @@ from visionlora.artifacts import RunPaths, read_json
 from visionlora.core.outputs import per_image_values
 from visionlora.data.images import UnreadableImage, is_image_file, load_rgb
 from visionlora.deploy.evaluation import evaluate
+from visionlora.deploy.precision import FP32, Precision, check_images, settle_precision
 from visionlora.deploy.prediction import predict
 from visionlora.deploy.runs import load_hub_model, load_model, open_run
 from visionlora.errors import VisionLoraError
@@ -32,6 +33,7 @@ class LoadedModel:
     model: Any  # a torch model, or an ONNX model called alike (deploy.onnx_model)
     processor: Any
     info: ModelInfo
+    precision: Precision = FP32  # the precision the model runs in (deploy.precision)
 
     def predict(self, images: Sequence[str | Path | Image.Image], **options: Any) -> list[dict[str, Any]]:
         """Predictions for image paths or PIL images, in order; unreadable files are an error.
@@ -132,21 +134,25 @@ class LoadedRun(LoadedModel):
 
 def load_run(
     run_dir: str | Path, device: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
-    allow_base_change: bool = False,
+    allow_base_change: bool = False, precision: str = "fp32",
 ) -> LoadedRun:
     """Rebuild the trained model of ``run_dir`` for inference (safetensors only unless allowed).
 
     ``device``: ``auto`` (or None: CUDA, then Apple MPS, then the CPU), ``cpu``, ``cuda[:N]`` or
     ``mps``; an ONNX export runs on onnxruntime's CUDA provider where that device is CUDA.
     A LoRA run's base is loaded at the revision recorded at training; a local base whose
-    content changed since is refused unless ``allow_base_change``.
+    content changed since is refused unless ``allow_base_change``. ``precision``: fp32, bf16, or auto
+    (bf16 where ``device`` runs it natively and the run's outputs in bf16 stay within the limits of
+    :mod:`visionlora.deploy.precision`).
     """
     target = pick_device(device or "auto")
     run = open_run(run_dir)
     with loading_policy(allow_pickle, trust_remote_code):
-        model = load_model(run, allow_base_change, device=target)
+        model = _to_device(load_model(run, allow_base_change, device=target), target)
         processor = run.load_processor(trust_remote_code)
-    return LoadedRun(run.paths, run.task, _to_device(model, target), processor, run.info)
+    chosen = settle_precision(model, precision, run.task, processor, run.info,
+                              lambda: check_images(run.task, run.paths.summary), name=str(run.paths.root))
+    return LoadedRun(run.paths, run.task, model, processor, run.info, chosen)
 
 
 def load_model_or_hub(ref: str, task_name: str, allow_pickle: bool = False,

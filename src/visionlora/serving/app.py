@@ -74,13 +74,14 @@ class ServeSettings:
     max_wait_ms: float = 5.0
     max_upload_mb: float = 20.0
     admin_token: str | None = field(default=None, repr=False)
-    precision: str = "fp32"
+    precision: str = "fp32"  # requested (fp32, bf16 or auto): the store puts each model in it at load
     mixed_batches: bool = True  # requests for different LoRA adapters of one base share forwards
     api_key: str | None = field(default=None, repr=False)  # Bearer key of every route but liveness
     public_metrics: bool = False  # /metrics open without the API key
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     max_queue: int | None = None  # prediction requests held at once (reading, waiting, in a forward)
     timeout_s: float | None = None  # a prediction request's deadline from its arrival
+    compile: bool = False  # torch.compile each served model at load
 
     @property
     def max_upload_bytes(self) -> int:
@@ -210,7 +211,7 @@ class VisionServer(StoreEvents):
             return self.batchers[group]
 
     def _forward(self, images: list, models: list[ServedModel], **options: Any) -> list[dict]:
-        return predict_together(models, images, self.settings.precision, **options)
+        return predict_together(models, images, **options)
 
     async def hold(self, name: str) -> ServedModel:
         """The run ``name``, loaded on first need and counted in flight (:meth:`let_go` it after use)."""

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from visionlora.serving.models import ModelStore, ServedModel, StoreEvents
 
@@ -37,6 +41,7 @@ class Metrics(StoreEvents):
                                         buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
         Gauge("visionlora_loaded_adapters", "runs loaded now (an adapter each; a full run counts as one)",
               registry=self.registry).set_function(lambda: len(store.models))
+        self.registry.register(ModelPrecisions(store))
         self.loads = Counter("visionlora_adapter_loads", "runs loaded on demand", registry=self.registry)
         self.evictions = Counter("visionlora_adapter_evictions", "runs unloaded to stay within --max-loaded-adapters",
                                  registry=self.registry)
@@ -58,3 +63,23 @@ class Metrics(StoreEvents):
         self.forward_images.labels(str(len(set(map(id, models))))).observe(len(models))
         for name in {served.name for served in models}:
             self.batch_size.labels(name).observe(len(models))
+
+
+class ModelPrecisions(Collector):
+    """The precision each loaded model runs in (1 on its label), and the warm-up of compiled ones."""
+
+    def __init__(self, store: ModelStore):
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        precision = GaugeMetricFamily("visionlora_model_precision", "the precision each loaded model runs in "
+                                      "(fp32, bf16, or int8 for a quantized ONNX export): 1 on its label",
+                                      labels=["model", "precision"])
+        warmup = GaugeMetricFamily("visionlora_compile_warmup_seconds", "the torch.compile warm-up of each "
+                                   "compiled model (serve --compile)", labels=["model"])
+        for served in list(self.store.models.values()):
+            precision.add_metric([served.name, served.base.precision.name if served.base.precision else "fp32"], 1)
+            if served.base.compile_seconds is not None:
+                warmup.add_metric([served.name], served.base.compile_seconds)
+        yield precision
+        yield warmup

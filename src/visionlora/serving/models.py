@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from visionlora.artifacts import RunPaths, folder_bytes
+from visionlora.deploy.precision import FP32, Precision, cast_to_bf16, check_images, choose_precision, settle_precision
 from visionlora.deploy.prediction import PredictView, predict, predict_mixed
 from visionlora.deploy.runs import RunFolder, load_model, open_run
 from visionlora.errors import VisionLoraError
@@ -31,6 +32,7 @@ from visionlora.modeling.loading import base_revision, check_weight_files, loadi
 from visionlora.modeling.mixed_batches import mixing_refusal, prepare_mixed_batches
 from visionlora.runtime import pick_device
 from visionlora.serving import DEFAULT_MAX_LOADED
+from visionlora.serving.compiling import compile_served
 from visionlora.serving.memory import OutOfMemory, free_cached_memory
 from visionlora.serving.slots import AdapterSlots
 from visionlora.tasks.base import ModelInfo, Task
@@ -53,6 +55,8 @@ class SharedBase:
     adapters: set[str] = field(default_factory=set)  # the names of the runs on it
     slots: AdapterSlots | OnnxAdapters = field(default_factory=AdapterSlots)
     weights: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # the base's own, by name (before peft)
+    precision: Precision | None = None  # settled with the first run loaded on it (None until then)
+    compile_seconds: float | None = None  # the warm-up of a torch.compile'd model (None: not compiled)
 
 
 @dataclass(eq=False)
@@ -98,23 +102,25 @@ class ServedModel:
             "pinned": self.pinned,
             "last_used": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.last_used)),
             "options": [o.name for o in self.task.predict_options],
+            **(self.base.precision or FP32).describe(),
+            "compiled": self.base.compile_seconds is not None,
+            "compile_warmup_s": self.base.compile_seconds,
         }
 
-    def predict(self, images, precision: str = "fp32", **options: Any) -> list[dict]:
-        """The task's predictions with this run's weights active (thread-safe)."""
+    def predict(self, images, **options: Any) -> list[dict]:
+        """The task's predictions with this run's weights active, in its base's precision (thread-safe)."""
         with self.base.lock:
             if self.adapter is not None and self.base.model.active_adapter != self.adapter:
                 self.base.model.set_adapter(self.adapter)  # walks the whole model: only when another was active
-            with _precision(precision, self.base.model):
-                return predict(self.task, self.base.model, self.processor, images, self.info, **options)
+            return predict(self.task, self.base.model, self.processor, images, self.info, **options)
 
 
-def predict_together(members: Sequence[ServedModel], images, precision: str = "fp32", **options: Any) -> list[dict]:
+def predict_together(members: Sequence[ServedModel], images, **options: Any) -> list[dict]:
     """Each image predicted by its own run: one run as usual, several adapters of one base in mixed forwards."""
     first = members[0]
     if all(member is first for member in members):
-        return first.predict(images, precision, **options)
-    with first.base.lock, _precision(precision, first.base.model):
+        return first.predict(images, **options)
+    with first.base.lock:
         return predict_mixed(first.task, first.base.model, images, [member.view for member in members], **options)
 
 
@@ -136,8 +142,11 @@ class ModelStore:
     """Named runs, loading each base once; safe to change while serving."""
 
     def __init__(self, device: str | None = None, runs_dir: str | Path | None = None,
-                 max_loaded: int = DEFAULT_MAX_LOADED, events: StoreEvents | None = None):
+                 max_loaded: int = DEFAULT_MAX_LOADED, events: StoreEvents | None = None,
+                 precision: str = "fp32", compile: bool = False):
         self.device = str(pick_device(device or "auto"))
+        choose_precision(precision, torch.device(self.device))  # a bad name refused before anything loads
+        self.precision, self.compile = precision, compile  # requested: each base settles its own at its load
         self.runs_dir = Path(runs_dir).resolve() if runs_dir is not None else None
         if self.runs_dir is not None and not self.runs_dir.is_dir():
             raise VisionLoraError(f"{runs_dir}: no such folder of runs")
@@ -257,6 +266,7 @@ class ModelStore:
                 check_weight_files(run.paths.model_dir)
                 base, slot = self._attach(name, run)
             processor = self._processor(run)
+        self._settle(base, run, processor)
         paths, task, info = run.paths, run.task, run.info
         weights = sorted(paths.model_dir.glob("*.safetensors"))
         refusal: str | None
@@ -270,6 +280,22 @@ class ModelStore:
         with self._lock:
             self.models[name] = served
         return served
+
+    def _settle(self, base: SharedBase, run: RunFolder, processor: Any) -> None:
+        """Settle a new base's precision with ``run`` (and compile it with --compile); a bf16 base casts the
+        adapter just added to it to bf16 too (peft loads adapters in fp32)."""
+        if base.precision is not None:
+            if base.precision.name == "bf16":
+                with base.lock:
+                    cast_to_bf16(base.model)
+            return
+        precision = settle_precision(base.model, self.precision, run.task, processor, run.info,
+                                     lambda: check_images(run.task, run.paths.summary), name=str(run.paths.root))
+        if run.export is not None and run.export.get("quantization"):
+            precision = Precision("int8", precision.why)
+        base.precision = precision
+        if self.compile and isinstance(base.model, torch.nn.Module):
+            base.compile_seconds = compile_served(base.model, run.task, processor, run.info)
 
     def _unload_beyond_bound(self, keep: str | None) -> None:
         with self._lock:
@@ -347,11 +373,14 @@ class ModelStore:
             base_model, slots = run.load_base(), AdapterSlots()
             sibling = next((other for other in self.bases.values() if other.key[:2] == key[:2]), None)
             if sibling is not None:  # the same base with a head of another size: one copy of the weights
+                if sibling.precision is not None and sibling.precision.name == "bf16":
+                    base_model.to(torch.bfloat16)  # and the sibling's precision, settled at its load
                 _share_equal_weights(base_model, sibling.weights)  # (the sibling's, on the store's device)
             weights = dict(base_model.named_parameters())
             slot = _fill_slot(run, slots, lambda first: _mixing(PeftModel.from_pretrained(
                 base_model, run.paths.model_dir, adapter_name=first).to(self.device).eval()))
-            shared = SharedBase(key, slots.model, slots=slots, weights=weights)
+            shared = SharedBase(key, slots.model, slots=slots, weights=weights,
+                                precision=sibling.precision if sibling is not None else None)
             with self._lock:
                 self.bases[key] = shared
         else:
@@ -423,18 +452,3 @@ def _finished(folder: Path) -> bool:
 
 def _kind(run: RunFolder) -> str:
     return "an ONNX model" if run.is_onnx else "a full model"
-
-
-class _precision:
-    """fp32 by default (answers equal ``visionlora predict``); bf16 autocast when asked."""
-
-    def __init__(self, precision: str, model):
-        torch_model = isinstance(model, torch.nn.Module)  # an onnxruntime session runs as it was exported
-        device = next(model.parameters()).device.type if torch_model else "cpu"
-        self.context = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" and torch_model else None
-
-    def __enter__(self):
-        return self.context.__enter__() if self.context else None
-
-    def __exit__(self, *exc):
-        return self.context.__exit__(*exc) if self.context else False

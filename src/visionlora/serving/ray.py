@@ -88,7 +88,9 @@ class Replica:
         from visionlora.serving.models import ModelStore, device_for_gpus
 
         config = RaySettings(**settings)
-        self.store = ModelStore(device_for_gpus(config.replica_gpus), config.runs_dir, config.max_loaded)
+        self.store = ModelStore(device_for_gpus(config.replica_gpus), config.runs_dir, config.max_loaded,
+                                precision=config.serve.get("precision", "fp32"),
+                                compile=config.serve.get("compile", False))
         self.server = VisionServer(self.store, ServeSettings(**config.serve), identity={"replica_pid": os.getpid()})
         self.server.start()  # an ASGI transport runs no lifespan: the replica starts and stops the server
         self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.server.app()),
