@@ -46,7 +46,8 @@ def test_reloaded_run_predicts_exactly_as_the_trained_model(trained_runs, class_
     assert [p["score"] for p in reloaded] == pytest.approx([p["score"] for p in in_memory], abs=1e-6)
 
     out = tmp_path / "predictions.json"
-    assert main(["predict", str(result.paths.root), *map(str, images), "--output", str(out)]) == 0
+    assert main(["predict", str(result.paths.root), *map(str, images), "--output", str(out),
+                 "--precision", "fp32"]) == 0
     from_cli = json.loads(out.read_text())
     assert [p["image"] for p in from_cli] == [str(p) for p in images]
     assert [p["score"] for p in from_cli] == pytest.approx([p["score"] for p in reloaded], abs=1e-6)

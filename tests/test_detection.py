@@ -65,7 +65,7 @@ def test_train_evaluate_predict_reload_identical_boxes(detection_runs, boxes_fol
 
     out, drawings = tmp_path / "boxes.json", tmp_path / "drawn"
     assert main(["predict", str(result.paths.root), str(images[0]), "--threshold", "0", "--output", str(out),
-                 "--save-images", str(drawings)]) == 0
+                 "--save-images", str(drawings), "--precision", "fp32"]) == 0
     from_cli = json.loads(out.read_text())
     assert [b["label"] for b in from_cli[0]["boxes"]] == [b["label"] for b in after[0]["boxes"]]
     assert [b["score"] for b in from_cli[0]["boxes"]] == pytest.approx([b["score"] for b in after[0]["boxes"]],

@@ -96,7 +96,8 @@ def test_onnx_export_runs_in_onnxruntime_and_predict_agrees(exports, case, capsy
         assert record["onnx_max_abs_diff"] < 1e-3
     outputs = []
     for source in ("run", "merged", "onnx"):
-        assert main(["predict", str(exports[case][source]), *map(str, exports[case]["images"])]) == 0
+        assert main(["predict", str(exports[case][source]), *map(str, exports[case]["images"]),
+                     "--precision", "fp32"]) == 0
         outputs.append(json.loads(capsys.readouterr().out))
     from visionlora.deploy.onnx_model import OnnxModel
 
@@ -174,7 +175,7 @@ def test_onnx_export_predicts_a_video_with_set_threads(exports, tmp_path, capsys
     assert torch.get_num_threads() == 1
     torch.set_num_threads(threads)
     onnx = json.loads(capsys.readouterr().out)
-    assert main(["predict", str(exports["pose-lora"]["run"]), str(video)]) == 0
+    assert main(["predict", str(exports["pose-lora"]["run"]), str(video), "--precision", "fp32"]) == 0
     run = json.loads(capsys.readouterr().out)
     assert len(onnx["frames"]) == 6
     _close(onnx["frames"], run["frames"], tolerance=1e-3)

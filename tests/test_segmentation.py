@@ -70,7 +70,7 @@ def test_train_evaluate_predict_reload_identical_masks(seg_runs, mask_folder, mo
 
     out, drawn, masks = tmp_path / "pred.json", tmp_path / "drawn", tmp_path / "masks"
     assert main(["predict", str(result.paths.root), *map(str, images), "--output", str(out),
-                 "--save-images", str(drawn), "--save-masks", str(masks)]) == 0
+                 "--save-images", str(drawn), "--save-masks", str(masks), "--precision", "fp32"]) == 0
     from_cli = json.loads(out.read_text())
     assert [{k: v for k, v in p.items() if k != "image"} for p in from_cli] == after
     for path, prediction in zip(images, after):

@@ -89,7 +89,7 @@ def track_and_score(detector: Path, root: Path, seed: int = 0) -> dict[str, dict
     video, truth_file = write_tracking_video(root / f"shapes-{seed}.mp4", frames=80, seed=100 + seed)
     output, mot = root / f"tracked-{seed}.json", root / f"tracked-{seed}.txt"
     code = main(["predict", str(detector), str(video), "--threshold", "0.3", "--track", "--output", str(output),
-                 "--mot", str(mot)])
+                 "--mot", str(mot), "--precision", "fp32"])
     assert code == 0
     frames = json.loads(output.read_text())["frames"]
     truth = read_truth(truth_file)
@@ -175,7 +175,8 @@ def test_the_openfield_mouse_keeps_one_identity(tmp_path):
     pose = train(tiny_config("pose", OPENFIELD, tmp_path / "pose", epochs=1, batch_size=16)).paths.root
     output, table = tmp_path / "mouse.json", tmp_path / "mouse.csv"
     code = main(["predict", str(pose), str(OPENFIELD / "videos" / "m3v1mp4.mp4"), "--end", "10", "--detector",
-                 str(detector), "--max-instances", "1", "--track", "--output", str(output), "--csv", str(table)])
+                 str(detector), "--max-instances", "1", "--track", "--output", str(output), "--csv", str(table),
+                 "--precision", "fp32"])
     assert code == 0
     frames = json.loads(output.read_text())["frames"]
     identities = {i["track_id"] for f in frames for i in f["instances"]} - {None}
