@@ -147,3 +147,11 @@ def test_a_mixed_batch_in_bf16_answers_as_each_adapter_alone_in_bf16():
             assert mixed[row]["label"] == answer["label"]
             assert_nested_close(mixed[row], answer, tolerance=BF16_TOLERANCE, where=f"image {row}")
     assert len({answer["label"][-1] for answer in mixed}) == 3  # each view's labels: a mix-up would show
+
+
+def test_export_says_which_engine_is_fastest_here(served_runs, tmp_path, capsys):
+    assert main(["export", str(served_runs["ants"]), "--output", str(tmp_path / "onnx"), "--format", "onnx"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("fastest here: "))
+    timed = ["ONNX fp32", "PyTorch fp32"] + (["PyTorch bf16"] if NATIVE_BF16 else [])
+    assert line.split(" (")[0].removeprefix("fastest here: ") in timed
+    assert all(f"{engine} " in line for engine in timed) and ("not timed: PyTorch bf16" in line) != NATIVE_BF16

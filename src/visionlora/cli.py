@@ -481,7 +481,7 @@ def _cmd_export(args) -> int:
         raise VisionLoraError(f"--format {args.format} exports one run; several runs go to --format onnx-adapters")
     args.run_dir = args.run_dirs[0]
     record = export_run(args.run_dir, args.output, args.format, args.overwrite, quantize=args.quantize,
-                        max_metric_drop=args.max_metric_drop)
+                        max_metric_drop=args.max_metric_drop, timing=True)
     checks = f"merged vs adapter max |diff| {record['merged_max_abs_diff']:.2e}"
     if record["format"] == "onnx":
         checks += f"; onnxruntime vs torch max |diff| {record['onnx_max_abs_diff']:.2e}, opset {record['opset']}"
@@ -492,6 +492,12 @@ def _cmd_export(args) -> int:
         print(f"int8: validation {q['main_metric']} {q['int8']:.4f} (fp32 {q['fp32']:.4f}, limit "
               f"{q['max_metric_drop']:g}); outputs max |diff| {q['max_abs_diff']:.3g}, top-1 agreement "
               f"{q['top1_agreement']:.1%}; {q['int8_bytes'] / 1e6:.1f} MB (fp32 {q['fp32_bytes'] / 1e6:.1f} MB)")
+    engines = record["engines"]
+    speeds = ", ".join(f"{name} {speed:.1f}" for name, speed in sorted(engines["images_per_second"].items(),
+                                                                         key=lambda item: -item[1]))
+    skipped = f"; not timed: {engines['skipped']}" if "skipped" in engines else ""
+    print(f"fastest here: {engines['fastest']} (images/s on {engines['images']} images in one batch: {speeds}"
+          f"{skipped})")
     return 0
 
 

@@ -15,6 +15,7 @@ export.json and carry a model card (README.md); the folder is written under a te
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,15 +37,17 @@ OPSET = 17
 TOLERANCE = 1e-3  # largest difference allowed between onnxruntime and torch outputs (fp32)
 MERGE_TOLERANCE = 1e-4  # between the merged model and the adapter
 CHECK_IMAGES = 8
+TIMING_IMAGES = 4  # images timed on each engine the export can run with
 
 
 def export_run(run_dir: str | Path, output: str | Path, fmt: str = "merged", overwrite: bool = False,
                strict: bool = True, quantize: str | None = None,
-               max_metric_drop: float = MAX_METRIC_DROP) -> dict[str, Any]:
+               max_metric_drop: float = MAX_METRIC_DROP, timing: bool = False) -> dict[str, Any]:
     """Export the finished run in ``run_dir`` to ``output``; returns what export.json records.
 
     ``strict=False`` records a failed ONNX check (or int8 metric drop) instead of refusing (for
-    timing untrained models).
+    timing untrained models). ``timing``: also time each engine the export can run with on this
+    machine (:func:`time_engines`), recorded as ``engines`` in the answer (not in export.json).
     """
     if fmt not in FORMATS:
         raise VisionLoraError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -84,7 +87,40 @@ def export_run(run_dir: str | Path, output: str | Path, fmt: str = "merged", ove
         summary = RunSummary.from_dict(read_json(run.paths.summary))
         card = model_card(run.task, run.info, summary, export=fmt, folder=str(output))
         atomic_write_bytes(tmp / "README.md", card.encode())
+    if timing:
+        record["engines"] = time_engines(run, merged, output, record, images[:TIMING_IMAGES])
     return record
+
+
+def time_engines(run: LoadedRun, merged, folder: Path, export: dict[str, Any], images: list) -> dict[str, Any]:
+    """Images/s of each engine this machine can run the export with, on ``images`` in one batch: PyTorch fp32,
+    the ONNX model written (fp32 or int8), and PyTorch with bf16 weights where the CPU runs bf16 natively
+    (``merged`` is cast to bf16 last). ``fastest`` names the quickest; ``skipped`` says what was left out."""
+    engines: dict[str, Any] = {"PyTorch fp32": merged}
+    if export["format"] == "onnx":
+        from visionlora.deploy.onnx_model import OnnxModel
+
+        engines["ONNX int8" if "quantization" in export else "ONNX fp32"] = OnnxModel.load(folder, export)
+    native = precision.choose_precision("auto", torch.device("cpu"))
+    speeds = {name: _images_per_second(run, model, images) for name, model in engines.items()}
+    if native.name == "bf16":
+        precision.cast_to_bf16(merged)
+        speeds["PyTorch bf16"] = _images_per_second(run, merged, images)
+    timing = {"images": len(images), "images_per_second": speeds, "fastest": max(speeds, key=lambda k: speeds[k])}
+    if native.name != "bf16":
+        timing["skipped"] = f"PyTorch bf16 ({native.why.removeprefix('auto: ')})"
+    return timing
+
+
+def _images_per_second(run: LoadedRun, model, images: list) -> float:
+    """Images/s of ``model``'s forward on ``images`` as one batch: the better of two runs after a warm-up."""
+    raw_outputs(run, model, images)
+    seconds = []
+    for _ in range(2):
+        started = time.perf_counter()
+        raw_outputs(run, model, images)
+        seconds.append(time.perf_counter() - started)
+    return len(images) / min(seconds)
 
 
 def check_output_free(output: Path, overwrite: bool) -> None:

@@ -81,9 +81,9 @@ def settle_precision(model: Any, requested: str, task: Task, processor: Any, inf
     """
     if not isinstance(model, torch.nn.Module):
         return Precision("fp32", "an ONNX export runs in the precision it was exported in")
-    device = next(model.parameters()).device
-    chosen = choose_precision(requested, device)
-    if chosen.name == "fp32":
+    first = next(model.parameters(), None)
+    chosen = choose_precision(requested, first.device if first is not None else torch.device("cpu"))
+    if chosen.name == "fp32" or first is None:
         return chosen
     if requested == "bf16":
         cast_to_bf16(model)
