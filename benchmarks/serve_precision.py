@@ -9,7 +9,7 @@ A config-built ViT-B/16 at 224 px (random weights, a random LoRA adapter) is ser
 default settings (``--precision auto``); ``--concurrency`` clients send ``--requests`` PNGs of
 ``--size`` px, one image per request. The forward alone runs in a fresh process: the run loaded
 with ``--precision auto`` as predict loads it, timed at batch ``--concurrency`` on preprocessed
-inputs. ``--compile`` adds a server with ``--compile`` (its warm-up is read from /v1/models).
+inputs, and in fp32 beside it. ``--compile`` adds a server with ``--compile`` (its warm-up is read from /v1/models).
 
 Ratios: new default / old default (target 3.5x where bf16 is native), and served requests/s /
 forward-alone images/s at the same precision and batch (target 0.8x). Under the AVX2 cap auto picks
@@ -33,23 +33,28 @@ from common import median_seconds, report, run_isolated, table  # noqa: E402
 from serve import load_test, make_runs, png, post, start_server  # noqa: E402
 
 
-def forward_worker(run: str, batch: int) -> None:
-    """Images/s of the run's forward alone (as ``predict --precision auto`` loads it), batch ``batch``."""
+def forward_worker(run: str, batch: int, precision: str) -> None:
+    """Images/s of the run's forward alone (as ``predict --precision PRECISION`` loads it), batch ``batch``;
+    ``autocast``: the fp32 model under bf16 autocast (the server's bf16 before weights were cast)."""
+    from contextlib import nullcontext
+
     import torch
 
     import visionlora
     from visionlora.deploy.precision import generated_images, model_inputs
 
-    loaded = visionlora.load(run, device="cpu", precision="auto")
+    loaded = visionlora.load(run, device="cpu", precision="fp32" if precision == "autocast" else precision)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "autocast" else nullcontext()
     images = generated_images(batch)
     inputs = model_inputs(loaded.task, loaded.processor, loaded.info, images)
 
     def step() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast:
             loaded.model(**inputs)
 
     seconds = median_seconds(step, steps=3, warmup=1)
-    report({"precision": loaded.precision.name, "images/s": batch / seconds})
+    report({"asked": precision, "precision": "bf16 autocast" if precision == "autocast" else loaded.precision.name,
+            "images/s": batch / seconds})
 
 
 def serve_row(label: str, run: Path, image: bytes, args, *extra: str) -> dict:
@@ -78,7 +83,7 @@ def main() -> None:
     parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        forward_worker(args.rest[0], int(args.rest[1]))
+        forward_worker(args.rest[0], int(args.rest[1]), args.rest[2])
         return
     cap = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}
     print(f"ViT-B/16 224 px, {args.concurrency} clients, {args.requests} requests of {args.size} px PNGs; "
@@ -90,10 +95,15 @@ def main() -> None:
                 serve_row("serve (new default: auto)", run, image, args)]
         if args.compile:
             rows.append(serve_row("serve --compile", run, image, args, "--compile"))
-        forward = run_isolated(__file__, [str(run), str(args.concurrency)])
+        forward, old_forward, autocast = (run_isolated(__file__, [str(run), str(args.concurrency), precision])
+                                          for precision in ("auto", "fp32", "autocast"))
     print(table(rows, ["server", "precision", "ready s", "compile warm-up s", "requests/s", "p50 ms", "p99 ms"]))
     old, new = rows[0]["requests/s"], rows[1]["requests/s"]
-    print(f"forward alone, {forward['precision']}, batch {args.concurrency}: {forward['images/s']:.2f} images/s")
+    for alone in (forward, old_forward, autocast):
+        print(f"forward alone, {alone['asked']} ({alone['precision']}), batch {args.concurrency}: "
+              f"{alone['images/s']:.2f} images/s")
+    print(f"forward alone, new / old precision: {forward['images/s'] / old_forward['images/s']:.2f}x "
+          "(the most the new default can gain over the old)")
     print(f"new default / old default: {new / old:.2f}x (target 3.5x where bf16 is native; >= 1x without)")
     print(f"served (new default) / forward alone: {new / forward['images/s']:.2f}x (target 0.8x)")
     for row in rows[2:]:
