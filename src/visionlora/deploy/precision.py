@@ -92,7 +92,7 @@ def settle_precision(model: Any, requested: str, task: Task, processor: Any, inf
     if images is None:
         images, source = generated_images(), "generated"
     check = compare_bf16(model, task, processor, info, images, source)
-    if check["top1_agreement"] >= MIN_TOP1_AGREEMENT and check["max_abs_diff"] <= MAX_ABS_DIFF:
+    if within_limits(check):
         return Precision("bf16", chosen.why, check)
     fallback = Precision("fp32", f"auto: bf16 is past the limits against fp32 (top-1 agreement at least "
                                  f"{MIN_TOP1_AGREEMENT:.1%}, max |diff| at most {MAX_ABS_DIFF:g})", check)
@@ -112,9 +112,14 @@ def compare_bf16(model: torch.nn.Module, task: Task, processor: Any, info: Model
     difference = max_difference(reference, trial)
     check = {"images": len(images), "source": source, "top1_agreement": agreement, "max_abs_diff": difference,
              "min_top1_agreement": MIN_TOP1_AGREEMENT, "max_abs_diff_limit": MAX_ABS_DIFF}
-    if agreement < MIN_TOP1_AGREEMENT or difference > MAX_ABS_DIFF:
+    if not within_limits(check):
         back_to_fp32(model, originals)
     return check
+
+
+def within_limits(check: dict[str, Any]) -> bool:
+    """Whether bf16's outputs in ``check`` are close enough to fp32's to serve in bf16."""
+    return check["top1_agreement"] >= MIN_TOP1_AGREEMENT and check["max_abs_diff"] <= MAX_ABS_DIFF
 
 
 def cast_to_bf16(model: torch.nn.Module) -> None:
