@@ -1,0 +1,186 @@
+"""What one request costs, from socket to answer: each step's time against the forward's.
+
+    python benchmarks/request_profile.py [--skip-vit-base] [--image-size 480] [--requests 160]
+
+For a tiny ViT (48 px) and a config-built ViT-Base (224 px), one LoRA run each, with a PNG of
+``--image-size`` px:
+
+1. Steps, in this process, each the median of many calls on one image: reading the multipart body,
+   decoding the image, resizing and normalising it (as the server's request path does: what
+   ``visionlora predict`` does, on the same pixels), the forward at batch 1 and per image at
+   ``--batch`` images, turning the logits into the answer and the answer into JSON.
+2. The served rate: a real ``visionlora serve`` on loopback, ``--batch`` keep-alive clients, against the
+   forward alone at that batch size (images/s): the part of the forward's rate the server keeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import table  # noqa: E402
+from serve import make_runs, png, start_serve  # noqa: E402
+
+BOUNDARY = "visionlora-profile"
+
+
+def multipart(image: bytes) -> bytes:
+    return (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'.encode()
+            + image + f"\r\n--{BOUNDARY}--\r\n".encode())
+
+
+def median_ms(step: Callable[[], Any], repeats: int) -> float:
+    step()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def parse_form(body: bytes) -> Any:
+    from starlette.datastructures import Headers
+    from starlette.formparsers import MultiPartParser
+
+    async def stream():
+        yield body
+
+    async def parse():
+        headers = Headers({"content-type": f"multipart/form-data; boundary={BOUNDARY}",
+                           "content-length": str(len(body))})
+        form = await MultiPartParser(headers, stream(), max_part_size=len(body) + 1).parse()
+        return await form.getlist("file")[0].read()
+
+    return asyncio.run(parse())
+
+
+def step_rows(label: str, run: Path, image: bytes, batch: int) -> list[dict]:
+    """Each step of one request, in ms per image."""
+    import torch
+    from fastapi.responses import JSONResponse
+
+    from visionlora.data.images import load_rgb
+    from visionlora.serving.models import ModelStore
+
+    store = ModelStore("cpu")
+    served = store.add("m", str(run))
+    body = multipart(image)
+    task, model = served.task, served.base.model
+    options = task.prediction.default_options()
+    decoded = load_rgb(image)
+
+    def resized():
+        return task.prediction.predict_inputs(decoded, 0, served.processor, served.info, options)
+
+    model.eval()
+    pixels = torch.stack([resized()[0].pixel_values] * batch)
+    forward_kwargs = served.info.forward_kwargs
+
+    def forward(rows: int) -> Callable[[], Any]:
+        def run_forward():
+            with torch.inference_mode():
+                return model(pixel_values=pixels[:rows], **forward_kwargs)
+        return run_forward
+
+    outputs = forward(1)()
+    answer = task.prediction.decode(outputs, [None], [None], served.processor, served.info, options)
+    steps = [("read the multipart body", lambda: parse_form(body), 1),
+             ("decode the image", lambda: load_rgb(image), 1),
+             ("resize + normalise", resized, 1),
+             ("forward, batch 1", forward(1), 1),
+             (f"forward, batch {batch}, per image", forward(batch), batch),
+             ("logits to answer", lambda: task.prediction.decode(outputs, [None], [None], served.processor,
+                                                                 served.info, options), 1),
+             ("answer to JSON", lambda: JSONResponse({"predictions": [{"image": "a.png", **answer[0]}]}).body, 1)]
+    repeats = 20 if "Base" in label else 100
+    rows = [{"model": label, "step": name, "ms per image": median_ms(step, repeats) / per}
+            for name, step, per in steps]
+    forward_ms = rows[4]["ms per image"]
+    for row in rows:
+        row["vs forward"] = row["ms per image"] / forward_ms
+    return rows
+
+
+class KeepAlive:
+    """One HTTP connection per client thread."""
+
+    def __init__(self, url: str):
+        self.host, self.port = url.split("//")[1].split(":")
+        self.local = threading.local()
+
+    def post(self, path: str, body: bytes) -> None:
+        import http.client
+
+        headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+        for attempt in range(2):  # a connection the server closed while idle is opened again
+            if getattr(self.local, "connection", None) is None:
+                self.local.connection = http.client.HTTPConnection(self.host, int(self.port), timeout=600)
+            try:
+                self.local.connection.request("POST", path, body, headers)
+                answer = self.local.connection.getresponse()
+                answer.read()
+                break
+            except (ConnectionError, http.client.HTTPException):
+                self.local.connection.close()
+                self.local.connection = None
+                if attempt:
+                    raise
+        if answer.status != 200:
+            raise RuntimeError(f"{path}: HTTP {answer.status}")
+
+
+def served_row(label: str, run: Path, image: bytes, batch: int, requests: int, forward_ms: float) -> dict:
+    process, url = start_serve([f"m={run}", "--max-batch-size", str(batch)])
+    try:
+        client, body = KeepAlive(url), multipart(image)
+        with ThreadPoolExecutor(max_workers=batch) as pool:
+            list(pool.map(lambda _: client.post("/v1/models/m/predict", body), range(2 * batch)))  # warm
+            started = time.perf_counter()
+            list(pool.map(lambda _: client.post("/v1/models/m/predict", body), range(requests)))
+            rate = requests / (time.perf_counter() - started)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    forward_rate = 1000 / forward_ms
+    return {"model": label, "clients": batch, "served requests/s": rate,
+            f"forward alone, batch {batch}, images/s": forward_rate, "served / forward": rate / forward_rate}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--image-size", type=int, default=480, help="side of the uploaded PNG")
+    parser.add_argument("--batch", type=int, default=16, help="clients, the server's --max-batch-size")
+    parser.add_argument("--requests", type=int, default=320, help="requests for the served rate (tiny ViT)")
+    parser.add_argument("--skip-vit-base", action="store_true", help="only the tiny ViT (fast)")
+    args = parser.parse_args()
+    image = png(args.image_size)
+    steps, served = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        models = [("tiny ViT 48px", "tiny", 48, args.requests)]
+        if not args.skip_vit_base:
+            models.append(("ViT-Base 224px", "vit-base", 224, max(32, args.requests // 10)))
+        for label, base, size, requests in models:
+            run = make_runs(Path(tmp) / base, base, 1, size)[0]
+            rows = step_rows(label, run, image, args.batch)
+            steps += rows
+            served.append(served_row(label, run, image, args.batch, requests, rows[4]["ms per image"]))
+    print(f"one request's steps, a {args.image_size} px PNG, ms per image (median)")
+    print(table(steps, ["model", "step", "ms per image", "vs forward"]))
+    print()
+    print(f"served requests/s at {args.batch} keep-alive clients against the forward alone")
+    print(table(served, list(served[0])))
+
+
+if __name__ == "__main__":
+    main()
