@@ -9,7 +9,10 @@ For a tiny ViT (48 px) and a config-built ViT-Base (224 px), one LoRA run each, 
    decoding the image, resizing and normalising it (as the server's request path does: what
    ``visionlora predict`` does, on the same pixels), the forward at batch 1 and per image at
    ``--batch`` images, turning the logits into the answer and the answer into JSON.
-2. The served rate: a real ``visionlora serve`` on loopback, ``--batch`` keep-alive clients, against the
+2. Mixing: one batch of ``--batch`` images through the server's forward (``predict_together``, inputs
+   prepared ahead as the server prepares them) with every row on the active adapter (the plain
+   forward), on one adapter that is not the active one, and spread over 2, 10 and 16 adapters.
+3. The served rate: a real ``visionlora serve`` on loopback, ``--batch`` keep-alive clients, against the
    forward alone at that batch size (images/s): the part of the forward's rate the server keeps.
 """
 
@@ -29,6 +32,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import table  # noqa: E402
+from many_adapters import clone_adapters  # noqa: E402
 from serve import make_runs, png, start_serve  # noqa: E402
 
 BOUNDARY = "visionlora-profile"
@@ -49,20 +53,23 @@ def median_ms(step: Callable[[], Any], repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def parse_form(body: bytes) -> Any:
+def form_parser(body: bytes) -> Callable[[], bytes]:
+    """Reading ``body`` as the server does (Starlette's multipart parser, 64 KiB chunks), on one event loop."""
     from starlette.datastructures import Headers
     from starlette.formparsers import MultiPartParser
 
+    loop = asyncio.new_event_loop()
+    headers = Headers({"content-type": f"multipart/form-data; boundary={BOUNDARY}", "content-length": str(len(body))})
+
     async def stream():
-        yield body
+        for start in range(0, len(body), 65536):
+            yield body[start : start + 65536]
 
     async def parse():
-        headers = Headers({"content-type": f"multipart/form-data; boundary={BOUNDARY}",
-                           "content-length": str(len(body))})
         form = await MultiPartParser(headers, stream(), max_part_size=len(body) + 1).parse()
         return await form.getlist("file")[0].read()
 
-    return asyncio.run(parse())
+    return lambda: loop.run_until_complete(parse())
 
 
 def step_rows(label: str, run: Path, image: bytes, batch: int) -> list[dict]:
@@ -71,6 +78,7 @@ def step_rows(label: str, run: Path, image: bytes, batch: int) -> list[dict]:
     from fastapi.responses import JSONResponse
 
     from visionlora.data.images import load_rgb
+    from visionlora.deploy.prediction import prepared_inputs
     from visionlora.serving.models import ModelStore
 
     store = ModelStore("cpu")
@@ -81,10 +89,10 @@ def step_rows(label: str, run: Path, image: bytes, batch: int) -> list[dict]:
     decoded = load_rgb(image)
 
     def resized():
-        return task.prediction.predict_inputs(decoded, 0, served.processor, served.info, options)
+        return prepared_inputs(task, [decoded], [served.view])
 
     model.eval()
-    pixels = torch.stack([resized()[0].pixel_values] * batch)
+    pixels = torch.stack([resized()[0][0].pixel_values] * batch)
     forward_kwargs = served.info.forward_kwargs
 
     def forward(rows: int) -> Callable[[], Any]:
@@ -95,7 +103,7 @@ def step_rows(label: str, run: Path, image: bytes, batch: int) -> list[dict]:
 
     outputs = forward(1)()
     answer = task.prediction.decode(outputs, [None], [None], served.processor, served.info, options)
-    steps = [("read the multipart body", lambda: parse_form(body), 1),
+    steps = [("read the multipart body", form_parser(body), 1),
              ("decode the image", lambda: load_rgb(image), 1),
              ("resize + normalise", resized, 1),
              ("forward, batch 1", forward(1), 1),
@@ -157,6 +165,36 @@ def served_row(label: str, run: Path, image: bytes, batch: int, requests: int, f
             f"forward alone, batch {batch}, images/s": forward_rate, "served / forward": rate / forward_rate}
 
 
+def mixing_rows(label: str, runs_dir: Path, names: list[str], image: bytes, batch: int) -> list[dict]:
+    """ms of one batch's forward (inputs prepared ahead) by how its rows spread over adapters."""
+    from visionlora.data.images import load_rgb
+    from visionlora.deploy.prediction import prepared_inputs
+    from visionlora.serving.models import ModelStore, predict_together
+
+    store = ModelStore("cpu", runs_dir, max_loaded=128)
+    served = [store.load(name) for name in names]
+    images = [load_rgb(image)] * batch
+    prepared = prepared_inputs(served[0].task, images, [served[0].view] * batch)
+    repeats = 10 if "Base" in label else 60
+
+    def batch_ms(members: list, active: str | None = None) -> float:
+        def step():
+            if active is not None:
+                served[0].base.model.set_adapter(active)
+            predict_together(members, images, prepared=prepared)
+        return median_ms(step, repeats)
+
+    cases = [("1 adapter, the active one (plain forward)", [served[0]] * batch, served[0].adapter),
+             ("1 adapter, not the active one", [served[0]] * batch, served[1].adapter)]
+    cases += [(f"{spread} adapters, round-robin", [served[i % spread] for i in range(batch)], None)
+              for spread in (2, 10, 16) if spread <= len(served)]
+    rows = [{"model": label, "batch": f"{batch} images", "rows": case, "ms per batch": batch_ms(members, active)}
+            for case, members, active in cases]
+    for row in rows:
+        row["vs plain"] = row["ms per batch"] / rows[0]["ms per batch"]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--image-size", type=int, default=480, help="side of the uploaded PNG")
@@ -165,7 +203,7 @@ def main() -> None:
     parser.add_argument("--skip-vit-base", action="store_true", help="only the tiny ViT (fast)")
     args = parser.parse_args()
     image = png(args.image_size)
-    steps, served = [], []
+    steps, mixing, served = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         models = [("tiny ViT 48px", "tiny", 48, args.requests)]
         if not args.skip_vit_base:
@@ -174,9 +212,15 @@ def main() -> None:
             run = make_runs(Path(tmp) / base, base, 1, size)[0]
             rows = step_rows(label, run, image, args.batch)
             steps += rows
+            (Path(tmp) / base / "runs").mkdir()
+            names = clone_adapters(run, Path(tmp) / base / "runs", 16)
+            mixing += mixing_rows(label, Path(tmp) / base / "runs", names, image, args.batch)
             served.append(served_row(label, run, image, args.batch, requests, rows[4]["ms per image"]))
     print(f"one request's steps, a {args.image_size} px PNG, ms per image (median)")
     print(table(steps, ["model", "step", "ms per image", "vs forward"]))
+    print()
+    print("one batch's forward (inputs prepared ahead) by how its rows spread over adapters (median)")
+    print(table(mixing, ["model", "batch", "rows", "ms per batch", "vs plain"]))
     print()
     print(f"served requests/s at {args.batch} keep-alive clients against the forward alone")
     print(table(served, list(served[0])))
