@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from types import MethodType
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 
@@ -232,8 +232,9 @@ def _linear_heads(heads: list[torch.nn.Module], args: tuple, kwargs: dict[str, A
         and (head.bias is None) == (first.bias is None) for head in heads)
 
 
-def _gathered_linear(heads: list[torch.nn.Module], x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def _gathered_linear(modules: list[torch.nn.Module], x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Each row through its own adapter's Linear head, as one batched product of the rows' gathered weights."""
+    heads = cast("list[torch.nn.Linear]", modules)  # checked by _linear_heads
     weight = torch.stack([head.weight for head in heads])  # (n, out, in)
     rows = positions.to(weight.device)
     flat = x.to(weight.dtype).reshape(x.shape[0], -1, x.shape[-1])
