@@ -23,7 +23,6 @@ import asyncio
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import table  # noqa: E402
-from many_adapters import clone_adapters  # noqa: E402
+from many_adapters import Client, clone_adapters  # noqa: E402
 from serve import make_runs, png, start_serve  # noqa: E402
 
 BOUNDARY = "visionlora-profile"
@@ -120,42 +119,14 @@ def step_rows(label: str, run: Path, image: bytes, batch: int) -> list[dict]:
     return rows
 
 
-class KeepAlive:
-    """One HTTP connection per client thread."""
-
-    def __init__(self, url: str):
-        self.host, self.port = url.split("//")[1].split(":")
-        self.local = threading.local()
-
-    def post(self, path: str, body: bytes) -> None:
-        import http.client
-
-        headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
-        for attempt in range(2):  # a connection the server closed while idle is opened again
-            if getattr(self.local, "connection", None) is None:
-                self.local.connection = http.client.HTTPConnection(self.host, int(self.port), timeout=600)
-            try:
-                self.local.connection.request("POST", path, body, headers)
-                answer = self.local.connection.getresponse()
-                answer.read()
-                break
-            except (ConnectionError, http.client.HTTPException):
-                self.local.connection.close()
-                self.local.connection = None
-                if attempt:
-                    raise
-        if answer.status != 200:
-            raise RuntimeError(f"{path}: HTTP {answer.status}")
-
-
 def served_row(label: str, run: Path, image: bytes, batch: int, requests: int, forward_ms: float) -> dict:
     process, url = start_serve([f"m={run}", "--max-batch-size", str(batch)])
     try:
-        client, body = KeepAlive(url), multipart(image)
+        client = Client(url)
         with ThreadPoolExecutor(max_workers=batch) as pool:
-            list(pool.map(lambda _: client.post("/v1/models/m/predict", body), range(2 * batch)))  # warm
+            list(pool.map(lambda _: client.post("/v1/models/m/predict", image), range(2 * batch)))  # warm
             started = time.perf_counter()
-            list(pool.map(lambda _: client.post("/v1/models/m/predict", body), range(requests)))
+            list(pool.map(lambda _: client.post("/v1/models/m/predict", image), range(requests)))
             rate = requests / (time.perf_counter() - started)
     finally:
         process.terminate()
