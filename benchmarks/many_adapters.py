@@ -1,15 +1,17 @@
 """Many adapters on one server: mixed-adapter batches, runs loaded on demand, memory with a bound.
 
-    python benchmarks/many_adapters.py [--requests 320] [--skip-vit-base]
+    python benchmarks/many_adapters.py [--requests 320] [--skip-vit-base] [--throughput-only] [--precision P]
 
 Every figure comes from real ``visionlora serve --runs-dir`` processes on loopback, over LoRA
 runs of one saved base (random adapters and heads, no training: speed and memory do not
 depend on what the weights learned).
 
-1. Throughput: requests/s at concurrency 32 (keep-alive connections), one image per request,
-   with the traffic on one adapter and spread round-robin over 10 and over 100 adapters, with
-   mixed batches on and off (--no-mixed-batches). Every adapter is loaded before the clock
-   starts; each figure is the median of 3 rounds taken in turn.
+1. Throughput: requests/s at concurrency 32, one image per request, with the traffic on one
+   adapter and spread round-robin over 10 and over 100 adapters, with mixed batches on and off
+   (--no-mixed-batches), from keep-alive clients (a connection each, as a load balancer or SDK
+   keeps) and from clients opening a connection per request. Every adapter is loaded before the
+   clock starts; each figure is the median of 3 rounds taken in turn. "vs best 1 adapter" divides
+   by the best one-adapter figure of the model and client, mixing on or off.
 2. Memory: resident memory (VmRSS) of the server with 1, 100 and 1,000 runs under --runs-dir and
    --max-loaded-adapters 64, after a request to every run.
 3. Cold loads: latency of an adapter's first request (p50/p99) against a warm request, the
@@ -59,13 +61,18 @@ def clone_adapters(run: Path, folder: Path, count: int) -> list[str]:
     return names
 
 
+CLIENTS = ("keep-alive", "connection per request")
+
+
 class Client:
     """Keeps one HTTP connection per thread (as a load balancer or SDK does), so that the server's and
-    the client's cost of opening connections stay out of the comparison."""
+    the client's cost of opening connections stay out of the comparison; or, with ``keep_alive`` off,
+    opens one per request (as a plain script does)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, keep_alive: bool = True):
         self.host, self.port = url.split("//")[1].split(":")
         self.local = threading.local()
+        self.keep_alive = keep_alive
 
     def post(self, path: str, image: bytes) -> None:
         import http.client
@@ -73,18 +80,30 @@ class Client:
         boundary = "visionlora-benchmark"
         body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'.encode()
                 + image + f"\r\n--{boundary}--\r\n".encode())
-        if getattr(self.local, "connection", None) is None:
-            self.local.connection = http.client.HTTPConnection(self.host, int(self.port), timeout=600)
-        self.local.connection.request("POST", path, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
-        answer = self.local.connection.getresponse()
-        answer.read()
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        for attempt in range(2):  # a kept connection the server closed while idle is opened again
+            if getattr(self.local, "connection", None) is None:
+                self.local.connection = http.client.HTTPConnection(self.host, int(self.port), timeout=600)
+            try:
+                self.local.connection.request("POST", path, body, headers)
+                answer = self.local.connection.getresponse()
+                answer.read()
+                break
+            except (ConnectionError, http.client.HTTPException):
+                self.local.connection.close()
+                self.local.connection = None
+                if attempt:
+                    raise
+        if not self.keep_alive:
+            self.local.connection.close()
+            self.local.connection = None
         if answer.status != 200:
             raise RuntimeError(f"{path}: HTTP {answer.status}")
 
 
-def spread_load(url: str, names: list[str], image: bytes, requests: int) -> float:
+def spread_load(url: str, names: list[str], image: bytes, requests: int, keep_alive: bool = True) -> float:
     """requests/s of ``requests`` requests round-robin over ``names`` at concurrency 32."""
-    client = Client(url)
+    client = Client(url, keep_alive)
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=CONCURRENCY) as pool:
         list(pool.map(lambda i: client.post(f"/v1/models/{names[i % len(names)]}/predict", image), range(requests)))
@@ -113,27 +132,36 @@ def stop(process) -> None:
 
 
 def throughput_rows(label: str, runs_dir: Path, names: list[str], image: bytes, requests: int,
-                    spreads=(1, 10, 100), rounds: int = 3) -> list[dict]:
-    """Each spread measured ``rounds`` times in turn (the median kept), so that drift in the machine's
-    speed falls on every spread alike."""
+                    spreads=(1, 10, 100), rounds: int = 3, serve_args: tuple[str, ...] = ()) -> list[dict]:
+    """Each spread and client measured ``rounds`` times in turn (the median kept), so that drift in the
+    machine's speed falls on every spread alike."""
     rows = []
     for mixed in (True, False):
-        extra = [] if mixed else ["--no-mixed-batches"]
+        extra = [*serve_args] + ([] if mixed else ["--no-mixed-batches"])
         process, url = start_serve(["--runs-dir", str(runs_dir), "--max-loaded-adapters", "128", *extra])
         try:
             touch(url, names[: max(spreads)], image, concurrency=4)  # every adapter loaded before the clock starts
-            rates = {spread: [] for spread in spreads}
+            rates: dict[tuple[str, int], list[float]] = {(c, spread): [] for c in CLIENTS for spread in spreads}
             for _ in range(rounds):
-                for spread in spreads:
-                    rates[spread].append(spread_load(url, names[:spread], image, requests))
-            single = statistics.median(rates[spreads[0]])
-            for spread in spreads:
-                rate = statistics.median(rates[spread])
-                rows.append({"model": label, "adapters": spread, "mixed batches": "on" if mixed else "off",
-                             "requests": f"{rounds}x{requests}", "requests/s": rate, "vs 1 adapter": rate / single})
+                for client, spread in rates:
+                    rates[client, spread].append(spread_load(url, names[:spread], image, requests,
+                                                             keep_alive=client == CLIENTS[0]))
+            rows += [{"model": label, "client": client, "adapters": spread, "mixed batches": "on" if mixed else "off",
+                      "requests": f"{rounds}x{requests}", "requests/s": statistics.median(rates[client, spread])}
+                     for client, spread in rates]
         finally:
             stop(process)
-    return rows
+    return with_ratios(rows)
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Each row's requests/s against the best one-adapter figure of its model and client, mixing on or off."""
+    for row in rows:
+        best = max(other["requests/s"] for other in rows if other["adapters"] == 1
+                   and (other["model"], other["client"]) == (row["model"], row["client"]))
+        row["vs best 1 adapter"] = row["requests/s"] / best
+    return sorted(rows, key=lambda row: (row["model"], row["client"] != CLIENTS[0], row["mixed batches"] == "off",
+                                         row["adapters"]))
 
 
 def memory_rows(label: str, run: Path, root: Path, image: bytes, counts=(1, 100, 1000)) -> tuple[list[dict], dict]:
@@ -202,27 +230,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=320, help="requests per throughput row (tiny ViT)")
     parser.add_argument("--skip-vit-base", action="store_true", help="only the tiny ViT (fast)")
+    parser.add_argument("--throughput-only", action="store_true", help="only the throughput table")
+    parser.add_argument("--vit-base-rounds", type=int, default=3, help="rounds of each ViT-Base figure")
+    parser.add_argument("--precision", help="the servers' --precision (default: serve's own)")
     args = parser.parse_args()
+    serve_args = ("--precision", args.precision) if args.precision else ()
+    memory, colds = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tiny = make_runs(tmp / "tiny", "tiny", 1, 48)[0]
         (tmp / "tiny" / "runs").mkdir()
         names = clone_adapters(tiny, tmp / "tiny" / "runs", 100)
         image = png(48)
-        throughput = throughput_rows("tiny ViT 48px", tmp / "tiny" / "runs", names, image, args.requests)
-        memory, cold = memory_rows("tiny ViT 48px", tiny, tmp / "tiny", image)
-        colds = [cold]
+        throughput = throughput_rows("tiny ViT 48px", tmp / "tiny" / "runs", names, image, args.requests,
+                                     serve_args=serve_args)
+        if not args.throughput_only:
+            memory, cold = memory_rows("tiny ViT 48px", tiny, tmp / "tiny", image)
+            colds.append(cold)
         if not args.skip_vit_base:
             vit = make_runs(tmp / "vitb", "vit-base", 1, 224)[0]
             (tmp / "vitb" / "runs").mkdir()
             vit_names = clone_adapters(vit, tmp / "vitb" / "runs", 10)
             throughput += throughput_rows("ViT-Base 224px", tmp / "vitb" / "runs", vit_names, png(224),
-                                          max(32, args.requests // 5), spreads=(1, 10))
-            vit_memory, vit_cold = memory_rows("ViT-Base 224px", vit, tmp / "vitb", png(224), counts=(1, 100))
-            memory += vit_memory
-            colds.append(vit_cold)
+                                          max(32, args.requests // 5), spreads=(1, 10), rounds=args.vit_base_rounds,
+                                          serve_args=serve_args)
+            if not args.throughput_only:
+                vit_memory, vit_cold = memory_rows("ViT-Base 224px", vit, tmp / "vitb", png(224), counts=(1, 100))
+                memory += vit_memory
+                colds.append(vit_cold)
     print(f"requests/s at concurrency {CONCURRENCY}, one image per request, spread round-robin over the adapters")
-    print(table(throughput, ["model", "adapters", "mixed batches", "requests", "requests/s", "vs 1 adapter"]))
+    print(table(throughput, ["model", "client", "adapters", "mixed batches", "requests", "requests/s",
+                             "vs best 1 adapter"]))
+    if args.throughput_only:
+        return
     print()
     print("resident memory of the server after a request to every run under --runs-dir")
     print(table(memory, ["model", "runs", "max loaded", "loaded", "evictions", "rss MB", "vs 1 run"]))

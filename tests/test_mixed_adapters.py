@@ -94,3 +94,58 @@ def test_lora_layers_gather_every_rows_adapter_in_two_batched_products():
     peft_loop = type(layer)._mixed_batch_forward(layer, x, adapter_names=rows)
     assert torch.allclose(gathered, peft_loop, atol=1e-5)
     assert torch.allclose(gathered[2], layer.base_layer(x[2]), atol=1e-6)  # the base rows take no adapter
+
+
+def test_a_batch_of_one_adapter_answers_as_it_alone_without_gathering(monkeypatch):
+    """The one-adapter fast path: every row on one adapter (not the active one) runs that adapter's own
+    updates and head, with no gather, and answers exactly as peft's forward with it active; the same
+    images inside a mixed batch (gathered) answer alike within float rounding."""
+    from visionlora.modeling import mixed_batches
+
+    task, model, views = _adapters("classification", 3)
+    prepare_mixed_batches(model)
+    images = _images(6)
+    model.set_adapter("run1")
+    alone = predict(task, model, views[1].processor, images, views[1].info)
+    model.set_adapter("run0")
+    gathers = []
+    stacked = mixed_batches._stacked_updates
+    monkeypatch.setattr(mixed_batches, "_stacked_updates", lambda *a: gathers.append(a) or stacked(*a))
+    fast = predict_mixed(task, model, images, [views[1]] * 6)
+    assert gathers == [] and fast == alone
+    mixed = predict_mixed(task, model, images, [views[1], views[0], views[1], views[2], views[1], views[0]])
+    assert gathers, "a mixed batch gathers"
+    for row in (0, 2, 4):
+        assert_nested_close(mixed[row], alone[row], where=f"image {row}")
+    assert mixed[1] != alone[1]  # another adapter's row answers otherwise
+
+
+@pytest.mark.parametrize("recipes", [[(4, 8)] * 3, [(4, 8), (4, 16), (8, 8)]], ids=["one recipe", "mixed recipes"])
+def test_gathered_updates_equal_peft_loop_for_any_ranks_and_scalings(recipes):
+    """Adapters of one rank and scaling gather with the scaling applied once; others (other ranks or alphas)
+    fold each scaling into B and pad ranks: both equal peft's adapter-by-adapter loop."""
+    from peft import get_peft_model
+    from peft.tuners.lora import Linear as LoraLinear
+
+    task = get_task("classification")
+    model, _, _ = task.model.build_model("tiny", ["a", "b", "c"], 64, "lora")
+    heads = task.model.head_modules(model)
+    targets = resolve_target_modules(model, list(task.preset.target_modules), exclude=heads)
+    configs = [adapter_config("lora", model, rank, alpha, 0.0, targets, heads) for rank, alpha in recipes]
+    peft_model = get_peft_model(model, configs[0], adapter_name="run0")
+    for index, config in enumerate(configs[1:], start=1):
+        peft_model.add_adapter(f"run{index}", config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    peft_model.eval()
+    prepare_mixed_batches(peft_model)
+    layer = next(module for module in peft_model.modules() if isinstance(module, LoraLinear))
+    rows = ["run2", "run0", "run1", "run2", "run1"]
+    x = torch.randn(5, 7, layer.in_features)
+    gathered = layer(x, adapter_names=rows)
+    peft_loop = type(layer)._mixed_batch_forward(layer, x, adapter_names=rows)
+    assert torch.allclose(gathered, peft_loop, atol=1e-5)
+    assert not torch.allclose(gathered, layer.base_layer(x), atol=1e-3)  # the updates are not zero

@@ -4,7 +4,7 @@ them), decoded per view, combined per image."""
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -12,6 +12,8 @@ from PIL import Image
 
 from visionlora.modeling.mixed_batches import BASE_ROWS, index_tensors, mixed_rows, select_rows
 from visionlora.tasks.base import ModelInfo, PredictInput, Task
+
+PREPARED = "prepared"  # the keyword of the inputs made ahead by :func:`prepared_inputs`, one list per image
 
 
 @dataclass(frozen=True, eq=False)
@@ -26,24 +28,39 @@ class PredictView:
 
 
 def predict(task: Task, model: Any, processor: Any, images: Sequence[Image.Image], info: ModelInfo,
-            **options: Any) -> list[dict]:
-    """JSON-ready predictions for RGB images, batched ``predict_batch`` inputs at a time."""
-    return predict_mixed(task, model, images, [PredictView(None, processor, info)] * len(images), **options)
+            prepared: Sequence[list[PredictInput]] | None = None, **options: Any) -> list[dict]:
+    """JSON-ready predictions for RGB images, batched ``predict_batch`` inputs at a time (``prepared``:
+    see :func:`predict_mixed`)."""
+    return predict_mixed(task, model, images, [PredictView(None, processor, info)] * len(images), prepared,
+                         **options)
+
+
+def prepared_inputs(task: Task, images: Sequence[Image.Image], views: Sequence[PredictView],
+                    **options: Any) -> list[list[PredictInput]]:
+    """Each image's model inputs (resized and normalised pixels), as :func:`predict_mixed` makes them: made
+    ahead (e.g. in another thread while a forward runs) and handed to it as ``prepared``."""
+    options = {**task.prediction.default_options(), **options}
+    return [task.prediction.predict_inputs(image, index, view.processor, view.info, options)
+            for index, (image, view) in enumerate(zip(images, views))]
 
 
 @torch.inference_mode()
 def predict_mixed(task: Task, model: Any, images: Sequence[Image.Image], views: Sequence[PredictView],
-                  **options: Any) -> list[dict]:
+                  prepared: Sequence[list[PredictInput]] | None = None, **options: Any) -> list[dict]:
     """Predictions for ``images``, each by its own view (adapter, processor, labels) of one model.
 
     Inputs whose views preprocess alike share forwards; views naming adapters run them as
     a mixed-adapter batch (``adapter_names``), and each view's rows decode with its own labels.
+    ``prepared``: each image's inputs made by :func:`prepared_inputs` with the same options (each
+    list's image indices counting from its own image set: they are renumbered here), else made now.
     """
     if getattr(model, "training", True):  # eval() walks every module: only when needed
         model.eval()
     options = {**task.prediction.default_options(), **options}
-    inputs = [item for index, (image, view) in enumerate(zip(images, views))
-              for item in task.prediction.predict_inputs(image, index, view.processor, view.info, options)]
+    if prepared is None:
+        prepared = prepared_inputs(task, images, views, **options)
+    inputs = [item if item.image_index == index else replace(item, image_index=index)
+              for index, items in enumerate(prepared) for item in items]
     per_image: list[list[Any]] = [[] for _ in images]
     for chunk in _chunks(inputs, views, task.predict_batch):
         for item, result in _predict_chunk(task, model, chunk, views, images, options):
@@ -59,7 +76,7 @@ def _predict_chunk(task: Task, model: Any, chunk: list[PredictInput], views: Seq
     batch = {key: value.to(model.device) for key, value in pixels.items()}
     adapters = [view.adapter for view in chunk_views]
     names = [adapter if adapter is not None else BASE_ROWS for adapter in adapters]  # None: the model as it is
-    with mixed_rows(model, names) if adapters[0] is not None else nullcontext():
+    with mixed_rows(model, names, by_runs=False) if adapters[0] is not None else nullcontext():
         outputs = model(**batch, **chunk_views[0].info.forward_kwargs)
     results = []
     by_view = _rows_by_view(chunk_views)

@@ -5,14 +5,16 @@ own LoRA update, one adapter after another. Here two of its steps are replaced:
 
 - a LoRA linear layer gathers each row's A and B matrices (padded with zeros to the largest
   rank) and applies them all in two batched matrix products (as Punica's BGMV kernel does), so a
-  forward costs the same whether its rows use 1 adapter or 32, in inference and in training; a
-  batch whose adapters each hold one run of rows (a packed training batch) takes each run's
-  update on its slice instead, as peft computes it for one adapter;
+  forward costs the same whether its rows use 1 adapter or 32, in inference and in training; the
+  adapters' common scaling is applied once to the update, not to each adapter's B. A batch whose
+  adapters each hold one run of rows (a packed training batch, or a batch of one adapter) takes
+  each run's update on its slice instead, as peft computes it for one adapter;
   layers it cannot gather for (a variant, a bias on B, dropout while training) keep peft's loop;
 - a trained head of any kind mixes (peft's wrapper mixes only plain Linear, Embedding and Conv
-  heads fed one tensor): its inputs are split by adapter (any batch-first tensors, also inside
-  lists and tuples), each adapter's own head runs on its rows, and the outputs are put back in
-  row order.
+  heads fed one tensor): plain Linear heads fed one tensor gather each row's weights and run as
+  one batched product; other heads' inputs are split by adapter (any batch-first tensors, also
+  inside lists and tuples), each adapter's own head runs on its rows, and the outputs are put
+  back in row order. A batch of one adapter runs its head as it is.
 
 The row indices both need are made once per batch, on the model's device (:class:`MixedRows`), and
 every layer reuses them: no layer copies indices from the host.
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from types import MethodType
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 
@@ -37,10 +39,11 @@ class MixedRows(list):
     mixed forward made once for the batch on ``device``, in one copy from the host.
 
     ``adapters``: the names in order of first appearance; ``positions``: each row's place in
-    ``adapters``; ``rows``: each adapter's rows.
+    ``adapters``; ``rows``: each adapter's rows; ``runs``: each adapter's run of rows, when its rows
+    are one run and ``by_runs`` (else None: the layers gather).
     """
 
-    def __init__(self, adapter_names: Sequence[str], device: torch.device | str):
+    def __init__(self, adapter_names: Sequence[str], device: torch.device | str, by_runs: bool = True):
         super().__init__(adapter_names)
         by_adapter = rows_by_adapter(list(adapter_names))
         self.adapters = list(by_adapter)
@@ -48,7 +51,7 @@ class MixedRows(list):
         positions, *rows = index_tensors([[place[name] for name in self], *by_adapter.values()], device)
         self.positions: torch.Tensor = positions
         self.rows: dict[str, torch.Tensor] = dict(zip(self.adapters, rows))
-        self.runs = adapter_runs(list(adapter_names))
+        self.runs = adapter_runs(list(adapter_names)) if by_runs or len(self.adapters) == 1 else None
 
 
 def adapter_runs(adapter_names: list[str]) -> list[tuple[str, int, int]] | None:
@@ -102,16 +105,19 @@ def prepare_mixed_batches(peft_model) -> None:
 
 
 @contextmanager
-def mixed_rows(peft_model, adapter_names: list[str]):
+def mixed_rows(peft_model, adapter_names: list[str], by_runs: bool = True):
     """Within it, a forward of ``peft_model`` gives row i adapter ``adapter_names[i]``.
 
     As peft's ``adapter_names`` argument does, but with the layers found once by
     :func:`prepare_mixed_batches` rather than by two walks over the model (and every adapter
-    in it) per forward.
+    in it) per forward. With ``by_runs`` (a packed training batch), adapters whose rows are one
+    run each take their updates run by run, as peft computes one adapter's; without it only a
+    batch of one adapter does, and any other mix gathers (fewer operations per layer for many
+    adapters).
     """
     if not hasattr(peft_model, "mixing_layers"):
         prepare_mixed_batches(peft_model)
-    rows = MixedRows(adapter_names, next(peft_model.parameters()).device)
+    rows = MixedRows(adapter_names, next(peft_model.parameters()).device, by_runs)
 
     def give_rows(module, args, kwargs):
         return args, {**kwargs, "adapter_names": rows}
@@ -136,11 +142,11 @@ def _gathered_lora(peft_loop):
         runs = adapter_names.runs if isinstance(adapter_names, MixedRows) else None
         if runs is not None:
             return result + _updates_by_run(layer, x, runs, result)
-        a, b = _stacked_updates(layer, adapters, present)  # (n, rank, in), (n, out, rank)
+        a, b, scaling = _stacked_updates(layer, adapters, present)  # (n, rank, in), (n, out, rank), a float
         rows = _mixed(adapter_names, a.device).positions.to(a.device)
         flat = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])
         update = torch.bmm(torch.bmm(flat, a[rows].transpose(1, 2)), b[rows].transpose(1, 2))
-        return result + update.reshape(result.shape).to(result.dtype)
+        return result.add(update.reshape(result.shape).to(result.dtype), alpha=scaling)
 
     return mixed_batch_forward
 
@@ -159,11 +165,19 @@ def _updates_by_run(layer, x: torch.Tensor, runs: list[tuple[str, int, int]], re
     return torch.cat(parts)
 
 
-def _stacked_updates(layer, adapters: list[str], present: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every adapter's A and B (its scaling folded into B, a float times a weight on its device) stacked,
-    each padded with zeros to the largest rank; zeros for rows whose adapter does not adapt this layer
-    (the base's rows, or a job that targets other layers). Zero padding is exact, in the forward and in
-    the gradients: a padded row of A meets a zero column of B."""
+def _stacked_updates(layer, adapters: list[str], present: list[str]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Every adapter's A and B stacked, and the scaling of their product: where every row's adapter adapts
+    this layer with one rank and one scaling (adapters of one recipe), the weights as they are and that
+    scaling; else each B times its own scaling and A padded with zeros to the largest rank, zeros for rows
+    whose adapter does not adapt this layer (the base's rows, or a job that targets other layers), and a
+    scaling of 1. Zero padding is exact, in the forward and in the gradients: a padded row of A meets a
+    zero column of B."""
+    if len(present) == len(adapters):
+        scalings = {layer.scaling[name] for name in present}
+        ranks = {layer.lora_A[name].weight.shape[0] for name in present}
+        if len(scalings) == 1 and len(ranks) == 1:
+            return (torch.stack([layer.lora_A[name].weight for name in present]),
+                    torch.stack([layer.lora_B[name].weight for name in present]), float(scalings.pop()))
     rank = max(layer.lora_A[name].weight.shape[0] for name in present)
     first_a, first_b = layer.lora_A[present[0]].weight, layer.lora_B[present[0]].weight
     zero_a = first_a.new_zeros((rank, first_a.shape[1]))
@@ -178,7 +192,7 @@ def _stacked_updates(layer, adapters: list[str], present: list[str]) -> tuple[to
         missing = rank - a_weight.shape[0]
         a_parts.append(torch.nn.functional.pad(a_weight, (0, 0, 0, missing)) if missing else a_weight)
         b_parts.append(torch.nn.functional.pad(b_weight, (0, missing)) if missing else b_weight)
-    return torch.stack(a_parts), torch.stack(b_parts)
+    return torch.stack(a_parts), torch.stack(b_parts), 1.0
 
 
 def _gatherable(layer, adapters: list[str]) -> bool:
@@ -194,14 +208,40 @@ def _forward_by_adapter(plain_forward):
     def forward(wrapper, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any):
         if adapter_names is None:
             return plain_forward(wrapper, *args, **kwargs)
-        parts = []
-        for adapter, index in _mixed(adapter_names, "cpu").rows.items():
-            head = wrapper.original_module if adapter == BASE_ROWS else wrapper.modules_to_save[adapter]
-            parts.append((index, head(*select_rows(args, index, len(adapter_names)),
-                                      **select_rows(kwargs, index, len(adapter_names)))))
-        return _stitch(parts, len(adapter_names))
+        rows = _mixed(adapter_names, "cpu")
+        heads = [wrapper.original_module if name == BASE_ROWS else wrapper.modules_to_save[name]
+                 for name in rows.adapters]
+        if len(heads) == 1:  # one adapter: its head as it is
+            return heads[0](*args, **kwargs)
+        if _linear_heads(heads, args, kwargs, len(rows)):
+            return _gathered_linear(heads, args[0], rows.positions)
+        parts = [(index, head(*select_rows(args, index, len(rows)), **select_rows(kwargs, index, len(rows))))
+                 for head, index in zip(heads, rows.rows.values())]
+        return _stitch(parts, len(rows))
 
     return forward
+
+
+def _linear_heads(heads: list[torch.nn.Module], args: tuple, kwargs: dict[str, Any], batch: int) -> bool:
+    """Whether the heads are plain Linear layers of one shape, fed one batch-first tensor."""
+    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2:
+        return False
+    first = heads[0]
+    return args[0].shape[0] == batch and all(
+        type(head) is torch.nn.Linear and head.weight.shape == first.weight.shape
+        and (head.bias is None) == (first.bias is None) for head in heads)
+
+
+def _gathered_linear(modules: list[torch.nn.Module], x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Each row through its own adapter's Linear head, as one batched product of the rows' gathered weights."""
+    heads = cast("list[torch.nn.Linear]", modules)  # checked by _linear_heads
+    weight = torch.stack([head.weight for head in heads])  # (n, out, in)
+    rows = positions.to(weight.device)
+    flat = x.to(weight.dtype).reshape(x.shape[0], -1, x.shape[-1])
+    out = torch.bmm(flat, weight[rows].transpose(1, 2))
+    if heads[0].bias is not None:
+        out = out + torch.stack([head.bias for head in heads])[rows].unsqueeze(1)
+    return out.reshape(*x.shape[:-1], weight.shape[1])
 
 
 def _adapters(adapter_names: list[str]) -> list[str]:

@@ -28,8 +28,11 @@ loaded) gets a 503 with ``Retry-After``, counted in ``visionlora_failures`` by c
 keeps serving. A run under ``--runs-dir`` loads on its first request; the batcher of a base's
 mixing LoRA adapters lets requests for different adapters share one forward.
 
-A :class:`VisionServer` holds the store, a batcher per batch group and two thread pools (forwards
-and loads); its app's lifespan starts the pools, and at shutdown stops the batchers and the pools.
+A :class:`VisionServer` holds the store, a batcher per batch group and three thread pools (forwards,
+loads, and the preparing of requests' images); its app's lifespan starts the pools, and at shutdown
+stops the batchers and the pools. A request's images are decoded, resized and normalised in the
+preparing pool, off the event loop and alongside the forward of the batch before: a forward thread
+only stacks prepared pixels, runs the model and decodes its outputs.
 When the store unloads a run, the batcher that served only that run is dropped.
 """
 
@@ -55,15 +58,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from visionlora.core.outputs import png_bytes
+from visionlora.deploy.prediction import PREPARED, prepared_inputs
 from visionlora.errors import VisionLoraError
 from visionlora.serving import DEFAULT_MAX_PIXELS
 from visionlora.serving.batching import Batcher, BatcherStopped, DeadlineMissed, Job
-from visionlora.serving.forms import ApiError, Upload, parse_options, read_upload
+from visionlora.serving.forms import ApiError, Upload, decoded_images, parse_options, read_upload
 from visionlora.serving.memory import RETRY_AFTER_S, OutOfMemory
 from visionlora.serving.metrics import Metrics
 from visionlora.serving.models import ModelStore, ServedModel, StoreEvents, UnknownModel, predict_together
 
 FORWARD_THREADS = 2  # forwards of different bases run at once; one base's forwards take turns on its lock
+PREPARE_THREADS = 2  # requests' images decoded, resized and normalised at once, beside the forwards
 LIVENESS = ("/health", "/v2/health/live")  # open without the API key: a process that answers is alive
 QUEUE_RETRY_AFTER_S = 1  # the Retry-After of a request refused because --max-queue requests are held
 
@@ -105,6 +110,7 @@ class VisionServer(StoreEvents):
         self.batchers: dict[tuple, Batcher] = {}
         self.forward_pool: ThreadPoolExecutor | None = None
         self.load_pool: ThreadPoolExecutor | None = None
+        self.prepare_pool: ThreadPoolExecutor | None = None
         self._batchers_lock = threading.Lock()  # the store drops batchers from its load thread
         self._pools_lock = threading.Lock()
         self._dropped: weakref.WeakSet[Batcher] = weakref.WeakSet()  # dropped ones still answering
@@ -120,9 +126,10 @@ class VisionServer(StoreEvents):
         """Start the thread pools (nothing when they run); the first start loads the runs named at start
         in the load thread, while the server already answers (not ready until they are loaded)."""
         with self._pools_lock:
-            if self.forward_pool is None or self.load_pool is None:
+            if self.forward_pool is None or self.load_pool is None or self.prepare_pool is None:
                 self.forward_pool = ThreadPoolExecutor(FORWARD_THREADS, thread_name_prefix="visionlora-forward")
                 self.load_pool = ThreadPoolExecutor(1, thread_name_prefix="visionlora-load")
+                self.prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="visionlora-prepare")
                 preload, self.preload = self.preload, []
                 if preload:
                     self.load_pool.submit(self._load_at_start, preload)
@@ -154,8 +161,8 @@ class VisionServer(StoreEvents):
             self._dropped.clear()
         for batcher in batchers:
             batcher.stop()
-        pools = [pool for pool in (self.forward_pool, self.load_pool) if pool is not None]
-        self.forward_pool = self.load_pool = None
+        pools = [pool for pool in (self.forward_pool, self.load_pool, self.prepare_pool) if pool is not None]
+        self.forward_pool = self.load_pool = self.prepare_pool = None
         for pool in pools:
             pool.shutdown(wait=True)
 
@@ -180,6 +187,11 @@ class VisionServer(StoreEvents):
 
     async def _in_load_thread(self, function: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._load_thread(), function, *args)
+
+    async def _in_prepare_thread(self, function: Callable, *args: Any) -> Any:
+        self.start()
+        assert self.prepare_pool is not None
+        return await asyncio.get_running_loop().run_in_executor(self.prepare_pool, function, *args)
 
     # -- store events ------------------------------------------------------------------------------
     def loaded(self, name: str, seconds: float) -> None:
@@ -283,7 +295,8 @@ class VisionServer(StoreEvents):
         try:
             request.refuse_given_boxes(options)
             request.check(box_model.info, box_model.name)
-            found = await self.predicted(box_model, Job(images, request.model_options(), (), box_model, deadline))
+            job = await self._prepared_job(box_model, images, request.model_options(), (), deadline)
+            found = await self.predicted(box_model, job)
         except VisionLoraError as err:
             raise ApiError(400, str(err)) from None
         finally:
@@ -303,22 +316,42 @@ class VisionServer(StoreEvents):
         try:
             upload = await self._upload(request)
             options, per_image, box_values = parse_options(served, upload.fields, upload.names)
-            found = await self.found_boxes(served, box_values, upload.images, options, deadline)  # per image
+            images = await self._decoded(upload)
+            found = await self.found_boxes(served, box_values, images, options, deadline)  # per image
             options.update(found)
             per_image = (*per_image, *(name for name in found if name not in per_image))
-            predictions = await self.predicted(served, Job(upload.images, options, per_image, served, deadline))
+            predictions = await self.predicted(served, await self._prepared_job(served, images, options, per_image,
+                                                                                deadline))
         finally:
             self.let_go(served)
-        self.metrics.images.labels(name).inc(len(upload.images))
-        return served, upload.names, upload.images, predictions
+        self.metrics.images.labels(name).inc(len(images))
+        return served, upload.names, images, predictions
 
     async def _upload(self, request: Request) -> Upload:
-        """The request's images and fields; a refused image or body is counted (cause ``bad_body``)."""
+        """The request's image bytes and fields; a refused body is counted (cause ``bad_body``)."""
         try:
-            return await read_upload(request, self.settings.max_upload_bytes, self.settings.max_pixels)
+            return await read_upload(request, self.settings.max_upload_bytes)
         except ApiError:
             self.metrics.refusals.labels("bad_body").inc()
             raise
+
+    async def _decoded(self, upload: Upload) -> list:
+        """The upload's images, decoded in a preparing thread; a refused image is counted (cause ``bad_body``)."""
+        try:
+            return await self._in_prepare_thread(decoded_images, upload, self.settings.max_pixels)
+        except ApiError:
+            self.metrics.refusals.labels("bad_body").inc()
+            raise
+
+    async def _prepared_job(self, served: ServedModel, images: list, options: dict[str, Any],
+                            per_image: tuple[str, ...], deadline: float | None) -> Job:
+        """The job of ``images`` for ``served``, their model inputs made in a preparing thread (a bad option
+        found there is a 400)."""
+        try:
+            prepared = await self._in_prepare_thread(_prepared, served, images, options)
+        except VisionLoraError as err:
+            raise ApiError(400, str(err)) from None
+        return Job(images, {**options, PREPARED: prepared}, (*per_image, PREPARED), served, deadline)
 
     def _admitted(self) -> _Held:
         """The request held while it runs; past ``max_queue`` held at once, a 503 with Retry-After now."""
@@ -381,9 +414,9 @@ class VisionServer(StoreEvents):
         store = self.store
         return {"models": await self._in_load_thread(store.catalogue) if store.runs_dir else store.catalogue()}
 
-    async def predict(self, name: str, request: Request) -> dict[str, Any]:
-        _, names, _, predictions = await self.run_prediction(name, request)
-        return {"predictions": [{"image": n, **p} for n, p in zip(names, predictions)]}
+    async def predict(self, name: str, request: Request) -> JSONResponse:
+        _, names, _, predictions = await self.run_prediction(name, request)  # JSON-ready: no encoder walk
+        return JSONResponse({"predictions": [{"image": n, **p} for n, p in zip(names, predictions)]})
 
     async def draw(self, name: str, request: Request) -> Response:
         served, names, images, predictions = await self.run_prediction(name, request)
@@ -501,6 +534,11 @@ class _Held:
 
     def __exit__(self, *exc: object) -> None:
         self.server.held -= 1
+
+
+def _prepared(served: ServedModel, images: list, options: dict[str, Any]) -> list:
+    """Each image's model inputs for ``served``, as its forward would make them."""
+    return prepared_inputs(served.task, images, [served.view] * len(images), **options)
 
 
 def _bearer_is(request: Request, secret: str) -> bool:

@@ -8,8 +8,10 @@ Three shapes of body are read alike:
   (a body without a content type, or with curl's default form type, is JSON when it starts with ``{``,
   else a raw image).
 
-Images are refused past ``max_pixels`` from their header, before decoding. Every problem is an
-:class:`ApiError` with the status and message the client is answered.
+Reading a request keeps its images' bytes: :func:`decoded_images` decodes them, in a worker thread
+(decoding is most of a small model's request), refusing each past ``max_pixels`` from its header,
+before decoding. Every problem is an :class:`ApiError` with the status and message the client is
+answered.
 """
 
 from __future__ import annotations
@@ -47,30 +49,35 @@ class ApiError(Exception):
 
 @dataclass
 class Upload:
-    """A request's images (decoded, RGB), their names, and its option fields as text."""
+    """A request's images (their bytes, not decoded yet), their names, and its option fields as text."""
 
     names: list[str]
-    images: list[Any]
+    data: list[bytes]
     fields: dict[str, str] = field(default_factory=dict)
 
 
-async def read_upload(request: Request, max_bytes: int, max_pixels: int | None) -> Upload:
-    """The images and option fields of ``request``, in any of the three shapes the module takes."""
+async def read_upload(request: Request, max_bytes: int) -> Upload:
+    """The image bytes and option fields of ``request``, in any of the three shapes the module takes."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == UNSAID:  # curl --data-binary @photo.png says this unless told otherwise
         content_type = ""
     if content_type == "multipart/form-data":
         form = await read_form(request, max_bytes)
-        names, images = await read_images(form, max_pixels)
-        return Upload(names, images, {k: v for k, v in form.multi_items() if k != "file" and isinstance(v, str)})
+        names, data = await read_files(form)
+        return Upload(names, data, {k: v for k, v in form.multi_items() if k != "file" and isinstance(v, str)})
     if content_type and content_type != "application/json" and not content_type.startswith(RAW_TYPES):
         raise ApiError(415, f"content type {content_type!r} is not taken: {BODY_SHAPES}")
     body = await read_body(request, max_bytes)
     if not body:
         raise ApiError(400, f"empty body: {BODY_SHAPES}")
     if content_type == "application/json" or (not content_type and body.lstrip()[:1] == b"{"):
-        return _json_upload(body, max_pixels)
-    return Upload(["image"], [_decoded(body, "image", max_pixels)], dict(request.query_params))
+        return _json_upload(body)
+    return Upload(["image"], [body], dict(request.query_params))
+
+
+def decoded_images(upload: Upload, max_pixels: int | None) -> list[Any]:
+    """The upload's images decoded as RGB; an unreadable or oversized one is a 400 naming it."""
+    return [_decoded(data, name, max_pixels) for name, data in zip(upload.names, upload.data)]
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -78,7 +85,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join([chunk async for chunk in _limited(request, request.stream(), max_bytes)])
 
 
-def _json_upload(body: bytes, max_pixels: int | None) -> Upload:
+def _json_upload(body: bytes) -> Upload:
     """A JSON body ``{"inputs": BASE64 | [BASE64, ...], "parameters": {...}}`` (data URLs taken too)."""
     try:
         payload = json.loads(body)
@@ -92,10 +99,10 @@ def _json_upload(body: bytes, max_pixels: int | None) -> Upload:
     if not isinstance(parameters, dict):
         raise ApiError(400, "'parameters' must be a JSON object of the task's options")
     names = [f"inputs[{index}]" if isinstance(inputs, list) else "inputs" for index in range(len(listed))]
-    images = [_decoded(_base64(text, name), name, max_pixels) for text, name in zip(listed, names)]
+    data = [_base64(text, name) for text, name in zip(listed, names)]
     fields = {key: value if isinstance(value, str) else json.dumps(value)
               for key, value in parameters.items() if value is not None}
-    return Upload(names, images, fields)
+    return Upload(names, data, fields)
 
 
 def _base64(text: str, name: str) -> bytes:
@@ -162,17 +169,16 @@ async def _drain(stream, limit: int) -> None:
         pass
 
 
-async def read_images(form: FormData, max_pixels: int | None = None) -> tuple[list[str], list[Any]]:
-    """The uploaded ``file`` fields, decoded; an unreadable one is a 400 naming it."""
+async def read_files(form: FormData) -> tuple[list[str], list[bytes]]:
+    """The names and bytes of the uploaded ``file`` fields."""
     uploads = [item for item in form.getlist("file") if isinstance(item, UploadFile)]
     if not uploads:
         raise ApiError(400, "no 'file' field: upload one or more images as multipart field 'file'")
-    names, images = [], []
+    names, data = [], []
     for index, upload in enumerate(uploads):
-        name = upload.filename or f"file{index + 1}"
-        images.append(_decoded(await upload.read(), name, max_pixels))
-        names.append(name)
-    return names, images
+        names.append(upload.filename or f"file{index + 1}")
+        data.append(await upload.read())
+    return names, data
 
 
 def parse_options(served: ServedModel, form: Mapping[str, Any],

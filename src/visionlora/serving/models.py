@@ -116,9 +116,15 @@ class ServedModel:
 
 
 def predict_together(members: Sequence[ServedModel], images, **options: Any) -> list[dict]:
-    """Each image predicted by its own run: one run as usual, several adapters of one base in mixed forwards."""
+    """Each image predicted by its own run: one run as usual, several adapters of one base in mixed forwards.
+
+    A batch of one run whose adapter is not the active one, on a base that mixes, runs as a mixed batch
+    of that one adapter (peft's own computation of one adapter, on every row): no walk over the model
+    to make it active, which grows with the adapters the base holds.
+    """
     first = members[0]
-    if all(member is first for member in members):
+    if all(member is first for member in members) and (
+            first.refuses_mixing is not None or first.base.model.active_adapter == first.adapter):
         return first.predict(images, **options)
     with first.base.lock:
         return predict_mixed(first.task, first.base.model, images, [member.view for member in members], **options)
