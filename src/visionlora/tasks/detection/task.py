@@ -44,6 +44,21 @@ TIED_HEAD_TYPES = ("rt_detr", "d_fine", "deimv2")
 
 
 class DetectionData(TaskData):
+    def record_classes(self, record: DetectionRecord) -> list[str]:
+        return list(record.labels)
+
+    def check_record(self, record: DetectionRecord, image_size: tuple[int, int], labels: list[str]) -> list[str]:
+        """Zero-area boxes, boxes reaching outside the image (as decoded), labels not among the categories."""
+        problems = []
+        for box, label in zip(record.boxes, record.labels):
+            shown = "[" + ", ".join(f"{v:g}" for v in box) + f"] ({label})"
+            problem = box_problem(box, image_size)
+            if problem:
+                problems.append(f"box {shown} {problem}")
+            if label not in labels:
+                problems.append(f"box {shown}: category {label!r} is not among {', '.join(labels)}")
+        return problems
+
     def check_data(self, source: SourceData, held_out: list[Part], where: str) -> None:
         """Categories of every part, and boxes in training and validation (mAP needs validation boxes)."""
         source.labels = list(dict.fromkeys(source.labels + [n for part in held_out for n in part.labels]))
@@ -91,6 +106,17 @@ class DetectionData(TaskData):
         if split == "train":
             counts["train_negatives"] = sum(not r.boxes for r in dataset.records)
         return counts
+
+
+def box_problem(box: Sequence[float], image_size: tuple[int, int], slack: float = 1.0) -> str | None:
+    """Why a box (x0, y0, x1, y1) is wrong in an image of ``image_size`` (width, height), or None."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    width, height = image_size
+    if not np.isfinite([x0, y0, x1, y1]).all() or x1 - x0 <= 0 or y1 - y0 <= 0:
+        return "has no area"
+    if x0 < -slack or y0 < -slack or x1 > width + slack or y1 > height + slack:
+        return f"reaches outside the {width}x{height} image"
+    return None
 
 
 class DetectionModel(TaskModel):

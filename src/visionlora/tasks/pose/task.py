@@ -109,6 +109,24 @@ def pose_state(info: ModelInfo) -> PoseState:
 
 
 class PoseData(TaskData):
+    def check_record(self, record: PoseRecord, image_size: tuple[int, int], labels: list[str]) -> list[str]:
+        """Labelled keypoints outside the image (as decoded), and instances with no keypoint labelled."""
+        width, height = image_size
+        problems = []
+        for number, instance in enumerate(record.instances, 1):
+            points = np.asarray(instance.keypoints, dtype=np.float64)
+            labelled = points[:, 2] > 0
+            if not labelled.any():
+                problems.append(f"instance {number}: every keypoint is unlabelled or invisible")
+                continue
+            outside = labelled & ((points[:, 0] < 0) | (points[:, 1] < 0) | (points[:, 0] >= width)
+                                  | (points[:, 1] >= height))
+            for index in np.flatnonzero(outside):
+                name = labels[index] if index < len(labels) else f"keypoint {index}"
+                problems.append(f"instance {number}: {name} at ({points[index, 0]:g}, {points[index, 1]:g}) lies "
+                                f"outside the {width}x{height} image")
+        return problems
+
     def state_from_data(self, source: SourceData, info: ModelInfo, cfg) -> PoseState:
         """The skeleton the annotations draw between keypoints."""
         return dataclasses.replace(pose_state(info), skeleton=source.extra.get("skeleton", []))

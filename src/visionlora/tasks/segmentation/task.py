@@ -62,6 +62,15 @@ class SegmentationState(TaskState):
 
 
 class SegmentationData(TaskData):
+    def check_record(self, record: SegmentationRecord, image_size: tuple[int, int], labels: list[str]) -> list[str]:
+        """A mask that is missing or unreadable, differs in size from its image, or holds values that are
+        not among the classes (nor the ignore value)."""
+        try:
+            load_mask(record, len(labels), IGNORE_INDEX, image_size)
+        except VisionLoraError as err:
+            return [str(err)]
+        return []
+
     def check_data(self, source: SourceData, held_out: list[Part], where: str) -> None:
         if len(source.labels) < 2:
             raise VisionLoraError(f"{where}: {len(source.labels)} class; segmentation needs at least two "
