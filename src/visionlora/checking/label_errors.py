@@ -83,7 +83,10 @@ def train_folds(task: Task, data: str, val_data: str | None, model: str | None, 
 
 def predict_folds(task: Task, run_dirs: list[str]) -> OutOfSample:
     """Each fold's held-out records predicted by its own run (unreadable images left out)."""
-    records, names, sources, predictions = [], [], [], []
+    records: list[Any] = []
+    names: list[str] = []
+    sources: list[Any] = []
+    predictions: list[dict[str, Any]] = []
     run = None
     for run_dir in run_dirs:
         run = load_run(run_dir, "cpu")

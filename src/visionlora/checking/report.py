@@ -22,7 +22,9 @@ Drawer = Callable[[Any, dict[str, Any]], bytes | None]
 
 def terminal_lines(findings: Iterable[Finding]) -> list[str]:
     """One line per finding naming its file, at most LINES_PER_KIND of a kind (then how many more)."""
-    lines, shown, hidden = [], defaultdict(int), defaultdict(int)
+    lines: list[str] = []
+    shown: dict[str, int] = defaultdict(int)
+    hidden: dict[str, int] = defaultdict(int)
     for finding in findings:
         if shown[finding.kind] < LINES_PER_KIND:
             shown[finding.kind] += 1

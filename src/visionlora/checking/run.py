@@ -9,6 +9,7 @@ from visionlora.checking.label_errors import FoldSettings, drawer, label_error_f
 from visionlora.checking.report import summary_line, terminal_lines, write_html, write_json
 from visionlora.checking.scan import CheckResult, run_checks
 from visionlora.data.checks import ERROR, WARNING
+from visionlora.errors import VisionLoraError
 from visionlora.tasks import get_task
 
 __all__ = ["FoldSettings", "check", "default_output", "exit_code"]
@@ -21,12 +22,11 @@ def default_output(data: str) -> Path:
 
 def check(data: str, task_name: str, val_data: str | None = None, model: str | None = None,
           image_size: int | None = None, output: str | None = None, progress: bool = True,
-          folds: FoldSettings | None = None, say: Callable[[str], None] = print) -> tuple[CheckResult, list[str], list[Path]]:
+          folds: FoldSettings | None = None,
+          say: Callable[[str], None] = print) -> tuple[CheckResult, list[str], list[Path]]:
     """(result, the terminal's lines, the files written) of checking ``data`` (and with ``folds``, its label errors)."""
     task = get_task(task_name)
     if image_size is not None and image_size < 8:
-        from visionlora.errors import VisionLoraError
-
         raise VisionLoraError(f"--image-size must be at least 8, not {image_size}")
     result = run_checks(task, data, val_data, image_size, model, progress)
     folder = Path(output) if output else default_output(data)

@@ -166,7 +166,7 @@ def processor_side(settings: dict[str, Any]) -> int:
     if isinstance(size, int):
         return size
     if isinstance(size, dict):
-        values = [size.get(k) for k in ("height", "width", "shortest_edge") if size.get(k)]
+        values = [int(size[k]) for k in ("height", "width", "shortest_edge") if size.get(k)]
         if values:
-            return int(min(values))
+            return min(values)
     return DEFAULT_INPUT
