@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from visionlora.artifacts import read_json
-from visionlora.data.checks import WARNING, Finding
+from visionlora.checking.report import LABEL_ERROR
+from visionlora.data.checks import WARNING, Finding, fit_side
 from visionlora.data.images import UnreadableImage, load_rgb
 from visionlora.data.records import image_source
 from visionlora.deploy.predictor import LoadedRun, load_run
@@ -116,21 +117,21 @@ def label_error_findings(task: Task, found: OutOfSample) -> list[Finding]:
     for score, index in flagged:
         image = load_rgb(found.sources[index])
         given, _ = task.report.ground_truth(found.records[index], image, found.run.info)
-        findings.append(Finding(WARNING, "label-error", found.names[index], f"likely label error (quality "
+        findings.append(Finding(WARNING, LABEL_ERROR, found.names[index], f"likely label error (quality "
                                 f"{score:.3f}): {issues[index].message}", score=score, given=given,
                                 predicted=found.predictions[index]))
     return findings
 
 
 def drawer(run: LoadedRun, side: int = 160) -> Callable[[Any, dict[str, Any]], bytes | None]:
-    """(image source, prediction-shaped labels) -> a PNG of the labels drawn by the run's task, ``side`` wide."""
+    """(image source, prediction-shaped labels) -> a PNG of the labels drawn by the run's task, at most ``side``
+    pixels (a small image enlarged)."""
 
     def draw(source: Any, labels: dict[str, Any]) -> bytes | None:
         try:
-            image = run.draw(load_rgb(source), labels)
+            image = fit_side(run.draw(load_rgb(source), labels), side)
         except UnreadableImage:
             return None
-        image.thumbnail((side, side))
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return buffer.getvalue()

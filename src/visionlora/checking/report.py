@@ -16,6 +16,7 @@ from visionlora.reporting.report import write_page
 CARDS_PER_KIND = 60  # findings of one kind shown with thumbnails; check.json holds them all
 LINES_PER_KIND = 20  # terminal lines of one kind; the rest are counted
 THUMBS_PER_CARD = 4
+LABEL_ERROR = "label-error"  # the kind of the findings --label-errors adds
 # (image source, prediction-shaped labels) -> PNG of the labels drawn on the image, for label errors
 Drawer = Callable[[Any, dict[str, Any]], bytes | None]
 
@@ -54,16 +55,17 @@ def write_html(result: CheckResult, path: Path, draw: Drawer | None = None) -> P
     """The page: counts, parts, classes, sizes, then each kind of finding with thumbnails (label errors
     with the given and the predicted labels drawn side by side)."""
     thumbs = Thumbnails(result.sources)
-    sections = [f"<p class='headline'>{html.escape(summary_line(result))}</p>", _parts_table(result),
-                _class_table(result), _sizes_table(result)]
+    sections = [f"<p class='headline'>{html.escape(summary_line(result))}</p>"]
     by_kind: dict[str, list[Finding]] = defaultdict(list)
     for finding in result.findings:
         by_kind[finding.kind].append(finding)
-    for kind, findings in by_kind.items():
-        if kind == "label-error":
-            sections.append(_label_errors(findings, result.sources, draw, thumbs))
+    rank = {severity: i for i, severity in enumerate(SEVERITIES)}
+    for kind in sorted(by_kind, key=lambda k: (rank[by_kind[k][0].severity], k != LABEL_ERROR)):
+        if kind == LABEL_ERROR:
+            sections.append(_label_errors(by_kind[kind], result.sources, draw, thumbs))
         else:
-            sections.append(_kind_section(kind, findings, thumbs))
+            sections.append(_kind_section(kind, by_kind[kind], thumbs))
+    sections += [_parts_table(result), _class_table(result), _sizes_table(result)]
     return write_page(path, f"visionlora check: {result.data}", sections)
 
 

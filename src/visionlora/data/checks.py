@@ -118,10 +118,18 @@ def thumbnail_png(source: Any, side: int = 96) -> bytes | None:
         image = load_rgb(source)
     except Exception:  # an unreadable file has no thumbnail; the finding says why
         return None
-    image.thumbnail((side, side))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    fit_side(image, side).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def fit_side(image: Image.Image, side: int) -> Image.Image:
+    """``image`` scaled so that its longer side is ``side`` (small images enlarged by whole pixels)."""
+    scale = side / max(image.size)
+    if scale >= 1:
+        factor = int(scale)
+        return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST) if factor > 1 else image
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
 
 
 # -- the shared checks ---------------------------------------------------------------------------------
