@@ -218,3 +218,60 @@ def test_label_errors_finds_flipped_classification_labels(tmp_path):
     errors = [f for f in _findings(tmp_path / "out") if f["kind"] == "label-error"]
     assert errors and errors[0]["given"]["label"] != errors[0]["predicted"]["label"]
     assert [f["score"] for f in errors] == sorted(f["score"] for f in errors)
+
+
+# -- each task's label score, on predictions made up to agree or disagree --------------------------------------
+def _info(task_name: str, labels: list[str]):
+    from visionlora.tasks import get_task
+    from visionlora.tasks.base import ModelInfo
+
+    task = get_task(task_name)
+    return task, ModelInfo(task_name, "lora", "tiny", labels, {"height": 32, "width": 32}, state=task.state_type())
+
+
+def test_detection_label_issues_flag_a_shifted_box():
+    from visionlora.data.records import DetectionRecord
+
+    task, info = _info("detection", ["red_box", "blue_box"])
+    rng = np.random.default_rng(0)
+    records, predictions = [], []
+    for index in range(12):
+        x, y = (float(v) for v in rng.integers(0, 30, 2))
+        box = [x, y, x + 20, y + 16]
+        given = [x + 30, y + 30, x + 50, y + 46] if index == 5 else box  # the label drawn beside the object
+        records.append(DetectionRecord(f"scene_{index}.png", [given], ["red_box"]))
+        predictions.append({"boxes": [{"label": "red_box", "score": 0.95, "box": box}]})
+    issues = task.report.label_issues(records, predictions, info)
+    assert [i for i, issue in enumerate(issues) if issue.flagged] == [5]
+    assert min(range(12), key=lambda i: issues[i].score) == 5
+
+
+def test_pose_label_issues_flag_a_keypoint_far_from_its_prediction():
+    from visionlora.data.records import PoseInstance, PoseRecord
+
+    task, info = _info("pose", ["snout", "tail"])
+    records, predictions = [], []
+    for index in range(3):
+        points = np.array([[20.0, 30.0, 1.0], [70.0, 60.0, 1.0]])
+        predicted = points.copy()
+        predicted[0, :2] += [40, 0] if index == 1 else [2, -1]  # 40 px off in a 96 x 96 box
+        records.append(PoseRecord(f"frame_{index}.png", [PoseInstance(points)]))
+        predictions.append({"instances": [{"box": [0, 0, 96, 96], "keypoints": [
+            {"name": name, "x": x, "y": y, "score": 0.9} for name, (x, y, _) in zip(info.labels, predicted)]}]})
+    issues = task.report.label_issues(records, predictions, info)
+    assert [issue.flagged for issue in issues] == [False, True, False]
+    assert "snout labelled at (20, 30), predicted at (60, 30)" in issues[1].message
+    assert issues[1].score == pytest.approx(1 - 40 / np.hypot(96, 96))
+
+
+def test_segmentation_mask_issue_is_the_mean_iou():
+    from visionlora.tasks.segmentation.task import mask_issue
+
+    given = np.zeros((10, 10), dtype=np.uint8)
+    given[:5] = 1
+    assert mask_issue(given, given.copy(), ["background", "disc"], 255).flagged is False
+    shifted = np.zeros_like(given)
+    shifted[3:9] = 1  # the disc: rows 3-4 of 0-8 shared (2/9); the background: row 9 of 0-2 and 5-9 (1/8)
+    issue = mask_issue(given, shifted, ["background", "disc"], 255)
+    assert issue.flagged and issue.score == pytest.approx((2 / 9 + 1 / 8) / 2)
+    assert "worst: background, IoU 0.12" in issue.message

@@ -99,7 +99,7 @@ def predict_folds(task: Task, run_dirs: list[str]) -> OutOfSample:
                 kept.append(record)
             except UnreadableImage:
                 continue
-        predictions += run.predict(images, **task.report.out_of_sample_options(run.info))
+        predictions += predict_as_labelled(task, run, kept, images)
         records += kept
         sources += [image_source(record) for record in kept]
         names += [str(source) if isinstance(source, (str, Path)) else f"{part.where}[{i}]"
@@ -107,6 +107,16 @@ def predict_folds(task: Task, run_dirs: list[str]) -> OutOfSample:
     if run is None:
         raise VisionLoraError("no fold runs to predict with")
     return OutOfSample(records, names, sources, predictions, run)
+
+
+def predict_as_labelled(task: Task, run: LoadedRun, records: list[Any], images: list[Any]) -> list[dict[str, Any]]:
+    """Predictions of ``images`` about the instances their records label (top-down: in the labelled boxes, one
+    image at a time), else all at once."""
+    options = task.report.out_of_sample_options(run.info)
+    asked = [task.report.ground_truth(record, image, run.info)[1] for record, image in zip(records, images)]
+    if not any(asked):
+        return run.predict(images, **options)
+    return [run.predict([image], **options, **own)[0] for image, own in zip(images, asked)]
 
 
 def label_error_findings(task: Task, found: OutOfSample) -> list[Finding]:

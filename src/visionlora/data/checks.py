@@ -126,10 +126,13 @@ def thumbnail_png(source: Any, side: int = 96) -> bytes | None:
 def fit_side(image: Image.Image, side: int) -> Image.Image:
     """``image`` scaled so that its longer side is ``side`` (small images enlarged by whole pixels)."""
     scale = side / max(image.size)
-    if scale >= 1:
+    if scale >= 2:
         factor = int(scale)
-        return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST) if factor > 1 else image
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
+        return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
 
 
 # -- the shared checks ---------------------------------------------------------------------------------

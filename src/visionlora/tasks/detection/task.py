@@ -23,7 +23,16 @@ from visionlora.data.transforms import Normalizer, chw, processor_pixels
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.detection import ImageBoxes, detection_curves, detection_metrics
 from visionlora.modeling.builtin import BuiltinModel
-from visionlora.tasks.base import DemoRecipe, Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
+from visionlora.tasks.base import (
+    DemoRecipe,
+    Diagnostics,
+    LabelIssue,
+    ModelInfo,
+    PredictInput,
+    Preset,
+    SeededDataset,
+    Task,
+)
 from visionlora.tasks.detection.plots import precision_recall_plot
 from visionlora.tasks.detection.timm_backbones import (
     check_backbone_loaded,
@@ -247,6 +256,25 @@ class DetectionReport(TaskReport):
         boxes = [{"label": label, "score": 1.0, "box": box} for box, label in zip(record.boxes, record.labels)]
         return {"boxes": boxes}, {}
 
+    def out_of_sample_options(self, info: ModelInfo) -> dict[str, Any]:
+        """Boxes down to a low score: cleanlab weighs them by their scores."""
+        return {"threshold": OUT_OF_SAMPLE_THRESHOLD}
+
+    def label_issues(self, records: list[DetectionRecord], predictions: list[dict[str, Any]],
+                     info: ModelInfo) -> list[LabelIssue]:
+        """cleanlab.object_detection: boxes overlooked, badly placed or of another class than predicted."""
+        from cleanlab.object_detection.filter import find_label_issues
+        from cleanlab.object_detection.rank import get_label_quality_scores
+
+        labels = [{"bboxes": np.asarray(r.boxes, dtype=np.float64).reshape(-1, 4),
+                   "labels": np.array([info.label2id[name] for name in r.labels], dtype=np.int64)} for r in records]
+        found = [_per_class(p["boxes"], info) for p in predictions]
+        flagged = find_label_issues(labels, found)
+        scores = get_label_quality_scores(labels, found)
+        return [LabelIssue(float(score), bool(flag), f"{len(r.boxes)} boxes given, {_confident(p)} predicted with "
+                           f"a score over 0.5 by a model that never saw it")
+                for r, p, score, flag in zip(records, predictions, scores, flagged)]
+
 
 class DetectionTask(Task):
     """Fine-tune an object detector; the main metric is COCO mAP@[.5:.95] on validation."""
@@ -294,6 +322,22 @@ class DetectionTask(Task):
     steps_role = DetectionSteps
     prediction_role = DetectionPrediction
     report_role = DetectionReport
+
+
+OUT_OF_SAMPLE_THRESHOLD = 0.05  # the lowest box score --label-errors asks for
+
+
+def _per_class(boxes: list[dict[str, Any]], info: ModelInfo) -> np.ndarray:
+    """A prediction's boxes as cleanlab takes them: for each class, an (M, 5) array of x0, y0, x1, y1, score."""
+    per_class = np.empty(len(info.labels), dtype=object)
+    for index, name in enumerate(info.labels):
+        rows = [[*found["box"], found["score"]] for found in boxes if found["label"] == name]
+        per_class[index] = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
+    return per_class
+
+
+def _confident(prediction: dict[str, Any]) -> int:
+    return sum(found["score"] > 0.5 for found in prediction["boxes"])
 
 
 def padded_batch(pixels: list[torch.Tensor], mask_dtype: torch.dtype) -> dict[str, torch.Tensor]:
