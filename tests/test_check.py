@@ -159,7 +159,8 @@ def test_near_duplicates_are_found_and_distinct_images_are_not(tmp_path, capsys)
 
 
 def test_near_pairs_and_folds():
-    assert list(near_pairs([0, 0b111, 2**64 - 1, 0b1], 3)) == [(0, 1), (0, 3), (1, 3)]
+    hashes = [bytes(32), bytes([0b111]) + bytes(31), b"\xff" * 32, bytes([1]) + bytes(31)]
+    assert list(near_pairs(hashes, 3)) == [(0, 1), (0, 3), (1, 3)]
     items = [("a" if i < 10 else "b", i) for i in range(25)]
     folds = seeded_folds(items, 5, seed=1, group=lambda item: item[0])
     assert sorted(folds.count(k) for k in range(5)) == [5] * 5

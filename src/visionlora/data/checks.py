@@ -22,7 +22,8 @@ from visionlora.data.images import load_rgb
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 SEVERITIES = (ERROR, WARNING, INFO)
-NEAR_DUPLICATE_BITS = 6  # perceptual hashes (64 bits) at most this far apart are the same picture
+HASH_BITS = 16  # the perceptual hash is HASH_BITS x HASH_BITS bits (256: random photos-alike differ by 36 or more)
+NEAR_DUPLICATE_BITS = 16  # hashes at most this far apart are the same picture (a resized, recompressed copy: 2-6)
 HASH_SIDE = 64  # a JPEG is decoded at about this size (PIL's draft) to hash it
 SMALL_SHARE = 0.5  # an image whose shorter side is under this share of the model's input is upscaled a lot
 WIDE_ASPECT = 2.0  # an image more than this many times wider than high (or higher than wide) is squashed
@@ -58,7 +59,7 @@ class Finding:
 @dataclass
 class ImageFacts:
     """What one look at an image file gives: its stored size, EXIF orientation, a content digest and a
-    perceptual hash (64 bits), or why it cannot be read."""
+    perceptual hash (HASH_BITS squared bits, packed), or why it cannot be read."""
 
     name: str
     split: str
@@ -66,7 +67,7 @@ class ImageFacts:
     height: int = 0
     orientation: int = 1
     digest: str = ""
-    phash: int | None = None
+    phash: bytes | None = None
     error: str | None = None
 
     @property
@@ -109,7 +110,8 @@ def _inspect_opened(opened: Image.Image, facts: ImageFacts) -> None:
     if opened.format == "JPEG":
         opened.draft("RGB", (HASH_SIDE, HASH_SIDE))
     opened.load()
-    facts.phash = int(str(imagehash.phash(ImageOps.exif_transpose(opened).convert("L"))), 16)
+    bits = imagehash.phash(ImageOps.exif_transpose(opened).convert("L"), hash_size=HASH_BITS).hash
+    facts.phash = np.packbits(bits.ravel()).tobytes()
 
 
 def thumbnail_png(source: Any, side: int = 96) -> bytes | None:
@@ -193,7 +195,7 @@ def _groups(images: Sequence[ImageFacts], near_bits: int) -> list[list[int]]:
         if facts.digest in first_of:
             parent[root(index)] = root(first_of[facts.digest])
         first_of.setdefault(facts.digest, index)
-    for a, b in near_pairs([f.phash or 0 for f in images], near_bits):
+    for a, b in near_pairs([f.phash or b"" for f in images], near_bits):
         parent[root(int(b))] = root(int(a))
     members: dict[int, list[int]] = {}
     for index in range(len(images)):
@@ -201,13 +203,13 @@ def _groups(images: Sequence[ImageFacts], near_bits: int) -> list[list[int]]:
     return [group for group in members.values() if len(group) > 1]
 
 
-def near_pairs(hashes: Sequence[int], near_bits: int, block: int = 1024) -> Iterable[tuple[int, int]]:
-    """(i, j), i < j, of the 64-bit hashes at most ``near_bits`` bits apart (Hamming distance by one
-    matrix product of their bits, a block of rows at a time)."""
+def near_pairs(hashes: Sequence[bytes], near_bits: int, block: int = 1024) -> Iterable[tuple[int, int]]:
+    """(i, j), i < j, of the packed hashes (of equal length) at most ``near_bits`` bits apart (Hamming distance
+    by one matrix product of their bits, a block of rows at a time)."""
     if len(hashes) < 2:
         return []
-    words = np.array(hashes, dtype=np.uint64)
-    bits = np.unpackbits(words.view(np.uint8).reshape(-1, 8), axis=1).astype(np.float32)
+    packed = np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(len(hashes), -1)
+    bits = np.unpackbits(packed, axis=1).astype(np.float32)
     ones = bits.sum(axis=1)
     pairs = []
     for start in range(0, len(bits), block):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import re
 from functools import partial
@@ -269,8 +271,9 @@ class DetectionReport(TaskReport):
         labels = [{"bboxes": np.asarray(r.boxes, dtype=np.float64).reshape(-1, 4),
                    "labels": np.array([info.label2id[name] for name in r.labels], dtype=np.int64)} for r in records]
         found = [_per_class(p["boxes"], info) for p in predictions]
-        flagged = find_label_issues(labels, found)
-        scores = get_label_quality_scores(labels, found)
+        with contextlib.redirect_stdout(io.StringIO()):  # cleanlab prints how many predictions it pruned
+            flagged = find_label_issues(labels, found)
+            scores = get_label_quality_scores(labels, found)
         return [LabelIssue(float(score), bool(flag), f"{len(r.boxes)} boxes given, {_confident(p)} predicted with "
                            f"a score over 0.5 by a model that never saw it")
                 for r, p, score, flag in zip(records, predictions, scores, flagged)]
