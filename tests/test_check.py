@@ -276,3 +276,15 @@ def test_segmentation_mask_issue_is_the_mean_iou():
     issue = mask_issue(given, shifted, ["background", "disc"], 255)
     assert issue.flagged and issue.score == pytest.approx((2 / 9 + 1 / 8) / 2)
     assert "worst: background, IoU 0.12" in issue.message
+
+
+def test_an_annotation_naming_a_missing_image_is_reported_and_the_other_parts_checked(tmp_path, capsys):
+    root = make_detection_dataset(tmp_path / "data", "coco", n_train=4, n_val=2)
+    (root / "val" / "images" / "scene_001.png").unlink()
+    output = tmp_path / "out"
+    code, lines, _ = _check(capsys, str(root), "--task", "detection", "--model", "tiny", "--output", str(output))
+    assert code == 1
+    (found,) = _findings(output)
+    assert found["kind"] == "annotations" and found["split"] == "val"
+    assert "image 'scene_001.png' not found" in found["message"]
+    assert lines[-1].startswith("checked 4 images")
