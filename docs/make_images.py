@@ -5,7 +5,8 @@
 It runs ``visionlora demo`` (unless ``--demo`` names a finished one), then writes to docs/images/:
 the LoRA classification run's training curves, each task's validation predictions beside the
 truth (``predictions.png`` of its LoRA run), a screenshot of the classification run's
-``report.html``, and one of ``visionlora serve``'s page after predicting an image, both in
+``report.html``, one of ``visionlora serve``'s page after predicting an image, and one of
+``visionlora check --label-errors``'s ``check.html`` on a generated set with planted problems, all in
 headless Chromium.
 """
 
@@ -82,6 +83,35 @@ def serving_page(browser: Chromium, run: Path, image: Path, target: Path) -> Non
         server.wait(timeout=30)
 
 
+def planted_set(root: Path) -> Path:
+    """A generated classification set with a leak, a broken file, a rotated JPEG and 10% of its labels flipped."""
+    import shutil
+
+    from tests.test_check import flip_labels
+    from visionlora.examples.synthetic import make_classification_folder
+
+    data = make_classification_folder(root, per_class_train=20, per_class_val=5)
+    flip_labels(data, 0.1, seed=0)
+    shutil.copy(data / "train" / "red_disc" / "red_disc_000.png", data / "val" / "red_disc" / "copied.png")
+    (data / "train" / "blue_disc" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    turned = Image.open(data / "train" / "green_disc" / "green_disc_001.png").resize((60, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned.save(data / "train" / "green_disc" / "turned.jpg", exif=exif)
+    return data
+
+
+def check_page(browser: Chromium, target: Path) -> None:
+    """``visionlora check --label-errors`` on ``planted_set``; its check.html."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = planted_set(Path(tmp) / "data")
+        (Path(tmp) / "folds.yaml").write_text("lr: 3.0e-3\nbatch_size: 8\n")
+        subprocess.run([sys.executable, "-m", "visionlora", "check", str(data), "--model", "tiny-pretrained",
+                        "--label-errors", "--folds", "4", "--epochs", "6", "--config", str(Path(tmp) / "folds.yaml"),
+                        "--output", str(Path(tmp) / "check"), "--no-progress"], check=False)
+        screenshot(browser, (Path(tmp) / "check" / "check.html").resolve().as_uri(), target, 1200, 900)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", type=Path, help="a finished `visionlora demo --output` folder")
@@ -103,6 +133,7 @@ def main() -> None:
             browser.call("Page.enable")
             screenshot(browser, (results / "report.html").resolve().as_uri(), IMAGES / "report.png")
             serving_page(browser, demo / "classification-lora", image, IMAGES / "serving.png")
+            check_page(browser, IMAGES / "check.png")
         finally:
             browser.close()
     for path in sorted(IMAGES.glob("*.*")):

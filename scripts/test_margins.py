@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests import (  # noqa: E402
+    test_check,
     test_classification_e2e,
     test_detection,
     test_honest_numbers,
@@ -84,6 +85,7 @@ CHECKS = [
     Check("segmentation-twin", "lora - scratch >= 0.05", range(5),
           lambda tmp, seed: {"lora - scratch": (lambda r: r["lora"] - r["scratch"])(
               test_pretrained.segmentation_twin_gain(tmp, seed))}),
+    Check("label-errors", "precision >= 0.6, recall >= 0.3", range(5), test_check.label_error_precision_recall),
     Check("pose-twin", "error / baseline < 0.8", range(5, 10),
           lambda tmp, seed: {"error / baseline": test_pretrained.pose_twin_error_ratio(tmp, seed)}),
 ]

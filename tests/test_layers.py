@@ -30,6 +30,7 @@ LAYERS: list[set[str]] = [
     {"reporting"},
     {"deploy"},  # loading runs, predict, video, export, ONNX
     {"training"},  # the engine
+    {"checking"},  # visionlora check: data checks, label errors from fold runs, check.html
     {"ray_cluster"},
     {"serving"},
     {"demo"},

@@ -26,6 +26,7 @@ COMMANDS = {
     "serve": "serve finished runs over HTTP, LoRA adapters sharing one base",
     "export": "export runs: a merged transformers checkpoint, an ONNX model (int8 too), or adapters over an ONNX base",
     "demo": "train LoRA and full on a generated image set (offline, minutes on a CPU)",
+    "check": "check a dataset: unreadable files, duplicates and leaks, balance, sizes, labels (--label-errors)",
 }
 
 
@@ -524,6 +525,29 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_check(args) -> int:
+    from visionlora.checking.run import FoldSettings, check, exit_code
+    from visionlora.tasks import DEFAULT_TASK
+
+    folds = None
+    if args.label_errors:
+        yaml_values = {}
+        if args.config:
+            from visionlora.config import load_yaml
+
+            yaml_values = load_yaml(args.config)
+        folds = FoldSettings(args.folds, args.epochs, args.seed, yaml_values)
+    elif args.folds or args.config:
+        raise VisionLoraError("--folds and --config set up --label-errors: add --label-errors")
+    result, lines, written = check(args.data, args.task or DEFAULT_TASK, val_data=args.val_data, model=args.model,
+                                   image_size=args.image_size, output=args.output, progress=args.progress,
+                                   folds=folds, say=_tell)
+    for line in lines:
+        print(line)
+    _tell(" and ".join(str(path) for path in written) + " written")
+    return exit_code(result, args.strict)
+
+
 def _emit(data: Any, output: str | None) -> None:
     text = json.dumps(data, indent=2)
     if output:
@@ -540,4 +564,4 @@ def _emit(data: Any, output: str | None) -> None:
 
 HANDLERS = {"train": _cmd_train, "train-many": _cmd_train_many, "tune": _cmd_tune, "evaluate": _cmd_evaluate,
             "predict": _cmd_predict, "compare": _cmd_compare, "serve": _cmd_serve, "export": _cmd_export,
-            "demo": _cmd_demo}
+            "demo": _cmd_demo, "check": _cmd_check}

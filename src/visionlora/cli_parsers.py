@@ -305,6 +305,36 @@ def export_parser(commands: Subcommands, common: Parser, help_text: str) -> Pars
     return export
 
 
+def check_parser(commands: Subcommands, common: Parser, help_text: str) -> Parser:
+    check = commands.add_parser(
+        "check", parents=[common], help=help_text,
+        description="Check DATA as --task reads it for training (any format and layout train takes): unreadable "
+                    "files, identical and near-duplicate images within and across parts (leaks), class balance, "
+                    "sizes against the model's input, EXIF rotation, annotations left out, and the task's own "
+                    "label sanity. One line per problem; check.json and check.html in --output. Exit 0 when no "
+                    "error is found (--strict: no warning either), else 1.")
+    check.add_argument("data", metavar="DATA", help="the dataset folder (or file), as --data of train")
+    check.add_argument("--task", default=None, help="the task whose formats read DATA (default classification)")
+    check.add_argument("--val-data", metavar="PATH", help="separate validation data, as train takes it")
+    check.add_argument("--model", help="the model whose input size images are checked against (default: the "
+                       "task's preset); with --label-errors, the model each fold trains")
+    check.add_argument("--image-size", type=int, metavar="N", help="the model input size to check against")
+    check.add_argument("--output", metavar="DIR", help="where check.json and check.html go (default "
+                       "runs/check/<DATA's name>)")
+    check.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    check.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    errors = check.add_argument_group("label errors (pip install 'visionlora[data]')")
+    errors.add_argument("--label-errors", action="store_true", help="also rank likely label errors: train --folds "
+                        "quick LoRA runs (train-many, one fold held out each), predict each held-out fold and "
+                        "score every label against its out-of-sample prediction")
+    errors.add_argument("--folds", type=int, metavar="K", help="folds for --label-errors (default 5, fewer for "
+                        "tiny sets: at least 4 images a fold)")
+    errors.add_argument("--epochs", type=int, default=5, metavar="N", help="epochs of each fold's run (default 5)")
+    errors.add_argument("--config", metavar="FILE", help="YAML of training settings the folds share (flags win)")
+    errors.add_argument("--seed", type=int, default=42, help="seed of the folds and their runs (default 42)")
+    return check
+
+
 def demo_parser(commands: Subcommands, common: Parser, help_text: str) -> Parser:
     demo = commands.add_parser("demo", parents=[common], help=help_text)
     demo.add_argument("--output", default="runs/demo", metavar="DIR", help="where the demo data and runs go")
@@ -358,5 +388,5 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 BUILDERS: dict[str, Callable[[Subcommands, Parser, str], Parser]] = {
     "train": train_parser, "train-many": train_many_parser, "tune": tune_parser, "evaluate": evaluate_parser,
     "predict": predict_parser, "compare": compare_parser, "serve": serve_parser, "export": export_parser,
-    "demo": demo_parser,
+    "demo": demo_parser, "check": check_parser,
 }

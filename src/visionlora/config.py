@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from visionlora.data.splits import parse_fold
 from visionlora.errors import VisionLoraError
 from visionlora.modeling.adapters import METHODS
 from visionlora.runtime import DEVICE_PATTERN, DEVICES
@@ -74,6 +75,8 @@ class TrainConfig:
     val_fraction: float | None = _opt(
         None, "share held out for validation when the data has no val split (0.2; DeepLabCut: its TrainingFraction)"
     )
+    fold: str | None = _opt(None, "cross-validation: I/K validates on fold I of K seeded folds of the training and "
+                            "validation records pooled, and trains on the others (e.g. 2/5)")
     save_every: int = _opt(200, "also checkpoint every N optimizer steps (0 = only at epoch ends), for --resume")
     patience: int = _opt(0, "stop after this many epochs without a better validation metric (0 = off)")
     seed: int = _opt(42, "random seed for splits, initialisation, augmentation and order")
@@ -132,6 +135,8 @@ class TrainConfig:
             if not ok:
                 raise VisionLoraError(message)
         parse_report_to(self.report_to)
+        if self.fold is not None:
+            parse_fold(self.fold)
         return self
 
     @classmethod

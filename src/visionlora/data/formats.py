@@ -23,7 +23,14 @@ from visionlora.data import (
     yolo,
 )
 from visionlora.data.records import DataFormat, Part, SourceData
-from visionlora.data.splits import evaluation_part, holdout_fraction, locate_parts, seeded_split
+from visionlora.data.splits import (
+    evaluation_part,
+    holdout_fraction,
+    locate_parts,
+    parse_fold,
+    seeded_folds,
+    seeded_split,
+)
 from visionlora.errors import VisionLoraError
 
 SEGMENTATION_FORMATS = (  # mask formats, in the order they are tried
@@ -66,8 +73,10 @@ def read_source(
     val_fraction: float | None,
     group: Callable[[Any], Hashable] | None = None,
     test_data: str | None = None,
+    fold: str | None = None,
 ) -> tuple[SourceData, list[Part]]:
-    """Training, validation and (held-out) test records of ``data`` under the split rule (see ``splits``).
+    """Training, validation and (held-out) test records of ``data`` under the split rule (see ``splits``);
+    with ``fold`` ("I/K"), fold I of the pooled training and validation records validates.
 
     Also returns the validation and test parts as read, so that a task can check them
     against training's labels.
@@ -76,7 +85,10 @@ def read_source(
     train = read_part(formats, layout.train)
     val = read_part(formats, layout.val) if layout.val else None
     test = read_part(formats, layout.test) if layout.test else None
-    train_records, val = _validation(train, val, seed, val_fraction, group)
+    if fold:
+        train_records, val = fold_split(train, val, fold, seed, group)
+    else:
+        train_records, val = _validation(train, val, seed, val_fraction, group)
     held_out = [val] + ([test] if test else [])
     source = SourceData(
         train=train_records,
@@ -88,7 +100,7 @@ def read_source(
         description={"format": train.format, "train": train.where, "val": val.where,
                      "notes": [note for part in [train, *held_out] for note in part.extra.get("notes", [])],
                      "test": test.where if test else None,
-                     "val_part": str(layout.val) if layout.val else None,
+                     "val_part": str(layout.val) if layout.val and not fold else None,
                      "test_part": str(layout.test) if layout.test else None},
         extra=dict(train.extra),
     )
@@ -103,6 +115,8 @@ def read_validation(
     val_fraction: float | None,
     group: Callable[[Any], Hashable] | None = None,
     split: str = "val",
+    fold: str | None = None,
+    val_data: str | None = None,
 ) -> Part:
     """Only the validation (or test) part of a run's split, as its summary's data ``description``
     records it: a separate folder is read alone, without the training part."""
@@ -110,6 +124,10 @@ def read_validation(
         if not description.get("test_part"):
             raise VisionLoraError(f"{data}: the run had no test part (a test/ folder or --test-data)")
         return read_part(formats, Path(description["test_part"]))
+    if fold:
+        layout = locate_parts(data, val_data)
+        val = read_part(formats, layout.val) if layout.val else None
+        return fold_split(read_part(formats, layout.train), val, fold, seed, group)[1]
     if description.get("val_part"):
         return read_part(formats, Path(description["val_part"]))
     train = read_part(formats, locate_parts(data).train)
@@ -120,6 +138,19 @@ def read_evaluation_part(formats: Sequence[str], data: str) -> Part:
     """The records to evaluate on in ``data``: its validation part, else all of it."""
     part = read_part(formats, evaluation_part(data))
     return part.own_val or part
+
+
+def fold_split(train: Part, val: Part | None, fold: str, seed: int,
+               group: Callable[[Any], Hashable] | None) -> tuple[list[Any], Part]:
+    """(training records, validation part) of fold ``fold`` ("I/K") of the training and validation
+    records pooled (a format's own validation split included)."""
+    index, folds = parse_fold(fold)
+    pooled = train.records + list((val or train.own_val or Part([], [], "", "")).records)
+    assigned = seeded_folds(pooled, folds, seed, group)
+    kept = [record for record, number in zip(pooled, assigned) if number != index - 1]
+    held_out = [record for record, number in zip(pooled, assigned) if number == index - 1]
+    where = f"fold {index} of {folds} of the training and validation records, seed {seed}"
+    return kept, Part(held_out, list(train.labels), train.format, where, extra=dict(train.extra))
 
 
 def _validation(train: Part, val: Part | None, seed: int, val_fraction: float | None,

@@ -10,6 +10,8 @@
   dataset's), else a seeded share of the training records is held out: ``--val-fraction``,
   else the format's own share (DeepLabCut's TrainingFraction), else 0.2.
 - ``evaluate --data`` reads a folder's validation child, else its test child, else all of it.
+- ``--fold I/K`` (cross-validation) pools the training and validation records, deals them into K
+  seeded folds (each group in proportion) and validates on fold I, training on the others.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Hashable, Sequence, TypeVar
+
+from visionlora.errors import VisionLoraError
 
 T = TypeVar("T")
 
@@ -94,3 +98,33 @@ def seeded_split(
     train = [item for i, item in enumerate(items) if i not in held_out]
     val = [item for i, item in enumerate(items) if i in held_out]
     return train, val
+
+
+def parse_fold(text: str) -> tuple[int, int]:
+    """``"I/K"`` as (I, K): fold I (1 to K) of K folds, K at least 2."""
+    index, _, count = str(text).partition("/")
+    try:
+        fold, folds = int(index), int(count)
+    except ValueError:
+        raise VisionLoraError(f"--fold must be I/K (fold I of K, e.g. 2/5), not {text!r}") from None
+    if folds < 2 or not 1 <= fold <= folds:
+        raise VisionLoraError(f"--fold {text}: needs 2 or more folds and a fold from 1 to {max(folds, 2)}")
+    return fold, folds
+
+
+def seeded_folds(items: Sequence[T], folds: int, seed: int, group: Callable[[T], Hashable] | None = None) -> list[int]:
+    """The fold (0 to ``folds`` - 1) of each item: each group shuffled by ``seed`` and dealt in turn, so
+    every fold holds its share of each group; depends only on the items' order, ``folds`` and ``seed``."""
+    groups: dict[Hashable, list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        groups[group(item) if group else None].append(index)
+    rng = random.Random(seed)
+    assigned = [0] * len(items)
+    dealt = 0
+    for key in sorted(groups, key=repr):
+        indices = groups[key][:]
+        rng.shuffle(indices)
+        for position, index in enumerate(indices):
+            assigned[index] = (dealt + position) % folds
+        dealt += len(indices)
+    return assigned

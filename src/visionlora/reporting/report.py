@@ -25,6 +25,9 @@ td, th { border: 1px solid #ddd; padding: 0.25rem 0.6rem; text-align: left; }
 th { background: #f4f4f4; } td.number { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 1rem 0; } figure img { max-width: min(100%, 900px); border: 1px solid #eee; }
 figcaption { font-size: 0.85rem; color: #555; } .headline { font-size: 1.3rem; font-weight: bold; }
+.cards { display: flex; flex-wrap: wrap; gap: 0.6rem; } .card { border: 1px solid #ddd; padding: 0.4rem;
+  width: 250px; font-size: 0.8rem; } .card img { border: 1px solid #eee; margin-right: 2px; vertical-align: top; }
+.error { color: #b00020; font-weight: bold; } .warning { color: #a05a00; font-weight: bold; } .info { color: #555; }
 """
 
 
@@ -43,7 +46,7 @@ def write_run_report(results_dir: Path, summary: RunSummary, comparison: dict[st
         sections.append(_comparison_section(comparison, comparison_dir))
     sections.append("<h2>Plots</h2>" + "".join(_figure(path) for path in _plots(results_dir)))
     title = f"visionlora {summary.task} {_method(summary)} run: {Path(summary.run_dir).name}"
-    return _write(results_dir / "report.html", title, sections)
+    return write_page(results_dir / "report.html", title, sections)
 
 
 def write_comparison_report(output: Path, comparison: dict[str, Any]) -> Path:
@@ -54,7 +57,7 @@ def write_comparison_report(output: Path, comparison: dict[str, Any]) -> Path:
         results = find_run(run["path"]).results_dir
         sections.append(f"<h2>{key.upper()}: {html.escape(run['label'])}</h2>"
                         + "".join(_figure(path) for path in _plots(results) if path.name != "loss.png"))
-    return _write(output / "report.html", f"visionlora comparison: {comparison['task']}", sections)
+    return write_page(output / "report.html", f"visionlora comparison: {comparison['task']}", sections)
 
 
 # -- sections ----------------------------------------------------------------------------------
@@ -145,7 +148,8 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _write(path: Path, title: str, sections: list[str]) -> Path:
+def write_page(path: Path, title: str, sections: list[str]) -> Path:
+    """A self-contained page of ``sections`` (HTML) under ``title``, in the reports' style, written atomically."""
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>\n")
     atomic_write_bytes(path, page.encode())

@@ -181,6 +181,16 @@ class SeededDataset(torch.utils.data.Dataset):
 
 
 @dataclass
+class LabelIssue:
+    """How well a record's labels agree with a prediction made by a model that never saw it: a quality
+    score (lower: likelier wrong) and whether the task flags it as a likely label error, with why."""
+
+    score: float
+    flagged: bool
+    message: str = ""
+
+
+@dataclass
 class PredictInput:
     """One model input made from an image (an image may give several, e.g. one per box)."""
 

@@ -35,6 +35,7 @@ from visionlora.tasks.base import (
     Datasets,
     DemoRecipe,
     Diagnostics,
+    LabelIssue,
     ModelFacts,
     ModelInfo,
     PredictInput,
@@ -89,6 +90,14 @@ class ClassificationData(TaskData):
     def split_group(self) -> Callable[[LabelledImage], str]:
         """Each class keeps its share in the validation split."""
         return _label_of
+
+    def record_classes(self, record: LabelledImage) -> list[str]:
+        return [record.label]
+
+    def check_record(self, record: LabelledImage, image_size: tuple[int, int], labels: list[str]) -> list[str]:
+        """A class the part's label list does not hold."""
+        return [] if record.label in labels else [f"class {record.label!r} is not among {', '.join(labels)}"]
+
     def check_data(self, source: SourceData, held_out: list[Part], where: str) -> None:
         """At least two classes, every validation and test class known from training, no empty split."""
         if len(source.labels) < 2:
@@ -229,6 +238,26 @@ class ClassificationReport(TaskReport):
     def caption(self, prediction: dict[str, Any]) -> str:
         return f"{prediction['label']} {prediction['score']:.2f}"
 
+    def out_of_sample_options(self, info: ModelInfo) -> dict[str, Any]:
+        """Every label's probability."""
+        return {"top_k": len(info.labels)}
+
+    def label_issues(self, records: list[LabelledImage], predictions: list[dict[str, Any]],
+                     info: ModelInfo) -> list[LabelIssue]:
+        """cleanlab's confident learning on the out-of-sample probabilities: ``find_label_issues`` flags,
+        ``get_label_quality_scores`` (the given label's self-confidence) ranks."""
+        from cleanlab.filter import find_label_issues
+        from cleanlab.rank import get_label_quality_scores
+
+        probs = np.array([[_score_of(p, name) for name in info.labels] for p in predictions], dtype=np.float64)
+        probs /= probs.sum(axis=1, keepdims=True)
+        given = np.array([info.label2id[record.label] for record in records])
+        flagged = find_label_issues(given, probs, filter_by="prune_by_noise_rate")
+        scores = get_label_quality_scores(given, probs)
+        return [LabelIssue(float(score), bool(flag), f"labelled {record.label!r}, predicted {prediction['label']!r} "
+                           f"({prediction['score']:.2f}) by a model that never saw it")
+                for record, prediction, score, flag in zip(records, predictions, scores, flagged)]
+
 
 def ranked_predictions(logits: torch.Tensor, labels: list[str], top_k: int = TOP_K,
                        function: str = "softmax") -> list[dict[str, Any]]:
@@ -241,6 +270,11 @@ def ranked_predictions(logits: torch.Tensor, labels: list[str], top_k: int = TOP
         ranked = [{"label": labels[i], "score": s} for s, i in zip(row_scores, row_indices)]
         results.append({"label": ranked[0]["label"], "score": ranked[0]["score"], "top_k": ranked})
     return results
+
+
+def _score_of(prediction: dict[str, Any], label: str) -> float:
+    """The score a prediction's ranking gives ``label`` (0 where it is not ranked)."""
+    return next((ranked["score"] for ranked in prediction["top_k"] if ranked["label"] == label), 0.0)
 
 
 def _label_of(record: LabelledImage) -> str:

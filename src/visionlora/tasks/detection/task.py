@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import re
 from functools import partial
@@ -23,7 +25,16 @@ from visionlora.data.transforms import Normalizer, chw, processor_pixels
 from visionlora.errors import VisionLoraError
 from visionlora.metrics.detection import ImageBoxes, detection_curves, detection_metrics
 from visionlora.modeling.builtin import BuiltinModel
-from visionlora.tasks.base import DemoRecipe, Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
+from visionlora.tasks.base import (
+    DemoRecipe,
+    Diagnostics,
+    LabelIssue,
+    ModelInfo,
+    PredictInput,
+    Preset,
+    SeededDataset,
+    Task,
+)
 from visionlora.tasks.detection.plots import precision_recall_plot
 from visionlora.tasks.detection.timm_backbones import (
     check_backbone_loaded,
@@ -44,6 +55,21 @@ TIED_HEAD_TYPES = ("rt_detr", "d_fine", "deimv2")
 
 
 class DetectionData(TaskData):
+    def record_classes(self, record: DetectionRecord) -> list[str]:
+        return list(record.labels)
+
+    def check_record(self, record: DetectionRecord, image_size: tuple[int, int], labels: list[str]) -> list[str]:
+        """Zero-area boxes, boxes reaching outside the image (as decoded), labels not among the categories."""
+        problems = []
+        for box, label in zip(record.boxes, record.labels):
+            shown = "[" + ", ".join(f"{v:g}" for v in box) + f"] ({label})"
+            problem = box_problem(box, image_size)
+            if problem:
+                problems.append(f"box {shown} {problem}")
+            if label not in labels:
+                problems.append(f"box {shown}: category {label!r} is not among {', '.join(labels)}")
+        return problems
+
     def check_data(self, source: SourceData, held_out: list[Part], where: str) -> None:
         """Categories of every part, and boxes in training and validation (mAP needs validation boxes)."""
         source.labels = list(dict.fromkeys(source.labels + [n for part in held_out for n in part.labels]))
@@ -91,6 +117,17 @@ class DetectionData(TaskData):
         if split == "train":
             counts["train_negatives"] = sum(not r.boxes for r in dataset.records)
         return counts
+
+
+def box_problem(box: Sequence[float], image_size: tuple[int, int], slack: float = 1.0) -> str | None:
+    """Why a box (x0, y0, x1, y1) is wrong in an image of ``image_size`` (width, height), or None."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    width, height = image_size
+    if not np.isfinite([x0, y0, x1, y1]).all() or x1 - x0 <= 0 or y1 - y0 <= 0:
+        return "has no area"
+    if x0 < -slack or y0 < -slack or x1 > width + slack or y1 > height + slack:
+        return f"reaches outside the {width}x{height} image"
+    return None
 
 
 class DetectionModel(TaskModel):
@@ -221,6 +258,26 @@ class DetectionReport(TaskReport):
         boxes = [{"label": label, "score": 1.0, "box": box} for box, label in zip(record.boxes, record.labels)]
         return {"boxes": boxes}, {}
 
+    def out_of_sample_options(self, info: ModelInfo) -> dict[str, Any]:
+        """Boxes down to a low score: cleanlab weighs them by their scores."""
+        return {"threshold": OUT_OF_SAMPLE_THRESHOLD}
+
+    def label_issues(self, records: list[DetectionRecord], predictions: list[dict[str, Any]],
+                     info: ModelInfo) -> list[LabelIssue]:
+        """cleanlab.object_detection: boxes overlooked, badly placed or of another class than predicted."""
+        from cleanlab.object_detection.filter import find_label_issues
+        from cleanlab.object_detection.rank import get_label_quality_scores
+
+        labels = [{"bboxes": np.asarray(r.boxes, dtype=np.float64).reshape(-1, 4),
+                   "labels": np.array([info.label2id[name] for name in r.labels], dtype=np.int64)} for r in records]
+        found = [_per_class(p["boxes"], info) for p in predictions]
+        with contextlib.redirect_stdout(io.StringIO()):  # cleanlab prints how many predictions it pruned
+            flagged = find_label_issues(labels, found)
+            scores = get_label_quality_scores(labels, found)
+        return [LabelIssue(float(score), bool(flag), f"{len(r.boxes)} boxes given, {_confident(p)} predicted with "
+                           f"a score over 0.5 by a model that never saw it")
+                for r, p, score, flag in zip(records, predictions, scores, flagged)]
+
 
 class DetectionTask(Task):
     """Fine-tune an object detector; the main metric is COCO mAP@[.5:.95] on validation."""
@@ -268,6 +325,22 @@ class DetectionTask(Task):
     steps_role = DetectionSteps
     prediction_role = DetectionPrediction
     report_role = DetectionReport
+
+
+OUT_OF_SAMPLE_THRESHOLD = 0.05  # the lowest box score --label-errors asks for
+
+
+def _per_class(boxes: list[dict[str, Any]], info: ModelInfo) -> np.ndarray:
+    """A prediction's boxes as cleanlab takes them: for each class, an (M, 5) array of x0, y0, x1, y1, score."""
+    per_class = np.empty(len(info.labels), dtype=object)
+    for index, name in enumerate(info.labels):
+        rows = [[*found["box"], found["score"]] for found in boxes if found["label"] == name]
+        per_class[index] = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
+    return per_class
+
+
+def _confident(prediction: dict[str, Any]) -> int:
+    return sum(found["score"] > 0.5 for found in prediction["boxes"])
 
 
 def padded_batch(pixels: list[torch.Tensor], mask_dtype: torch.dtype) -> dict[str, torch.Tensor]:

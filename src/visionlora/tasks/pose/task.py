@@ -25,6 +25,7 @@ from visionlora.modeling.builtin import BuiltinModel
 from visionlora.tasks.base import (
     DemoRecipe,
     Diagnostics,
+    LabelIssue,
     ModelFacts,
     ModelInfo,
     PredictInput,
@@ -109,6 +110,24 @@ def pose_state(info: ModelInfo) -> PoseState:
 
 
 class PoseData(TaskData):
+    def check_record(self, record: PoseRecord, image_size: tuple[int, int], labels: list[str]) -> list[str]:
+        """Labelled keypoints outside the image (as decoded), and instances with no keypoint labelled."""
+        width, height = image_size
+        problems = []
+        for number, instance in enumerate(record.instances, 1):
+            points = np.asarray(instance.keypoints, dtype=np.float64)
+            labelled = points[:, 2] > 0
+            if not labelled.any():
+                problems.append(f"instance {number}: every keypoint is unlabelled or invisible")
+                continue
+            outside = labelled & ((points[:, 0] < 0) | (points[:, 1] < 0) | (points[:, 0] >= width)
+                                  | (points[:, 1] >= height))
+            for index in np.flatnonzero(outside):
+                name = labels[index] if index < len(labels) else f"keypoint {index}"
+                problems.append(f"instance {number}: {name} at ({points[index, 0]:g}, {points[index, 1]:g}) lies "
+                                f"outside the {width}x{height} image")
+        return problems
+
     def state_from_data(self, source: SourceData, info: ModelInfo, cfg) -> PoseState:
         """The skeleton the annotations draw between keypoints."""
         return dataclasses.replace(pose_state(info), skeleton=source.extra.get("skeleton", []))
@@ -289,6 +308,21 @@ class PoseReport(TaskReport):
                 for name, (x, y, labelled) in zip(info.labels, keypoints)]})
         return {"instances": instances}, {"boxes": [boxes]}
 
+    def label_issues(self, records: list[PoseRecord], predictions: list[dict[str, Any]],
+                     info: ModelInfo) -> list[LabelIssue]:
+        """Each labelled keypoint's distance to the out-of-sample prediction in the same box, over the box's
+        diagonal (DeepLabCut's outliers in spirit): an image whose worst keypoint is over OUTLIER_SHARE of its
+        instance's size away is flagged; the score is 1 minus that share."""
+        issues = []
+        for record, prediction in zip(records, predictions):
+            worst, message = 0.0, "every keypoint near its prediction"
+            for instance, found in zip(record.instances, prediction["instances"]):
+                share, text = _worst_keypoint(instance.keypoints, found, info.labels)
+                if share > worst:
+                    worst, message = share, text
+            issues.append(LabelIssue(1.0 - worst, worst > OUTLIER_SHARE, message))
+        return issues
+
 
 class PoseTask(Task):
     """Fine-tune ViTPose on keypoint-labelled images (people or animals)."""
@@ -329,6 +363,27 @@ class PoseTask(Task):
     steps_role = PoseSteps
     prediction_role = PosePrediction
     report_role = PoseReport
+
+
+OUTLIER_SHARE = 0.2  # a keypoint further than this share of its instance's box diagonal from the prediction
+
+
+def _worst_keypoint(keypoints: np.ndarray, found: dict[str, Any], names: list[str]) -> tuple[float, str]:
+    """(distance over the box diagonal, a description) of an instance's labelled keypoint furthest from its
+    prediction."""
+    x0, y0, x1, y1 = found["box"]
+    diagonal = max(float(np.hypot(x1 - x0, y1 - y0)), 1.0)
+    worst, text = 0.0, ""
+    for (x, y, labelled), predicted, name in zip(np.asarray(keypoints), found["keypoints"], names):
+        if labelled <= 0:
+            continue
+        distance = float(np.hypot(x - predicted["x"], y - predicted["y"]))
+        if distance / diagonal > worst:
+            worst = distance / diagonal
+            text = (f"{name} labelled at ({x:.0f}, {y:.0f}), predicted at ({predicted['x']:.0f}, "
+                    f"{predicted['y']:.0f}) by a model that never saw it: {distance:.0f} px apart, "
+                    f"{worst:.2f} of the instance's size")
+    return worst, text
 
 
 def heatmap_loss(predicted: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

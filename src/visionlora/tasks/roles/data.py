@@ -21,7 +21,8 @@ Built = tuple[Any, list[dict[str, str]]]  # (dataset with a ``cache_report``, fi
 
 class TaskData:
     """Hooks: ``train_dataset`` and ``eval_dataset`` (required); ``check_data``, ``state_from_data``,
-    ``state_from_training_set``, ``image_bytes``, ``sample_weights``, ``count`` (defaults)."""
+    ``state_from_training_set``, ``image_bytes``, ``sample_weights``, ``count``, ``record_classes``,
+    ``check_record`` (defaults)."""
 
     def __init__(self, task: TaskDeclarations) -> None:
         self.task = task
@@ -30,7 +31,7 @@ class TaskData:
         """The annotations of ``cfg.data`` (no pixels yet), split into train and validation."""
         task = self.task
         source, held_out = read_source(task.data_formats, cfg.data, cfg.val_data, cfg.seed, cfg.val_fraction,
-                                       self.split_group(), cfg.test_data)
+                                       self.split_group(), cfg.test_data, getattr(cfg, "fold", None))
         self.check_data(source, held_out, cfg.data)
         return source
 
@@ -42,7 +43,8 @@ class TaskData:
         """Only the validation (or test) records of a finished run, from its summary (for ``evaluate RUN``)."""
         settings = summary["training"]
         return read_validation(self.task.data_formats, summary["data"], settings["data"], settings["seed"],
-                               settings["val_fraction"], self.split_group(), split)
+                               settings["val_fraction"], self.split_group(), split, settings.get("fold"),
+                               settings.get("val_data"))
 
     def read_evaluation(self, data: str, info: ModelInfo) -> Part:
         """Labelled records of ``data`` for ``evaluate --data``, checked against the model's labels."""
@@ -53,6 +55,16 @@ class TaskData:
         if unknown:
             raise VisionLoraError(f"{data}: labels the model was not trained on: {', '.join(unknown)}")
         return part
+
+    def record_classes(self, record: Any) -> list[str]:
+        """The class names a record holds, one per example, for ``visionlora check``'s class balance (hook;
+        default none: the task's labels are not classes to count)."""
+        return []
+
+    def check_record(self, record: Any, image_size: tuple[int, int], labels: list[str]) -> list[str]:
+        """What is wrong with a record's labels given its image's decoded (width, height) and the part's
+        label names, one message each, for ``visionlora check`` (hook; default: nothing)."""
+        return []
 
     def split_group(self) -> Callable[[Any], Hashable] | None:
         """The key a stratified validation split keeps in proportion (e.g. a record's class), or None

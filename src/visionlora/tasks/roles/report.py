@@ -7,11 +7,13 @@ from typing import Any
 
 from PIL import Image
 
-from visionlora.tasks.records import Diagnostics, ModelInfo, TaskDeclarations
+from visionlora.errors import VisionLoraError
+from visionlora.tasks.records import Diagnostics, LabelIssue, ModelInfo, TaskDeclarations
 
 
 class TaskReport:
-    """Hooks: ``ground_truth`` (required); ``diagnostics``, ``evaluated_predictions``, ``caption`` (defaults)."""
+    """Hooks: ``ground_truth`` (required); ``diagnostics``, ``evaluated_predictions``, ``caption``,
+    ``out_of_sample_options``, ``label_issues`` (defaults)."""
 
     def __init__(self, task: TaskDeclarations) -> None:
         self.task = task
@@ -35,3 +37,12 @@ class TaskReport:
     def caption(self, prediction: dict[str, Any]) -> str:
         """A short text for a prediction under its drawing in the grid (hook; default none)."""
         return ""
+
+    def out_of_sample_options(self, info: ModelInfo) -> dict[str, Any]:
+        """The predict options of the out-of-sample predictions ``label_issues`` scores (hook; default none)."""
+        return {}
+
+    def label_issues(self, records: list[Any], predictions: list[dict[str, Any]], info: ModelInfo) -> list[LabelIssue]:
+        """Each record's labels scored against its out-of-sample prediction, in order, for
+        ``visionlora check --label-errors`` (hook; default: the task has no such score)."""
+        raise VisionLoraError(f"--label-errors is not available for {self.task.name}")

@@ -34,6 +34,7 @@ from visionlora.modeling.builtin import BuiltinModel
 from visionlora.tasks.base import (
     DemoRecipe,
     Diagnostics,
+    LabelIssue,
     ModelInfo,
     PredictInput,
     Preset,
@@ -62,6 +63,15 @@ class SegmentationState(TaskState):
 
 
 class SegmentationData(TaskData):
+    def check_record(self, record: SegmentationRecord, image_size: tuple[int, int], labels: list[str]) -> list[str]:
+        """A mask that is missing or unreadable, differs in size from its image, or holds values that are
+        not among the classes (nor the ignore value)."""
+        try:
+            load_mask(record, len(labels), IGNORE_INDEX, image_size)
+        except VisionLoraError as err:
+            return [str(err)]
+        return []
+
     def check_data(self, source: SourceData, held_out: list[Part], where: str) -> None:
         if len(source.labels) < 2:
             raise VisionLoraError(f"{where}: {len(source.labels)} class; segmentation needs at least two "
@@ -177,6 +187,16 @@ class SegmentationPrediction(TaskPrediction):
 
 
 class SegmentationReport(TaskReport):
+    def label_issues(self, records: list[SegmentationRecord], predictions: list[dict[str, Any]],
+                     info: ModelInfo) -> list[LabelIssue]:
+        """Per image, the mean IoU of the given mask with the out-of-sample one; under MIN_IOU is flagged."""
+        issues = []
+        for record, prediction in zip(records, predictions):
+            predicted = np.asarray(Image.open(io.BytesIO(base64.b64decode(prediction["mask"]))))
+            given = load_mask(record, len(info.labels), ignore_index(info), tuple(prediction["size"]))
+            issues.append(mask_issue(given, predicted, info.labels, ignore_index(info)))
+        return issues
+
     def diagnostics(self, dataset, indices, outputs, info: ModelInfo) -> Diagnostics:
         confusion = np.sum(outputs, axis=0)
         rows = per_class_rows(confusion, info.labels)
@@ -192,6 +212,24 @@ class SegmentationReport(TaskReport):
         shares = prediction["shares"]
         largest = sorted(shares, key=shares.get, reverse=True)[:2]
         return ", ".join(f"{name} {shares[name]:.0%}" for name in largest)
+
+
+MIN_IOU = 0.5  # an image whose mask agrees less than this (mean IoU) with the prediction is flagged
+
+
+def mask_issue(given: np.ndarray, predicted: np.ndarray, labels: list[str], ignore: int) -> LabelIssue:
+    """The mean IoU, over the classes either mask holds, of a given mask and a predicted one of its size."""
+    valid = given != ignore
+    ious = {}
+    for class_id in np.union1d(np.unique(given[valid]), np.unique(predicted[valid])):
+        ours, theirs = (given == class_id) & valid, (predicted == class_id) & valid
+        union = int((ours | theirs).sum())
+        ious[int(class_id)] = int((ours & theirs).sum()) / union if union else 1.0
+    mean = float(np.mean(list(ious.values()))) if ious else 1.0
+    worst = min(ious, key=ious.__getitem__) if ious else 0
+    name = labels[worst] if worst < len(labels) else str(worst)
+    return LabelIssue(mean, mean < MIN_IOU, f"mean IoU {mean:.2f} with the prediction of a model that never saw it "
+                      f"(worst: {name}, IoU {ious.get(worst, 1.0):.2f})")
 
 
 class SegmentationTask(Task):
