@@ -234,6 +234,8 @@ def _cmd_predict(args) -> int:
     from visionlora.deploy.video import is_video
 
     if args.engine == "ray":
+        if args.format:
+            raise VisionLoraError("--format writes pre-labels with --engine local")
         for flag, value in (("--track", args.track), ("--mot", args.mot), ("--save-video", args.save_video)):
             if value:
                 raise VisionLoraError(f"{flag} is for videos, which --engine ray does not predict (it predicts "
@@ -246,23 +248,38 @@ def _cmd_predict(args) -> int:
     loading = dict(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, device=args.device)
     run = load_run(args.run_dir, allow_base_change=args.allow_base_change, **loading)
     options, box_values, outputs = task_arguments(vars(args), run.task, run.paths.root)
+    fmt = _label_format(args, run, outputs)
     finder = box_finder(run, box_values, **loading)
     videos = [item for item in args.images if is_video(item)]
     if videos:
+        if fmt is not None:
+            raise VisionLoraError(f"--format {fmt.name} writes pre-labels for images, not videos")
         return _predict_videos(args, run, videos, options, outputs, finder)
     for flag, value in (("--save-video", args.save_video), ("--track", args.track), ("--mot", args.mot)):
         if value:
             raise VisionLoraError(f"{flag} needs a video to predict on")
-    return _predict_images(args, run, options, outputs, finder)
+    return _predict_images(args, run, options, outputs, finder, fmt)
 
 
-def _predict_images(args, run, options: dict[str, Any], outputs: dict[str, Path], finder) -> int:
+def _label_format(args, run, outputs: dict[str, Path]):
+    """The pre-label format ``--format`` names (checked before predicting), or None."""
+    from visionlora.deploy.options import label_format
+
+    if args.format is None:
+        return None
+    fmt = label_format(run.task, args.format)
+    if "output" not in outputs:
+        raise VisionLoraError(f"--format {fmt.name} needs --output {fmt.target}")
+    return fmt
+
+
+def _predict_images(args, run, options: dict[str, Any], outputs: dict[str, Path], finder, fmt=None) -> int:
     from visionlora.deploy.predictor import image_files
 
     files = list(image_files(args.images))
     if not files:
         raise VisionLoraError(f"no image files found in: {' '.join(args.images)}")
-    predictions, skipped = run.predict_files(files, outputs=outputs, box_finder=finder, **options)
+    predictions, skipped = run.predict_files(files, outputs=outputs, box_finder=finder, label_format=fmt, **options)
     if skipped:
         _tell(f"skipped {len(skipped)} unreadable file(s): "
               + "; ".join(f"{s['file']} ({s['reason']})" for s in skipped))

@@ -142,6 +142,7 @@ def predict_parser(commands: Subcommands, common: Parser, help_text: str) -> Par
     videos.add_argument("--save-video", metavar="OUT.mp4", help="write the video with the predictions drawn "
                         "(H.264, at the source frame rate divided by --every)")
     add_tracking_flags(videos)
+    add_label_format_flag(predict)
     scale = predict.add_argument_group("many images on a Ray cluster (pip install 'visionlora[ray]')")
     scale.add_argument("--engine", choices=("local", "ray"), default="local",
                        help="ray: Ray Data decodes images in CPU tasks and an actor pool predicts; needs --output "
@@ -178,6 +179,19 @@ def predict_parser(commands: Subcommands, common: Parser, help_text: str) -> Par
             for option in task.box_options:
                 add_once(group, option, option.help)
     return predict
+
+
+def add_label_format_flag(predict: Parser) -> None:
+    """``--format``: pre-labels for a labelling tool, written to ``--output``."""
+    from visionlora.tasks import get_task, task_names
+
+    per_task = [f"{name}: {'|'.join(f.name for f in get_task(name).label_formats)}"
+                for name in task_names() if get_task(name).label_formats]
+    predict.add_argument("--format", metavar="FORMAT", default=None,
+                         help="write --output as pre-labels a labelling tool imports, rather than JSON ("
+                              + "; ".join(per_task) + "); dataset formats (coco, yolo, voc, deeplabcut) write a "
+                              "new folder with the images copied, labelstudio a tasks JSON and its labelling "
+                              "config (.xml beside it), cvat a CVAT for images 1.1 XML file")
 
 
 def add_tracking_flags(videos: argparse._ArgumentGroup) -> None:

@@ -43,6 +43,7 @@ from visionlora.tasks.base import (
     Task,
     TaskState,
 )
+from visionlora.tasks.classification.prelabels import LABEL_FORMATS
 from visionlora.tasks.records import task_state
 from visionlora.tasks.roles import TaskData, TaskModel, TaskPrediction, TaskReport, TaskSteps
 
@@ -287,6 +288,7 @@ class ClassificationTask(Task):
         Option("function_to_apply", "scores from the logits by softmax (default), sigmoid or none (the logits)",
                parse_score_function, "softmax", "FUNCTION"),
     )
+    label_formats = LABEL_FORMATS
 
     state_type = ClassificationState
     data_role = ClassificationData

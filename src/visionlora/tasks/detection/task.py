@@ -25,6 +25,7 @@ from visionlora.metrics.detection import ImageBoxes, detection_curves, detection
 from visionlora.modeling.builtin import BuiltinModel
 from visionlora.tasks.base import DemoRecipe, Diagnostics, ModelInfo, PredictInput, Preset, SeededDataset, Task
 from visionlora.tasks.detection.plots import precision_recall_plot
+from visionlora.tasks.detection.prelabels import LABEL_FORMATS
 from visionlora.tasks.detection.timm_backbones import (
     check_backbone_loaded,
     is_converted,
@@ -263,6 +264,7 @@ class DetectionTask(Task):
         Option("threshold", "lowest score of a box kept (default 0.5)", parse_float_between(0, 1, "threshold"), 0.5,
                "SCORE"),
     )
+    label_formats = LABEL_FORMATS
     data_role = DetectionData
     model_role = DetectionModel
     steps_role = DetectionSteps

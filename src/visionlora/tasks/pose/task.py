@@ -45,6 +45,7 @@ from visionlora.tasks.pose.geometry import (
 )
 from visionlora.tasks.pose.keypoints import flip_pairs, instance_box, keypoint_sigmas, reference_size
 from visionlora.tasks.pose.plots import keypoint_error_plot, pck_curve_plot
+from visionlora.tasks.pose.prelabels import LABEL_FORMATS
 from visionlora.tasks.pose.topdown import DETECTOR_OPTIONS, DetectorRequest
 from visionlora.tasks.records import task_state
 from visionlora.tasks.roles import TaskData, TaskModel, TaskPrediction, TaskReport, TaskSteps
@@ -322,6 +323,7 @@ class PoseTask(Task):
                per_image=True, parse_form=parse_boxes_field),
     )
     writers = (JSON_OUTPUT, DRAWN_IMAGES, DLC_CSV, DLC_H5)
+    label_formats = LABEL_FORMATS
     box_options = DETECTOR_OPTIONS
     state_type = PoseState
     data_role = PoseData
