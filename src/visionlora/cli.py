@@ -22,6 +22,7 @@ COMMANDS = {
     "tune": "search LoRA settings on your data (successive halving, trials trained packed)",
     "evaluate": "evaluate a finished run",
     "predict": "predict images with a finished run",
+    "select": "pick the unlabelled images to label next: the model's least sure, spread so none are near-copies",
     "compare": "LoRA vs full: train both on --data, or compare two finished runs",
     "serve": "serve finished runs over HTTP, LoRA adapters sharing one base",
     "export": "export runs: a merged transformers checkpoint, an ONNX model (int8 too), or adapters over an ONNX base",
@@ -523,6 +524,26 @@ def _export_adapters(args) -> int:
     return 0
 
 
+def _cmd_select(args) -> int:
+    from visionlora.deploy.predictor import image_files, load_run
+    from visionlora.deploy.selection import select
+
+    _use_threads(args)
+    files = list(image_files(args.images))
+    if not files:
+        raise VisionLoraError(f"no image files found in: {' '.join(args.images)}")
+    run = load_run(args.run_dir, args.device, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                   allow_base_change=args.allow_base_change)
+    sheet = Path(args.sheet) if args.sheet else Path(args.output).with_suffix(".png")
+    paths, scores, scored = select(run, files, args.count, Path(args.output), sheet, " ".join(args.images))
+    if scored.skipped:
+        _tell(f"skipped {len(scored.skipped)} unreadable file(s): "
+              + "; ".join(f"{s['file']} ({s['reason']})" for s in scored.skipped))
+    _tell(f"picked {len(paths)} of {len(scored.files)} images (uncertainty {min(scores):.2f} to {max(scores):.2f}); "
+          f"wrote {args.output} and {sheet}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from visionlora.demo import run_demo
 
@@ -546,4 +567,4 @@ def _emit(data: Any, output: str | None) -> None:
 
 HANDLERS = {"train": _cmd_train, "train-many": _cmd_train_many, "tune": _cmd_tune, "evaluate": _cmd_evaluate,
             "predict": _cmd_predict, "compare": _cmd_compare, "serve": _cmd_serve, "export": _cmd_export,
-            "demo": _cmd_demo}
+            "demo": _cmd_demo, "select": _cmd_select}

@@ -356,8 +356,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return build_config(yaml_values, flags)
 
 
+def select_parser(commands: Subcommands, common: Parser, help_text: str) -> Parser:
+    select = commands.add_parser("select", parents=[common, loading_flags(), device_flag(), threads_flag()],
+                                 help=help_text, description=help_text + ". Ranks the images by the run's "
+                                 "uncertainty (a class margin, box or keypoint scores), then picks by k-center "
+                                 "greedy over the run's own image features, weighted by that uncertainty.")
+    select.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (trained on the labels so far)")
+    select.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="the unlabelled images or folders")
+    select.add_argument("--count", type=int, required=True, metavar="K", help="how many images to pick")
+    select.add_argument("--output", required=True, metavar="LIST.txt", help="write the picked paths here, one a line")
+    select.add_argument("--sheet", metavar="SHEET.png",
+                        help="the contact sheet of the picks with their uncertainty (default: LIST.png)")
+    return select
+
+
 BUILDERS: dict[str, Callable[[Subcommands, Parser, str], Parser]] = {
     "train": train_parser, "train-many": train_many_parser, "tune": tune_parser, "evaluate": evaluate_parser,
     "predict": predict_parser, "compare": compare_parser, "serve": serve_parser, "export": export_parser,
-    "demo": demo_parser,
+    "demo": demo_parser, "select": select_parser,
 }

@@ -208,6 +208,11 @@ class ClassificationPrediction(TaskPrediction):
     def draw(self, image: Image.Image, prediction: dict, info: ModelInfo) -> Image.Image:
         return draw_label(image, f"{prediction['label']} {prediction['score']:.2f}")
 
+    def uncertainty(self, prediction: dict) -> float:
+        """One minus the margin between the two best classes' scores."""
+        scores = [float(ranked["score"]) for ranked in prediction["top_k"][:2]] + [0.0]
+        return min(max(1.0 - (scores[0] - scores[1]), 0.0), 1.0)
+
 
 class ClassificationReport(TaskReport):
     def diagnostics(self, dataset, indices, outputs, info: ModelInfo) -> Diagnostics:

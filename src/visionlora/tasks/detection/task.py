@@ -204,6 +204,11 @@ class DetectionPrediction(TaskPrediction):
         """Each box, tracked per label."""
         return prediction["boxes"]
 
+    def uncertainty(self, prediction: dict) -> float:
+        """One minus the mean score of the boxes found (1 where none is)."""
+        scores = [float(found["score"]) for found in prediction["boxes"]]
+        return 1.0 - sum(scores) / len(scores) if scores else 1.0
+
     def exact_outputs(self, model) -> bool:
         """RT-DETR-style models pick their queries by top-k over near-tied scores when barely trained."""
         return not getattr(model.config, "model_type", "").startswith(TIED_HEAD_TYPES)

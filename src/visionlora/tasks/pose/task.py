@@ -270,6 +270,11 @@ class PosePrediction(TaskPrediction):
         """Each instance by its box (the detector's, with ``--detector``)."""
         return prediction["instances"]
 
+    def uncertainty(self, prediction: dict) -> float:
+        """One minus the mean keypoint score (heatmap peaks, clipped to [0, 1]); 1 without an instance."""
+        scores = [min(max(float(k["score"]), 0.0), 1.0) for i in prediction["instances"] for k in i["keypoints"]]
+        return 1.0 - sum(scores) / len(scores) if scores else 1.0
+
 
 class PoseReport(TaskReport):
     def diagnostics(self, dataset, indices, outputs, info: ModelInfo) -> Diagnostics:
