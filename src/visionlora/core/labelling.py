@@ -181,6 +181,16 @@ def dataset_format(name: str, help_text: str, fill: Fill, images_under: Callable
     return LabelFormat(name, help_text, "DIR", write)
 
 
+def coco_image(image_id: int, name: str, image: Image.Image) -> dict:
+    """A COCO ``images`` entry for a copied image (``images/<name>`` in the dataset folder)."""
+    return {"id": image_id, "file_name": f"images/{name}", "width": image.width, "height": image.height}
+
+
+def coco_box(x0: float, y0: float, x1: float, y1: float) -> dict:
+    """COCO's ``bbox`` ([x, y, width, height]), ``area`` and ``iscrowd`` of a box's corners."""
+    return {"bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
+
+
 def unique_names(predictions: Sequence[dict]) -> list[str]:
     """Each prediction's image file name, numbered (``<stem>-2.jpg``) where names repeat."""
     used: set[str] = set()

@@ -13,6 +13,8 @@ from PIL import Image
 from visionlora.core.labelling import (
     LabelSource,
     LabelStudioShape,
+    coco_box,
+    coco_image,
     cvat_format,
     cvat_shape,
     dataset_format,
@@ -44,11 +46,10 @@ def _coco(folder: Path, predictions: Sequence[dict], names: list[str], images: S
     entries: list[dict] = []
     annotations: list[dict] = []
     for image_id, (prediction, name, image) in enumerate(zip(predictions, names, images), start=1):
-        entries.append({"id": image_id, "file_name": f"images/{name}", "width": image.width, "height": image.height})
-        for found, (x0, y0, x1, y1) in kept_boxes(prediction, image):
+        entries.append(coco_image(image_id, name, image))
+        for found, box in kept_boxes(prediction, image):
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": ids[found["label"]],
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
-                                "score": found["score"]})
+                                **coco_box(*box), "score": found["score"]})
     categories = [{"id": number, "name": label, "supercategory": ""} for label, number in ids.items()]
     (folder / COCO_FILE).write_text(json.dumps({"images": entries, "annotations": annotations,
                                                 "categories": categories}, indent=1) + "\n")

@@ -15,6 +15,8 @@ from visionlora.artifacts import atomic_write_with
 from visionlora.core.labelling import (
     LabelSource,
     LabelStudioShape,
+    coco_box,
+    coco_image,
     cvat_format,
     cvat_shape,
     dataset_format,
@@ -81,14 +83,12 @@ def _coco_keypoints(folder: Path, predictions: Sequence[dict], names: list[str],
     entries: list[dict] = []
     annotations: list[dict] = []
     for image_id, (prediction, name, image) in enumerate(zip(predictions, names, images), start=1):
-        entries.append({"id": image_id, "file_name": f"images/{name}", "width": image.width, "height": image.height})
+        entries.append(coco_image(image_id, name, image))
         for instance in prediction["instances"]:
-            x0, y0, x1, y1 = instance["box"]
             flat = [v for k in instance["keypoints"] for v in ((k["x"], k["y"], 2) if inside(k, image) else (0, 0, 0))]
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1,
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
-                                "keypoints": flat, "num_keypoints": sum(1 for v in flat[2::3] if v),
-                                "score": instance["score"]})
+                                **coco_box(*instance["box"]), "keypoints": flat,
+                                "num_keypoints": sum(1 for v in flat[2::3] if v), "score": instance["score"]})
     category = {"id": 1, "name": "instance", "supercategory": "", "keypoints": source.labels, "skeleton": skeleton}
     (folder / COCO_FILE).write_text(json.dumps({"images": entries, "annotations": annotations,
                                                 "categories": [category]}, indent=1) + "\n")
