@@ -19,6 +19,7 @@ from tests.conftest import tiny_config
 from visionlora.artifacts import find_run
 from visionlora.cli import main
 from visionlora.data.coco import read_coco_detection, read_coco_keypoints
+from visionlora.data.coco_segmentation import read_coco_segmentation
 from visionlora.data.deeplabcut import read_deeplabcut
 from visionlora.data.records import clean_box
 from visionlora.data.voc import read_voc
@@ -28,12 +29,14 @@ from visionlora.data.yolo import read_yolo
 @pytest.fixture(scope="module")
 def runs(class_folder, tmp_path_factory):
     """A classification, a detection and a pose run (one epoch each), and images to pre-label."""
+    from visionlora.examples.segmentation import make_segmentation_dataset
     from visionlora.examples.synthetic import make_detection_dataset, make_pose_dataset
     from visionlora.training.engine import train
 
     root = tmp_path_factory.mktemp("prelabels")
     boxes = make_detection_dataset(root / "boxes-data", "coco", n_train=6, n_val=2)
     frames = make_pose_dataset(root / "pose-data", "dlc", n_train=6, n_val=2)
+    shapes = make_segmentation_dataset(root / "regions-data", n_train=6, n_val=2, size=32)
     return {
         "classification": (train(tiny_config("classification", class_folder, root / "classes", epochs=1)).paths.root,
                            class_folder / "val" / "red_disc"),
@@ -41,6 +44,8 @@ def runs(class_folder, tmp_path_factory):
                       boxes / "val"),
         "pose": (train(tiny_config("pose", frames, root / "pose", epochs=1, mode="full")).paths.root,
                  frames / "labeled-data" / "video1"),
+        "segmentation": (train(tiny_config("segmentation", shapes, root / "regions", epochs=1,
+                                           image_size=32)).paths.root, shapes / "val" / "images"),
     }
 
 
@@ -213,6 +218,36 @@ def test_pose_label_studio_keypoints_validate_in_the_sdk(runs, tmp_path):
         assert set(r["value"]["keypointlabels"][0] for r in given["result"]) <= set(labels)
         assert all(0 <= r["value"]["x"] <= 100 and 0 <= r["value"]["y"] <= 100 for r in given["result"])
     assert sum(len(task["predictions"][0]["result"]) for task in tasks) > 0
+
+
+def test_segmentation_coco_folder_reads_back_the_predicted_masks_pixel_for_pixel(runs, tmp_path):
+    from visionlora.data.masks import load_mask
+    from visionlora.tasks.segmentation.prelabels import predicted_mask
+
+    run, images = runs["segmentation"]
+    found = predictions_of(run, images, tmp_path / "regions.json")
+    assert predict(run, images, "--format", "coco", "--output", str(tmp_path / "coco")) == 0
+    part = read_coco_segmentation(tmp_path / "coco")
+    labels = run_labels(run)
+    masks = {Path(r.image).name: load_mask(r, len(labels)) for r in part.records}
+    assert set(masks) == {Path(p["image"]).name for p in found}
+    for prediction in found:
+        expected = predicted_mask(prediction)
+        assert expected.shape == image_of(prediction).size[::-1]
+        np.testing.assert_array_equal(masks[Path(prediction["image"]).name], expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rle_masks_draw_back_as_written(seed):
+    """The RLE of random class maps (a first pixel set, and not) as the COCO reader draws them."""
+    from visionlora.data.coco_masks import CocoMask, CocoShape, check_segmentation, rasterise
+    from visionlora.tasks.segmentation.prelabels import rle
+
+    mask = np.random.default_rng(seed).integers(0, 3, size=(7, 5)).astype(np.uint8)
+    mask[0, 0] = seed + 1
+    shapes = tuple(CocoShape(number, number, check_segmentation(rle(mask == number), 7, 5, "test"), False)
+                   for number in (1, 2))
+    np.testing.assert_array_equal(rasterise(CocoMask("test", 7, 5, shapes)), mask)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -44,6 +44,7 @@ from visionlora.tasks.base import (
 from visionlora.tasks.records import task_state
 from visionlora.tasks.roles import TaskData, TaskModel, TaskPrediction, TaskReport, TaskSteps
 from visionlora.tasks.segmentation.plots import class_iou_plot
+from visionlora.tasks.segmentation.prelabels import LABEL_FORMATS
 from visionlora.tasks.segmentation.writers import mask_png, write_masks
 
 OVERLAY_OPACITY = 0.5
@@ -220,6 +221,7 @@ class SegmentationTask(Task):
     label_noun = "classes"
     output_names = ("logits",)
     writers = (JSON_OUTPUT, DRAWN_IMAGES, MASKS)
+    label_formats = LABEL_FORMATS
     freeze_batchnorm_in_lora = False  # the decode head's BatchNorm is new and trained with it
     predict_batch = 8
     state_type = SegmentationState
