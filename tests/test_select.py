@@ -80,6 +80,18 @@ def test_each_task_ranks_an_unsure_prediction_above_a_sure_one(task, sure, unsur
     assert 0 <= prediction.uncertainty(sure) < prediction.uncertainty(unsure) <= 1
 
 
+def test_segmentation_ranks_flat_class_probabilities_above_peaked_ones():
+    import torch
+    from transformers.modeling_outputs import SemanticSegmenterOutput
+
+    logits = torch.zeros(2, 3, 4, 4)
+    logits[0, 1] = 8.0  # sure: class 1 everywhere
+    logits[1, :, :, :2] = torch.tensor([0.0, 0.2, 0.1])[:, None, None]  # half the pixels near a uniform guess
+    logits[1, 2, :, 2:] = 8.0
+    sure, unsure = get_task("segmentation").prediction.output_uncertainty(SemanticSegmenterOutput(logits=logits))
+    assert 0 <= sure < 0.01 < unsure < 1
+
+
 @pytest.mark.parametrize("count, make_pool, message", [
     (100, "val", "error: --count 100: "),
     (0, "val", "error: --count must be at least 1, not 0"),

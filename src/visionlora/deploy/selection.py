@@ -47,9 +47,9 @@ def score_images(run: Any, files: Sequence[Path], batch: int | None = None) -> S
                 skipped.append({"file": str(path), "reason": str(err)})
         if not images:
             continue
-        predictions, rows = _forward(run, images, options)
+        unsure, rows = _forward(run, images, options)
         kept += names
-        uncertainty += [task.prediction.uncertainty(p) for p in predictions]
+        uncertainty += unsure
         features.append(rows)
     if not kept:
         raise VisionLoraError("no readable images to select from"
@@ -59,22 +59,31 @@ def score_images(run: Any, files: Sequence[Path], batch: int | None = None) -> S
     return Scored(kept, np.asarray(uncertainty, dtype=np.float64), rows, skipped)
 
 
-def _forward(run: Any, images: list[Image.Image], options: dict[str, Any]) -> tuple[list[dict], np.ndarray]:
-    """Predictions and one feature row per image (its inputs' rows averaged) from one forward."""
+def _forward(run: Any, images: list[Image.Image], options: dict[str, Any]) -> tuple[list[float], np.ndarray]:
+    """Each image's uncertainty (of its prediction, or its inputs' outputs averaged) and feature row
+    (its inputs' rows averaged) from one forward."""
     task, model = run.task, run.model
     model.eval()
     inputs = [item for index, image in enumerate(images)
               for item in task.prediction.predict_inputs(image, index, run.processor, run.info, options)]
     batch = {k: v.to(model.device) for k, v in task.prediction.model_inputs([i.pixel_values for i in inputs]).items()}
     outputs = model(**batch, **run.info.forward_kwargs, output_hidden_states=True)
-    results = task.prediction.decode(outputs, inputs, images, run.processor, run.info, options)
     rows = task.model.image_features(outputs).float().cpu().numpy()
-    per_image: list[list[Any]] = [[] for _ in images]
     per_rows: list[list[np.ndarray]] = [[] for _ in images]
-    for item, result, row in zip(inputs, results, rows):
-        per_image[item.image_index].append(result)
+    for item, row in zip(inputs, rows):
         per_rows[item.image_index].append(row)
-    return [task.prediction.combine(r) for r in per_image], np.stack([np.mean(r, axis=0) for r in per_rows])
+    features = np.stack([np.mean(r, axis=0) for r in per_rows])
+    raw = task.prediction.output_uncertainty(outputs)
+    if raw is not None:
+        per_input: list[list[float]] = [[] for _ in images]
+        for item, value in zip(inputs, raw):
+            per_input[item.image_index].append(value)
+        return [float(np.mean(values)) for values in per_input], features
+    results = task.prediction.decode(outputs, inputs, images, run.processor, run.info, options)
+    per_image: list[list[Any]] = [[] for _ in images]
+    for item, result in zip(inputs, results):
+        per_image[item.image_index].append(result)
+    return [task.prediction.uncertainty(task.prediction.combine(r)) for r in per_image], features
 
 
 def pick(uncertainty: np.ndarray, features: np.ndarray, count: int) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -159,6 +160,12 @@ class SegmentationPrediction(TaskPrediction):
 
     def predict_inputs(self, image, image_index, processor, info, options):
         return [PredictInput(image_index, Normalizer(processor)(processor_pixels(processor, image)))]
+
+    def output_uncertainty(self, outputs) -> list[float]:
+        """Each input's mean pixel entropy of the class probabilities, over the entropy of a uniform guess."""
+        probabilities = outputs.logits.float().softmax(dim=1)
+        entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(dim=1)
+        return (entropy.mean(dim=(1, 2)) / max(math.log(probabilities.shape[1]), 1e-12)).clamp(0, 1).tolist()
 
     def decode(self, outputs, inputs, images, processor, info: ModelInfo, options) -> list[dict]:
         results = []
