@@ -130,6 +130,33 @@ def test_detection_label_studio_file_validates_in_the_sdk_and_holds_the_boxes(ru
             [f["score"] for f in prediction["boxes"] if clean_box(f["box"], *image_of(prediction).size)])
 
 
+def test_label_studio_sdk_converts_the_detection_predictions_to_coco_boxes(runs, tmp_path):
+    """Label Studio's own converter (the predictions taken as annotations, as accepting them does)
+    exports the boxes that were predicted."""
+    from label_studio_sdk.converter import Converter
+
+    run, images, found = detection_predictions(runs, tmp_path)
+    target = tmp_path / "tasks.json"
+    assert predict(run, images, "--threshold", "0.05", "--format", "labelstudio", "--output", str(target)) == 0
+    tasks = json.loads(target.read_text())
+    for number, task in enumerate(tasks, start=1):
+        task.update(id=number, annotations=[{"result": task["predictions"][0]["result"]}])
+    (tmp_path / "accepted.json").write_text(json.dumps(tasks))
+    converter = Converter(target.with_suffix(".xml").read_text(), str(tmp_path), download_resources=False)
+    converter.convert(str(tmp_path / "accepted.json"), str(tmp_path / "export"), "COCO", is_dir=False)
+    exported = json.loads((tmp_path / "export" / "result.json").read_text())
+    names = {c["id"]: c["name"] for c in exported["categories"]}
+    for entry, prediction in zip(exported["images"], found):
+        assert entry["file_name"] == prediction["image"]
+        boxes = [(names[a["category_id"]], [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                                           a["bbox"][1] + a["bbox"][3]])
+                 for a in exported["annotations"] if a["image_id"] == entry["id"]]
+        expected = clipped_boxes(prediction)
+        assert [label for label, _ in boxes] == [label for label, _ in expected]
+        np.testing.assert_allclose(np.reshape([b for _, b in boxes], (-1, 4)),
+                                   np.reshape([b for _, b in expected], (-1, 4)), atol=0.011)
+
+
 def cvat_images(path: Path, labels: list[str]) -> list[ET.Element]:
     """The image elements of a CVAT for images 1.1 file, after checking its documented structure."""
     root = ET.parse(path).getroot()
