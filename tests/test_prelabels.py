@@ -168,7 +168,7 @@ def cvat_images(path: Path, labels: list[str]) -> list[ET.Element]:
         assert image.get("id") == str(number) and image.get("name")
         assert int(image.get("width")) > 0 and int(image.get("height")) > 0
         for shape in image:
-            assert shape.tag in ("box", "points", "tag") and shape.get("label") in labels
+            assert shape.tag in ("box", "points", "polygon", "tag") and shape.get("label") in labels
             assert shape.get("source") == "auto"
     return images
 
@@ -262,6 +262,45 @@ def test_segmentation_coco_folder_reads_back_the_predicted_masks_pixel_for_pixel
         expected = predicted_mask(prediction)
         assert expected.shape == image_of(prediction).size[::-1]
         np.testing.assert_array_equal(masks[Path(prediction["image"]).name], expected)
+
+
+def test_segmentation_polygons_outline_each_region_for_label_studio_and_cvat(tmp_path):
+    """A mask of two regions: Label Studio's SDK validates the polygons, and both files' outlines
+    cover each region (the pixel-centre outline loses at most half a pixel all round)."""
+    import base64
+
+    import cv2
+    from label_studio_sdk.label_interface import LabelInterface
+
+    from visionlora.core.labelling import LabelSource
+    from visionlora.core.outputs import png_bytes
+    from visionlora.tasks import get_task
+
+    mask = np.zeros((40, 50), dtype=np.uint8)
+    mask[5:25, 10:30] = 1
+    mask[30:38, 35:48] = 2
+    image = Image.new("RGB", (50, 40))
+    image.save(tmp_path / "scene.png")
+    prediction = {"image": str(tmp_path / "scene.png"), "mask": base64.b64encode(png_bytes(Image.fromarray(mask)))
+                  .decode()}
+    source = LabelSource("runs/regions", ["background", "square", "bar"])
+    formats = {f.name: f for f in get_task("segmentation").label_formats}
+    formats["labelstudio"].write(tmp_path / "ls.json", [prediction], [image], source)
+    formats["cvat"].write(tmp_path / "cvat.xml", [prediction], [image], source)
+    (task,) = json.loads((tmp_path / "ls.json").read_text())
+    interface = LabelInterface((tmp_path / "ls.xml").read_text())
+    assert interface.validate_prediction(task["predictions"][0], return_errors=True) == []
+    outlines = {r["value"]["polygonlabels"][0]: np.array(r["value"]["points"]) * [50 / 100, 40 / 100]
+                for r in task["predictions"][0]["result"]}
+    (element,) = cvat_images(tmp_path / "cvat.xml", source.labels)
+    cvat = {p.get("label"): np.array([[float(v) for v in point.split(",")] for point in p.get("points").split(";")])
+            for p in element.findall("polygon")}
+    for found in (outlines, cvat):
+        assert set(found) == {"square", "bar"}
+        for number, label in ((1, "square"), (2, "bar")):
+            drawn = np.zeros_like(mask)
+            cv2.fillPoly(drawn, [np.round(found[label]).astype(np.int32)], 1)
+            assert (drawn.astype(bool) == (mask == number)).all()
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -137,7 +137,7 @@ def cvat_document(predictions: Sequence[dict], images: Sequence[Image.Image], so
 
 
 def cvat_shape(parent: ET.Element, tag: str, label: str, score: float | None, **geometry: str) -> ET.Element:
-    """One automatic CVAT shape (``box``, ``points``, ``tag``), its score as an attribute."""
+    """One automatic CVAT shape (``box``, ``points``, ``polygon``, ``tag``), its score as an attribute."""
     attributes = {"label": label, "source": "auto"}
     if tag != "tag":
         attributes.update(occluded="0", **geometry, z_order="0")

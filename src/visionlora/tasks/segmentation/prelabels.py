@@ -1,6 +1,6 @@
 """Segmentation pre-labels: a COCO dataset folder with each predicted class's pixels as an
 uncompressed RLE mask (exact, pixel for pixel), which CVAT's COCO import and ``visionlora train``
-read."""
+read; and each class's regions as polygons (their outlines) for Label Studio and CVAT XML."""
 
 from __future__ import annotations
 
@@ -13,7 +13,18 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from visionlora.core.labelling import LabelSource, coco_box, coco_image, dataset_format
+from visionlora.core.labelling import (
+    LabelSource,
+    LabelStudioShape,
+    coco_box,
+    coco_image,
+    cvat_format,
+    cvat_shape,
+    dataset_format,
+    label_studio_format,
+    percent,
+    region,
+)
 
 COCO_FILE = "annotations.json"
 
@@ -58,7 +69,46 @@ def _coco_masks(folder: Path, predictions: Sequence[dict], names: list[str], ima
                                                 "categories": categories}) + "\n")
 
 
+def class_polygons(mask: np.ndarray, labels: Sequence[str]) -> list[tuple[str, np.ndarray]]:
+    """(class name, (P, 2) outline in pixels) of each region of each class but background (0)."""
+    import cv2
+
+    found = []
+    for number, label in enumerate(labels):
+        if number == 0:
+            continue
+        pixels = (mask == number).astype(np.uint8)
+        if not pixels.any():
+            continue
+        contours, _ = cv2.findContours(pixels, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        found += [(label, contour.reshape(-1, 2).astype(np.float64)) for contour in contours if len(contour) >= 3]
+    return found
+
+
+def _polygons(prediction: dict, image: Image.Image, source: LabelSource) -> list[dict]:
+    regions = []
+    for label, outline in class_polygons(predicted_mask(prediction), source.labels):
+        points = [[percent(x, image.width), percent(y, image.height)] for x, y in outline]
+        regions.append(region(POLYGONS, image, {"points": points, "closed": True, "polygonlabels": [label]}, None))
+    return regions
+
+
+POLYGONS = LabelStudioShape("PolygonLabels", "label", _polygons)
+
+
+def _cvat_polygons(element, prediction: dict, image: Image.Image, source: LabelSource) -> None:
+    for label, outline in class_polygons(predicted_mask(prediction), source.labels):
+        cvat_shape(element, "polygon", label, None, points=";".join(f"{x:.2f},{y:.2f}" for x, y in outline))
+
+
+def _no_score(prediction: dict) -> float:
+    """An image's score: segmentation predictions carry none (``select`` ranks by pixel entropy)."""
+    return 1.0
+
+
 LABEL_FORMATS = (
     dataset_format("coco", "a COCO dataset folder: images/ and annotations.json, each class's predicted pixels an "
                    "RLE mask", _coco_masks),
+    label_studio_format(POLYGONS, _no_score),
+    cvat_format(_cvat_polygons, "polygon"),
 )
