@@ -22,6 +22,7 @@ COMMANDS = {
     "tune": "search LoRA settings on your data (successive halving, trials trained packed)",
     "evaluate": "evaluate a finished run",
     "predict": "predict images with a finished run",
+    "select": "pick the unlabelled images to label next: the model's least sure, spread so none are near-copies",
     "compare": "LoRA vs full: train both on --data, or compare two finished runs",
     "serve": "serve finished runs over HTTP, LoRA adapters sharing one base",
     "export": "export runs: a merged transformers checkpoint, an ONNX model (int8 too), or adapters over an ONNX base",
@@ -235,6 +236,8 @@ def _cmd_predict(args) -> int:
     from visionlora.deploy.video import is_video
 
     if args.engine == "ray":
+        if args.format:
+            raise VisionLoraError("--format writes pre-labels with --engine local")
         for flag, value in (("--track", args.track), ("--mot", args.mot), ("--save-video", args.save_video)):
             if value:
                 raise VisionLoraError(f"{flag} is for videos, which --engine ray does not predict (it predicts "
@@ -248,23 +251,38 @@ def _cmd_predict(args) -> int:
     run = load_run(args.run_dir, allow_base_change=args.allow_base_change, precision=args.precision, **loading)
     _tell(f"precision {run.precision.line()}")
     options, box_values, outputs = task_arguments(vars(args), run.task, run.paths.root)
+    fmt = _label_format(args, run, outputs)
     finder = box_finder(run, box_values, **loading)
     videos = [item for item in args.images if is_video(item)]
     if videos:
+        if fmt is not None:
+            raise VisionLoraError(f"--format {fmt.name} writes pre-labels for images, not videos")
         return _predict_videos(args, run, videos, options, outputs, finder)
     for flag, value in (("--save-video", args.save_video), ("--track", args.track), ("--mot", args.mot)):
         if value:
             raise VisionLoraError(f"{flag} needs a video to predict on")
-    return _predict_images(args, run, options, outputs, finder)
+    return _predict_images(args, run, options, outputs, finder, fmt)
 
 
-def _predict_images(args, run, options: dict[str, Any], outputs: dict[str, Path], finder) -> int:
+def _label_format(args, run, outputs: dict[str, Path]):
+    """The pre-label format ``--format`` names (checked before predicting), or None."""
+    from visionlora.deploy.options import label_format
+
+    if args.format is None:
+        return None
+    fmt = label_format(run.task, args.format)
+    if "output" not in outputs:
+        raise VisionLoraError(f"--format {fmt.name} needs --output {fmt.target}")
+    return fmt
+
+
+def _predict_images(args, run, options: dict[str, Any], outputs: dict[str, Path], finder, fmt=None) -> int:
     from visionlora.deploy.predictor import image_files
 
     files = list(image_files(args.images))
     if not files:
         raise VisionLoraError(f"no image files found in: {' '.join(args.images)}")
-    predictions, skipped = run.predict_files(files, outputs=outputs, box_finder=finder, **options)
+    predictions, skipped = run.predict_files(files, outputs=outputs, box_finder=finder, label_format=fmt, **options)
     if skipped:
         _tell(f"skipped {len(skipped)} unreadable file(s): "
               + "; ".join(f"{s['file']} ({s['reason']})" for s in skipped))
@@ -518,6 +536,26 @@ def _export_adapters(args) -> int:
     return 0
 
 
+def _cmd_select(args) -> int:
+    from visionlora.deploy.predictor import image_files, load_run
+    from visionlora.deploy.selection import select
+
+    _use_threads(args)
+    files = list(image_files(args.images))
+    if not files:
+        raise VisionLoraError(f"no image files found in: {' '.join(args.images)}")
+    run = load_run(args.run_dir, args.device, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                   allow_base_change=args.allow_base_change)
+    sheet = Path(args.sheet) if args.sheet else Path(args.output).with_suffix(".png")
+    paths, scores, scored = select(run, files, args.count, Path(args.output), sheet, " ".join(args.images))
+    if scored.skipped:
+        _tell(f"skipped {len(scored.skipped)} unreadable file(s): "
+              + "; ".join(f"{s['file']} ({s['reason']})" for s in scored.skipped))
+    _tell(f"picked {len(paths)} of {len(scored.files)} images (uncertainty {min(scores):.2f} to {max(scores):.2f}); "
+          f"wrote {args.output} and {sheet}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from visionlora.demo import run_demo
 
@@ -564,4 +602,4 @@ def _emit(data: Any, output: str | None) -> None:
 
 HANDLERS = {"train": _cmd_train, "train-many": _cmd_train_many, "tune": _cmd_tune, "evaluate": _cmd_evaluate,
             "predict": _cmd_predict, "compare": _cmd_compare, "serve": _cmd_serve, "export": _cmd_export,
-            "demo": _cmd_demo, "check": _cmd_check}
+            "demo": _cmd_demo, "check": _cmd_check, "select": _cmd_select}

@@ -154,6 +154,7 @@ def predict_parser(commands: Subcommands, common: Parser, help_text: str) -> Par
     videos.add_argument("--save-video", metavar="OUT.mp4", help="write the video with the predictions drawn "
                         "(H.264, at the source frame rate divided by --every)")
     add_tracking_flags(videos)
+    add_label_format_flag(predict)
     scale = predict.add_argument_group("many images on a Ray cluster (pip install 'visionlora[ray]')")
     scale.add_argument("--engine", choices=("local", "ray"), default="local",
                        help="ray: Ray Data decodes images in CPU tasks and an actor pool predicts; needs --output "
@@ -190,6 +191,19 @@ def predict_parser(commands: Subcommands, common: Parser, help_text: str) -> Par
             for option in task.box_options:
                 add_once(group, option, option.help)
     return predict
+
+
+def add_label_format_flag(predict: Parser) -> None:
+    """``--format``: pre-labels for a labelling tool, written to ``--output``."""
+    from visionlora.tasks import get_task, task_names
+
+    per_task = [f"{name}: {'|'.join(f.name for f in get_task(name).label_formats)}"
+                for name in task_names() if get_task(name).label_formats]
+    predict.add_argument("--format", metavar="FORMAT", default=None,
+                         help="write --output as pre-labels a labelling tool imports, rather than JSON ("
+                              + "; ".join(per_task) + "); dataset formats (coco, yolo, voc, deeplabcut) write a "
+                              "new folder with the images copied, labelstudio a tasks JSON and its labelling "
+                              "config (.xml beside it), cvat a CVAT for images 1.1 XML file")
 
 
 def add_tracking_flags(videos: argparse._ArgumentGroup) -> None:
@@ -385,8 +399,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return build_config(yaml_values, flags)
 
 
+def select_parser(commands: Subcommands, common: Parser, help_text: str) -> Parser:
+    select = commands.add_parser("select", parents=[common, loading_flags(), device_flag(), threads_flag()],
+                                 help=help_text, description=help_text + ". Ranks the images by the run's "
+                                 "uncertainty (a class margin, box or keypoint scores), then picks by k-center "
+                                 "greedy over the run's own image features, weighted by that uncertainty.")
+    select.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (trained on the labels so far)")
+    select.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="the unlabelled images or folders")
+    select.add_argument("--count", type=int, required=True, metavar="K", help="how many images to pick")
+    select.add_argument("--output", required=True, metavar="LIST.txt", help="write the picked paths here, one a line")
+    select.add_argument("--sheet", metavar="SHEET.png",
+                        help="the contact sheet of the picks with their uncertainty (default: LIST.png)")
+    return select
+
+
 BUILDERS: dict[str, Callable[[Subcommands, Parser, str], Parser]] = {
     "train": train_parser, "train-many": train_many_parser, "tune": tune_parser, "evaluate": evaluate_parser,
     "predict": predict_parser, "compare": compare_parser, "serve": serve_parser, "export": export_parser,
-    "demo": demo_parser, "check": check_parser,
+    "demo": demo_parser, "check": check_parser, "select": select_parser,
 }

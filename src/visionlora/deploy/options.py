@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
+from visionlora.core.labelling import LabelFormat
 from visionlora.errors import VisionLoraError
 from visionlora.tasks import get_task, task_names
 
@@ -42,6 +43,18 @@ def task_arguments(given: Mapping[str, Any], task: Task, run_root: Path) -> Task
 
     outputs = {w.name: Path(given[w.name]) for w in task.writers if given.get(w.name) is not None}
     return TaskArguments(parsed(task.predict_options), parsed(task.box_options), outputs)
+
+
+def label_format(task: Task, name: str) -> LabelFormat:
+    """The pre-label format ``name`` of ``task`` (``predict --format``), or a clear error naming its formats."""
+    for known in task.label_formats:
+        if known.name == name:
+            return known
+    own = ", ".join(known.name for known in task.label_formats) or "none"
+    everywhere = sorted({f.name for task_name in task_names() for f in get_task(task_name).label_formats})
+    if name not in everywhere:
+        raise VisionLoraError(f"--format {name}: not a pre-label format (known: {', '.join(everywhere)})")
+    raise VisionLoraError(f"--format {name}: a {task.name} run writes pre-labels as {own}")
 
 
 def _declared(task: Task) -> tuple:

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from visionlora.artifacts import RunPaths, read_json
-from visionlora.core.outputs import per_image_values
+from visionlora.core.labelling import LabelFormat, LabelSource
+from visionlora.core.outputs import JSON_OUTPUT, per_image_values
 from visionlora.data.images import UnreadableImage, is_image_file, load_rgb
 from visionlora.deploy.evaluation import evaluate
 from visionlora.deploy.precision import FP32, Precision, check_images, settle_precision
@@ -45,13 +46,14 @@ class LoadedModel:
 
     def predict_files(
         self, files: Sequence[Path], outputs: Mapping[str, Path] | None = None, box_finder: BoxFinder | None = None,
-        **options: Any
+        label_format: LabelFormat | None = None, **options: Any
     ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
         """Predict image files, skipping (and listing) the unreadable ones.
 
         ``outputs`` maps the names of the task's writers (``output``, ``save_images``, ...)
         to where each writes; per-image options may map file names to values. Given a
-        :class:`BoxFinder` (top-down), the run predicts in the boxes it finds.
+        :class:`BoxFinder` (top-down), the run predicts in the boxes it finds. Given a
+        ``label_format`` (one of the task's), ``output`` is written in it rather than as JSON.
         """
         opened, names, skipped = [], [], []
         for path in files:
@@ -67,9 +69,18 @@ class LoadedModel:
         named = [{"image": name, **p} for name, p in zip(names, predictions)]
         for writer in self.task.writers:
             target = (outputs or {}).get(writer.name)
-            if target is not None:
+            if target is not None and not (label_format is not None and writer is JSON_OUTPUT):
                 writer.write(Path(target), named, opened, self.draw)
+        if label_format is not None:
+            if not (outputs or {}).get(JSON_OUTPUT.name):
+                raise VisionLoraError(f"--format {label_format.name} needs --output {label_format.target}")
+            label_format.write(Path((outputs or {})[JSON_OUTPUT.name]), named, opened, self.label_source())
         return named, skipped
+
+    def label_source(self) -> LabelSource:
+        """What pre-labels say of this model: the run (or hub model) as version, its labels and state."""
+        version = str(self.paths.root) if self.paths is not None else self.info.base_model
+        return LabelSource(version, list(self.info.labels), self.info.state.to_dict())
 
     def predictor(self, options: dict[str, Any], boxes: BoxFinder | None = None):
         """A function from opened images to their predictions with ``options`` (in ``boxes``' boxes when given)."""

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from visionlora.core.labelling import LabelFormat
 from visionlora.core.outputs import DRAWN_IMAGES, JSON_OUTPUT, Option, OutputWriter
 from visionlora.data.cache import CacheReport
 from visionlora.errors import VisionLoraError
@@ -249,6 +250,7 @@ class TaskDeclarations:
     predict_batch: ClassVar[int] = 16
     predict_options: ClassVar[tuple[Option, ...]] = ()
     writers: ClassVar[tuple[OutputWriter, ...]] = (JSON_OUTPUT, DRAWN_IMAGES)
+    label_formats: ClassVar[tuple[LabelFormat, ...]] = ()  # pre-labels for labelling tools (predict --format)
     demo: ClassVar[DemoRecipe | None] = None  # the task's part of ``visionlora demo``
     builtin_models: ClassVar[tuple[BuiltinModel, ...]] = ()  # ``--model tiny`` and friends, built offline
     box_options: ClassVar[tuple[Option, ...]] = ()  # top-down: options naming a model that finds the boxes

@@ -44,6 +44,7 @@ from visionlora.tasks.base import (
     Task,
     TaskState,
 )
+from visionlora.tasks.classification.prelabels import LABEL_FORMATS
 from visionlora.tasks.records import task_state
 from visionlora.tasks.roles import TaskData, TaskModel, TaskPrediction, TaskReport, TaskSteps
 
@@ -216,6 +217,11 @@ class ClassificationPrediction(TaskPrediction):
     def draw(self, image: Image.Image, prediction: dict, info: ModelInfo) -> Image.Image:
         return draw_label(image, f"{prediction['label']} {prediction['score']:.2f}")
 
+    def uncertainty(self, prediction: dict) -> float:
+        """One minus the margin between the two best classes' scores."""
+        scores = [float(ranked["score"]) for ranked in prediction["top_k"][:2]] + [0.0]
+        return min(max(1.0 - (scores[0] - scores[1]), 0.0), 1.0)
+
 
 class ClassificationReport(TaskReport):
     def diagnostics(self, dataset, indices, outputs, info: ModelInfo) -> Diagnostics:
@@ -321,6 +327,7 @@ class ClassificationTask(Task):
         Option("function_to_apply", "scores from the logits by softmax (default), sigmoid or none (the logits)",
                parse_score_function, "softmax", "FUNCTION"),
     )
+    label_formats = LABEL_FORMATS
 
     state_type = ClassificationState
     data_role = ClassificationData

@@ -36,6 +36,7 @@ from visionlora.tasks.base import (
     Task,
 )
 from visionlora.tasks.detection.plots import precision_recall_plot
+from visionlora.tasks.detection.prelabels import LABEL_FORMATS
 from visionlora.tasks.detection.timm_backbones import (
     check_backbone_loaded,
     is_converted,
@@ -240,6 +241,11 @@ class DetectionPrediction(TaskPrediction):
         """Each box, tracked per label."""
         return prediction["boxes"]
 
+    def uncertainty(self, prediction: dict) -> float:
+        """One minus the mean score of the boxes found (1 where none is)."""
+        scores = [float(found["score"]) for found in prediction["boxes"]]
+        return 1.0 - sum(scores) / len(scores) if scores else 1.0
+
     def exact_outputs(self, model) -> bool:
         """RT-DETR-style models pick their queries by top-k over near-tied scores when barely trained."""
         return not getattr(model.config, "model_type", "").startswith(TIED_HEAD_TYPES)
@@ -320,6 +326,7 @@ class DetectionTask(Task):
         Option("threshold", "lowest score of a box kept (default 0.5)", parse_float_between(0, 1, "threshold"), 0.5,
                "SCORE"),
     )
+    label_formats = LABEL_FORMATS
     data_role = DetectionData
     model_role = DetectionModel
     steps_role = DetectionSteps

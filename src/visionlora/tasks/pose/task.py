@@ -46,6 +46,7 @@ from visionlora.tasks.pose.geometry import (
 )
 from visionlora.tasks.pose.keypoints import flip_pairs, instance_box, keypoint_sigmas, reference_size
 from visionlora.tasks.pose.plots import keypoint_error_plot, pck_curve_plot
+from visionlora.tasks.pose.prelabels import LABEL_FORMATS
 from visionlora.tasks.pose.topdown import DETECTOR_OPTIONS, DetectorRequest
 from visionlora.tasks.records import task_state
 from visionlora.tasks.roles import TaskData, TaskModel, TaskPrediction, TaskReport, TaskSteps
@@ -288,6 +289,11 @@ class PosePrediction(TaskPrediction):
         """Each instance by its box (the detector's, with ``--detector``)."""
         return prediction["instances"]
 
+    def uncertainty(self, prediction: dict) -> float:
+        """One minus the mean keypoint score (heatmap peaks, clipped to [0, 1]); 1 without an instance."""
+        scores = [min(max(float(k["score"]), 0.0), 1.0) for i in prediction["instances"] for k in i["keypoints"]]
+        return 1.0 - sum(scores) / len(scores) if scores else 1.0
+
 
 class PoseReport(TaskReport):
     def diagnostics(self, dataset, indices, outputs, info: ModelInfo) -> Diagnostics:
@@ -356,6 +362,7 @@ class PoseTask(Task):
                per_image=True, parse_form=parse_boxes_field),
     )
     writers = (JSON_OUTPUT, DRAWN_IMAGES, DLC_CSV, DLC_H5)
+    label_formats = LABEL_FORMATS
     box_options = DETECTOR_OPTIONS
     state_type = PoseState
     data_role = PoseData

@@ -93,3 +93,33 @@ class TaskModel:
         import transformers
 
         return getattr(transformers, self.task.auto_class)
+
+    def image_features(self, outputs: Any) -> torch.Tensor:
+        """One pooled feature row per model input, from a forward run with ``output_hidden_states``:
+        what ``visionlora select`` spreads its picks over (hook; default: the encoder's last maps,
+        else the last hidden state, averaged over positions)."""
+        return pooled_features(outputs)
+
+
+FEATURE_OUTPUTS = ("encoder_last_hidden_state", "hidden_states", "last_hidden_state")
+
+
+def pooled_features(outputs: Any) -> torch.Tensor:
+    """(N, D) from the first of ``FEATURE_OUTPUTS`` a model gives: maps (N, C, H, W) and tokens
+    (N, T, D) averaged over positions, the maps of several levels concatenated; of the hidden
+    states of every layer, the last."""
+    for name in FEATURE_OUTPUTS:
+        value = outputs.get(name) if hasattr(outputs, "get") else getattr(outputs, name, None)
+        if value is None:
+            continue
+        if isinstance(value, (tuple, list)):
+            levels = [value[-1]] if name == "hidden_states" else list(value)
+            return torch.cat([_pooled(level) for level in levels], dim=1)
+        return _pooled(value)
+    raise VisionLoraError(f"the model gives none of {', '.join(FEATURE_OUTPUTS)} to take image features from")
+
+
+def _pooled(value: torch.Tensor) -> torch.Tensor:
+    value = value.float()
+    return value.mean(dim=(2, 3)) if value.dim() == 4 else value.mean(dim=1) if value.dim() == 3 else value
+

@@ -8,12 +8,14 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from visionlora.errors import VisionLoraError
 from visionlora.tasks.records import BoxRequest, ModelInfo, PredictInput, TaskDeclarations
 
 
 class TaskPrediction:
     """Hooks: ``predict_inputs``, ``decode``, ``draw`` (required); ``model_inputs``, ``combine``,
-    ``box_request``, ``exact_outputs``, ``tracked``, ``hugging_face_answer`` (defaults)."""
+    ``box_request``, ``exact_outputs``, ``tracked``, ``hugging_face_answer``, ``uncertainty``,
+    ``output_uncertainty`` (defaults)."""
 
     def __init__(self, task: TaskDeclarations) -> None:
         self.task = task
@@ -63,3 +65,14 @@ class TaskPrediction:
         """Whether an exported model's raw outputs must equal torch's (hook; False where near-tied
         scores may pick other queries, so only the decoded predictions can agree)."""
         return True
+
+    def output_uncertainty(self, outputs: Any) -> list[float] | None:
+        """Each model input's uncertainty in [0, 1] from the raw outputs, where the decoded prediction
+        does not carry it (hook; default None: ``uncertainty`` of each prediction is used)."""
+        return None
+
+    def uncertainty(self, prediction: dict[str, Any]) -> float:
+        """How unsure the model is of one prediction, in [0, 1] (1: least sure): what
+        ``visionlora select`` ranks images by (hook; a task without one cannot be ranked)."""
+        raise VisionLoraError(f"visionlora select does not rank {self.task.name} predictions yet")
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -45,6 +46,7 @@ from visionlora.tasks.base import (
 from visionlora.tasks.records import task_state
 from visionlora.tasks.roles import TaskData, TaskModel, TaskPrediction, TaskReport, TaskSteps
 from visionlora.tasks.segmentation.plots import class_iou_plot
+from visionlora.tasks.segmentation.prelabels import LABEL_FORMATS
 from visionlora.tasks.segmentation.writers import mask_png, write_masks
 
 OVERLAY_OPACITY = 0.5
@@ -169,6 +171,12 @@ class SegmentationPrediction(TaskPrediction):
     def predict_inputs(self, image, image_index, processor, info, options):
         return [PredictInput(image_index, Normalizer(processor)(processor_pixels(processor, image)))]
 
+    def output_uncertainty(self, outputs) -> list[float]:
+        """Each input's mean pixel entropy of the class probabilities, over the entropy of a uniform guess."""
+        probabilities = outputs.logits.float().softmax(dim=1)
+        entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(dim=1)
+        return (entropy.mean(dim=(1, 2)) / max(math.log(probabilities.shape[1]), 1e-12)).clamp(0, 1).tolist()
+
     def decode(self, outputs, inputs, images, processor, info: ModelInfo, options) -> list[dict]:
         results = []
         for logits, item in zip(outputs.logits.float(), inputs):
@@ -258,6 +266,7 @@ class SegmentationTask(Task):
     label_noun = "classes"
     output_names = ("logits",)
     writers = (JSON_OUTPUT, DRAWN_IMAGES, MASKS)
+    label_formats = LABEL_FORMATS
     freeze_batchnorm_in_lora = False  # the decode head's BatchNorm is new and trained with it
     predict_batch = 8
     state_type = SegmentationState
