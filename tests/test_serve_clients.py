@@ -318,14 +318,14 @@ def _slowed(server, seconds: float) -> list[int]:
 
 def test_past_max_queue_requests_get_503_with_retry_after_at_once(served_runs, class_folder):
     store, server = _in_process(served_runs, preload=False, max_queue=2, max_batch_size=1, max_wait_ms=0)
-    forwarded = _slowed(server, 0.5)
+    forwarded = _slowed(server, 1.0)
     image = sorted((class_folder / "val").rglob("*.png"))[0].read_bytes()
     answers = asyncio.run(_burst(server, 6, image))
     statuses = sorted(answer.status_code for answer, _ in answers)
     assert statuses == [200, 200, 503, 503, 503, 503] and sum(forwarded) == 2
     refused = [(answer, seconds) for answer, seconds in answers if answer.status_code == 503]
     assert all(a.headers["Retry-After"] == "1" and "--max-queue" in a.json()["error"] for a, _ in refused)
-    assert max(seconds for _, seconds in refused) < 0.4  # at once, not after a forward of 0.5 s
+    assert max(seconds for _, seconds in refused) < 0.8  # at once, not after a forward of 1 s
     server.stop()
     text = _metrics(server)
     assert 'visionlora_refusals_total{cause="queue_full"} 4.0' in text

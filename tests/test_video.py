@@ -35,7 +35,7 @@ def runs(class_folder, tmp_path_factory):
 
 
 def _predict(args, capsys):
-    code = main(["predict", *map(str, args)])
+    code = main(["predict", *map(str, args), "--precision", "fp32"])  # compared with the fp32 Python API
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -86,7 +86,8 @@ def test_detector_gives_one_pose_instance_per_box(runs, tmp_path, capsys):
         assert len(frame["instances"]) == len(boxes)
         for instance, box, score in zip(frame["instances"], boxes, scores):
             assert instance["box"] == pytest.approx(box, abs=0.01)
-            assert instance["score"] == pytest.approx(score)  # the detector's score: what a tracker ranks by
+            # the detector's score (what a tracker ranks by), from a batch of frames here and of one there
+            assert instance["score"] == pytest.approx(score, abs=1e-4)
     capture.release()
     assert max(len(f["instances"]) for f in frames) > 1
     table = pandas.read_csv(csv_file, header=[0, 1, 2, 3], index_col=0)

@@ -249,7 +249,6 @@ def _cmd_predict(args) -> int:
         raise VisionLoraError("--runs takes effect with --engine ray")
     loading = dict(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, device=args.device)
     run = load_run(args.run_dir, allow_base_change=args.allow_base_change, precision=args.precision, **loading)
-    _tell(f"precision {run.precision.line()}")
     options, box_values, outputs = task_arguments(vars(args), run.task, run.paths.root)
     fmt = _label_format(args, run, outputs)
     finder = box_finder(run, box_values, **loading)
@@ -257,11 +256,14 @@ def _cmd_predict(args) -> int:
     if videos:
         if fmt is not None:
             raise VisionLoraError(f"--format {fmt.name} writes pre-labels for images, not videos")
-        return _predict_videos(args, run, videos, options, outputs, finder)
-    for flag, value in (("--save-video", args.save_video), ("--track", args.track), ("--mot", args.mot)):
-        if value:
-            raise VisionLoraError(f"{flag} needs a video to predict on")
-    return _predict_images(args, run, options, outputs, finder, fmt)
+        code = _predict_videos(args, run, videos, options, outputs, finder)
+    else:
+        for flag, value in (("--save-video", args.save_video), ("--track", args.track), ("--mot", args.mot)):
+            if value:
+                raise VisionLoraError(f"{flag} needs a video to predict on")
+        code = _predict_images(args, run, options, outputs, finder, fmt)
+    _tell(f"precision {run.precision.line()}")  # after the answer: an error stays the one line on stderr
+    return code
 
 
 def _label_format(args, run, outputs: dict[str, Path]):

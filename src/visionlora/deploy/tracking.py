@@ -137,7 +137,9 @@ class VideoTracker:
             item["track_id"] = identity
         started = [self.previous[place] for place, _ in confirmed]
         for item, (_, key) in zip(started, confirmed):
-            item["track_id"] = self.identities.of_track.get(key)
+            identity = self.identities.of_track.get(key)
+            if all(other.get("track_id") != identity for other in self.previous if other is not item):
+                item["track_id"] = identity  # an identity another box of that frame holds stays that box's
         self._extend_trails(started + found)
         self.previous = found
 
