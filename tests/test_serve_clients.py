@@ -325,7 +325,8 @@ def test_past_max_queue_requests_get_503_with_retry_after_at_once(served_runs, c
     assert statuses == [200, 200, 503, 503, 503, 503] and sum(forwarded) == 2
     refused = [(answer, seconds) for answer, seconds in answers if answer.status_code == 503]
     assert all(a.headers["Retry-After"] == "1" and "--max-queue" in a.json()["error"] for a, _ in refused)
-    assert max(seconds for _, seconds in refused) < 0.8  # at once, not after a forward of 1 s
+    served = [seconds for answer, seconds in answers if answer.status_code == 200]
+    assert max(seconds for _, seconds in refused) < min(served)  # at once, not after a forward (held 1 s)
     server.stop()
     text = _metrics(server)
     assert 'visionlora_refusals_total{cause="queue_full"} 4.0' in text
