@@ -46,7 +46,6 @@ def test_auto_predicts_in_fp32_under_an_isa_cap_without_bf16(served_runs, class_
 
 
 def test_auto_picks_bf16_where_it_is_native_and_checks_it_against_fp32(served_runs, monkeypatch):
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     store = ModelStore("cpu", precision="auto")
     served = store.add("ants", served_runs["ants"])
     described = served.describe()
