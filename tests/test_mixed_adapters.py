@@ -149,3 +149,23 @@ def test_gathered_updates_equal_peft_loop_for_any_ranks_and_scalings(recipes):
     peft_loop = type(layer)._mixed_batch_forward(layer, x, adapter_names=rows)
     assert torch.allclose(gathered, peft_loop, atol=1e-5)
     assert not torch.allclose(gathered, layer.base_layer(x), atol=1e-3)  # the updates are not zero
+
+
+def test_adapters_that_decode_alike_decode_their_rows_together(monkeypatch):
+    """Rows of views with equal decode keys (one label set: a server's adapters of one base and dataset)
+    decode in one call; the answers are those of decoding each view's rows apart."""
+    task, model, views = _adapters("classification", 3)
+    prepare_mixed_batches(model)
+    same_labels = [dataclasses.replace(view, info=views[0].info) for view in views]
+    keyed = [dataclasses.replace(view, decode_key="one label set") for view in same_labels]
+    images, order = _images(6), [0, 1, 2, 0, 1, 2]
+    decoded = []
+    decode = task.prediction.decode
+    monkeypatch.setattr(task.prediction, "decode", lambda part, items, *rest: decoded.append(len(items)) or decode(
+        part, items, *rest))
+    apart = predict_mixed(task, model, images, [same_labels[i] for i in order])
+    assert decoded == [2, 2, 2]
+    decoded.clear()
+    together = predict_mixed(task, model, images, [keyed[i] for i in order])
+    assert decoded == [6]
+    assert together == apart

@@ -25,6 +25,7 @@ class PredictView:
     processor: Any
     info: ModelInfo
     batch_key: str = ""  # views with equal keys preprocess alike (same input size) and share forwards
+    decode_key: str = ""  # views with equal keys (not empty) decode alike: their rows decode together
 
 
 def predict(task: Task, model: Any, processor: Any, images: Sequence[Image.Image], info: ModelInfo,
@@ -98,7 +99,8 @@ def _chunks(inputs: list[PredictInput], views: Sequence[PredictView], size: int)
 
 
 def _rows_by_view(views: list[PredictView]) -> list[tuple[PredictView, list[int]]]:
-    rows: dict[int, tuple[PredictView, list[int]]] = {}
+    """The rows of each view, those of views that decode alike (e.g. adapters with one label set) together."""
+    rows: dict[str | int, tuple[PredictView, list[int]]] = {}
     for row, view in enumerate(views):
-        rows.setdefault(id(view), (view, []))[1].append(row)
+        rows.setdefault(view.decode_key or id(view), (view, []))[1].append(row)
     return list(rows.values())

@@ -79,7 +79,9 @@ class ServedModel:
     def __post_init__(self):
         # views with equal keys preprocess alike (input size, normalisation) and so stack in one forward
         batch_key = repr((self.processor.to_dict(), sorted(self.info.forward_kwargs.items())))
-        self.view = PredictView(self.adapter, self.processor, self.info, batch_key)
+        # and with equal descriptions (labels, the task's facts) they decode alike
+        self.view = PredictView(self.adapter, self.processor, self.info, batch_key,
+                                repr((batch_key, self.info.to_dict())))
 
     def batch_group(self, mixing: bool) -> tuple:
         """Runs with the same group share batches: mixing LoRA adapters of one base, else each run alone."""
