@@ -64,7 +64,8 @@ def _model(name: str, work: Path) -> str:
     return str(vit_base_folder(work / "vit-base"))
 
 
-def compare_train_many(work: Path, model: str, jobs: int, epochs: int, per_class: int) -> list[dict]:
+def compare_train_many(work: Path, model: str, jobs: int, epochs: int, per_class: int,
+                       pack_rows: list[str]) -> list[dict]:
     each = work / "each"
     for index in range(jobs):
         make_classification_folder(each / f"job{index:02d}", per_class_train=per_class, per_class_val=4, seed=index)
@@ -74,15 +75,18 @@ def compare_train_many(work: Path, model: str, jobs: int, epochs: int, per_class
         seconds, _ = _run(["train", "--data", str(each / f"job{index:02d}"), "--output",
                            str(work / "alone" / f"job{index:02d}"), *settings], work)
         sequential += seconds
-    packed, log = _run(["train-many", "--data-each", str(each), "--output", str(work / "packed"), *settings], work)
-    rate = re.search(r"packed steps: \d+ in [\d.]+s, ([\d.]+) images/s", log)
     alone_runs = [work / "alone" / f"job{i:02d}" for i in range(jobs)]
-    return [
-        {"side": f"{jobs} x visionlora train", "wall_s": sequential, "step_images_per_s": _step_rate(alone_runs),
-         "vs_sequential": 1.0},
-        {"side": "visionlora train-many", "wall_s": packed, "step_images_per_s": float(rate.group(1)) if rate else None,
-         "vs_sequential": sequential / packed},
-    ]
+    rows = [{"side": f"{jobs} x visionlora train", "wall_s": sequential, "step_images_per_s": _step_rate(alone_runs),
+             "vs_sequential": 1.0}]
+    for rows_per_step in pack_rows:
+        flags = ["--pack-rows", rows_per_step]
+        packed, log = _run(["train-many", "--data-each", str(each), "--output", str(work / f"packed{len(rows)}"),
+                            *settings, *flags], work)
+        rate = re.search(r"packed steps: \d+ in [\d.]+s, ([\d.]+) images/s", log)
+        rows.append({"side": f"visionlora train-many --pack-rows {rows_per_step}",
+                     "wall_s": packed, "step_images_per_s": float(rate.group(1)) if rate else None,
+                     "vs_sequential": sequential / packed})
+    return rows
 
 
 def compare_tune(work: Path, model: str, trials: int, epochs: int, per_class: int) -> list[dict]:
@@ -123,6 +127,8 @@ def main() -> None:
                         "(default: 24 for tiny-pretrained, 8 for vit-base)")
     parser.add_argument("--skip-tune", action="store_true")
     parser.add_argument("--skip-many", action="store_true", help="only the tune comparison")
+    parser.add_argument("--pack-rows", nargs="+", default=["auto"], metavar="N|auto",
+                        help="train-many once with each --pack-rows (default: once, auto)")
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--tune-epochs", type=int, default=9)
     args = parser.parse_args()
@@ -131,7 +137,7 @@ def main() -> None:
         work = Path(tmp)
         model = _model(args.model, work)
         if not args.skip_many:
-            rows = compare_train_many(work, model, args.jobs, args.epochs, per_class)
+            rows = compare_train_many(work, model, args.jobs, args.epochs, per_class, args.pack_rows)
             print(f"{args.jobs} jobs, {args.model}, {args.epochs} epochs, {per_class * 4} training images each")
             print(table(rows, ["side", "wall_s", "step_images_per_s", "vs_sequential"]), flush=True)
         if not args.skip_tune and args.model != "vit-base":

@@ -12,6 +12,7 @@ trains the same in distribution only.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import shutil
@@ -35,6 +36,7 @@ ADAPTER = "trained_model_lora/adapter_model.safetensors"
 KILLER = Path(__file__).with_name("kill_during_training.py")
 COMMON = ["--model", "tiny-pretrained", "--epochs", "2", "--batch-size", "8", "--mixed-precision", "no",
           "--no-progress", "--save-every", "0"]
+PACKED = ["--pack-rows", "128"]  # several jobs' rows in each step (auto on a CPU steps one job's batch at a time)
 
 
 def _train_many(capsys, *args: str) -> tuple[int, str]:
@@ -47,7 +49,7 @@ def _jobs(output: Path) -> dict[str, dict[str, str]]:
         return {row["job"]: row for row in csv.DictReader(handle)}
 
 
-def _assert_same_adapter(packed: Path, alone: Path, tolerance: float = 1e-5) -> None:
+def _assert_same_adapter(packed: Path, alone: Path, tolerance: float = 1e-5, metric_tolerance: float = 1e-4) -> None:
     ours, theirs = load_file(packed / ADAPTER), load_file(alone / ADAPTER)
     assert sorted(ours) == sorted(theirs)
     for name, tensor in theirs.items():
@@ -55,7 +57,8 @@ def _assert_same_adapter(packed: Path, alone: Path, tolerance: float = 1e-5) -> 
     packed_summary = json.loads(RunPaths(packed, "lora").summary.read_text())
     alone_summary = json.loads(RunPaths(alone, "lora").summary.read_text())
     assert packed_summary["best_epoch"] == alone_summary["best_epoch"]
-    assert_nested_close(packed_summary["metrics"], alone_summary["metrics"], tolerance=1e-4, where=packed.name)
+    assert_nested_close(packed_summary["metrics"], alone_summary["metrics"], tolerance=metric_tolerance,
+                        where=packed.name)
 
 
 def _files(run: Path) -> set[str]:
@@ -77,7 +80,7 @@ def job_folders(tmp_path_factory) -> Path:
 def packed_runs(job_folders, tmp_path_factory):
     """(exit code, printed table, output folder) of one train-many over ``job_folders``."""
     output = tmp_path_factory.mktemp("many") / "runs"
-    code = main(["train-many", "--data-each", str(job_folders), "--output", str(output), *COMMON])
+    code = main(["train-many", "--data-each", str(job_folders), "--output", str(output), *COMMON, *PACKED])
     return code, output
 
 
@@ -110,7 +113,8 @@ def test_jobs_file_packs_other_ranks_and_targets_and_runs_dora_alone(job_folders
         f"  - {{name: small, data: {job_folders / 'site_a'}, lora_r: 4, lora_alpha: 8}}\n"
         f"  - {{name: query, data: {job_folders / 'site_c'}, target_modules: [q_proj], lr: 0.001}}\n"
         f"  - {{name: dora, data: {job_folders / 'site_c'}, method: dora, epochs: 1}}\n")
-    # --pack-rows 8: one job's batch per packed step, which must not change what a job learns
+    # --pack-rows 8: one job's batch per packed step (as auto does on a CPU), which must not change what a job
+    # learns
     code, table = _train_many(capsys, "--jobs", str(jobs), "--output", str(tmp_path / "runs"), "--pack-rows", "8",
                               *COMMON)
     assert code == 0, table
@@ -146,7 +150,8 @@ def test_segmentation_and_pose_jobs_pack_and_equal_alone(task, tmp_path, capsys)
             make_pose_dataset(each / name, n_train=count, n_val=3, seed=seed)
     model = str(_without_dropout(twin_folder(task, "tiny"), tmp_path / "model"))
     settings = [*COMMON[2:], "--task", task, "--model", model]
-    code, table = _train_many(capsys, "--data-each", str(each), "--output", str(tmp_path / "runs"), *settings)
+    code, table = _train_many(capsys, "--data-each", str(each), "--output", str(tmp_path / "runs"), *settings,
+                              *PACKED)
     assert code == 0, table
     assert all(row["packed"] == "yes" for row in _jobs(tmp_path / "runs").values())
     alone = tmp_path / "alone"
@@ -178,7 +183,7 @@ def test_a_killed_train_many_resumes_keeping_finished_jobs(packed_runs, job_fold
     # site_c (16 training images: two batches an epoch) finishes after 4 packed steps, site_a (24: three)
     # after 6. Each packed step takes one loss per job: the 9th loss is site_a's 5th step, after site_c
     # finished and after site_a's checkpoint of its 4th step.
-    args = ["train-many", "--data-each", str(each), "--output", str(output), *COMMON[:-2], "--save-every", "1"]
+    args = ["train-many", "--data-each", str(each), "--output", str(output), *COMMON[:-2], "--save-every", "1", *PACKED]
     killed = subprocess.run([sys.executable, str(KILLER), "9", *args], capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert RunPaths(output / "site_c", "lora").completed()
@@ -207,3 +212,48 @@ def test_served_runs_answer_as_predict(packed_runs, job_folders, tmp_path):
             assert_nested_close({k: answer[k] for k in expected}, expected, where=name)
     finally:
         server.stop()
+
+
+def test_packed_jobs_in_bf16_store_the_base_in_bf16_and_equal_alone(job_folders, tmp_path, capsys, monkeypatch):
+    """As a run alone does under bf16, the pack stores its shared frozen weights in bf16 while it trains and puts
+    the fp32 originals back for each job's end. A job's adapter then equals alone within bf16's rounding of the
+    other batch shapes (measured: at most 2.2e-5 against weights of about 0.12 after two epochs; 2e-4 asserted);
+    its metrics are its best epoch's validation pass, in bf16 (their loss within 1.6e-4 of alone's)."""
+    from visionlora.training.packing import Pack
+
+    stored, step = set(), Pack._packed_step
+
+    def recording_step(pack, ready):
+        stored.update(str(p.dtype) for n, p in pack.shared.named_parameters() if n.endswith("base_layer.weight"))
+        return step(pack, ready)
+
+    monkeypatch.setattr(Pack, "_packed_step", recording_step)
+    bf16 = [*COMMON[:COMMON.index("--mixed-precision")], "--mixed-precision", "bf16", *COMMON[
+        COMMON.index("--mixed-precision") + 2:]]
+    each = tmp_path / "each"
+    for name in ("site_a", "site_c"):
+        shutil.copytree(job_folders / name, each / name)
+    code, out = _train_many(capsys, "--data-each", str(each), "--output", str(tmp_path / "runs"), *bf16, *PACKED)
+    assert code == 0, out
+    assert "precision bf16" in out and stored == {"torch.bfloat16"}
+    alone = tmp_path / "alone"
+    assert main(["train", "--data", str(each / "site_c"), "--output", str(alone), *bf16]) == 0
+    _assert_same_adapter(tmp_path / "runs" / "site_c", alone, tolerance=2e-4, metric_tolerance=1e-3)
+    summary = json.loads(RunPaths(tmp_path / "runs" / "site_c", "lora").summary.read_text())
+    assert summary["metrics_precision"] == "bf16" and summary["mixed_precision"] == "bf16"
+    assert summary["metrics"] == summary["metrics_in_training_precision"]
+    reloaded = visionlora.load(tmp_path / "runs" / "site_c")
+    assert next(reloaded.model.parameters()).dtype == torch.float32
+
+
+def test_pack_rows_auto_steps_one_jobs_batch_on_a_cpu_and_fills_a_gpu():
+    from visionlora.cli_parsers import pack_rows_value
+    from visionlora.training.packing import rows_per_step
+
+    assert rows_per_step(None, torch.device("cpu"))[0] == 1  # a job's batch is never split: one per step
+    assert rows_per_step(None, torch.device("cuda"))[0] == 128
+    assert rows_per_step(8, torch.device("cuda")) == (8, "--pack-rows 8")
+    assert pack_rows_value("auto") is None and pack_rows_value("16") == 16
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(argparse.ArgumentTypeError, match="auto or a whole number"):
+            pack_rows_value(bad)

@@ -163,8 +163,6 @@ def _job_runner(args):
 
     from visionlora.training.many import train_many, with_absolute_paths
 
-    if args.pack_rows < 1:
-        raise VisionLoraError(f"--pack-rows must be at least 1, got {args.pack_rows}")
     if not args.ray_address:
         return partial(train_many, pack_rows=args.pack_rows)
 
@@ -224,7 +222,7 @@ def _cmd_evaluate(args) -> int:
     from visionlora.deploy.predictor import load_run
 
     run = load_run(args.run_dir, args.device, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                   allow_base_change=args.allow_base_change)
+                   allow_base_change=args.allow_base_change, precision=args.precision)
     result = run.evaluate(args.data, split=args.split)
     _emit(result, args.output)
     return 0

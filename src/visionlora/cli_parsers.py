@@ -72,13 +72,22 @@ def tune_parser(commands: Subcommands, common: Parser, help_text: str) -> Parser
     return tune
 
 
+def pack_rows_value(text: str) -> int | None:
+    """``--pack-rows``: a count of rows of at least 1, or auto (None)."""
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected auto or a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def add_many_flags(parser: Parser, what: str) -> None:
     """The flags of the commands that train many jobs at once: how many rows a packed step holds, and the
     Ray cluster that ``what`` spread over."""
-    parser.add_argument("--pack-rows", type=int, default=DEFAULT_PACK_ROWS, metavar="N",
+    parser.add_argument("--pack-rows", type=pack_rows_value, default=None, metavar="N|auto",
                         help="rows (images) of one packed forward and backward at most; more jobs' batches step "
-                        "in several (default %(default)s: lower it when memory runs short, or on a CPU for "
-                        "ViT-B-sized models)")
+                        f"in several (default auto: up to {DEFAULT_PACK_ROWS} on a GPU, one job's batch per step on "
+                        "a CPU, whose cores one batch keeps busy; lower it when memory runs short)")
     parser.add_argument("--ray-address", metavar="ADDRESS", help=f"spread the {what} over the Ray cluster at "
                         "ADDRESS (local: start one here) through Ray Tune, each worker packing its share; "
                         "--output must be storage every node sees")
@@ -127,7 +136,8 @@ def device_flag() -> Parser:
 
 
 def evaluate_parser(commands: Subcommands, common: Parser, help_text: str) -> Parser:
-    evaluate = commands.add_parser("evaluate", parents=[common, loading_flags(), device_flag()], help=help_text)
+    evaluate = commands.add_parser("evaluate", parents=[common, loading_flags(), device_flag(), precision_flag()],
+                                   help=help_text)
     evaluate.add_argument("run_dir", metavar="RUN_DIR",
                           help="the run folder (holding trained_model_lora/ or trained_model/)")
     evaluate.add_argument("--data", help="labelled data to evaluate on (default: the run's validation split)")

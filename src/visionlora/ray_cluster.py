@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from visionlora.errors import VisionLoraError
-from visionlora.training import DEFAULT_PACK_ROWS
 
 
 def join_cluster(address: str | None, cpus_needed: float) -> None:
@@ -32,7 +31,7 @@ def join_cluster(address: str | None, cpus_needed: float) -> None:
 
 
 def train_many_on_ray(jobs: list, output: Path, address: str | None, say: Callable[[str], None] = print,
-                      resuming: bool = False, shares: int | None = None, pack_rows: int = DEFAULT_PACK_ROWS) -> list:
+                      resuming: bool = False, shares: int | None = None, pack_rows: int | None = None) -> list:
     """``train_many`` spread over a Ray cluster through Ray Tune: the jobs are dealt into shares, one Ray Tune
     trial per share (its bookkeeping, retries and results), and each worker trains its share packed. The run
     folders land under ``output``, which every node must see (shared storage)."""

@@ -27,10 +27,9 @@ from visionlora.runtime import (
     resolve_precision_on,
 )
 from visionlora.tasks import get_task
-from visionlora.training import DEFAULT_PACK_ROWS
 from visionlora.training.checkpoint import Progress, read_progress
 from visionlora.training.engine import resume, train
-from visionlora.training.packing import Job, Outcome, Pack, PackRefused, pack_key, packing_refusal
+from visionlora.training.packing import Job, Outcome, Pack, PackRefused, pack_key, packing_refusal, rows_per_step
 
 PLAN_FILE = "train-many.json"  # the jobs and their settings, for --resume
 JOBS_CSV = "jobs.csv"
@@ -129,9 +128,10 @@ def load_plan(output: Path) -> list[Job]:
 
 # -- running ---------------------------------------------------------------------------------------
 def train_many(jobs: list[Job], output: Path, say: Say = print, resuming: bool = False,
-               pack_rows: int = DEFAULT_PACK_ROWS) -> list[Outcome]:
-    """Train every job: those that pack, packed, pack by pack; the rest one after another; finished runs
-    are kept when ``resuming``. Returns one outcome per job."""
+               pack_rows: int | None = None) -> list[Outcome]:
+    """Train every job: those that pack, packed, pack by pack (``pack_rows`` rows per step at most, None:
+    auto, ``packing.rows_per_step``); the rest one after another; finished runs are kept when ``resuming``.
+    Returns one outcome per job."""
     output.mkdir(parents=True, exist_ok=True)
     if not resuming:
         save_plan(output, jobs)
@@ -203,18 +203,20 @@ def _checkpointed(job: Job) -> Progress | None:
     return read_progress(paths.root) if paths.progress_file.is_file() else None
 
 
-def _train_pack(jobs: list[Job], output: Path, say: Say, outcomes: list[Outcome], pack_rows: int) -> str | None:
+def _train_pack(jobs: list[Job], output: Path, say: Say, outcomes: list[Outcome],
+                pack_rows: int | None) -> str | None:
     """Train ``jobs`` packed, adding their outcomes; the reason when the base turned out not to pack."""
     cfg, task = jobs[0].cfg, get_task(jobs[0].cfg.task)
     device = pick_device(cfg.device)
     precision = resolve_precision_on(device, cfg.mixed_precision, task.fp16_unsafe)
     if precision[0] == "fp16":
         return "fp16's loss scaling is one per model"
+    rows, rows_why = rows_per_step(pack_rows, device)
     say(f"packing {len(jobs)} jobs over {cfg.model} ({', '.join(job.name for job in jobs)}); "
-        f"precision {precision[0].replace('no', 'fp32')} ({precision[1]})")
+        f"precision {precision[0].replace('no', 'fp32')} ({precision[1]}); {rows_why}")
     accelerator = _pack_accelerator(device, precision[0], cfg.seed, output)
     reset_peak_memory()
-    pack = Pack(task, accelerator, precision, pack_rows, len(jobs))
+    pack = Pack(task, accelerator, precision, rows, len(jobs))
     with loading_policy(cfg.allow_pickle, cfg.trust_remote_code, cfg.revision), \
             library_messages_to(output / LOG_FILE):
         for job in jobs:

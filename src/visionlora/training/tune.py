@@ -288,10 +288,9 @@ def write_leaderboard(output: Path, state: TuneState, metric: str) -> Path:
 
 def save_tune_plot(path: Path, state: TuneState, metric: str) -> None:
     """The validation metric of every trial (at the longest rung it reached) against each searched setting."""
-    from visionlora.core.plots import figure_png, pyplot
+    from visionlora.core.plots import figure_png, subplots
 
-    plt = pyplot()
-    figure, axes = plt.subplots(1, len(SEARCHED), figsize=(3.2 * len(SEARCHED), 3.2), sharey=True)
+    figure, axes = subplots(1, len(SEARCHED), figsize=(3.2 * len(SEARCHED), 3.2), sharey=True)
     reached = [(t, max(t.metrics, key=int)) for t in state.trials if t.metrics]
     for axis, name in zip(axes, SEARCHED):
         values = [_plotted(t.settings[name]) for t, _ in reached]
