@@ -60,30 +60,42 @@ def frozen_model() -> torch.nn.Module:
     return model
 
 
-def test_frozen_weights_restored_on_bf16_come_back_on_the_device_training_ran_on(tmp_path):
+@pytest.mark.parametrize("on_disk", [False, True], ids=["in-memory", "low-memory-file"])
+def test_frozen_weights_restored_on_bf16_come_back_on_the_device_training_ran_on(tmp_path, on_disk):
     """Lowered to bf16 on the CPU, then moved to the accelerator by ``prepare``: the fp32 originals
-    must return onto the accelerator, not where the file was read (the CPU)."""
+    must return onto the accelerator, not where they waited (the CPU's memory, or a file with --low-memory)."""
     model = frozen_model()
     expected = {name: p.detach().clone() for name, p in model.named_parameters()}
     file = tmp_path / "frozen.safetensors"
-    engine._offload_frozen_weights(model, file)
-    assert model[0].weight.dtype == torch.bfloat16 and file.is_file()
+    frozen = engine.FrozenOriginals(model, file if on_disk else None)
+    assert model[0].weight.dtype == torch.bfloat16 and file.is_file() == on_disk
     model.to("meta")  # as accelerator.prepare moves it to the GPU
-    engine._restore_frozen_weights(model, file)
+    frozen.restore(model)
     placed = {name: (p.device.type, p.dtype) for name, p in model.named_parameters()}
     assert placed == {name: ("meta", torch.float32) for name in expected}, placed
     assert not file.exists()
 
 
-def test_the_restored_weights_are_the_fp32_originals(tmp_path):
+@pytest.mark.parametrize("on_disk", [False, True], ids=["in-memory", "low-memory-file"])
+def test_the_restored_weights_are_the_fp32_originals(tmp_path, on_disk):
     model = frozen_model()
     expected = {name: p.detach().clone() for name, p in model.named_parameters()}
-    file = tmp_path / "frozen.safetensors"
-    engine._offload_frozen_weights(model, file)
-    engine._restore_frozen_weights(model, file)
+    frozen = engine.FrozenOriginals(model, tmp_path / "frozen.safetensors" if on_disk else None)
+    frozen.restore(model)
     for name, parameter in model.named_parameters():
         assert torch.equal(parameter, expected[name]), name
         assert parameter.requires_grad == (name.startswith("2.")), name
+
+
+def test_full_precision_for_a_while_then_bf16_again():
+    """A packed job's end runs over the fp32 originals; the pack then trains on over the same bf16 weights."""
+    model = frozen_model()
+    expected = {name: p.detach().clone() for name, p in model.named_parameters()}
+    frozen = engine.FrozenOriginals(model, None)
+    lowered = model[0].weight
+    with frozen.in_full_precision(model):
+        assert all(torch.equal(p, expected[n]) and p.dtype == torch.float32 for n, p in model.named_parameters())
+    assert model[0].weight.data_ptr() == lowered.data_ptr() and model[1].weight.dtype == torch.bfloat16
 
 
 def test_init_from_evaluates_on_the_device_training_runs_on(monkeypatch):

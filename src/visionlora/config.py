@@ -89,7 +89,8 @@ class TrainConfig:
     cache_dir: str | None = _opt(None, "folder of the disk cache (default ~/.cache/visionlora)")
     max_steps: int | None = _opt(None, "stop after this many optimizer steps (for smoke runs on big data)")
     low_memory: bool = _opt(
-        False, "CPU: hand freed memory back to the system at once (lower peak RAM, LoRA most; steps ~20%% slower)"
+        False, "lower peak RAM: on a CPU, hand freed memory back to the system at once (LoRA most; steps ~20%% "
+               "slower); under bf16, keep a LoRA run's fp32 frozen weights on disk until training ends"
     )
     allow_pickle: bool = _opt(False, "allow pickled .bin checkpoints (they can run code); safetensors only otherwise")
     trust_remote_code: bool = _opt(False, "allow a hub model to run its own code")

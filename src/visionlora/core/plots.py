@@ -4,8 +4,7 @@ a confusion matrix and a bar plot, at 200 dpi."""
 from __future__ import annotations
 
 import io
-from types import ModuleType
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -25,25 +24,21 @@ def style_axis(axis: Axes, ylabel: str, title: str) -> None:
         axis.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
 
 
-def figure_png(figure: Figure) -> bytes:
-    """The figure as PNG bytes at PLOT_DPI, closed."""
-    import matplotlib.pyplot as plt
-
+def figure_png(figure: Figure, tight: bool = True) -> bytes:
+    """The figure as PNG bytes at PLOT_DPI (cropped to what it draws unless ``tight`` is False)."""
     buffer = io.BytesIO()
     figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=PLOT_DPI, bbox_inches="tight")
-    plt.close(figure)
+    figure.savefig(buffer, format="png", dpi=PLOT_DPI, bbox_inches="tight" if tight else None)
     return buffer.getvalue()
 
 
-def pyplot() -> ModuleType:
-    """matplotlib's pyplot on the Agg backend (no display needed)."""
-    import matplotlib
+def subplots(*grid: int, figsize: tuple[float, float], **options: Any) -> tuple[Figure, Any]:
+    """A new figure and its axes, as pyplot's ``subplots`` makes them, drawn by Agg without pyplot (whose
+    import and figure registry a run does not need, and which wants no display)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(*grid, **options)
 
 
 def confusion_matrix_plot(confusion: ArrayLike, names: Sequence[str]) -> bytes:
@@ -53,7 +48,7 @@ def confusion_matrix_plot(confusion: ArrayLike, names: Sequence[str]) -> bytes:
     counts = np.asarray(confusion, dtype=float)
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     side = max(4.0, 0.45 * len(names) + 2)
-    figure, axes = pyplot().subplots(1, 2, figsize=(2 * side + 1, side))
+    figure, axes = subplots(1, 2, figsize=(2 * side + 1, side))
     for axis, values, title, fmt in ((axes[0], counts, "Confusion matrix (counts)", "{:.0f}"),
                                      (axes[1], shares, "Confusion matrix (share of each true class)", "{:.2f}")):
         image = axis.imshow(values, cmap="Blues", vmin=0, vmax=max(values.max(), 1e-9))
@@ -72,7 +67,7 @@ def bar_plot(names: Sequence[str], values: Sequence[float | None], ylabel: str, 
              ylim: tuple[float, float] | None = None) -> bytes:
     """One bar per name with a value (names whose value is None are left out)."""
     shown = [(name, value) for name, value in zip(names, values) if value is not None]
-    figure, axis = pyplot().subplots(figsize=(max(5, 0.5 * len(shown) + 2), 4))
+    figure, axis = subplots(figsize=(max(5, 0.5 * len(shown) + 2), 4))
     axis.bar([name for name, _ in shown], [value for _, value in shown], color="tab:blue")
     axis.set(ylabel=ylabel, title=title)
     if ylim is not None:

@@ -117,7 +117,8 @@ class LoadedModel:
         accelerator = new_accelerator(cpu=self.model.device.type == "cpu", device_placement=False)
         batches = OnDevice(accelerator.prepare(loader), self.model.device)
         metrics = evaluate(self.task, self.model, self.processor, batches, accelerator, self.info)
-        return {"metrics": metrics, "images": len(dataset), "skipped": part.skipped + skipped}
+        return {"metrics": metrics, "images": len(dataset), "skipped": part.skipped + skipped,
+                "precision": self.precision.name}
 
 
 class OnDevice:

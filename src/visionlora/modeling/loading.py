@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -99,21 +100,35 @@ def check_weight_files(folder: Path) -> None:
 def base_revision(ref: str, revision: str | None = None) -> str | None:
     """What identifies the exact weights behind ``ref``: a local folder's content hash, or the
     hub commit of its cached snapshot (at ``revision``); None when neither can be known."""
-    import hashlib
-
     path = Path(ref)
     if path.is_dir():
-        digest = hashlib.sha256()
-        for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin")):
-            digest.update(str(file.relative_to(path)).encode())
-            with file.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-        return "sha256:" + digest.hexdigest()
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin"))
+        return _content_hash(path, tuple((file, *_identity(file)) for file in files))
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(ref, "config.json", revision=revision)
     return Path(cached).parent.name if isinstance(cached, str) else None
+
+
+def _identity(file: Path) -> tuple[int, int, int]:
+    """What changes when a file is rewritten or replaced: its inode, size and modification time."""
+    stat = file.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=8)
+def _content_hash(folder: Path, files: tuple[tuple[Path, int, int, int], ...]) -> str:
+    """The SHA-256 of ``files`` (names and contents), remembered while none is rewritten (``_identity``):
+    the jobs of one process that share a base hash it once."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file, *_ in files:
+        digest.update(str(file.relative_to(folder)).encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
 
 
 def check_base_unchanged(base_ref: str, recorded: str | None, allow_change: bool) -> str | None:

@@ -8,7 +8,6 @@ each run's own ``report.html`` gains the comparison.
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 from pathlib import Path
@@ -117,15 +116,12 @@ def comparison_markdown(comparison: dict[str, Any]) -> str:
 
 def comparison_plot(comparison: dict[str, Any]) -> bytes:
     """Four bar panels: main metric, weights file size, training time, peak memory."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from visionlora.core.plots import figure_png, subplots
 
     rows = {row["name"]: row for row in comparison["rows"]}
     panels = [f"metric: {comparison['main_metric']}", "weights file", "training time", "peak memory (process RSS)"]
     labels = [comparison["runs"]["a"]["label"], comparison["runs"]["b"]["label"]]
-    figure, axes = plt.subplots(1, 4, figsize=(13, 3.4))
+    figure, axes = subplots(1, 4, figsize=(13, 3.4))
     for axis, name in zip(axes, panels):
         row = rows[name]
         values = [row["a"] or 0, row["b"] or 0]
@@ -135,11 +131,7 @@ def comparison_plot(comparison: dict[str, Any]) -> bytes:
         if name == "weights file":
             axis.set_yscale("log")
     figure.suptitle(f"{comparison['task']}: {labels[0]} vs {labels[1]}")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=200)
-    plt.close(figure)
-    return buffer.getvalue()
+    return figure_png(figure, tight=False)
 
 
 def _summary(run: str | Path) -> RunSummary:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from visionlora.artifacts import atomic_write_bytes
-from visionlora.core.plots import figure_png, pyplot, style_axis
+from visionlora.core.plots import figure_png, style_axis, subplots
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -21,9 +21,8 @@ def save_training_plots(history: list[dict[str, Any]], loss_path: Path, metrics_
     get a panel of their own. Epochs are whole numbers and legends sit beside the curves.
     With ``test_metrics``, the held-out test result heads the figure and marks the main curve.
     """
-    plt = pyplot()
     epochs = [row["epoch"] for row in history]
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = subplots(figsize=(7, 4))
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         axis.plot(epochs, [row.get(key) for row in history], marker="o", label=label)
     style_axis(axis, "loss", "Loss")
@@ -33,7 +32,7 @@ def save_training_plots(history: list[dict[str, Any]], loss_path: Path, metrics_
                if k.startswith("val_") and k != "val_loss" and isinstance(v, (int, float))]
     groups = [[k for k in scalars if k not in unbounded], [k for k in scalars if k in unbounded]]
     groups = [group for group in groups if group] or [[]]
-    figure, axes = plt.subplots(len(groups), 1, figsize=(7, 3.6 * len(groups)), squeeze=False)
+    figure, axes = subplots(len(groups), 1, figsize=(7, 3.6 * len(groups)), squeeze=False)
     for axis, group in zip(axes[:, 0], groups):
         for key in group:
             style = "-" if key == main_metric else "--"

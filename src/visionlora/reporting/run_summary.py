@@ -132,7 +132,7 @@ class RunSummary:
     parameters: ParameterCounts
     sizes: Sizes
     main_metric: str
-    metrics: dict[str, Any]  # the best weights', in fp32
+    metrics: dict[str, Any]  # the best weights' on validation, in ``metrics_precision``
     headline: Headline
     time: Timing
     memory: dict[str, int]  # peak_rss_bytes, and peak_accelerator_bytes on an accelerator
@@ -147,11 +147,12 @@ class RunSummary:
     best_epoch: int | None = None
     test_metrics: dict[str, Any] | None = None
     metrics_in_training_precision: dict[str, Any] = field(default_factory=dict)
+    metrics_precision: str = "fp32"  # the precision of the pass that gave ``metrics``
 
     ORDER = ("completed", "task", "mode", "base_model", "base_revision", "init_from", "initial_metrics", "run_dir",
              "data", "training", "lora", "parameters", "sizes", "mixed_precision", "mixed_precision_reason",
-             "main_metric", "best_epoch", "metrics", "test_metrics", "headline", "metrics_in_training_precision",
-             "time", "memory", "versions")
+             "main_metric", "best_epoch", "metrics", "metrics_precision", "test_metrics", "headline",
+             "metrics_in_training_precision", "time", "memory", "versions")
 
     @property
     def method(self) -> str:

@@ -11,13 +11,14 @@ before every checkpoint and at every epoch's end, so no checkpoint holds diverge
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterator, TypeVar
 
 import torch
 
@@ -151,9 +152,9 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
         facts.initial_metrics = _evaluate_once(task, model, processor, data.val, accelerator, info, cfg.batch_size)
         accelerator.print(f"starting from {cfg.init_from}: {task.main_metric} "
                           f"{facts.initial_metrics[task.main_metric]:.4f} before training")
-    frozen_file = paths.frozen_weights(accelerator.process_index)
+    frozen = None
     if adapter is not None and facts.precision[0] == "bf16":
-        _offload_frozen_weights(model, frozen_file)
+        frozen = FrozenOriginals(model, paths.frozen_weights(accelerator.process_index) if cfg.low_memory else None)
 
     # -- loop ---------------------------------------------------------------------------
     facts.lap("adapter")
@@ -167,9 +168,10 @@ def _train_in(paths: RunPaths, cfg: TrainConfig, task: Task, accelerator, progre
     loop.run()
     facts.lap("epochs")
     model = unwrap_in_fp32(accelerator, loop.model)  # predictions and files in fp32
-    _restore_frozen_weights(model, frozen_file)
+    if frozen is not None:
+        frozen.restore(model)
     final = loop.final_evaluation(model)
-    facts.final_metrics = final.metrics
+    facts.final_metrics, facts.metrics_precision = final.metrics, loop.final_precision
     facts.test_metrics = loop.test_metrics(model)
     facts.base_revision = info.base_revision
     facts.lap("final evaluation")
@@ -258,28 +260,44 @@ def save_run(paths: RunPaths, cfg: TrainConfig, task: Task, model, processor, in
     return summary
 
 
-def _offload_frozen_weights(model, file: Path) -> None:
-    """Train a LoRA model under bf16 with its frozen layer weights stored in bf16 (the same
-    results, less memory); the full-precision originals wait in ``file`` until training ends."""
-    from safetensors.torch import save_file
+class FrozenOriginals:
+    """A LoRA model trains under bf16 with its frozen layer weights stored in bf16 (the same results, less
+    memory, no cast at every step); their full-precision originals wait in host memory, or with
+    ``--low-memory`` in ``file``, until training ends and ``restore`` puts them back."""
 
-    originals = lower_frozen_weights(model, torch.bfloat16)
-    if originals:
-        save_file({k: v.contiguous() for k, v in originals.items()}, str(file))
+    def __init__(self, model, file: Path | None):
+        from safetensors.torch import save_file
 
+        self.originals = lower_frozen_weights(model, torch.bfloat16)
+        self.file = file if self.originals and file is not None else None
+        if self.file is not None:
+            save_file({k: v.contiguous() for k, v in self.originals.items()}, str(self.file))
+            self.originals = {}
 
-def _restore_frozen_weights(model, file: Path) -> None:
-    """Put the full-precision originals that ``_offload_frozen_weights`` kept in ``file`` back, each on
-    the device its lowered weight is on now (the accelerator's), one at a time."""
-    from safetensors import safe_open
+    @contextlib.contextmanager
+    def in_full_precision(self, model) -> Iterator[None]:
+        """The originals (kept in memory) in ``model`` for a while, then the bf16 weights back: a packed job's
+        passes and files at its end, while the others go on training."""
+        lowered = {name: model.get_parameter(name) for name in self.originals}
+        restore_weights(model, {name: t.to(lowered[name].device) for name, t in self.originals.items()})
+        try:
+            yield
+        finally:
+            restore_weights(model, lowered)
 
-    if not file.is_file():
-        return
-    with safe_open(str(file), framework="pt") as originals:
-        for name in originals.keys():
-            device = model.get_parameter(name).device
-            restore_weights(model, {name: originals.get_tensor(name).to(device)})
-    file.unlink()
+    def restore(self, model) -> None:
+        """Each original back, on the device its lowered weight is on now (the accelerator's), one at a time."""
+        from safetensors import safe_open
+
+        for name, original in self.originals.items():
+            restore_weights(model, {name: original.to(model.get_parameter(name).device)})
+        self.originals = {}
+        if self.file is None or not self.file.is_file():
+            return
+        with safe_open(str(self.file), framework="pt") as originals:
+            for name in originals.keys():
+                restore_weights(model, {name: originals.get_tensor(name).to(model.get_parameter(name).device)})
+        self.file.unlink()
 
 
 def _evaluate_once(task: Task, model, processor, dataset, accelerator, info: ModelInfo, batch_size: int):
@@ -354,6 +372,7 @@ class TrainingLoop:
         self.state = Progress(config=cfg.to_dict())
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_evaluation: Evaluation | None = None  # the best epoch's pass, when this process made it
+        self.final_precision = "fp32"  # the precision of the final evaluation's pass
         self.early_stopped = False
         self.tracking = bool(accelerator.trackers)
         self.prefix = ""  # before each line it prints
@@ -507,10 +526,14 @@ class TrainingLoop:
         return better
 
     def final_evaluation(self, model) -> Evaluation:
-        """The best weights' validation pass in fp32 (what ``evaluate`` and ``predict`` reproduce);
-        its outputs feed the diagnostics too. A run in fp32 has made it already, at its best epoch."""
-        if self.best_evaluation is not None and self.accelerator.mixed_precision == "no":
+        """The best epoch's validation pass, in the precision the run trained in: a run reports the metrics it
+        chose its best epoch by, as the field's trainers do (``visionlora evaluate RUN --precision P``
+        reproduces them). A pass of the best weights in fp32 when this process did not make that pass (a
+        run resumed after its best epoch). Its outputs feed the diagnostics; ``final_precision`` says which."""
+        if self.best_evaluation is not None:
+            self.final_precision = self.accelerator.mixed_precision.replace("no", "fp32")
             return self.best_evaluation
+        self.final_precision = "fp32"
         return evaluate_outputs(self.task, model, self.processor, self.val_loader, self.accelerator, self.info)
 
     def test_metrics(self, model) -> dict[str, Any] | None:

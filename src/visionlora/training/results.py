@@ -43,7 +43,8 @@ class RunFacts:
     parameters: dict[str, Any] = field(default_factory=dict)
     adapter: AdapterSetup | None = None
     base_bytes: int = 0
-    final_metrics: dict[str, Any] = field(default_factory=dict)  # the best weights', in fp32
+    final_metrics: dict[str, Any] = field(default_factory=dict)  # the best weights' on validation
+    metrics_precision: str = "fp32"  # the precision of the pass that gave ``final_metrics``
     test_metrics: dict[str, Any] | None = None  # the best weights' on the held-out test part
     init_from: dict[str, Any] | None = None  # the run this one started from (--init-from)
     initial_metrics: dict[str, Any] | None = None  # the starting weights', before training
@@ -109,6 +110,7 @@ def build_summary(paths: RunPaths, task: Task, facts: RunFacts, progress: Progre
         main_metric=task.main_metric,
         best_epoch=progress.best_epoch,
         metrics=facts.final_metrics or progress.best_metrics,
+        metrics_precision=facts.metrics_precision,
         test_metrics=facts.test_metrics,
         headline=_headline(task.main_metric, facts),
         metrics_in_training_precision=progress.best_metrics,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from visionlora.core.plots import figure_png, pyplot, style_axis
+from visionlora.core.plots import figure_png, style_axis, subplots
 
 
 def precision_recall_plot(recall, per_class: dict, overall, title: str) -> bytes:
     """One precision-recall curve per class with ground truth, and their mean ("all classes")."""
-    figure, axis = pyplot().subplots(figsize=(7, 4.5))
+    figure, axis = subplots(figsize=(7, 4.5))
     for name, precision in per_class.items():
         if precision is not None:
             axis.plot(recall, precision, linewidth=1, label=f"{name} (AP {precision.mean():.3f})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from visionlora.core.plots import bar_plot, figure_png, pyplot
+from visionlora.core.plots import bar_plot, figure_png, subplots
 
 
 def keypoint_error_plot(names: Sequence[str], errors: Sequence[float | None]) -> bytes:
@@ -14,7 +14,7 @@ def keypoint_error_plot(names: Sequence[str], errors: Sequence[float | None]) ->
 
 def pck_curve_plot(thresholds, values) -> bytes:
     """The share of labelled keypoints within each distance threshold (a fraction of the instance size)."""
-    figure, axis = pyplot().subplots(figsize=(6, 4))
+    figure, axis = subplots(figsize=(6, 4))
     axis.plot(thresholds, values, marker=".")
     for mark in (0.05, 0.1, 0.2):
         axis.axvline(mark, color="grey", linestyle=":", linewidth=1)
