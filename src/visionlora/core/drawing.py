@@ -1,7 +1,12 @@
-"""Draw predictions on images: a label, boxes, keypoints and skeletons."""
+"""Draw predictions on images: a label, boxes, keypoints and skeletons.
+
+Captions (an image's label, a box's label and score, a track's number) are rendered once each, white on their
+colour, and pasted: a video draws the same few captions on every frame.
+"""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Mapping, Sequence
 
 from PIL import Image, ImageDraw
@@ -18,12 +23,26 @@ def _line_width(image: Image.Image) -> int:
     return max(1, round(max(image.size) / 300))
 
 
+@lru_cache(maxsize=4096)
+def _caption(text: str, background: tuple[int, int, int], pad: int) -> tuple[Image.Image, int, int]:
+    """``text`` in white on ``background`` with ``pad`` pixels around its ink, and where the tile's
+    corner lies from the point text drawn there would be anchored at (x, y offsets)."""
+    left, top, right, bottom = (int(v) for v in ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text))
+    tile = Image.new("RGB", (right - left + 1 + 2 * pad, bottom - top + 1 + 2 * pad), background)
+    ImageDraw.Draw(tile).text((pad - left, pad - top), text, fill=(255, 255, 255))
+    return tile, left - pad, top - pad
+
+
+def _paste_caption(image: Image.Image, xy: tuple[float, float], text: str, background: tuple[int, int, int],
+                   pad: int = 0) -> None:
+    """Paste ``text``'s tile where ``ImageDraw.text(xy, text)`` would draw it (clipped at the edges)."""
+    tile, dx, dy = _caption(text, background, pad)
+    image.paste(tile, (round(xy[0]) + dx, round(xy[1]) + dy))
+
+
 def draw_label(image: Image.Image, text: str) -> Image.Image:
     out = image.copy()
-    draw = ImageDraw.Draw(out)
-    left, top, right, bottom = draw.textbbox((4, 4), text)
-    draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=(0, 0, 0))
-    draw.text((4, 4), text, fill=(255, 255, 255))
+    _paste_caption(out, (4, 4), text, (0, 0, 0), pad=2)
     return out
 
 
@@ -37,9 +56,8 @@ def draw_boxes(image: Image.Image, boxes: Sequence[dict], label_names: Sequence[
         x0, y0, x1, y1 = item["box"]
         draw.rectangle((x0, y0, x1, y1), outline=colour(index), width=width)
         caption = f"{item['label']} {item['score']:.2f}"
-        left, top, right, bottom = draw.textbbox((x0, y0), caption)
-        draw.rectangle((left, top - (bottom - top), right, top), fill=colour(index))
-        draw.text((x0, y0 - (bottom - top)), caption, fill=(255, 255, 255))
+        height = _caption(caption, colour(index), 0)[0].height - 1
+        _paste_caption(out, (x0, y0 - height), caption, colour(index))  # above the box's corner
     return out
 
 
@@ -74,8 +92,5 @@ def draw_tracks(image: Image.Image, tracked: Sequence[tuple[int, Sequence[float]
         path = list(trails.get(identity, ()))
         if len(path) > 1:
             draw.line([point for xy in path for point in xy], fill=colour(identity), width=width)
-        caption = f"#{identity}"
-        left, top, right, bottom = draw.textbbox((x0, y1), caption)
-        draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colour(identity))
-        draw.text((x0, y1), caption, fill=(255, 255, 255))
+        _paste_caption(out, (x0, y1), f"#{identity}", colour(identity), pad=1)
     return out
