@@ -11,7 +11,8 @@ precision, seed 0). "step images/s" is the images trained per second of training
 summaries for the sequential side, the pack's own count for train-many).
 
 The tune comparison draws the 16 settings ``tune`` would draw and trains each fully, one process
-after another (what a grid or random search does), then runs ``tune --trials 16``; the sequential
+after another (what a grid or random search does; with ``--no-figures``, as a search reads only
+their metrics), then runs ``tune --trials 16``; the sequential
 search's best validation metric and the spread of its trials are printed beside tune's, so "as good"
 can be judged against the noise.
 """
@@ -102,7 +103,7 @@ def compare_tune(work: Path, model: str, trials: int, epochs: int, per_class: in
         cfg = tune.trial_config(base, trial, epochs, work / "search" / trial.name)
         flags = ["--lora-r", str(cfg.lora_r), "--lora-alpha", str(cfg.lora_alpha), "--lr", str(cfg.lr),
                  "--target-modules", ",".join(cfg.target_modules or []), "--lora-dropout", str(cfg.lora_dropout),
-                 "--method", cfg.method, "--test-data", "none"]
+                 "--method", cfg.method, "--test-data", "none", "--no-figures"]  # a search reads metrics only
         seconds, _ = _run(["train", "--data", str(data), "--output", str(cfg.output), "--epochs", str(epochs),
                            *flags, *shared], work)
         sequential += seconds

@@ -82,6 +82,16 @@ def test_only_the_best_run_sees_the_test_part(tuned):
     assert settings["r"] == int(_leaderboard(output)[winner]["lora_r"])
 
 
+def test_only_the_last_rungs_runs_draw_their_figures(tuned):
+    """The rungs before the last are read for their metric only; the best run is drawn in full."""
+    _, _, output, _ = tuned
+    first = output / "rung1-1ep"
+    assert list(first.glob("trial*/training_results_lora/report.html"))
+    assert not list(first.glob("trial*/training_results_lora/*.png"))
+    best = output / "best" / "training_results_lora"
+    assert {"loss.png", "metrics.png", "confusion_matrix.png", "predictions.png"} <= {p.name for p in best.iterdir()}
+
+
 def test_a_killed_tune_resumes_to_the_same_leaderboard(tuned, tmp_path):
     data, space, uninterrupted, _ = tuned
     output = tmp_path / "tune"

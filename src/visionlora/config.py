@@ -97,6 +97,8 @@ class TrainConfig:
     output: str | None = _opt(None, "run folder (default: runs/<task>/<mode>[-N])")
     overwrite: bool = _opt(False, "replace an existing run folder")
     progress: bool = _opt(True, "show a progress bar")
+    figures: bool = _opt(True, "draw the run's figures (plots, the grid of predictions) and per_class.csv; "
+                         "--no-figures leaves them out of a quick run (the summary, report and model card stay)")
     report_to: str = _opt("none", "log losses, learning rate and metrics to tensorboard, mlflow and/or wandb "
                           "(comma-separated; through Accelerate's trackers, under RUN/tracking), or none")
 

@@ -253,8 +253,9 @@ def save_run(paths: RunPaths, cfg: TrainConfig, task: Task, model, processor, in
         model.peft_config[adapter].base_model_name_or_path = str(paths.base_dir.resolve())
     save_model(model, processor, info.to_dict(), paths.model_dir, adapter)
     facts.lap("model saving")
-    write_diagnostics(task, model, processor, loop.data.val, source.val, info, paths, final)
-    facts.lap("diagnostics")
+    if cfg.figures:
+        write_diagnostics(task, model, processor, loop.data.val, source.val, info, paths, final)
+        facts.lap("diagnostics")
     summary = write_results(paths, task, info, facts, loop.state, loop.early_stopped)
     shutil.rmtree(paths.checkpoint_dir, ignore_errors=True)
     return summary

@@ -63,14 +63,15 @@ class RunFacts:
 
 def write_results(paths: RunPaths, task: Task, info: ModelInfo, facts: RunFacts, progress: Progress,
                   early_stopped: bool) -> dict[str, Any]:
-    """history.csv, loss.png and metrics.png, the model card, report.html, then the summary, which marks
-    the run complete."""
+    """history.csv, loss.png and metrics.png (unless ``--no-figures``), the model card, report.html, then
+    the summary, which marks the run complete."""
     history = progress.history
     paths.results_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(paths.history, rows_csv(history).encode())
-    save_training_plots(history, paths.loss_plot, paths.metrics_plot, task.main_metric, task.unbounded_metrics,
-                        facts.test_metrics)
-    facts.lap("training plots")
+    if facts.cfg.figures:
+        save_training_plots(history, paths.loss_plot, paths.metrics_plot, task.main_metric, task.unbounded_metrics,
+                            facts.test_metrics)
+        facts.lap("training plots")
     summary = build_summary(paths, task, facts, progress, early_stopped)
     atomic_write_bytes(paths.model_dir / "README.md", model_card(task, info, summary).encode())
     write_run_report(paths.results_dir, summary)

@@ -186,13 +186,16 @@ def tune(state: TuneState, output: Path, say: Say = print, resuming: bool = Fals
 
 def _run_rung(base: TrainConfig, state: TuneState, index: int, epochs: int, alive: list[Trial], output: Path,
               say: Say, resuming: bool, runner: Runner) -> list[Trial]:
-    """Train the ``alive`` trials for ``epochs`` epochs, packed; record their metrics; the ones that finished."""
+    """Train the ``alive`` trials for ``epochs`` epochs, packed; record their metrics; the ones that finished.
+    Runs of the rungs before the last leave their figures out: only their metric is read."""
     folder = output / f"rung{index + 1}-{epochs}ep"
     say(f"rung {index + 1}/{len(state.rungs)}: {len(alive)} trials x {epochs} epochs")
     if resuming and (folder / PLAN_FILE).is_file():
         jobs = load_plan(folder)
     else:
-        jobs = [Job(t.name, trial_config(base, t, epochs, folder / t.name)) for t in alive]
+        last = index + 1 == len(state.rungs)  # its runs may become the best: drawn in full
+        jobs = [Job(t.name, dataclasses.replace(trial_config(base, t, epochs, folder / t.name), figures=last))
+                for t in alive]
     outcomes = runner(jobs, folder, say, resuming and (folder / PLAN_FILE).is_file())
     write_jobs_csv(folder, outcomes)
     say(outcome_table(outcomes))
