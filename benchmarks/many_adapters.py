@@ -1,6 +1,7 @@
 """Many adapters on one server: mixed-adapter batches, runs loaded on demand, memory with a bound.
 
-    python benchmarks/many_adapters.py [--requests 320] [--skip-vit-base] [--throughput-only] [--precision P]
+    python benchmarks/many_adapters.py [--requests 320] [--rounds 3] [--skip-vit-base] [--throughput-only]
+                                       [--precision P]
 
 Every figure comes from real ``visionlora serve --runs-dir`` processes on loopback, over LoRA
 runs of one saved base (random adapters and heads, no training: speed and memory do not
@@ -10,8 +11,10 @@ depend on what the weights learned).
    adapter and spread round-robin over 10 and over 100 adapters, with mixed batches on and off
    (--no-mixed-batches), from keep-alive clients (a connection each, as a load balancer or SDK
    keeps) and from clients opening a connection per request. Every adapter is loaded before the
-   clock starts; each figure is the median of 3 rounds taken in turn. "vs best 1 adapter" divides
-   by the best one-adapter figure of the model and client, mixing on or off.
+   clock starts; the two servers (mixing on and off) stay up side by side, and each figure is the
+   median of --rounds (3) taken in turn. "vs best 1 adapter" divides by the best one-adapter
+   figure of the model and client, mixing on or off. The server's CPU time per request (all its
+   threads, from /proc) is set against the least one-adapter figure the same way.
 2. Memory: resident memory (VmRSS) of the server with 1, 100 and 1,000 runs under --runs-dir and
    --max-loaded-adapters 64, after a request to every run.
 3. Cold loads: latency of an adapter's first request (p50/p99) against a warm request, the
@@ -25,6 +28,7 @@ config-built) shows the same at full size.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import statistics
@@ -126,6 +130,12 @@ def rss_mb(pid: int) -> float:
     return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) / 1024
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system, all threads) the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop(process) -> None:
     process.terminate()
     process.wait(timeout=60)
@@ -133,33 +143,43 @@ def stop(process) -> None:
 
 def throughput_rows(label: str, runs_dir: Path, names: list[str], image: bytes, requests: int,
                     spreads=(1, 10, 100), rounds: int = 3, serve_args: tuple[str, ...] = ()) -> list[dict]:
-    """Each spread and client measured ``rounds`` times in turn (the median kept), so that drift in the
-    machine's speed falls on every spread alike."""
-    rows = []
-    for mixed in (True, False):
-        extra = [*serve_args] + ([] if mixed else ["--no-mixed-batches"])
-        process, url = start_serve(["--runs-dir", str(runs_dir), "--max-loaded-adapters", "128", *extra])
-        try:
+    """Requests/s and the server's CPU time per request of each spread, client and mixing (two servers, one
+    with --no-mixed-batches, both up all along), each the median of ``rounds`` measurements taken in turn,
+    so that drift in the machine's speed falls on every figure alike."""
+    servers = {mixed: start_serve(["--runs-dir", str(runs_dir), "--max-loaded-adapters", "128", *serve_args,
+                                   *([] if mixed else ["--no-mixed-batches"])]) for mixed in (True, False)}
+    keys = [(mixed, client, spread) for mixed in servers for client in CLIENTS for spread in spreads]
+    rates: dict[tuple, list[float]] = {key: [] for key in keys}
+    cpu: dict[tuple, list[float]] = {key: [] for key in keys}
+    try:
+        for _, url in servers.values():
             touch(url, names[: max(spreads)], image, concurrency=4)  # every adapter loaded before the clock starts
-            rates: dict[tuple[str, int], list[float]] = {(c, spread): [] for c in CLIENTS for spread in spreads}
-            for _ in range(rounds):
-                for client, spread in rates:
-                    rates[client, spread].append(spread_load(url, names[:spread], image, requests,
-                                                             keep_alive=client == CLIENTS[0]))
-            rows += [{"model": label, "client": client, "adapters": spread, "mixed batches": "on" if mixed else "off",
-                      "requests": f"{rounds}x{requests}", "requests/s": statistics.median(rates[client, spread])}
-                     for client, spread in rates]
-        finally:
+        for _ in range(rounds):
+            for mixed, client, spread in keys:
+                process, url = servers[mixed]
+                used = cpu_seconds(process.pid)
+                rates[mixed, client, spread].append(spread_load(url, names[:spread], image, requests,
+                                                                keep_alive=client == CLIENTS[0]))
+                cpu[mixed, client, spread].append((cpu_seconds(process.pid) - used) / requests * 1000)
+    finally:
+        for process, _ in servers.values():
             stop(process)
+    rows = [{"model": label, "client": client, "adapters": spread, "mixed batches": "on" if mixed else "off",
+             "requests": f"{rounds}x{requests}", "requests/s": statistics.median(rates[mixed, client, spread]),
+             "server CPU ms/request": statistics.median(cpu[mixed, client, spread])}
+            for mixed, client, spread in keys]
     return with_ratios(rows)
 
 
 def with_ratios(rows: list[dict]) -> list[dict]:
-    """Each row's requests/s against the best one-adapter figure of its model and client, mixing on or off."""
+    """Each row's requests/s, and its server CPU time per request, against the best one-adapter figure of its
+    model and client, mixing on or off (above 1: better than it)."""
     for row in rows:
-        best = max(other["requests/s"] for other in rows if other["adapters"] == 1
-                   and (other["model"], other["client"]) == (row["model"], row["client"]))
-        row["vs best 1 adapter"] = row["requests/s"] / best
+        ones = [other for other in rows if other["adapters"] == 1
+                and (other["model"], other["client"]) == (row["model"], row["client"])]
+        row["vs best 1 adapter"] = row["requests/s"] / max(other["requests/s"] for other in ones)
+        least_cpu = min(other["server CPU ms/request"] for other in ones)
+        row["CPU vs best 1 adapter"] = least_cpu / row["server CPU ms/request"]
     return sorted(rows, key=lambda row: (row["model"], row["client"] != CLIENTS[0], row["mixed batches"] == "off",
                                          row["adapters"]))
 
@@ -231,6 +251,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=320, help="requests per throughput row (tiny ViT)")
     parser.add_argument("--skip-vit-base", action="store_true", help="only the tiny ViT (fast)")
     parser.add_argument("--throughput-only", action="store_true", help="only the throughput table")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of each tiny ViT figure")
     parser.add_argument("--vit-base-rounds", type=int, default=3, help="rounds of each ViT-Base figure")
     parser.add_argument("--precision", help="the servers' --precision (default: serve's own)")
     args = parser.parse_args()
@@ -243,16 +264,16 @@ def main() -> None:
         names = clone_adapters(tiny, tmp / "tiny" / "runs", 100)
         image = png(48)
         throughput = throughput_rows("tiny ViT 48px", tmp / "tiny" / "runs", names, image, args.requests,
-                                     serve_args=serve_args)
+                                     rounds=args.rounds, serve_args=serve_args)
         if not args.throughput_only:
             memory, cold = memory_rows("tiny ViT 48px", tiny, tmp / "tiny", image)
             colds.append(cold)
         if not args.skip_vit_base:
             vit = make_runs(tmp / "vitb", "vit-base", 1, 224)[0]
             (tmp / "vitb" / "runs").mkdir()
-            vit_names = clone_adapters(vit, tmp / "vitb" / "runs", 10)
+            vit_names = clone_adapters(vit, tmp / "vitb" / "runs", 100)
             throughput += throughput_rows("ViT-Base 224px", tmp / "vitb" / "runs", vit_names, png(224),
-                                          max(32, args.requests // 5), spreads=(1, 10), rounds=args.vit_base_rounds,
+                                          max(32, args.requests // 5), rounds=args.vit_base_rounds,
                                           serve_args=serve_args)
             if not args.throughput_only:
                 vit_memory, vit_cold = memory_rows("ViT-Base 224px", vit, tmp / "vitb", png(224), counts=(1, 100))
@@ -260,7 +281,7 @@ def main() -> None:
                 colds.append(vit_cold)
     print(f"requests/s at concurrency {CONCURRENCY}, one image per request, spread round-robin over the adapters")
     print(table(throughput, ["model", "client", "adapters", "mixed batches", "requests", "requests/s",
-                             "vs best 1 adapter"]))
+                             "vs best 1 adapter", "server CPU ms/request", "CPU vs best 1 adapter"]))
     if args.throughput_only:
         return
     print()
