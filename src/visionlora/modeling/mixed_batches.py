@@ -172,33 +172,48 @@ def _stacked_updates(layer, adapters: list[str], present: list[str]) -> tuple[to
     whose adapter does not adapt this layer (the base's rows, or a job that targets other layers), and a
     scaling of 1. Zero padding is exact, in the forward and in the gradients: a padded row of A meets a
     zero column of B."""
+    weights = {name: _lora_weights(layer, name) for name in present}
     if len(present) == len(adapters):
         scalings = {layer.scaling[name] for name in present}
-        ranks = {layer.lora_A[name].weight.shape[0] for name in present}
+        ranks = {a.shape[0] for a, _ in weights.values()}
         if len(scalings) == 1 and len(ranks) == 1:
-            return (torch.stack([layer.lora_A[name].weight for name in present]),
-                    torch.stack([layer.lora_B[name].weight for name in present]), float(scalings.pop()))
-    rank = max(layer.lora_A[name].weight.shape[0] for name in present)
-    first_a, first_b = layer.lora_A[present[0]].weight, layer.lora_B[present[0]].weight
+            return (torch.stack([a for a, _ in weights.values()]), torch.stack([b for _, b in weights.values()]),
+                    float(scalings.pop()))
+    rank = max(a.shape[0] for a, _ in weights.values())
+    first_a, first_b = weights[present[0]]
     zero_a = first_a.new_zeros((rank, first_a.shape[1]))
     zero_b = first_b.new_zeros((first_b.shape[0], rank))
     a_parts, b_parts = [], []
     for name in adapters:
-        if name not in layer.lora_A:
+        if name not in weights:
             a_parts.append(zero_a)
             b_parts.append(zero_b)
             continue
-        a_weight, b_weight = layer.lora_A[name].weight, layer.lora_B[name].weight * layer.scaling[name]
+        a_weight, b_weight = weights[name][0], weights[name][1] * layer.scaling[name]
         missing = rank - a_weight.shape[0]
         a_parts.append(torch.nn.functional.pad(a_weight, (0, 0, 0, missing)) if missing else a_weight)
         b_parts.append(torch.nn.functional.pad(b_weight, (0, missing)) if missing else b_weight)
     return torch.stack(a_parts), torch.stack(b_parts), 1.0
 
 
+def _parameter(module: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """``module``'s own parameter ``name`` (None where it has none), read from its parameter dict: on a small
+    layer, nn.Module's attribute lookup costs more than the arithmetic, and a mixed batch makes it once per
+    adapter per layer."""
+    return module._parameters.get(name)
+
+
+def _lora_weights(layer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``name``'s A and B weights in the LoRA ``layer``."""
+    return (cast(torch.Tensor, _parameter(layer.lora_A._modules[name], "weight")),
+            cast(torch.Tensor, _parameter(layer.lora_B._modules[name], "weight")))
+
+
 def _gatherable(layer, adapters: list[str]) -> bool:
     """Whether these adapters' updates of ``layer`` stack: plain LoRA without a bias on B, and no dropout
     to draw while training (peft's loop draws each adapter's own)."""
-    if not adapters or any(name in layer.lora_variant or layer.lora_B[name].bias is not None for name in adapters):
+    if not adapters or any(name in layer.lora_variant or _parameter(layer.lora_B._modules[name], "bias") is not None
+                           for name in adapters):
         return False
     return not (layer.training and any(not isinstance(layer.lora_dropout[name], torch.nn.Identity)
                                        for name in adapters))
@@ -213,8 +228,9 @@ def _forward_by_adapter(plain_forward):
                  for name in rows.adapters]
         if len(heads) == 1:  # one adapter: its head as it is
             return heads[0](*args, **kwargs)
-        if _linear_heads(heads, args, kwargs, len(rows)):
-            return _gathered_linear(heads, args[0], rows.positions)
+        linear = _linear_heads(heads, args, kwargs, len(rows))
+        if linear is not None:
+            return _gathered_linear(*linear, args[0], rows.positions)
         parts = [(index, head(*select_rows(args, index, len(rows)), **select_rows(kwargs, index, len(rows))))
                  for head, index in zip(heads, rows.rows.values())]
         return _stitch(parts, len(rows))
@@ -222,25 +238,31 @@ def _forward_by_adapter(plain_forward):
     return forward
 
 
-def _linear_heads(heads: list[torch.nn.Module], args: tuple, kwargs: dict[str, Any], batch: int) -> bool:
-    """Whether the heads are plain Linear layers of one shape, fed one batch-first tensor."""
-    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2:
-        return False
-    first = heads[0]
-    return args[0].shape[0] == batch and all(
-        type(head) is torch.nn.Linear and head.weight.shape == first.weight.shape
-        and (head.bias is None) == (first.bias is None) for head in heads)
+def _linear_heads(heads: list[torch.nn.Module], args: tuple, kwargs: dict[str, Any],
+                  batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None] | None:
+    """The heads' weights and biases (None: none has one), when they are plain Linear layers of one shape fed
+    one batch-first tensor; else None."""
+    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2 \
+            or args[0].shape[0] != batch or any(type(head) is not torch.nn.Linear for head in heads):
+        return None
+    weights = [cast(torch.Tensor, _parameter(head, "weight")) for head in heads]
+    biases = [_parameter(head, "bias") for head in heads]
+    if any(weight.shape != weights[0].shape for weight in weights):
+        return None
+    if all(bias is None for bias in biases):
+        return weights, None
+    return (weights, cast("list[torch.Tensor]", biases)) if all(bias is not None for bias in biases) else None
 
 
-def _gathered_linear(modules: list[torch.nn.Module], x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def _gathered_linear(weights: list[torch.Tensor], biases: list[torch.Tensor] | None, x: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
     """Each row through its own adapter's Linear head, as one batched product of the rows' gathered weights."""
-    heads = cast("list[torch.nn.Linear]", modules)  # checked by _linear_heads
-    weight = torch.stack([head.weight for head in heads])  # (n, out, in)
+    weight = torch.stack(weights)  # (n, out, in)
     rows = positions.to(weight.device)
     flat = x.to(weight.dtype).reshape(x.shape[0], -1, x.shape[-1])
     out = torch.bmm(flat, weight[rows].transpose(1, 2))
-    if heads[0].bias is not None:
-        out = out + torch.stack([head.bias for head in heads])[rows].unsqueeze(1)
+    if biases is not None:
+        out = out + torch.stack(biases)[rows].unsqueeze(1)
     return out.reshape(*x.shape[:-1], weight.shape[1])
 
 
